@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Sets up everything pydxg needs on a Debian machine: system packages (FUSE, a C compiler),
+# a virtualenv inside the repo (.venv) with the pinned Python dependencies, and the package itself.
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+need_apt=()
+command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+[ -e /usr/lib/x86_64-linux-gnu/libfuse.so.2 ] || ls /usr/lib/*/libfuse.so.2 >/dev/null 2>&1 || need_apt+=(libfuse2)
+command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for cand in python3.11 python3; do
+    if command -v "$cand" >/dev/null 2>&1; then PY=$cand; break; fi
+  done
+fi
+if [ -z "$PY" ]; then need_apt+=(python3 python3-venv); PY=python3; fi
+if [ ! -x .venv/bin/python ] && ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  need_apt+=(python3-venv)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  echo "setup: installing system packages: ${need_apt[*]}"
+  $SUDO apt-get update -qq </dev/null
+  $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" </dev/null >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.pydxg-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing Python dependencies into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip </dev/null
+  .venv/bin/python -m pip install -q -e '.[dev,fuse]' </dev/null
+  touch "$stamp"
+fi

@@ -1,0 +1,3 @@
+"""pydxg: dxgkrnl-style GPU paravirtualization in user space."""
+
+__version__ = "0.1.0"

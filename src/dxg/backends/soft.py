@@ -1,0 +1,50 @@
+"""The CPU "soft GPU": an adapter whose engine is NumPy on the host's CPU.
+
+Only the description lives here for now (identity, memory sizes, one compute node and the
+command-buffer formats it will execute); the execution engine comes with the command-buffer work.
+"""
+
+import numpy
+
+from dxg.backends import AdapterDescription
+
+SOFT_ADAPTER_NAME = "pydxg Soft GPU (NumPy)"
+# The version-1 pydxg soft command-buffer format (little-endian ops: copy, fill, elementwise math,
+# GEMM, reductions, 2-D convolution); see docs for its byte layout once the engine lands.
+SOFT_COMMAND_FORMAT_V1 = "pydxg-soft-v1"
+
+# PCI identity reported for the physical adapter behind each soft vGPU: vendor Microsoft, the
+# device id Windows uses for its own software (CPU) render adapter, and a pydxg subsystem id so
+# the two can be told apart.
+SOFT_VENDOR_ID = 0x1414
+SOFT_DEVICE_ID = 0x008C
+SOFT_SUBSYSTEM_VENDOR_ID = 0x1414
+SOFT_SUBSYSTEM_ID = 0x5059  # "PY"
+SOFT_REVISION_ID = 1
+
+MIB = 1 << 20
+
+
+def soft_adapter_description(
+    dedicated_memory_mb: int = 1024, shared_memory_mb: int = 4096
+) -> AdapterDescription:
+    """The description of one soft adapter: one compute node, NumPy engine, our command format."""
+    if dedicated_memory_mb < 0 or shared_memory_mb < 0:
+        raise ValueError("memory sizes must not be negative")
+    return AdapterDescription(
+        name=SOFT_ADAPTER_NAME,
+        driver_description=f"{SOFT_ADAPTER_NAME}, pydxg soft compute driver",
+        vendor_id=SOFT_VENDOR_ID,
+        device_id=SOFT_DEVICE_ID,
+        subsystem_vendor_id=SOFT_SUBSYSTEM_VENDOR_ID,
+        subsystem_id=SOFT_SUBSYSTEM_ID,
+        revision_id=SOFT_REVISION_ID,
+        dedicated_video_memory=dedicated_memory_mb * MIB,
+        dedicated_system_memory=0,
+        shared_system_memory=shared_memory_mb * MIB,
+        node_count=1,
+        command_formats=(SOFT_COMMAND_FORMAT_V1,),
+        compute_only=True,
+        software_device=True,
+        engine=f"numpy {numpy.__version__}",
+    )

@@ -1,0 +1,278 @@
+"""The sub-commands. Heavy imports happen inside each command so `dxg ls` stays light."""
+
+import argparse
+import errno
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dxg.node.paths import default_node_path
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for any failure a user can hit."""
+    from dxg.vmbus.transport import TransportError
+
+    if isinstance(e, TransportError):
+        return f"host unreachable: {e.strerror or e}"
+    if isinstance(e, PermissionError):
+        return f"permission denied: {e.filename or e}"
+    if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
+        return str(e.strerror or e)
+    text = str(e) or type(e).__name__
+    return text.splitlines()[0]
+
+
+def _node_path(args: argparse.Namespace) -> Path:
+    return Path(args.node) if args.node else default_node_path()
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+
+    def handler(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    while not stop.wait(3600):
+        pass
+
+
+def _serve_node(drv: Any, args: argparse.Namespace) -> list[Any]:
+    """Start the socket node (and the FUSE device file if asked); returns what to close."""
+    from dxg.node.server import SocketNode
+
+    path = _node_path(args)
+    node = SocketNode(drv, str(path), mode=int(args.mode, 8), group=args.group)
+    node.start()
+    closers: list[Any] = [node]
+    print(f"node: {path} (mode {args.mode})", flush=True)
+    if args.dev_node:
+        from dxg.node.fuse import FuseNode
+
+        fuse = FuseNode(drv, args.dev_node, mode=int(args.mode, 8))
+        try:
+            fuse.start()
+        except BaseException:
+            node.close()
+            raise
+        closers.append(fuse)
+        print(f"device file: {args.dev_node}", flush=True)
+    return closers
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from dxg.guest.driver import GuestDriver
+    from dxg.host.config import HostConfig
+    from dxg.host.host import Host
+
+    if args.adapters < 1:
+        raise ValueError("--adapters must be at least 1")
+    node_path = _node_path(args)
+    node_path.parent.mkdir(parents=True, exist_ok=True)
+    host = Host(HostConfig(adapters=args.adapters, name="pydxg-embedded-host"))
+    closers: list[Any] = []
+    drv = GuestDriver()
+    try:
+        host_addr = host.listen(str(node_path.parent / f"host-{os.getpid()}.sock"))
+        if args.host_listen:
+            print(f"host: also listening on {host.listen(args.host_listen)}", flush=True)
+        drv.bind(host_addr)
+        if not drv.wait_for_adapters(args.adapters, 30):
+            raise RuntimeError("the embedded host's adapters did not come up")
+        closers = _serve_node(drv, args)
+        print(f"pydxg up: {args.adapters} CPU soft adapter(s); clients use DXG_NODE={node_path}",
+              flush=True)
+        _wait_for_signal()
+    finally:
+        for c in reversed(closers):
+            c.close()
+        drv.close()
+        host.close()
+    return 0
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    from dxg.host.config import HostConfig
+    from dxg.host.host import Host
+
+    cfg = HostConfig(adapters=args.adapters, host_id=args.host_id, offer_order=args.offer_order)
+    if args.name:
+        cfg.name = args.name
+    host = Host(cfg)
+    try:
+        for addr in args.listen:
+            print(f"host: listening on {host.listen(addr)}", flush=True)
+        _wait_for_signal()
+    finally:
+        host.close()
+    return 0
+
+
+def cmd_guest(args: argparse.Namespace) -> int:
+    from dxg.guest.driver import GuestDriver
+
+    drv = GuestDriver()
+    closers: list[Any] = []
+    try:
+        for addr in args.connect:
+            drv.bind(addr, wait=args.wait)
+            print(f"guest: bound host {addr}", flush=True)
+        closers = _serve_node(drv, args)
+        _wait_for_signal()
+    finally:
+        for c in reversed(closers):
+            c.close()
+        drv.close()
+    return 0
+
+
+# ---- tools ------------------------------------------------------------------------------------
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from dxg.client import open_node
+
+    return open_node(str(_node_path(args)))
+
+
+def _adapter_rows(node: Any) -> list[dict[str, Any]]:
+    rows = []
+    for i, ad in enumerate(node.adapters()):
+        rows.append({
+            "index": i,
+            "handle": f"0x{ad.handle:08x}",
+            "luid": f"0x{ad.luid:016x}",
+            "vendor_id": f"0x{ad.vendor_id:04x}",
+            "device_id": f"0x{ad.device_id:04x}",
+            "description": ad.description,
+            "flags": ad.flag_names(),
+        })
+    return rows
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _open(args) as node:
+        rows = _adapter_rows(node)
+    if args.json:
+        print(json.dumps({"adapters": rows}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"adapters on {_node_path(args)}")
+    for col in ("#", "handle", "LUID", "vendor", "device", "description", "flags"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(str(r["index"]), r["handle"], r["luid"], r["vendor_id"], r["device_id"],
+                  r["description"], ", ".join(r["flags"]))
+    Console().print(t)
+    if not rows:
+        print("no adapters (is a host bound to this guest?)")
+    return 0
+
+
+def _ps_data(node: Any) -> dict[str, Any]:
+    snap = node.admin({"op": "snapshot"})
+    census = node.admin({"op": "census"})
+    return {"snapshot": snap, "census": census}
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    with _open(args) as node:
+        data = _ps_data(node)
+        me = os.getpid()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print_ps(data, exclude_pid=me)
+    return 0
+
+
+def print_ps(data: dict[str, Any], exclude_pid: int | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    snap = data["snapshot"]
+    console = Console()
+    for ad in snap["adapters"]:
+        t = Table(title=f"adapter {ad['index']} {ad['luid']} {ad['description']} [{ad['state']}]")
+        for col in ("pid", "name", "devices", "contexts"):
+            t.add_column(col)
+        n = 0
+        for p in snap["processes"]:
+            if p["pid"] == exclude_pid:
+                continue
+            for link in p["adapters"]:
+                if link["adapter"] == ad["index"]:
+                    t.add_row(str(p["pid"]), p["name"], str(link["devices"]),
+                              str(link["contexts"]))
+                    n += 1
+        if n:
+            console.print(t)
+        else:
+            console.print(f"adapter {ad['index']} {ad['luid']}: no processes")
+    for host in data["census"]["hosts"]:
+        c = host.get("census")
+        if c is None:
+            console.print(f"host {host['address']}: {host.get('error')}")
+            continue
+        totals = c.get("totals", {})
+        console.print(f"host {host['address']}: holds "
+                      + ", ".join(f"{v} {k}" for k, v in totals.items()))
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from dxg.client import NodeError
+
+    deadline = time.monotonic() + args.timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            with _open(args) as node:
+                if len(node.adapters()) >= args.adapters:
+                    return 0
+        except (NodeError, OSError) as e:
+            last = e
+        time.sleep(0.1)
+    raise TimeoutError(f"node {_node_path(args)} not ready after {args.timeout:.0f}s"
+                       + (f": {describe_error(last)}" if last else ""))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dxg.cli.demo import run_demo
+
+    return run_demo(str(_node_path(args)))
+
+
+def cmd_uapi_header(args: argparse.Namespace) -> int:
+    from dxg.uapi.cheader import render_header
+
+    sys.stdout.write(render_header())
+    return 0
+
+
+def cmd_ioctls(args: argparse.Namespace) -> int:
+    from dxg.guest.ioctl import ioctl_table
+
+    rows = ioctl_table()
+    if args.markdown:
+        print(ioctl_table_markdown(rows))
+        return 0
+    for r in rows:
+        print(f"0x{r['nr']:02x} {r['code']} {r['name']:<45} {r['status']}")
+    return 0
+
+
+def ioctl_table_markdown(rows: list[dict[str, Any]]) -> str:
+    out = ["| nr | code | ioctl | struct (size) | pydxg |", "|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| 0x{r['nr']:02x} | `{r['code']}` | {r['name']} | "
+                   f"{r['struct']} ({r['size']}) | {r['status']} |")
+    return "\n".join(out)

@@ -1,0 +1,66 @@
+"""One demo client: a CUDA-style compute app, an image editor or a D3D12-style app. Each opens
+the node, enumerates, opens an adapter by LUID, creates a device and a context, queries adapter
+info, prints what it got, says READY, and holds its objects until its stdin closes.
+
+Run as `python -m dxg.cli.demo_app KIND NODE`.
+"""
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+KINDS = {
+    "cuda": ("cuda-app", "CUDA-style compute app", 0),
+    "image": ("image-editor", "image editor", -1),
+    "d3d12": ("d3d12-app", "D3D12-style app", 0),
+}
+
+
+def _set_name(name: str) -> None:
+    """Set /proc/self/comm, so `dxg ps` shows what this process is (PR_SET_NAME)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(15, name.encode()[:15], 0, 0, 0)
+
+
+def main(argv: list[str]) -> int:
+    kind, node_path = argv[1], argv[2]
+    comm, title, pick = KINDS[kind]
+    _set_name(comm)
+    from dxg.client import open_node
+
+    me = f"[{comm} pid {os.getpid()}]"
+
+    def say(text: str) -> None:
+        print(f"{me} {text}", flush=True)
+
+    with open_node(node_path) as node:
+        adapters = node.adapters()
+        say(f"{title}: {len(adapters)} adapter(s) on the node")
+        if kind == "d3d12":
+            render = node.adapters(include_compute_only=False)
+            say(f"EnumAdapters3 without compute-only adapters: {len(render)}; "
+                "using a compute-only adapter for compute queues")
+        if not adapters:
+            say("no adapter to use")
+            return 2
+        luid = adapters[pick].luid
+        with node.open_adapter(luid) as adapter:
+            say(f"opened adapter LUID 0x{luid:016x} -> handle 0x{adapter.handle:08x}: "
+                f"{adapter.description!r}")
+            say(f"  vendor 0x{adapter.vendor_id:04x} device 0x{adapter.device_id:04x}, "
+                f"flags: {', '.join(adapter.flag_names()) or '-'}")
+            device = adapter.create_device()
+            context = device.create_context()
+            say(f"  device 0x{device.handle:08x}, context 0x{context.handle:08x}, "
+                f"execution state {device.execution_state()}")
+            print("READY", flush=True)
+            sys.stdin.read()  # hold the objects until the demo releases us
+            context.close()
+            device.close()
+        say("closed everything; exiting")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,112 @@
+"""`dxg` entry point. Every failure a user can hit ends in one clear line on stderr, no
+traceback (set DXG_DEBUG=1 to see tracebacks)."""
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from dxg.cli import commands
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def _add_node(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--node", help="node socket path (default: $DXG_NODE or the standard path)")
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    _add_node(p)
+    p.add_argument("--mode", default="0666", help="node permissions, octal (default 0666)")
+    p.add_argument("--group", help="group owning the node (name or gid)")
+    p.add_argument("--dev-node", metavar="PATH",
+                   help="also serve a FUSE device file at PATH (e.g. /dev/dxg; needs FUSE)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dxg", description="pydxg: dxgkrnl-style GPU "
+                                 "paravirtualization in user space")
+    ap.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="host + guest + node on this machine (the embedded default)")
+    _add_serve(p)
+    p.add_argument("--adapters", type=int, default=2, help="CPU soft adapters (default 2)")
+    p.add_argument("--host-listen", metavar="ADDR",
+                   help="also let other guests connect to the embedded host at ADDR")
+    p.set_defaults(func=commands.cmd_up)
+
+    p = sub.add_parser("host", help="run a host that guests connect to")
+    p.add_argument("--listen", required=True, action="append", metavar="ADDR",
+                   help="unix:/path, /path or tcp:HOST:PORT (repeatable)")
+    p.add_argument("--adapters", type=int, default=2, help="CPU soft adapters (default 2)")
+    p.add_argument("--host-id", help="stable identity: same id, same adapter LUIDs")
+    p.add_argument("--offer-order", choices=("global-first", "vgpu-first"),
+                   default="global-first", help="order of channel offers (for testing)")
+    p.add_argument("--name", default=None, help="host name shown to guests")
+    p.set_defaults(func=commands.cmd_host)
+
+    p = sub.add_parser("guest", help="run a guest driver bound to one or more hosts")
+    p.add_argument("--connect", required=True, action="append", metavar="ADDR",
+                   help="host address (repeat to bind several hosts)")
+    p.add_argument("--wait", action="store_true",
+                   help="start even if a host is unreachable, and keep retrying")
+    _add_serve(p)
+    p.set_defaults(func=commands.cmd_guest)
+
+    p = sub.add_parser("ls", help="list adapters")
+    _add_node(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=commands.cmd_ls)
+
+    p = sub.add_parser("ps", help="processes per adapter, and what the hosts hold")
+    _add_node(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=commands.cmd_ps)
+
+    p = sub.add_parser("demo", help="three client processes at once against the node")
+    _add_node(p)
+    p.set_defaults(func=commands.cmd_demo)
+
+    p = sub.add_parser("wait", help="wait until the node answers with at least N adapters")
+    _add_node(p)
+    p.add_argument("--adapters", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.set_defaults(func=commands.cmd_wait)
+
+    p = sub.add_parser("uapi-header", help="print the C header generated from dxg.uapi")
+    p.set_defaults(func=commands.cmd_uapi_header)
+
+    p = sub.add_parser("ioctls", help="the ioctl table: code, name, status in pydxg")
+    p.add_argument("--markdown", action="store_true")
+    p.set_defaults(func=commands.cmd_ioctls)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    if args.command in ("up", "host", "guest"):
+        level = min(level, logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # the one place that turns any failure into a line
+        if os.environ.get("DXG_DEBUG"):
+            raise
+        msg = commands.describe_error(e)
+        print(f"dxg {args.command}: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Per-host state: what the real driver keeps in `struct dxgglobal`, but one per bound bus
+device (one per host connection), so several hosts serve one node. Holds the global channel, the
+vGPU channel records, the adapters of this host, the IO space, the device-state counter and the
+routing rule (adapter traffic on the global channel once the host enables async messages)."""
+
+import itertools
+import logging
+import secrets
+import threading
+from typing import TYPE_CHECKING
+
+from dxg.protocol import messages as m
+from dxg.protocol.commands import HostToVmCommand
+from dxg.protocol.errors import ProtocolError
+from dxg.protocol.headers import decode_host_to_vm
+from dxg.vmbus.bus import BusDevice, GuestBus
+from dxg.vmbus.channel import Channel
+
+if TYPE_CHECKING:
+    from dxg.guest.adapter import GuestAdapter
+
+log = logging.getLogger(__name__)
+
+
+class HostLink:
+    def __init__(self, bus: GuestBus, index: int) -> None:
+        self.bus = bus
+        self.index = index  # order in which hosts were bound, for stable enumeration
+        self.lock = threading.RLock()
+        self.global_dev: BusDevice | None = None
+        self.global_channel: Channel | None = None
+        self.vgpu_devs: dict[int, BusDevice] = {}  # guest LUID -> offered vGPU channel
+        self.adapters: dict[int, GuestAdapter] = {}  # guest LUID -> adapter
+        self.async_msg_enabled = False
+        self.iospace: tuple[int, int] = (0, 0)
+        # The device-state counter and the opaque cookie the host echoes in SETGUESTDATA
+        # (the real driver sends the counter's kernel address).
+        self.device_state_counter = 0
+        self.device_state_cookie = secrets.randbits(63) | 1
+        self._host_event_ids = itertools.count(2)
+        self.generation = 0
+
+    @property
+    def name(self) -> str:
+        return self.bus.name
+
+    @property
+    def up(self) -> bool:
+        ch = self.global_channel
+        return ch is not None and not ch.closed
+
+    def new_host_event_id(self) -> int:
+        return next(self._host_event_ids)
+
+    def on_host_message(self, _channel: Channel, payload: bytes) -> None:
+        """Host -> guest notifications arrive only on the global channel, without ext header."""
+        try:
+            msg = decode_host_to_vm(payload)
+        except ProtocolError as e:
+            log.warning("host %s: bad notification dropped: %s", self.name, e)
+            return
+        if msg.command == HostToVmCommand.SETGUESTDATA:
+            try:
+                data = m.SetGuestData.unpack(msg.body)
+            except ProtocolError as e:
+                log.warning("host %s: bad SETGUESTDATA: %s", self.name, e)
+                return
+            if (
+                data.data_type == m.SETGUESTDATA_DATATYPE_DWORD
+                and data.guest_pointer == self.device_state_cookie
+                and data.data32 != 0
+            ):
+                with self.lock:
+                    self.device_state_counter += 1
+        elif msg.command in (HostToVmCommand.SIGNALGUESTEVENT,
+                             HostToVmCommand.SIGNALGUESTEVENTPASSIVE):
+            log.debug("host %s: SIGNALGUESTEVENT for an unknown event ignored", self.name)
+        elif msg.command == HostToVmCommand.SENDWNFNOTIFICATION:
+            pass
+        else:
+            log.warning("host %s: unexpected host message %s", self.name, msg.command.name)

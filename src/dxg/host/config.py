@@ -1,0 +1,82 @@
+"""Host configuration and the deterministic identity (LUIDs, channel GUIDs) derived from it."""
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+
+from dxg.protocol.guids import guid_to_luid, vgpu_instance_guid
+
+OFFER_ORDERS = ("global-first", "vgpu-first")
+
+
+@dataclass(slots=True)
+class HostConfig:
+    adapters: int = 2  # soft adapters this host exposes
+    name: str = "pydxg-host"  # host name sent in the bus version response
+    # Seed of every identity (LUIDs, channel instance GUIDs): a restarted host with the same id
+    # offers the same adapters. None: a random id per Host instance.
+    host_id: str | None = None
+    offer_order: str = "global-first"  # or "vgpu-first": the order offers reach a new guest
+    async_msg_enabled: bool = True  # reported in GETINTERNALADAPTERINFO
+    dedicated_memory_mb: int = 1024  # per adapter (KMTQAITYPE_GETSEGMENTSIZE)
+    shared_memory_mb: int = 4096  # per adapter (KMTQAITYPE_GETSEGMENTSIZE)
+    mmio_megabytes: int = 256  # IO-space size in the global channel's offer
+    host_caps: int = 0  # vGPU offer host caps (bit 0 map_guest_memory: not supported yet)
+    max_handles_per_partition: int = 1 << 20  # live host objects one guest may hold
+
+    def validate(self) -> None:
+        if not 0 <= self.adapters <= 64:
+            raise ValueError(f"adapters must be 0..64, not {self.adapters}")
+        if self.offer_order not in OFFER_ORDERS:
+            raise ValueError(f"offer_order must be one of {OFFER_ORDERS}, not {self.offer_order!r}")
+        if self.dedicated_memory_mb < 0 or self.shared_memory_mb < 0 or self.mmio_megabytes < 0:
+            raise ValueError("memory sizes must not be negative")
+        if self.max_handles_per_partition < 1:
+            raise ValueError("max_handles_per_partition must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterIdentity:
+    """The three LUIDs of one adapter and its vGPU channel instance GUID.
+
+    guest_luid is what the guest enumerates: the first 8 bytes of the instance GUID.
+    host_adapter_luid is the physical adapter's LUID on the host; host_vgpu_luid names the vGPU
+    on the wire (extension header, offer). All three differ.
+    """
+
+    guest_luid: int
+    host_adapter_luid: int
+    host_vgpu_luid: int
+    instance_guid: uuid.UUID
+
+
+def _digest(host_id: str, *parts: object) -> bytes:
+    text = "\0".join(["pydxg", host_id, *map(str, parts)])
+    return hashlib.sha256(text.encode()).digest()
+
+
+def derive_luid(host_id: str, *parts: object) -> int:
+    """A LUID (LowPart u32, HighPart a positive LONG) from a hash of the host id and `parts`."""
+    d = _digest(host_id, *parts)
+    low = int.from_bytes(d[0:4], "little") or 1
+    high = (int.from_bytes(d[4:8], "little") & 0x7FFFFFFF) or 1
+    return (high << 32) | low
+
+
+def global_instance_guid(host_id: str) -> uuid.UUID:
+    return uuid.UUID(bytes=_digest(host_id, "global-channel")[:16], version=4)
+
+
+def adapter_identity(host_id: str, index: int) -> AdapterIdentity:
+    salt = _digest(host_id, "salt")[:8]
+    guest = derive_luid(host_id, index, "guest")
+    instance = vgpu_instance_guid(guest, salt)
+    guest = guid_to_luid(instance)
+    host_adapter = derive_luid(host_id, index, "host-adapter")
+    host_vgpu = derive_luid(host_id, index, "host-vgpu")
+    n = 0
+    while len({guest, host_adapter, host_vgpu}) < 3:  # astronomically rare; stay deterministic
+        n += 1
+        host_adapter = derive_luid(host_id, index, "host-adapter", n)
+        host_vgpu = derive_luid(host_id, index, "host-vgpu", n)
+    return AdapterIdentity(guest, host_adapter, host_vgpu, instance)

@@ -1,0 +1,28 @@
+"""Host contexts: one per CREATECONTEXTVIRTUAL, owned by a device."""
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dxg.host.device import HostDevice
+
+
+@dataclass(eq=False, slots=True)
+class HostContext:
+    handle: int
+    device: "HostDevice"
+    node_ordinal: int
+    engine_affinity: int
+    flags: int
+    client_hint: int
+    priv_drv_data: bytes = field(repr=False, default=b"")
+
+    def census(self) -> dict[str, Any]:
+        return {
+            "handle": self.handle,
+            "node_ordinal": self.node_ordinal,
+            "engine_affinity": self.engine_affinity,
+            "flags": self.flags,
+            "client_hint": self.client_hint,
+            "priv_drv_data_size": len(self.priv_drv_data),
+        }

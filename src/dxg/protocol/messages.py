@@ -1,0 +1,383 @@
+"""Command bodies: what follows the 24-byte command header, in the real dxgvmbus.h layouts
+(x86-64, natural alignment; offsets here are from the end of the command header).
+
+Each fixed-size message is a frozen dataclass with pack()/unpack(); unpack() rejects any body of
+the wrong size. Variable-length ones (private data) check the declared size against the bytes.
+"""
+
+import struct
+from dataclasses import dataclass, fields
+from typing import ClassVar, Self
+
+from dxg.protocol.errors import ProtocolError
+
+WIN_MAX_PATH = 260
+DXG_VM_PROCESS_NAME_LENGTH = 260
+DEVICE_DESCRIPTION_CHARS = 80
+
+
+def _exact(b: bytes, n: int, what: str) -> None:
+    if len(b) != n:
+        raise ProtocolError(f"{what}: body of {len(b)} bytes, expected {n}")
+
+
+def _atleast(b: bytes, n: int, what: str) -> None:
+    if len(b) < n:
+        raise ProtocolError(f"{what}: body of {len(b)} bytes, need at least {n}")
+
+
+def utf16z(text: str, nchars: int) -> bytes:
+    """A NUL-terminated UTF-16LE string in a field of `nchars` u16 (truncated to fit)."""
+    raw = text.encode("utf-16-le")[: (nchars - 1) * 2]
+    return raw.ljust(nchars * 2, b"\0")
+
+
+def from_utf16z(raw: bytes) -> str:
+    for i in range(0, len(raw) - 1, 2):
+        if raw[i] == 0 and raw[i + 1] == 0:
+            raw = raw[:i]
+            break
+    return raw.decode("utf-16-le", "replace")
+
+
+class _Fixed:
+    """Mixin for fixed-layout bodies: fields map 1:1 onto the struct format, in order."""
+
+    _S: ClassVar[struct.Struct]
+
+    def pack(self) -> bytes:
+        return self._S.pack(*(getattr(self, f.name) for f in fields(self)))  # type: ignore[arg-type]
+
+    @classmethod
+    def unpack(cls, body: bytes) -> Self:
+        _exact(body, cls._S.size, cls.__name__)
+        return cls(*cls._S.unpack(body))
+
+
+@dataclass(frozen=True, slots=True)
+class NtStatusReturn(_Fixed):
+    """The bare 4-byte NTSTATUS reply of most commands."""
+
+    status: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<I")
+
+
+# ---- global commands -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CreateProcess:
+    """CREATEPROCESS (568 bytes with the header): opaque guest cookie, pid, name, flags."""
+
+    process_cookie: int
+    process_id: int
+    process_name: str
+    linux_process: bool = True
+    _S: ClassVar[struct.Struct] = struct.Struct(f"<QQ{(DXG_VM_PROCESS_NAME_LENGTH + 1) * 2}sB5x")
+
+    def pack(self) -> bytes:
+        flags = 0x8 if self.linux_process else 0  # csrss:1 dwm:1 wow64:1 linux_process:1
+        name = utf16z(self.process_name, DXG_VM_PROCESS_NAME_LENGTH + 1)
+        return self._S.pack(self.process_cookie, self.process_id, name, flags)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "CreateProcess":
+        _exact(body, cls._S.size, "CreateProcess")
+        cookie, pid, name, flags = cls._S.unpack(body)
+        return cls(cookie, pid, from_utf16z(name), bool(flags & 0x8))
+
+
+@dataclass(frozen=True, slots=True)
+class CreateProcessReturn(_Fixed):
+    hprocess: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<I")
+
+
+@dataclass(frozen=True, slots=True)
+class SetIoSpaceRegion(_Fixed):
+    start: int
+    length: int
+    shared_page_gpadl: int = 0
+    _S: ClassVar[struct.Struct] = struct.Struct("<QQI4x")
+
+
+# ---- per-adapter commands --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAdapter(_Fixed):
+    vmbus_interface_version: int
+    vmbus_last_compatible_interface_version: int
+    guest_luid_low: int
+    guest_luid_high: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIII")
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAdapterReturn(_Fixed):
+    host_adapter_handle: int
+    status: int
+    vmbus_interface_version: int
+    vmbus_last_compatible_interface_version: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIII")
+
+
+@dataclass(frozen=True, slots=True)
+class CloseAdapter(_Fixed):
+    host_handle: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<I4x")
+
+
+# async_msg_enabled and friends in GETINTERNALADAPTERINFO's flag word
+IAI_SECURE_VM = 1 << 0
+IAI_VM_RESET = 1 << 1
+IAI_VAIL_SUPPORTED = 1 << 2
+IAI_HW_SCH_ENABLED = 1 << 3
+IAI_HW_SCH_CAPABLE = 1 << 4
+IAI_VA_BACKED_VM = 1 << 5
+IAI_ASYNC_MSG_ENABLED = 1 << 6
+
+
+@dataclass(frozen=True, slots=True)
+class GetInternalAdapterInfoReturn:
+    """712 bytes: device types, versions, flag bits, host LUIDs, description, instance id."""
+
+    device_types: int
+    driver_store_copy_mode: int
+    driver_ddi_version: int
+    flags: int
+    host_adapter_luid: int
+    device_description: str
+    device_instance_id: str
+    host_vgpu_luid: int
+    _S: ClassVar[struct.Struct] = struct.Struct(
+        f"<IIIIQ{DEVICE_DESCRIPTION_CHARS * 2}s{WIN_MAX_PATH * 2}sQ"
+    )
+
+    @property
+    def async_msg_enabled(self) -> bool:
+        return bool(self.flags & IAI_ASYNC_MSG_ENABLED)
+
+    def pack(self) -> bytes:
+        return self._S.pack(
+            self.device_types, self.driver_store_copy_mode, self.driver_ddi_version, self.flags,
+            self.host_adapter_luid, utf16z(self.device_description, DEVICE_DESCRIPTION_CHARS),
+            utf16z(self.device_instance_id, WIN_MAX_PATH), self.host_vgpu_luid,
+        )
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "GetInternalAdapterInfoReturn":
+        _exact(body, cls._S.size, "GetInternalAdapterInfoReturn")
+        t, mode, ddi, flags, hl, desc, inst, vl = cls._S.unpack(body)
+        return cls(t, mode, ddi, flags, hl, from_utf16z(desc), from_utf16z(inst), vl)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryAdapterInfo:
+    query_type: int
+    private_data: bytes
+    _S: ClassVar[struct.Struct] = struct.Struct("<II")
+
+    def pack(self) -> bytes:
+        return self._S.pack(self.query_type, len(self.private_data)) + self.private_data
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "QueryAdapterInfo":
+        _atleast(body, cls._S.size, "QueryAdapterInfo")
+        qtype, size = cls._S.unpack_from(body)
+        _exact(body, cls._S.size + size, "QueryAdapterInfo")
+        return cls(qtype, body[cls._S.size :])
+
+
+@dataclass(frozen=True, slots=True)
+class StatusAndData:
+    """Replies that are an NTSTATUS followed by a data blob (QUERYADAPTERINFO)."""
+
+    status: int
+    data: bytes
+
+    def pack(self) -> bytes:
+        return struct.pack("<I", self.status) + self.data
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "StatusAndData":
+        _atleast(body, 4, "StatusAndData")
+        return cls(struct.unpack_from("<I", body)[0], body[4:])
+
+
+@dataclass(frozen=True, slots=True)
+class CreateDevice(_Fixed):
+    flags: int
+    cdd_device: int
+    error_code: int  # the guest's device-state cookie, echoed in SETGUESTDATA
+    _S: ClassVar[struct.Struct] = struct.Struct("<IB3xQ")
+
+
+@dataclass(frozen=True, slots=True)
+class HandleReturn(_Fixed):
+    """Replies that are a single handle (CREATEDEVICE)."""
+
+    handle: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<I")
+
+
+@dataclass(frozen=True, slots=True)
+class DestroyDevice(_Fixed):
+    device: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<I4x")
+
+
+@dataclass(frozen=True, slots=True)
+class FlushDevice(_Fixed):
+    device: int
+    reason: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<II")
+
+
+@dataclass(frozen=True, slots=True)
+class CreateContextVirtual:
+    """Echoed back by the host with `context` filled in and the private data updated."""
+
+    context: int
+    device: int
+    node_ordinal: int
+    engine_affinity: int
+    flags: int
+    client_hint: int
+    priv_drv_data: bytes
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIIIIII")
+
+    def pack(self) -> bytes:
+        return self._S.pack(
+            self.context, self.device, self.node_ordinal, self.engine_affinity, self.flags,
+            self.client_hint, len(self.priv_drv_data),
+        ) + self.priv_drv_data
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "CreateContextVirtual":
+        _atleast(body, cls._S.size, "CreateContextVirtual")
+        *head, size = cls._S.unpack_from(body)
+        _exact(body, cls._S.size + size, "CreateContextVirtual")
+        return cls(*head, body[cls._S.size :])
+
+
+@dataclass(frozen=True, slots=True)
+class DestroyContext(_Fixed):
+    context: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<I4x")
+
+
+GETDEVICESTATE_ARGS_SIZE = 56  # sizeof(struct d3dkmt_getdevicestate)
+
+
+@dataclass(frozen=True, slots=True)
+class GetDeviceState:
+    args: bytes  # struct d3dkmt_getdevicestate, 56 bytes
+
+    def pack(self) -> bytes:
+        _exact(self.args, GETDEVICESTATE_ARGS_SIZE, "GetDeviceState args")
+        return self.args
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "GetDeviceState":
+        _exact(body, GETDEVICESTATE_ARGS_SIZE, "GetDeviceState")
+        return cls(body)
+
+
+@dataclass(frozen=True, slots=True)
+class GetDeviceStateReturn:
+    args: bytes
+    status: int
+
+    def pack(self) -> bytes:
+        _exact(self.args, GETDEVICESTATE_ARGS_SIZE, "GetDeviceStateReturn args")
+        return self.args + struct.pack("<I4x", self.status)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "GetDeviceStateReturn":
+        _exact(body, GETDEVICESTATE_ARGS_SIZE + 8, "GetDeviceStateReturn")
+        return cls(body[:GETDEVICESTATE_ARGS_SIZE],
+                   struct.unpack_from("<I", body, GETDEVICESTATE_ARGS_SIZE)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class IsFeatureEnabled(_Fixed):
+    feature_id: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<I4x")
+
+
+@dataclass(frozen=True, slots=True)
+class IsFeatureEnabledReturn(_Fixed):
+    """status | dxgk_feature_desc {min, max, bits} | dxgk_isfeatureenabled_result {version, bits}"""
+
+    status: int
+    min_supported_version: int
+    max_supported_version: int
+    desc_bits: int  # supported:1 virtualization_mode:3 global:1 driver_feature:1 internal:1
+    result_version: int
+    result_bits: int  # enabled:1 known_feature:1 supported_by_driver:1 supported_on_config:1
+    _S: ClassVar[struct.Struct] = struct.Struct("<IHHH2xHH")
+
+
+QUERYCLOCKCALIBRATION_ARGS_SIZE = 40  # sizeof(struct d3dkmt_queryclockcalibration), packed
+GPUCLOCKDATA_SIZE = 28  # sizeof(struct dxgk_gpuclockdata), packed
+
+
+@dataclass(frozen=True, slots=True)
+class QueryClockCalibration:
+    args: bytes
+
+    def pack(self) -> bytes:
+        _exact(self.args, QUERYCLOCKCALIBRATION_ARGS_SIZE, "QueryClockCalibration args")
+        return self.args
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "QueryClockCalibration":
+        _exact(body, QUERYCLOCKCALIBRATION_ARGS_SIZE, "QueryClockCalibration")
+        return cls(body)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryClockCalibrationReturn:
+    status: int
+    clock_data: bytes  # struct dxgk_gpuclockdata, 28 bytes
+
+    def pack(self) -> bytes:
+        _exact(self.clock_data, GPUCLOCKDATA_SIZE, "clock data")
+        return struct.pack("<I", self.status) + self.clock_data
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "QueryClockCalibrationReturn":
+        _exact(body, 4 + GPUCLOCKDATA_SIZE, "QueryClockCalibrationReturn")
+        return cls(struct.unpack_from("<I", body)[0], body[4:])
+
+
+# ---- host -> VM notifications ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SignalGuestEvent(_Fixed):
+    event: int  # a guest host-event id, never a pointer
+    process_id: int
+    dereference_event: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<QQB7x")
+
+
+SETGUESTDATA_DATATYPE_DWORD = 0
+SETGUESTDATA_DATATYPE_UINT64 = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SetGuestData(_Fixed):
+    guest_pointer: int
+    data64: int
+    bits: int  # dereference:1 data_type:4
+    _S: ClassVar[struct.Struct] = struct.Struct("<QQI4x")
+
+    @property
+    def data_type(self) -> int:
+        return (self.bits >> 1) & 0xF
+
+    @property
+    def data32(self) -> int:
+        return self.data64 & 0xFFFFFFFF
