@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from dxg.uapi.handles import HANDLE_INDEX_MAX, handle_index, handle_instance, handle_unique, make_handle
+from dxg.uapi.handles import (
+    HANDLE_INDEX_MAX,
+    handle_index,
+    handle_instance,
+    handle_unique,
+    make_handle,
+)
 
 
 class HandleType(IntEnum):

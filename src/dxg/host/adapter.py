@@ -1,0 +1,314 @@
+"""Host adapters: the identity of each virtual GPU this host exposes and its info payloads.
+
+One `HostAdapter` per adapter, shared by every partition (guest); a partition's OPENADAPTER is an
+`AdapterOpen` (one host adapter handle per partition and adapter).
+
+QUERYADAPTERINFO types answered (the reply data is always exactly as long as the request's
+private data: the payload overwrites its start, the rest comes back as sent):
+
+    UMDRIVERPRIVATE (0)               the pydxg UMD blob, see `umd_private_blob`
+    GETSEGMENTSIZE (3)                D3DKMT_SEGMENTSIZEINFO: dedicated video / system, shared
+    ADAPTERADDRESS (6, 53 _RENDER)    D3DKMT_ADAPTERADDRESS: bus 1, device = adapter index, fn 0
+    DRIVERVERSION (13, 56 _RENDER)    KMT_DRIVERVERSION_WDDM_2_7 (u32)
+    ADAPTERTYPE (15, 57 _RENDER)      D3DKMT_ADAPTERTYPE of the HOST adapter: RenderSupported,
+                                      SoftwareDevice, ComputeOnly (the guest patches its own
+                                      Paravirtualized/display bits)
+    PHYSICALADAPTERCOUNT (30)         D3DKMT_PHYSICAL_ADAPTER_COUNT: 1
+    PHYSICALADAPTERDEVICEIDS (31)     D3DKMT_QUERY_DEVICE_IDS for PhysicalAdapterIndex 0 (PCI
+                                      ids of the backend adapter); any other index:
+                                      STATUS_INVALID_PARAMETER
+    DRIVER_DESCRIPTION (65, 66 _RENDER)  D3DKMT_DRIVER_DESCRIPTION, UTF-16
+    WDDM_2_7_CAPS (70)                D3DKMT_WDDM_2_7_CAPS: all zero (no hardware scheduling)
+
+Private data shorter than the payload: STATUS_BUFFER_TOO_SMALL. A type Windows defines but this
+host does not serve: STATUS_NOT_SUPPORTED; a number that is no KMTQUERYADAPTERINFOTYPE at all:
+STATUS_INVALID_PARAMETER.
+"""
+
+import ctypes
+import struct
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dxg.backends import AdapterDescription
+from dxg.host.config import AdapterIdentity
+from dxg.protocol.bus import (
+    DXGK_VMBUS_INTERFACE_VERSION,
+    PCI_DEVICE_ID_COMPUTE_ACCELERATOR,
+    PCI_DEVICE_ID_VIRTUAL_RENDER,
+    PCI_VENDOR_MICROSOFT,
+    Offer,
+)
+from dxg.protocol.guids import DXGK_VGPU_GUID
+from dxg.protocol.messages import IAI_ASYNC_MSG_ENABLED, GetInternalAdapterInfoReturn
+from dxg.uapi.ntstatus import NTSTATUS
+from dxg.uapi.wddm import (
+    D3DKMT_ADAPTERADDRESS,
+    D3DKMT_ADAPTERTYPE,
+    D3DKMT_DRIVER_DESCRIPTION,
+    D3DKMT_DRIVERVERSION,
+    D3DKMT_PHYSICAL_ADAPTER_COUNT,
+    D3DKMT_QUERY_DEVICE_IDS,
+    D3DKMT_SEGMENTSIZEINFO,
+    D3DKMT_WDDM_2_7_CAPS,
+    KMTQUERYADAPTERINFOTYPE,
+    encode_utf16z,
+)
+
+Q = KMTQUERYADAPTERINFOTYPE
+
+# dxgk_device_types bits (GETINTERNALADAPTERINFO)
+DEVICE_TYPE_SOFTWARE = 1 << 2
+DEVICE_TYPE_SOFT_GPU = 1 << 3
+DEVICE_TYPE_VIRTUAL_RENDER = 1 << 14
+DXGKDDI_INTERFACE_VERSION_WDDM2_7 = 0xC004
+PCI_BUS_TYPE = 0  # D3DKMT_DEVICE_IDS.BusType: not reported
+
+# ---- the pydxg UMDRIVERPRIVATE blob, version 1 (little-endian) -------------------------------
+#   @0  u32 magic "PDXU" | @4 u16 version (1) | @6 u16 header size (24) | @8 u32 total size
+#   @12 u32 node count   | @16 u32 flags (bit0 compute-only, bit1 software device)
+#   @20 u32 format count | @24 format count x 32-byte NUL-padded ASCII command-format names
+UMD_PRIVATE_MAGIC = b"PDXU"
+UMD_PRIVATE_VERSION = 1
+UMD_PRIVATE_HEADER = struct.Struct("<4sHHIIII")
+UMD_PRIVATE_FORMAT_NAME = 32
+UMD_FLAG_COMPUTE_ONLY = 1 << 0
+UMD_FLAG_SOFTWARE = 1 << 1
+
+
+def umd_private_blob(desc: AdapterDescription) -> bytes:
+    names = b"".join(
+        f.encode("ascii")[: UMD_PRIVATE_FORMAT_NAME - 1].ljust(UMD_PRIVATE_FORMAT_NAME, b"\0")
+        for f in desc.command_formats
+    )
+    flags = (UMD_FLAG_COMPUTE_ONLY if desc.compute_only else 0) | (
+        UMD_FLAG_SOFTWARE if desc.software_device else 0
+    )
+    total = UMD_PRIVATE_HEADER.size + len(names)
+    return UMD_PRIVATE_HEADER.pack(UMD_PRIVATE_MAGIC, UMD_PRIVATE_VERSION, UMD_PRIVATE_HEADER.size,
+                                   total, desc.node_count, flags,
+                                   len(desc.command_formats)) + names
+
+
+def parse_umd_private_blob(data: bytes) -> dict[str, Any]:
+    """Inverse of `umd_private_blob` (for UMDs and tests); raises ValueError if malformed."""
+    if len(data) < UMD_PRIVATE_HEADER.size:
+        raise ValueError("UMD private blob shorter than its header")
+    magic, version, hsize, total, nodes, flags, count = UMD_PRIVATE_HEADER.unpack_from(data)
+    if magic != UMD_PRIVATE_MAGIC or version != UMD_PRIVATE_VERSION:
+        raise ValueError("not a pydxg v1 UMD private blob")
+    if total != hsize + count * UMD_PRIVATE_FORMAT_NAME or len(data) < total:
+        raise ValueError("UMD private blob sizes do not add up")
+    formats = tuple(
+        data[hsize + i * UMD_PRIVATE_FORMAT_NAME : hsize + (i + 1) * UMD_PRIVATE_FORMAT_NAME]
+        .split(b"\0", 1)[0].decode("ascii", "replace")
+        for i in range(count)
+    )
+    return {"node_count": nodes, "compute_only": bool(flags & UMD_FLAG_COMPUTE_ONLY),
+            "software_device": bool(flags & UMD_FLAG_SOFTWARE), "command_formats": formats}
+
+
+class HostAdapter:
+    """One virtual GPU offered to every guest of this host."""
+
+    def __init__(self, index: int, description: AdapterDescription, identity: AdapterIdentity,
+                 relid: int) -> None:
+        self.index = index
+        self.description = description
+        self.identity = identity
+        self.relid = relid  # the vGPU channel's relid in every session
+        # Set once by Host.remove_adapter; read without a lock: a command racing the removal
+        # either runs before it or gets STATUS_DEVICE_REMOVED.
+        self.removed = False
+        self._qai: dict[int, Callable[[bytearray], int]] = {
+            Q.KMTQAITYPE_UMDRIVERPRIVATE: self._qai_umd_private,
+            Q.KMTQAITYPE_GETSEGMENTSIZE: self._qai_segment_size,
+            Q.KMTQAITYPE_ADAPTERADDRESS: self._qai_address,
+            Q.KMTQAITYPE_ADAPTERADDRESS_RENDER: self._qai_address,
+            Q.KMTQAITYPE_DRIVERVERSION: self._qai_driver_version,
+            Q.KMTQAITYPE_DRIVERVERSION_RENDER: self._qai_driver_version,
+            Q.KMTQAITYPE_ADAPTERTYPE: self._qai_adapter_type,
+            Q.KMTQAITYPE_ADAPTERTYPE_RENDER: self._qai_adapter_type,
+            Q.KMTQAITYPE_PHYSICALADAPTERCOUNT: self._qai_physical_count,
+            Q.KMTQAITYPE_PHYSICALADAPTERDEVICEIDS: self._qai_device_ids,
+            Q.KMTQAITYPE_DRIVER_DESCRIPTION: self._qai_driver_description,
+            Q.KMTQAITYPE_DRIVER_DESCRIPTION_RENDER: self._qai_driver_description,
+            Q.KMTQAITYPE_WDDM_2_7_CAPS: self._qai_wddm_2_7_caps,
+        }
+        self._umd_private = umd_private_blob(description)
+
+    def __repr__(self) -> str:
+        return f"<HostAdapter {self.index} {self.description.name!r} luid=0x{self.guest_luid:x}>"
+
+    # ---- identity ------------------------------------------------------------------------------
+
+    @property
+    def guest_luid(self) -> int:
+        return self.identity.guest_luid
+
+    @property
+    def host_adapter_luid(self) -> int:
+        return self.identity.host_adapter_luid
+
+    @property
+    def host_vgpu_luid(self) -> int:
+        return self.identity.host_vgpu_luid
+
+    @property
+    def instance_guid(self) -> uuid.UUID:
+        return self.identity.instance_guid
+
+    @property
+    def node_count(self) -> int:
+        return self.description.node_count
+
+    @property
+    def pci_device_id(self) -> int:
+        """The virtual PCI device id the guest sees (not the backend adapter's own id)."""
+        if self.description.compute_only:
+            return PCI_DEVICE_ID_COMPUTE_ACCELERATOR
+        return PCI_DEVICE_ID_VIRTUAL_RENDER
+
+    @property
+    def device_instance_id(self) -> str:
+        d = self.description
+        return (f"PCI\\VEN_{d.vendor_id:04X}&DEV_{d.device_id:04X}"
+                f"&SUBSYS_{d.subsystem_id:04X}{d.subsystem_vendor_id:04X}&REV_{d.revision_id:02X}"
+                f"\\4&{self.host_adapter_luid & 0xFFFFFFFF:08X}&0&{self.index:02X}")
+
+    @property
+    def device_types(self) -> int:
+        if self.description.software_device:
+            return DEVICE_TYPE_SOFTWARE | DEVICE_TYPE_SOFT_GPU
+        return 0
+
+    def offer(self, host_caps: int = 0) -> Offer:
+        return Offer(
+            relid=self.relid,
+            type_guid=DXGK_VGPU_GUID,
+            instance_guid=self.instance_guid,
+            interface_version=DXGK_VMBUS_INTERFACE_VERSION,
+            host_caps=host_caps,
+            host_vgpu_luid=self.host_vgpu_luid,
+            pci_vendor_id=PCI_VENDOR_MICROSOFT,
+            pci_device_id=self.pci_device_id,
+        )
+
+    def internal_info(self, async_msg_enabled: bool) -> GetInternalAdapterInfoReturn:
+        return GetInternalAdapterInfoReturn(
+            device_types=self.device_types,
+            driver_store_copy_mode=0,
+            driver_ddi_version=DXGKDDI_INTERFACE_VERSION_WDDM2_7,
+            flags=IAI_ASYNC_MSG_ENABLED if async_msg_enabled else 0,
+            host_adapter_luid=self.host_adapter_luid,
+            device_description=self.description.name,
+            device_instance_id=self.device_instance_id,
+            host_vgpu_luid=self.host_vgpu_luid,
+        )
+
+    def census(self) -> dict[str, Any]:
+        d = self.description
+        return {
+            "index": self.index,
+            "name": d.name,
+            "removed": self.removed,
+            "guest_luid": self.guest_luid,
+            "host_adapter_luid": self.host_adapter_luid,
+            "host_vgpu_luid": self.host_vgpu_luid,
+            "instance_guid": str(self.instance_guid),
+            "relid": self.relid,
+            "node_count": d.node_count,
+            "command_formats": list(d.command_formats),
+            "dedicated_video_memory": d.dedicated_video_memory,
+            "engine": d.engine,
+        }
+
+    # ---- QUERYADAPTERINFO ----------------------------------------------------------------------
+
+    def query_info(self, query_type: int, private_data: bytes) -> tuple[int, bytes]:
+        """(NTSTATUS, reply data); the reply data is always `len(private_data)` bytes."""
+        handler = self._qai.get(query_type)
+        if handler is None:
+            known = query_type in KMTQUERYADAPTERINFOTYPE._value2member_map_
+            status = NTSTATUS.STATUS_NOT_SUPPORTED if known else NTSTATUS.STATUS_INVALID_PARAMETER
+            return int(status), private_data
+        buf = bytearray(private_data)
+        status = handler(buf)
+        return int(status), bytes(buf) if status == NTSTATUS.STATUS_SUCCESS else private_data
+
+    @staticmethod
+    def _put(buf: bytearray, payload: bytes | ctypes.Structure | ctypes.c_uint32) -> int:
+        raw = bytes(payload)
+        if len(buf) < len(raw):
+            return NTSTATUS.STATUS_BUFFER_TOO_SMALL
+        buf[: len(raw)] = raw
+        return NTSTATUS.STATUS_SUCCESS
+
+    def _qai_umd_private(self, buf: bytearray) -> int:
+        return self._put(buf, self._umd_private)
+
+    def _qai_segment_size(self, buf: bytearray) -> int:
+        d = self.description
+        return self._put(buf, D3DKMT_SEGMENTSIZEINFO(
+            DedicatedVideoMemorySize=d.dedicated_video_memory,
+            DedicatedSystemMemorySize=d.dedicated_system_memory,
+            SharedSystemMemorySize=d.shared_system_memory,
+        ))
+
+    def _qai_address(self, buf: bytearray) -> int:
+        return self._put(buf, D3DKMT_ADAPTERADDRESS(BusNumber=1, DeviceNumber=self.index,
+                                                    FunctionNumber=0))
+
+    def _qai_driver_version(self, buf: bytearray) -> int:
+        return self._put(buf, struct.pack(
+            "<I", D3DKMT_DRIVERVERSION.KMT_DRIVERVERSION_WDDM_2_7))
+
+    def _qai_adapter_type(self, buf: bytearray) -> int:
+        d = self.description
+        t = D3DKMT_ADAPTERTYPE()
+        t.RenderSupported = 1
+        t.SoftwareDevice = int(d.software_device)
+        t.ComputeOnly = int(d.compute_only)
+        t.DisplaySupported = 0
+        return self._put(buf, t)
+
+    def _qai_physical_count(self, buf: bytearray) -> int:
+        return self._put(buf, D3DKMT_PHYSICAL_ADAPTER_COUNT(Count=1))
+
+    def _qai_device_ids(self, buf: bytearray) -> int:
+        size = ctypes.sizeof(D3DKMT_QUERY_DEVICE_IDS)
+        if len(buf) < size:
+            return NTSTATUS.STATUS_BUFFER_TOO_SMALL
+        q = D3DKMT_QUERY_DEVICE_IDS.from_buffer_copy(bytes(buf[:size]))
+        if q.PhysicalAdapterIndex != 0:
+            return NTSTATUS.STATUS_INVALID_PARAMETER
+        d = self.description
+        ids = q.DeviceIds
+        ids.VendorID = d.vendor_id
+        ids.DeviceID = d.device_id
+        ids.SubVendorID = d.subsystem_vendor_id
+        ids.SubSystemID = d.subsystem_id
+        ids.RevisionID = d.revision_id
+        ids.BusType = PCI_BUS_TYPE
+        return self._put(buf, q)
+
+    def _qai_driver_description(self, buf: bytearray) -> int:
+        nchars = ctypes.sizeof(D3DKMT_DRIVER_DESCRIPTION) // 2
+        return self._put(buf, encode_utf16z(self.description.driver_description, nchars))
+
+    def _qai_wddm_2_7_caps(self, buf: bytearray) -> int:
+        return self._put(buf, D3DKMT_WDDM_2_7_CAPS())  # no hardware scheduling, no display
+
+
+@dataclass(eq=False, slots=True)
+class AdapterOpen:
+    """A partition's open of an adapter: its host adapter handle, counted opens."""
+
+    handle: int
+    adapter: HostAdapter
+    opens: int = 0
+
+
+__all__ = ["AdapterOpen", "HostAdapter", "parse_umd_private_blob", "umd_private_blob"]
