@@ -34,6 +34,7 @@ import keyword
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,31 +43,35 @@ DEFAULT_OUT = REPO / "src" / "dxg" / "uapi" / "structs.py"
 
 # C scalar type (after preprocessing) -> ctypes type.  ``char`` only occurs in opaque byte
 # blobs (``char size[0x328]``), so it maps to c_uint8: a c_char array would cut reads at NUL.
-SCALAR_CTYPES: Mapping[str, str] = {
-    "__u8": "ctypes.c_uint8",
-    "__u16": "ctypes.c_uint16",
-    "__u32": "ctypes.c_uint32",
-    "__u64": "ctypes.c_uint64",
-    "__s8": "ctypes.c_int8",
-    "__s16": "ctypes.c_int16",
-    "__s32": "ctypes.c_int32",
-    "__s64": "ctypes.c_int64",
-    "int": "ctypes.c_int32",
-    "bool": "ctypes.c_bool",
-    "char": "ctypes.c_uint8",
-}
+SCALAR_CTYPES: Mapping[str, str] = MappingProxyType(
+    {
+        "__u8": "ctypes.c_uint8",
+        "__u16": "ctypes.c_uint16",
+        "__u32": "ctypes.c_uint32",
+        "__u64": "ctypes.c_uint64",
+        "__s8": "ctypes.c_int8",
+        "__s16": "ctypes.c_int16",
+        "__s32": "ctypes.c_int32",
+        "__s64": "ctypes.c_int64",
+        "int": "ctypes.c_int32",
+        "bool": "ctypes.c_bool",
+        "char": "ctypes.c_uint8",
+    }
+)
 
 # Storage of an enum by (size, signed).
-ENUM_STORAGE: Mapping[tuple[int, bool], str] = {
-    (1, False): "ctypes.c_uint8",
-    (1, True): "ctypes.c_int8",
-    (2, False): "ctypes.c_uint16",
-    (2, True): "ctypes.c_int16",
-    (4, False): "ctypes.c_uint32",
-    (4, True): "ctypes.c_int32",
-    (8, False): "ctypes.c_uint64",
-    (8, True): "ctypes.c_int64",
-}
+ENUM_STORAGE: Mapping[tuple[int, bool], str] = MappingProxyType(
+    {
+        (1, False): "ctypes.c_uint8",
+        (1, True): "ctypes.c_int8",
+        (2, False): "ctypes.c_uint16",
+        (2, True): "ctypes.c_int16",
+        (4, False): "ctypes.c_uint32",
+        (4, True): "ctypes.c_int32",
+        (8, False): "ctypes.c_uint64",
+        (8, True): "ctypes.c_int64",
+    }
+)
 
 POINTER_CTYPE = "ctypes.c_uint64"
 POINTER_C_TYPE = "__u64 *"
@@ -166,7 +171,7 @@ class Generator:
                     None,
                     member["members"],
                     pack,
-                    f"{where.capitalize()} of ``{self.root_c_name}``.",
+                    f"{where[0].upper()}{where[1:]} of ``{self.root_c_name}``.",
                 )
                 fields.append([f'"{field_name}"', helper])
                 c_types.append((field_name, sub_kind))
@@ -386,7 +391,7 @@ def _tuple_lines(attr: str, items: list[list[str]]) -> list[str]:
 
 def _all_sort_key(name: str) -> tuple[int, str]:
     # The order ruff's RUF022 expects: SCREAMING_CASE, then CamelCase, then the rest.
-    if name.isupper() or (name.upper() == name):
+    if name.upper() == name:
         return (0, name)
     if name[:1].isupper():
         return (1, name)

@@ -36,7 +36,7 @@ HANDLE_UNIQUE_MASK = HANDLE_UNIQUE_MAX << HANDLE_UNIQUE_SHIFT  # 0xC0000000
 HANDLE_MAX = 0xFFFFFFFF
 NULL_HANDLE = 0
 
-__all__ = [
+__all__ = (
     "HANDLE_INDEX_BITS",
     "HANDLE_INDEX_MASK",
     "HANDLE_INDEX_MAX",
@@ -59,7 +59,7 @@ __all__ = [
     "make_handle",
     "set_handle_value",
     "to_handle",
-]
+)
 
 
 def _check_range(what: str, value: int, maximum: int) -> int:

@@ -441,7 +441,7 @@ def lookup_ioctl(cmd: int) -> IoctlDef | None:
     return entry
 
 
-__all__ = [
+__all__ = (
     "D3DDDI_MAX_BROADCAST_CONTEXT",
     "D3DDDI_MAX_MPO_PRESENT_DIRTY_RECTS",
     "D3DDDI_MAX_OBJECT_SIGNALED",
@@ -474,4 +474,4 @@ __all__ = [
     "IoctlDef",
     "lookup_ioctl",
     *(d.name for d in _ALL),
-]
+)

@@ -22,7 +22,7 @@ import enum
 import errno
 from types import MappingProxyType
 
-__all__ = [
+__all__ = (
     "ERRNO_TO_NTSTATUS",
     "NTSTATUS",
     "NTSTATUS_TO_ERRNO",
@@ -33,7 +33,7 @@ __all__ = [
     "ntstatus_to_signed",
     "ntstatus_to_unsigned",
     "status_name",
-]
+)
 
 
 class NTSTATUS(enum.IntEnum):

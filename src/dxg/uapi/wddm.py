@@ -35,7 +35,7 @@ from types import MappingProxyType
 MAX_PATH = 260
 DXGK_MAX_METADATA_NAME_LENGTH = 32
 
-__all__ = [
+__all__ = (
     "D3DKMDT_COMPUTE_PREEMPTION_GRANULARITY",
     "D3DKMDT_GRAPHICS_PREEMPTION_GRANULARITY",
     "D3DKMDT_PREEMPTION_CAPS",
@@ -84,7 +84,7 @@ __all__ = [
     "WDDM_STRUCTS",
     "decode_utf16z",
     "encode_utf16z",
-]
+)
 
 _U8 = ctypes.c_uint8
 _U16 = ctypes.c_uint16
