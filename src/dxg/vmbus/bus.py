@@ -373,6 +373,7 @@ class HostBusSession:
     def rescind(self, relid: int) -> None:
         with self._lock:
             self._offers.pop(relid, None)
+            self._initial = [o for o in self._initial if o.relid != relid]
         ch = self.conn.detach(relid)
         with contextlib.suppress(OSError, ConnectionError):
             self.conn.send_control(Rescind(relid))

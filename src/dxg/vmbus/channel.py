@@ -6,6 +6,7 @@ carry trans_id 0. The responder side (host) gets each data packet through `on_re
 return value becomes the completion payload.
 """
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dxg.protocol.bus import Offer
+from dxg.protocol.errors import ProtocolError
 from dxg.protocol.framing import (
     DXG_MAX_VM_BUS_PACKET_SIZE,
     FLAG_COMPLETION_REQUESTED,
@@ -139,7 +141,12 @@ class Channel:
             if frame.wants_completion:
                 try:
                     self.connection.send_frame(self.relid, VM_PKT_COMP, reply or b"", frame.trans_id)
-                except OSError:
+                except ProtocolError:
+                    log.error("channel %d: reply of %d bytes exceeds the cap; sent empty",
+                              self.relid, len(reply or b""))
+                    with contextlib.suppress(OSError, ConnectionError):
+                        self.connection.send_frame(self.relid, VM_PKT_COMP, b"", frame.trans_id)
+                except (OSError, ConnectionError):
                     pass
             return
         if self.on_inband is not None:

@@ -1,0 +1,97 @@
+"""Shared fixtures: a real stack (Host + GuestDriver + SocketNode) on Unix sockets under tmp_path,
+and helpers to run client processes and wait on conditions with deadlines."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dxg.guest.driver import GuestDriver
+from dxg.host.config import HostConfig
+from dxg.host.host import Host
+from dxg.node.server import SocketNode
+
+CLIENTS = Path(__file__).parent / "clients"
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
+    """Poll `pred` until it is truthy; fail after `timeout` seconds. Returns its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.01)
+
+
+@dataclass
+class Stack:
+    host: Host
+    driver: GuestDriver
+    node: SocketNode
+    node_path: str
+    host_address: str
+
+    def host_totals(self) -> dict:
+        return self.host.census()["totals"]
+
+
+@contextmanager
+def make_stack(tmp: Path, name: str = "s", adapters: int = 2, **host_kw) -> Iterator[Stack]:
+    host = Host(HostConfig(adapters=adapters, **host_kw))
+    drv = GuestDriver()
+    node = None
+    try:
+        addr = host.listen(str(tmp / f"{name}-host.sock"))
+        drv.bind(addr)
+        assert drv.wait_for_adapters(adapters, 15), "adapters did not come up"
+        node_path = str(tmp / f"{name}-dxg.sock")
+        node = SocketNode(drv, node_path)
+        node.start()
+        yield Stack(host, drv, node, node_path, addr)
+    finally:
+        if node is not None:
+            node.close()
+        drv.close()
+        host.close()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    with make_stack(tmp_path) as s:
+        yield s
+
+
+def client(script: str, *args: str, **kw) -> subprocess.Popen:
+    """Start tests/clients/<script>.py in its own process (stdin/stdout piped, text)."""
+    return subprocess.Popen(
+        [sys.executable, str(CLIENTS / f"{script}.py"), *map(str, args)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"), **kw,
+    )
+
+
+def read_json_line(proc: subprocess.Popen, timeout: float = 30.0) -> dict:
+    """The next stdout line of `proc`, parsed as JSON (the clients print one object per line)."""
+    assert proc.stdout is not None
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    if not sel.select(timeout):
+        proc.kill()
+        raise AssertionError(f"client {proc.args} printed nothing in {timeout}s")
+    line = proc.stdout.readline()
+    if not line:
+        err = proc.stderr.read() if proc.stderr else ""
+        raise AssertionError(f"client {proc.args} exited ({proc.wait()}): {err[-2000:]}")
+    return json.loads(line)

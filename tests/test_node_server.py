@@ -1,0 +1,676 @@
+"""SocketNode over a small fake driver: real sockets, real client processes.
+
+No fixed sleeps: everything waits on a condition with a deadline.
+"""
+
+import ctypes
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dxg.client import thunks
+from dxg.client.connection import NodeConnection
+from dxg.client.errors import (
+    NodeError,
+    NodeNotFound,
+    NodePermissionDenied,
+    NodeProtocolError,
+    NodeUnavailable,
+)
+from dxg.guest.usermem import UserMemoryFault
+from dxg.node import wire
+from dxg.node.server import NodeBusy, SocketNode
+from dxg.uapi import ioctls as io
+from dxg.uapi import structs as s
+from dxg.uapi.ntstatus import NTSTATUS
+
+DEADLINE = 10.0
+
+# ---- the fake driver --------------------------------------------------------------------------------
+
+
+class FakeProc:
+    def __init__(self, pid: int, uid: int, name: str) -> None:
+        self.pid, self.uid, self.name = pid, uid, name
+        self.closed = 0
+
+
+class FakeDriver:
+    """Records every call; answers a few ioctls in a recognizable way; DestroyContext blocks on
+    `gate` (after setting `entered`) so tests can hold a call inside the driver."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.opened: list[FakeProc] = []
+        self.closed: list[FakeProc] = []
+        self.calls: list[tuple[FakeProc, int, bytes]] = []
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.returned = threading.Event()
+
+    def open_process(self, pid: int, uid: int, name: str) -> FakeProc:
+        p = FakeProc(pid, uid, name)
+        with self.cond:
+            self.opened.append(p)
+            self.cond.notify_all()
+        return p
+
+    def close_process(self, proc: FakeProc) -> None:
+        with self.cond:
+            proc.closed += 1
+            self.closed.append(proc)
+            self.cond.notify_all()
+
+    def ioctl(self, proc: FakeProc, code: int, arg: bytes, mem) -> tuple[int, bytes]:
+        with self.cond:
+            self.calls.append((proc, code, arg))
+            self.cond.notify_all()
+        try:
+            return self._ioctl(proc, code, arg, mem)
+        except UserMemoryFault:
+            return -errno.EFAULT, arg
+
+    def _ioctl(self, proc: FakeProc, code: int, arg: bytes, mem) -> tuple[int, bytes]:
+        if code == io.LX_DXENUMADAPTERS2:
+            a = s.d3dkmt_enumadapters2.from_buffer_copy(arg)
+            infos = (s.d3dkmt_adapterinfo * a.num_adapters)()
+            for i in range(a.num_adapters):
+                infos[i].adapter_handle.v = 0x40000000 + i
+                infos[i].adapter_luid.a = proc.pid
+            mem.write(a.adapters, bytes(infos))
+            return 0, bytes(a)
+        if code == io.LX_DXQUERYADAPTERINFO:
+            a = s.d3dkmt_queryadapterinfo.from_buffer_copy(arg)
+            data = mem.read(a.private_data, a.private_data_size)
+            mem.write(a.private_data, data[::-1])
+            return NTSTATUS.STATUS_PENDING, arg
+        if code == io.LX_DXOPENADAPTERFROMLUID:
+            a = s.d3dkmt_openadapterfromluid.from_buffer_copy(arg)
+            a.adapter_handle.v = 0x1234
+            return 0, bytes(a)
+        if code == io.LX_DXDESTROYCONTEXT:
+            self.entered.set()
+            self.gate.wait(DEADLINE * 3)
+            self.returned.set()
+            return 0, arg
+        return 0, arg
+
+    def admin(self, request: dict) -> dict:
+        with self.cond:
+            return {"echo": request, "pids": [p.pid for p in self.opened]}
+
+    def wait(self, predicate, timeout: float = DEADLINE) -> bool:
+        with self.cond:
+            return self.cond.wait_for(predicate, timeout)
+
+    def procs_of(self, pid: int) -> list[FakeProc]:
+        with self.cond:
+            return [p for p in self.opened if p.pid == pid]
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def driver():
+    drv = FakeDriver()
+    yield drv
+    drv.gate.set()
+
+
+@pytest.fixture
+def node_dir():
+    d = tempfile.mkdtemp(prefix="dxgnode-")
+    os.chmod(d, 0o755)
+    yield Path(d)
+    for p in Path(d).glob("*"):
+        p.unlink()
+    os.rmdir(d)
+
+
+@pytest.fixture
+def node(driver, node_dir):
+    n = SocketNode(driver, node_dir / "dxg.sock")
+    n.start()
+    yield n
+    n.close()
+
+
+CLIENT = r"""
+import ctypes, json, os, sys
+from dxg.client import thunks
+from dxg.client.connection import NodeConnection
+from dxg.uapi import ioctls as io, structs as s
+
+path, mode = sys.argv[1], sys.argv[2]
+
+def enum(conn, n=2):
+    infos = (s.d3dkmt_adapterinfo * n)()
+    args = s.d3dkmt_enumadapters2(num_adapters=n, adapters=ctypes.addressof(infos))
+    ret = conn.ioctl(io.LX_DXENUMADAPTERS2, args)
+    return ret, [(infos[i].adapter_handle.v, infos[i].adapter_luid.a) for i in range(n)]
+
+conn = NodeConnection(path)
+if mode == "enum":
+    print(json.dumps(enum(conn)), flush=True)
+elif mode == "loop":
+    for i in range(int(sys.argv[3])):
+        data = os.urandom(1 + i % 300)
+        buf = ctypes.create_string_buffer(data, len(data))
+        args = s.d3dkmt_queryadapterinfo(private_data=ctypes.addressof(buf),
+                                         private_data_size=len(data))
+        st = thunks.D3DKMTQueryAdapterInfo(conn, args)
+        assert st == 0x103, hex(st)
+        assert buf.raw == data[::-1], "reply not applied"
+    print("ok", flush=True)
+elif mode == "hold":
+    enum(conn)
+    print("ready", flush=True)
+    sys.stdin.read()
+elif mode == "slow":
+    print("ready", flush=True)
+    conn.ioctl(io.LX_DXDESTROYCONTEXT, s.d3dkmt_destroycontext())
+    sys.stdin.read()
+elif mode == "fork":
+    child = os.fork()
+    if child == 0:
+        infos = (s.d3dkmt_adapterinfo * 1)()
+        args = s.d3dkmt_enumadapters2(num_adapters=1, adapters=ctypes.addressof(infos))
+        raw = conn.ioctl(io.LX_DXENUMADAPTERS2, args)
+        st = thunks.D3DKMTEnumAdapters2(conn, args)
+        ok = raw == -25 and st == 0 and infos[0].adapter_luid.a == os.getpid()
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(child, 0)
+    ret, infos = enum(conn, 1)
+    print(json.dumps([os.waitstatus_to_exitcode(status), ret, infos[0][1] == os.getpid()]),
+          flush=True)
+"""
+
+
+def spawn(path: Path, mode: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", CLIENT, str(path), mode, *extra],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def read_line(proc: subprocess.Popen, timeout: float = DEADLINE) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        proc.kill()
+        raise AssertionError(f"client printed nothing within {timeout}s: {proc.stderr.read()}")
+    line = proc.stdout.readline()
+    if not line:
+        raise AssertionError(f"client died: {proc.wait()} {proc.stderr.read()}")
+    return line.strip()
+
+
+def finish(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.stdin.close()
+        proc.wait(DEADLINE)
+
+
+class Raw:
+    """A hand-driven wire connection, for sending what a real client never would."""
+
+    def __init__(self, path: Path, hello: bool = True) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(DEADLINE)
+        self.sock.connect(str(path))
+        self.dec = wire.FrameDecoder()
+        if hello:
+            self.send(wire.encode(wire.Hello(), 1))
+            assert isinstance(self.recv(), wire.HelloReply)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def frame(self, kind: int, payload: bytes, seq: int = 5) -> None:
+        self.send(struct.pack("<IHHII", wire.MAGIC, kind, 0, seq, len(payload)) + payload)
+
+    def recv(self) -> wire.Message | None:
+        while (f := self.dec.next_frame()) is None:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.dec.feed(data)
+        return wire.decode(f)
+
+    def at_eof(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def ioctl(self, code: int, body: bytes, regions=()) -> wire.Message:
+        self.send(wire.encode(wire.IoctlRequest(code, body, tuple(regions)), 9))
+        return self.recv()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def enum_ok(raw: Raw) -> None:
+    args = s.d3dkmt_enumadapters2(num_adapters=1, adapters=0x7000)
+    reply = raw.ioctl(
+        io.LX_DXENUMADAPTERS2, bytes(args), [wire.Region(0x7000, 20, wire.REGION_OUT)]
+    )
+    assert isinstance(reply, wire.IoctlReply) and reply.ret == 0
+    assert reply.writes[0].addr == 0x7000 and len(reply.writes[0].data) == 20
+
+
+# ---- processes and credentials ------------------------------------------------------------------------
+
+
+def test_client_process_gets_its_own_process_with_peercred(driver, node):
+    proc = spawn(node.path, "hold")
+    try:
+        assert read_line(proc) == "ready"
+        (p,) = driver.procs_of(proc.pid)
+        assert p.uid == os.getuid()
+        with open(f"/proc/{proc.pid}/comm") as f:
+            assert p.name == f.read().strip()
+        assert {c["pid"] for c in node.connections()} == {proc.pid}
+    finally:
+        finish(proc)
+    assert driver.wait(lambda: p.closed == 1)
+
+
+def test_ioctl_round_trip_applies_writes_and_struct(driver, node):
+    proc = spawn(node.path, "enum")
+    ret, infos = json.loads(read_line(proc))
+    finish(proc)
+    assert ret == 0
+    assert infos == [[0x40000000, proc.pid], [0x40000001, proc.pid]]
+
+
+def test_many_clients_at_once(driver, node):
+    procs = [spawn(node.path, "loop", "40") for _ in range(12)]
+    try:
+        for p in procs:
+            assert read_line(p, 60) == "ok"
+            assert p.wait(DEADLINE) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    pids = {p.pid for p in procs}
+    assert driver.wait(lambda: {q.pid for q in driver.closed} >= pids)
+    assert {q.pid for q in driver.opened} == pids
+    assert all(q.closed == 1 for q in driver.opened)
+
+
+def test_blocked_call_does_not_stall_another_client(driver, node):
+    a = NodeConnection(node.path)
+    b = NodeConnection(node.path)
+    result = {}
+    t = threading.Thread(
+        target=lambda: result.update(ret=a.ioctl(io.LX_DXDESTROYCONTEXT, s.d3dkmt_destroycontext()))
+    )
+    t.start()
+    try:
+        assert driver.entered.wait(DEADLINE)
+        infos = (s.d3dkmt_adapterinfo * 1)()
+        args = s.d3dkmt_enumadapters2(num_adapters=1, adapters=ctypes.addressof(infos))
+        assert b.ioctl(io.LX_DXENUMADAPTERS2, args) == 0
+        assert infos[0].adapter_handle.v == 0x40000000
+        assert "ret" not in result  # A is still inside the driver
+    finally:
+        driver.gate.set()
+        t.join(DEADLINE)
+    assert result == {"ret": 0}
+    a.close()
+    b.close()
+
+
+def test_sigkilled_client_is_closed_within_a_second(driver, node):
+    proc = spawn(node.path, "hold")
+    assert read_line(proc) == "ready"
+    (p,) = driver.procs_of(proc.pid)
+    t0 = time.monotonic()
+    os.kill(proc.pid, signal.SIGKILL)
+    assert driver.wait(lambda: p.closed == 1, 1.0)
+    assert time.monotonic() - t0 < 1.0
+    proc.wait(DEADLINE)
+
+
+def test_sigkill_while_blocked_in_the_driver(driver, node):
+    proc = spawn(node.path, "slow")
+    assert read_line(proc) == "ready"
+    assert driver.entered.wait(DEADLINE)
+    (p,) = driver.procs_of(proc.pid)
+    t0 = time.monotonic()
+    os.kill(proc.pid, signal.SIGKILL)
+    assert driver.wait(lambda: p.closed == 1, 1.0), "not released while its call was blocked"
+    assert time.monotonic() - t0 < 1.0
+    proc.wait(DEADLINE)
+    driver.gate.set()
+    assert driver.returned.wait(DEADLINE)
+    deadline = time.monotonic() + DEADLINE
+    while node.connections() and time.monotonic() < deadline:
+        driver.wait(lambda: False, 0.01)
+    assert node.connections() == []
+    assert p.closed == 1  # exactly once
+
+
+def test_forked_child_gets_enotty_and_thunk_reopens(driver, node):
+    proc = spawn(node.path, "fork")
+    code, ret, mine = json.loads(read_line(proc))
+    finish(proc)
+    assert (code, ret, mine) == (0, 0, True)
+
+
+# ---- malformed requests ---------------------------------------------------------------------------------
+
+
+def test_unknown_code_and_wrong_size_bits_get_enotty(driver, node):
+    raw = Raw(node.path)
+    body = bytes(s.d3dkmt_enumadapters2())
+    bad_size = (io.LX_DXENUMADAPTERS2 & ~(0x3FFF << 16)) | (17 << 16)
+    for code in (0xC0104799, 0, 0xFFFFFFFF, bad_size, io.LX_DXENUMADAPTERS2 & ~0xC0000000):
+        reply = raw.ioctl(code, body)
+        assert isinstance(reply, wire.IoctlReply)
+        assert reply.ret == -errno.ENOTTY and reply.struct == body
+    assert driver.calls == []
+    enum_ok(raw)
+    raw.close()
+
+
+def test_short_and_long_structs(driver, node):
+    raw = Raw(node.path)
+    assert raw.ioctl(io.LX_DXENUMADAPTERS2, b"\0" * 8).ret == -errno.EFAULT
+    assert raw.ioctl(io.LX_DXENUMADAPTERS2, b"\0" * 17).ret == -errno.EINVAL
+    assert driver.calls == []
+    enum_ok(raw)
+    raw.close()
+
+
+def test_access_outside_sent_regions_is_efault(driver, node):
+    raw = Raw(node.path)
+    args = s.d3dkmt_enumadapters2(num_adapters=2, adapters=0x7000)
+    # only one of the two entries was sent: the driver's write faults
+    reply = raw.ioctl(
+        io.LX_DXENUMADAPTERS2, bytes(args), [wire.Region(0x7000, 20, wire.REGION_OUT)]
+    )
+    assert reply.ret == -errno.EFAULT and reply.writes == ()
+    raw.close()
+
+
+@pytest.mark.parametrize(
+    "payload,err",
+    [
+        (struct.pack("<IIII", io.LX_DXENUMADAPTERS2, 16, 0xFFFFFFFF, 0) + b"\0" * 16, errno.E2BIG),
+        (struct.pack("<IIII", io.LX_DXENUMADAPTERS2, 16, 1, 0) + b"\0" * 16
+         + struct.pack("<QII", 0x1000, 0xFFFFFF, 2), errno.E2BIG),
+        (struct.pack("<IIII", io.LX_DXENUMADAPTERS2, 16, 2, 0) + b"\0" * 16, errno.EINVAL),
+        (b"\x01\x02\x03", errno.EINVAL),
+    ],
+)
+def test_malformed_ioctl_frames_keep_the_connection(driver, node, payload, err):
+    raw = Raw(node.path)
+    raw.frame(wire.Kind.IOCTL, payload, seq=77)
+    reply = raw.recv()
+    assert isinstance(reply, wire.ErrorReply) and reply.errno == err and not reply.fatal
+    enum_ok(raw)
+    raw.close()
+
+
+def test_unknown_kinds_bad_json_and_stray_replies_keep_the_connection(driver, node):
+    raw = Raw(node.path)
+    for kind, payload in (
+        (42, b"whatever"),
+        (wire.Kind.ADMIN, b"{not json"),
+        (wire.Kind.ADMIN, b"[1]"),
+        (wire.Kind.IOCTL_REPLY, struct.pack("<qII", 0, 0, 0)),
+        (wire.Kind.HELLO, struct.pack("<HHI", 1, 1, 0)),
+    ):
+        raw.frame(kind, payload)
+        reply = raw.recv()
+        assert isinstance(reply, wire.ErrorReply) and not reply.fatal, (kind, reply)
+    enum_ok(raw)
+    raw.close()
+
+
+def test_huge_length_is_fatal_but_the_node_stays_up(driver, node):
+    raw = Raw(node.path)
+    raw.send(struct.pack("<IHHII", wire.MAGIC, wire.Kind.IOCTL, 0, 3, 0xFFFFFFF0))
+    reply = raw.recv()
+    assert isinstance(reply, wire.ErrorReply) and reply.fatal and reply.errno == errno.EMSGSIZE
+    assert raw.at_eof()
+    (p,) = driver.procs_of(os.getpid())
+    assert driver.wait(lambda: p.closed == 1)
+    raw.close()
+    other = Raw(node.path)
+    enum_ok(other)
+    other.close()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",
+        wire.encode(wire.AdminRequest({"op": "snapshot"}), 1),
+        wire.encode(wire.Hello(50, 60), 1),
+        struct.pack("<IHHII", wire.MAGIC, wire.Kind.HELLO, 0, 1, 2) + b"xx",
+    ],
+)
+def test_bad_handshakes_are_fatal(driver, node, first):
+    raw = Raw(node.path, hello=False)
+    raw.send(first)
+    reply = raw.recv()
+    assert isinstance(reply, wire.ErrorReply) and reply.fatal
+    assert raw.at_eof()
+    raw.close()
+    assert driver.opened == []  # no process is opened before a good HELLO
+
+
+def test_garbage_mid_stream_closes_that_connection_only(driver, node):
+    raw = Raw(node.path)
+    other = Raw(node.path)
+    raw.send(os.urandom(64))
+    reply = raw.recv()
+    assert reply is None or (isinstance(reply, wire.ErrorReply) and reply.fatal)
+    enum_ok(other)
+    raw.close()
+    other.close()
+
+
+def test_bad_pointer_gives_efault_not_a_crash(driver, node):
+    conn = NodeConnection(node.path)
+    args = s.d3dkmt_enumadapters2(num_adapters=2, adapters=0x10)
+    assert conn.ioctl(io.LX_DXENUMADAPTERS2, args) == -errno.EFAULT
+    args = s.d3dkmt_queryadapterinfo(private_data=0xDEAD0000, private_data_size=64)
+    assert thunks.D3DKMTQueryAdapterInfo(conn, args) == NTSTATUS.STATUS_UNSUCCESSFUL
+    conn.close()
+
+
+# ---- admin ----------------------------------------------------------------------------------------------
+
+
+def test_admin_round_trip(driver, node):
+    with NodeConnection(node.path) as conn:
+        reply = conn.admin({"op": "snapshot"})
+    assert reply == {"echo": {"op": "snapshot"}, "pids": [os.getpid()]}
+
+
+def test_admin_refused_to_other_users(driver, node_dir):
+    with SocketNode(driver, node_dir / "a.sock", admin_uids=frozenset()) as n:
+        conn = NodeConnection(n.path)
+        with pytest.raises(NodeProtocolError) as ei:
+            conn.admin({"op": "snapshot"})
+        assert ei.value.errno == errno.EACCES
+        infos = (s.d3dkmt_adapterinfo * 1)()
+        args = s.d3dkmt_enumadapters2(num_adapters=1, adapters=ctypes.addressof(infos))
+        assert conn.ioctl(io.LX_DXENUMADAPTERS2, args) == 0  # still usable
+        conn.close()
+
+
+# ---- the socket file ------------------------------------------------------------------------------------
+
+
+def test_mode_and_group_are_applied(driver, node_dir):
+    gid = 1 if os.geteuid() == 0 else os.getgid()
+    with SocketNode(driver, node_dir / "m.sock", mode=0o660, group=gid) as n:
+        st = os.stat(n.path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == gid
+    if os.geteuid() == 0:
+        import grp
+
+        name = grp.getgrgid(1).gr_name
+        with SocketNode(driver, node_dir / "g.sock", mode=0o640, group=name) as n:
+            st = os.stat(n.path)
+            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, 1)
+    assert list(node_dir.iterdir()) == []
+
+
+def test_unknown_group_is_an_error(driver, node_dir):
+    with pytest.raises(LookupError):
+        SocketNode(driver, node_dir / "x.sock", group="no-such-group-pydxg").start()
+
+
+def test_permission_denied_by_mode(driver, node_dir):
+    with SocketNode(driver, node_dir / "p.sock", mode=0o600) as n:
+        if os.geteuid() != 0:
+            os.chmod(n.path, 0o000)
+            with pytest.raises(NodePermissionDenied) as ei:
+                NodeConnection(n.path)
+            assert str(n.path) in str(ei.value)
+            return
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child
+            os.close(r)
+            code = b"?"
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                NodeConnection(n.path)
+                code = b"connected"
+            except NodePermissionDenied as e:
+                code = b"denied" if str(n.path) in str(e) else b"no-path"
+            except BaseException as e:
+                code = type(e).__name__.encode()
+            os.write(w, code)
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            assert f.read() == b"denied"
+        os.waitpid(child, 0)
+
+
+def test_parent_directory_is_created(driver, node_dir):
+    with SocketNode(driver, node_dir / "sub" / "dir" / "dxg.sock") as n:
+        assert n.path.exists()
+    (node_dir / "sub" / "dir").rmdir()
+    (node_dir / "sub").rmdir()
+
+
+def test_refuses_to_clobber_a_live_socket(driver, node):
+    with pytest.raises(NodeBusy):
+        SocketNode(FakeDriver(), node.path).start()
+    enum_ok(Raw(node.path))
+
+
+def test_stale_socket_is_replaced_and_files_are_not(driver, node_dir):
+    stale = node_dir / "stale.sock"
+    sk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sk.bind(str(stale))
+    sk.close()
+    with pytest.raises(NodeUnavailable) as ei:
+        NodeConnection(stale)
+    assert str(stale) in str(ei.value)
+    with SocketNode(driver, stale) as n:
+        enum_ok(Raw(n.path))
+    regular = node_dir / "file"
+    regular.write_text("keep me")
+    with pytest.raises(NodeBusy):
+        SocketNode(driver, regular).start()
+    assert regular.read_text() == "keep me"
+
+
+def test_close_unlinks_and_releases_everyone(driver, node_dir):
+    n = SocketNode(driver, node_dir / "c.sock")
+    n.start()
+    conns = [NodeConnection(n.path) for _ in range(3)]
+    blocked = NodeConnection(n.path)
+    t = threading.Thread(
+        target=lambda: pytest.raises(
+            NodeError, blocked.ioctl, io.LX_DXDESTROYCONTEXT, s.d3dkmt_destroycontext()
+        )
+    )
+    t.start()
+    assert driver.entered.wait(DEADLINE)
+    n.close()
+    assert not n.path.exists()
+    assert driver.wait(lambda: len(driver.closed) == 4)
+    assert all(p.closed == 1 for p in driver.opened)
+    for c in conns:
+        with pytest.raises(NodeUnavailable):
+            c.ioctl(io.LX_DXCLOSEADAPTER, s.d3dkmt_closeadapter())
+    driver.gate.set()
+    t.join(DEADLINE)
+    assert not t.is_alive()
+    n.close()  # idempotent
+
+
+def test_connection_cap(driver, node_dir):
+    with SocketNode(driver, node_dir / "cap.sock", max_connections=1) as n:
+        first = NodeConnection(n.path)
+        with pytest.raises(NodeError):
+            NodeConnection(n.path)
+        first.close()
+
+
+# ---- client errors --------------------------------------------------------------------------------------
+
+
+def test_node_not_found_names_the_path(node_dir):
+    missing = node_dir / "nope.sock"
+    with pytest.raises(NodeNotFound) as ei:
+        NodeConnection(missing)
+    assert str(missing) in str(ei.value)
+    assert ei.value.status == NTSTATUS.STATUS_NO_SUCH_DEVICE
+
+
+def test_default_path_follows_the_environment(monkeypatch, tmp_path):
+    from dxg.node.paths import default_node_path
+
+    monkeypatch.setenv("DXG_NODE", str(tmp_path / "x.sock"))
+    assert default_node_path() == tmp_path / "x.sock"
+    monkeypatch.delenv("DXG_NODE")
+    if os.geteuid() == 0:
+        assert default_node_path() == Path("/run/pydxg/dxg.sock")
+    else:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+        assert default_node_path() == tmp_path / "pydxg" / "dxg.sock"
+        monkeypatch.delenv("XDG_RUNTIME_DIR")
+        assert default_node_path() == Path(f"/tmp/pydxg-{os.geteuid()}/dxg.sock")
+
+
+def test_connection_to_dead_node_raises_unavailable(driver, node_dir):
+    n = SocketNode(driver, node_dir / "d.sock")
+    n.start()
+    conn = NodeConnection(n.path)
+    n.close()
+    with pytest.raises(NodeUnavailable):
+        conn.ioctl(io.LX_DXCLOSEADAPTER, s.d3dkmt_closeadapter())
+    assert conn.closed

@@ -1,0 +1,414 @@
+"""The client <-> node wire (dxg.node.wire), the region-backed user memory and the client's
+user-buffer table: bytes only, no sockets."""
+
+import ctypes
+import errno
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dxg.client import userbufs
+from dxg.guest.usermem import UserMemoryFault
+from dxg.node import wire
+from dxg.node.usermem import RegionUserMemory
+from dxg.uapi import ioctls as io
+from dxg.uapi import structs as s
+
+HDR = struct.Struct("<IHHII")
+
+
+def frames_of(data: bytes) -> list[wire.Frame]:
+    dec = wire.FrameDecoder()
+    dec.feed(data)
+    out = []
+    while (f := dec.next_frame()) is not None:
+        out.append(f)
+    return out
+
+
+def roundtrip(msg: wire.Message, seq: int = 7) -> wire.Message:
+    (frame,) = frames_of(wire.encode(msg, seq))
+    assert frame.seq == seq
+    return wire.decode(frame)
+
+
+def ioctl_payload(code: int, body: bytes, table: list[tuple[int, int, int]], data: bytes) -> bytes:
+    p = struct.pack("<IIII", code, len(body), len(table), 0) + body
+    p += b"".join(struct.pack("<QII", a, n, f) for a, n, f in table)
+    return p + data
+
+
+def frame(kind: int, payload: bytes, seq: int = 1, flags: int = 0) -> wire.Frame:
+    return wire.Frame(kind, seq, payload, flags)
+
+
+# ---- round trips ------------------------------------------------------------------------------
+
+
+def test_hello_roundtrip_and_negotiation():
+    assert roundtrip(wire.Hello(1, 5)) == wire.Hello(1, 5)
+    assert wire.negotiate(wire.Hello(1, 5)) == wire.MAX_WIRE_VERSION
+    assert wire.negotiate(wire.Hello(wire.MAX_WIRE_VERSION + 1, 9)) is None
+    assert wire.negotiate(wire.Hello(0, 0)) is None
+    r = wire.HelloReply(1, wire.MAX_PAYLOAD, wire.MAX_REGIONS, "node-x")
+    assert roundtrip(r) == r
+
+
+def test_ioctl_request_roundtrip():
+    regions = (
+        wire.Region(0x1000, 4, wire.REGION_IN, b"abcd"),
+        wire.Region(0x2000, 8, wire.REGION_OUT),
+        wire.Region(0x2008, 3, wire.REGION_IN | wire.REGION_OUT, b"xyz"),
+    )
+    req = wire.IoctlRequest(io.LX_DXENUMADAPTERS2, b"\x01" * 16, regions)
+    assert roundtrip(req) == req
+
+
+def test_ioctl_reply_roundtrip_negative_and_positive_returns():
+    for ret in (0, 0x103, -errno.EFAULT, -(1 << 63), (1 << 63) - 1):
+        rep = wire.IoctlReply(ret, b"s" * 24, (wire.Write(0x10, b"ab"), wire.Write(0x20, b"c")))
+        assert roundtrip(rep) == rep
+
+
+def test_admin_and_error_roundtrip():
+    assert roundtrip(wire.AdminRequest({"op": "snapshot"})) == wire.AdminRequest({"op": "snapshot"})
+    assert roundtrip(wire.AdminReply({"a": [1, 2]})) == wire.AdminReply({"a": [1, 2]})
+    e = wire.ErrorReply(errno.EPROTO, "bad", fatal=True)
+    assert roundtrip(e) == e
+
+
+def test_frames_split_anywhere():
+    data = wire.encode(wire.Hello(), 1) + wire.encode(wire.AdminRequest({"op": "x"}), 2)
+    for cut in range(len(data) + 1):
+        dec = wire.FrameDecoder()
+        got = []
+        for part in (data[:cut], data[cut:]):
+            dec.feed(part)
+            while (f := dec.next_frame()) is not None:
+                got.append(f)
+        assert [f.seq for f in got] == [1, 2]
+        assert dec.buffered == 0
+
+
+def test_header_needed_counts_missing_bytes():
+    data = wire.encode(wire.AdminRequest({"op": "x"}), 1)
+    dec = wire.FrameDecoder()
+    assert dec.header_needed() == wire.HEADER_SIZE
+    dec.feed(data[:20])
+    assert dec.header_needed() == len(data) - 20
+
+
+# ---- the encoder refuses what the decoder would reject ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "regions",
+    [
+        (wire.Region(0, 4, wire.REGION_IN, b"abcd"),),
+        (wire.Region(0x10, 0, wire.REGION_OUT),),
+        (wire.Region(0x10, 4, 0),),
+        (wire.Region(0x10, 4, 8),),
+        (wire.Region(0x10, 4, wire.REGION_IN, b"ab"),),
+        (wire.Region(0x10, 4, wire.REGION_OUT, b"abcd"),),
+        (wire.Region(0x10, 8, wire.REGION_OUT), wire.Region(0x14, 8, wire.REGION_OUT)),
+        (wire.Region(0x20, 8, wire.REGION_OUT), wire.Region(0x10, 8, wire.REGION_OUT)),
+        (wire.Region((1 << 64) - 2, 4, wire.REGION_OUT),),
+        (wire.Region(0x10, wire.MAX_PAYLOAD, wire.REGION_OUT),),
+    ],
+)
+def test_encoder_rejects_bad_regions(regions):
+    with pytest.raises(ValueError):
+        wire.encode(wire.IoctlRequest(1, b"", regions), 1)
+
+
+def test_encoder_rejects_too_many_regions():
+    regions = tuple(wire.Region(0x1000 + 2 * i, 1, wire.REGION_OUT) for i in range(wire.MAX_REGIONS + 1))
+    with pytest.raises(ValueError):
+        wire.encode(wire.IoctlRequest(1, b"", regions), 1)
+
+
+# ---- hostile input: framing ----------------------------------------------------------------------
+
+
+def test_bad_magic_breaks_the_stream():
+    dec = wire.FrameDecoder()
+    dec.feed(HDR.pack(0xDEADBEEF, 1, 0, 1, 0))
+    with pytest.raises(wire.WireError) as ei:
+        dec.next_frame()
+    assert ei.value.errno == errno.EPROTO
+    with pytest.raises(wire.WireError):
+        dec.feed(b"more")
+
+
+def test_huge_length_is_refused_before_buffering():
+    dec = wire.FrameDecoder()
+    dec.feed(HDR.pack(wire.MAGIC, wire.Kind.IOCTL, 0, 1, 0xFFFFFFFF))
+    with pytest.raises(wire.WireError) as ei:
+        dec.next_frame()
+    assert ei.value.errno == errno.EMSGSIZE
+
+
+def test_unknown_kind_and_flags_are_per_frame_errors():
+    with pytest.raises(wire.MalformedMessage) as ei:
+        wire.decode(frame(99, b""))
+    assert ei.value.errno == errno.EOPNOTSUPP
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.HELLO, struct.pack("<HHI", 1, 1, 0), flags=1))
+
+
+# ---- hostile input: payloads ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x00" * 15,
+        struct.pack("<IIII", 1, 0, 0, 1),  # reserved set
+        struct.pack("<IIII", 1, wire.MAX_STRUCT + 1, 0, 0),
+        struct.pack("<IIII", 1, 64, 0, 0) + b"x" * 10,  # truncated struct
+        struct.pack("<IIII", 1, 0, 2, 0) + struct.pack("<QII", 0x10, 4, 1),  # truncated table
+    ],
+)
+def test_malformed_ioctl_payloads(payload):
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.IOCTL, payload))
+
+
+def test_huge_region_count_is_e2big():
+    p = struct.pack("<IIII", 1, 0, 0xFFFFFFFF, 0)
+    with pytest.raises(wire.MalformedMessage) as ei:
+        wire.decode(frame(wire.Kind.IOCTL, p))
+    assert ei.value.errno == errno.E2BIG
+
+
+def test_regions_spanning_more_than_the_limit_are_e2big():
+    p = ioctl_payload(1, b"", [(0x1000, 0xFFFFFFFF, wire.REGION_OUT)], b"")
+    with pytest.raises(wire.MalformedMessage) as ei:
+        wire.decode(frame(wire.Kind.IOCTL, p))
+    assert ei.value.errno == errno.E2BIG
+
+
+@pytest.mark.parametrize(
+    "table,data",
+    [
+        ([(0, 4, wire.REGION_IN)], b"abcd"),  # NULL
+        ([(0x10, 0, wire.REGION_IN)], b""),  # empty
+        ([(0x10, 4, 0)], b""),  # no flags
+        ([(0x10, 4, 4)], b""),  # unknown flag
+        ([(0x10, 4, wire.REGION_IN)], b"ab"),  # short data
+        ([(0x10, 4, wire.REGION_IN)], b"abcdef"),  # trailing data
+        ([(0x10, 4, wire.REGION_OUT)], b"ab"),  # OUT carries no data
+        ([(0x10, 8, wire.REGION_OUT), (0x14, 4, wire.REGION_OUT)], b""),  # overlap
+        ([(0x20, 4, wire.REGION_OUT), (0x10, 4, wire.REGION_OUT)], b""),  # unsorted
+        ([((1 << 64) - 2, 4, wire.REGION_OUT)], b""),  # wraps
+    ],
+)
+def test_malformed_region_tables(table, data):
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.IOCTL, ioctl_payload(1, b"", table, data)))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\xff\xfe", b"[1,2]", b'"str"', b"{", b"[" * 100000 + b"]" * 100000, b"nul\x00"],
+)
+def test_malformed_admin_json(payload):
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.ADMIN, payload))
+
+
+def test_malformed_replies():
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.IOCTL_REPLY, struct.pack("<qII", 0, 0, 1)))
+    bad_write = struct.pack("<qII", 0, 0, 1) + struct.pack("<QII", 0x10, 8, 0) + b"abc"
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.IOCTL_REPLY, bad_write))
+    trailing = struct.pack("<qII", 0, 0, 0) + b"x"
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.IOCTL_REPLY, trailing))
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.ERROR, struct.pack("<iI", 0, 0)))
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.HELLO, b"\x01"))
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=512))
+def test_random_bytes_never_escape_the_two_error_types(data):
+    dec = wire.FrameDecoder()
+    dec.feed(data)
+    try:
+        while (f := dec.next_frame()) is not None:
+            try:
+                wire.decode(f)
+            except wire.MalformedMessage:
+                pass
+    except wire.WireError:
+        pass
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(list(wire.Kind)), st.binary(max_size=256))
+def test_random_payloads_of_every_kind(kind, payload):
+    try:
+        wire.decode(frame(kind, payload))
+    except wire.MalformedMessage:
+        pass
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 64), st.integers(0, 3), st.booleans(), st.booleans()),
+        max_size=8,
+    ),
+    st.binary(max_size=64),
+)
+def test_random_valid_requests_roundtrip(specs, body):
+    regions = []
+    addr = 0x1000
+    for length, gap, readable, writable in specs:
+        flags = (wire.REGION_IN if readable else 0) | (wire.REGION_OUT if writable else 0)
+        flags = flags or wire.REGION_IN
+        addr += gap
+        data = bytes([length & 0xFF]) * length if flags & wire.REGION_IN else None
+        regions.append(wire.Region(addr, length, flags, data))
+        addr += length
+    req = wire.IoctlRequest(0xC0104714, body, tuple(regions))
+    assert roundtrip(req) == req
+
+
+# ---- RegionUserMemory -----------------------------------------------------------------------------
+
+
+def test_region_memory_reads_inside_regions_only():
+    mem = RegionUserMemory([wire.Region(0x1000, 8, wire.REGION_IN, b"01234567")])
+    assert mem.read(0x1000, 8) == b"01234567"
+    assert mem.read(0x1003, 2) == b"34"
+    assert mem.read(0x5000, 0) == b""
+    for addr, size in ((0xFFF, 2), (0x1007, 2), (0x2000, 1), (0, 1), (-1, 1)):
+        with pytest.raises(UserMemoryFault):
+            mem.read(addr, size)
+
+
+def test_region_memory_write_rules_and_coalescing():
+    mem = RegionUserMemory(
+        [
+            wire.Region(0x1000, 8, wire.REGION_IN, b"........"),
+            wire.Region(0x2000, 8, wire.REGION_IN | wire.REGION_OUT, b"abcdefgh"),
+            wire.Region(0x3000, 4, wire.REGION_OUT),
+        ]
+    )
+    with pytest.raises(UserMemoryFault):
+        mem.write(0x1000, b"x")  # not writable
+    with pytest.raises(UserMemoryFault):
+        mem.write(0x2006, b"xyz")  # runs past the end
+    with pytest.raises(UserMemoryFault):
+        mem.read(0x3000, 1)  # not sent readable
+    mem.write(0x2001, b"X")
+    mem.write(0x2004, b"YZ")
+    assert mem.read(0x2000, 8) == b"aXcdYZgh"  # later reads see earlier writes
+    mem.write(0x3000, b"\x01\x02\x03\x04")
+    assert mem.writes() == (wire.Write(0x2001, b"XcdYZ"), wire.Write(0x3000, b"\x01\x02\x03\x04"))
+
+
+def test_region_memory_refuses_overlapping_regions():
+    with pytest.raises(ValueError):
+        RegionUserMemory(
+            [wire.Region(0x10, 8, wire.REGION_OUT), wire.Region(0x14, 8, wire.REGION_OUT)]
+        )
+
+
+# ---- the client's user-buffer table ----------------------------------------------------------------
+
+
+def _reader(read_log=None):
+    def read(addr, size):
+        if read_log is not None:
+            read_log.append((addr, size))
+        try:
+            return ctypes.string_at(addr, size)
+        except Exception:  # pragma: no cover - the tests only pass valid addresses
+            return None
+
+    return read
+
+
+def test_every_row_names_real_fields():
+    names = {d.name: d for d in io.IOCTLS.values()}
+    for name, row in userbufs.USERBUFS.items():
+        desc = names[name]
+        args = desc.struct()
+        for buf in row:
+            assert isinstance(getattr(args, buf.field), int), (name, buf.field)
+            assert buf.size(args) == 0 or buf.field in ("standard_allocation", "shared_handle")
+            for inner in buf.inner:
+                assert isinstance(getattr(buf.elem(), inner.field), int)
+
+
+def test_enumadapters2_gathers_the_array():
+    infos = (s.d3dkmt_adapterinfo * 3)()
+    args = s.d3dkmt_enumadapters2(num_adapters=3, adapters=ctypes.addressof(infos))
+    (r,) = userbufs.gather("LX_DXENUMADAPTERS2", args, _reader(), 1 << 20)
+    assert (r.addr, r.length, r.flags) == (ctypes.addressof(infos), 60, userbufs.INOUT)
+    args.adapters = 0
+    assert userbufs.gather("LX_DXENUMADAPTERS2", args, _reader(), 1 << 20) == ()
+
+
+def test_enumprocesses_uses_u32_pids():
+    pids = (ctypes.c_uint32 * 5)()
+    args = s.d3dkmt_enumprocesses(buffer=ctypes.addressof(pids), buffer_count=5)
+    (r,) = userbufs.gather("LX_DXENUMPROCESSES", args, _reader(), 1 << 20)
+    assert r.length == 20
+
+
+def test_createallocation_gathers_nested_private_data():
+    priv = [ctypes.create_string_buffer(b"P%d" % i, 16) for i in range(2)]
+    infos = (s.d3dddi_allocationinfo2 * 2)()
+    for i in range(2):
+        infos[i].priv_drv_data = ctypes.addressof(priv[i])
+        infos[i].priv_drv_data_size = 16
+    args = s.d3dkmt_createallocation(alloc_count=2, allocation_info=ctypes.addressof(infos))
+    regions = userbufs.gather("LX_DXCREATEALLOCATION", args, _reader(), 1 << 20)
+    spans = {(r.addr, r.length) for r in regions}
+    assert (ctypes.addressof(infos), 2 * 96) in spans
+    for p in priv:
+        assert any(r.addr <= ctypes.addressof(p) and ctypes.addressof(p) + 16 <= r.end for r in regions)
+
+
+def test_overlapping_buffers_merge_into_one_region():
+    buf = (ctypes.c_uint32 * 8)()
+    base = ctypes.addressof(buf)
+    args = s.d3dkmt_signalsynchronizationobjectfromcpu(
+        object_count=2, objects=base, fence_values=base + 4
+    )
+    (r,) = userbufs.gather("LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMCPU", args, _reader(), 1 << 20)
+    assert (r.addr, r.length) == (base, 4 + 16)
+    assert r.data == ctypes.string_at(base, 20)
+
+
+def test_unreadable_and_oversized_buffers_are_left_out():
+    args = s.d3dkmt_queryadapterinfo(private_data=0x1234, private_data_size=64)
+    assert userbufs.gather("LX_DXQUERYADAPTERINFO", args, lambda a, n: None, 1 << 20) == ()
+    data = ctypes.create_string_buffer(64)
+    args.private_data = ctypes.addressof(data)
+    assert userbufs.gather("LX_DXQUERYADAPTERINFO", args, _reader(), 32) == ()
+    assert len(userbufs.gather("LX_DXQUERYADAPTERINFO", args, _reader(), 1 << 20)) == 1
+
+
+def test_union_pointer_skipped_when_flag_says_scalar():
+    objs = (ctypes.c_uint32 * 1)()
+    args = s.d3dkmt_signalsynchronizationobjectfromgpu2(object_count=1, objects=ctypes.addressof(objs))
+    args.flags.enqueue_cpu_event = 1
+    args.cpu_event_handle = ctypes.addressof(objs) + 64
+    log = []
+    userbufs.gather("LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU2", args, _reader(log), 1 << 20)
+    assert log == [(ctypes.addressof(objs), 4)]
+
+
+def test_ioctl_without_a_row_sends_nothing():
+    args = s.d3dkmt_createdevice()
+    assert userbufs.gather("LX_DXCREATEDEVICE", args, _reader(), 1 << 20) == ()
