@@ -28,6 +28,13 @@ def describe_error(e: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def console() -> Any:
+    """A rich console; wide when writing to a pipe or file, so tables do not wrap."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def _node_path(args: argparse.Namespace) -> Path:
     return Path(args.node) if args.node else default_node_path()
 
@@ -142,6 +149,16 @@ def _open(args: argparse.Namespace) -> Any:
     return open_node(str(_node_path(args)))
 
 
+_FLAG_NAMES = ("paravirtualized", "compute_only", "render_supported", "display_supported",
+               "software", "hybrid_discrete", "hybrid_integrated")
+
+
+def adapter_flags(adapter: Any) -> list[str]:
+    """The set bits of the adapter's D3DKMT_ADAPTERTYPE, as names."""
+    t = adapter.adapter_type
+    return [name for name in _FLAG_NAMES if getattr(t, name)]
+
+
 def _adapter_rows(node: Any) -> list[dict[str, Any]]:
     rows = []
     for i, ad in enumerate(node.adapters()):
@@ -152,7 +169,7 @@ def _adapter_rows(node: Any) -> list[dict[str, Any]]:
             "vendor_id": f"0x{ad.vendor_id:04x}",
             "device_id": f"0x{ad.device_id:04x}",
             "description": ad.description,
-            "flags": ad.flag_names(),
+            "flags": adapter_flags(ad),
         })
     return rows
 
@@ -163,7 +180,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"adapters": rows}, indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"adapters on {_node_path(args)}")
@@ -172,7 +188,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for r in rows:
         t.add_row(str(r["index"]), r["handle"], r["luid"], r["vendor_id"], r["device_id"],
                   r["description"], ", ".join(r["flags"]))
-    Console().print(t)
+    console().print(t)
     if not rows:
         print("no adapters (is a host bound to this guest?)")
     return 0
@@ -196,11 +212,10 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def print_ps(data: dict[str, Any], exclude_pid: int | None = None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     snap = data["snapshot"]
-    console = Console()
+    out = console()
     for ad in snap["adapters"]:
         t = Table(title=f"adapter {ad['index']} {ad['luid']} {ad['description']} [{ad['state']}]")
         for col in ("pid", "name", "devices", "contexts"):
@@ -215,16 +230,16 @@ def print_ps(data: dict[str, Any], exclude_pid: int | None = None) -> None:
                               str(link["contexts"]))
                     n += 1
         if n:
-            console.print(t)
+            out.print(t)
         else:
-            console.print(f"adapter {ad['index']} {ad['luid']}: no processes")
+            out.print(f"adapter {ad['index']} {ad['luid']}: no processes")
     for host in data["census"]["hosts"]:
         c = host.get("census")
         if c is None:
-            console.print(f"host {host['address']}: {host.get('error')}")
+            out.print(f"host {host['address']}: {host.get('error')}")
             continue
         totals = c.get("totals", {})
-        console.print(f"host {host['address']}: holds "
+        out.print(f"host {host['address']}: holds "
                       + ", ".join(f"{v} {k}" for k, v in totals.items()))
 
 

@@ -27,6 +27,7 @@ def main(argv: list[str]) -> int:
     kind, node_path = argv[1], argv[2]
     comm, title, pick = KINDS[kind]
     _set_name(comm)
+    from dxg.cli.commands import adapter_flags
     from dxg.client import open_node
 
     me = f"[{comm} pid {os.getpid()}]"
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> int:
             say(f"opened adapter LUID 0x{luid:016x} -> handle 0x{adapter.handle:08x}: "
                 f"{adapter.description!r}")
             say(f"  vendor 0x{adapter.vendor_id:04x} device 0x{adapter.device_id:04x}, "
-                f"flags: {', '.join(adapter.flag_names()) or '-'}")
+                f"flags: {', '.join(adapter_flags(adapter)) or '-'}")
             device = adapter.create_device()
             context = device.create_context()
             say(f"  device 0x{device.handle:08x}, context 0x{context.handle:08x}, "

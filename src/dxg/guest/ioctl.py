@@ -1,5 +1,9 @@
 """The ioctl handlers and the dispatch table indexed by ioctl number (the real driver's ioctl.c).
 
+A handle that is stale, foreign, of the wrong type or not a handle at all is answered -EBADF,
+which is what the real driver's ntstatus2int gives for STATUS_INVALID_HANDLE (the real guest
+answers most of these -EINVAL; callers then cannot tell a bad handle from a bad argument).
+
 `dispatch()` checks the whole 32-bit code (type, number, direction and size bits) exactly as the
 kernel does (-ENOTTY otherwise), parses the struct, runs the handler and returns
 (return value, struct bytes out). Handlers see only the process, the struct and the UserMemory
@@ -64,7 +68,7 @@ def _h(handle: Any) -> int:
 def _adapter(proc: GuestProcess, handle: Any) -> ProcessAdapter:
     pa = proc.handles.get(_h(handle), HandleType.ADAPTER)
     if pa is None:
-        raise IoctlError(errno.EINVAL, "invalid adapter handle")
+        raise IoctlError(errno.EBADF, "invalid adapter handle")
     if not pa.adapter.active:
         raise IoctlError(errno.ENODEV, "adapter was removed")
     return pa
@@ -73,7 +77,7 @@ def _adapter(proc: GuestProcess, handle: Any) -> ProcessAdapter:
 def _device(proc: GuestProcess, handle: Any) -> GuestDevice:
     dev = proc.handles.get(_h(handle), HandleType.DEVICE)
     if dev is None or dev.state != ObjectState.ACTIVE:
-        raise IoctlError(errno.EINVAL, "invalid device handle")
+        raise IoctlError(errno.EBADF, "invalid device handle")
     if not dev.adapter.active:
         raise IoctlError(errno.ENODEV, "adapter was removed")
     return dev
@@ -82,7 +86,7 @@ def _device(proc: GuestProcess, handle: Any) -> GuestDevice:
 def _context(proc: GuestProcess, handle: Any) -> GuestContext:
     ctx = proc.handles.get(_h(handle), HandleType.CONTEXT)
     if ctx is None:
-        raise IoctlError(errno.EINVAL, "invalid context handle")
+        raise IoctlError(errno.EBADF, "invalid context handle")
     return ctx
 
 
@@ -251,7 +255,7 @@ def destroy_device_ioctl(drv: "GuestDriver", proc: GuestProcess, args: Any,
                          mem: UserMemory) -> int:
     dev = proc.handles.get(_h(args.device), HandleType.DEVICE)
     if dev is None or dev.state != ObjectState.ACTIVE:
-        return -errno.EINVAL
+        return -errno.EBADF
     status = destroy_device(proc, dev)
     return 0 if nt_success(status) else _errno_of(status)
 

@@ -93,7 +93,7 @@ def close_adapter(proc: GuestProcess, handle: int) -> None:
     with proc.lock:
         pa = proc.handles.free(handle, HandleType.ADAPTER)
         if pa is None:
-            raise IoctlError(errno.EINVAL, "invalid adapter handle")
+            raise IoctlError(errno.EBADF, "invalid adapter handle")
         pa.refcount -= 1
         if pa.refcount > 0:
             return

@@ -268,7 +268,7 @@ class HostAdapter:
     def _qai_adapter_type(self, buf: bytearray) -> int:
         d = self.description
         t = D3DKMT_ADAPTERTYPE()
-        t.RenderSupported = 1
+        t.RenderSupported = int(not d.compute_only)  # compute-only (MCDM) adapters do not render
         t.SoftwareDevice = int(d.software_device)
         t.ComputeOnly = int(d.compute_only)
         t.DisplaySupported = 0

@@ -550,11 +550,14 @@ class SocketNode:
         self._unlink_own()
         with self._lock:
             conns = list(self._conns.values())
+        idle = []
         for conn in conns:
             if conn.hangup():
-                conn.release()
+                conn.release()  # its thread is stuck in the driver; it exits when that returns
+            else:
+                idle.append(conn)
         deadline = time.monotonic() + timeout
-        for conn in conns:
+        for conn in idle:  # these release their own process on the way out
             if conn.thread is not None and conn.thread is not threading.current_thread():
                 conn.thread.join(max(deadline - time.monotonic(), 0))
         self._close_poll()
@@ -569,9 +572,10 @@ class SocketNode:
                 os.unlink(self._path)
 
     def _close_poll(self) -> None:
-        if self._epoll is not None:
-            self._epoll.close()
-            self._epoll = None
+        with self._lock:
+            ep, self._epoll = self._epoll, None
+        if ep is not None:
+            ep.close()
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 with contextlib.suppress(OSError):

@@ -1,0 +1,205 @@
+"""Reaching into another process: its memory and its file descriptors.
+
+The FUSE front end serves programs that call ``ioctl()`` on a file. The kernel hands the node the
+top-level struct only; every pointer inside it refers to the *caller's* memory. This module is
+how the node follows those pointers, the way the real driver's ``copy_from_user`` /
+``copy_to_user`` do:
+
+* :class:`ProcessVmUserMemory` implements the driver's :class:`~dxg.guest.usermem.UserMemory`
+  accessor with ``process_vm_readv(2)`` / ``process_vm_writev(2)``. A partial transfer, an
+  unmapped address or a vanished process is a :class:`~dxg.guest.usermem.UserMemoryFault`
+  (the driver answers ``-EFAULT``), never a partial result.
+* :func:`take_fd` duplicates a file descriptor *out of* another process with
+  ``pidfd_getfd(2)`` (what the kernel does with ``eventfd_ctx_fdget`` when a struct names an
+  eventfd). The opposite direction, installing a new fd in the caller, has no system call, so a
+  file-based front end cannot return fds (see ``docs/libdxg.md``).
+* :func:`thread_group_of` maps a thread id (what a FUSE request carries) to its process id.
+
+Both system calls need ptrace-attach rights over the target: the node runs as root, or as the
+same user as its clients with ``kernel.yama.ptrace_scope`` at 0.
+
+No state lives at module level: the ``libc`` handle is an object (:class:`Syscalls`) that the
+front end creates once and passes to each accessor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+from dxg.guest.usermem import UserMemoryFault
+
+__all__ = [
+    "ProcessVmUserMemory",
+    "Syscalls",
+    "TakeFdError",
+    "take_fd",
+    "task_identity",
+    "thread_group_of",
+]
+
+# x86-64 / arm64 generic syscall numbers used through libc's syscall() when glibc lacks a wrapper.
+SYS_PIDFD_OPEN = 434
+SYS_PIDFD_GETFD = 438
+
+# One process_vm_* call moves at most this much (the kernel's UIO_MAXIOV is about iovecs, not
+# bytes, but huge single transfers pin memory for long; the driver's limits are far below it).
+MAX_TRANSFER = 1 << 30
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
+
+
+class TakeFdError(OSError):
+    """A file descriptor could not be taken from the other process."""
+
+
+class Syscalls:
+    """The few libc entry points this module needs, loaded once per owner (no module state)."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        iov_p = ctypes.POINTER(_IoVec)
+        self.process_vm_readv = libc.process_vm_readv
+        self.process_vm_writev = libc.process_vm_writev
+        for fn in (self.process_vm_readv, self.process_vm_writev):
+            fn.argtypes = (ctypes.c_int, iov_p, ctypes.c_ulong, iov_p, ctypes.c_ulong,
+                           ctypes.c_ulong)
+            fn.restype = ctypes.c_ssize_t
+        self.syscall = libc.syscall
+        self.syscall.restype = ctypes.c_long
+
+    def pidfd_open(self, pid: int) -> int:
+        """A pidfd for ``pid`` (``os.pidfd_open`` where Python has it)."""
+        opener = getattr(os, "pidfd_open", None)
+        if opener is not None:
+            return int(opener(pid, 0))
+        fd = self.syscall(ctypes.c_long(SYS_PIDFD_OPEN), ctypes.c_int(pid), ctypes.c_uint(0))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return int(fd)
+
+    def pidfd_getfd(self, pidfd: int, target_fd: int) -> int:
+        fd = self.syscall(ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_int(pidfd),
+                          ctypes.c_int(target_fd), ctypes.c_uint(0))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return int(fd)
+
+
+class ProcessVmUserMemory:
+    """:class:`~dxg.guest.usermem.UserMemory` over the address space of process ``pid``.
+
+    ``pid`` may be any thread id of the target (the kernel resolves the thread's address space).
+    Every read and write either moves exactly the bytes asked for or raises
+    :class:`~dxg.guest.usermem.UserMemoryFault`.
+    """
+
+    __slots__ = ("_sys", "pid")
+
+    def __init__(self, pid: int, syscalls: Syscalls | None = None) -> None:
+        if pid <= 0:
+            raise ValueError(f"bad pid {pid}")
+        self.pid = pid
+        self._sys = syscalls if syscalls is not None else Syscalls()
+
+    def __repr__(self) -> str:
+        return f"<ProcessVmUserMemory pid={self.pid}>"
+
+    @staticmethod
+    def _check(addr: int, size: int, what: str) -> None:
+        if addr <= 0 or size < 0 or size > MAX_TRANSFER or addr + size > (1 << 64):
+            raise UserMemoryFault(f"bad user {what} at 0x{addr:x} (+{size})")
+
+    def _fault(self, what: str, addr: int, size: int, done: int) -> UserMemoryFault:
+        if done < 0:
+            err = ctypes.get_errno()
+            why = os.strerror(err) if err else "failed"
+            if err == errno.ESRCH:
+                why = "the process is gone"
+        else:
+            why = f"only {done} of {size} bytes"
+        return UserMemoryFault(f"{what} of pid {self.pid} at 0x{addr:x}+{size}: {why}")
+
+    def read(self, addr: int, size: int) -> bytes:
+        if size == 0:
+            return b""
+        self._check(addr, size, "read")
+        buf = ctypes.create_string_buffer(size)
+        local = _IoVec(ctypes.cast(buf, ctypes.c_void_p), size)
+        remote = _IoVec(addr, size)
+        done = self._sys.process_vm_readv(self.pid, ctypes.byref(local), 1,
+                                          ctypes.byref(remote), 1, 0)
+        if done != size:
+            raise self._fault("read", addr, size, done)
+        return buf.raw
+
+    def write(self, addr: int, data: bytes) -> None:
+        size = len(data)
+        if size == 0:
+            return
+        self._check(addr, size, "write")
+        buf = ctypes.create_string_buffer(bytes(data), size)
+        local = _IoVec(ctypes.cast(buf, ctypes.c_void_p), size)
+        remote = _IoVec(addr, size)
+        done = self._sys.process_vm_writev(self.pid, ctypes.byref(local), 1,
+                                           ctypes.byref(remote), 1, 0)
+        if done != size:
+            raise self._fault("write", addr, size, done)
+
+    def take_fd(self, fd: int) -> int:
+        """A duplicate (close-on-exec) of the caller's file descriptor ``fd``."""
+        return take_fd(self.pid, fd, self._sys)
+
+
+def take_fd(pid: int, fd: int, syscalls: Syscalls | None = None) -> int:
+    """Duplicate file descriptor ``fd`` of process ``pid`` into this process (``pidfd_getfd``).
+
+    The new descriptor is close-on-exec and refers to the same open file (for an eventfd: the
+    same counter). The caller owns it and must close it. Raises :class:`TakeFdError` with the
+    errno: ``EBADF`` when ``fd`` is not open there, ``ESRCH`` when the process is gone, ``EPERM``
+    without ptrace rights over it.
+    """
+    sys_ = syscalls if syscalls is not None else Syscalls()
+    if fd < 0:
+        raise TakeFdError(errno.EBADF, f"bad file descriptor {fd}")
+    try:
+        pidfd = sys_.pidfd_open(pid)
+    except OSError as e:
+        raise TakeFdError(e.errno or errno.ESRCH, f"pidfd_open({pid}): {e.strerror}") from None
+    try:
+        return sys_.pidfd_getfd(pidfd, fd)
+    except OSError as e:
+        raise TakeFdError(e.errno or errno.EBADF,
+                          f"pidfd_getfd(pid {pid}, fd {fd}): {e.strerror}") from None
+    finally:
+        os.close(pidfd)
+
+
+def task_identity(tid: int) -> tuple[int, str] | None:
+    """(process id, command name) of thread ``tid``, or None if no such thread exists."""
+    if tid <= 0:
+        return None
+    tgid: int | None = None
+    name = ""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Name:"):
+                    name = line[5:].strip().decode("utf-8", "replace")
+                elif line.startswith(b"Tgid:"):
+                    tgid = int(line.split()[1])
+                    break
+    except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+        return None
+    return None if tgid is None else (tgid, name)
+
+
+def thread_group_of(tid: int) -> int | None:
+    """The process (thread group) id of thread ``tid``, or None if no such thread exists."""
+    ident = task_identity(tid)
+    return None if ident is None else ident[0]
