@@ -540,7 +540,7 @@ def test_query_adapter_info(host: Host, guest: RawGuest) -> None:
 
     for qtype in (Q.KMTQAITYPE_ADAPTERTYPE, Q.KMTQAITYPE_ADAPTERTYPE_RENDER):
         t = q(qtype, wddm.D3DKMT_ADAPTERTYPE, hp)
-        assert t.RenderSupported and t.SoftwareDevice and t.ComputeOnly
+        assert not t.RenderSupported and t.SoftwareDevice and t.ComputeOnly
         assert not t.DisplaySupported and not t.Paravirtualized
     seg = q(Q.KMTQAITYPE_GETSEGMENTSIZE, wddm.D3DKMT_SEGMENTSIZEINFO, extra=8)
     assert seg.DedicatedVideoMemorySize == desc.dedicated_video_memory == 1024 << 20

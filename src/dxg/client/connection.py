@@ -123,6 +123,7 @@ class NodeConnection:
         self._sock: socket.socket | None = None
         self._decoder = wire.FrameDecoder()
         self._seq = 0
+        self._abandoned: set[int] = set()
         self._pid = os.getpid()
         self._mem = _SelfMemory()
         self.version = 0
@@ -152,6 +153,7 @@ class NodeConnection:
             raise NodeUnavailable(f"cannot connect to the dxg node {path}: {e.strerror}") from None
         self._sock = sock
         self._decoder = wire.FrameDecoder()
+        self._abandoned.clear()
         try:
             reply = self._roundtrip(wire.Hello())
         except NodeError:
@@ -172,6 +174,9 @@ class NodeConnection:
 
     def reopen(self) -> None:
         """Drop this connection and open a new one (for a forked child, or after a loss)."""
+        if self.forked:
+            # The parent's lock may have been held by one of its threads at fork time.
+            self._lock = threading.Lock()
         with self._lock:
             self._drop()
             self._pid = os.getpid()
@@ -192,6 +197,9 @@ class NodeConnection:
 
     def close(self) -> None:
         """Close the connection; the node then closes everything this process opened."""
+        if self.forked:
+            self._drop()  # the parent's lock may be held forever in this child
+            return
         with self._lock:
             self._drop()
 
@@ -215,22 +223,25 @@ class NodeConnection:
         sock = self._sock
         if sock is None:
             raise NodeUnavailable(f"the connection to the dxg node {self.path} is closed")
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
         seq = self._seq
+        data = wire.encode(msg, seq)
+        sent = False
         try:
-            sock.sendall(wire.encode(msg, seq))
-            while True:
-                frame = self._decoder.next_frame()
-                if frame is not None:
-                    break
-                want = min(max(self._decoder.header_needed(), 4096), _RECV_CHUNK)
-                data = sock.recv(want)
-                if not data:
-                    raise ConnectionResetError(errno.ECONNRESET, "connection closed by the node")
-                self._decoder.feed(data)
+            sock.sendall(data)
+            sent = True
+            frame = self._next_reply(sock, seq)
         except (OSError, wire.WireError) as e:
             self._drop()
             raise NodeUnavailable(f"lost the dxg node {self.path}: {e}") from None
+        except BaseException:
+            # Interrupted (KeyboardInterrupt...): a whole request is still answered, and its
+            # reply is skipped later; half a request leaves the stream unusable.
+            if sent:
+                self._abandoned.add(seq)
+            else:
+                self._drop()
+            raise
         try:
             reply = wire.decode(frame)
         except wire.MalformedMessage as e:
@@ -245,6 +256,22 @@ class NodeConnection:
             raise NodeProtocolError(errno.EPROTO, "reply out of sequence from the dxg node")
         return reply
 
+    def _next_reply(self, sock: socket.socket, seq: int) -> wire.Frame:
+        """The next frame that is not the reply to an abandoned request."""
+        while True:
+            frame = self._decoder.next_frame()
+            if frame is None:
+                want = min(max(self._decoder.header_needed(), 4096), _RECV_CHUNK)
+                data = sock.recv(want)
+                if not data:
+                    raise ConnectionResetError(errno.ECONNRESET, "connection closed by the node")
+                self._decoder.feed(data)
+                continue
+            if frame.seq != seq and frame.seq in self._abandoned:
+                self._abandoned.discard(frame.seq)
+                continue
+            return frame
+
     # ---- ioctl ----------------------------------------------------------------------------------
 
     def ioctl(self, code: int, args: ctypes.Structure | ctypes.Union) -> int:
@@ -252,9 +279,9 @@ class NodeConnection:
         updates ``args`` and the buffers it points at as the driver left them."""
         if not isinstance(args, ctypes.Structure | ctypes.Union):
             raise TypeError("ioctl arguments are a ctypes struct")
+        if self.forked:
+            return -errno.ENOTTY  # as the kernel answers a child using its parent's file
         with self._lock:
-            if self.forked:
-                return -errno.ENOTTY
             raw = bytes(args)
             desc = IOCTLS_BY_CODE.get(code & 0xFFFFFFFF)
             regions: tuple[wire.Region, ...] = ()
@@ -281,9 +308,9 @@ class NodeConnection:
 
     def admin(self, request: dict[str, Any]) -> dict[str, Any]:
         """An introspection request (``{"op": "snapshot"}``, ``{"op": "census"}``)."""
+        if self.forked:
+            raise NodeUnavailable("this connection belongs to the parent process")
         with self._lock:
-            if self.forked:
-                raise NodeUnavailable("this connection belongs to the parent process")
             reply = self._roundtrip(wire.AdminRequest(dict(request)))
         if not isinstance(reply, wire.AdminReply):
             raise NodeProtocolError(errno.EPROTO, "the dxg node answered an admin request wrongly")
