@@ -6,8 +6,8 @@ import os
 import signal
 
 import pytest
-from conftest import client, read_json_line, wait_until
 
+from conftest import client, read_json_line, wait_until
 from dxg.client import DxgError, NodeConnection, open_node, thunks
 from dxg.uapi import ioctls as io
 from dxg.uapi import structs as s
@@ -74,7 +74,10 @@ def test_device_and_context_life_cycle(stack):
     with open_node(stack.node_path) as node:
         ad = node.adapters()[0]
         with ad.create_device() as dev:
-            assert dev.execution_state() == s.d3dkmt_deviceexecution_state._D3DKMT_DEVICEEXECUTION_ACTIVE
+            assert (
+                dev.execution_state()
+                == s.d3dkmt_deviceexecution_state._D3DKMT_DEVICEEXECUTION_ACTIVE
+            )
             ctx = dev.create_context(node_ordinal=0)
             ctx2 = dev.create_context(priv_data=b"hello")
             assert ctx.handle != ctx2.handle
@@ -106,12 +109,16 @@ def test_query_info_with_a_caller_struct(stack):
 
     with open_node(stack.node_path) as node:
         ad = node.adapters()[0]
-        t = ad.query_info(wddm.KMTQUERYADAPTERINFOTYPE.KMTQAITYPE_ADAPTERTYPE, wddm.D3DKMT_ADAPTERTYPE())
+        t = ad.query_info(
+            wddm.KMTQUERYADAPTERINFOTYPE.KMTQAITYPE_ADAPTERTYPE, wddm.D3DKMT_ADAPTERTYPE()
+        )
         assert t.Paravirtualized == 1
         bad = s.d3dkmt_queryadapterinfo(private_data=0x10, private_data_size=4)
         bad.adapter.v = ad.handle
         bad.type = wddm.KMTQUERYADAPTERINFOTYPE.KMTQAITYPE_ADAPTERTYPE
-        assert thunks.D3DKMTQueryAdapterInfo(node.conn, bad) == NTSTATUS.STATUS_UNSUCCESSFUL  # EFAULT
+        assert (
+            thunks.D3DKMTQueryAdapterInfo(node.conn, bad) == NTSTATUS.STATUS_UNSUCCESSFUL
+        )  # EFAULT
 
 
 def test_bad_handles_raise_with_status(stack):
@@ -121,7 +128,10 @@ def test_bad_handles_raise_with_status(stack):
         dev.handle ^= 0x40  # someone else's / stale handle
         with pytest.raises(DxgError) as ei:
             dev.execution_state()
-        assert ei.value.status in (NTSTATUS.STATUS_INVALID_PARAMETER, NTSTATUS.STATUS_INVALID_HANDLE)
+        assert ei.value.status in (
+            NTSTATUS.STATUS_INVALID_PARAMETER,
+            NTSTATUS.STATUS_INVALID_HANDLE,
+        )
         assert NTSTATUS(ei.value.status).name in str(ei.value)
 
 

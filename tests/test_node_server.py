@@ -39,7 +39,7 @@ from dxg.uapi.ntstatus import NTSTATUS
 
 DEADLINE = 10.0
 
-# ---- the fake driver --------------------------------------------------------------------------------
+# ---- the fake driver -----------------------------------------------------------------------------
 
 
 class FakeProc:
@@ -60,6 +60,7 @@ class FakeDriver:
         self.entered = threading.Event()
         self.gate = threading.Event()
         self.returned = threading.Event()
+        self.on_enter = None
 
     def open_process(self, pid: int, uid: int, name: str) -> FakeProc:
         p = FakeProc(pid, uid, name)
@@ -103,6 +104,8 @@ class FakeDriver:
             return 0, bytes(a)
         if code == io.LX_DXDESTROYCONTEXT:
             self.entered.set()
+            if self.on_enter is not None:
+                self.on_enter()
             self.gate.wait(DEADLINE * 3)
             self.returned.set()
             return 0, arg
@@ -121,7 +124,16 @@ class FakeDriver:
             return [p for p in self.opened if p.pid == pid]
 
 
-# ---- helpers -----------------------------------------------------------------------------------------
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def wait_until(pred, timeout: float = DEADLINE) -> None:
+    """Wait for `pred()` with a deadline (checked every 10 ms)."""
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        tick.wait(0.01)
 
 
 @pytest.fixture
@@ -276,7 +288,7 @@ def enum_ok(raw: Raw) -> None:
     assert reply.writes[0].addr == 0x7000 and len(reply.writes[0].data) == 20
 
 
-# ---- processes and credentials ------------------------------------------------------------------------
+# ---- processes and credentials -------------------------------------------------------------------
 
 
 def test_client_process_gets_its_own_process_with_peercred(driver, node):
@@ -363,11 +375,33 @@ def test_sigkill_while_blocked_in_the_driver(driver, node):
     proc.wait(DEADLINE)
     driver.gate.set()
     assert driver.returned.wait(DEADLINE)
-    deadline = time.monotonic() + DEADLINE
-    while node.connections() and time.monotonic() < deadline:
-        driver.wait(lambda: False, 0.01)
-    assert node.connections() == []
+    wait_until(lambda: node.connections() == [])
     assert p.closed == 1  # exactly once
+
+
+def test_interrupted_call_leaves_the_connection_usable(driver, node):
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    driver.on_enter = lambda: os.kill(os.getpid(), signal.SIGUSR1)
+    conn = NodeConnection(node.path)
+    try:
+        with pytest.raises(Interrupted):
+            conn.ioctl(io.LX_DXDESTROYCONTEXT, s.d3dkmt_destroycontext())
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    driver.gate.set()  # the abandoned call now completes and its reply is skipped
+    assert driver.returned.wait(DEADLINE)
+    infos = (s.d3dkmt_adapterinfo * 1)()
+    args = s.d3dkmt_enumadapters2(num_adapters=1, adapters=ctypes.addressof(infos))
+    assert conn.ioctl(io.LX_DXENUMADAPTERS2, args) == 0
+    assert infos[0].adapter_handle.v == 0x40000000
+    assert args.num_adapters == 1
+    conn.close()
 
 
 def test_forked_child_gets_enotty_and_thunk_reopens(driver, node):
@@ -377,7 +411,7 @@ def test_forked_child_gets_enotty_and_thunk_reopens(driver, node):
     assert (code, ret, mine) == (0, 0, True)
 
 
-# ---- malformed requests ---------------------------------------------------------------------------------
+# ---- malformed requests --------------------------------------------------------------------------
 
 
 def test_unknown_code_and_wrong_size_bits_get_enotty(driver, node):
@@ -417,8 +451,12 @@ def test_access_outside_sent_regions_is_efault(driver, node):
     "payload,err",
     [
         (struct.pack("<IIII", io.LX_DXENUMADAPTERS2, 16, 0xFFFFFFFF, 0) + b"\0" * 16, errno.E2BIG),
-        (struct.pack("<IIII", io.LX_DXENUMADAPTERS2, 16, 1, 0) + b"\0" * 16
-         + struct.pack("<QII", 0x1000, 0xFFFFFF, 2), errno.E2BIG),
+        (
+            struct.pack("<IIII", io.LX_DXENUMADAPTERS2, 16, 1, 0)
+            + b"\0" * 16
+            + struct.pack("<QII", 0x1000, 0xFFFFFF, 2),
+            errno.E2BIG,
+        ),
         (struct.pack("<IIII", io.LX_DXENUMADAPTERS2, 16, 2, 0) + b"\0" * 16, errno.EINVAL),
         (b"\x01\x02\x03", errno.EINVAL),
     ],
@@ -501,7 +539,7 @@ def test_bad_pointer_gives_efault_not_a_crash(driver, node):
     conn.close()
 
 
-# ---- admin ----------------------------------------------------------------------------------------------
+# ---- admin ---------------------------------------------------------------------------------------
 
 
 def test_admin_round_trip(driver, node):
@@ -522,7 +560,7 @@ def test_admin_refused_to_other_users(driver, node_dir):
         conn.close()
 
 
-# ---- the socket file ------------------------------------------------------------------------------------
+# ---- the socket file -----------------------------------------------------------------------------
 
 
 def test_mode_and_group_are_applied(driver, node_dir):
@@ -640,7 +678,7 @@ def test_connection_cap(driver, node_dir):
         first.close()
 
 
-# ---- client errors --------------------------------------------------------------------------------------
+# ---- client errors -------------------------------------------------------------------------------
 
 
 def test_node_not_found_names_the_path(node_dir):

@@ -124,7 +124,9 @@ def test_encoder_rejects_bad_regions(regions):
 
 
 def test_encoder_rejects_too_many_regions():
-    regions = tuple(wire.Region(0x1000 + 2 * i, 1, wire.REGION_OUT) for i in range(wire.MAX_REGIONS + 1))
+    regions = tuple(
+        wire.Region(0x1000 + 2 * i, 1, wire.REGION_OUT) for i in range(wire.MAX_REGIONS + 1)
+    )
     with pytest.raises(ValueError):
         wire.encode(wire.IoctlRequest(1, b"", regions), 1)
 
@@ -281,7 +283,7 @@ def test_random_valid_requests_roundtrip(specs, body):
     assert roundtrip(req) == req
 
 
-# ---- RegionUserMemory -----------------------------------------------------------------------------
+# ---- RegionUserMemory ----------------------------------------------------------------------------
 
 
 def test_region_memory_reads_inside_regions_only():
@@ -322,7 +324,7 @@ def test_region_memory_refuses_overlapping_regions():
         )
 
 
-# ---- the client's user-buffer table ----------------------------------------------------------------
+# ---- the client's user-buffer table --------------------------------------------------------------
 
 
 def _reader(read_log=None):
@@ -376,7 +378,9 @@ def test_createallocation_gathers_nested_private_data():
     spans = {(r.addr, r.length) for r in regions}
     assert (ctypes.addressof(infos), 2 * 96) in spans
     for p in priv:
-        assert any(r.addr <= ctypes.addressof(p) and ctypes.addressof(p) + 16 <= r.end for r in regions)
+        assert any(
+            r.addr <= ctypes.addressof(p) and ctypes.addressof(p) + 16 <= r.end for r in regions
+        )
 
 
 def test_overlapping_buffers_merge_into_one_region():
@@ -401,7 +405,9 @@ def test_unreadable_and_oversized_buffers_are_left_out():
 
 def test_union_pointer_skipped_when_flag_says_scalar():
     objs = (ctypes.c_uint32 * 1)()
-    args = s.d3dkmt_signalsynchronizationobjectfromgpu2(object_count=1, objects=ctypes.addressof(objs))
+    args = s.d3dkmt_signalsynchronizationobjectfromgpu2(
+        object_count=1, objects=ctypes.addressof(objs)
+    )
     args.flags.enqueue_cpu_event = 1
     args.cpu_event_handle = ctypes.addressof(objs) + 64
     log = []

@@ -459,6 +459,15 @@ static void error_paths(struct run *r, int fd, struct d3dkmthandle adapter)
 	EXPECT(r, LX_DXENUMADAPTERS3, "unmapped adapter array", ret, -EFAULT, NULL);
 	ret = dx(fd, LX_DXENUMADAPTERS3, unmapped);
 	EXPECT(r, LX_DXENUMADAPTERS3, "unmapped struct", ret, -EFAULT, NULL);
+
+	/* Not ioctls: /dev/dxg has no read, write or mmap. */
+	ret = read(fd, raw, sizeof(raw)) < 0 ? -errno : 0;
+	EXPECT(r, read, "of the device", ret, -EINVAL, NULL);
+	unmapped = mmap(NULL, 4096, PROT_READ, MAP_SHARED, fd, 0);
+	ret = unmapped == MAP_FAILED ? -errno : 0;
+	if (unmapped != MAP_FAILED)
+		munmap(unmapped, 4096);
+	EXPECT(r, mmap, "of the device, shared", ret, -ENODEV, NULL);
 }
 
 /* One complete client session on `fd`. */

@@ -73,8 +73,10 @@ class _SelfMemory:
             return False
 
     def _vm(self, fn: Any, addr: int, size: int, data: bytes | None = None) -> bytes | None:
-        local = ctypes.create_string_buffer(size) if data is None else ctypes.create_string_buffer(
-            data, size
+        local = (
+            ctypes.create_string_buffer(size)
+            if data is None
+            else ctypes.create_string_buffer(data, size)
         )
         liov = _iovec(ctypes.cast(local, ctypes.c_void_p), size)
         riov = _iovec(addr, size)
@@ -144,7 +146,9 @@ class NodeConnection:
             raise NodeNotFound(f"no dxg node at {path} (is `dxg up` running?)") from None
         except PermissionError:
             sock.close()
-            raise NodePermissionDenied(f"permission denied connecting to the dxg node {path}") from None
+            raise NodePermissionDenied(
+                f"permission denied connecting to the dxg node {path}"
+            ) from None
         except ConnectionRefusedError:
             sock.close()
             raise NodeUnavailable(f"the dxg node {path} is not accepting connections") from None

@@ -89,153 +89,208 @@ _UPDATEVA_OP = ctypes.sizeof(s.d3dddi_updategpuvirtualaddress_operation)
 _STDALLOC = ctypes.sizeof(s.d3dkmt_createstandardallocation)
 
 _OPEN_RESOURCE = (
-    Buf("open_alloc_info", _n("allocation_count", _OPENALLOCINFO2), INOUT,
+    Buf(
+        "open_alloc_info",
+        _n("allocation_count", _OPENALLOCINFO2),
+        INOUT,
         note="allocation_count x d3dddi_openallocationinfo2; each entry's priv_drv_data is "
-             "set by the driver to point into total_priv_drv_data"),
+        "set by the driver to point into total_priv_drv_data",
+    ),
     Buf("private_runtime_data", _n("private_runtime_data_size", 1), INOUT),
     Buf("resource_priv_drv_data", _n("resource_priv_drv_data_size", 1), INOUT),
     Buf("total_priv_drv_data", _n("total_priv_drv_data_size", 1), INOUT),
 )
 
-USERBUFS: MappingProxyType[str, tuple[Buf, ...]] = MappingProxyType({
-    # ---- adapters -------------------------------------------------------------------------------
-    "LX_DXENUMADAPTERS2": (
-        Buf("adapters", _n("num_adapters", _ADAPTERINFO), INOUT,
-            note="num_adapters x d3dkmt_adapterinfo (20 bytes)"),
-    ),
-    "LX_DXENUMADAPTERS3": (
-        Buf("adapters", _n("adapter_count", _ADAPTERINFO), INOUT,
-            note="adapter_count x d3dkmt_adapterinfo (20 bytes)"),
-    ),
-    "LX_DXQUERYADAPTERINFO": (
-        Buf("private_data", _n("private_data_size", 1), INOUT,
-            note="the KMTQAITYPE_* payload, sent and overwritten by the reply"),
-    ),
-    "LX_DXENUMPROCESSES": (
-        Buf("buffer", _n("buffer_count", _U32), INOUT, note="buffer_count x u32 pid"),
-    ),
-    # ---- contexts and queues --------------------------------------------------------------------
-    "LX_DXCREATECONTEXT": (Buf("priv_drv_data", _n("priv_drv_data_size", 1), INOUT),),
-    "LX_DXCREATECONTEXTVIRTUAL": (
-        Buf("priv_drv_data", _n("priv_drv_data_size", 1), INOUT,
-            note="private driver data, sent to the host and overwritten by its copy"),
-    ),
-    "LX_DXCREATEHWCONTEXT": (Buf("priv_drv_data", _n("priv_drv_data_size", 1), INOUT),),
-    "LX_DXCREATEHWQUEUE": (Buf("priv_drv_data", _n("priv_drv_data_size", 1), INOUT),),
-    "LX_DXESCAPE": (
-        Buf("priv_drv_data", _n("priv_drv_data_size", 1), INOUT,
-            note="escape data, overwritten in place by the reply"),
-    ),
-    # ---- allocations ----------------------------------------------------------------------------
-    "LX_DXCREATEALLOCATION": (
-        Buf("private_runtime_data", _n("private_runtime_data_size", 1), IN),
-        Buf("priv_drv_data", _n("priv_drv_data_size", 1), IN,
-            when=lambda a: not a.flags.standard_allocation),
-        Buf("standard_allocation", _fixed(_STDALLOC), IN,
-            when=lambda a: bool(a.flags.standard_allocation),
-            note="d3dkmt_createstandardallocation when flags.standard_allocation"),
-        Buf("allocation_info", _n("alloc_count", _ALLOCINFO2), INOUT,
-            elem=s.d3dddi_allocationinfo2, count=lambda a: max(int(a.alloc_count), 0),
-            inner=(Buf("priv_drv_data", _n("priv_drv_data_size", 1), INOUT),),
-            note="alloc_count x d3dddi_allocationinfo2 (96), each with its own private data; "
-                 "sysmem pages are not sent"),
-    ),
-    "LX_DXDESTROYALLOCATION2": (Buf("allocations", _n("alloc_count", _HANDLE), IN),),
-    "LX_DXOPENRESOURCE": _OPEN_RESOURCE,
-    "LX_DXOPENRESOURCEFROMNTHANDLE": (
-        *_OPEN_RESOURCE,
-        Buf("keyed_mutex_private_data", _n("keyed_mutex_private_data_size", 1), INOUT),
-    ),
-    "LX_DXQUERYRESOURCEINFO": (
-        Buf("private_runtime_data", _n("private_runtime_data_size", 1), INOUT),
-    ),
-    "LX_DXQUERYRESOURCEINFOFROMNTHANDLE": (
-        Buf("private_runtime_data", _n("private_runtime_data_size", 1), INOUT),
-    ),
-    "LX_DXSHAREOBJECTS": (
-        Buf("objects", _n("object_count", _HANDLE), IN),
-        Buf("shared_handle", _fixed(_U64), INOUT, note="u64 that receives the shared fd"),
-    ),
-    # ---- residency and priorities ---------------------------------------------------------------
-    "LX_DXMAKERESIDENT": (
-        Buf("allocation_list", _n("alloc_count", _HANDLE), IN),
-        Buf("priority_list", _n("alloc_count", _U32), IN, note="not forwarded by the driver"),
-    ),
-    "LX_DXEVICT": (Buf("allocations", _n("alloc_count", _HANDLE), IN),),
-    "LX_DXOFFERALLOCATIONS": (
-        Buf("resources", _n("allocation_count", _HANDLE), IN),
-        Buf("allocations", _n("allocation_count", _HANDLE), IN),
-    ),
-    "LX_DXRECLAIMALLOCATIONS2": (
-        Buf("resources", _n("allocation_count", _HANDLE), IN),
-        Buf("allocations", _n("allocation_count", _HANDLE), IN),
-        Buf("results", _n("allocation_count", _U32), INOUT,
-            note="allocation_count x d3dddi_reclaim_result (union with discarded)"),
-    ),
-    "LX_DXQUERYALLOCATIONRESIDENCY": (
-        Buf("allocations", _n("allocation_count", _HANDLE), IN),
-        Buf("residency_status", lambda a: _residency_count(a) * _U32, INOUT),
-    ),
-    "LX_DXSETALLOCATIONPRIORITY": (
-        Buf("allocation_list", _n("allocation_count", _HANDLE), IN),
-        Buf("priorities", lambda a: _priority_count(a) * _U32, IN),
-    ),
-    "LX_DXGETALLOCATIONPRIORITY": (
-        Buf("allocation_list", _n("allocation_count", _HANDLE), IN),
-        Buf("priorities", lambda a: _priority_count(a) * _U32, INOUT),
-    ),
-    # ---- GPU virtual addresses ------------------------------------------------------------------
-    "LX_DXUPDATEGPUVIRTUALADDRESS": (
-        Buf("operations", _n("num_operations", _UPDATEVA_OP), IN,
-            note="num_operations x d3dddi_updategpuvirtualaddress_operation (64)"),
-    ),
-    # ---- submission -----------------------------------------------------------------------------
-    "LX_DXSUBMITCOMMAND": (
-        Buf("priv_drv_data", _n("priv_drv_data_size", 1), IN),
-        Buf("history_buffer_array", _n("num_history_buffers", _HANDLE), IN),
-    ),
-    "LX_DXSUBMITCOMMANDTOHWQUEUE": (
-        Buf("priv_drv_data", _n("priv_drv_data_size", 1), IN),
-        Buf("written_primaries", _n("num_primaries", _HANDLE), IN),
-    ),
-    # ---- synchronization ------------------------------------------------------------------------
-    "LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMCPU": (
-        Buf("objects", _n("object_count", _HANDLE), IN),
-        Buf("fence_values", _n("object_count", _U64), IN),
-    ),
-    "LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU": (
-        Buf("objects", _n("object_count", _HANDLE), IN),
-        Buf("monitored_fence_values", _n("object_count", _U64), IN),
-    ),
-    "LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU2": (
-        Buf("objects", _n("object_count", _HANDLE), IN),
-        Buf("contexts", _n("context_count", _HANDLE), IN),
-        Buf("monitored_fence_values", _n("object_count", _U64), IN,
-            when=lambda a: not a.flags.enqueue_cpu_event,
-            note="a union with fence_value/cpu_event_handle: sent only if it reads as memory"),
-    ),
-    "LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU": (
-        Buf("objects", _n("object_count", _HANDLE), IN),
-        Buf("fence_values", _n("object_count", _U64), IN),
-    ),
-    "LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMGPU": (
-        Buf("objects", _n("object_count", _HANDLE), IN),
-        Buf("monitored_fence_values", _n("object_count", _U64), IN,
-            note="a union with fence_value: sent only if it reads as memory"),
-    ),
-    "LX_DXSUBMITSIGNALSYNCOBJECTSTOHWQUEUE": (
-        Buf("hwqueues", _n("hwqueue_count", _HANDLE), IN),
-        Buf("objects", _n("object_count", _HANDLE), IN),
-        Buf("fence_values", _n("object_count", _U64), IN),
-    ),
-    "LX_DXSUBMITWAITFORSYNCOBJECTSTOHWQUEUE": (
-        Buf("objects", _n("object_count", _HANDLE), IN),
-        Buf("fence_values", _n("object_count", _U64), IN),
-    ),
-})
+USERBUFS: MappingProxyType[str, tuple[Buf, ...]] = MappingProxyType(
+    {
+        # ---- adapters ----------------------------------------------------------------------------
+        "LX_DXENUMADAPTERS2": (
+            Buf(
+                "adapters",
+                _n("num_adapters", _ADAPTERINFO),
+                INOUT,
+                note="num_adapters x d3dkmt_adapterinfo (20 bytes)",
+            ),
+        ),
+        "LX_DXENUMADAPTERS3": (
+            Buf(
+                "adapters",
+                _n("adapter_count", _ADAPTERINFO),
+                INOUT,
+                note="adapter_count x d3dkmt_adapterinfo (20 bytes)",
+            ),
+        ),
+        "LX_DXQUERYADAPTERINFO": (
+            Buf(
+                "private_data",
+                _n("private_data_size", 1),
+                INOUT,
+                note="the KMTQAITYPE_* payload, sent and overwritten by the reply",
+            ),
+        ),
+        "LX_DXENUMPROCESSES": (
+            Buf("buffer", _n("buffer_count", _U32), INOUT, note="buffer_count x u32 pid"),
+        ),
+        # ---- contexts and queues -----------------------------------------------------------------
+        "LX_DXCREATECONTEXT": (Buf("priv_drv_data", _n("priv_drv_data_size", 1), INOUT),),
+        "LX_DXCREATECONTEXTVIRTUAL": (
+            Buf(
+                "priv_drv_data",
+                _n("priv_drv_data_size", 1),
+                INOUT,
+                note="private driver data, sent to the host and overwritten by its copy",
+            ),
+        ),
+        "LX_DXCREATEHWCONTEXT": (Buf("priv_drv_data", _n("priv_drv_data_size", 1), INOUT),),
+        "LX_DXCREATEHWQUEUE": (Buf("priv_drv_data", _n("priv_drv_data_size", 1), INOUT),),
+        "LX_DXESCAPE": (
+            Buf(
+                "priv_drv_data",
+                _n("priv_drv_data_size", 1),
+                INOUT,
+                note="escape data, overwritten in place by the reply",
+            ),
+        ),
+        # ---- allocations -------------------------------------------------------------------------
+        "LX_DXCREATEALLOCATION": (
+            Buf("private_runtime_data", _n("private_runtime_data_size", 1), IN),
+            Buf(
+                "priv_drv_data",
+                _n("priv_drv_data_size", 1),
+                IN,
+                when=lambda a: not a.flags.standard_allocation,
+            ),
+            Buf(
+                "standard_allocation",
+                _fixed(_STDALLOC),
+                IN,
+                when=lambda a: bool(a.flags.standard_allocation),
+                note="d3dkmt_createstandardallocation when flags.standard_allocation",
+            ),
+            Buf(
+                "allocation_info",
+                _n("alloc_count", _ALLOCINFO2),
+                INOUT,
+                elem=s.d3dddi_allocationinfo2,
+                count=lambda a: max(int(a.alloc_count), 0),
+                inner=(Buf("priv_drv_data", _n("priv_drv_data_size", 1), INOUT),),
+                note="alloc_count x d3dddi_allocationinfo2 (96), each with its own private data; "
+                "sysmem pages are not sent",
+            ),
+        ),
+        "LX_DXDESTROYALLOCATION2": (Buf("allocations", _n("alloc_count", _HANDLE), IN),),
+        "LX_DXOPENRESOURCE": _OPEN_RESOURCE,
+        "LX_DXOPENRESOURCEFROMNTHANDLE": (
+            *_OPEN_RESOURCE,
+            Buf("keyed_mutex_private_data", _n("keyed_mutex_private_data_size", 1), INOUT),
+        ),
+        "LX_DXQUERYRESOURCEINFO": (
+            Buf("private_runtime_data", _n("private_runtime_data_size", 1), INOUT),
+        ),
+        "LX_DXQUERYRESOURCEINFOFROMNTHANDLE": (
+            Buf("private_runtime_data", _n("private_runtime_data_size", 1), INOUT),
+        ),
+        "LX_DXSHAREOBJECTS": (
+            Buf("objects", _n("object_count", _HANDLE), IN),
+            Buf("shared_handle", _fixed(_U64), INOUT, note="u64 that receives the shared fd"),
+        ),
+        # ---- residency and priorities ------------------------------------------------------------
+        "LX_DXMAKERESIDENT": (
+            Buf("allocation_list", _n("alloc_count", _HANDLE), IN),
+            Buf("priority_list", _n("alloc_count", _U32), IN, note="not forwarded by the driver"),
+        ),
+        "LX_DXEVICT": (Buf("allocations", _n("alloc_count", _HANDLE), IN),),
+        "LX_DXOFFERALLOCATIONS": (
+            Buf("resources", _n("allocation_count", _HANDLE), IN),
+            Buf("allocations", _n("allocation_count", _HANDLE), IN),
+        ),
+        "LX_DXRECLAIMALLOCATIONS2": (
+            Buf("resources", _n("allocation_count", _HANDLE), IN),
+            Buf("allocations", _n("allocation_count", _HANDLE), IN),
+            Buf(
+                "results",
+                _n("allocation_count", _U32),
+                INOUT,
+                note="allocation_count x d3dddi_reclaim_result (union with discarded)",
+            ),
+        ),
+        "LX_DXQUERYALLOCATIONRESIDENCY": (
+            Buf("allocations", _n("allocation_count", _HANDLE), IN),
+            Buf("residency_status", lambda a: _residency_count(a) * _U32, INOUT),
+        ),
+        "LX_DXSETALLOCATIONPRIORITY": (
+            Buf("allocation_list", _n("allocation_count", _HANDLE), IN),
+            Buf("priorities", lambda a: _priority_count(a) * _U32, IN),
+        ),
+        "LX_DXGETALLOCATIONPRIORITY": (
+            Buf("allocation_list", _n("allocation_count", _HANDLE), IN),
+            Buf("priorities", lambda a: _priority_count(a) * _U32, INOUT),
+        ),
+        # ---- GPU virtual addresses ---------------------------------------------------------------
+        "LX_DXUPDATEGPUVIRTUALADDRESS": (
+            Buf(
+                "operations",
+                _n("num_operations", _UPDATEVA_OP),
+                IN,
+                note="num_operations x d3dddi_updategpuvirtualaddress_operation (64)",
+            ),
+        ),
+        # ---- submission --------------------------------------------------------------------------
+        "LX_DXSUBMITCOMMAND": (
+            Buf("priv_drv_data", _n("priv_drv_data_size", 1), IN),
+            Buf("history_buffer_array", _n("num_history_buffers", _HANDLE), IN),
+        ),
+        "LX_DXSUBMITCOMMANDTOHWQUEUE": (
+            Buf("priv_drv_data", _n("priv_drv_data_size", 1), IN),
+            Buf("written_primaries", _n("num_primaries", _HANDLE), IN),
+        ),
+        # ---- synchronization ---------------------------------------------------------------------
+        "LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMCPU": (
+            Buf("objects", _n("object_count", _HANDLE), IN),
+            Buf("fence_values", _n("object_count", _U64), IN),
+        ),
+        "LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU": (
+            Buf("objects", _n("object_count", _HANDLE), IN),
+            Buf("monitored_fence_values", _n("object_count", _U64), IN),
+        ),
+        "LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU2": (
+            Buf("objects", _n("object_count", _HANDLE), IN),
+            Buf("contexts", _n("context_count", _HANDLE), IN),
+            Buf(
+                "monitored_fence_values",
+                _n("object_count", _U64),
+                IN,
+                when=lambda a: not a.flags.enqueue_cpu_event,
+                note="a union with fence_value/cpu_event_handle: sent only if it reads as memory",
+            ),
+        ),
+        "LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU": (
+            Buf("objects", _n("object_count", _HANDLE), IN),
+            Buf("fence_values", _n("object_count", _U64), IN),
+        ),
+        "LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMGPU": (
+            Buf("objects", _n("object_count", _HANDLE), IN),
+            Buf(
+                "monitored_fence_values",
+                _n("object_count", _U64),
+                IN,
+                note="a union with fence_value: sent only if it reads as memory",
+            ),
+        ),
+        "LX_DXSUBMITSIGNALSYNCOBJECTSTOHWQUEUE": (
+            Buf("hwqueues", _n("hwqueue_count", _HANDLE), IN),
+            Buf("objects", _n("object_count", _HANDLE), IN),
+            Buf("fence_values", _n("object_count", _U64), IN),
+        ),
+        "LX_DXSUBMITWAITFORSYNCOBJECTSTOHWQUEUE": (
+            Buf("objects", _n("object_count", _HANDLE), IN),
+            Buf("fence_values", _n("object_count", _U64), IN),
+        ),
+    }
+)
 
 
-# ---- gathering ------------------------------------------------------------------------------------
+# ---- gathering -----------------------------------------------------------------------------------
 
 
 def _collect(

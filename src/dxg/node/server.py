@@ -185,7 +185,10 @@ class _Conn:
             decoder.feed(data)
 
     def _serve(self) -> None:
-        creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        try:
+            creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        except OSError:
+            return  # gone before we could look at it
         self.pid, self.uid, self.gid = _UCRED.unpack(creds)
         self.name = _process_name(self.pid)
         decoder = wire.FrameDecoder()
@@ -233,7 +236,12 @@ class _Conn:
             self._error(frame.seq, errno.EIO, f"cannot open a process: {e}", fatal=True)
             return False
         with self.lock:
-            self.proc = proc
+            late = self.released
+            if not late:
+                self.proc = proc
+        if late:  # released while opening: nobody else will close it
+            self.node.driver.close_process(proc)
+            return False
         reply = wire.HelloReply(version, wire.MAX_PAYLOAD, wire.MAX_REGIONS, self.node.name)
         return self._send(reply, frame.seq)
 

@@ -60,8 +60,11 @@ Kinds and payloads:
     write_count x { u64 addr, u32 length, u32 reserved (0) }
     the data of each write, in table order, concatenated
 
-    Writes are what the driver stored into user memory; each lies inside one OUT region of the
-    request. The client applies them in order.
+    Writes are what the driver stored into user memory: at most one per OUT region of the
+    request, covering the span from the first to the last byte the driver wrote there. Inside
+    that span, bytes the driver did not write carry the region's data as sent (IN|OUT) or zero
+    (OUT only), so clients send a region IN|OUT when it matters. The client applies them in
+    order.
 
 ``ADMIN`` (5, client -> node) and ``ADMIN_REPLY`` (6, node -> client): one JSON object, UTF-8.
 
@@ -70,7 +73,9 @@ Kinds and payloads:
     i32 errno (> 0), u32 flags (bit 0 FATAL: the node closes the connection after it),
     then a message in UTF-8 (at most 1024 bytes)
 
-Requests are answered in order, one at a time per connection (v1 has no pipelining).
+Requests are answered in order, one at a time per connection (v1 has no pipelining): the
+client sends one request and waits for its reply. A client interrupted while waiting may send
+its next request before that reply arrives; it skips replies whose seq it has given up on.
 """
 
 from __future__ import annotations
@@ -251,9 +256,7 @@ class ErrorReply:
     fatal: bool = False
 
 
-Message = (
-    Hello | HelloReply | IoctlRequest | IoctlReply | AdminRequest | AdminReply | ErrorReply
-)
+Message = Hello | HelloReply | IoctlRequest | IoctlReply | AdminRequest | AdminReply | ErrorReply
 
 
 def negotiate(hello: Hello) -> int | None:
@@ -453,9 +456,7 @@ def _decode_ioctl(p: bytes) -> IoctlRequest:
     if data_at + total > MAX_PAYLOAD:
         raise _bad("regions add up to more than the message limit", errno.E2BIG)
     if data_at + carried != n:
-        raise _bad(
-            f"IOCTL payload carries {n - data_at} data bytes, its regions declare {carried}"
-        )
+        raise _bad(f"IOCTL payload carries {n - data_at} data bytes, its regions declare {carried}")
     regions = []
     at = data_at
     for addr, length, flags in raw:
@@ -516,15 +517,17 @@ def _decode_error(p: bytes) -> ErrorReply:
     return ErrorReply(err, text, bool(flags & _ERROR_FATAL))
 
 
-_DECODERS = MappingProxyType({
-    Kind.HELLO: _decode_hello,
-    Kind.HELLO_REPLY: _decode_hello_reply,
-    Kind.IOCTL: _decode_ioctl,
-    Kind.IOCTL_REPLY: _decode_ioctl_reply,
-    Kind.ADMIN: lambda p: AdminRequest(_decode_json(p)),
-    Kind.ADMIN_REPLY: lambda p: AdminReply(_decode_json(p)),
-    Kind.ERROR: _decode_error,
-})
+_DECODERS = MappingProxyType(
+    {
+        Kind.HELLO: _decode_hello,
+        Kind.HELLO_REPLY: _decode_hello_reply,
+        Kind.IOCTL: _decode_ioctl,
+        Kind.IOCTL_REPLY: _decode_ioctl_reply,
+        Kind.ADMIN: lambda p: AdminRequest(_decode_json(p)),
+        Kind.ADMIN_REPLY: lambda p: AdminReply(_decode_json(p)),
+        Kind.ERROR: _decode_error,
+    }
+)
 
 
 def decode(frame: Frame) -> Message:

@@ -1,0 +1,131 @@
+"""The `dxg` command line, run as users run it: real processes, real node."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import client, read_json_line
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dxg(*args: str, env: dict | None = None, timeout: float = 60, **kw):
+    return subprocess.run([sys.executable, "-m", "dxg.cli.main", *args], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})), **kw)
+
+
+def test_ioctl_doc_is_generated_from_the_code():
+    r = dxg("ioctls", "--markdown")
+    assert r.returncode == 0
+    assert (ROOT / "docs" / "ioctls.md").read_text() == r.stdout, \
+        "docs/ioctls.md is stale: run `dxg ioctls --markdown > docs/ioctls.md`"
+
+
+def test_uapi_header_command():
+    r = dxg("uapi-header")
+    assert r.returncode == 0
+    assert "#define LX_DXENUMADAPTERS3" in r.stdout and "struct d3dkmt_enumadapters3 {" in r.stdout
+
+
+def test_ls_and_ps(stack):
+    env = {"DXG_NODE": stack.node_path}
+    r = dxg("ls", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["adapters"]
+    assert len(rows) == 2 and all(row["vendor_id"] == "0x1414" for row in rows)
+    assert {"paravirtualized", "compute_only"} <= set(rows[0]["flags"])
+    luids = {f"0x{a.luid:016x}" for a in stack.driver.active_adapters()}
+    assert {row["luid"] for row in rows} == luids
+    table = dxg("ls", env=env)
+    assert table.returncode == 0 and rows[0]["luid"] in table.stdout
+    holder = client("hold", stack.node_path, 2, 1)
+    held = read_json_line(holder)
+    try:
+        r = dxg("ps", "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        data = json.loads(r.stdout)
+        procs = {p["pid"]: p for p in data["snapshot"]["processes"]}
+        mine = procs[held["pid"]]
+        assert mine["name"] == "python" or mine["name"]
+        assert sum(link["devices"] for link in mine["adapters"]) == 4
+        assert sum(link["contexts"] for link in mine["adapters"]) == 4
+        census = data["census"]["hosts"][0]["census"]
+        assert census["totals"]["devices"] == 4
+        text = dxg("ps", env=env)
+        assert str(held["pid"]) in text.stdout
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def test_missing_node_is_one_clear_line(tmp_path):
+    r = dxg("ls", "--node", str(tmp_path / "nothing.sock"))
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "no dxg node at" in r.stderr
+
+
+def test_unreachable_host_is_one_clear_line(tmp_path):
+    r = dxg("guest", "--connect", str(tmp_path / "nohost.sock"), "--node",
+            str(tmp_path / "n.sock"))
+    assert r.returncode == 1
+    assert "host unreachable" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("dxg guest:")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
+def test_permission_denied_is_one_clear_line(tmp_path):
+    """A node the user may not open: the CLI (run in a forked child that dropped to nobody)
+    prints one clear line."""
+    from conftest import make_stack
+    from dxg.cli.main import main
+
+    with make_stack(tmp_path) as s:
+        os.chmod(s.node_path, 0o600)
+        os.chmod(tmp_path, 0o755)
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 99
+            try:
+                os.close(rfd)
+                sys.stderr = open(wfd, "w")  # the child's stderr until _exit
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                code = main(["ls", "--node", s.node_path])
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(wfd)
+        with os.fdopen(rfd) as f:
+            err = f.read()
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 1, err
+    assert "permission denied" in err.lower() and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_up_and_demo(tmp_path):
+    """The main job: `dxg up`, then `dxg demo` with its three client processes."""
+    node = str(tmp_path / "dxg.sock")
+    env = dict(os.environ, DXG_NODE=node)
+    up = subprocess.Popen([sys.executable, "-m", "dxg.cli.main", "up", "--mode", "0660"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        r = dxg("wait", "--adapters", "2", "--timeout", "60", env={"DXG_NODE": node})
+        assert r.returncode == 0, r.stderr
+        assert oct(os.stat(node).st_mode & 0o777) == "0o660"
+        r = dxg("demo", env={"DXG_NODE": node}, timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "demo OK: the host holds nothing" in r.stdout
+        for name in ("cuda-app", "image-editor", "d3d12-app"):
+            assert name in r.stdout
+    finally:
+        up.terminate()
+        assert up.wait(timeout=30) == 0
+    assert not os.path.exists(node)
