@@ -312,3 +312,20 @@ def test_malformed_requests_leave_the_node_up(stack):
     with open_node(stack.node_path) as node:
         assert len(node.adapters()) == 2
     assert stack.driver.wait_for_adapters(2, 1)
+
+
+def test_host_notification_invalidates_the_cached_device_state(stack):
+    """SETGUESTDATA (host -> guest, global channel) bumps the device-state counter; the next
+    GetDeviceState asks the host instead of answering from the cache."""
+    with open_node(stack.node_path) as node:
+        ad = node.adapters()[0]
+        dev = ad.create_device()
+        assert dev.execution_state() == 1  # ACTIVE, from the guest's cache
+        link = stack.driver.links()[0]
+        before = link.device_state_counter
+        part = stack.host.partitions()[0]
+        host_dev = part.census()["processes"][0]["devices"][0]["handle"]
+        assert part.set_device_execution_state(host_dev, 2)  # RESET
+        wait_until(lambda: link.device_state_counter > before, 5, "SETGUESTDATA delivered")
+        assert dev.execution_state() == 2
+        assert dev.execution_state() == 2  # now cached again

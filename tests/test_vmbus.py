@@ -210,3 +210,34 @@ def test_tcp_transport(tmp_path):
     finally:
         bus.close()
         host.close()
+
+
+def test_fire_and_forget_packets_get_no_completion(tmp_path):
+    seen = []
+    host = EchoHost(str(tmp_path / "h.sock"), offers())
+    bus = GuestBus(str(tmp_path / "h.sock"), reconnect=False)
+    drv = RecordingDriver()
+    bus.register_driver(drv)
+    bus.start(wait=False)
+    try:
+        wait_until(lambda: len(drv.probed) == 3)
+        ch = drv.probed[0].channel
+        session = host.sessions[0]
+        host_ch = session.conn.channel(ch.relid)
+
+        def on_request(c, payload, wants):
+            seen.append((payload, wants))
+            return b"ignored"
+
+        host_ch.on_request = on_request
+        ch.send_async(b"fire")
+        assert ch.request(b"sync") == b"ignored"  # ordered after the async one
+        assert seen == [(b"fire", False), (b"sync", True)]
+        # and the host's notifications reach the guest's in-band handler
+        got = []
+        ch.on_inband = lambda c, p: got.append(p)
+        host_ch.notify(b"note")
+        wait_until(lambda: got == [b"note"])
+    finally:
+        bus.close()
+        host.close()
