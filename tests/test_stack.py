@@ -329,3 +329,51 @@ def test_host_notification_invalidates_the_cached_device_state(stack):
         wait_until(lambda: link.device_state_counter > before, 5, "SETGUESTDATA delivered")
         assert dev.execution_state() == 2
         assert dev.execution_state() == 2  # now cached again
+
+
+def test_adapter_queries_through_the_client(stack):
+    from dxg.uapi import wddm
+
+    q = wddm.KMTQUERYADAPTERINFOTYPE
+    with open_node(stack.node_path) as node:
+        ad = node.adapters()[1]
+        assert ad.description.startswith("pydxg")
+        for qtype in (q.KMTQAITYPE_ADAPTERTYPE, q.KMTQAITYPE_ADAPTERTYPE_RENDER):
+            t_ = ad.query_info(qtype, wddm.D3DKMT_ADAPTERTYPE())
+            # the guest's patch: paravirtualized, no display, compute-only from the vGPU's PCI id
+            assert t_.Paravirtualized and not t_.DisplaySupported and t_.ComputeOnly
+        ids = ad.device_ids()
+        assert (ids.vendor_id, ids.device_id) == (0x1414, 0x008C)
+        with pytest.raises(DxgError) as e:
+            ad.device_ids(5)
+        assert e.value.status == NTSTATUS.STATUS_INVALID_PARAMETER
+        caps = ad.query_info(q.KMTQAITYPE_WDDM_2_7_CAPS, wddm.D3DKMT_WDDM_2_7_CAPS())
+        assert caps.Value == 0  # no hardware scheduling on a soft adapter
+        addr = ad.query_info(q.KMTQAITYPE_ADAPTERADDRESS, wddm.D3DKMT_ADAPTERADDRESS())
+        assert addr.DeviceNumber == 1
+        seg = ad.query_info(q.KMTQAITYPE_GETSEGMENTSIZE, wddm.D3DKMT_SEGMENTSIZEINFO())
+        assert seg.DedicatedVideoMemorySize == 1 << 30 and seg.SharedSystemMemorySize > 0
+        with pytest.raises(DxgError) as e:  # too small for the type
+            ad.query_info(q.KMTQAITYPE_GETSEGMENTSIZE, (ctypes.c_uint8 * 8)())
+        assert e.value.status == NTSTATUS.STATUS_BUFFER_TOO_SMALL
+        feat = ad.is_feature_enabled(0)  # _DXGK_FEATURE_HWSCH
+        assert feat.known_feature and not feat.enabled
+        clock = ad.clock_calibration()
+        assert clock.gpu_frequency == 10**9 and clock.gpu_clock_counter > 0
+        assert ad.processes() == [os.getpid()]
+
+
+def test_enumadapters3_too_small_opens_nothing(stack):
+    with NodeConnection(stack.node_path) as conn:
+        e = uapi.d3dkmt_enumadapters3()
+        e.filter.include_compute_only = 1
+        one = (uapi.d3dkmt_adapterinfo * 1)()
+        e.adapter_count, e.adapters = 1, ctypes.addressof(one)
+        assert t.D3DKMTEnumAdapters3(conn, e) == NTSTATUS.STATUS_BUFFER_TOO_SMALL
+        assert e.adapter_count == 2 and one[0].adapter_handle.v == 0
+        assert stack.driver.snapshot()["processes"][0]["handles"] == 0
+        two = (uapi.d3dkmt_adapterinfo * 2)()
+        e.adapter_count, e.adapters = 2, ctypes.addressof(two)
+        assert t.D3DKMTEnumAdapters3(conn, e) == 0
+        assert e.adapter_count == 2 and two[0].adapter_handle.v != two[1].adapter_handle.v
+        assert stack.driver.snapshot()["processes"][0]["handles"] == 2
