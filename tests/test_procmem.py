@@ -17,6 +17,7 @@ import pytest
 from dxg.guest.errors import IoctlError
 from dxg.guest.usermem import UserMemoryFault, copy_from_user, copy_to_user
 from dxg.node.procmem import (
+    FrontEndLimit,
     ProcessVmUserMemory,
     Syscalls,
     TakeFdError,
@@ -183,6 +184,15 @@ def test_take_fd_errors(child) -> None:
     with pytest.raises(TakeFdError) as e:
         take_fd(gone.pid, 0)
     assert e.value.errno == errno.ESRCH
+
+
+def test_what_a_file_server_cannot_do_says_so() -> None:
+    mem = ProcessVmUserMemory(os.getpid())
+    with pytest.raises(FrontEndLimit) as e:
+        mem.give_fd(0)
+    assert e.value.errno == errno.EOPNOTSUPP and "socket node" in str(e.value)
+    with pytest.raises(FrontEndLimit):
+        mem.map_into_caller(0, 0, 4096)
 
 
 def test_thread_group_of_threads_and_processes() -> None:

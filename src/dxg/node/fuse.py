@@ -86,6 +86,10 @@ ATTR_VALID_S = 60.0
 READ_BUFFER = 64 * 1024 + 4096
 MAX_WRITE = 4096
 
+# Like a character device: no page cache (and so no shared mmap: -ENODEV), no seeking, and no
+# FLUSH round trip on every close(); /dev/dxg has no flush either.
+OPEN_FLAGS = fp.FOPEN_DIRECT_IO | fp.FOPEN_NONSEEKABLE | fp.FOPEN_NOFLUSH
+
 # ioctls whose full semantics need something a file-based node cannot do in the caller.
 FILE_LIMITS: MappingProxyType[int, str] = MappingProxyType({
     0x07: "the paging-queue fence page cannot be mapped into the caller",
@@ -117,13 +121,13 @@ def fuse_available() -> str | None:
     """None when this process can mount a FUSE node, else the reason it cannot."""
     if not os.path.exists("/dev/fuse"):
         return "/dev/fuse does not exist (no FUSE in this kernel or container)"
-    try:
-        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        return f"cannot open /dev/fuse: {e.strerror}"
-    os.close(fd)
-    if os.geteuid() != 0 and shutil.which("fusermount3") is None \
-            and shutil.which("fusermount") is None:
+    if os.geteuid() == 0:
+        try:
+            os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
+        except OSError as e:
+            return f"cannot open /dev/fuse: {e.strerror}"
+        return None
+    if shutil.which("fusermount3") is None and shutil.which("fusermount") is None:
         return "not root and no fusermount3 to mount with (install fuse3)"
     return None
 
@@ -184,7 +188,8 @@ class _Libc:
 
 
 class _Process:
-    """A driver process shared by every file its thread group opened (``dxgprocess``)."""
+    """The driver process behind one open file (``dxgprocess``): what it creates goes when the
+    file is closed. A thread group that opens twice gets two, as two node connections would."""
 
     __slots__ = ("files", "proc", "tgid")
 
@@ -274,7 +279,7 @@ class FuseNode:
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._files: dict[int, _File] = {}
-        self._by_tgid: dict[int, _Process] = {}
+        self._procs: dict[int, _Process] = {}  # fh -> the driver process of that open file
         self._inflight: dict[int, _Call] = {}
         self._next_fh = 1
         self._created_file = False
@@ -310,7 +315,7 @@ class FuseNode:
 
     def __repr__(self) -> str:
         return (f"<FuseNode {str(self._path)!r} mounted={self.mounted} "
-                f"files={len(self._files)} processes={len(self._by_tgid)}>")
+                f"files={len(self._files)} processes={len(self._procs)}>")
 
     def start(self, timeout: float = 10.0) -> None:
         """Mount, start serving, and return once the file answers (``stat`` through FUSE).
@@ -372,8 +377,8 @@ class FuseNode:
                     os.close(fd)
         self._wake_r = self._wake_w = -1
         with self._lock:
-            leftovers = list(self._by_tgid.values())
-            self._by_tgid.clear()
+            leftovers = list(self._procs.values())
+            self._procs.clear()
             self._files.clear()
             self._changed.notify_all()
         for p in leftovers:
@@ -393,13 +398,13 @@ class FuseNode:
         """The processes that have the file open: pid (thread group), open files."""
         with self._lock:
             return [{"pid": p.tgid, "files": p.files, "process": p.proc}
-                    for p in sorted(self._by_tgid.values(), key=lambda x: x.tgid)]
+                    for p in sorted(self._procs.values(), key=lambda x: x.tgid)]
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no file is open any more (every RELEASE handled). False on timeout."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._files or self._by_tgid:
+            while self._files or self._procs:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -497,6 +502,7 @@ class FuseNode:
             if proc.returncode != 0:
                 msg = proc.stderr.decode(errors="replace").strip()
                 raise FuseUnavailable(f"{prog} could not mount {self._path}: {msg}")
+            self._mounted_by = "fusermount"  # mounted: close() must unmount, whatever follows
             ours.settimeout(5.0)
             try:
                 _msg, fds, _flags, _addr = socket.recv_fds(ours, 16, 4)
@@ -537,10 +543,13 @@ class FuseNode:
     # ---- the reader threads -----------------------------------------------------------------
 
     def _spawn(self) -> None:
-        t = threading.Thread(target=self._serve, name=f"dxg-fuse:{self._path.name}:"
-                             f"{len(self._threads)}", daemon=True)
-        self._threads.append(t)
+        """One more reader thread, unless there are ``max_threads`` already."""
         with self._lock:
+            if len(self._threads) >= self.max_threads or self._closing:
+                return
+            t = threading.Thread(target=self._serve, daemon=True,
+                                 name=f"dxg-fuse:{self._path.name}:{len(self._threads)}")
+            self._threads.append(t)
             self._idle += 1
         t.start()
 
@@ -556,13 +565,10 @@ class FuseNode:
                     n = self._read(buf, poller)
                 if n is None:
                     return
-                spawn = False
                 with self._lock:
                     self._idle -= 1
-                    if self._idle == 0 and len(self._threads) < self.max_threads \
-                            and not self._closing:
-                        spawn = True
-                if spawn:
+                    spawn = self._idle == 0
+                if spawn:  # nobody is left waiting for the next request
                     self._spawn()
                 try:
                     self._handle(view[:n])
@@ -674,29 +680,23 @@ class FuseNode:
         with self._lock:
             if self._closing:
                 return fp.error_reply(req.unique, errno.ENODEV)
-            owner = self._by_tgid.get(tgid)
-            if owner is None:
-                owner = _Process(tgid, self.driver.open_process(tgid, req.uid, name))
-                self._by_tgid[tgid] = owner
-            owner.files += 1
+            # Each open file is one process's handle on the driver (as each node connection
+            # is): what it creates goes when it is closed.
+            owner = _Process(tgid, self.driver.open_process(tgid, req.uid, name))
+            owner.files = 1
             fh = self._next_fh
             self._next_fh += 1
             self._files[fh] = _File(fh, owner, req.pid, flags)
+            self._procs[fh] = owner
         log.debug("open of %s by pid %d (%s), fh %d", self._path, tgid, name, fh)
-        return fp.open_reply(req.unique, fh, fp.FOPEN_DIRECT_IO | fp.FOPEN_NONSEEKABLE)
+        return fp.open_reply(req.unique, fh, OPEN_FLAGS)
 
     def _release(self, req: fp.Request) -> list[bytes]:
         fh = fp.parse_fh(req)
         done: _Process | None = None
         with self._lock:
-            f = self._files.pop(fh, None)
-            if f is not None:
-                owner = f.owner
-                owner.files -= 1
-                if owner.files == 0:
-                    if self._by_tgid.get(owner.tgid) is owner:
-                        del self._by_tgid[owner.tgid]
-                    done = owner
+            if self._files.pop(fh, None) is not None:
+                done = self._procs.pop(fh, None)
         if done is not None:
             self._close_process(done)
         with self._lock:
@@ -733,6 +733,13 @@ class FuseNode:
         self._inflight[req.unique] = call
         try:
             ret, out = self.driver.ioctl(proc, io.cmd, arg, mem, caller_tgid=tgid)
+        except OSError as e:
+            # e.g. FrontEndLimit: the call needs what a file cannot do in the caller.
+            log.info("ioctl 0x%08x from pid %d: %s", io.cmd, tgid, e)
+            ret, out = -(e.errno or errno.EIO), arg
+        except Exception:
+            log.exception("ioctl 0x%08x from pid %d failed inside the driver", io.cmd, tgid)
+            ret, out = -errno.EIO, arg
         finally:
             self._inflight.pop(req.unique, None)
         if call.replied:
@@ -807,6 +814,8 @@ def ioctl_support() -> list[IoctlSupport]:
             note = FILE_LIMITS.get(nr, "")
         else:
             note = "not implemented yet: -ENOTTY"
+            if nr in FILE_LIMITS:
+                note += f"; once it is, {FILE_LIMITS[nr]}"
         out.append(IoctlSupport(nr, d.name, d.code, d.struct.__name__, d.size,
                                 d.handled and nr in HANDLERS, note))
     return out

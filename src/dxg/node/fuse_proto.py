@@ -28,6 +28,7 @@ from enum import IntEnum
 
 __all__ = [
     "FOPEN_DIRECT_IO",
+    "FOPEN_NOFLUSH",
     "FOPEN_NONSEEKABLE",
     "FUSE_KERNEL_MINOR_VERSION",
     "FUSE_KERNEL_VERSION",
@@ -62,6 +63,7 @@ FUSE_ROOT_ID = 1
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_NONSEEKABLE = 1 << 2
+FOPEN_NOFLUSH = 1 << 5  # Linux 5.19+: close() sends no FLUSH (older kernels ignore the bit)
 
 # fuse_ioctl_in.flags
 FUSE_IOCTL_COMPAT = 1 << 0

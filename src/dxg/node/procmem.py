@@ -31,6 +31,7 @@ import os
 from dxg.guest.usermem import UserMemoryFault
 
 __all__ = [
+    "FrontEndLimit",
     "ProcessVmUserMemory",
     "Syscalls",
     "TakeFdError",
@@ -54,6 +55,16 @@ class _IoVec(ctypes.Structure):
 
 class TakeFdError(OSError):
     """A file descriptor could not be taken from the other process."""
+
+
+class FrontEndLimit(OSError):
+    """What the caller asked for needs the kernel's help in its own context (a new descriptor
+    in its table, a mapping in its address space), which a file server cannot give. The FUSE
+    node answers the ioctl with this errno (``EOPNOTSUPP``)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(errno.EOPNOTSUPP, f"{what}: not possible through the device file; "
+                         "use the socket node (dxg.client)")
 
 
 class Syscalls:
@@ -154,6 +165,14 @@ class ProcessVmUserMemory:
     def take_fd(self, fd: int) -> int:
         """A duplicate (close-on-exec) of the caller's file descriptor ``fd``."""
         return take_fd(self.pid, fd, self._sys)
+
+    def give_fd(self, fd: int) -> int:
+        """Install ``fd`` in the caller (ShareObjects, CreateSyncFile): impossible from here."""
+        raise FrontEndLimit("returning a file descriptor to the caller")
+
+    def map_into_caller(self, fd: int, offset: int, size: int) -> int:
+        """Map ``size`` bytes of ``fd`` into the caller (Lock2, fence pages): impossible here."""
+        raise FrontEndLimit("mapping memory into the caller")
 
 
 def take_fd(pid: int, fd: int, syscalls: Syscalls | None = None) -> int:

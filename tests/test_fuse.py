@@ -1,0 +1,697 @@
+"""The FUSE device file: real mounts under tmp_path, a real stack behind them, and real client
+processes (the C program tests/c/dxg_test.c built against the generated header, Python
+children, other users).
+
+Every mount is taken down by the fixture even when a test fails (``FuseNode.close`` in a
+``finally``, then a lazy unmount of anything still mounted below the test's directory), and a
+session-wide check fails the run if any pydxg FUSE mount is left below pytest's temporary
+directory. Without FUSE (no ``/dev/fuse``, mounting not permitted) the mounting tests are skipped
+with a loud reason; the protocol tests run everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import re
+import select
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import make_stack, wait_until
+from dxg.guest.ioctl import HANDLERS
+from dxg.node import fuse_proto as fp
+from dxg.node.fuse import (
+    FSTYPE,
+    MNT_DETACH,
+    FuseNode,
+    FuseUnavailable,
+    fuse_available,
+    ioctl_support,
+    pydxg_mounts,
+    render_ioctl_table,
+)
+from dxg.uapi.ioctls import (
+    IOCTLS,
+    LX_DXENUMADAPTERS3,
+    LX_DXGETDEVICESTATE,
+    LX_DXOPENADAPTERFROMLUID,
+    LX_DXQUERYADAPTERINFO,
+    LX_ISFEATUREENABLED,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+C_SOURCE = ROOT / "tests" / "c" / "dxg_test.c"
+DOC = ROOT / "docs" / "libdxg.md"
+GCC = shutil.which("gcc")
+NO_FUSE = fuse_available()
+ADAPTERS = 2
+KMTQAITYPE_ADAPTERTYPE = 15
+
+needs_fuse = pytest.mark.skipif(
+    NO_FUSE is not None,
+    reason=f"!!! FUSE UNAVAILABLE ({NO_FUSE}): the /dev/dxg device file is NOT being tested !!!",
+)
+needs_gcc = pytest.mark.skipif(
+    GCC is None, reason="!!! gcc NOT FOUND: the C client of the device file is NOT being run !!!"
+)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (other users, mount(2))")
+
+
+# ---- fixtures ---------------------------------------------------------------------------------
+
+
+def _detach_all(under: Path) -> list[str]:
+    """Lazily unmount every pydxg FUSE mount below ``under``; returns what was mounted."""
+    left = pydxg_mounts(under)
+    if left:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for where in reversed(left):
+            if libc.umount2(os.fsencode(where), MNT_DETACH) != 0 and shutil.which("fusermount3"):
+                subprocess.run(["fusermount3", "-u", "-z", "-q", "--", where], check=False)
+    return left
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_fuse_mount_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole session: no pydxg FUSE mount may remain below pytest's temporary dir."""
+    base = tmp_path_factory.getbasetemp()
+    # Dead mounts of earlier, killed runs (their daemon is gone: ENOTCONN) are detached first;
+    # live ones may belong to another run in progress and are left alone.
+    for where in pydxg_mounts(base.parent):
+        try:
+            os.stat(where)
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                _detach_all(Path(where))
+    yield
+    left = _detach_all(base)
+    assert not left, f"pydxg FUSE mounts were left behind (now detached): {left}"
+
+
+@pytest.fixture
+def stack(tmp_path: Path):
+    with make_stack(tmp_path, "fuse", adapters=ADAPTERS) as s:
+        yield s
+
+
+def _mounted(node: FuseNode) -> bool:
+    return str(node.path) in pydxg_mounts()
+
+
+@contextlib.contextmanager
+def mounted(driver, path: Path, **kw) -> Iterator[FuseNode]:
+    """A started FuseNode at ``path``; always closed and unmounted afterwards."""
+    node = FuseNode(driver, path, **kw)
+    try:
+        try:
+            node.start()
+        except FuseUnavailable as e:
+            pytest.skip(f"!!! FUSE UNAVAILABLE ({e}): the device file is NOT being tested !!!")
+        yield node
+    finally:
+        node.close()
+        _detach_all(path.parent)
+
+
+@pytest.fixture
+def dev(stack, tmp_path: Path) -> Iterator[FuseNode]:
+    if NO_FUSE is not None:
+        pytest.skip(f"!!! FUSE UNAVAILABLE ({NO_FUSE}) !!!")
+    with mounted(stack.driver, tmp_path / "dxg") as node:
+        yield node
+
+
+def _uapi_header() -> str:
+    """``dxg uapi-header``: the CLI's command where it exists, else the generator directly."""
+    cli = subprocess.run([sys.executable, "-m", "dxg.cli.main", "uapi-header"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    if cli.returncode == 0 and "#define LX_DXENUMADAPTERS3" in cli.stdout:
+        return cli.stdout
+    from dxg.uapi.cheader import render_header
+
+    return render_header()
+
+
+@pytest.fixture(scope="session")
+def dxg_test(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/c/dxg_test.c built with gcc against the generated dxg_uapi.h."""
+    if GCC is None:
+        pytest.skip("!!! gcc NOT FOUND: the C client of the device file is NOT being run !!!")
+    build = tmp_path_factory.mktemp("dxg_test_c")
+    (build / "dxg_uapi.h").write_text(_uapi_header(), encoding="utf-8")
+    exe = build / "dxg_test"
+    cc = subprocess.run(
+        [GCC, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-I", str(build),
+         str(C_SOURCE), "-o", str(exe)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert cc.returncode == 0, f"dxg_test.c does not build:\n{cc.stderr}"
+    os.chmod(build, 0o755)
+    return exe
+
+
+def run_c(exe: Path, path: Path, mode: str, *opts: str, timeout: float = 60,
+          **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(exe), "-a", str(ADAPTERS), *opts, str(path), mode],
+                          capture_output=True, text=True, timeout=timeout, check=False, **kw)
+    assert proc.returncode == 0 and f"PASS {mode}" in proc.stdout, (
+        f"dxg_test {mode} exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr}")
+    assert "FAIL" not in proc.stdout
+    return proc
+
+
+def _readline(proc: subprocess.Popen, timeout: float = 20.0) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        proc.kill()
+        raise AssertionError(f"{proc.args} printed nothing in {timeout}s")
+    return proc.stdout.readline()
+
+
+def _enum3(fd: int) -> tuple[int, int]:
+    b = bytearray(24)
+    struct.pack_into("<Q", b, 0, 1)  # include_compute_only
+    try:
+        ret = fcntl.ioctl(fd, LX_DXENUMADAPTERS3, b, True)
+    except OSError as e:
+        return -e.errno, 0
+    return ret, struct.unpack_from("<I", b, 8)[0]
+
+
+def _settled(stack, node: FuseNode) -> bool:
+    t = stack.host_totals()
+    return (not node.processes() and not stack.driver.processes()
+            and t["processes"] == 0 and t["devices"] == 0 and t["contexts"] == 0)
+
+
+# ---- the FUSE protocol, bytes only ------------------------------------------------------------
+
+
+def _request(opcode: int, body: bytes, unique: int = 7, pid: int = 1234) -> memoryview:
+    hdr = struct.pack("<IIQQIIIHH", 40 + len(body), opcode, unique, 1, 1000, 100, pid, 0, 0)
+    return memoryview(hdr + body)
+
+
+def test_proto_parses_requests() -> None:
+    req = fp.parse(_request(fp.Op.IOCTL, struct.pack("<QIIQII", 5, 0, 0xC018473E, 0xDEAD, 24, 24)
+                            + bytes(range(24))))
+    assert (req.opcode, req.unique, req.nodeid, req.uid, req.gid, req.pid) == (39, 7, 1, 1000,
+                                                                                 100, 1234)
+    io = fp.parse_ioctl(req)
+    assert (io.fh, io.cmd, io.arg, io.in_size, io.out_size) == (5, 0xC018473E, 0xDEAD, 24, 24)
+    assert bytes(io.data) == bytes(range(24))
+    init = fp.parse_init(fp.parse(_request(fp.Op.INIT, struct.pack("<IIII", 7, 45, 1 << 17, 3)
+                                           + bytes(48))))
+    assert (init.major, init.minor, init.max_readahead, init.flags) == (7, 45, 1 << 17, 3)
+    assert fp.parse_open(fp.parse(_request(fp.Op.OPEN, struct.pack("<II", os.O_RDONLY, 0)))) == 0
+    assert fp.parse_fh(fp.parse(_request(fp.Op.RELEASE, struct.pack("<QIIQ", 9, 0, 0, 0)))) == 9
+    assert fp.parse_interrupt(fp.parse(_request(fp.Op.INTERRUPT, struct.pack("<Q", 77)))) == 77
+
+
+@pytest.mark.parametrize("raw", [
+    b"\0" * 39,
+    struct.pack("<IIQQIIIHH", 99, 1, 1, 1, 0, 0, 0, 0, 0),  # says 99 bytes, has 40
+])
+def test_proto_rejects_short_or_inconsistent_requests(raw: bytes) -> None:
+    with pytest.raises(fp.ProtocolViolation):
+        fp.parse(memoryview(raw))
+
+
+def test_proto_rejects_short_bodies() -> None:
+    with pytest.raises(fp.ProtocolViolation):
+        fp.parse_ioctl(fp.parse(_request(fp.Op.IOCTL, b"\0" * 16)))
+    with pytest.raises(fp.ProtocolViolation):  # says 24 bytes in, carries 4
+        fp.parse_ioctl(fp.parse(_request(fp.Op.IOCTL, struct.pack("<QIIQII", 1, 0, 0, 0, 24, 24)
+                                         + b"abcd")))
+    with pytest.raises(fp.ProtocolViolation):
+        fp.parse_init(fp.parse(_request(fp.Op.INIT, b"\0" * 8)))
+
+
+def test_proto_replies() -> None:
+    def joined(parts: list[bytes]) -> bytes:
+        data = b"".join(parts)
+        assert struct.unpack_from("<I", data)[0] == len(data)
+        return data
+
+    err = joined(fp.error_reply(5, errno.ENOSYS))
+    assert struct.unpack("<IiQ", err) == (16, -errno.ENOSYS, 5)
+    with pytest.raises(ValueError):
+        fp.error_reply(5, -1)
+    ok = joined(fp.ioctl_reply(6, 0x103, b"x" * 24))
+    assert struct.unpack_from("<IiQiIII", ok) == (16 + 16 + 24, 0, 6, 0x103, 0, 0, 0)
+    assert ok[32:] == b"x" * 24
+    assert len(joined(fp.ioctl_reply(6, -errno.ENOTTY))) == 32
+    with pytest.raises(ValueError):
+        fp.ioctl_reply(6, 1 << 31)
+    kernel = fp.InitIn(7, 45, 131072, 0xFFFFFFFF)
+    init = joined(fp.init_reply(1, kernel, flags=0, max_write=4096))
+    assert len(init) == 16 + 64
+    major, minor, readahead, flags, _bg, _ct, max_write = struct.unpack_from("<IIIIHHI", init, 16)
+    assert (major, minor, readahead, flags, max_write) == (7, fp.FUSE_KERNEL_MINOR_VERSION,
+                                                           131072, 0, 4096)
+    newer = joined(fp.init_reply(1, fp.InitIn(8, 0, 0, 0)))
+    assert struct.unpack_from("<II", newer, 16) == (7, 0)
+    older_minor = joined(fp.init_reply(1, fp.InitIn(7, 26, 0, 0)))
+    assert struct.unpack_from("<II", older_minor, 16) == (7, 26)
+    attr = joined(fp.attr_reply(2, fp.Attr(mode=stat.S_IFREG | 0o640, uid=5, gid=6,
+                                           time_ns=3_000_000_007), 1.5))
+    assert len(attr) == 16 + 104
+    valid, valid_ns, _ = struct.unpack_from("<QII", attr, 16)
+    assert (valid, valid_ns) == (1, 500_000_000)
+    ino, size, _blocks, atime = struct.unpack_from("<QQQQ", attr, 32)
+    assert (ino, size, atime) == (1, 0, 3)
+    mode, nlink, uid, gid = struct.unpack_from("<IIII", attr, 32 + 60)
+    assert (mode, nlink, uid, gid) == (stat.S_IFREG | 0o640, 1, 5, 6)
+    opened = joined(fp.open_reply(3, 42, fp.FOPEN_DIRECT_IO | fp.FOPEN_NONSEEKABLE))
+    assert struct.unpack_from("<QIi", opened, 16) == (42, 5, 0)
+    assert len(joined(fp.statfs_reply(4))) == 16 + 80
+    assert joined(fp.empty_reply(9)) == struct.pack("<IiQ", 16, 0, 9)
+
+
+def test_mount_table_paths_are_unescaped() -> None:
+    from dxg.node.fuse import _unescape_mount_path
+
+    assert _unescape_mount_path(r"/tmp/a\040b\011c\134d") == "/tmp/a b\tc\\d"
+    assert _unescape_mount_path("/dev/dxg") == "/dev/dxg"
+
+
+# ---- the documentation cannot drift ----------------------------------------------------------
+
+
+def test_docs_list_the_supported_ioctls() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    m = re.search(r"<!-- ioctl-table:begin -->\n(.*?)<!-- ioctl-table:end -->", text, re.S)
+    assert m, "docs/libdxg.md lost its ioctl-table markers"
+    assert m.group(1) == render_ioctl_table(), (
+        "docs/libdxg.md is out of date: regenerate its table with "
+        "`python -m dxg.node.fuse ioctl-table`")
+    rows = ioctl_support()
+    assert [r.nr for r in rows] == sorted(IOCTLS)
+    assert {r.nr for r in rows if r.implemented} == {nr for nr in HANDLERS if IOCTLS[nr].handled}
+
+
+# ---- mounting ---------------------------------------------------------------------------------
+
+
+@needs_fuse
+def test_the_file_looks_like_a_device_and_goes_away(stack, tmp_path: Path) -> None:
+    path = tmp_path / "dxg"
+    with mounted(stack.driver, path, mode=0o640) as node:
+        assert _mounted(node) and node.mounted_by == ("syscall" if os.geteuid() == 0
+                                                      else "fusermount")
+        st = os.stat(path)
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+        assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            with pytest.raises(OSError) as e:
+                os.read(fd, 8)
+            assert e.value.errno == errno.EINVAL
+            with pytest.raises(OSError) as e:
+                os.write(fd, b"x")
+            assert e.value.errno == errno.EINVAL
+            with pytest.raises(OSError) as e:
+                os.lseek(fd, 0, os.SEEK_SET)
+            assert e.value.errno == errno.ESPIPE
+        finally:
+            os.close(fd)
+        assert os.statvfs(path).f_bsize == 4096
+    assert not _mounted(node)
+    assert not path.exists()  # the node created it, the node removed it
+
+
+@needs_fuse
+def test_an_existing_file_is_covered_and_kept(stack, tmp_path: Path) -> None:
+    path = tmp_path / "dev-dxg"
+    path.write_bytes(b"underneath")
+    with mounted(stack.driver, path) as node:
+        assert _mounted(node)
+        fd = os.open(path, os.O_RDONLY)
+        assert _enum3(fd) == (0, ADAPTERS)
+        os.close(fd)
+    assert path.read_bytes() == b"underneath"
+    with pytest.raises(IsADirectoryError):
+        FuseNode(stack.driver, tmp_path).start()
+    assert not pydxg_mounts(tmp_path)
+
+
+@needs_fuse
+@needs_root
+def test_fusermount3_path(stack, tmp_path: Path) -> None:
+    if shutil.which("fusermount3") is None:
+        pytest.skip("!!! fusermount3 NOT FOUND: the non-root mount path is NOT being tested !!!")
+    with mounted(stack.driver, tmp_path / "dxg", mount="fusermount") as node:
+        assert node.mounted_by == "fusermount" and _mounted(node)
+        fd = os.open(node.path, os.O_RDONLY | os.O_CLOEXEC)
+        assert _enum3(fd) == (0, ADAPTERS)
+        os.close(fd)
+    assert not pydxg_mounts(tmp_path)
+
+
+@needs_fuse
+@needs_root
+def test_a_dead_mount_is_detached_before_mounting(stack, tmp_path: Path) -> None:
+    """A node that died without unmounting leaves a mount whose connection is gone."""
+    path = tmp_path / "dxg"
+    path.touch()
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    libc = ctypes.CDLL(None, use_errno=True)
+    data = f"fd={fd},rootmode=100000,user_id=0,group_id=0".encode()
+    assert libc.mount(b"pydxg", os.fsencode(path), FSTYPE.encode(), 6, data) == 0
+    os.close(fd)  # the daemon is gone
+    try:
+        with pytest.raises(OSError) as e:
+            os.stat(path)
+        assert e.value.errno == errno.ENOTCONN
+        with mounted(stack.driver, path) as node:
+            fd = os.open(node.path, os.O_RDONLY)
+            assert _enum3(fd) == (0, ADAPTERS)
+            os.close(fd)
+    finally:
+        _detach_all(tmp_path)
+    assert not pydxg_mounts(tmp_path)
+
+
+def test_fuse_unavailable_is_a_clear_error(stack, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("dxg.node.fuse.fuse_available", lambda: "no /dev/fuse here")
+    node = FuseNode(stack.driver, tmp_path / "dxg")
+    with pytest.raises(FuseUnavailable, match="no /dev/fuse here"):
+        node.start()
+    node.close()
+    assert not (tmp_path / "dxg").exists()
+
+
+# ---- processes ------------------------------------------------------------------------------
+
+
+@needs_fuse
+def test_each_open_file_is_one_process(stack, dev: FuseNode) -> None:
+    """Each open file is one process's handle on the driver: handles of one file are invalid
+    through another, closing a file tears down what it created, and the other file keeps
+    working. Calls from another thread of the opener work."""
+    fd1 = os.open(dev.path, os.O_RDONLY | os.O_CLOEXEC)
+    fd2 = os.open(dev.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        procs = dev.processes()
+        assert [(p["pid"], p["files"]) for p in procs] == [(os.getpid(), 1)] * 2
+        assert len(stack.driver.processes()) == 2
+        b = bytearray(12)
+        luid = stack.driver.active_adapters()[0].luid
+        struct.pack_into("<II", b, 0, luid & 0xFFFFFFFF, luid >> 32)
+        assert fcntl.ioctl(fd1, LX_DXOPENADAPTERFROMLUID, b, True) == 0
+        handle = struct.unpack_from("<I", b, 8)[0]
+        info = ctypes.create_string_buffer(4)
+        q = bytearray(struct.pack("<IIQI4x", handle, KMTQAITYPE_ADAPTERTYPE,
+                                  ctypes.addressof(info), 4))
+        assert fcntl.ioctl(fd1, LX_DXQUERYADAPTERINFO, q, True) == 0
+        assert struct.unpack("<I", info.raw)[0] & (1 << 7)  # Paravirtualized
+        with pytest.raises(OSError) as e:  # another file's handle is foreign here
+            fcntl.ioctl(fd2, LX_DXQUERYADAPTERINFO, q, True)
+        assert e.value.errno == errno.EBADF
+        seen: list[tuple[int, int]] = []
+        t = threading.Thread(target=lambda: seen.append(_enum3(fd2)))
+        t.start()
+        t.join()
+        assert seen == [(0, ADAPTERS)]
+    finally:
+        os.close(fd1)
+    wait_until(lambda: len(dev.processes()) == 1, what="the first file's process gone")
+    assert len(stack.driver.processes()) == 1
+    assert _enum3(fd2) == (0, ADAPTERS)
+    os.close(fd2)
+    wait_until(lambda: _settled(stack, dev), what="process torn down")
+
+
+@needs_fuse
+@needs_gcc
+def test_c_program_every_ioctl(stack, dev: FuseNode, dxg_test: Path) -> None:
+    out = run_c(dxg_test, dev.path, "all").stdout
+    exercised = set(re.findall(r"^ok +(LX_\w+) ", out, re.M))
+    for needed in ("LX_DXENUMADAPTERS2", "LX_DXENUMADAPTERS3", "LX_DXQUERYADAPTERINFO",
+                   "LX_DXOPENADAPTERFROMLUID", "LX_DXCREATEDEVICE", "LX_DXDESTROYDEVICE",
+                   "LX_DXCREATECONTEXTVIRTUAL", "LX_DXDESTROYCONTEXT", "LX_DXCLOSEADAPTER",
+                   "LX_DXGETDEVICESTATE", "LX_ISFEATUREENABLED", "LX_DXQUERYCLOCKCALIBRATION",
+                   "LX_DXENUMPROCESSES"):
+        assert needed in exercised, f"{needed} not exercised"
+    for what in ("KMTQAITYPE_ADAPTERTYPE", "KMTQAITYPE_DRIVER_DESCRIPTION",
+                 "KMTQAITYPE_PHYSICALADAPTERDEVICEIDS", "KMTQAITYPE_WDDM_2_7_CAPS",
+                 "bad handle", "a slot without a handler", "NULL buffer with a size",
+                 "unmapped buffer"):
+        assert f"({what})" in out
+    assert '"pydxg Soft GPU' in out  # the UTF-16 description arrived as text
+    wait_until(lambda: _settled(stack, dev), what="the C program's process torn down")
+
+
+@needs_fuse
+@needs_gcc
+def test_c_program_exercises_every_implemented_ioctl(stack, dev: FuseNode,
+                                                     dxg_test: Path) -> None:
+    """The driver grows; this names any ioctl it implements that the C program does not call
+    yet (a skip with the list, so a new handler is never silently untested from C)."""
+    out = run_c(dxg_test, dev.path, "all", "-q").stdout
+    assert out.startswith("PASS")
+    source = C_SOURCE.read_text(encoding="utf-8")
+    missing = [IOCTLS[nr].name for nr in sorted(HANDLERS)
+               if IOCTLS[nr].handled and IOCTLS[nr].name not in source]
+    if missing:
+        pytest.skip(f"!!! implemented but not exercised by tests/c/dxg_test.c: {missing} !!!")
+
+
+@needs_fuse
+@needs_gcc
+def test_c_program_threads_and_processes_at_once(stack, dev: FuseNode, dxg_test: Path) -> None:
+    procs = [subprocess.Popen([str(dxg_test), "-q", "-a", str(ADAPTERS), "-t", "3", "-n", "2",
+                               str(dev.path), "threads"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0 and "PASS threads" in out, f"{out[-4000:]}\n{err}"
+            assert re.search(r"3 threads x 2 sessions on one descriptor: \d+ checks, 0 failures",
+                             out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    wait_until(lambda: _settled(stack, dev), what="every client process torn down")
+
+
+@needs_fuse
+@needs_gcc
+def test_c_forked_child_gets_enotty_and_reopens(stack, dev: FuseNode, dxg_test: Path) -> None:
+    out = run_c(dxg_test, dev.path, "fork").stdout
+    for what in ("child on the parent's descriptor",
+                 "child with the parent's handle and descriptor"):
+        assert re.search(rf"\[child\] ok +LX_\w+ \({re.escape(what)}\) -> -ENOTTY", out), out
+    assert "[child] ok   LX_DXCREATEDEVICE (on the opened adapter) -> 0" in out
+    assert "ok   LX_DXQUERYADAPTERINFO (parent's handle still valid) -> 0" in out
+    wait_until(lambda: _settled(stack, dev), what="parent and child torn down")
+
+
+@needs_fuse
+@needs_gcc
+@pytest.mark.parametrize("how", ["sigkill", "exit"])
+def test_a_dead_or_exiting_process_loses_everything(stack, dev: FuseNode, dxg_test: Path,
+                                                    how: str) -> None:
+    proc = subprocess.Popen([str(dxg_test), "-q", str(dev.path), "hold"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = _readline(proc)
+        assert line.startswith(f"ready pid {proc.pid} "), line
+        totals = stack.host_totals()
+        assert totals["devices"] == 1 and totals["contexts"] == 1
+        assert [p["pid"] for p in dev.processes()] == [proc.pid]
+        if how == "sigkill":
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=20) == -signal.SIGKILL
+        else:
+            assert proc.stdin is not None
+            proc.stdin.close()  # it exits without destroying anything: close() must
+            assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert dev.wait_idle(20)
+    wait_until(lambda: _settled(stack, dev), what="the process's objects gone on the host")
+
+
+@needs_fuse
+@needs_gcc
+@needs_root
+def test_other_users_reach_it_and_mode_is_enforced(stack, dxg_test: Path) -> None:
+    """allow_other lets nobody in; default_permissions enforces the file's mode. (pytest's own
+    temporary directory is private to root, so this one lives in a world-readable one.)"""
+    import tempfile
+
+    public = Path(tempfile.mkdtemp(prefix="pydxg-fuse-"))
+    try:
+        os.chmod(public, 0o755)
+        exe = public / "dxg_test"
+        shutil.copy2(dxg_test, exe)
+        with mounted(stack.driver, public / "dxg", mode=0o666) as node:
+            out = run_c(exe, node.path, "all", user=65534, group=65534).stdout
+            assert "ok   LX_DXCREATEDEVICE (on the opened adapter) -> 0" in out
+            wait_until(lambda: not node.processes(), what="nobody's process closed")
+        with mounted(stack.driver, public / "dxg", mode=0o600) as node:
+            proc = subprocess.run([str(exe), str(node.path), "all"], user=65534, group=65534,
+                                  capture_output=True, text=True, timeout=60, check=False)
+            assert proc.returncode != 0 and "Permission denied" in proc.stdout, proc.stdout
+    finally:
+        _detach_all(public)
+        shutil.rmtree(public, ignore_errors=True)
+    wait_until(lambda: not stack.driver.processes(), what="processes gone")
+
+
+@needs_fuse
+@needs_gcc
+def test_close_with_a_client_still_attached(stack, tmp_path: Path, dxg_test: Path) -> None:
+    """close() detaches the mount at once, ends the connection, and closes the processes the
+    node still served; the client's next call fails instead of hanging."""
+    path = tmp_path / "dxg"
+    holder: subprocess.Popen | None = None
+    with mounted(stack.driver, path) as node:
+        holder = subprocess.Popen([str(dxg_test), "-q", str(path), "hold"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert _readline(holder).startswith("ready")
+        fd = os.open(path, os.O_RDONLY)
+        node.close()
+        assert not _mounted(node) and not pydxg_mounts(tmp_path)
+        assert node.processes() == [] and stack.driver.processes() == []
+        assert _enum3(fd)[0] == -errno.ENOTCONN
+        os.close(fd)
+    assert holder is not None
+    holder.kill()
+    holder.wait()
+    wait_until(lambda: stack.host_totals()["devices"] == 0, what="devices destroyed")
+
+
+@needs_fuse
+def test_an_ioctl_not_implemented_yet_is_enotty_through_the_file(dev: FuseNode) -> None:
+    """The driver answers -ENOSYS; FUSE hands that to the caller as ENOTTY (never ENOSYS)."""
+    todo = [r for r in ioctl_support() if not r.implemented and IOCTLS[r.nr].handled]
+    if not todo:
+        pytest.skip("every ioctl is implemented")
+    fd = os.open(dev.path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as e:
+            fcntl.ioctl(fd, todo[0].code, bytearray(todo[0].size), True)
+        assert e.value.errno == errno.ENOTTY, todo[0].name
+    finally:
+        os.close(fd)
+
+
+class BlockingDriver:
+    """The real driver, except that GetDeviceState blocks until its process is closed, the way a
+    CPU wait blocks until it is signalled or its process is torn down."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.blocked = threading.Event()
+        self.released = threading.Event()
+
+    def open_process(self, pid: int, uid: int, name: str):
+        return self.real.open_process(pid, uid, name)
+
+    def close_process(self, proc) -> None:
+        self.released.set()
+        self.real.close_process(proc)
+
+    def ioctl(self, proc, code: int, arg: bytes, mem, caller_tgid=None):
+        if code == LX_DXGETDEVICESTATE:
+            self.blocked.set()
+            self.released.wait(60)
+            return -errno.ESRCH, arg
+        return self.real.ioctl(proc, code, arg, mem, caller_tgid=caller_tgid)
+
+
+BLOCKED_CLIENT = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CLOEXEC)
+print("calling", flush=True)
+fcntl.ioctl(fd, int(sys.argv[2]), bytearray(56), True)
+print("returned", flush=True)
+"""
+
+
+@needs_fuse
+def test_a_killed_caller_inside_a_blocking_call_does_not_hang(stack, tmp_path: Path) -> None:
+    """SIGKILL while the driver is blocked in its call: the kernel sends INTERRUPT, the node
+    answers EINTR at once so the process can die, its RELEASE closes the process (which ends the
+    blocked call). Meanwhile other callers are served by another thread."""
+    driver = BlockingDriver(stack.driver)
+    with mounted(driver, tmp_path / "dxg") as node:
+        child = subprocess.Popen([sys.executable, "-c", BLOCKED_CLIENT, str(node.path),
+                                  str(LX_DXGETDEVICESTATE)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert _readline(child).strip() == "calling"
+            assert driver.blocked.wait(20)
+            fd = os.open(node.path, os.O_RDONLY)
+            assert _enum3(fd) == (0, ADAPTERS)  # served while the other call is blocked
+            os.close(fd)
+            child.send_signal(signal.SIGKILL)
+            assert child.wait(timeout=20) == -signal.SIGKILL
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert driver.released.wait(20)
+        assert node.wait_idle(20)
+    wait_until(lambda: not stack.driver.processes(), what="processes gone")
+
+
+class LimitedDriver(BlockingDriver):
+    """The real driver, except that two calls need what a file cannot do: GetDeviceState wants
+    to give the caller a descriptor, IsFeatureEnabled breaks inside the driver."""
+
+    def ioctl(self, proc, code: int, arg: bytes, mem, caller_tgid=None):
+        if code == LX_DXGETDEVICESTATE:
+            mem.give_fd(0)
+        if code == LX_ISFEATUREENABLED:
+            raise RuntimeError("a driver bug")
+        return self.real.ioctl(proc, code, arg, mem, caller_tgid=caller_tgid)
+
+
+@needs_fuse
+def test_what_a_file_cannot_do_is_an_error_status(stack, tmp_path: Path, caplog) -> None:
+    with mounted(LimitedDriver(stack.driver), tmp_path / "dxg") as node:
+        fd = os.open(node.path, os.O_RDONLY)
+        try:
+            with pytest.raises(OSError) as e:
+                fcntl.ioctl(fd, LX_DXGETDEVICESTATE, bytearray(56), True)
+            assert e.value.errno == errno.EOPNOTSUPP
+            with pytest.raises(OSError) as e:
+                fcntl.ioctl(fd, LX_ISFEATUREENABLED, bytearray(12), True)
+            assert e.value.errno == errno.EIO
+            assert _enum3(fd) == (0, ADAPTERS)
+        finally:
+            os.close(fd)
+    assert "a driver bug" in caplog.text
+
+
+# ---- cost ---------------------------------------------------------------------------------------
+
+
+@needs_fuse
+@needs_gcc
+def test_c_bench_runs(stack, dev: FuseNode, dxg_test: Path) -> None:
+    out = run_c(dxg_test, dev.path, "bench", "-q", "-n", "300").stdout
+    found = dict(re.findall(r"^bench (\w+) n=300 p50_us=([\d.]+)", out, re.M))
+    assert set(found) == {"LX_DXENUMADAPTERS3_count", "LX_DXQUERYADAPTERINFO_adaptertype"}
+    # Generous: a FUSE round trip is tens of microseconds; a second would mean a hang somewhere.
+    assert all(float(v) < 1_000_000 for v in found.values()), found
