@@ -387,7 +387,8 @@ def test_interrupted_call_leaves_the_connection_usable(driver, node):
         raise Interrupted
 
     old = signal.signal(signal.SIGUSR1, handler)
-    driver.on_enter = lambda: os.kill(os.getpid(), signal.SIGUSR1)
+    main = threading.main_thread().ident
+    driver.on_enter = lambda: signal.pthread_kill(main, signal.SIGUSR1)
     conn = NodeConnection(node.path)
     try:
         with pytest.raises(Interrupted):

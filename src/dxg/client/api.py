@@ -18,6 +18,7 @@ its children first (Node > Adapter > Device > Context). A failed call raises
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from dataclasses import dataclass
 from functools import cached_property
@@ -518,6 +519,6 @@ class Context(_Closable):
         _check(status, "DestroyContext")
 
 
-def open_node(path: str | None = None) -> Node:
+def open_node(path: str | os.PathLike[str] | None = None) -> Node:
     """Connect to the node (default: ``$DXG_NODE`` or the standard path)."""
     return Node(NodeConnection(path))

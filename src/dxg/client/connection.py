@@ -11,6 +11,10 @@ driver's writes go back with ``process_vm_writev`` (``ctypes.memmove`` where tho
 not allowed). A connection belongs to the process that opened it: after ``fork()`` the child
 gets ``-ENOTTY`` (as the kernel answers a child using its parent's ``/dev/dxg`` file) and must
 open its own (:meth:`NodeConnection.reopen`).
+
+A call interrupted while it waits for the node (``KeyboardInterrupt`` during a blocking wait)
+raises in the caller and leaves the connection usable: the node still finishes that call, and its
+reply is skipped when it arrives (its writes to user memory are then not applied).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import errno
 import os
 import socket
 import threading
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,9 @@ from dxg.uapi.ioctls import IOCTLS_BY_CODE
 __all__ = ["NodeConnection"]
 
 _RECV_CHUNK = 256 * 1024
+# An interrupted request up to this size is assumed whole on the wire (a Unix socket's buffer
+# takes it without blocking, so the send cannot stop half-way); a bigger one drops the stream.
+_ATOMIC_SEND = 64 * 1024
 
 
 class _iovec(ctypes.Structure):
@@ -126,6 +134,7 @@ class NodeConnection:
         self._decoder = wire.FrameDecoder()
         self._seq = 0
         self._abandoned: set[int] = set()
+        self._ready: deque[wire.Frame] = deque()
         self._pid = os.getpid()
         self._mem = _SelfMemory()
         self.version = 0
@@ -158,6 +167,7 @@ class NodeConnection:
         self._sock = sock
         self._decoder = wire.FrameDecoder()
         self._abandoned.clear()
+        self._ready.clear()
         try:
             reply = self._roundtrip(wire.Hello())
         except NodeError:
@@ -232,19 +242,19 @@ class NodeConnection:
         data = wire.encode(msg, seq)
         sent = False
         try:
+            sent = True  # from here on the node may have (part of) the request
             sock.sendall(data)
-            sent = True
             frame = self._next_reply(sock, seq)
         except (OSError, wire.WireError) as e:
             self._drop()
             raise NodeUnavailable(f"lost the dxg node {self.path}: {e}") from None
         except BaseException:
-            # Interrupted (KeyboardInterrupt...): a whole request is still answered, and its
-            # reply is skipped later; half a request leaves the stream unusable.
-            if sent:
-                self._abandoned.add(seq)
-            else:
+            # Interrupted (KeyboardInterrupt...). A whole request is still answered and its
+            # reply is skipped later; one that may be half sent leaves the stream unusable.
+            if sent and len(data) > _ATOMIC_SEND:
                 self._drop()
+            elif sent:
+                self._abandoned.add(seq)
             raise
         try:
             reply = wire.decode(frame)
@@ -261,20 +271,26 @@ class NodeConnection:
         return reply
 
     def _next_reply(self, sock: socket.socket, seq: int) -> wire.Frame:
-        """The next frame that is not the reply to an abandoned request."""
+        """The next frame that is not the reply to an abandoned request.
+
+        The blocking wait only peeks, so an exception from a signal handler there (the usual
+        place: a call blocked in the driver) consumes nothing; the bytes are then taken and
+        fed in one statement."""
+        ready = self._ready
         while True:
-            frame = self._decoder.next_frame()
-            if frame is None:
-                want = min(max(self._decoder.header_needed(), 4096), _RECV_CHUNK)
-                data = sock.recv(want)
-                if not data:
-                    raise ConnectionResetError(errno.ECONNRESET, "connection closed by the node")
-                self._decoder.feed(data)
-                continue
-            if frame.seq != seq and frame.seq in self._abandoned:
-                self._abandoned.discard(frame.seq)
-                continue
-            return frame
+            while ready:
+                frame = ready.popleft()
+                if frame.seq != seq and frame.seq in self._abandoned:
+                    self._abandoned.discard(frame.seq)
+                    continue
+                return frame
+            want = min(max(self._decoder.header_needed(), 4096), _RECV_CHUNK)
+            peeked = sock.recv(want, socket.MSG_PEEK)
+            if not peeked:
+                raise ConnectionResetError(errno.ECONNRESET, "connection closed by the node")
+            self._decoder.feed(sock.recv(len(peeked)))
+            while (f := self._decoder.next_frame()) is not None:
+                ready.append(f)
 
     # ---- ioctl ----------------------------------------------------------------------------------
 
