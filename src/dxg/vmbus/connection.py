@@ -31,6 +31,7 @@ class BusConnection:
         self._channels: dict[int, Channel] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"bus-rx {name}", daemon=True)
 
     def start(self) -> None:
@@ -63,6 +64,7 @@ class BusConnection:
         self.transport.send(encode_frame(relid, packet_type, payload, trans_id, flags))
 
     def close(self) -> None:
+        self._closing = True
         self.transport.close()
         if threading.current_thread() is not self._thread and self._thread.is_alive():
             self._thread.join(timeout=5)
@@ -89,7 +91,7 @@ class BusConnection:
         except ProtocolError as e:
             log.error("%s: protocol error, dropping the connection: %s", self.name, e)
         except OSError as e:
-            if not self._closed.is_set():
+            if not (self._closing or self._closed.is_set()):
                 log.info("%s: connection lost: %s", self.name, e)
         except Exception:
             log.exception("%s: bus reader failed", self.name)
