@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up everything pydxg needs on a Debian machine: system packages (FUSE, a C compiler),
+# Sets up everything pydxg needs on a Debian machine: system packages (fuse3, a C compiler),
 # a virtualenv inside the repo (.venv) with the pinned Python dependencies, and the package itself.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 need_apt=()
 command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
-[ -e /usr/lib/x86_64-linux-gnu/libfuse.so.2 ] || ls /usr/lib/*/libfuse.so.2 >/dev/null 2>&1 || need_apt+=(libfuse2)
+# fuse3: /dev/fuse tooling and fusermount3 (the FUSE node speaks the kernel protocol itself)
 command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
@@ -35,6 +35,6 @@ stamp=.venv/.pydxg-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing Python dependencies into .venv"
   .venv/bin/python -m pip install -q --upgrade pip </dev/null
-  .venv/bin/python -m pip install -q -e '.[dev,fuse]' </dev/null
+  .venv/bin/python -m pip install -q -e '.[dev]' </dev/null
   touch "$stamp"
 fi

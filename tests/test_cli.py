@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import client, read_json_line
+from conftest import client, read_json_line, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,3 +129,39 @@ def test_up_and_demo(tmp_path):
         up.terminate()
         assert up.wait(timeout=30) == 0
     assert not os.path.exists(node)
+
+
+def test_up_with_a_device_file(tmp_path):
+    """`dxg up --dev-node PATH`: PATH itself becomes the device file (a FUSE mount over a
+    file), driven with the real ioctl; stopping `dxg up` removes it and leaves no mount."""
+    import ctypes
+    import fcntl
+
+    from dxg import uapi
+    from dxg.node.fuse import fuse_available, pydxg_mounts
+
+    if (why := fuse_available()) is not None:
+        pytest.skip(f"!!! FUSE UNAVAILABLE ({why}): `dxg up --dev-node` is NOT being tested !!!")
+    node, devfile = str(tmp_path / "dxg.sock"), tmp_path / "dxg"
+    up = subprocess.Popen([sys.executable, "-m", "dxg.cli.main", "up", "--node", node,
+                           "--dev-node", str(devfile)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        r = dxg("wait", "--adapters", "2", "--timeout", "60", env={"DXG_NODE": node})
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: pydxg_mounts(tmp_path) or up.poll() is not None, 30, "mount")
+        assert up.poll() is None, up.stderr.read()
+        fd = os.open(devfile, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            e = uapi.d3dkmt_enumadapters3()
+            e.filter.include_compute_only = 1
+            buf = bytearray(bytes(e))
+            assert fcntl.ioctl(fd, uapi.LX_DXENUMADAPTERS3, buf, True) == 0
+            assert uapi.d3dkmt_enumadapters3.from_buffer(buf).adapter_count == 2
+            assert ctypes.sizeof(e) == len(buf)
+        finally:
+            os.close(fd)
+    finally:
+        up.terminate()
+        assert up.wait(timeout=30) == 0, up.stderr.read()
+    assert not pydxg_mounts(tmp_path) and not devfile.exists()
