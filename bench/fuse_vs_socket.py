@@ -58,15 +58,19 @@ def start_stack(tmp: Path) -> tuple[subprocess.Popen, Path, Path]:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     assert proc.stdout is not None
+    seen: list[str] = []
     while time.monotonic() < deadline:
         ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
         line = proc.stdout.readline() if ready else ""
         if not line:
             break
+        seen.append(line)
         if line.startswith("device file:"):
             return proc, node, dev
-    proc.kill()
-    raise SystemExit("dxg up did not start a device file (root and FUSE needed)")
+    proc.terminate()  # SIGTERM: `dxg up` unmounts on the way out; SIGKILL would leave a mount
+    proc.wait(timeout=30)
+    raise SystemExit("dxg up did not start a device file (root and FUSE needed):\n"
+                     + "".join(seen[-10:]))
 
 
 def python_clients(node: Path, dev: Path, n: int) -> dict[str, dict[str, list[float]]]:
