@@ -165,3 +165,45 @@ def test_up_with_a_device_file(tmp_path):
         up.terminate()
         assert up.wait(timeout=30) == 0, up.stderr.read()
     assert not pydxg_mounts(tmp_path) and not devfile.exists()
+
+
+def _daemon(*args: str) -> tuple[subprocess.Popen, str]:
+    """Start a `dxg` daemon; return it and its first stdout line."""
+    p = subprocess.Popen([sys.executable, "-m", "dxg.cli.main", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    if not line:
+        raise AssertionError(f"dxg {args[0]} failed: {p.stderr.read()}")
+    return p, line.strip()
+
+
+def test_host_and_guest_apart_over_tcp_with_two_hosts(tmp_path):
+    """`dxg host --listen tcp:...` twice, `dxg guest --connect ... --connect ...`: all four
+    adapters enumerate through the one node, and each works."""
+    procs = []
+    try:
+        addrs = []
+        for host_id in ("box-a", "box-b"):
+            h, line = _daemon("host", "--listen", "tcp:127.0.0.1:0", "--host-id", host_id)
+            procs.append(h)
+            addrs.append(line.rsplit(" ", 1)[-1])
+        assert all(a.startswith("tcp:127.0.0.1:") for a in addrs)
+        node = str(tmp_path / "dxg.sock")
+        g, _ = _daemon("guest", "--connect", addrs[0], "--connect", addrs[1], "--node", node)
+        procs.append(g)
+        r = dxg("wait", "--adapters", "4", "--timeout", "60", env={"DXG_NODE": node})
+        assert r.returncode == 0, r.stderr
+        rows = json.loads(dxg("ls", "--json", env={"DXG_NODE": node}).stdout)["adapters"]
+        assert len({row["luid"] for row in rows}) == 4
+        holder = client("hold", node, 1, 1)
+        held = read_json_line(holder)
+        assert len(held["devices"]) == 4 and len(held["contexts"]) == 4
+        holder.stdin.close()
+        assert holder.wait(timeout=30) == 0
+        ps = json.loads(dxg("ps", "--json", env={"DXG_NODE": node}).stdout)
+        assert [h["census"]["totals"]["devices"] for h in ps["census"]["hosts"]] == [0, 0]
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            assert p.wait(timeout=30) == 0, p.stderr.read()
