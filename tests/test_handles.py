@@ -51,3 +51,16 @@ def test_random_values_are_invalid():
         v = rng.getrandbits(32)
         if v not in live:
             assert t.get(v) is None
+
+
+def test_per_process_cap():
+    t = HandleTable(HandleSpace(), limit=3)
+    hs = [t.alloc(HandleType.DEVICE, i) for i in range(3)]
+    try:
+        t.alloc(HandleType.DEVICE, 3)
+    except MemoryError:
+        pass
+    else:
+        raise AssertionError("the cap did not hold")
+    t.free(hs[0])
+    t.alloc(HandleType.DEVICE, 4)

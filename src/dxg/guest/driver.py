@@ -115,8 +115,9 @@ class GuestDriver:
             link.global_channel = channel
             link.generation += 1
             link.async_msg_enabled = False
-            link.iospace = (IOSPACE_BASE + link.index * IOSPACE_STRIDE,
-                            dev.offer.mmio_megabytes << 20)
+            # Each host's window has its own slot; a host cannot make it overlap the next one.
+            size = min(dev.offer.mmio_megabytes << 20, IOSPACE_STRIDE)
+            link.iospace = (IOSPACE_BASE + link.index * IOSPACE_STRIDE, size)
         try:
             vmbus.set_iospace_region(link, *link.iospace)
         except IoctlError as e:
@@ -129,17 +130,24 @@ class GuestDriver:
             log.error("host %s: vGPU %016x speaks DXGK interface %d; pydxg needs %d",
                       link.name, luid, version, DXGK_VMBUS_INTERFACE_VERSION)
             return
+        clash = next((a for a in self.all_adapters()
+                      if a.luid == luid and a.state != AdapterState.STOPPED), None)
+        if clash is not None:
+            log.error("host %s: vGPU LUID %016x is already used by host %s; refused (is the "
+                      "same host, or the same --host-id, bound twice?)", link.name, luid,
+                      clash.link.name)
+            return
+        self._add_waiting_adapter(link, dev, luid, version)
+
+    def _add_waiting_adapter(self, link: HostLink, dev: BusDevice, luid: int,
+                             version: int) -> GuestAdapter:
         adapter = GuestAdapter(link, dev, luid,
                                dev.offer.pci_device_id == PCI_DEVICE_ID_COMPUTE_ACCELERATOR)
         adapter.interface_version = min(version, DXGK_VMBUS_INTERFACE_VERSION)
         dev.drvdata = adapter
         with link.lock:
-            old = link.adapters.get(luid)
-            if old is not None and old.state != AdapterState.STOPPED:
-                log.error("host %s: second vGPU with LUID %016x refused", link.name, luid)
-                dev.drvdata = None
-                return
             link.adapters[luid] = adapter
+        return adapter
 
     def _start_adapters(self, link: HostLink) -> None:
         """An adapter starts once both its vGPU channel and the global channel exist."""
@@ -158,6 +166,7 @@ class GuestDriver:
             except (IoctlError, BusError, ChannelClosed, vmbus.HostStatus) as e:
                 log.error("host %s: adapter %016x failed to start: %s", link.name, ad.luid, e)
                 ad.state = AdapterState.STOPPED
+                self._release_adapter(ad)
                 continue
             ad.description = info.device_description
             ad.instance_id = info.device_instance_id
@@ -182,7 +191,16 @@ class GuestDriver:
                 link.global_channel = None
                 adapters = list(link.adapters.values())
             for ad in adapters:
-                self._stop_adapter(ad)
+                # Without the global channel the adapter is gone for its users (its objects
+                # fail -ENODEV); release it on the host and wait, as a fresh adapter, for the
+                # global channel to come back.
+                if ad.state == AdapterState.STOPPED:
+                    continue
+                ad.state = AdapterState.STOPPED
+                self._release_adapter(ad)
+                log.info("adapter %016x stopped (global channel gone)", ad.luid)
+                if not ad.dev.conn.closed:
+                    self._add_waiting_adapter(link, ad.dev, ad.luid, ad.interface_version)
         else:
             ad = dev.drvdata
             if isinstance(ad, GuestAdapter):
@@ -192,6 +210,17 @@ class GuestDriver:
                         del link.adapters[ad.luid]
         with self._lock:
             self._changed.notify_all()
+
+    def _release_adapter(self, ad: GuestAdapter) -> None:
+        """Give the host back what a (partly) started adapter holds: its adapter handle and
+        its vGPU channel. Best effort: the host may be gone already."""
+        if ad.host_handle and ad.channel is not None and not ad.channel.closed:
+            try:
+                vmbus.close_adapter(ad)
+            except (IoctlError, vmbus.HostStatus) as e:
+                log.info("adapter %016x: CLOSEADAPTER failed: %s", ad.luid, e)
+        ad.dev.close()
+        ad.channel = None
 
     def _stop_adapter(self, ad: GuestAdapter) -> None:
         """Objects and handles stay until their processes close them; calls fail -ENODEV."""

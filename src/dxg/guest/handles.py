@@ -22,6 +22,9 @@ INDEX_SHIFT = 6
 UNIQUE_SHIFT = 30
 SIZE_INCREMENT = 1024  # HMGRTABLE_SIZE_INCREMENT
 MIN_FREE_ENTRIES = 128  # HMGRTABLE_MIN_FREE_ENTRIES
+# pydxg's own guard: processes share one index space, so no process may hold more than this
+# many handles at once (-ENOMEM past it); the space (2**24) then takes 64 such processes.
+MAX_HANDLES_PER_PROCESS = 1 << 18
 
 
 class HandleType(IntEnum):
@@ -87,32 +90,34 @@ class _Entry:
     type: HandleType
     unique: int
     obj: Any
-    destroyed: bool = False
 
 
 class HandleTable:
     """One process's table: typed entries keyed by index."""
 
-    def __init__(self, space: HandleSpace) -> None:
+    def __init__(self, space: HandleSpace, limit: int = MAX_HANDLES_PER_PROCESS) -> None:
         self._space = space
+        self._limit = limit
         self._entries: dict[int, _Entry] = {}
         self.lock = threading.RLock()
 
     def alloc(self, htype: HandleType, obj: Any) -> int:
-        index, unique = self._space.alloc()
         with self.lock:
+            if len(self._entries) >= self._limit:
+                raise MemoryError(f"a process may hold at most {self._limit} handles")
+            index, unique = self._space.alloc()
             self._entries[index] = _Entry(htype, unique, obj)
         return make_handle(index, unique)
 
     def get(self, handle: int, htype: HandleType | None = None) -> Any | None:
         """The live object behind `handle`, or None when it is stale, foreign, of another
-        type, being destroyed, or not a handle at all."""
+        type, or not a handle at all."""
         index, unique, instance = split_handle(handle)
         if instance != 0 or handle == 0:
             return None
         with self.lock:
             e = self._entries.get(index)
-            if e is None or e.unique != unique or e.destroyed:
+            if e is None or e.unique != unique:
                 return None
             if htype is not None and e.type != htype:
                 return None

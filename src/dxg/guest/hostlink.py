@@ -3,7 +3,6 @@ device (one per host connection), so several hosts serve one node. Holds the glo
 vGPU channel records, the adapters of this host, the IO space, the device-state counter and the
 routing rule (adapter traffic on the global channel once the host enables async messages)."""
 
-import itertools
 import logging
 import secrets
 import threading
@@ -29,7 +28,6 @@ class HostLink:
         self.lock = threading.RLock()
         self.global_dev: BusDevice | None = None
         self.global_channel: Channel | None = None
-        self.vgpu_devs: dict[int, BusDevice] = {}  # guest LUID -> offered vGPU channel
         self.adapters: dict[int, GuestAdapter] = {}  # guest LUID -> adapter
         self.async_msg_enabled = False
         self.iospace: tuple[int, int] = (0, 0)
@@ -37,7 +35,6 @@ class HostLink:
         # (the real driver sends the counter's kernel address).
         self.device_state_counter = 0
         self.device_state_cookie = secrets.randbits(63) | 1
-        self._host_event_ids = itertools.count(2)
         self.generation = 0
 
     @property
@@ -48,9 +45,6 @@ class HostLink:
     def up(self) -> bool:
         ch = self.global_channel
         return ch is not None and not ch.closed
-
-    def new_host_event_id(self) -> int:
-        return next(self._host_event_ids)
 
     def on_host_message(self, _channel: Channel, payload: bytes) -> None:
         """Host -> guest notifications arrive only on the global channel, without ext header."""

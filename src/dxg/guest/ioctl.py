@@ -93,8 +93,8 @@ def _context(proc: GuestProcess, handle: Any) -> GuestContext:
 # ---- enumeration and open (local) ----------------------------------------------------------------
 
 
-def _fill_adapter_infos(drv: "GuestDriver", proc: GuestProcess, adapters: "list[GuestAdapter]",
-                        mem: UserMemory, addr: int) -> None:
+def _fill_adapter_infos(proc: GuestProcess, adapters: "list[GuestAdapter]", mem: UserMemory,
+                        addr: int) -> None:
     infos = (uapi.d3dkmt_adapterinfo * len(adapters))()
     opened: list[int] = []
     try:
@@ -106,7 +106,10 @@ def _fill_adapter_infos(drv: "GuestDriver", proc: GuestProcess, adapters: "list[
         copy_to_user(mem, addr, bytes(infos))
     except BaseException:
         for h in opened:
-            close_adapter(proc, h)
+            try:
+                close_adapter(proc, h)
+            except IoctlError as e:
+                log.warning("pid %d: undoing an adapter open failed: %s", proc.pid, e)
         raise
 
 
@@ -121,7 +124,7 @@ def enum_adapters2(drv: "GuestDriver", proc: GuestProcess, args: Any, mem: UserM
     if args.num_adapters < len(adapters):
         args.num_adapters = len(adapters)  # the real driver forgets this; callers need it
         return -errno.EOVERFLOW
-    _fill_adapter_infos(drv, proc, adapters, mem, args.adapters)
+    _fill_adapter_infos(proc, adapters, mem, args.adapters)
     args.num_adapters = len(adapters)
     return 0
 
@@ -140,7 +143,7 @@ def enum_adapters3(drv: "GuestDriver", proc: GuestProcess, args: Any, mem: UserM
     if args.adapter_count < len(adapters):
         args.adapter_count = len(adapters)
         return -errno.EOVERFLOW
-    _fill_adapter_infos(drv, proc, adapters, mem, args.adapters)
+    _fill_adapter_infos(proc, adapters, mem, args.adapters)
     args.adapter_count = len(adapters)
     return 0
 
@@ -163,7 +166,7 @@ def close_adapter_ioctl(drv: "GuestDriver", proc: GuestProcess, args: Any,
 
 def enum_processes(drv: "GuestDriver", proc: GuestProcess, args: Any, mem: UserMemory) -> int:
     luid = luid_to_int(args.adapter_luid.a, args.adapter_luid.b)
-    adapter = next((a for a in drv.all_adapters() if a.luid == luid), None)
+    adapter = next((a for a in drv.all_adapters() if a.luid == luid and a.active), None)
     if adapter is None:
         return -errno.EINVAL
     with adapter.lock:
@@ -257,6 +260,8 @@ def destroy_device_ioctl(drv: "GuestDriver", proc: GuestProcess, args: Any,
     if dev is None or dev.state != ObjectState.ACTIVE:
         return -errno.EBADF
     status = destroy_device(proc, dev)
+    if not dev.adapter.active:
+        return -errno.ENODEV  # the handles are gone; the adapter (and its host object) already was
     return 0 if nt_success(status) else _errno_of(status)
 
 
@@ -271,7 +276,11 @@ def create_context_virtual(drv: "GuestDriver", proc: GuestProcess, args: Any,
         int.from_bytes(bytes(args.flags), "little"), int(args.client_hint), priv,
     )
     if priv_out:
-        copy_to_user(mem, args.priv_drv_data, priv_out)
+        try:
+            copy_to_user(mem, args.priv_drv_data, priv_out)
+        except IoctlError:
+            destroy_context(proc, ctx)  # the caller never learns the handle: do not leak it
+            raise
     args.context.v = ctx.handle
     return 0
 

@@ -88,8 +88,6 @@ def open_adapter(proc: GuestProcess, adapter: "GuestAdapter") -> int:
 
 def close_adapter(proc: GuestProcess, handle: int) -> None:
     """Drop one adapter handle; the last one destroys the process's devices on that adapter."""
-    from dxg.guest.device import destroy_device
-
     with proc.lock:
         pa = proc.handles.free(handle, HandleType.ADAPTER)
         if pa is None:
@@ -103,14 +101,24 @@ def close_adapter(proc: GuestProcess, handle: int) -> None:
         if pa in pa.adapter.process_adapters:
             pa.adapter.process_adapters.remove(pa)
     for dev in devices:
+        destroy_device_quietly(proc, dev)
+
+
+def destroy_device_quietly(proc: GuestProcess, dev: "GuestDevice") -> None:
+    """Teardown must go on past one failed host call: log it and carry on."""
+    from dxg.guest import vmbus
+    from dxg.guest.device import destroy_device
+
+    try:
         destroy_device(proc, dev, flush=True)
+    except (IoctlError, vmbus.HostStatus) as e:
+        log.warning("pid %d: destroying device 0x%08x failed: %s", proc.pid, dev.handle, e)
 
 
 def process_exit(proc: GuestProcess) -> None:
     """Everything the process created goes: devices (FLUSHDEVICE(4) then DESTROYDEVICE), adapter
     handles, then its host processes (DESTROYPROCESS drops whatever the host still holds)."""
     from dxg.guest import vmbus
-    from dxg.guest.device import destroy_device
 
     with proc.lock:
         proc.closed = True
@@ -118,19 +126,22 @@ def process_exit(proc: GuestProcess) -> None:
         proc.adapters.clear()
         for h, _t, _o in proc.handles.items():
             proc.handles.free(h)
-    for pa in links:
-        with pa.adapter.lock:
-            if pa in pa.adapter.process_adapters:
-                pa.adapter.process_adapters.remove(pa)
-        for dev in list(pa.devices):
-            destroy_device(proc, dev, flush=True)
-    with proc.host_process_lock:
-        hosts = list(proc.host_processes.items())
-        proc.host_processes.clear()
-    for link, (generation, hprocess) in hosts:
-        if generation != link.generation or not link.up:
-            continue  # that host is gone, and took the process with it
-        try:
-            vmbus.destroy_process(link, hprocess)
-        except IoctlError as e:
-            log.info("DESTROYPROCESS on %s failed: %s", link.name, e)
+    try:
+        for pa in links:
+            with pa.adapter.lock:
+                if pa in pa.adapter.process_adapters:
+                    pa.adapter.process_adapters.remove(pa)
+            for dev in list(pa.devices):
+                destroy_device_quietly(proc, dev)
+    finally:
+        # DESTROYPROCESS drops whatever the host still holds for the process, whatever failed.
+        with proc.host_process_lock:
+            hosts = list(proc.host_processes.items())
+            proc.host_processes.clear()
+        for link, (generation, hprocess) in hosts:
+            if generation != link.generation or not link.up:
+                continue  # that host is gone, and took the process with it
+            try:
+                vmbus.destroy_process(link, hprocess)
+            except (IoctlError, vmbus.HostStatus) as e:
+                log.warning("DESTROYPROCESS on %s failed: %s", link.name, e)

@@ -19,6 +19,7 @@ from dxg.protocol.commands import GlobalCommand, VgpuCommand
 from dxg.protocol.errors import ProtocolError
 from dxg.protocol.guids import luid_parts
 from dxg.protocol.headers import encode_global, encode_vgpu
+from dxg.uapi.ntstatus import nt_success
 from dxg.vmbus.channel import Channel, ChannelClosed, ChannelTimeout
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,12 @@ def _parse(cls: type[_T], reply: bytes) -> _T:
     try:
         return cls.unpack(reply)  # type: ignore[no-any-return]
     except ProtocolError as e:
-        # A 4-byte reply where a bigger one was due is the host's failure status.
+        # A 4-byte reply where a bigger one was due is the host's failure status; a success
+        # status there is a malformed reply (its outputs are missing).
         if len(reply) == 4 and cls is not m.NtStatusReturn:
             status = m.NtStatusReturn.unpack(reply).status
-            raise HostStatus(status) from None
+            if not nt_success(status):
+                raise HostStatus(status) from None
         raise IoctlError(errno.EPROTO, f"malformed host reply: {e}") from None
 
 
@@ -124,7 +127,7 @@ def query_adapter_info(adapter: GuestAdapter, hprocess: int, qtype: int,
     reply = _vgpu(adapter, VgpuCommand.QUERYADAPTERINFO, hprocess,
                   m.QueryAdapterInfo(qtype, data).pack())
     out = _parse(m.StatusAndData, reply)
-    if out.status == 0 and len(out.data) != len(data):
+    if nt_success(out.status) and len(out.data) != len(data):
         raise IoctlError(errno.EPROTO, "host answered QUERYADAPTERINFO with the wrong size")
     return out.status, out.data
 

@@ -97,7 +97,7 @@ class Host:
             except Exception:
                 log.exception("host %s: could not start a session for %s", self.config.name,
                               transport.peer)
-                transport.close()
+                transport.release()
 
     def _offers(self) -> list[Offer]:
         glob = Offer(GLOBAL_RELID, DXGK_GLOBAL_GUID, self.global_instance_guid,
@@ -108,7 +108,7 @@ class Host:
     def _start_session(self, transport: Transport) -> None:
         with self._lock:
             if self._closed:
-                transport.close()
+                transport.release()
                 return
             partition = Partition(next(self._ids), self.adapters, self.config, transport.peer,
                                   on_closed=self._partition_closed)

@@ -10,6 +10,7 @@ host is dialled again and its channels are offered anew.
 """
 
 import contextlib
+import errno
 import logging
 import queue
 import threading
@@ -50,8 +51,9 @@ class BusError(ConnectionError):
 class BusDevice:
     """An offered channel as a driver sees it. The driver keeps its state in `drvdata`."""
 
-    def __init__(self, bus: "GuestBus", offer: Offer) -> None:
+    def __init__(self, bus: "GuestBus", conn: BusConnection, offer: Offer) -> None:
         self.bus = bus
+        self.conn = conn  # the connection the offer came on; the channel lives and dies with it
         self.offer = offer
         self.channel: Channel | None = None
         self.driver: BusDriver | None = None
@@ -84,8 +86,18 @@ class BusDriver(Protocol):
     def remove(self, dev: BusDevice) -> None: ...
 
 
+# errno answered to an open that was waiting when the connection went away
+_ENOTCONN = -errno.ENOTCONN
+
+
 class GuestBus:
-    """The guest's view of one host: its connection, its offered devices, and their drivers."""
+    """The guest's view of one host: its connection, its offered devices, and their drivers.
+
+    Offers, rescinds and connection loss are queued, with the connection they came on, to one
+    worker thread that runs the drivers' probe() and remove(); work for a connection that has
+    since gone is skipped, so a quick reconnect never mixes the old host's channels with the
+    new one's. A rescind closes its channel at once on the reader thread, so a probe blocked
+    in a request on that channel fails immediately instead of timing out."""
 
     def __init__(self, address: str, name: str | None = None, reconnect: bool = True,
                  handshake_timeout: float = 10.0) -> None:
@@ -96,7 +108,7 @@ class GuestBus:
         self.host_name = ""
         self.version = 0
         self._drivers: list[BusDriver] = []
-        self._devices: dict[int, BusDevice] = {}
+        self._devices: dict[tuple[int, int], BusDevice] = {}  # (id(conn), relid) -> device
         self._lock = threading.Lock()
         self._conn: BusConnection | None = None
         self._version_reply: VersionResponse | None = None
@@ -120,31 +132,29 @@ class GuestBus:
             self._drivers.append(driver)
 
     def start(self, wait: bool = True) -> None:
-        """Connect now (raising if the host is unreachable and `wait` is False), then keep the
-        link up in the background when `reconnect` is set."""
-        self._worker.start()
+        """Connect now (raising, with no thread left behind, if the host is unreachable and
+        `wait` is False), then keep the link up in the background when `reconnect` is set."""
         if not wait:
             self._connect_once()
+        self._worker.start()
         self._supervisor = threading.Thread(target=self._supervise, name=f"bus-sup {self.name}",
                                             daemon=True)
         self._supervisor.start()
 
     def close(self) -> None:
         self._closing.set()
-        conn = self._conn
+        with self._lock:
+            conn = self._conn
         if conn is not None:
-            with contextlib.suppress(OSError, ConnectionError):
-                conn.send_control(Unload())
+            conn.say_goodbye(Unload())
             conn.close()
         self._lost.set()
+        self._version_event.set()
         if self._supervisor is not None:
-            self._supervisor.join(timeout=5)
-        done = threading.Event()
-        self._work.put(done.set)
-        self._work.put(None)
+            self._supervisor.join(timeout=15)
         if self._worker.is_alive():
-            done.wait(timeout=10)
-            self._worker.join(timeout=5)
+            self._work.put(None)
+            self._worker.join(timeout=15)
 
     def devices(self) -> list[BusDevice]:
         with self._lock:
@@ -154,12 +164,17 @@ class GuestBus:
 
     def _connect_once(self) -> None:
         transport = connect(self.address)
-        self._version_event.clear()
-        self._version_reply = None
-        self.offers_delivered.clear()
-        self._lost.clear()
-        conn = BusConnection(transport, self._on_control, self._on_lost, f"guest<-{self.name}")
-        self._conn = conn
+        with self._lock:
+            if self._closing.is_set():
+                transport.release()
+                raise BusError(f"bus {self.name} is closing")
+            self._version_event.clear()
+            self._version_reply = None
+            self.offers_delivered.clear()
+            self._lost.clear()
+            conn = BusConnection(transport, self._on_control, self._on_lost,
+                                 f"guest<-{self.name}")
+            self._conn = conn
         conn.start()
         try:
             conn.send_control(Hello(BUS_VERSIONS_SUPPORTED, "pydxg-guest"))
@@ -170,7 +185,10 @@ class GuestBus:
             conn.close()
             raise BusError(f"{self.name}: host did not answer the version handshake")
         reply = self._version_reply
-        if reply is None or not reply.accepted:
+        if conn.closed or reply is None:
+            conn.close()
+            raise BusError(f"{self.name}: host hung up during the version handshake")
+        if not reply.accepted:
             conn.close()
             raise BusError(f"{self.name}: host speaks no bus version we know")
         self.version = reply.version
@@ -184,42 +202,56 @@ class GuestBus:
     def _supervise(self) -> None:
         delay = 0.05
         while not self._closing.is_set():
-            if self._conn is not None and not self._conn.closed:
+            conn = self._conn
+            if conn is not None and not conn.closed:
                 self._lost.wait()
-                if self._closing.is_set():
-                    return
-                if not self.reconnect:
+                if self._closing.is_set() or not self.reconnect:
                     return
                 continue
+            if self.generation and not self.reconnect:
+                return
             try:
                 self._connect_once()
                 delay = 0.05
             except (TransportError, BusError, OSError) as e:
+                if self._closing.is_set():
+                    return
                 if self.last_error != str(e):
                     log.warning("bus %s: %s (retrying)", self.name, e)
                 self.last_error = str(e)
                 self._closing.wait(delay)
                 delay = min(delay * 2, 1.0)
-                if not self.reconnect and self.generation:
-                    return
 
     def _on_lost(self, conn: BusConnection) -> None:
+        """Reader thread of `conn`, once it is gone: wake whoever waits on it, queue removal."""
         if conn is not self._conn:
             return
         self.connected.clear()
-        self._work.put(self._remove_all)
+        self._version_event.set()
+        with self._lock:
+            waiters = list(self._open_waiters.values())
+        for event, status in waiters:
+            status.append(_ENOTCONN)
+            event.set()
+        self._work.put(lambda: self._remove_all(conn))
         self._lost.set()
 
     # ---- control messages (reader thread) ----------------------------------------------------
 
     def _on_control(self, msg: BusMessage) -> None:
+        conn = self._conn
+        if conn is None:
+            return
         if isinstance(msg, VersionResponse):
             self._version_reply = msg
             self._version_event.set()
         elif isinstance(msg, Offer):
-            self._work.put(lambda: self._probe(msg))
+            self._work.put(lambda: self._probe(conn, msg))
         elif isinstance(msg, Rescind):
-            self._work.put(lambda: self._rescind(msg.relid))
+            ch = conn.detach(msg.relid)
+            if ch is not None:
+                ch.close("rescinded")
+            self._work.put(lambda: self._rescind(conn, msg.relid))
         elif isinstance(msg, AllOffersDelivered):
             self._work.put(self.offers_delivered.set)
         elif isinstance(msg, OpenResult):
@@ -230,8 +262,7 @@ class GuestBus:
                 waiter[0].set()
         elif isinstance(msg, Unload):
             log.info("bus %s: host unloads", self.name)
-            if self._conn is not None:
-                self._conn.transport.close()
+            conn.transport.close()
         else:
             log.warning("bus %s: unexpected control message %r", self.name, msg)
 
@@ -247,13 +278,16 @@ class GuestBus:
             except Exception:
                 log.exception("bus %s: probe/remove failed", self.name)
 
-    def _probe(self, offer: Offer) -> None:
-        dev = BusDevice(self, offer)
+    def _probe(self, conn: BusConnection, offer: Offer) -> None:
+        if conn.closed or conn is not self._conn:
+            return  # an offer of a connection that has gone since
+        dev = BusDevice(self, conn, offer)
+        key = (id(conn), offer.relid)
         with self._lock:
-            if offer.relid in self._devices:
+            if key in self._devices:
                 log.warning("bus %s: duplicate offer for relid %d ignored", self.name, offer.relid)
                 return
-            self._devices[offer.relid] = dev
+            self._devices[key] = dev
             drivers = list(self._drivers)
         for drv in drivers:
             if offer.type_guid in drv.id_table:
@@ -262,16 +296,17 @@ class GuestBus:
                 return
         log.info("bus %s: no driver for channel type %s", self.name, offer.type_guid)
 
-    def _rescind(self, relid: int) -> None:
+    def _rescind(self, conn: BusConnection, relid: int) -> None:
         with self._lock:
-            dev = self._devices.pop(relid, None)
+            dev = self._devices.pop((id(conn), relid), None)
         if dev is not None:
             self._teardown(dev, "rescinded")
 
-    def _remove_all(self) -> None:
+    def _remove_all(self, conn: BusConnection) -> None:
         with self._lock:
-            devs = list(self._devices.values())
-            self._devices.clear()
+            devs = [d for d in self._devices.values() if d.conn is conn]
+            for d in devs:
+                del self._devices[(id(conn), d.offer.relid)]
         # vGPU channels first, then the global channel, as a module unload would.
         for dev in sorted(devs, key=lambda d: d.offer.mmio_megabytes):
             self._teardown(dev, "lost its host")
@@ -279,17 +314,17 @@ class GuestBus:
     def _teardown(self, dev: BusDevice, reason: str) -> None:
         if dev.channel is not None:
             dev.channel.close(reason)
-            if self._conn is not None:
-                self._conn.detach(dev.offer.relid)
+            dev.conn.detach(dev.offer.relid)
         if dev.driver is not None:
             dev.driver.remove(dev)
 
     # ---- channel open/close -------------------------------------------------------------------
 
     def _open(self, dev: BusDevice, guest_caps: int, version: int, timeout: float) -> Channel:
-        conn = self._conn
-        if conn is None or conn.closed:
-            raise ChannelClosed(f"bus {self.name} is not connected")
+        conn = dev.conn
+        if conn.closed:
+            raise ChannelClosed(f"bus {self.name}: the connection of channel "
+                                f"{dev.offer.relid} is gone")
         relid = dev.offer.relid
         channel = Channel(conn, dev.offer)
         event = threading.Event()
@@ -301,6 +336,8 @@ class GuestBus:
             conn.send_control(OpenChannel(relid, guest_caps, version))
             if not event.wait(timeout):
                 raise BusError(f"bus {self.name}: host did not answer OPEN_CHANNEL {relid}")
+            if conn.closed or status[0] == _ENOTCONN:
+                raise ChannelClosed(f"bus {self.name}: connection lost while opening {relid}")
             if status[0] != 0:
                 raise BusError(f"bus {self.name}: host refused channel {relid} ({status[0]})")
         except BaseException:
@@ -319,11 +356,9 @@ class GuestBus:
             return
         dev.channel = None
         ch.close("closed by the guest")
-        conn = self._conn
-        if conn is not None:
-            conn.detach(ch.relid)
-            with contextlib.suppress(OSError, ConnectionError):
-                conn.send_control(CloseChannel(ch.relid))
+        dev.conn.detach(ch.relid)
+        with contextlib.suppress(OSError, ConnectionError):
+            dev.conn.send_control(CloseChannel(ch.relid))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,14 +411,13 @@ class HostBusSession:
             self._initial = [o for o in self._initial if o.relid != relid]
         ch = self.conn.detach(relid)
         with contextlib.suppress(OSError, ConnectionError):
-            self.conn.send_control(Rescind(relid))
+            self.conn.send_control(Rescind(relid), lock_timeout=5.0)
         if ch is not None:
             ch.close("rescinded")
             self.handler.channel_closed(self, ch)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError, ConnectionError):
-            self.conn.send_control(Unload())
+        self.conn.say_goodbye(Unload())
         self.conn.close()
 
     def _on_control(self, msg: BusMessage) -> None:

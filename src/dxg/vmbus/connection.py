@@ -1,5 +1,6 @@
 """One transport carrying the bus control messages (relid 0) and every channel's frames."""
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -53,21 +54,32 @@ class BusConnection:
         with self._lock:
             return self._channels.get(relid)
 
-    def send_control(self, msg: BusMessage) -> None:
-        self.send_frame(CONTROL_RELID, VM_PKT_DATA_INBAND, encode_bus_message(msg))
+    def send_control(self, msg: BusMessage, lock_timeout: float | None = None) -> None:
+        self.send_frame(CONTROL_RELID, VM_PKT_DATA_INBAND, encode_bus_message(msg),
+                        lock_timeout=lock_timeout)
 
     def send_frame(
-        self, relid: int, packet_type: int, payload: bytes, trans_id: int = 0, flags: int = 0
+        self, relid: int, packet_type: int, payload: bytes, trans_id: int = 0, flags: int = 0,
+        lock_timeout: float | None = None,
     ) -> None:
         if self._closed.is_set():
             raise ConnectionError(f"bus connection {self.name} is closed")
-        self.transport.send(encode_frame(relid, packet_type, payload, trans_id, flags))
+        self.transport.send(encode_frame(relid, packet_type, payload, trans_id, flags),
+                            lock_timeout)
+
+    def say_goodbye(self, msg: BusMessage) -> None:
+        """Best-effort last message before close(): never waits behind a stuck sender."""
+        with contextlib.suppress(OSError, ConnectionError):
+            self.send_control(msg, lock_timeout=1.0)
 
     def close(self) -> None:
         self._closing = True
         self.transport.close()
-        if threading.current_thread() is not self._thread and self._thread.is_alive():
-            self._thread.join(timeout=5)
+        if threading.current_thread() is not self._thread:
+            if self._thread.is_alive():
+                self._thread.join(timeout=5)
+            if not self._thread.is_alive():
+                self.transport.release()
         self._shutdown()
 
     def _run(self) -> None:
@@ -96,7 +108,7 @@ class BusConnection:
         except Exception:
             log.exception("%s: bus reader failed", self.name)
         finally:
-            self.transport.close()
+            self.transport.release()
             self._shutdown()
 
     def _shutdown(self) -> None:

@@ -4,12 +4,18 @@ import contextlib
 import os
 import socket
 import stat
+import struct
 import threading
 from dataclasses import dataclass
 
 
 class TransportError(OSError):
     """A transport could not be set up (bad address, nothing listening, ...)."""
+
+
+# A peer that does not read for this long is dropped: no send may block forever (a stuck
+# sender would hold the send lock and hang every other sender, close() included).
+SEND_TIMEOUT = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,19 +47,37 @@ def parse_address(text: str) -> Address:
 
 
 class Transport:
-    """A connected stream socket: whole-buffer sends under a lock, plain receives."""
+    """A connected stream socket: whole-buffer sends under a lock, plain receives.
 
-    def __init__(self, sock: socket.socket, peer: str) -> None:
+    close() only shuts the socket down, which wakes a reader blocked in recv(); the descriptor
+    itself is released by release(), called once no thread can be blocked on it (so a reused
+    descriptor number can never be read by a stale reader)."""
+
+    def __init__(self, sock: socket.socket, peer: str, send_timeout: float = SEND_TIMEOUT) -> None:
         self.sock = sock
         self.peer = peer
         self._send_lock = threading.Lock()
         self._closed = False
+        self._released = False
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sec = int(send_timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", sec, int((send_timeout - sec) * 1e6)))
 
-    def send(self, data: bytes) -> None:
-        with self._send_lock:
+    def send(self, data: bytes, lock_timeout: float | None = None) -> None:
+        """Send all of `data`. A peer that stops reading for SEND_TIMEOUT breaks the transport
+        (ConnectionError); with `lock_timeout`, give up (TimeoutError) rather than wait longer
+        than that behind another sender."""
+        if not self._send_lock.acquire(timeout=-1 if lock_timeout is None else lock_timeout):
+            raise TimeoutError(f"{self.peer}: another send is stuck")
+        try:
             self.sock.sendall(data)
+        except BlockingIOError:
+            self.close()  # part of a frame may be gone: the stream is unusable
+            raise ConnectionError(f"{self.peer} stopped reading; connection dropped") from None
+        finally:
+            self._send_lock.release()
 
     def recv(self, size: int = 1 << 18) -> bytes:
         return self.sock.recv(size)
@@ -64,7 +88,13 @@ class Transport:
         self._closed = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+
+    def release(self) -> None:
+        self.close()  # wakes a sender blocked in sendall, so the lock below comes free
+        with self._send_lock:
+            if not self._released:
+                self._released = True
+                self.sock.close()
 
 
 def connect(address: str | Address, timeout: float = 5.0) -> Transport:
