@@ -19,7 +19,9 @@ def describe_error(e: BaseException) -> str:
     from dxg.vmbus.transport import TransportError
 
     if isinstance(e, TransportError):
-        return f"host unreachable: {e.strerror or e}"
+        # its text already says what failed: "cannot reach ..." or "cannot listen on ..."
+        text = e.strerror or str(e)
+        return f"host unreachable: {text}" if text.startswith("cannot reach") else text
     if isinstance(e, PermissionError):
         return f"permission denied: {e.filename or e}"
     if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
@@ -43,6 +45,9 @@ def _wait_for_signal() -> None:
     stop = threading.Event()
 
     def handler(_signum: int, _frame: Any) -> None:
+        # A second Ctrl-C or TERM while shutting down ends the process at once.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         stop.set()
 
     signal.signal(signal.SIGINT, handler)
@@ -56,14 +61,14 @@ def _serve_node(drv: Any, args: argparse.Namespace) -> list[Any]:
     from dxg.node.server import SocketNode
 
     path = _node_path(args)
-    node = SocketNode(drv, str(path), mode=int(args.mode, 8), group=args.group)
+    node = SocketNode(drv, str(path), mode=args.mode, group=args.group)
     node.start()
     closers: list[Any] = [node]
-    print(f"node: {path} (mode {args.mode})", flush=True)
+    print(f"node: {path} (mode {args.mode:04o})", flush=True)
     if args.dev_node:
         from dxg.node.fuse import FuseNode
 
-        fuse = FuseNode(drv, args.dev_node, mode=int(args.mode, 8))
+        fuse = FuseNode(drv, args.dev_node, mode=args.mode)
         try:
             fuse.start()
         except BaseException:

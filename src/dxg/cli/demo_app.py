@@ -24,7 +24,15 @@ def _set_name(name: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    kind, node_path = argv[1], argv[2]
+    kind = argv[1]
+    try:
+        return _run(kind, argv[2])
+    except Exception as e:  # one line, like every dxg command
+        print(f"[{KINDS[kind][0]} pid {os.getpid()}] failed: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _run(kind: str, node_path: str) -> int:
     comm, title, pick = KINDS[kind]
     _set_name(comm)
     from dxg.cli.commands import adapter_flags

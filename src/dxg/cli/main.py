@@ -18,9 +18,20 @@ def _add_node(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node", help="node socket path (default: $DXG_NODE or the standard path)")
 
 
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 0660") from None
+    if not 0 <= mode <= 0o7777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file mode")
+    return mode
+
+
 def _add_serve(p: argparse.ArgumentParser) -> None:
     _add_node(p)
-    p.add_argument("--mode", default="0666", help="node permissions, octal (default 0666)")
+    p.add_argument("--mode", default=0o666, type=_octal_mode,
+                   help="node permissions, octal (default 0666)")
     p.add_argument("--group", help="group owning the node (name or gid)")
     p.add_argument("--dev-node", metavar="PATH",
                    help="also serve a FUSE device file at PATH (e.g. /dev/dxg; needs FUSE)")
