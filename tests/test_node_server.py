@@ -3,11 +3,13 @@
 No fixed sleeps: everything waits on a condition with a deadline.
 """
 
+import contextlib
 import ctypes
 import errno
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import stat
@@ -31,6 +33,7 @@ from dxg.client.errors import (
     NodeUnavailable,
 )
 from dxg.guest.usermem import UserMemoryFault
+from dxg.node import server as node_server
 from dxg.node import wire
 from dxg.node.server import NodeBusy, SocketNode
 from dxg.uapi import ioctls as io
@@ -38,6 +41,8 @@ from dxg.uapi import structs as s
 from dxg.uapi.ntstatus import NTSTATUS
 
 DEADLINE = 10.0
+NOBODY = 65534
+IS_ROOT = os.geteuid() == 0
 
 # ---- the fake driver -----------------------------------------------------------------------------
 
@@ -148,9 +153,7 @@ def node_dir():
     d = tempfile.mkdtemp(prefix="dxgnode-")
     os.chmod(d, 0o755)
     yield Path(d)
-    for p in Path(d).glob("*"):
-        p.unlink()
-    os.rmdir(d)
+    shutil.rmtree(d)
 
 
 @pytest.fixture
@@ -713,3 +716,268 @@ def test_connection_to_dead_node_raises_unavailable(driver, node_dir):
     with pytest.raises(NodeUnavailable):
         conn.ioctl(io.LX_DXCLOSEADAPTER, s.d3dkmt_closeadapter())
     assert conn.closed
+
+
+# ---- limits on what one client can hold ----------------------------------------------------------
+
+
+def in_child(fn, uid: int | None = None) -> str:
+    """Run ``fn()`` in a forked child (as ``uid`` when given: root only) and return the string it
+    returns, or the exception it raised as text."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        os.close(r)
+        out = "?"
+        try:
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            out = fn()
+        except BaseException as e:
+            out = f"{type(e).__name__}: {e}"
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    deadline = time.monotonic() + DEADLINE * 2
+    with os.fdopen(r, "rb", buffering=0) as f:
+        while True:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([f], [], [], max(left, 0))
+            if not ready:
+                os.kill(child, signal.SIGKILL)
+                os.waitpid(child, 0)
+                raise AssertionError("child did not finish in time")
+            chunk = f.read(4096)
+            if not chunk:
+                break
+            data += chunk
+    os.waitpid(child, 0)
+    return data.decode()
+
+
+def refusal(path: Path) -> wire.Message | None:
+    """Connect, say HELLO (the node may already have hung up) and return its first answer."""
+    raw = Raw(path, hello=False)
+    try:
+        with contextlib.suppress(OSError):
+            raw.send(wire.encode(wire.Hello(), 1))
+        return raw.recv()
+    finally:
+        raw.close()
+
+
+def test_handshake_reads_only_a_small_frame(driver, node):
+    # A pre-HELLO peer declaring a 4 MiB frame is cut off at the header, not buffered.
+    raw = Raw(node.path, hello=False)
+    raw.send(struct.pack("<IHHII", wire.MAGIC, wire.Kind.HELLO, 0, 1, wire.MAX_PAYLOAD))
+    reply = raw.recv()
+    assert isinstance(reply, wire.ErrorReply) and reply.fatal and reply.errno == errno.EMSGSIZE
+    assert raw.at_eof()
+    raw.close()
+    assert driver.opened == []
+    big = Raw(node.path)  # after HELLO, the full limit applies
+    blob = {"pad": "x" * 100_000}
+    big.send(wire.encode(wire.AdminRequest(blob), 3))
+    reply = big.recv()
+    assert isinstance(reply, wire.AdminReply) and reply.reply["echo"] == blob
+    big.close()
+
+
+def test_handshake_deadline_covers_the_whole_handshake(driver, node_dir):
+    with SocketNode(driver, node_dir / "h.sock", handshake_timeout=1.0) as n:
+        raw = Raw(n.path, hello=False)
+        hello = wire.encode(wire.Hello(), 1)
+        stop = threading.Event()
+        sent: list[int] = []
+
+        def trickle() -> None:  # one byte every 0.2 s: each well inside the 1 s limit
+            for b in hello[:-1]:
+                if stop.wait(0.2):
+                    return
+                try:
+                    raw.sock.send(bytes([b]))
+                except OSError:
+                    return
+                sent.append(b)
+
+        t0 = time.monotonic()
+        th = threading.Thread(target=trickle)
+        th.start()
+        try:
+            reply = raw.recv()
+        finally:
+            stop.set()
+            th.join(DEADLINE)
+        elapsed = time.monotonic() - t0
+        assert isinstance(reply, wire.ErrorReply) and reply.fatal, reply
+        assert reply.errno == errno.ETIMEDOUT and "HELLO" in reply.message
+        assert elapsed < 5.0
+        assert len(sent) < len(hello) - 1  # dropped while still trickling
+        assert raw.at_eof()
+        raw.close()
+        assert driver.opened == []
+        wait_until(lambda: n.connections() == [])
+
+
+@pytest.mark.parametrize("cut", [5, -3], ids=["in-header", "in-payload"])
+def test_stalled_frame_is_dropped_but_an_idle_connection_is_not(driver, node_dir, cut):
+    with SocketNode(driver, node_dir / "f.sock", handshake_timeout=0.5, frame_timeout=0.5) as n:
+        idle = Raw(n.path)
+        idle_since = time.monotonic()
+        stalled = Raw(n.path)
+        body = bytes(s.d3dkmt_enumadapters2())
+        stalled.send(wire.encode(wire.IoctlRequest(io.LX_DXENUMADAPTERS2, body), 9)[:cut])
+        reply = stalled.recv()
+        assert isinstance(reply, wire.ErrorReply) and reply.fatal, reply
+        assert reply.errno == errno.ETIMEDOUT and "frame" in reply.message
+        assert stalled.at_eof()
+        stalled.close()
+        first, second = driver.opened
+        assert driver.wait(lambda: second.closed == 1)
+        # idle for longer than both timeouts, between requests: still an open process
+        assert time.monotonic() - idle_since > 0.5
+        enum_ok(idle)
+        assert first.closed == 0
+        idle.close()
+
+
+def uid_cap_scenario(path: Path) -> str:
+    """Two connections are fine, the third is refused with the per-uid limit; closing one gives
+    the slot back."""
+    held = [Raw(path), Raw(path)]
+    reply = refusal(path)
+    assert isinstance(reply, wire.ErrorReply) and reply.fatal, reply
+    assert reply.errno == errno.EMFILE and f"uid {os.geteuid()}" in reply.message, reply
+    held.pop().close()
+    deadline = time.monotonic() + DEADLINE
+    tick = threading.Event()
+    while not isinstance(refusal(path), wire.HelloReply):  # once the node has seen the close
+        assert time.monotonic() < deadline, "slot not given back"
+        tick.wait(0.01)
+    held.pop().close()
+    return "ok"
+
+
+def test_per_uid_connection_cap(driver, node_dir):
+    assert SocketNode(driver, node_dir / "n.sock", max_connections=10).max_per_uid == 2
+    with SocketNode(driver, node_dir / "u.sock", max_connections=8, max_per_uid=2) as n:
+        if not IS_ROOT:
+            assert in_child(lambda: uid_cap_scenario(n.path)) == "ok"
+            return
+        mine = [Raw(n.path) for _ in range(3)]  # root is held to the total only
+        assert in_child(lambda: uid_cap_scenario(n.path), NOBODY) == "ok"
+        assert in_child(lambda: uid_cap_scenario(n.path), NOBODY - 1) == "ok"
+        enum_ok(mine[2])
+        for raw in mine:
+            raw.close()
+
+
+def test_node_dir_must_belong_to_this_user_or_root(driver, node_dir):
+    public = node_dir / "public"
+    public.mkdir()
+    os.chmod(public, 0o777)
+    with pytest.raises(PermissionError, match="writable by everyone"):
+        SocketNode(driver, public / "x.sock").start()
+    assert list(public.iterdir()) == []
+    os.chmod(public, 0o1777)  # sticky, as /tmp: nobody can swap our socket
+    with SocketNode(driver, public / "x.sock") as n:
+        enum_ok(Raw(n.path))
+    if IS_ROOT:
+        theirs = node_dir / "theirs"
+        theirs.mkdir(mode=0o755)
+        os.chown(theirs, NOBODY, NOBODY)
+        with pytest.raises(PermissionError, match=f"uid {NOBODY}"):
+            SocketNode(driver, theirs / "x.sock").start()
+        assert list(theirs.iterdir()) == []
+        link = node_dir / "link"
+        link.symlink_to(theirs)
+        with pytest.raises(PermissionError, match=f"uid {NOBODY}"):
+            SocketNode(driver, link / "x.sock").start()
+
+        # as that user, the same directory is fine
+        def serve_there() -> str:
+            with SocketNode(FakeDriver(), theirs / "x.sock") as n:
+                NodeConnection(n.path).close()
+            return "ok"
+
+        assert in_child(serve_there, NOBODY) == "ok"
+
+
+def test_tmp_fallback_dir_is_created_private(driver, node_dir, monkeypatch):
+    fallback = node_dir / "pydxg-fallback"
+    monkeypatch.setattr(node_server, "tmp_fallback_dir", lambda: fallback)
+    with SocketNode(driver, fallback / "dxg.sock") as n:
+        assert stat.S_IMODE(os.stat(fallback).st_mode) == 0o700
+        enum_ok(Raw(n.path))
+    from dxg.node.paths import tmp_fallback_dir
+
+    assert tmp_fallback_dir(1234) == Path("/tmp/pydxg-1234")
+
+
+def test_client_refuses_a_default_node_dir_it_cannot_trust(driver, node_dir):
+    runtime = node_dir / "run"
+    runtime.mkdir(mode=0o755)
+    nodedir = runtime / "pydxg"
+    who = NOBODY if IS_ROOT else None
+
+    def connect_by_default() -> str:
+        os.environ.pop("DXG_NODE", None)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+        try:
+            NodeConnection().close()
+            return "connected"
+        except NodePermissionDenied as e:
+            refused = str(e)
+        NodeConnection(nodedir / "dxg.sock").close()  # an explicit path is the user's choice
+        os.environ["DXG_NODE"] = str(nodedir / "dxg.sock")
+        NodeConnection().close()
+        return refused
+
+    with SocketNode(driver, nodedir / "dxg.sock"):
+        if IS_ROOT:
+            os.chown(nodedir, NOBODY, NOBODY)
+            assert in_child(connect_by_default, NOBODY) == "connected"  # its own directory
+            os.chown(nodedir, NOBODY - 1, NOBODY - 1)  # somebody else's
+            expected = f"uid {NOBODY - 1}"
+        else:
+            assert in_child(connect_by_default) == "connected"
+            os.chmod(nodedir, 0o777)
+            expected = "writable by everyone"
+        refused = in_child(connect_by_default, who)
+        assert expected in refused and str(nodedir / "dxg.sock") in refused, refused
+        assert "DXG_NODE" in refused
+
+
+def test_admin_is_refused_before_its_json_is_parsed(driver, node_dir):
+    with SocketNode(driver, node_dir / "a.sock", admin_uids=frozenset()) as n:
+        raw = Raw(n.path)
+        raw.frame(wire.Kind.ADMIN, b"{not json" * 10_000)
+        reply = raw.recv()
+        assert isinstance(reply, wire.ErrorReply) and not reply.fatal
+        assert reply.errno == errno.EACCES  # not EINVAL: the JSON was never looked at
+        enum_ok(raw)
+        raw.close()
+
+
+def test_peer_gone_while_its_process_opens_is_closed_once(driver, node):
+    entered, gate = threading.Event(), threading.Event()
+    open_process = driver.open_process
+
+    def slow_open(pid: int, uid: int, name: str) -> FakeProc:
+        entered.set()
+        gate.wait(DEADLINE)
+        return open_process(pid, uid, name)
+
+    driver.open_process = slow_open
+    raw = Raw(node.path, hello=False)
+    raw.send(wire.encode(wire.Hello(), 1))
+    assert entered.wait(DEADLINE)
+    raw.close()
+    wait_until(lambda: all(c.peer_gone for c in node._conns.values()))
+    gate.set()
+    assert driver.wait(lambda: len(driver.opened) == 1 and driver.opened[0].closed == 1)
+    wait_until(lambda: node.connections() == [])
+    assert driver.opened[0].closed == 1

@@ -152,6 +152,29 @@ def test_huge_length_is_refused_before_buffering():
     assert ei.value.errno == errno.EMSGSIZE
 
 
+def test_handshake_limit_then_raised_keeps_buffered_bytes():
+    # A node reads HELLO with a tiny limit, then raises it; what follows HELLO is kept.
+    big = wire.encode(wire.AdminRequest({"pad": "x" * 10_000}), 2)
+    dec = wire.FrameDecoder(wire.MAX_HELLO_PAYLOAD)
+    assert dec.max_payload == wire.MAX_HELLO_PAYLOAD
+    dec.feed(wire.encode(wire.Hello(), 1) + big[:100])
+    assert isinstance(wire.decode(dec.next_frame()), wire.Hello)
+    dec.max_payload = wire.MAX_PAYLOAD
+    dec.feed(big[100:])
+    assert wire.decode(dec.next_frame()) == wire.AdminRequest({"pad": "x" * 10_000})
+    # Under the small limit the same header is a broken stream, before any payload arrives.
+    small = wire.FrameDecoder(wire.MAX_HELLO_PAYLOAD)
+    small.feed(HDR.pack(wire.MAGIC, wire.Kind.HELLO, 0, 1, wire.MAX_HELLO_PAYLOAD + 1))
+    with pytest.raises(wire.WireError) as ei:
+        small.next_frame()
+    assert ei.value.errno == errno.EMSGSIZE
+    for bad in (-1, wire.MAX_PAYLOAD + 1):
+        with pytest.raises(ValueError):
+            wire.FrameDecoder(bad)
+        with pytest.raises(ValueError):
+            dec.max_payload = bad
+
+
 def test_unknown_kind_and_flags_are_per_frame_errors():
     with pytest.raises(wire.MalformedMessage) as ei:
         wire.decode(frame(99, b""))

@@ -37,7 +37,7 @@ from dxg.client.errors import (
 )
 from dxg.client.userbufs import gather
 from dxg.node import wire
-from dxg.node.paths import default_node_path
+from dxg.node.paths import NODE_ENV, default_node_path, node_dir_problem
 from dxg.uapi.ioctls import IOCTLS_BY_CODE
 
 __all__ = ["NodeConnection"]
@@ -122,12 +122,16 @@ class NodeConnection:
     """A connection to the node at ``path`` (default :func:`default_node_path`).
 
     Raises :class:`NodeNotFound`, :class:`NodePermissionDenied` or :class:`NodeUnavailable` when
-    the node cannot be reached. Thread-safe: calls are serialized on one lock (a call that blocks
-    in the driver holds the connection until it returns).
+    the node cannot be reached. When the path is the implicit default (no ``path``, no
+    ``$DXG_NODE``), a node directory that another user (not root) owns, or that everyone may
+    write without the sticky bit, is refused (:class:`NodePermissionDenied`): someone else could
+    have put their own socket there. Thread-safe: calls are serialized on one lock (a call that
+    blocks in the driver holds the connection until it returns).
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> None:
         self.path = Path(path) if path is not None else default_node_path()
+        self._check_dir = path is None and not os.environ.get(NODE_ENV)
         self._timeout = timeout
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
@@ -146,6 +150,16 @@ class NodeConnection:
 
     def _connect(self) -> None:
         path = self.path
+        if self._check_dir:
+            try:
+                problem = node_dir_problem(path.parent)
+            except OSError:
+                problem = None  # cannot look: connect() says what is wrong
+            if problem is not None:
+                raise NodePermissionDenied(
+                    f"not connecting to the dxg node {path}: {problem} "
+                    f"(set {NODE_ENV} to use it anyway)"
+                )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(self._timeout)
         try:

@@ -1,10 +1,18 @@
-"""Where the node (the socket twin of ``/dev/dxg``) lives by default."""
+"""Where the node (the socket twin of ``/dev/dxg``) lives by default, and whose it may be."""
 
 import os
+import stat
 from pathlib import Path
 
 NODE_ENV = "DXG_NODE"
 SOCKET_NAME = "dxg.sock"
+
+
+def tmp_fallback_dir(uid: int | None = None) -> Path:
+    """``/tmp/pydxg-<uid>``: the node directory when neither root nor ``XDG_RUNTIME_DIR``
+    applies. It sits in a directory everyone may write, so the node creates it private (0700)
+    and both sides insist that it belongs to its user."""
+    return Path(f"/tmp/pydxg-{os.geteuid() if uid is None else uid}")
 
 
 def default_node_path() -> Path:
@@ -24,4 +32,31 @@ def default_node_path() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return Path(runtime) / "pydxg" / SOCKET_NAME
-    return Path(f"/tmp/pydxg-{uid}") / SOCKET_NAME
+    return tmp_fallback_dir(uid) / SOCKET_NAME
+
+
+def node_dir_problem(directory: Path) -> str | None:
+    """Why ``directory`` cannot be trusted to hold this user's node, or None when it can.
+
+    Trusted: a directory (or a link to one, the link included) owned by this effective user or
+    by root, and not writable by everyone unless sticky. Anyone else who owns the directory, or
+    may write to it freely, could swap the socket for one of their own. Group-writable is
+    allowed (a group of node operators is the administrator's choice). A missing directory is
+    no problem here (there is nothing to connect to, or it is about to be created)."""
+    trusted = (os.geteuid(), 0)
+    try:
+        lst = os.lstat(directory)
+        st = os.stat(directory) if stat.S_ISLNK(lst.st_mode) else lst
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{directory} is not a directory"
+    owners = [("owned by", st.st_uid)]
+    if st is not lst:
+        owners.insert(0, ("a link owned by", lst.st_uid))
+    for what, owner in owners:
+        if owner not in trusted:
+            return f"{directory} is {what} uid {owner}, neither this user nor root"
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        return f"{directory} is writable by everyone and not sticky"
+    return None

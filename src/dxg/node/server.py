@@ -16,6 +16,19 @@ Everything a client sends is checked before it reaches the driver: framing, size
 as the kernel), and the struct length against the code's size bits (``-EFAULT`` when short,
 ``-EINVAL`` when long). Malformed frames get an ERROR reply and the connection goes on as long
 as the framing is intact; a broken stream gets a fatal ERROR and the connection is closed.
+
+Limits on what a client can hold (the connection's thread, its buffer, its slot):
+
+* Before HELLO is answered the node reads frames of at most ``wire.MAX_HELLO_PAYLOAD`` bytes,
+  and the whole handshake must be over within ``handshake_timeout`` (10 s) of the accept,
+  however the bytes trickle in; after that the limit is ``wire.MAX_PAYLOAD``.
+* A request frame, once its first byte has arrived, must be complete within ``frame_timeout``
+  (30 s). A connection idle *between* requests is never timed out: it is an open process.
+  A stall gets a fatal ERROR (``ETIMEDOUT``) and the connection is closed.
+* At most ``max_connections`` connections in all, and at most ``max_per_uid`` (default a
+  quarter of that) per peer uid, so one local user cannot lock the others out. Root's
+  connections count towards the total but not against a per-uid limit (root can stop the node
+  anyway). Refused connections get a fatal ERROR (``EMFILE``) saying which limit.
 """
 
 from __future__ import annotations
@@ -32,11 +45,12 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from dxg.node import wire
-from dxg.node.paths import default_node_path
+from dxg.node.paths import default_node_path, node_dir_problem, tmp_fallback_dir
 from dxg.node.usermem import RegionUserMemory
 from dxg.uapi.ioctls import IOCTLS_BY_CODE
 
@@ -46,6 +60,8 @@ log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _HANDSHAKE_TIMEOUT = 10.0
+_FRAME_TIMEOUT = 30.0
+_ERROR_SEND_TIMEOUT = 1.0  # for the last words to a peer that has stalled
 _RECV_CHUNK = 256 * 1024
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
@@ -77,20 +93,26 @@ def _process_name(pid: int) -> str:
         return "?"
 
 
+class _Stalled(Exception):
+    """The peer stopped sending in the middle of its handshake or of a frame."""
+
+
 class _Conn:
     """One client connection = one driver process."""
 
-    def __init__(self, node: SocketNode, sock: socket.socket) -> None:
+    def __init__(self, node: SocketNode, sock: socket.socket, pid: int, uid: int, gid: int) -> None:
         self.node = node
         self.sock = sock
         self.fd = sock.fileno()
-        self.pid = self.uid = self.gid = -1
+        self.pid, self.uid, self.gid = pid, uid, gid
         self.name = "?"
         self.proc: Any = None
         self.lock = threading.Lock()
         self.in_flight = False
         self.peer_gone = False
         self.released = False
+        self.greeted = False
+        self.handshake_deadline = time.monotonic() + node.handshake_timeout
         self.thread: threading.Thread | None = None
 
     # ---- life cycle -----------------------------------------------------------------------------
@@ -153,59 +175,87 @@ class _Conn:
             with contextlib.suppress(OSError):
                 self.sock.close()
 
-    def _send(self, msg: wire.Message, seq: int) -> bool:
+    def _send(self, msg: wire.Message, seq: int, timeout: float | None = None) -> bool:
         try:
             data = wire.encode(msg, seq)
         except (ValueError, TypeError) as e:
             log.error("cannot encode a reply for pid %d: %s", self.pid, e)
             data = wire.encode(wire.ErrorReply(errno.EIO, "reply could not be encoded"), seq)
         try:
+            self._set_timeout(timeout)
             self.sock.sendall(data)
         except OSError:
             return False
         return True
 
-    def _error(self, seq: int, err: int, text: str, fatal: bool = False) -> bool:
-        return self._send(wire.ErrorReply(err, text, fatal), seq)
+    def _set_timeout(self, timeout: float | None) -> None:
+        if timeout != self.sock.gettimeout():
+            self.sock.settimeout(timeout)
 
-    def _frames(self, decoder: wire.FrameDecoder) -> Any:
-        """Yield frames until EOF; raises WireError on a broken stream."""
+    def _error(self, seq: int, err: int, text: str, fatal: bool = False) -> bool:
+        timeout = _ERROR_SEND_TIMEOUT if fatal else None
+        return self._send(wire.ErrorReply(err, text, fatal), seq, timeout)
+
+    def _frames(self, decoder: wire.FrameDecoder) -> Iterator[wire.Frame]:
+        """Yield frames until EOF; raises WireError on a broken stream and _Stalled when the
+        handshake or a started frame is not complete in time."""
+        node = self.node
+        started: float | None = None  # when the frame being read began to arrive
         while True:
             frame = decoder.next_frame()
             if frame is not None:
+                started = None
                 yield frame
                 continue
+            deadline: float | None = None
+            why = ""
+            if not self.greeted:
+                deadline = self.handshake_deadline
+                why = f"no HELLO within {node.handshake_timeout:g} s"
+            elif decoder.buffered:
+                if started is None:
+                    started = time.monotonic()
+                deadline = started + node.frame_timeout
+                why = f"frame not complete within {node.frame_timeout:g} s"
+            # else: idle between requests, which an open process may be for ever
+            timeout = None
+            if deadline is not None:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    raise _Stalled(why)
             want = min(max(decoder.header_needed(), 4096), _RECV_CHUNK)
             try:
+                self._set_timeout(timeout)
                 data = self.sock.recv(want)
-            except (TimeoutError, OSError):
+            except TimeoutError:
+                raise _Stalled(why) from None
+            except OSError:
                 return
             if not data:
                 return
             decoder.feed(data)
 
     def _serve(self) -> None:
-        try:
-            creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        except OSError:
-            return  # gone before we could look at it
-        self.pid, self.uid, self.gid = _UCRED.unpack(creds)
         self.name = _process_name(self.pid)
-        decoder = wire.FrameDecoder()
+        # Until HELLO is answered the peer is nobody: it gets a few bytes' worth of buffer.
+        decoder = wire.FrameDecoder(wire.MAX_HELLO_PAYLOAD)
         frames = self._frames(decoder)
         try:
-            self.sock.settimeout(_HANDSHAKE_TIMEOUT)
             if not self._handshake(frames):
                 return
-            self.sock.settimeout(None)
+            self.greeted = True
+            decoder.max_payload = wire.MAX_PAYLOAD
             for frame in frames:
                 if not self._handle(frame):
                     return
         except wire.WireError as e:
             log.info("pid %d (%s): broken stream: %s", self.pid, self.name, e)
             self._error(0, e.errno, str(e), fatal=True)
+        except _Stalled as e:
+            log.info("pid %d (%s): dropped: %s", self.pid, self.name, e)
+            self._error(0, errno.ETIMEDOUT, str(e), fatal=True)
 
-    def _handshake(self, frames: Any) -> bool:
+    def _handshake(self, frames: Iterator[wire.Frame]) -> bool:
         frame = next(frames, None)
         if frame is None:
             return False
@@ -235,17 +285,19 @@ class _Conn:
             log.exception("open_process for pid %d failed", self.pid)
             self._error(frame.seq, errno.EIO, f"cannot open a process: {e}", fatal=True)
             return False
+        # Nothing else releases a connection that has no call in flight (the watcher and
+        # close() leave that to this thread), so the process is simply ours to record.
         with self.lock:
-            late = self.released
-            if not late:
-                self.proc = proc
-        if late:  # released while opening: nobody else will close it
-            self.node.driver.close_process(proc)
-            return False
+            self.proc = proc
         reply = wire.HelloReply(version, wire.MAX_PAYLOAD, wire.MAX_REGIONS, self.node.name)
         return self._send(reply, frame.seq)
 
     def _handle(self, frame: wire.Frame) -> bool:
+        if frame.kind == wire.Kind.ADMIN and self.uid not in self.node.admin_uids:
+            # refused before its (up to 4 MiB of) JSON is parsed
+            return self._error(
+                frame.seq, errno.EACCES, "admin requests need the node owner or root"
+            )
         try:
             msg = wire.decode(frame)
         except wire.MalformedMessage as e:
@@ -290,8 +342,6 @@ class _Conn:
         return wire.IoctlReply(ret, bytes(out), mem.writes())
 
     def _admin(self, msg: wire.AdminRequest, seq: int) -> bool:
-        if self.uid not in self.node.admin_uids:
-            return self._error(seq, errno.EACCES, "admin requests need the node owner or root")
         try:
             reply = self.node.driver.admin(msg.request)
         except Exception as e:
@@ -317,6 +367,11 @@ class SocketNode:
     0666). The parent directory is created if missing. A live socket at ``path`` is never
     replaced (:class:`NodeBusy`); a stale one (nobody listening) is. ``admin_uids`` may use the
     ADMIN request (default: root and the node's own user).
+
+    ``max_connections`` caps connections in all, ``max_per_uid`` (default
+    ``max(1, max_connections // 4)``) those of one uid other than root. ``handshake_timeout``
+    bounds the time from accept to HELLO, ``frame_timeout`` the time a request frame may take
+    to arrive once it has begun; an idle connection is never timed out.
     """
 
     def __init__(
@@ -329,7 +384,18 @@ class SocketNode:
         name: str = "pydxg",
         admin_uids: frozenset[int] | None = None,
         max_connections: int = 1024,
+        max_per_uid: int | None = None,
+        handshake_timeout: float = _HANDSHAKE_TIMEOUT,
+        frame_timeout: float = _FRAME_TIMEOUT,
     ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if max_per_uid is None:
+            max_per_uid = max(1, max_connections // 4)
+        if max_per_uid < 1:
+            raise ValueError("max_per_uid must be at least 1")
+        if not handshake_timeout > 0 or not frame_timeout > 0:
+            raise ValueError("timeouts must be positive")
         self.driver = driver
         self._path = Path(path) if path is not None else default_node_path()
         self.mode = mode
@@ -339,8 +405,12 @@ class SocketNode:
             frozenset(admin_uids) if admin_uids is not None else frozenset({0, os.geteuid()})
         )
         self.max_connections = max_connections
+        self.max_per_uid = max_per_uid
+        self.handshake_timeout = handshake_timeout
+        self.frame_timeout = frame_timeout
         self._lock = threading.Lock()
         self._conns: dict[int, _Conn] = {}
+        self._per_uid: dict[int, int] = {}
         self._listener: socket.socket | None = None
         self._epoll: select.epoll | None = None
         self._wake_r = self._wake_w = -1
@@ -411,14 +481,18 @@ class SocketNode:
         log.info("node serving %s (mode %o)", path, self.mode)
 
     def _prepare_dir(self, parent: Path) -> None:
-        parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        """Create the node's directory if missing and make sure nobody else controls it: it
+        must be this user's or root's (and not world-writable unless sticky), or its owner
+        could swap the socket. ``/tmp/pydxg-<uid>`` is created private (0700)."""
+        parent.mkdir(
+            mode=0o700 if parent == tmp_fallback_dir() else 0o755, parents=True, exist_ok=True
+        )
         st = os.stat(parent)
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, f"not a directory: {parent}")
-        if st.st_uid not in (os.geteuid(), 0) and st.st_mode & 0o022 and not st.st_mode & 0o1000:
-            raise PermissionError(
-                errno.EPERM, f"{parent} is writable by others and not owned by this user"
-            )
+        problem = node_dir_problem(parent)
+        if problem is not None:
+            raise PermissionError(errno.EPERM, f"refusing to serve a node there: {problem}")
 
     def _check_existing(self, path: Path) -> None:
         try:
@@ -491,14 +565,21 @@ class SocketNode:
 
     def _start_conn(self, sock: socket.socket) -> None:
         sock.setblocking(True)
-        conn = _Conn(self, sock)
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        except OSError:
+            sock.close()  # gone before we could look at it
+            return
+        pid, uid, gid = _UCRED.unpack(creds)
+        conn = _Conn(self, sock, pid, uid, gid)
         with self._lock:
-            full = len(self._conns) >= self.max_connections
-            if not full and not self._closing:
-                self._conns[conn.fd] = conn
-        if full or self._closing:
+            refusal = self._admit(conn)
+        if refusal is not None:
+            err, text = refusal
+            log.info("refused a connection from pid %d uid %d: %s", pid, uid, text)
             with contextlib.suppress(OSError):
-                sock.sendall(wire.encode(wire.ErrorReply(errno.EMFILE, "node is full", True), 0))
+                sock.settimeout(_ERROR_SEND_TIMEOUT)
+                sock.sendall(wire.encode(wire.ErrorReply(err, text, True), 0))
             sock.close()
             return
         assert self._epoll is not None
@@ -510,6 +591,22 @@ class SocketNode:
             target=conn.run, name=f"dxg-node-conn:{conn.fd}", daemon=True
         )
         conn.thread.start()
+
+    def _admit(self, conn: _Conn) -> tuple[int, str] | None:
+        """Take a slot for ``conn`` (under ``_lock``), or say why not."""
+        if self._closing:
+            return errno.ESHUTDOWN, "node is closing"
+        if len(self._conns) >= self.max_connections:
+            return errno.EMFILE, f"node is full ({self.max_connections} connections)"
+        held = self._per_uid.get(conn.uid, 0)
+        if conn.uid != 0 and held >= self.max_per_uid:
+            return (
+                errno.EMFILE,
+                f"uid {conn.uid} already holds {held} connections, the most one user may",
+            )
+        self._conns[conn.fd] = conn
+        self._per_uid[conn.uid] = held + 1
+        return None
 
     def _peer_event(self, fd: int, ev: int) -> None:
         if not ev & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
@@ -528,6 +625,11 @@ class SocketNode:
         with self._lock:
             if self._conns.get(conn.fd) is conn:
                 del self._conns[conn.fd]
+                left = self._per_uid.get(conn.uid, 0) - 1
+                if left > 0:
+                    self._per_uid[conn.uid] = left
+                else:
+                    self._per_uid.pop(conn.uid, None)
                 if self._epoll is not None:
                     with contextlib.suppress(OSError, ValueError):
                         self._epoll.unregister(conn.fd)

@@ -26,6 +26,9 @@ Kinds and payloads:
 
     u16 min_version, u16 max_version, u32 reserved (0)
 
+    Until it has answered HELLO the node reads frames of at most MAX_HELLO_PAYLOAD (64) bytes:
+    a longer one is a framing error, so an unidentified peer cannot make it buffer more.
+
 ``HELLO_REPLY`` (2, node -> client)::
 
     u16 version (the highest both sides speak), u16 reserved, u32 max_payload,
@@ -92,6 +95,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "MAX_ERROR_TEXT",
+    "MAX_HELLO_PAYLOAD",
     "MAX_NODE_NAME",
     "MAX_PAYLOAD",
     "MAX_REGIONS",
@@ -124,6 +128,7 @@ MAGIC = 0x4E475844
 MIN_WIRE_VERSION = 1
 MAX_WIRE_VERSION = 1
 MAX_PAYLOAD = 4 * 1024 * 1024
+MAX_HELLO_PAYLOAD = 64  # what a node reads before the handshake (a HELLO is 8 bytes)
 MAX_REGIONS = 4096
 MAX_STRUCT = 0x3FFF  # _IOC_SIZE is 14 bits wide
 MAX_ERROR_TEXT = 1024
@@ -272,12 +277,30 @@ def negotiate(hello: Hello) -> int | None:
 
 class FrameDecoder:
     """Accumulates stream bytes and yields whole frames; raises :class:`WireError` on a broken
-    stream (after which it must not be fed again)."""
+    stream (after which it must not be fed again).
+
+    ``max_payload`` is the longest payload accepted; a node starts a connection with
+    MAX_HELLO_PAYLOAD and raises it to MAX_PAYLOAD once the handshake is done (bytes already
+    buffered are kept)."""
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self._buf = bytearray()
-        self._max = max_payload
+        self._max = self._check_limit(max_payload)
         self._broken = False
+
+    @staticmethod
+    def _check_limit(limit: int) -> int:
+        if not 0 <= limit <= MAX_PAYLOAD:
+            raise ValueError(f"payload limit {limit} outside 0..{MAX_PAYLOAD}")
+        return limit
+
+    @property
+    def max_payload(self) -> int:
+        return self._max
+
+    @max_payload.setter
+    def max_payload(self, limit: int) -> None:
+        self._max = self._check_limit(limit)
 
     @property
     def buffered(self) -> int:
