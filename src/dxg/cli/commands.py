@@ -61,7 +61,8 @@ def _serve_node(drv: Any, args: argparse.Namespace) -> list[Any]:
     from dxg.node.server import SocketNode
 
     path = _node_path(args)
-    node = SocketNode(drv, str(path), mode=args.mode, group=args.group)
+    node = SocketNode(drv, str(path), mode=args.mode, group=args.group,
+                      max_connections=args.max_connections, max_per_uid=args.max_per_uid)
     node.start()
     closers: list[Any] = [node]
     print(f"node: {path} (mode {args.mode:04o})", flush=True)

@@ -35,6 +35,11 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", help="group owning the node (name or gid)")
     p.add_argument("--dev-node", metavar="PATH",
                    help="also serve a FUSE device file at PATH (e.g. /dev/dxg; needs FUSE)")
+    p.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                   help="client connections the node serves at once (default 1024)")
+    p.add_argument("--max-per-uid", type=int, default=None, metavar="N",
+                   help="connections one non-root user may hold (default a quarter of the "
+                        "maximum)")
 
 
 def build_parser() -> argparse.ArgumentParser:
