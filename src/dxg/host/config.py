@@ -23,6 +23,16 @@ class HostConfig:
     mmio_megabytes: int = 256  # IO-space size in the global channel's offer
     host_caps: int = 0  # vGPU offer host caps (bit 0 map_guest_memory: not supported yet)
     max_handles_per_partition: int = 1 << 20  # live host objects one guest may hold
+    # Host memory one guest's objects may pin, in bytes, as estimated per object (see
+    # dxg.host.partition.OBJECT_BYTES); past it, creating commands fail with STATUS_NO_MEMORY.
+    max_partition_bytes: int = 64 << 20
+    max_guests: int = 64  # guests connected at once; further connections are refused
+    # A guest must complete the bus handshake (an accepted HELLO) this many seconds after it
+    # connects, or it is dropped with its partition.
+    handshake_timeout: float = 10.0
+    # A guest that stops reading for this many seconds, while the host has something to send
+    # it, is dropped (the socket send timeout of every guest connection).
+    send_timeout: float = 15.0
 
     def validate(self) -> None:
         if not 0 <= self.adapters <= 64:
@@ -33,6 +43,14 @@ class HostConfig:
             raise ValueError("memory sizes must not be negative")
         if self.max_handles_per_partition < 1:
             raise ValueError("max_handles_per_partition must be positive")
+        if self.max_partition_bytes < 1:
+            raise ValueError("max_partition_bytes must be positive")
+        if self.max_guests < 1:
+            raise ValueError("max_guests must be positive")
+        if not self.handshake_timeout > 0:
+            raise ValueError("handshake_timeout must be positive")
+        if not 0.001 <= self.send_timeout <= 3600:  # SO_SNDTIMEO: 0 would mean "never"
+            raise ValueError("send_timeout must be 0.001..3600 seconds")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Host contexts: one per CREATECONTEXTVIRTUAL, owned by a device."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -15,7 +15,9 @@ class HostContext:
     engine_affinity: int
     flags: int
     client_hint: int
-    priv_drv_data: bytes = field(repr=False, default=b"")
+    # Only the size of the guest's private driver data is kept: the bytes are echoed in the
+    # reply and nothing on this host reads them, so a guest cannot pin memory with them.
+    priv_drv_data_size: int = 0
 
     def census(self) -> dict[str, Any]:
         return {
@@ -24,5 +26,5 @@ class HostContext:
             "engine_affinity": self.engine_affinity,
             "flags": self.flags,
             "client_hint": self.client_hint,
-            "priv_drv_data_size": len(self.priv_drv_data),
+            "priv_drv_data_size": self.priv_drv_data_size,
         }

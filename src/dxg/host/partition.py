@@ -17,7 +17,12 @@ Rules every handler follows:
 
 Locking: requests of one session arrive in order on its reader thread; `census()`,
 `set_device_execution_state()` and adapter removal come from other threads. One lock per
-partition guards its tables; notifications are sent after it is released.
+partition guards its tables; notifications are sent after it is released, and never wait more
+than NOTIFY_LOCK_TIMEOUT behind another sender to the same guest.
+
+Memory: a guest pins host memory only through the objects it creates. Each is charged its
+estimated footprint (OBJECT_BYTES) against HostConfig.max_partition_bytes, besides the handle
+cap; no bytes of guest payloads are kept (a context keeps the size of its private data only).
 """
 
 import dataclasses
@@ -27,7 +32,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from dxg.host.adapter import AdapterOpen, HostAdapter
@@ -43,7 +49,7 @@ from dxg.protocol.bus import (
 )
 from dxg.protocol.commands import GlobalCommand, HostToVmCommand, VgpuCommand
 from dxg.protocol.errors import ProtocolError
-from dxg.protocol.framing import DXG_MAX_VM_BUS_PACKET_SIZE
+from dxg.protocol.framing import DXG_MAX_VM_BUS_PACKET_SIZE, VM_PKT_DATA_INBAND
 from dxg.protocol.guids import DXGK_GLOBAL_GUID, DXGK_VGPU_GUID, luid_to_int
 from dxg.protocol.headers import GuestMessage, decode_guest, encode_host_to_vm
 from dxg.protocol.messages import (
@@ -93,6 +99,18 @@ OK = NTSTATUS.STATUS_SUCCESS
 MAX_CONTEXT_PRIVATE_DATA = 128 * 1024
 # The soft adapter's GPU timestamp frequency: its clock counts nanoseconds.
 GPU_CLOCK_FREQUENCY = 1_000_000_000
+# What one host object pins, in bytes, against HostConfig.max_partition_bytes: its measured
+# footprint (the object, its handle-table entry, its slot in its owner's table) rounded up; a
+# process includes the longest name a guest can give it.
+OBJECT_BYTES: Mapping[HandleType, int] = MappingProxyType({
+    HandleType.ADAPTER: 512,
+    HandleType.PROCESS: 2048,
+    HandleType.DEVICE: 512,
+    HandleType.CONTEXT: 512,
+})
+# The longest a host -> guest notification waits behind another sender to the same guest (a
+# reply stuck on a guest that does not read) before it gives up.
+NOTIFY_LOCK_TIMEOUT = 5.0
 
 _STATE_EXECUTION = int(d3dkmt_devicestate_type._D3DKMT_DEVICESTATE_EXECUTION)
 _STATE_RESET = int(d3dkmt_devicestate_type._D3DKMT_DEVICESTATE_RESET)
@@ -218,6 +236,7 @@ class Partition:
         self._on_closed = on_closed
         self._lock = threading.RLock()
         self._handles = HandleTable(capacity=config.max_handles_per_partition)
+        self._pinned = 0  # bytes charged for live objects (OBJECT_BYTES each)
         self._processes: dict[int, HostProcess] = {}
         self._opens: dict[int, AdapterOpen] = {}  # adapter index -> this partition's open
         self._io_space: SetIoSpaceRegion | None = None
@@ -414,28 +433,39 @@ class Partition:
         return opened
 
     def _alloc(self, htype: HandleType, obj: Any) -> int:
+        cost = OBJECT_BYTES[htype]
+        if self._pinned + cost > self.config.max_partition_bytes:
+            raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY,
+                                f"{self._pinned} bytes pinned, budget "
+                                f"{self.config.max_partition_bytes}")
         try:
-            return self._handles.alloc(htype, obj)
+            handle = self._handles.alloc(htype, obj)
         except HandleTableFull as e:
             raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, str(e)) from None
+        self._pinned += cost
+        return handle
+
+    def _free(self, handle: int, htype: HandleType) -> None:
+        if self._handles.free(handle, htype) is not None:
+            self._pinned -= OBJECT_BYTES[htype]
 
     # ---- teardown (lock held) ------------------------------------------------------------------
 
     def _drop_context(self, context: HostContext) -> None:
         context.device.contexts.pop(context.handle, None)
-        self._handles.free(context.handle, HandleType.CONTEXT)
+        self._free(context.handle, HandleType.CONTEXT)
 
     def _drop_device(self, device: HostDevice) -> None:
         for context in list(device.contexts.values()):
             self._drop_context(context)
         device.process.devices.pop(device.handle, None)
-        self._handles.free(device.handle, HandleType.DEVICE)
+        self._free(device.handle, HandleType.DEVICE)
 
     def _drop_process(self, process: HostProcess) -> None:
         for device in list(process.devices.values()):
             self._drop_device(device)
         self._processes.pop(process.handle, None)
-        self._handles.free(process.handle, HandleType.PROCESS)
+        self._free(process.handle, HandleType.PROCESS)
 
     def _drop_open(self, adapter_index: int) -> None:
         opened = self._opens.pop(adapter_index, None)
@@ -445,7 +475,7 @@ class Partition:
             for device in list(process.devices.values()):
                 if device.adapter is opened.adapter:
                     self._drop_device(device)
-        self._handles.free(opened.handle, HandleType.ADAPTER)
+        self._free(opened.handle, HandleType.ADAPTER)
 
     # ---- global commands -----------------------------------------------------------------------
 
@@ -562,7 +592,7 @@ class Partition:
         if len(body.priv_drv_data) > MAX_CONTEXT_PRIVATE_DATA:
             raise CommandFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "private data too large")
         context = HostContext(0, device, body.node_ordinal, body.engine_affinity, body.flags,
-                              body.client_hint, body.priv_drv_data)
+                              body.client_hint, len(body.priv_drv_data))
         context.handle = self._alloc(HandleType.CONTEXT, context)
         device.contexts[context.handle] = context
         return dataclasses.replace(body, context=context.handle).pack()
@@ -633,7 +663,11 @@ class Partition:
             log.info("partition %d: no global channel for %s", self.id, command.name)
             return False
         try:
-            channel.notify(encode_host_to_vm(command, process, body))
+            # Not channel.notify(): that would wait for as long as a reply to a guest that does
+            # not read holds the connection; a notification gives up after NOTIFY_LOCK_TIMEOUT.
+            channel.connection.send_frame(channel.relid, VM_PKT_DATA_INBAND,
+                                          encode_host_to_vm(command, process, body),
+                                          lock_timeout=NOTIFY_LOCK_TIMEOUT)
         except (ChannelClosed, OSError, ProtocolError) as e:
             log.info("partition %d: %s not sent: %s", self.id, command.name, e)
             return False
@@ -684,6 +718,7 @@ class Partition:
             "peer": self.peer,
             "closed": self.closed.is_set(),
             "requests": self._requests,
+            "pinned_bytes": self._pinned,
             "io_space": None if io is None else {"start": io.start, "length": io.length},
             "channels": {
                 "global": self._global_channel is not None,
