@@ -36,8 +36,10 @@ from dxg.client.errors import (
     NodeUnavailable,
 )
 from dxg.client.userbufs import gather
+from dxg.guest.usermem import UserMemoryFault
 from dxg.node import wire
 from dxg.node.paths import NODE_ENV, default_node_path, node_dir_problem
+from dxg.node.procmem import ProcessVmUserMemory
 from dxg.uapi.ioctls import IOCTLS_BY_CODE
 
 __all__ = ["NodeConnection"]
@@ -48,73 +50,37 @@ _RECV_CHUNK = 256 * 1024
 _ATOMIC_SEND = 64 * 1024
 
 
-class _iovec(ctypes.Structure):
-    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
-
-
 class _SelfMemory:
-    """Reads and writes this process's memory without faulting on bad addresses."""
+    """Reads and writes this process's memory without faulting on bad addresses: through
+    process_vm_readv/writev (the node's ProcessVmUserMemory, aimed at ourselves), or, where a
+    sandbox forbids those calls, directly."""
 
     def __init__(self) -> None:
-        self._pid = os.getpid()
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._readv = getattr(libc, "process_vm_readv", None)
-        self._writev = getattr(libc, "process_vm_writev", None)
-        for fn in (self._readv, self._writev):
-            if fn is not None:
-                fn.restype = ctypes.c_ssize_t
-                fn.argtypes = (
-                    ctypes.c_int,
-                    ctypes.POINTER(_iovec),
-                    ctypes.c_ulong,
-                    ctypes.POINTER(_iovec),
-                    ctypes.c_ulong,
-                    ctypes.c_ulong,
-                )
-        self.safe = self._readv is not None and self._probe()
-
-    def _probe(self) -> bool:
-        buf = ctypes.create_string_buffer(b"pydxg", 8)
+        self._mem = ProcessVmUserMemory(os.getpid())
+        probe = ctypes.create_string_buffer(b"pydxg", 8)
         try:
-            return self._vm(self._readv, ctypes.addressof(buf), 8) == buf.raw
-        except OSError:
-            return False
-
-    def _vm(self, fn: Any, addr: int, size: int, data: bytes | None = None) -> bytes | None:
-        local = (
-            ctypes.create_string_buffer(size)
-            if data is None
-            else ctypes.create_string_buffer(data, size)
-        )
-        liov = _iovec(ctypes.cast(local, ctypes.c_void_p), size)
-        riov = _iovec(addr, size)
-        n = fn(self._pid, ctypes.byref(liov), 1, ctypes.byref(riov), 1, 0)
-        if n < 0:
-            err = ctypes.get_errno()
-            if err in (errno.EFAULT, errno.ENOMEM):
-                return None
-            raise OSError(err, os.strerror(err))
-        if n != size:
-            return None
-        return local.raw[:size]
+            self.safe = self._mem.read(ctypes.addressof(probe), 8) == probe.raw
+        except UserMemoryFault:
+            self.safe = False
 
     def read(self, addr: int, size: int) -> bytes | None:
         if addr <= 0 or size <= 0 or addr + size > 1 << 64:
             return None
-        if self.safe:
-            try:
-                return self._vm(self._readv, addr, size)
-            except OSError:
-                self.safe = False
-        return ctypes.string_at(addr, size)
+        if not self.safe:
+            return ctypes.string_at(addr, size)
+        try:
+            return self._mem.read(addr, size)
+        except UserMemoryFault:
+            return None
 
     def write(self, addr: int, data: bytes) -> bool:
-        if self.safe and self._writev is not None:
-            try:
-                return self._vm(self._writev, addr, len(data), data) is not None
-            except OSError:
-                self.safe = False
-        ctypes.memmove(addr, data, len(data))
+        if not self.safe:
+            ctypes.memmove(addr, data, len(data))
+            return True
+        try:
+            self._mem.write(addr, data)
+        except UserMemoryFault:
+            return False
         return True
 
 
