@@ -77,6 +77,15 @@ class RecordingDriver:
         self.removed.append(dev)
 
 
+def start_guest(address: str, reconnect: bool = False) -> tuple[GuestBus, "RecordingDriver"]:
+    """A GuestBus bound to `address` with a RecordingDriver, connected."""
+    bus = GuestBus(address, reconnect=reconnect)
+    drv = RecordingDriver()
+    bus.register_driver(drv)
+    bus.start(wait=False)
+    return bus, drv
+
+
 def offers(order="global-first"):
     g = Offer(1, DXGK_GLOBAL_GUID, uuid.uuid4(), mmio_megabytes=64)
     v = [Offer(i, DXGK_VGPU_GUID, uuid.uuid4(), interface_version=40) for i in (2, 3)]
@@ -86,10 +95,7 @@ def offers(order="global-first"):
 @pytest.mark.parametrize("order", ["global-first", "vgpu-first"])
 def test_offers_probe_and_requests(tmp_path, order):
     host = EchoHost(str(tmp_path / "h.sock"), offers(order))
-    bus = GuestBus(str(tmp_path / "h.sock"), reconnect=False)
-    drv = RecordingDriver()
-    bus.register_driver(drv)
-    bus.start(wait=False)
+    bus, drv = start_guest(str(tmp_path / "h.sock"))
     try:
         assert bus.offers_delivered.wait(10)
         wait_until(lambda: len(drv.probed) == 3)
@@ -115,10 +121,7 @@ def test_offers_probe_and_requests(tmp_path, order):
 def test_blocked_request_does_not_stall_other_channels(tmp_path):
     host = EchoHost(str(tmp_path / "h.sock"), offers())
     host.gate.clear()
-    bus = GuestBus(str(tmp_path / "h.sock"), reconnect=False)
-    drv = RecordingDriver()
-    bus.register_driver(drv)
-    bus.start(wait=False)
+    bus, drv = start_guest(str(tmp_path / "h.sock"))
     try:
         wait_until(lambda: len(drv.probed) == 3)
         # The host handles one session's requests in order; a guest thread blocked in a request
@@ -140,10 +143,7 @@ def test_blocked_request_does_not_stall_other_channels(tmp_path):
 def test_rescind_fails_pending_and_removes(tmp_path):
     host = EchoHost(str(tmp_path / "h.sock"), offers())
     host.gate.clear()
-    bus = GuestBus(str(tmp_path / "h.sock"), reconnect=False)
-    drv = RecordingDriver()
-    bus.register_driver(drv)
-    bus.start(wait=False)
+    bus, drv = start_guest(str(tmp_path / "h.sock"))
     try:
         wait_until(lambda: len(drv.probed) == 3)
         vgpu = next(d for d in drv.probed if d.offer.relid == 3)
@@ -173,10 +173,7 @@ def test_rescind_fails_pending_and_removes(tmp_path):
 def test_reconnect_after_host_restart(tmp_path):
     addr = str(tmp_path / "h.sock")
     host = EchoHost(addr, offers())
-    bus = GuestBus(addr, reconnect=True)
-    drv = RecordingDriver()
-    bus.register_driver(drv)
-    bus.start(wait=False)
+    bus, drv = start_guest(addr, reconnect=True)
     try:
         wait_until(lambda: len(drv.probed) == 3)
         host.close()
@@ -201,10 +198,7 @@ def test_unreachable_host_is_a_clear_error(tmp_path):
 def test_tcp_transport(tmp_path):
     host = EchoHost("tcp:127.0.0.1:0", offers())
     port = host.listener.address.target[1]
-    bus = GuestBus(f"tcp:127.0.0.1:{port}", reconnect=False)
-    drv = RecordingDriver()
-    bus.register_driver(drv)
-    bus.start(wait=False)
+    bus, drv = start_guest(f"tcp:127.0.0.1:{port}")
     try:
         wait_until(lambda: len(drv.probed) == 3)
         assert drv.probed[0].channel.request(b"tcp") == b"echo:tcp"
@@ -216,10 +210,7 @@ def test_tcp_transport(tmp_path):
 def test_fire_and_forget_packets_get_no_completion(tmp_path):
     seen = []
     host = EchoHost(str(tmp_path / "h.sock"), offers())
-    bus = GuestBus(str(tmp_path / "h.sock"), reconnect=False)
-    drv = RecordingDriver()
-    bus.register_driver(drv)
-    bus.start(wait=False)
+    bus, drv = start_guest(str(tmp_path / "h.sock"))
     try:
         wait_until(lambda: len(drv.probed) == 3)
         ch = drv.probed[0].channel
