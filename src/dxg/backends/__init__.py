@@ -1,11 +1,19 @@
 """Backends: the engines behind host adapters.
 
-A backend describes the adapter it drives (identity, memory, engines, the command-buffer formats it
-executes) with an `AdapterDescription`; the host turns that description into the adapter's
-identity on the wire (GETINTERNALADAPTERINFO, QUERYADAPTERINFO, the vGPU offer).
+A backend describes the adapters it drives (identity, memory, engines, the command-buffer formats
+they execute) with an `AdapterDescription`; the host turns that description into the adapter's
+identity on the wire (GETINTERNALADAPTERINFO, QUERYADAPTERINFO, the vGPU offer). The host gets its
+backend from its config (`HostConfig.backend`), so another engine plugs in without touching the
+host. Whatever a backend does that can take long (driver escapes now; memory and execution as
+they land) the host runs on its worker threads, never on its event loop, and never while it holds
+any state of its own.
 """
 
+from __future__ import annotations
+
+import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,4 +37,21 @@ class AdapterDescription:
     engine: str = ""  # free text: what executes the work (e.g. "numpy 2.4.6")
 
 
-__all__ = ["AdapterDescription"]
+class Backend(Protocol):
+    """The engine interface a host drives. Methods other than ``describe`` may block: the host
+    calls them on a worker thread and passes ``cancelled``, set when the caller has gone."""
+
+    name: str
+
+    def describe(self, index: int, dedicated_memory_mb: int,
+                 shared_memory_mb: int) -> AdapterDescription:
+        """The description of adapter ``index`` with the memory sizes the host is configured for."""
+        ...
+
+    def escape(self, index: int, data: bytes, cancelled: threading.Event) -> tuple[int, bytes]:
+        """A driver-private escape on adapter ``index``: (NTSTATUS, private data to return,
+        the same length as ``data``)."""
+        ...
+
+
+__all__ = ["AdapterDescription", "Backend"]

@@ -4,9 +4,14 @@ Only the description lives here for now (identity, memory sizes, one compute nod
 command-buffer formats it will execute); the execution engine comes with the command-buffer work.
 """
 
+from __future__ import annotations
+
+import threading
+
 import numpy
 
 from dxg.backends import AdapterDescription
+from dxg.uapi.ntstatus import NTSTATUS
 
 SOFT_ADAPTER_NAME = "pydxg Soft GPU (NumPy)"
 # The version-1 pydxg soft command-buffer format (little-endian ops: copy, fill, elementwise math,
@@ -48,3 +53,22 @@ def soft_adapter_description(
         software_device=True,
         engine=f"numpy {numpy.__version__}",
     )
+
+
+class SoftBackend:
+    """The soft adapters' backend: NumPy on the host CPU."""
+
+    name = "soft"
+
+    def describe(self, index: int, dedicated_memory_mb: int,
+                 shared_memory_mb: int) -> AdapterDescription:
+        return soft_adapter_description(dedicated_memory_mb, shared_memory_mb)
+
+    def escape(self, index: int, data: bytes, cancelled: threading.Event) -> tuple[int, bytes]:
+        # The soft driver defines no private escapes beyond pydxg's own (dxg.uapi.escape, which
+        # the host serves itself); anything else is not a request it understands.
+        return int(NTSTATUS.STATUS_INVALID_PARAMETER), data
+
+
+__all__ = ["SOFT_ADAPTER_NAME", "SOFT_COMMAND_FORMAT_V1", "SoftBackend",
+           "soft_adapter_description"]

@@ -1,6 +1,7 @@
 """A virtual GPU as the guest sees it: identity from its vGPU channel, state, host handle."""
 
-import threading
+from __future__ import annotations
+
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ class AdapterState(IntEnum):
 
 
 class GuestAdapter:
-    def __init__(self, link: "HostLink", dev: BusDevice, luid: int, compute_only: bool) -> None:
+    def __init__(self, link: HostLink, dev: BusDevice, luid: int, compute_only: bool) -> None:
         self.link = link
         self.dev = dev
         self.luid = luid
@@ -34,7 +35,6 @@ class GuestAdapter:
         self.pci_vendor_id = dev.offer.pci_vendor_id
         self.pci_device_id = dev.offer.pci_device_id
         self.interface_version = 0
-        self.lock = threading.RLock()
         self.process_adapters: list[ProcessAdapter] = []
 
     @property

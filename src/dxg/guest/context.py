@@ -1,5 +1,7 @@
 """An execution context on a device (CreateContextVirtual)."""
 
+from __future__ import annotations
+
 import errno
 from typing import TYPE_CHECKING
 
@@ -13,7 +15,7 @@ if TYPE_CHECKING:
 
 
 class GuestContext:
-    def __init__(self, device: "GuestDevice", host_handle: int, node_ordinal: int) -> None:
+    def __init__(self, device: GuestDevice, host_handle: int, node_ordinal: int) -> None:
         self.device = device
         self.host_handle = host_handle
         self.node_ordinal = node_ordinal
@@ -21,9 +23,9 @@ class GuestContext:
         self.destroyed = False
 
 
-def create_context(proc: "GuestProcess", dev: "GuestDevice", node_ordinal: int,
-                   engine_affinity: int, flags: int, client_hint: int,
-                   priv: bytes) -> tuple[GuestContext, bytes]:
+async def create_context(proc: GuestProcess, dev: GuestDevice, node_ordinal: int,
+                         engine_affinity: int, flags: int, client_hint: int,
+                         priv: bytes) -> tuple[GuestContext, bytes]:
     """CREATECONTEXTVIRTUAL; returns the context and the host's copy of the private data."""
     from dxg.guest import vmbus
     from dxg.guest.device import ObjectState
@@ -32,40 +34,40 @@ def create_context(proc: "GuestProcess", dev: "GuestDevice", node_ordinal: int,
     adapter = dev.adapter
     if not adapter.active:
         raise IoctlError(errno.ENODEV, "adapter is stopped")
-    hprocess = host_process(proc, adapter.link)
+    hprocess = await host_process(proc, adapter.link)
     msg = m.CreateContextVirtual(0, dev.host_handle, node_ordinal, engine_affinity, flags,
                                  client_hint, priv)
-    out = vmbus.create_context_virtual(adapter, hprocess, msg)
+    out = await vmbus.create_context_virtual(adapter, hprocess, msg)
     if out.context == 0:
         raise IoctlError(errno.EINVAL, "the host refused to create the context")
     ctx = GuestContext(dev, out.context, node_ordinal)
-    with proc.lock:
-        alive = dev.state == ObjectState.ACTIVE
-        if alive:
-            ctx.handle = proc.handles.alloc(HandleType.CONTEXT, ctx)
-            dev.contexts.append(ctx)
-    if not alive:
-        vmbus.destroy_context(adapter, hprocess, out.context)
+    if dev.state != ObjectState.ACTIVE:
+        await vmbus.destroy_context(adapter, hprocess, out.context)
         raise IoctlError(errno.EINVAL, "device destroyed during context creation")
+    try:
+        ctx.handle = proc.handles.alloc(HandleType.CONTEXT, ctx)
+    except MemoryError:
+        await vmbus.destroy_context(adapter, hprocess, out.context)
+        raise
+    dev.contexts.append(ctx)
     return ctx, out.priv_drv_data
 
 
-def destroy_context(proc: "GuestProcess", ctx: GuestContext) -> int:
+async def destroy_context(proc: GuestProcess, ctx: GuestContext) -> int:
     from dxg.guest import vmbus
     from dxg.guest.process import existing_host_process
 
     dev = ctx.device
-    with proc.lock:
-        if ctx.destroyed:
-            return 0
-        ctx.destroyed = True
-        proc.handles.free(ctx.handle, HandleType.CONTEXT)
-        if ctx in dev.contexts:
-            dev.contexts.remove(ctx)
+    if ctx.destroyed:
+        return 0
+    ctx.destroyed = True
+    proc.handles.free(ctx.handle, HandleType.CONTEXT)
+    if ctx in dev.contexts:
+        dev.contexts.remove(ctx)
     adapter = dev.adapter
     if not adapter.active:
         raise IoctlError(errno.ENODEV, "adapter is stopped")
     hprocess = existing_host_process(proc, adapter.link)
     if hprocess is None:
         return 0
-    return vmbus.destroy_context(adapter, hprocess, ctx.host_handle)
+    return await vmbus.destroy_context(adapter, hprocess, ctx.host_handle)

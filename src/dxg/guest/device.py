@@ -1,7 +1,8 @@
 """A device: created on the host under an adapter; owns contexts (and later memory, queues)."""
 
+from __future__ import annotations
+
 import errno
-import threading
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
@@ -9,6 +10,7 @@ from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleType
 
 if TYPE_CHECKING:
+    from dxg.guest.adapter import GuestAdapter
     from dxg.guest.context import GuestContext
     from dxg.guest.process import GuestProcess, ProcessAdapter
 
@@ -25,22 +27,21 @@ DEVICEEXECUTION_RESET = 2
 
 
 class GuestDevice:
-    def __init__(self, pa: "ProcessAdapter", host_handle: int) -> None:
+    def __init__(self, pa: ProcessAdapter, host_handle: int) -> None:
         self.process_adapter = pa
         self.host_handle = host_handle
         self.handle = 0
         self.state = ObjectState.CREATED
         self.contexts: list[GuestContext] = []
-        self.lock = threading.RLock()
         self.execution_state = DEVICEEXECUTION_ACTIVE
         self.execution_state_counter = 0
 
     @property
-    def adapter(self):  # GuestAdapter (not imported: cycle)
+    def adapter(self) -> GuestAdapter:
         return self.process_adapter.adapter
 
 
-def create_device(proc: "GuestProcess", pa: "ProcessAdapter", flags: int) -> GuestDevice:
+async def create_device(proc: GuestProcess, pa: ProcessAdapter, flags: int) -> GuestDevice:
     from dxg.guest import vmbus
     from dxg.guest.process import host_process
 
@@ -48,42 +49,40 @@ def create_device(proc: "GuestProcess", pa: "ProcessAdapter", flags: int) -> Gue
     if not adapter.active:
         raise IoctlError(errno.ENODEV, "adapter is stopped")
     link = adapter.link
-    hprocess = host_process(proc, link)
-    host_handle = vmbus.create_device(adapter, hprocess, flags, link.device_state_cookie)
+    hprocess = await host_process(proc, link)
+    host_handle = await vmbus.create_device(adapter, hprocess, flags, link.device_state_cookie)
     if host_handle == 0:
         raise IoctlError(errno.EINVAL, "the host refused to create the device")
     dev = GuestDevice(pa, host_handle)
-    with proc.lock:
-        if proc.closed or pa.refcount == 0:
-            stale = True
-        else:
-            stale = False
-            dev.handle = proc.handles.alloc(HandleType.DEVICE, dev)
-            dev.state = ObjectState.ACTIVE
-            pa.devices.append(dev)
-    if stale:
+    if proc.closed or pa.refcount == 0:
         # The process or its adapter handle went away while the host was creating it.
-        _host_destroy(proc, dev, hprocess)
+        await _host_destroy(dev, hprocess)
         raise IoctlError(errno.ENODEV, "adapter closed during device creation")
+    try:
+        dev.handle = proc.handles.alloc(HandleType.DEVICE, dev)
+    except MemoryError:
+        await _host_destroy(dev, hprocess)
+        raise
+    dev.state = ObjectState.ACTIVE
+    pa.devices.append(dev)
     return dev
 
 
-def destroy_device(proc: "GuestProcess", dev: GuestDevice, flush: bool = False) -> int:
+async def destroy_device(proc: GuestProcess, dev: GuestDevice, flush: bool = False) -> int:
     """Guest handles go first (contexts, then the device), then the host object."""
     from dxg.guest.process import existing_host_process
 
-    with proc.lock:
-        if dev.state == ObjectState.DESTROYED:
-            return 0
-        dev.state = ObjectState.DESTROYED
-        for ctx in dev.contexts:
-            ctx.destroyed = True
-            proc.handles.free(ctx.handle, HandleType.CONTEXT)
-        dev.contexts.clear()
-        proc.handles.free(dev.handle, HandleType.DEVICE)
-        pa = dev.process_adapter
-        if dev in pa.devices:
-            pa.devices.remove(dev)
+    if dev.state == ObjectState.DESTROYED:
+        return 0
+    dev.state = ObjectState.DESTROYED
+    for ctx in dev.contexts:
+        ctx.destroyed = True
+        proc.handles.free(ctx.handle, HandleType.CONTEXT)
+    dev.contexts.clear()
+    proc.handles.free(dev.handle, HandleType.DEVICE)
+    pa = dev.process_adapter
+    if dev in pa.devices:
+        pa.devices.remove(dev)
     adapter = dev.adapter
     if not adapter.active or not adapter.link.up:
         return 0  # the host is gone: nothing to tell it
@@ -95,18 +94,18 @@ def destroy_device(proc: "GuestProcess", dev: GuestDevice, flush: bool = False) 
         from dxg.protocol.commands import DXGDEVICE_FLUSHSCHEDULER_DEVICE_TERMINATE
 
         try:
-            vmbus.flush_device(adapter, hprocess, dev.host_handle,
-                               DXGDEVICE_FLUSHSCHEDULER_DEVICE_TERMINATE)
+            await vmbus.flush_device(adapter, hprocess, dev.host_handle,
+                                     DXGDEVICE_FLUSHSCHEDULER_DEVICE_TERMINATE)
         except IoctlError:
             pass
-    return _host_destroy(proc, dev, hprocess)
+    return await _host_destroy(dev, hprocess)
 
 
-def _host_destroy(proc: "GuestProcess", dev: GuestDevice, hprocess: int) -> int:
+async def _host_destroy(dev: GuestDevice, hprocess: int) -> int:
     from dxg.guest import vmbus
 
     try:
-        return vmbus.destroy_device(dev.adapter, hprocess, dev.host_handle)
+        return await vmbus.destroy_device(dev.adapter, hprocess, dev.host_handle)
     except IoctlError as e:
         if e.errno == errno.ENODEV:
             return 0

@@ -1,14 +1,19 @@
 """The guest driver: binds host connections (one HostLink per bus device set), brings adapters
 up as their channels arrive in any order, and serves processes for the node front ends.
 
-State lives on this instance only: two GuestDrivers in one Python process are independent.
+State lives on this instance only: two GuestDrivers in one Python process are independent. All of
+it is touched on the driver's event loop (a `LoopThread` its owner passes in, or one of its
+own), so none of it needs a lock; the node front ends run on the same loop. The methods marked
+as such may be called from any thread.
 """
 
+from __future__ import annotations
+
+import asyncio
 import logging
 import os
-import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dxg.guest import vmbus
 from dxg.guest.adapter import AdapterState, GuestAdapter
@@ -24,9 +29,14 @@ from dxg.protocol.bus import (
     PCI_DEVICE_ID_COMPUTE_ACCELERATOR,
 )
 from dxg.protocol.guids import DXGK_GLOBAL_GUID, DXGK_VGPU_GUID, guid_to_luid
+from dxg.runtime.loop import LoopThread, on_loop, owned_loop
 from dxg.uapi.ntstatus import nt_success
 from dxg.vmbus.bus import BusDevice, BusError, GuestBus
 from dxg.vmbus.channel import ChannelClosed
+from dxg.vmbus.transport import Transport, connect
+
+if TYPE_CHECKING:
+    from dxg.host.host import Host
 
 log = logging.getLogger(__name__)
 
@@ -38,89 +48,129 @@ IOSPACE_STRIDE = 0x10_0000_0000
 class GuestDriver:
     id_table = (DXGK_GLOBAL_GUID, DXGK_VGPU_GUID)
 
-    def __init__(self, name: str = "pydxg-guest") -> None:
+    def __init__(self, name: str = "pydxg-guest", loop: LoopThread | None = None, *,
+                 heartbeat_interval: float = 1.0, heartbeat_timeout: float = 5.0) -> None:
         self.name = name
-        self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
+        self.rt, self._owns_loop = owned_loop(loop, f"dxg-guest {name}")
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
         self._links: dict[GuestBus, HostLink] = {}
         self._next_link = 0
         self._processes: dict[int, GuestProcess] = {}
         self.handle_space = HandleSpace()
         self.started = time.time()
+        self._changed: asyncio.Event | None = None
+        self._closed = False
 
-    # ---- binding hosts -------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"<GuestDriver {self.name!r} hosts={len(self._links)}>"
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.rt.loop
+
+    # ---- binding hosts (any thread) ------------------------------------------------------------
 
     def bind(self, address: str, reconnect: bool = True, wait: bool = False) -> GuestBus:
-        """Attach one host. Raises TransportError/BusError if it is unreachable and not `wait`."""
-        bus = GuestBus(address, reconnect=reconnect)
-        with self._lock:
-            link = HostLink(bus, self._next_link)
-            self._next_link += 1
-            self._links[bus] = link
+        """Attach the host at ``address``. Raises TransportError/BusError if it is unreachable
+        and not ``wait``."""
+        loop = self.loop
+
+        async def dial() -> Transport:
+            return await connect(loop, address)
+
+        return self.rt.run(self._bind(address, dial, reconnect, wait))
+
+    def bind_host(self, host: Host, reconnect: bool = True) -> GuestBus:
+        """Attach a host of this process over an in-process link (no socket)."""
+        loop = self.loop
+
+        async def dial() -> Transport:
+            return await host.connect_local(loop, self.name)
+
+        return self.rt.run(self._bind(f"local:{host.config.name}", dial, reconnect, False))
+
+    async def _bind(self, address: str, dial: Any, reconnect: bool, wait: bool) -> GuestBus:
+        bus = GuestBus(self.loop, dial, address, reconnect=reconnect,
+                       heartbeat_interval=self.heartbeat_interval,
+                       heartbeat_timeout=self.heartbeat_timeout)
+        link = HostLink(bus, self._next_link, address)
+        self._next_link += 1
+        self._links[bus] = link
         bus.register_driver(self)
         try:
-            bus.start(wait=wait)
+            await bus.start(wait=wait)
         except BaseException:
-            with self._lock:
-                self._links.pop(bus, None)
+            self._links.pop(bus, None)
+            await bus.close()
             raise
         return bus
 
     def unbind(self, bus: GuestBus) -> None:
-        bus.close()
-        with self._lock:
-            self._links.pop(bus, None)
-            self._changed.notify_all()
+        self.rt.run(self._unbind(bus))
 
+    async def _unbind(self, bus: GuestBus) -> None:
+        await bus.close()
+        link = self._links.pop(bus, None)
+        if link is not None:
+            await link.tasks.cancel_and_wait(timeout=5)
+        self._notify()
+
+    @on_loop
     def links(self) -> list[HostLink]:
-        with self._lock:
-            return list(self._links.values())
+        return list(self._links.values())
 
     def close(self) -> None:
+        """Unbind every host and close every process; stops the loop if the driver made it."""
+        if self._closed or self.rt.closed:
+            self._closed = True
+            return
+        self._closed = True
+        try:
+            self.rt.run(self._close(), timeout=60)
+        finally:
+            if self._owns_loop:
+                self.rt.close()
+
+    async def _close(self) -> None:
         for bus in list(self._links):
-            self.unbind(bus)
-        with self._lock:
-            procs = list(self._processes.values())
-        for p in procs:
-            self.close_process(p)
+            await self._unbind(bus)
+        for proc in list(self._processes.values()):
+            await self.close_process(proc)
 
-    # ---- bus driver callbacks (run on the bus's probe/remove thread) ---------------------------
+    # ---- bus driver callbacks (the bus's probe/remove task) ------------------------------------
 
-    def probe(self, dev: BusDevice) -> None:
-        with self._lock:
-            link = self._links.get(dev.bus)
+    async def probe(self, dev: BusDevice) -> None:
+        link = self._links.get(dev.bus)
         if link is None:
             return
         if dev.type_guid == DXGK_GLOBAL_GUID:
-            self._probe_global(link, dev)
+            await self._probe_global(link, dev)
         else:
             self._probe_vgpu(link, dev)
-        self._start_adapters(link)
+        await self._start_adapters(link)
 
-    def _probe_global(self, link: HostLink, dev: BusDevice) -> None:
-        with link.lock:
-            if link.global_dev is not None:
-                log.error("host %s offered a second global channel; refused", link.name)
-                return
-            link.global_dev = dev
+    async def _probe_global(self, link: HostLink, dev: BusDevice) -> None:
+        if link.global_dev is not None:
+            log.error("host %s offered a second global channel; refused", link.name)
+            return
+        link.global_dev = dev
         try:
-            channel = dev.open()
+            channel = await dev.open()
         except (BusError, ChannelClosed) as e:
             log.error("host %s: cannot open the global channel: %s", link.name, e)
-            with link.lock:
-                link.global_dev = None
+            link.global_dev = None
             return
         channel.on_inband = link.on_host_message
-        with link.lock:
-            link.global_channel = channel
-            link.generation += 1
-            link.async_msg_enabled = False
-            # Each host's window has its own slot; a host cannot make it overlap the next one.
-            size = min(dev.offer.mmio_megabytes << 20, IOSPACE_STRIDE)
-            link.iospace = (IOSPACE_BASE + link.index * IOSPACE_STRIDE, size)
+        link.global_channel = channel
+        link.generation += 1
+        link.async_msg_enabled = False
+        # Each host's window has its own slot; a host cannot make it overlap the next one.
+        size = min(dev.offer.mmio_megabytes << 20, IOSPACE_STRIDE)
+        link.iospace = (IOSPACE_BASE + link.index * IOSPACE_STRIDE, size)
         try:
-            vmbus.set_iospace_region(link, *link.iospace)
-        except IoctlError as e:
+            await vmbus.set_iospace_region(link, *link.iospace)
+        except (IoctlError, vmbus.HostStatus) as e:
             log.warning("host %s: SETIOSPACEREGION failed: %s", link.name, e)
 
     def _probe_vgpu(self, link: HostLink, dev: BusDevice) -> None:
@@ -145,59 +195,53 @@ class GuestDriver:
                                dev.offer.pci_device_id == PCI_DEVICE_ID_COMPUTE_ACCELERATOR)
         adapter.interface_version = min(version, DXGK_VMBUS_INTERFACE_VERSION)
         dev.drvdata = adapter
-        with link.lock:
-            link.adapters[luid] = adapter
+        link.adapters[luid] = adapter
         return adapter
 
-    def _start_adapters(self, link: HostLink) -> None:
+    async def _start_adapters(self, link: HostLink) -> None:
         """An adapter starts once both its vGPU channel and the global channel exist."""
         if not link.up:
             return
-        with link.lock:
-            waiting = [a for a in link.adapters.values() if a.state == AdapterState.WAITING_VMBUS]
+        waiting = [a for a in link.adapters.values() if a.state == AdapterState.WAITING_VMBUS]
         for ad in waiting:
             try:
-                ad.channel = ad.dev.open(GUEST_CAPS_WSL2, ad.interface_version)
-                opened = vmbus.open_adapter(ad)
+                ad.channel = await ad.dev.open(GUEST_CAPS_WSL2, ad.interface_version)
+                opened = await vmbus.open_adapter(ad)
                 if not nt_success(opened.status) or opened.host_adapter_handle == 0:
                     raise IoctlError(0, f"OPENADAPTER status 0x{opened.status:08x}")
                 ad.host_handle = opened.host_adapter_handle
-                info = vmbus.get_internal_adapter_info(ad)
+                info = await vmbus.get_internal_adapter_info(ad)
             except (IoctlError, BusError, ChannelClosed, vmbus.HostStatus) as e:
                 log.error("host %s: adapter %016x failed to start: %s", link.name, ad.luid, e)
                 ad.state = AdapterState.STOPPED
-                self._release_adapter(ad)
+                await self._release_adapter(ad)
                 continue
             ad.description = info.device_description
             ad.instance_id = info.device_instance_id
             ad.host_adapter_luid = info.host_adapter_luid
             ad.host_vgpu_luid = info.host_vgpu_luid or ad.host_vgpu_luid
-            with self._lock:
-                link.async_msg_enabled = info.async_msg_enabled
-                ad.state = AdapterState.ACTIVE
-                self._changed.notify_all()
+            link.async_msg_enabled = info.async_msg_enabled
+            ad.state = AdapterState.ACTIVE
+            self._notify()
             log.info("adapter %016x up: %s (host %s)", ad.luid, ad.description, link.name)
 
-    def remove(self, dev: BusDevice) -> None:
-        with self._lock:
-            link = self._links.get(dev.bus)
+    async def remove(self, dev: BusDevice) -> None:
+        link = self._links.get(dev.bus)
         if link is None:
             return
         if dev.type_guid == DXGK_GLOBAL_GUID:
-            with link.lock:
-                if link.global_dev is not dev:
-                    return
-                link.global_dev = None
-                link.global_channel = None
-                adapters = list(link.adapters.values())
-            for ad in adapters:
+            if link.global_dev is not dev:
+                return
+            link.global_dev = None
+            link.global_channel = None
+            for ad in list(link.adapters.values()):
                 # Without the global channel the adapter is gone for its users (its objects
                 # fail -ENODEV); release it on the host and wait, as a fresh adapter, for the
                 # global channel to come back.
                 if ad.state == AdapterState.STOPPED:
                     continue
                 ad.state = AdapterState.STOPPED
-                self._release_adapter(ad)
+                await self._release_adapter(ad)
                 log.info("adapter %016x stopped (global channel gone)", ad.luid)
                 if not ad.dev.conn.closed:
                     self._add_waiting_adapter(link, ad.dev, ad.luid, ad.interface_version)
@@ -205,18 +249,16 @@ class GuestDriver:
             ad = dev.drvdata
             if isinstance(ad, GuestAdapter):
                 self._stop_adapter(ad)
-                with link.lock:
-                    if link.adapters.get(ad.luid) is ad:
-                        del link.adapters[ad.luid]
-        with self._lock:
-            self._changed.notify_all()
+                if link.adapters.get(ad.luid) is ad:
+                    del link.adapters[ad.luid]
+        self._notify()
 
-    def _release_adapter(self, ad: GuestAdapter) -> None:
+    async def _release_adapter(self, ad: GuestAdapter) -> None:
         """Give the host back what a (partly) started adapter holds: its adapter handle and
         its vGPU channel. Best effort: the host may be gone already."""
         if ad.host_handle and ad.channel is not None and not ad.channel.closed:
             try:
-                vmbus.close_adapter(ad)
+                await vmbus.close_adapter(ad)
             except (IoctlError, vmbus.HostStatus) as e:
                 log.info("adapter %016x: CLOSEADAPTER failed: %s", ad.luid, e)
         ad.dev.close()
@@ -231,95 +273,112 @@ class GuestDriver:
             ad.channel.close("adapter stopped")
         log.info("adapter %016x stopped", ad.luid)
 
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
     # ---- adapters ----------------------------------------------------------------------------
 
+    @on_loop
     def all_adapters(self) -> list[GuestAdapter]:
         out: list[GuestAdapter] = []
-        for link in sorted(self.links(), key=lambda x: x.index):
-            with link.lock:
-                out.extend(sorted(link.adapters.values(), key=lambda a: a.dev.offer.relid))
+        for link in sorted(self._links.values(), key=lambda x: x.index):
+            out.extend(sorted(link.adapters.values(), key=lambda a: a.dev.offer.relid))
         return out
 
+    @on_loop
     def active_adapters(self) -> list[GuestAdapter]:
         return [a for a in self.all_adapters() if a.active]
 
     def wait_for_adapters(self, count: int, timeout: float) -> bool:
+        """Wait (off the loop) until at least ``count`` adapters are active."""
+        return self.wait_for(lambda: len(self.active_adapters()) >= count, timeout)
+
+    def wait_for(self, predicate: Any, timeout: float) -> bool:
+        """Wait (off the loop) until ``predicate()``, evaluated on the loop, holds."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            while len(self.active_adapters()) < count:
+
+        async def wait() -> bool:
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            while not predicate():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._changed.wait(left)
-        return True
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), min(left, 0.05))
+                except asyncio.TimeoutError:
+                    pass
+            return True
 
-    # ---- processes -----------------------------------------------------------------------------
+        return self.rt.run(wait())
+
+    # ---- processes (the node front ends, on the loop) ------------------------------------------
 
     def open_process(self, pid: int, uid: int, name: str) -> GuestProcess:
         proc = GuestProcess(pid, uid, name, self.handle_space)
-        with self._lock:
-            self._processes[id(proc)] = proc
+        self._processes[id(proc)] = proc
         return proc
 
-    def close_process(self, proc: GuestProcess) -> None:
-        with self._lock:
-            if self._processes.pop(id(proc), None) is None:
-                return
+    async def close_process(self, proc: GuestProcess) -> None:
+        if self._processes.pop(id(proc), None) is None:
+            return
         try:
-            process_exit(proc)
+            await process_exit(proc)
         except Exception:
             log.exception("teardown of process %d failed", proc.pid)
 
+    @on_loop
     def processes(self) -> list[GuestProcess]:
-        with self._lock:
-            return list(self._processes.values())
+        return list(self._processes.values())
 
-    def ioctl(self, proc: GuestProcess, code: int, arg: bytes, mem: UserMemory,
-              caller_tgid: int | None = None) -> tuple[int, bytes]:
+    async def ioctl(self, proc: GuestProcess, code: int, arg: bytes, mem: UserMemory,
+                    caller_tgid: int | None = None) -> tuple[int, bytes]:
         """One ioctl from `proc`. A caller from another thread group than the opener (a forked
         child using its parent's file) gets -ENOTTY, as from the real driver."""
         if caller_tgid is not None and caller_tgid != proc.pid:
             return -25, arg  # ENOTTY
         if proc.closed:
             return -9, arg  # EBADF
-        return dispatch(self, proc, code, arg, mem)
+        return await dispatch(self, proc, code, arg, mem)
 
     # ---- introspection -------------------------------------------------------------------------
 
-    def admin(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def admin(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         if op == "snapshot":
             return self.snapshot()
         if op == "census":
-            return {"hosts": self.host_census()}
+            return {"hosts": await self.host_census()}
         return {"error": f"unknown admin op {op!r}"}
 
+    @on_loop
     def snapshot(self) -> dict[str, Any]:
         adapters = self.all_adapters()
         index = {id(a): i for i, a in enumerate(adapters)}
         procs = []
-        for p in sorted(self.processes(), key=lambda x: x.pid):
-            with p.lock:
-                links = []
-                for pa in p.adapters.values():
-                    devices = [d for d in pa.devices]
-                    links.append({
-                        "adapter": index.get(id(pa.adapter)),
-                        "luid": f"0x{pa.adapter.luid:016x}",
-                        "handles": pa.refcount,
-                        "devices": len(devices),
-                        "contexts": sum(len(d.contexts) for d in devices),
-                    })
+        for p in sorted(self._processes.values(), key=lambda x: x.pid):
+            links = []
+            for pa in p.adapters.values():
+                links.append({
+                    "adapter": index.get(id(pa.adapter)),
+                    "luid": f"0x{pa.adapter.luid:016x}",
+                    "handles": pa.refcount,
+                    "devices": len(pa.devices),
+                    "contexts": sum(len(d.contexts) for d in pa.devices),
+                })
             procs.append({"pid": p.pid, "uid": p.uid, "name": p.name, "adapters": links,
                           "handles": len(p.handles)})
         return {
             "driver": self.name,
             "pid": os.getpid(),
             "hosts": [
-                {"index": link.index, "address": link.bus.address, "host": link.bus.host_name,
+                {"index": link.index, "address": link.address, "host": link.bus.host_name,
                  "connected": link.up, "async_msg_enabled": link.async_msg_enabled,
-                 "last_error": link.bus.last_error}
-                for link in sorted(self.links(), key=lambda x: x.index)
+                 "last_error": link.bus.last_error,
+                 "heartbeat_failures": link.bus.heartbeat_failures}
+                for link in sorted(self._links.values(), key=lambda x: x.index)
             ],
             "adapters": [
                 {"index": i, "luid": f"0x{a.luid:016x}", "state": a.state.name,
@@ -331,16 +390,19 @@ class GuestDriver:
             "processes": procs,
         }
 
-    def host_census(self) -> list[dict[str, Any]]:
+    async def host_census(self) -> list[dict[str, Any]]:
         out = []
-        for link in sorted(self.links(), key=lambda x: x.index):
-            entry: dict[str, Any] = {"index": link.index, "address": link.bus.address}
+        for link in sorted(self._links.values(), key=lambda x: x.index):
+            entry: dict[str, Any] = {"index": link.index, "address": link.address}
             if link.up:
                 try:
-                    entry["census"] = vmbus.query_partition(link)
-                except IoctlError as e:
+                    entry["census"] = await vmbus.query_partition(link)
+                except (IoctlError, vmbus.HostStatus) as e:
                     entry["error"] = str(e)
             else:
                 entry["error"] = "not connected"
             out.append(entry)
         return out
+
+
+__all__ = ["GuestDriver"]

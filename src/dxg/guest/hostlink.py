@@ -1,19 +1,22 @@
 """Per-host state: what the real driver keeps in `struct dxgglobal`, but one per bound bus
 device (one per host connection), so several hosts serve one node. Holds the global channel, the
 vGPU channel records, the adapters of this host, the IO space, the device-state counter and the
-routing rule (adapter traffic on the global channel once the host enables async messages)."""
+routing rule (adapter traffic on the global channel once the host enables async messages).
+Touched only on the driver's event loop."""
+
+from __future__ import annotations
 
 import logging
 import secrets
-import threading
 from typing import TYPE_CHECKING
 
 from dxg.protocol import messages as m
 from dxg.protocol.commands import HostToVmCommand
 from dxg.protocol.errors import ProtocolError
 from dxg.protocol.headers import decode_host_to_vm
+from dxg.runtime.tasks import TaskSet
 from dxg.vmbus.bus import BusDevice, GuestBus
-from dxg.vmbus.channel import Channel
+from dxg.vmbus.channel import Channel, Packet
 
 if TYPE_CHECKING:
     from dxg.guest.adapter import GuestAdapter
@@ -22,10 +25,10 @@ log = logging.getLogger(__name__)
 
 
 class HostLink:
-    def __init__(self, bus: GuestBus, index: int) -> None:
+    def __init__(self, bus: GuestBus, index: int, address: str) -> None:
         self.bus = bus
         self.index = index  # order in which hosts were bound, for stable enumeration
-        self.lock = threading.RLock()
+        self.address = address
         self.global_dev: BusDevice | None = None
         self.global_channel: Channel | None = None
         self.adapters: dict[int, GuestAdapter] = {}  # guest LUID -> adapter
@@ -36,6 +39,8 @@ class HostLink:
         self.device_state_counter = 0
         self.device_state_cookie = secrets.randbits(63) | 1
         self.generation = 0
+        # Work the link does on its own (undoing what the host did for abandoned requests).
+        self.tasks = TaskSet(f"link {bus.name}")
 
     @property
     def name(self) -> str:
@@ -46,10 +51,11 @@ class HostLink:
         ch = self.global_channel
         return ch is not None and not ch.closed
 
-    def on_host_message(self, _channel: Channel, payload: bytes) -> None:
+    def on_host_message(self, _channel: Channel, packet: Packet) -> None:
         """Host -> guest notifications arrive only on the global channel, without ext header."""
+        packet.close_fds()
         try:
-            msg = decode_host_to_vm(payload)
+            msg = decode_host_to_vm(packet.payload)
         except ProtocolError as e:
             log.warning("host %s: bad notification dropped: %s", self.name, e)
             return
@@ -64,8 +70,7 @@ class HostLink:
                 and data.guest_pointer == self.device_state_cookie
                 and data.data32 != 0
             ):
-                with self.lock:
-                    self.device_state_counter += 1
+                self.device_state_counter += 1
         elif msg.command in (HostToVmCommand.SIGNALGUESTEVENT,
                              HostToVmCommand.SIGNALGUESTEVENTPASSIVE):
             log.debug("host %s: SIGNALGUESTEVENT for an unknown event ignored", self.name)

@@ -1,24 +1,40 @@
-"""The one accessor through which handlers touch caller memory (copy_from_user/copy_to_user).
+"""The one accessor through which handlers touch the caller: its memory (copy_from_user /
+copy_to_user) and the file descriptors that go between it and the driver.
 
-Front ends supply an implementation: the socket node serves the regions a request carried; the
-FUSE file reads and writes the calling process with process_vm_readv/writev. Handlers never
-know which one they got.
+Front ends supply an implementation: the socket node serves the regions and descriptors a request
+carried and returns new descriptors beside the reply; the FUSE file reads and writes the calling
+process with process_vm_readv/writev and takes its descriptors with pidfd_getfd, but cannot put a
+new descriptor into the caller (it raises FrontEndLimit, an -EOPNOTSUPP). Handlers never know
+which one they got.
 """
+
+from __future__ import annotations
 
 import errno
 from typing import Protocol
 
 from dxg.guest.errors import IoctlError
+from dxg.oslib.procmem import FrontEndLimit, UserMemoryFault
 
-
-class UserMemoryFault(Exception):
-    """The address range is not readable/writable in the caller (the kernel's -EFAULT)."""
+__all__ = ["FrontEndLimit", "UserMemory", "UserMemoryFault", "copy_from_user", "copy_to_user",
+           "give_fd", "take_fd"]
 
 
 class UserMemory(Protocol):
     def read(self, addr: int, size: int) -> bytes: ...
 
     def write(self, addr: int, data: bytes) -> None: ...
+
+    def take_fd(self, number: int) -> int:
+        """A descriptor of this side's own (close it when done) for the caller's descriptor
+        ``number``. Raises OSError (EBADF when the caller has no such descriptor or did not
+        hand it over)."""
+        ...
+
+    def give_fd_to_user(self, fd: int, addr: int, width: int = 8) -> None:
+        """Hand ``fd`` to the caller (the accessor owns it from now on, whatever happens) and
+        store its number there at user address ``addr``. FrontEndLimit where impossible."""
+        ...
 
 
 def copy_from_user(mem: UserMemory, addr: int, size: int, limit: int) -> bytes:
@@ -46,5 +62,27 @@ def copy_to_user(mem: UserMemory, addr: int, data: bytes) -> None:
         raise IoctlError(errno.EINVAL, "NULL user buffer")
     try:
         mem.write(addr, data)
+    except UserMemoryFault as e:
+        raise IoctlError(errno.EFAULT, str(e) or "bad user address") from None
+
+
+def take_fd(mem: UserMemory, number: int) -> int:
+    """The caller's descriptor ``number`` as one of ours (-EBADF when it has none such)."""
+    if number < 0:
+        raise IoctlError(errno.EBADF, f"bad file descriptor {number}")
+    try:
+        return mem.take_fd(number)
+    except FrontEndLimit as e:
+        raise IoctlError(errno.EOPNOTSUPP, str(e)) from None
+    except OSError as e:
+        raise IoctlError(e.errno or errno.EBADF, str(e)) from None
+
+
+def give_fd(mem: UserMemory, fd: int, addr: int, width: int = 8) -> None:
+    """Install ``fd`` in the caller, its number stored at ``addr`` (ownership passes on)."""
+    try:
+        mem.give_fd_to_user(fd, addr, width)
+    except FrontEndLimit as e:
+        raise IoctlError(errno.EOPNOTSUPP, str(e)) from None
     except UserMemoryFault as e:
         raise IoctlError(errno.EFAULT, str(e) or "bad user address") from None

@@ -25,25 +25,36 @@ host does not serve: STATUS_NOT_SUPPORTED; a number that is no KMTQUERYADAPTERIN
 STATUS_INVALID_PARAMETER.
 """
 
+from __future__ import annotations
+
 import ctypes
+import logging
 import struct
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 from dxg.backends import AdapterDescription
+from dxg.host.call import Call, CommandFailed, Handler
 from dxg.host.config import AdapterIdentity
+from dxg.protocol import messages as m
 from dxg.protocol.bus import (
     DXGK_VMBUS_INTERFACE_VERSION,
+    DXGK_VMBUS_LAST_COMPATIBLE_INTERFACE_VERSION,
     PCI_DEVICE_ID_COMPUTE_ACCELERATOR,
     PCI_DEVICE_ID_VIRTUAL_RENDER,
     PCI_VENDOR_MICROSOFT,
     Offer,
 )
-from dxg.protocol.guids import DXGK_VGPU_GUID
+from dxg.protocol.commands import VgpuCommand
+from dxg.protocol.guids import DXGK_VGPU_GUID, luid_to_int
 from dxg.protocol.messages import IAI_ASYNC_MSG_ENABLED, GetInternalAdapterInfoReturn
+from dxg.uapi.handles import HandleType
 from dxg.uapi.ntstatus import NTSTATUS
+from dxg.uapi.structs import d3dkmt_queryclockcalibration, dxgk_feature_id, dxgk_gpuclockdata
 from dxg.uapi.wddm import (
     D3DKMT_ADAPTERADDRESS,
     D3DKMT_ADAPTERTYPE,
@@ -57,7 +68,24 @@ from dxg.uapi.wddm import (
     encode_utf16z,
 )
 
+if TYPE_CHECKING:
+    from dxg.host.partition import Partition
+
+log = logging.getLogger(__name__)
+
 Q = KMTQUERYADAPTERINFOTYPE
+OK = NTSTATUS.STATUS_SUCCESS
+# The soft adapter's GPU timestamp frequency: its clock counts nanoseconds.
+GPU_CLOCK_FREQUENCY = 1_000_000_000
+_KNOWN_FEATURES = frozenset(
+    int(f)
+    for f in (
+        dxgk_feature_id._DXGK_FEATURE_HWSCH,
+        dxgk_feature_id._DXGK_FEATURE_PAGE_BASED_MEMORY_MANAGER,
+        dxgk_feature_id._DXGK_FEATURE_KERNEL_MODE_TESTING,
+    )
+)
+_FEATURE_RESULT_KNOWN = 1 << 1  # dxgk_isfeatureenabled_result: enabled:1 known_feature:1 ...
 
 # dxgk_device_types bits (GETINTERNALADAPTERINFO)
 DEVICE_TYPE_SOFTWARE = 1 << 2
@@ -122,7 +150,7 @@ class HostAdapter:
         # Set once by Host.remove_adapter; read without a lock: a command racing the removal
         # either runs before it or gets STATUS_DEVICE_REMOVED.
         self.removed = False
-        self._qai: dict[int, Callable[[bytearray], int]] = {
+        self._qai: MappingProxyType[int, Callable[[bytearray], int]] = MappingProxyType({
             Q.KMTQAITYPE_UMDRIVERPRIVATE: self._qai_umd_private,
             Q.KMTQAITYPE_GETSEGMENTSIZE: self._qai_segment_size,
             Q.KMTQAITYPE_ADAPTERADDRESS: self._qai_address,
@@ -136,7 +164,7 @@ class HostAdapter:
             Q.KMTQAITYPE_DRIVER_DESCRIPTION: self._qai_driver_description,
             Q.KMTQAITYPE_DRIVER_DESCRIPTION_RENDER: self._qai_driver_description,
             Q.KMTQAITYPE_WDDM_2_7_CAPS: self._qai_wddm_2_7_caps,
-        }
+        })
         self._umd_private = umd_private_blob(description)
 
     def __repr__(self) -> str:
@@ -311,4 +339,114 @@ class AdapterOpen:
     opens: int = 0
 
 
-__all__ = ["AdapterOpen", "HostAdapter", "parse_umd_private_blob", "umd_private_blob"]
+# ---- the commands ------------------------------------------------------------------------------
+
+
+def drop_open(p: Partition, adapter_index: int) -> None:
+    """The partition's open of an adapter goes, and every device any process has on it."""
+    from dxg.host.device import drop_device
+
+    opened = p.opens.pop(adapter_index, None)
+    if opened is None:
+        return
+    for process in list(p.processes.values()):
+        for device in list(process.devices.values()):
+            if device.adapter is opened.adapter:
+                drop_device(p, device)
+    p.free(opened.handle, HandleType.ADAPTER)
+
+
+def open_of(p: Partition, adapter: HostAdapter) -> AdapterOpen:
+    opened = p.opens.get(adapter.index)
+    if opened is None:
+        raise CommandFailed(NTSTATUS.STATUS_INVALID_HANDLE, "adapter not opened by this guest")
+    return opened
+
+
+def _adapter(call: Call) -> HostAdapter:
+    if call.adapter is None:
+        raise CommandFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "no adapter addressed")
+    return call.adapter
+
+
+def open_adapter(p: Partition, call: Call, body: m.OpenAdapter) -> m.OpenAdapterReturn:
+    adapter = _adapter(call)
+    if body.vmbus_interface_version < DXGK_VMBUS_LAST_COMPATIBLE_INTERFACE_VERSION:
+        raise CommandFailed(NTSTATUS.STATUS_NOT_SUPPORTED,
+                            f"interface version {body.vmbus_interface_version}")
+    guest_luid = luid_to_int(body.guest_luid_low, body.guest_luid_high)
+    if guest_luid not in (0, adapter.guest_luid):
+        raise CommandFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "guest LUID mismatch")
+    opened = p.opens.get(adapter.index)
+    if opened is None:
+        opened = AdapterOpen(0, adapter)
+        opened.handle = p.alloc(HandleType.ADAPTER, opened)
+        p.opens[adapter.index] = opened
+    opened.opens += 1
+    return m.OpenAdapterReturn(opened.handle, OK, DXGK_VMBUS_INTERFACE_VERSION,
+                               DXGK_VMBUS_LAST_COMPATIBLE_INTERFACE_VERSION)
+
+
+def close_adapter(p: Partition, call: Call, body: m.CloseAdapter) -> None:
+    adapter = _adapter(call)
+    opened = p.opens.get(adapter.index)
+    if opened is None or opened.handle != body.host_handle:
+        log.warning("partition %d: CLOSEADAPTER of unknown handle 0x%08x", p.id,
+                    body.host_handle)
+        return None
+    opened.opens -= 1
+    if opened.opens <= 0:
+        drop_open(p, adapter.index)
+    return None
+
+
+def get_internal_adapter_info(p: Partition, call: Call,
+                              body: m.Empty) -> GetInternalAdapterInfoReturn:
+    return _adapter(call).internal_info(p.config.async_msg_enabled)
+
+
+def query_adapter_info(p: Partition, call: Call, body: m.QueryAdapterInfo) -> m.StatusAndData:
+    adapter = _adapter(call)
+    p.optional_process(call)
+    status, data = adapter.query_info(body.query_type, body.private_data)
+    return m.StatusAndData(status, data)
+
+
+def is_feature_enabled(p: Partition, call: Call,
+                       body: m.IsFeatureEnabled) -> m.IsFeatureEnabledReturn:
+    p.optional_process(call)
+    # Known features are reported as known, not supported and not enabled; unknown ids are
+    # answered with known_feature = 0.
+    bits = _FEATURE_RESULT_KNOWN if body.feature_id in _KNOWN_FEATURES else 0
+    return m.IsFeatureEnabledReturn(OK, 0, 0, 0, 0, bits)
+
+
+def query_clock_calibration(p: Partition, call: Call,
+                            body: m.QueryClockCalibration) -> m.QueryClockCalibrationReturn:
+    adapter = _adapter(call)
+    p.process(call)
+    args = d3dkmt_queryclockcalibration.from_buffer_copy(body.args)
+    if args.adapter.v != open_of(p, adapter).handle:
+        raise CommandFailed(NTSTATUS.STATUS_INVALID_HANDLE, "not this adapter's host handle")
+    if args.node_ordinal >= adapter.node_count or args.physical_adapter_index != 0:
+        raise CommandFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "no such node/physical adapter")
+    clock = dxgk_gpuclockdata()
+    clock.gpu_frequency = GPU_CLOCK_FREQUENCY
+    # The soft GPU's timestamp counter is CLOCK_MONOTONIC in ns, and CLOCK_MONOTONIC is also
+    # the CPU clock a Linux guest reads (clock_gettime), so the pair is taken back to back.
+    clock.gpu_clock_counter = time.monotonic_ns()
+    clock.cpu_clock_counter = time.monotonic_ns()
+    return m.QueryClockCalibrationReturn(OK, bytes(clock))
+
+
+HANDLERS: MappingProxyType[VgpuCommand, Handler] = MappingProxyType({
+    VgpuCommand.OPENADAPTER: open_adapter,
+    VgpuCommand.CLOSEADAPTER: close_adapter,
+    VgpuCommand.GETINTERNALADAPTERINFO: get_internal_adapter_info,
+    VgpuCommand.QUERYADAPTERINFO: query_adapter_info,
+    VgpuCommand.ISFEATUREENABLED: is_feature_enabled,
+    VgpuCommand.QUERYCLOCKCALIBRATION: query_clock_calibration,
+})
+
+__all__ = ["HANDLERS", "AdapterOpen", "HostAdapter", "drop_open", "open_of",
+           "parse_umd_private_blob", "umd_private_blob"]

@@ -2,8 +2,10 @@
 
 import hashlib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from dxg.backends import Backend
+from dxg.backends.soft import SoftBackend
 from dxg.protocol.guids import guid_to_luid, vgpu_instance_guid
 
 OFFER_ORDERS = ("global-first", "vgpu-first")
@@ -11,7 +13,7 @@ OFFER_ORDERS = ("global-first", "vgpu-first")
 
 @dataclass(slots=True)
 class HostConfig:
-    adapters: int = 2  # soft adapters this host exposes
+    adapters: int = 2  # adapters this host exposes
     name: str = "pydxg-host"  # host name sent in the bus version response
     # Seed of every identity (LUIDs, channel instance GUIDs): a restarted host with the same id
     # offers the same adapters. None: a random id per Host instance.
@@ -31,8 +33,16 @@ class HostConfig:
     # connects, or it is dropped with its partition.
     handshake_timeout: float = 10.0
     # A guest that stops reading for this many seconds, while the host has something to send
-    # it, is dropped (the socket send timeout of every guest connection).
+    # it, is dropped.
     send_timeout: float = 15.0
+    # The engine behind the adapters (describes them; runs what can take long).
+    backend: Backend = field(default_factory=SoftBackend)
+    # Worker threads that run backend work (and long escapes), so the loop never blocks.
+    backend_workers: int = 32
+    # The longest message a guest may send or be sent (a bulk attachment beyond one packet).
+    max_message_bytes: int = 64 << 20
+    # The largest single pydxg escape shared-memory region (also counted in the budget above).
+    max_region_bytes: int = 64 << 20
 
     def validate(self) -> None:
         if not 0 <= self.adapters <= 64:
@@ -49,8 +59,14 @@ class HostConfig:
             raise ValueError("max_guests must be positive")
         if not self.handshake_timeout > 0:
             raise ValueError("handshake_timeout must be positive")
-        if not 0.001 <= self.send_timeout <= 3600:  # SO_SNDTIMEO: 0 would mean "never"
+        if not 0.001 <= self.send_timeout <= 3600:
             raise ValueError("send_timeout must be 0.001..3600 seconds")
+        if not 1 <= self.backend_workers <= 1024:
+            raise ValueError("backend_workers must be 1..1024")
+        if not 1 << 17 <= self.max_message_bytes <= 1 << 32:
+            raise ValueError("max_message_bytes must be 128 KiB..4 GiB")
+        if self.max_region_bytes < 1:
+            raise ValueError("max_region_bytes must be positive")
 
 
 @dataclass(frozen=True, slots=True)

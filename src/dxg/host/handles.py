@@ -14,25 +14,18 @@ handle is 0.
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any
 
 from dxg.uapi.handles import (
     HANDLE_INDEX_MAX,
+    HandleType,
     handle_index,
     handle_instance,
     handle_unique,
     make_handle,
 )
 
-
-class HandleType(IntEnum):
-    """Entry types, numbered as `enum hmgrentry_type`."""
-
-    ADAPTER = 1
-    DEVICE = 3
-    CONTEXT = 7
-    PROCESS = 12
+__all__ = ["HandleTable", "HandleTableFull", "HandleType"]
 
 
 class HandleTableFull(Exception):
@@ -47,7 +40,7 @@ class _Entry:
 
 
 class HandleTable:
-    """Typed handle table. Not locked: its owner (a partition) serializes access."""
+    """Typed handle table. Not locked: only its partition's event loop touches it."""
 
     def __init__(self, capacity: int = HANDLE_INDEX_MAX, reuse_delay: int = 128) -> None:
         if not 1 <= capacity <= HANDLE_INDEX_MAX:

@@ -1,10 +1,29 @@
-"""Host processes: one per CREATEPROCESS, the owner of everything a guest process creates."""
+"""Host processes: one per CREATEPROCESS, the owner of everything a guest process creates.
 
+Also where a process's life ends on the host: DESTROYPROCESS (or the guest going away) drops its
+devices (and their contexts), its escape regions, and cancels the backend work it has in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
+
+from dxg.host.call import Call, Handler
+from dxg.protocol import messages as m
+from dxg.protocol.commands import GlobalCommand
+from dxg.uapi.handles import HandleType
+from dxg.uapi.ntstatus import NTSTATUS
 
 if TYPE_CHECKING:
     from dxg.host.device import HostDevice
+    from dxg.host.escape import Region
+    from dxg.host.partition import Partition
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False, slots=True)
@@ -14,7 +33,11 @@ class HostProcess:
     name: str
     cookie: int  # the guest's opaque process pointer, kept and never dereferenced
     linux_process: bool = True
-    devices: dict[int, "HostDevice"] = field(default_factory=dict)
+    devices: dict[int, HostDevice] = field(default_factory=dict)
+    regions: dict[int, Region] = field(default_factory=dict)  # pydxg escape regions
+    # Backend work in flight for this process: set each event to cut it short.
+    jobs: set[threading.Event] = field(default_factory=set)
+    region_ids: int = 0
 
     @property
     def context_count(self) -> int:
@@ -30,4 +53,46 @@ class HostProcess:
             "devices": [d.census() for d in self.devices.values()],
             "device_count": len(self.devices),
             "context_count": self.context_count,
+            "regions": len(self.regions),
+            "jobs": len(self.jobs),
         }
+
+
+def drop_process(p: Partition, process: HostProcess) -> None:
+    """Everything of the process goes; work it has in flight is told to stop."""
+    from dxg.host.device import drop_device
+    from dxg.host.escape import drop_region
+
+    for job in list(process.jobs):
+        job.set()
+    for device in list(process.devices.values()):
+        drop_device(p, device)
+    for region in list(process.regions.values()):
+        drop_region(p, process, region)
+    p.processes.pop(process.handle, None)
+    p.free(process.handle, HandleType.PROCESS)
+
+
+def create_process(p: Partition, call: Call, body: m.CreateProcess) -> m.CreateProcessReturn:
+    process = HostProcess(0, body.process_id, body.process_name, body.process_cookie,
+                          body.linux_process)
+    process.handle = p.alloc(HandleType.PROCESS, process)
+    p.processes[process.handle] = process
+    log.debug("partition %d: process %d %r -> 0x%08x", p.id, process.pid, process.name,
+              process.handle)
+    return m.CreateProcessReturn(process.handle)
+
+
+def destroy_process(p: Partition, call: Call, body: m.Empty) -> m.NtStatusReturn:
+    process = p.process(call)
+    drop_process(p, process)
+    log.debug("partition %d: process 0x%08x destroyed", p.id, process.handle)
+    return m.NtStatusReturn(NTSTATUS.STATUS_SUCCESS)
+
+
+HANDLERS: MappingProxyType[GlobalCommand, Handler] = MappingProxyType({
+    GlobalCommand.CREATEPROCESS: create_process,
+    GlobalCommand.DESTROYPROCESS: destroy_process,
+})
+
+__all__ = ["HANDLERS", "HostProcess", "drop_process"]

@@ -12,13 +12,15 @@ import struct
 import uuid
 from dataclasses import dataclass
 from enum import IntEnum
+from types import MappingProxyType
 from typing import ClassVar
 
 from dxg.protocol.errors import ProtocolError
 
 # Version of this bus wire format (major << 16 | minor). Both sides list what they speak.
-BUS_VERSION_1_0 = 0x0001_0000
-BUS_VERSIONS_SUPPORTED = (BUS_VERSION_1_0,)
+# 2.0: frames carry descriptors and bulk attachments (see framing); PING/PONG heartbeats.
+BUS_VERSION_2_0 = 0x0002_0000
+BUS_VERSIONS_SUPPORTED = (BUS_VERSION_2_0,)
 
 # DXGK interface versions (dxgkrnl.h): the guest speaks 40; 27 is what an old host implies.
 DXGK_VMBUS_INTERFACE_VERSION = 40
@@ -47,6 +49,9 @@ class BusMsg(IntEnum):
     OPEN_RESULT = 7
     CLOSE_CHANNEL = 8
     UNLOAD = 9
+    PING = 10
+    PONG = 11
+    REFUSE = 12
 
 
 _TYPE = struct.Struct("<I")
@@ -225,16 +230,69 @@ class Unload:
         return cls()
 
 
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Either side: are you there? The other side answers PONG with the same cookie at once,
+    from its bus reader, whatever else it is doing (a heartbeat: a host that stops answering
+    is detected without waiting for any request of its own)."""
+
+    cookie: int
+    TYPE: ClassVar[BusMsg] = BusMsg.PING
+    _S: ClassVar[struct.Struct] = struct.Struct("<Q")
+
+    def body(self) -> bytes:
+        return self._S.pack(self.cookie)
+
+    @classmethod
+    def parse(cls, b: bytes) -> "Ping":
+        _exact(b, cls._S.size, "PING")
+        return cls(*cls._S.unpack(b))
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    cookie: int
+    TYPE: ClassVar[BusMsg] = BusMsg.PONG
+    _S: ClassVar[struct.Struct] = struct.Struct("<Q")
+
+    def body(self) -> bytes:
+        return self._S.pack(self.cookie)
+
+    @classmethod
+    def parse(cls, b: bytes) -> "Pong":
+        _exact(b, cls._S.size, "PONG")
+        return cls(*cls._S.unpack(b))
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """host -> guest, instead of VERSION_RESPONSE: the host will not take this guest (it is
+    full, or closing); the reason is for the guest's operator. The host closes after it."""
+
+    reason: str
+    TYPE: ClassVar[BusMsg] = BusMsg.REFUSE
+    _MAX = 256
+
+    def body(self) -> bytes:
+        return self.reason.encode()[: self._MAX]
+
+    @classmethod
+    def parse(cls, b: bytes) -> "Refuse":
+        if len(b) > cls._MAX:
+            raise ProtocolError("REFUSE reason too long")
+        return cls(b.decode("utf-8", "replace"))
+
+
 BusMessage = (
     Hello | VersionResponse | Offer | Rescind | AllOffersDelivered | OpenChannel | OpenResult
-    | CloseChannel | Unload
+    | CloseChannel | Unload | Ping | Pong | Refuse
 )
 
-_BY_TYPE: dict[int, type] = {
+_BY_TYPE: MappingProxyType[int, type] = MappingProxyType({
     c.TYPE: c
     for c in (Hello, VersionResponse, Offer, Rescind, AllOffersDelivered, OpenChannel,
-              OpenResult, CloseChannel, Unload)
-}
+              OpenResult, CloseChannel, Unload, Ping, Pong, Refuse)
+})
 
 
 def encode_bus_message(msg: BusMessage) -> bytes:

@@ -3,9 +3,19 @@ channel's packets, each frame tagged with the channel's relid.
 
 Frame header, 24 bytes little-endian:
     magic u32 ("DXGB") | payload_len u32 | relid u32 | packet_type u16 | flags u16 | trans_id u64
-relid 0 is the bus control channel. packet_type follows VMBus: 6 = in-band data, 11 = completion.
-A data packet with FLAG_COMPLETION_REQUESTED expects a completion carrying the same trans_id.
-Channel payloads are capped at DXG_MAX_VM_BUS_PACKET_SIZE (128 KiB), as in the real driver.
+relid 0 is the bus control channel. packet_type follows VMBus: 6 = in-band data, 11 = completion,
+9 = a bulk chunk (VMBus's "data using GPA direct": data that does not fit one packet).
+
+flags:
+    bit 0      COMPLETION_REQUESTED: a data packet that expects a completion with its trans_id
+    bit 1      HAS_BULK: the bulk chunks sent just before this packet on the connection are its
+               attachment (a payload of any size up to the receiver's bulk limit)
+    bits 8-15  descriptors that travel with this frame (SCM_RIGHTS on its first byte; Unix and
+               in-process transports only), at most MAX_FRAME_FDS
+
+Channel payloads (and each bulk chunk) are capped at DXG_MAX_VM_BUS_PACKET_SIZE (128 KiB), as in
+the real driver. A bulk attachment is the concatenation of the chunks; the chunks of one packet
+are contiguous on the stream and directly precede it.
 """
 
 import struct
@@ -20,10 +30,16 @@ DXG_MAX_VM_BUS_PACKET_SIZE = 128 * 1024
 CONTROL_RELID = 0
 
 VM_PKT_DATA_INBAND = 0x6
+VM_PKT_BULK = 0x9
 VM_PKT_COMP = 0xB
-_PACKET_TYPES = (VM_PKT_DATA_INBAND, VM_PKT_COMP)
+_PACKET_TYPES = frozenset({VM_PKT_DATA_INBAND, VM_PKT_BULK, VM_PKT_COMP})
 
 FLAG_COMPLETION_REQUESTED = 0x1
+FLAG_HAS_BULK = 0x2
+FLAG_FD_SHIFT = 8
+FLAG_FD_MASK = 0xFF << FLAG_FD_SHIFT
+_KNOWN_FLAGS = FLAG_COMPLETION_REQUESTED | FLAG_HAS_BULK | FLAG_FD_MASK
+MAX_FRAME_FDS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +54,21 @@ class Frame:
     def wants_completion(self) -> bool:
         return bool(self.flags & FLAG_COMPLETION_REQUESTED)
 
+    @property
+    def has_bulk(self) -> bool:
+        return bool(self.flags & FLAG_HAS_BULK)
+
+    @property
+    def fd_count(self) -> int:
+        return (self.flags & FLAG_FD_MASK) >> FLAG_FD_SHIFT
+
+
+def frame_flags(wants_completion: bool = False, has_bulk: bool = False, fds: int = 0) -> int:
+    if not 0 <= fds <= MAX_FRAME_FDS:
+        raise ProtocolError(f"{fds} descriptors in one frame (at most {MAX_FRAME_FDS})")
+    return ((FLAG_COMPLETION_REQUESTED if wants_completion else 0)
+            | (FLAG_HAS_BULK if has_bulk else 0) | (fds << FLAG_FD_SHIFT))
+
 
 def encode_frame(
     relid: int, packet_type: int, payload: bytes, trans_id: int = 0, flags: int = 0
@@ -48,7 +79,19 @@ def encode_frame(
         )
     if packet_type not in _PACKET_TYPES:
         raise ProtocolError(f"unknown packet type {packet_type}")
+    if flags & ~_KNOWN_FLAGS:
+        raise ProtocolError(f"unknown frame flags 0x{flags:x}")
     return FRAME_HEADER.pack(MAGIC, len(payload), relid, packet_type, flags, trans_id) + payload
+
+
+def encode_bulk(relid: int, data: bytes | memoryview) -> list[bytes]:
+    """The bulk chunks that carry ``data`` (send them right before the packet they belong to)."""
+    view = memoryview(data)
+    return [
+        FRAME_HEADER.pack(MAGIC, len(chunk), relid, VM_PKT_BULK, 0, 0) + bytes(chunk)
+        for chunk in (view[i : i + DXG_MAX_VM_BUS_PACKET_SIZE]
+                      for i in range(0, len(view), DXG_MAX_VM_BUS_PACKET_SIZE))
+    ]
 
 
 class FrameReader:
@@ -73,6 +116,8 @@ class FrameReader:
                 raise ProtocolError(f"frame of {length} bytes exceeds the {self._max}-byte cap")
             if ptype not in _PACKET_TYPES:
                 raise ProtocolError(f"unknown packet type {ptype}")
+            if flags & ~_KNOWN_FLAGS or (flags & FLAG_FD_MASK) >> FLAG_FD_SHIFT > MAX_FRAME_FDS:
+                raise ProtocolError(f"bad frame flags 0x{flags:x}")
             end = pos + FRAME_HEADER_SIZE + length
             if len(buf) < end:
                 break

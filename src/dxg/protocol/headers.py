@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from dxg.protocol.commands import ChannelType, GlobalCommand, HostToVmCommand, VgpuCommand
 from dxg.protocol.errors import ProtocolError
-from dxg.protocol.framing import DXG_MAX_VM_BUS_PACKET_SIZE
 
 EXT_HEADER = struct.Struct("<IIQ")
 EXT_HEADER_SIZE = EXT_HEADER.size  # 16
@@ -60,14 +59,13 @@ def encode_vgpu(
 
 
 def _guest(ct: ChannelType, word: int, command: int, process: int, luid: int, body: bytes) -> bytes:
-    msg = (
+    # A message longer than one packet travels with a bulk attachment (dxg.protocol.framing);
+    # whether a command may be that long is the command table's call (CommandSpec.large).
+    return (
         EXT_HEADER.pack(EXT_HEADER_SIZE, 0, luid)
         + CMD_HEADER.pack(0, process & 0xFFFFFFFF, word, int(command))
         + body
     )
-    if len(msg) > DXG_MAX_VM_BUS_PACKET_SIZE:
-        raise ProtocolError(f"{command!r}: message of {len(msg)} bytes exceeds the 128 KiB cap")
-    return msg
 
 
 def decode_guest(payload: bytes) -> GuestMessage:

@@ -352,6 +352,67 @@ class QueryClockCalibrationReturn:
         return cls(struct.unpack_from("<I", body)[0], body[4:])
 
 
+@dataclass(frozen=True, slots=True)
+class Escape:
+    """ESCAPE: adapter (host handle), device, type, flags, private data size, context, then the
+    private data. The host echoes it with the private data overwritten (same size). pydxg's
+    layout: the real struct's fields, a u64 attachment size, the private data, then the
+    attachment (bytes the reply carries beside the private data: the copy of a region a pydxg
+    escape hands over where the link cannot carry a descriptor; empty otherwise). The real
+    struct's tail padding is not sent."""
+
+    adapter: int
+    device: int
+    type: int
+    flags: int
+    context: int
+    priv_drv_data: bytes
+    attachment: bytes = b""
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIIIIIQ")
+
+    def pack(self) -> bytes:
+        return self._S.pack(self.adapter, self.device, self.type, self.flags,
+                            len(self.priv_drv_data), self.context,
+                            len(self.attachment)) + self.priv_drv_data + self.attachment
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "Escape":
+        _atleast(body, cls._S.size, "Escape")
+        adapter, device, etype, flags, size, context, extra = cls._S.unpack_from(body)
+        _exact(body, cls._S.size + size + extra, "Escape")
+        at = cls._S.size + size
+        return cls(adapter, device, etype, flags, context, body[cls._S.size : at], body[at:])
+
+
+@dataclass(frozen=True, slots=True)
+class Empty:
+    """No body at all (header-only requests, empty completions)."""
+
+    def pack(self) -> bytes:
+        return b""
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "Empty":
+        _exact(body, 0, "Empty")
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class JsonReply:
+    """A pydxg extension reply: one UTF-8 JSON object (the host census)."""
+
+    text: bytes
+
+    def pack(self) -> bytes:
+        return self.text
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "JsonReply":
+        if not body.startswith(b"{"):
+            raise ProtocolError("JsonReply: not a JSON object")
+        return cls(body)
+
+
 # ---- host -> VM notifications ----------------------------------------------------------------
 
 

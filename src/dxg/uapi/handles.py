@@ -15,6 +15,8 @@ C union member ``__u32 v``), exactly as in C: ``args.adapter.v = h`` / ``h = arg
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 from .structs import d3dkmthandle
 
 HANDLE_INSTANCE_BITS = 6
@@ -38,6 +40,7 @@ NULL_HANDLE = 0
 
 __all__ = (
     "HANDLE_INDEX_BITS",
+    "HandleType",
     "HANDLE_INDEX_MASK",
     "HANDLE_INDEX_MAX",
     "HANDLE_INDEX_SHIFT",
@@ -60,6 +63,29 @@ __all__ = (
     "set_handle_value",
     "to_handle",
 )
+
+
+class HandleType(IntEnum):
+    """What a handle names: ``enum hmgrentry_type`` of the real driver (hmgr.h). The guest's and
+    the host's handle tables both type their entries with it."""
+
+    FREE = 0
+    ADAPTER = 1
+    SHAREDRESOURCE = 2
+    DEVICE = 3
+    RESOURCE = 4
+    ALLOCATION = 5
+    OVERLAY = 6
+    CONTEXT = 7
+    SYNCOBJECT = 8
+    KEYEDMUTEX = 9
+    PAGINGQUEUE = 10
+    DEVICESYNCOBJECT = 11
+    PROCESS = 12
+    SHAREDVMOBJECT = 13
+    PROTECTEDSESSION = 14
+    HWQUEUE = 15
+    MONITOREDFENCE = 32
 
 
 def _check_range(what: str, value: int, maximum: int) -> int:

@@ -1,21 +1,27 @@
-"""Bus logic on both ends of a connection.
+"""Bus logic on both ends of a connection, on an event loop.
 
 Host side: a `HostBusSession` per connected guest negotiates the bus version, offers channels
 (in the order the host chooses), opens them on request and rescinds them.
 Guest side: a `GuestBus` per host connection receives offers, matches each to a registered
-driver by device-type GUID and calls `probe()`; a rescind or a lost connection calls `remove()`.
-Probe and remove run on one worker thread per bus, in arrival order, so they may block on
-channel requests while the reader thread keeps delivering completions. With `reconnect`, a lost
-host is dialled again and its channels are offered anew.
+driver by device-type GUID and awaits its `probe()`; a rescind or a lost connection awaits
+`remove()`. Probe and remove run one at a time, in arrival order, on a task of the bus, so they
+may await channel requests while the connection keeps delivering completions. With `reconnect`,
+a lost host is dialled again and its channels are offered anew. A heartbeat (PING every
+`heartbeat_interval` seconds) notices a host that has stopped answering (hung, stopped, cut off
+without a FIN): after `heartbeat_timeout` seconds of silence the link is dropped, which fails
+every call on its adapters at once with device-removed; the host is dialled again and its
+adapters come back when it answers.
 """
 
+from __future__ import annotations
+
+import asyncio
 import contextlib
 import errno
+import itertools
 import logging
-import queue
-import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from dxg.protocol.bus import (
@@ -27,16 +33,22 @@ from dxg.protocol.bus import (
     Offer,
     OpenChannel,
     OpenResult,
+    Ping,
+    Pong,
+    Refuse,
     Rescind,
     Unload,
     VersionResponse,
     negotiate_bus_version,
 )
+from dxg.runtime.tasks import TaskSet
 from dxg.vmbus.channel import Channel, ChannelClosed
-from dxg.vmbus.connection import BusConnection
-from dxg.vmbus.transport import Transport, TransportError, connect
+from dxg.vmbus.connection import MAX_MESSAGE, BusConnection
+from dxg.vmbus.transport import Transport, TransportError
 
 log = logging.getLogger(__name__)
+
+Dialer = Callable[[], Awaitable[Transport]]
 
 
 class BusError(ConnectionError):
@@ -51,7 +63,7 @@ class BusError(ConnectionError):
 class BusDevice:
     """An offered channel as a driver sees it. The driver keeps its state in `drvdata`."""
 
-    def __init__(self, bus: "GuestBus", conn: BusConnection, offer: Offer) -> None:
+    def __init__(self, bus: GuestBus, conn: BusConnection, offer: Offer) -> None:
         self.bus = bus
         self.conn = conn  # the connection the offer came on; the channel lives and dies with it
         self.offer = offer
@@ -67,9 +79,9 @@ class BusDevice:
     def instance_guid(self) -> uuid.UUID:
         return self.offer.instance_guid
 
-    def open(self, guest_caps: int = 0, interface_version: int = 0,
-             timeout: float = 10.0) -> Channel:
-        return self.bus._open(self, guest_caps, interface_version, timeout)
+    async def open(self, guest_caps: int = 0, interface_version: int = 0,
+                   timeout: float = 10.0) -> Channel:
+        return await self.bus._open(self, guest_caps, interface_version, timeout)
 
     def close(self) -> None:
         self.bus._close(self)
@@ -81,113 +93,125 @@ class BusDevice:
 class BusDriver(Protocol):
     id_table: tuple[uuid.UUID, ...]
 
-    def probe(self, dev: BusDevice) -> None: ...
+    async def probe(self, dev: BusDevice) -> None: ...
 
-    def remove(self, dev: BusDevice) -> None: ...
-
-
-# errno answered to an open that was waiting when the connection went away
-_ENOTCONN = -errno.ENOTCONN
+    async def remove(self, dev: BusDevice) -> None: ...
 
 
 class GuestBus:
     """The guest's view of one host: its connection, its offered devices, and their drivers.
 
     Offers, rescinds and connection loss are queued, with the connection they came on, to one
-    worker thread that runs the drivers' probe() and remove(); work for a connection that has
-    since gone is skipped, so a quick reconnect never mixes the old host's channels with the
-    new one's. A rescind closes its channel at once on the reader thread, so a probe blocked
-    in a request on that channel fails immediately instead of timing out."""
+    task that runs the drivers' probe() and remove(); work for a connection that has since gone
+    is skipped, so a quick reconnect never mixes the old host's channels with the new one's. A
+    rescind closes its channel at once, so a probe waiting on a request there fails immediately.
+    """
 
-    def __init__(self, address: str, name: str | None = None, reconnect: bool = True,
-                 handshake_timeout: float = 10.0) -> None:
-        self.address = address
-        self.name = name or address
+    def __init__(self, loop: asyncio.AbstractEventLoop, dial: Dialer, name: str, *,
+                 reconnect: bool = True, handshake_timeout: float = 10.0,
+                 heartbeat_interval: float = 1.0, heartbeat_timeout: float = 5.0,
+                 max_message: int = MAX_MESSAGE) -> None:
+        if not 0 < heartbeat_interval < heartbeat_timeout:
+            raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
+        self.loop = loop
+        self.name = name
+        self._dial = dial
         self.reconnect = reconnect
         self.handshake_timeout = handshake_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.max_message = max_message
         self.host_name = ""
         self.version = 0
         self._drivers: list[BusDriver] = []
         self._devices: dict[tuple[int, int], BusDevice] = {}  # (id(conn), relid) -> device
-        self._lock = threading.Lock()
         self._conn: BusConnection | None = None
-        self._version_reply: VersionResponse | None = None
-        self._version_event = threading.Event()
-        self._open_waiters: dict[int, tuple[threading.Event, list[int]]] = {}
-        self.offers_delivered = threading.Event()
-        self.connected = threading.Event()
-        self._lost = threading.Event()
-        self._closing = threading.Event()
-        self._work: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._work_loop, name=f"bus-work {self.name}",
-                                        daemon=True)
-        self._supervisor: threading.Thread | None = None
+        self._version: asyncio.Future[VersionResponse | Refuse] | None = None
+        self._open_waiters: dict[int, asyncio.Future[int]] = {}
+        self.offers_delivered = asyncio.Event()
+        self.connected = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._closing = False
+        self._work: asyncio.Queue[Callable[[], Awaitable[None]]] = asyncio.Queue()
+        self._tasks = TaskSet(f"bus {name}")
+        self._pings = itertools.count(1)
         self.last_error: str | None = None
         self.generation = 0
+        self.heartbeat_failures = 0
+
+    def __repr__(self) -> str:
+        return f"<GuestBus {self.name} gen={self.generation}>"
 
     # ---- life cycle ---------------------------------------------------------------------------
 
     def register_driver(self, driver: BusDriver) -> None:
-        with self._lock:
-            self._drivers.append(driver)
+        self._drivers.append(driver)
 
-    def start(self, wait: bool = True) -> None:
-        """Connect now (raising, with no thread left behind, if the host is unreachable and
+    async def start(self, wait: bool = True) -> None:
+        """Connect now (raising, with nothing left running, if the host is unreachable and
         `wait` is False), then keep the link up in the background when `reconnect` is set."""
         if not wait:
-            self._connect_once()
-        self._worker.start()
-        self._supervisor = threading.Thread(target=self._supervise, name=f"bus-sup {self.name}",
-                                            daemon=True)
-        self._supervisor.start()
+            await self._connect_once()
+        self._tasks.spawn(self._work_loop(), f"bus-work {self.name}")
+        self._tasks.spawn(self._supervise(), f"bus-sup {self.name}")
 
-    def close(self) -> None:
-        self._closing.set()
-        with self._lock:
-            conn = self._conn
+    async def close(self) -> None:
+        self._closing = True
+        conn = self._conn
         if conn is not None:
             conn.say_goodbye(Unload())
             conn.close()
+            await self._remove_all(conn)
         self._lost.set()
-        self._version_event.set()
-        if self._supervisor is not None:
-            self._supervisor.join(timeout=15)
-        if self._worker.is_alive():
-            self._work.put(None)
-            self._worker.join(timeout=15)
+        await self._tasks.cancel_and_wait(timeout=15)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def devices(self) -> list[BusDevice]:
-        with self._lock:
-            return list(self._devices.values())
+        return list(self._devices.values())
+
+    @property
+    def up(self) -> bool:
+        conn = self._conn
+        return conn is not None and not conn.closed and self.connected.is_set()
 
     # ---- connection ------------------------------------------------------------------------
 
-    def _connect_once(self) -> None:
-        transport = connect(self.address)
-        with self._lock:
-            if self._closing.is_set():
-                transport.release()
-                raise BusError(f"bus {self.name} is closing")
-            self._version_event.clear()
-            self._version_reply = None
-            self.offers_delivered.clear()
-            self._lost.clear()
-            conn = BusConnection(transport, self._on_control, self._on_lost,
-                                 f"guest<-{self.name}")
-            self._conn = conn
+    async def _connect_once(self) -> None:
+        if self._closing:
+            raise BusError(f"bus {self.name} is closing")
+        transport = await self._dial()
+        if self._closing:
+            transport.close()
+            raise BusError(f"bus {self.name} is closing")
+        self.offers_delivered.clear()
+        self._lost.clear()
+        version: asyncio.Future[VersionResponse | Refuse] = self.loop.create_future()
+        self._version = version
+        conn = BusConnection(self.loop, transport, self, f"guest<-{self.name}",
+                             self.max_message)
+        self._conn = conn
         conn.start()
         try:
             conn.send_control(Hello(BUS_VERSIONS_SUPPORTED, "pydxg-guest"))
-        except (OSError, ConnectionError) as e:
+            reply = await asyncio.wait_for(asyncio.shield(version), self.handshake_timeout)
+        except asyncio.TimeoutError:
             conn.close()
-            raise BusError(f"{self.name}: handshake failed: {e}") from None
-        if not self._version_event.wait(self.handshake_timeout):
+            raise BusError(f"{self.name}: host did not answer the version handshake") from None
+        except ConnectionRefusedError as e:
             conn.close()
-            raise BusError(f"{self.name}: host did not answer the version handshake")
-        reply = self._version_reply
-        if conn.closed or reply is None:
+            raise BusError(f"{self.name}: {e}") from None
+        except (ConnectionError, OSError) as e:
             conn.close()
-            raise BusError(f"{self.name}: host hung up during the version handshake")
+            raise BusError(f"{self.name}: host hung up during the version handshake ({e})") \
+                from None
+        finally:
+            self._version = None
+        if isinstance(reply, Refuse):
+            conn.close()
+            raise BusError(f"{self.name}: the host refused this guest: {reply.reason}")
         if not reply.accepted:
             conn.close()
             raise BusError(f"{self.name}: host speaks no bus version we know")
@@ -196,157 +220,174 @@ class GuestBus:
         self.generation += 1
         self.last_error = None
         self.connected.set()
+        self._tasks.spawn(self._heartbeat(conn), f"bus-heartbeat {self.name}")
         log.info("bus %s: connected to host %r (bus version 0x%x)", self.name, reply.host_name,
                  reply.version)
 
-    def _supervise(self) -> None:
+    async def _supervise(self) -> None:
         delay = 0.05
-        while not self._closing.is_set():
+        while not self._closing:
             conn = self._conn
             if conn is not None and not conn.closed:
-                self._lost.wait()
-                if self._closing.is_set() or not self.reconnect:
+                await self._lost.wait()
+                if self._closing or not self.reconnect:
                     return
                 continue
             if self.generation and not self.reconnect:
                 return
             try:
-                self._connect_once()
+                await self._connect_once()
                 delay = 0.05
             except (TransportError, BusError, OSError) as e:
-                if self._closing.is_set():
+                if self._closing:
                     return
                 if self.last_error != str(e):
                     log.warning("bus %s: %s (retrying)", self.name, e)
                 self.last_error = str(e)
-                self._closing.wait(delay)
+                await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _on_lost(self, conn: BusConnection) -> None:
-        """Reader thread of `conn`, once it is gone: wake whoever waits on it, queue removal."""
+    async def _heartbeat(self, conn: BusConnection) -> None:
+        """PING while the link is up; drop it when the host stays silent too long."""
+        while not conn.closed:
+            await asyncio.sleep(self.heartbeat_interval)
+            if conn.closed:
+                return
+            silent = self.loop.time() - conn.last_heard
+            if silent >= self.heartbeat_timeout:
+                self.heartbeat_failures += 1
+                self.last_error = f"host silent for {silent:.1f}s"
+                log.warning("bus %s: the host has not answered for %.1fs; its adapters are "
+                            "removed until it answers again", self.name, silent)
+                conn.close(TimeoutError(errno.ETIMEDOUT, "host stopped answering"))
+                return
+            with contextlib.suppress(ConnectionError):
+                conn.send_control(Ping(next(self._pings)))
+
+    # ---- ConnectionHandler ---------------------------------------------------------------------
+
+    def connection_lost(self, conn: BusConnection, error: BaseException | None) -> None:
         if conn is not self._conn:
             return
         self.connected.clear()
-        self._version_event.set()
-        with self._lock:
-            waiters = list(self._open_waiters.values())
-        for event, status in waiters:
-            status.append(_ENOTCONN)
-            event.set()
-        self._work.put(lambda: self._remove_all(conn))
+        if self._version is not None and not self._version.done():
+            self._version.set_exception(ConnectionResetError("connection lost"))
+        for waiter in list(self._open_waiters.values()):
+            if not waiter.done():
+                waiter.set_exception(ChannelClosed("connection lost"))
+        if not self._closing:
+            self._work.put_nowait(lambda: self._remove_all(conn))
         self._lost.set()
 
-    # ---- control messages (reader thread) ----------------------------------------------------
-
-    def _on_control(self, msg: BusMessage) -> None:
-        conn = self._conn
-        if conn is None:
+    def control_received(self, conn: BusConnection, msg: BusMessage) -> None:
+        if conn is not self._conn:
             return
-        if isinstance(msg, VersionResponse):
-            self._version_reply = msg
-            self._version_event.set()
+        if isinstance(msg, VersionResponse | Refuse):
+            if self._version is not None and not self._version.done():
+                self._version.set_result(msg)
         elif isinstance(msg, Offer):
-            self._work.put(lambda: self._probe(conn, msg))
+            self._work.put_nowait(lambda: self._probe(conn, msg))
         elif isinstance(msg, Rescind):
             ch = conn.detach(msg.relid)
             if ch is not None:
                 ch.close("rescinded")
-            self._work.put(lambda: self._rescind(conn, msg.relid))
+            self._work.put_nowait(lambda: self._rescind(conn, msg.relid))
         elif isinstance(msg, AllOffersDelivered):
-            self._work.put(self.offers_delivered.set)
+            async def delivered() -> None:
+                self.offers_delivered.set()
+
+            self._work.put_nowait(delivered)
         elif isinstance(msg, OpenResult):
-            with self._lock:
-                waiter = self._open_waiters.get(msg.relid)
-            if waiter is not None:
-                waiter[1].append(msg.status)
-                waiter[0].set()
+            waiter = self._open_waiters.get(msg.relid)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(msg.status)
         elif isinstance(msg, Unload):
             log.info("bus %s: host unloads", self.name)
-            conn.transport.close()
+            conn.close()
+        elif isinstance(msg, Pong):
+            pass  # last_heard is what counts
         else:
             log.warning("bus %s: unexpected control message %r", self.name, msg)
 
-    # ---- probe / remove (worker thread) -------------------------------------------------------
+    # ---- probe / remove (the work task) -------------------------------------------------------
 
-    def _work_loop(self) -> None:
+    async def _work_loop(self) -> None:
         while True:
-            item = self._work.get()
-            if item is None:
-                return
+            item = await self._work.get()
             try:
-                item()
+                await item()
+            except asyncio.CancelledError:
+                raise
             except Exception:
                 log.exception("bus %s: probe/remove failed", self.name)
 
-    def _probe(self, conn: BusConnection, offer: Offer) -> None:
+    async def _probe(self, conn: BusConnection, offer: Offer) -> None:
         if conn.closed or conn is not self._conn:
             return  # an offer of a connection that has gone since
-        dev = BusDevice(self, conn, offer)
         key = (id(conn), offer.relid)
-        with self._lock:
-            if key in self._devices:
-                log.warning("bus %s: duplicate offer for relid %d ignored", self.name, offer.relid)
-                return
-            self._devices[key] = dev
-            drivers = list(self._drivers)
-        for drv in drivers:
+        if key in self._devices:
+            log.warning("bus %s: duplicate offer for relid %d ignored", self.name, offer.relid)
+            return
+        dev = BusDevice(self, conn, offer)
+        self._devices[key] = dev
+        for drv in self._drivers:
             if offer.type_guid in drv.id_table:
                 dev.driver = drv
-                drv.probe(dev)
+                await drv.probe(dev)
                 return
         log.info("bus %s: no driver for channel type %s", self.name, offer.type_guid)
 
-    def _rescind(self, conn: BusConnection, relid: int) -> None:
-        with self._lock:
-            dev = self._devices.pop((id(conn), relid), None)
+    async def _rescind(self, conn: BusConnection, relid: int) -> None:
+        dev = self._devices.pop((id(conn), relid), None)
         if dev is not None:
-            self._teardown(dev, "rescinded")
+            await self._teardown(dev, "rescinded")
 
-    def _remove_all(self, conn: BusConnection) -> None:
-        with self._lock:
-            devs = [d for d in self._devices.values() if d.conn is conn]
-            for d in devs:
-                del self._devices[(id(conn), d.offer.relid)]
+    async def _remove_all(self, conn: BusConnection) -> None:
+        devs = [d for d in self._devices.values() if d.conn is conn]
+        for d in devs:
+            self._devices.pop((id(conn), d.offer.relid), None)
         # vGPU channels first, then the global channel, as a module unload would.
         for dev in sorted(devs, key=lambda d: d.offer.mmio_megabytes):
-            self._teardown(dev, "lost its host")
+            await self._teardown(dev, "lost its host")
 
-    def _teardown(self, dev: BusDevice, reason: str) -> None:
+    async def _teardown(self, dev: BusDevice, reason: str) -> None:
         if dev.channel is not None:
             dev.channel.close(reason)
             dev.conn.detach(dev.offer.relid)
         if dev.driver is not None:
-            dev.driver.remove(dev)
+            await dev.driver.remove(dev)
 
     # ---- channel open/close -------------------------------------------------------------------
 
-    def _open(self, dev: BusDevice, guest_caps: int, version: int, timeout: float) -> Channel:
+    async def _open(self, dev: BusDevice, guest_caps: int, version: int,
+                    timeout: float) -> Channel:
         conn = dev.conn
-        if conn.closed:
-            raise ChannelClosed(f"bus {self.name}: the connection of channel "
-                                f"{dev.offer.relid} is gone")
         relid = dev.offer.relid
+        if conn.closed:
+            raise ChannelClosed(f"bus {self.name}: the connection of channel {relid} is gone")
         channel = Channel(conn, dev.offer)
-        event = threading.Event()
-        status: list[int] = []
-        with self._lock:
-            self._open_waiters[relid] = (event, status)
+        waiter: asyncio.Future[int] = self.loop.create_future()
+        self._open_waiters[relid] = waiter
         conn.attach(channel)
         try:
             conn.send_control(OpenChannel(relid, guest_caps, version))
-            if not event.wait(timeout):
-                raise BusError(f"bus {self.name}: host did not answer OPEN_CHANNEL {relid}")
-            if conn.closed or status[0] == _ENOTCONN:
+            try:
+                status = await asyncio.wait_for(waiter, timeout)
+            except asyncio.TimeoutError:
+                raise BusError(f"bus {self.name}: host did not answer OPEN_CHANNEL {relid}") \
+                    from None
+            if conn.closed:
                 raise ChannelClosed(f"bus {self.name}: connection lost while opening {relid}")
-            if status[0] != 0:
-                raise BusError(f"bus {self.name}: host refused channel {relid} ({status[0]})")
+            if status != 0:
+                raise BusError(f"bus {self.name}: host refused channel {relid} ({status})")
         except BaseException:
-            conn.detach(relid)
+            if conn.channel(relid) is channel:
+                conn.detach(relid)
             channel.close("failed to open")
             raise
         finally:
-            with self._lock:
-                self._open_waiters.pop(relid, None)
+            if self._open_waiters.get(relid) is waiter:
+                del self._open_waiters[relid]
         dev.channel = channel
         return channel
 
@@ -357,8 +398,9 @@ class GuestBus:
         dev.channel = None
         ch.close("closed by the guest")
         dev.conn.detach(ch.relid)
-        with contextlib.suppress(OSError, ConnectionError):
-            dev.conn.send_control(CloseChannel(ch.relid))
+        with contextlib.suppress(ConnectionError):
+            if not dev.conn.closed:
+                dev.conn.send_control(CloseChannel(ch.relid))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,96 +409,116 @@ class GuestBus:
 
 
 class HostBusHandler(Protocol):
-    def channel_opened(self, session: "HostBusSession", channel: Channel,
+    def channel_opened(self, session: HostBusSession, channel: Channel,
                        msg: OpenChannel) -> int: ...
 
-    def channel_closed(self, session: "HostBusSession", channel: Channel) -> None: ...
+    def channel_closed(self, session: HostBusSession, channel: Channel) -> None: ...
 
-    def session_closed(self, session: "HostBusSession") -> None: ...
+    def session_closed(self, session: HostBusSession) -> None: ...
 
 
 class HostBusSession:
-    """The host's end of one guest connection."""
+    """The host's end of one guest connection. `on_handshake` runs once the guest's HELLO has
+    been accepted."""
 
-    def __init__(self, transport: Transport, handler: HostBusHandler, offers: list[Offer],
-                 host_name: str = "pydxg-host") -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, transport: Transport,
+                 handler: HostBusHandler, offers: list[Offer], host_name: str = "pydxg-host",
+                 max_message: int = MAX_MESSAGE,
+                 on_handshake: Callable[[HostBusSession], None] | None = None) -> None:
+        self.loop = loop
         self.handler = handler
         self.host_name = host_name
         self.peer = transport.peer
         self._offers: dict[int, Offer] = {}
         self._initial = list(offers)
-        self._lock = threading.Lock()
         self._ready = False
-        self.closed = threading.Event()
-        self.conn = BusConnection(transport, self._on_control, self._on_lost,
-                                  f"host->{transport.peer}")
+        self._on_handshake = on_handshake
+        self.handshaken = False
+        self.closed = False
+        self.conn = BusConnection(loop, transport, self, f"host->{transport.peer}", max_message)
+
+    def __repr__(self) -> str:
+        return f"<HostBusSession {self.peer}>"
 
     def start(self) -> None:
         self.conn.start()
 
     def offers(self) -> list[Offer]:
-        with self._lock:
-            return list(self._offers.values())
+        return list(self._offers.values())
 
     def offer(self, offer: Offer) -> None:
-        with self._lock:
-            self._offers[offer.relid] = offer
-            ready = self._ready
-        if ready:
-            self.conn.send_control(offer)
+        self._offers[offer.relid] = offer
+        if self._ready:
+            with contextlib.suppress(ConnectionError):
+                self.conn.send_control(offer)
 
     def rescind(self, relid: int) -> None:
-        with self._lock:
-            self._offers.pop(relid, None)
-            self._initial = [o for o in self._initial if o.relid != relid]
+        self._offers.pop(relid, None)
+        self._initial = [o for o in self._initial if o.relid != relid]
         ch = self.conn.detach(relid)
-        with contextlib.suppress(OSError, ConnectionError):
-            self.conn.send_control(Rescind(relid), lock_timeout=5.0)
+        with contextlib.suppress(ConnectionError):
+            self.conn.send_control(Rescind(relid))
         if ch is not None:
             ch.close("rescinded")
             self.handler.channel_closed(self, ch)
 
     def close(self) -> None:
+        """Say goodbye (best effort) and end the session."""
         self.conn.say_goodbye(Unload())
         self.conn.close()
 
-    def _on_control(self, msg: BusMessage) -> None:
+    def cut(self, why: str) -> None:
+        """End the session without a goodbye (the guest misbehaved)."""
+        self.conn.close(ConnectionAbortedError(errno.ECONNABORTED, why))
+
+    def control_received(self, conn: BusConnection, msg: BusMessage) -> None:
         if isinstance(msg, Hello):
             version = negotiate_bus_version(msg.versions)
-            self.conn.send_control(VersionResponse(version is not None, version or 0,
-                                                   self.host_name))
+            conn.send_control(VersionResponse(version is not None, version or 0,
+                                              self.host_name))
             if version is None:
                 log.warning("host: guest %s speaks no common bus version", self.peer)
                 return
-            with self._lock:
-                self._ready = True
-                for o in self._initial:
-                    self._offers[o.relid] = o
-                initial, self._initial = self._initial, []
+            if self._ready:
+                return  # a second HELLO changes nothing
+            self._ready = True
+            for o in self._initial:
+                self._offers[o.relid] = o
+            initial, self._initial = self._initial, []
             for o in initial:
-                self.conn.send_control(o)
-            self.conn.send_control(AllOffersDelivered())
+                conn.send_control(o)
+            conn.send_control(AllOffersDelivered())
+            self.handshaken = True
+            if self._on_handshake is not None:
+                self._on_handshake(self)
         elif isinstance(msg, OpenChannel):
-            with self._lock:
-                offer = self._offers.get(msg.relid)
-            if offer is None or self.conn.channel(msg.relid) is not None:
-                self.conn.send_control(OpenResult(msg.relid, -22))
+            offer = self._offers.get(msg.relid)
+            if offer is None or conn.channel(msg.relid) is not None:
+                conn.send_control(OpenResult(msg.relid, -errno.EINVAL))
                 return
-            ch = Channel(self.conn, offer)
+            ch = Channel(conn, offer)
             status = self.handler.channel_opened(self, ch, msg)
             if status == 0:
-                self.conn.attach(ch)
-            self.conn.send_control(OpenResult(msg.relid, status))
+                conn.attach(ch)
+            conn.send_control(OpenResult(msg.relid, status))
         elif isinstance(msg, CloseChannel):
-            ch = self.conn.detach(msg.relid)
+            ch = conn.detach(msg.relid)
             if ch is not None:
                 ch.close("closed by the guest")
                 self.handler.channel_closed(self, ch)
         elif isinstance(msg, Unload):
-            self.conn.transport.close()
+            conn.close()
+        elif isinstance(msg, Pong):
+            pass
         else:
             log.warning("host: unexpected control message %r from %s", msg, self.peer)
 
-    def _on_lost(self, conn: BusConnection) -> None:
-        self.closed.set()
+    def connection_lost(self, conn: BusConnection, error: BaseException | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.handler.session_closed(self)
+
+
+__all__ = ["BusDevice", "BusDriver", "BusError", "Dialer", "GuestBus", "HostBusHandler",
+           "HostBusSession"]

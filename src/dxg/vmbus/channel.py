@@ -1,67 +1,93 @@
 """A channel: one relid on a bus connection, with its own request-id space.
 
-The requester side (guest) sends data packets that ask for a completion and blocks only the
-calling thread until the completion with the same trans_id arrives; fire-and-forget packets
-carry trans_id 0. The responder side (host) gets each data packet through `on_request`, whose
-return value becomes the completion payload.
+The requester side (guest) sends data packets that ask for a completion and gets a future that
+resolves with the completion carrying the same trans_id; fire-and-forget packets carry trans_id
+0. The responder side (host) gets each data packet through ``on_request`` and answers, now or
+later, with :meth:`Channel.complete`. Packets carry bytes of any length the command allows (the
+connection splits what does not fit one packet into bulk chunks) and, on transports that can,
+file descriptors. Everything runs on the connection's loop.
+
+A request whose caller gives up (its task is cancelled: the process died, the call was
+interrupted) is remembered for a while: when its completion arrives after all, the optional
+``on_late`` callback undoes what the host did for it (a handle it created), so nothing the guest
+abandoned stays behind on the host.
 """
 
-import contextlib
+from __future__ import annotations
+
+import asyncio
+import collections
 import itertools
 import logging
-import threading
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from dxg.oslib.fds import close_all
 from dxg.protocol.bus import Offer
-from dxg.protocol.errors import ProtocolError
-from dxg.protocol.framing import (
-    DXG_MAX_VM_BUS_PACKET_SIZE,
-    FLAG_COMPLETION_REQUESTED,
-    VM_PKT_COMP,
-    VM_PKT_DATA_INBAND,
-    Frame,
-)
+from dxg.protocol.framing import FLAG_COMPLETION_REQUESTED, VM_PKT_COMP, VM_PKT_DATA_INBAND
 
 if TYPE_CHECKING:
     from dxg.vmbus.connection import BusConnection
 
 log = logging.getLogger(__name__)
 
+# Requests given up on whose late completions are still recognised (the oldest are forgotten).
+ABANDONED_MEMORY = 4096
+
 
 class ChannelClosed(ConnectionError):
     """The channel was rescinded or its connection went away; the request cannot complete."""
 
 
-class ChannelTimeout(TimeoutError):
-    """The other side did not complete a request in time."""
+class Packet:
+    """One packet as a channel sees it: the whole payload (bulk included) and the descriptors
+    that came with it (owned by whoever takes the packet: close them or keep them)."""
+
+    __slots__ = ("fds", "flags", "packet_type", "payload", "trans_id")
+
+    def __init__(self, packet_type: int, flags: int, trans_id: int, payload: bytes,
+                 fds: list[int]) -> None:
+        self.packet_type = packet_type
+        self.flags = flags
+        self.trans_id = trans_id
+        self.payload = payload
+        self.fds = fds
+
+    @property
+    def wants_completion(self) -> bool:
+        return bool(self.flags & FLAG_COMPLETION_REQUESTED)
+
+    def close_fds(self) -> None:
+        close_all(self.fds)
+        self.fds = []
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
 
 
-@dataclass(slots=True)
-class _Pending:
-    done: threading.Event = field(default_factory=threading.Event)
-    result: bytes | None = None
-    error: BaseException | None = None
-
-
-RequestHandler = Callable[["Channel", bytes, bool], bytes | None]
-InbandHandler = Callable[["Channel", bytes], None]
+RequestHandler = Callable[["Channel", Packet], None]
+LateHandler = Callable[[Packet], None]
 
 
 class Channel:
-    def __init__(self, connection: "BusConnection", offer: Offer) -> None:
+    def __init__(self, connection: BusConnection, offer: Offer) -> None:
         self.connection = connection
         self.offer = offer
         self.relid = offer.relid
         self._ids = itertools.count(1)
-        self._pending: dict[int, _Pending] = {}
-        self._lock = threading.Lock()
+        self._pending: dict[int, asyncio.Future[Packet]] = {}
+        self._abandoned: collections.OrderedDict[int, LateHandler | None] = \
+            collections.OrderedDict()
         self._closed = False
-        self.on_request: RequestHandler | None = None
-        self.on_inband: InbandHandler | None = None
+        self.close_reason = ""
+        self.on_request: RequestHandler | None = None  # responder side
+        self.on_inband: RequestHandler | None = None  # notifications (no completion wanted)
         self.on_close: Callable[[Channel], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Channel {self.relid} {'closed' if self._closed else 'open'}>"
 
     @property
     def type_guid(self) -> uuid.UUID:
@@ -75,101 +101,118 @@ class Channel:
     def closed(self) -> bool:
         return self._closed
 
-    # ---- requester side -------------------------------------------------------------------
+    @property
+    def can_pass_fds(self) -> bool:
+        return self.connection.can_pass_fds
 
-    def request(self, payload: bytes, timeout: float | None = 30.0) -> bytes:
-        """Send a packet that asks for a completion; return the completion payload."""
-        if len(payload) > DXG_MAX_VM_BUS_PACKET_SIZE:
-            raise ValueError(f"request of {len(payload)} bytes exceeds the 128 KiB cap")
-        pending = _Pending()
-        with self._lock:
-            if self._closed:
-                raise ChannelClosed(f"channel {self.relid} is closed")
-            trans_id = next(self._ids)
-            self._pending[trans_id] = pending
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # ---- requester side ---------------------------------------------------------------------
+
+    def request(self, payload: bytes, fds: Sequence[int] = (),
+                on_late: LateHandler | None = None) -> asyncio.Future[Packet]:
+        """Send ``payload`` asking for a completion; the future resolves with it. ``fds`` are
+        duplicated (the caller keeps its own). Cancel the future to give up: ``on_late`` then
+        receives the completion if it still arrives."""
+        if self._closed:
+            raise ChannelClosed(f"channel {self.relid} is {self.close_reason or 'closed'}")
+        trans_id = next(self._ids)
+        future: asyncio.Future[Packet] = self.connection.loop.create_future()
+        self._pending[trans_id] = future
         try:
-            self.connection.send_frame(
-                self.relid, VM_PKT_DATA_INBAND, payload, trans_id, FLAG_COMPLETION_REQUESTED
-            )
-        except OSError as e:
-            with self._lock:
-                self._pending.pop(trans_id, None)
+            self.connection.send(self.relid, VM_PKT_DATA_INBAND, payload, trans_id,
+                                 wants_completion=True, fds=fds)
+        except ConnectionError as e:
+            del self._pending[trans_id]
             raise ChannelClosed(f"channel {self.relid}: send failed: {e}") from None
-        if not pending.done.wait(timeout):
-            with self._lock:
-                self._pending.pop(trans_id, None)
-            raise ChannelTimeout(f"channel {self.relid}: no completion for request {trans_id}")
-        if pending.error is not None:
-            raise pending.error
-        assert pending.result is not None
-        return pending.result
+        future.add_done_callback(lambda f: self._settled(trans_id, f, on_late))
+        return future
 
-    def send_async(self, payload: bytes) -> None:
+    def _settled(self, trans_id: int, future: asyncio.Future[Packet],
+                 on_late: LateHandler | None) -> None:
+        if future.cancelled() and self._pending.pop(trans_id, None) is future:
+            self._abandoned[trans_id] = on_late
+            while len(self._abandoned) > ABANDONED_MEMORY:
+                self._abandoned.popitem(last=False)
+
+    def send_async(self, payload: bytes, fds: Sequence[int] = ()) -> None:
         """Fire-and-forget: no completion is requested, trans_id is 0."""
         if self._closed:
-            raise ChannelClosed(f"channel {self.relid} is closed")
+            raise ChannelClosed(f"channel {self.relid} is {self.close_reason or 'closed'}")
         try:
-            self.connection.send_frame(self.relid, VM_PKT_DATA_INBAND, payload, 0, 0)
-        except OSError as e:
+            self.connection.send(self.relid, VM_PKT_DATA_INBAND, payload, 0, fds=fds)
+        except ConnectionError as e:
             raise ChannelClosed(f"channel {self.relid}: send failed: {e}") from None
 
-    # ---- responder side -------------------------------------------------------------------
+    notify = send_async  # host -> guest notifications are in-band packets without completion
 
-    def notify(self, payload: bytes) -> None:
-        """An in-band packet that asks for no completion (host -> guest notifications)."""
-        self.send_async(payload)
+    # ---- responder side ---------------------------------------------------------------------
 
-    # ---- called by the connection's reader --------------------------------------------------
+    def complete(self, trans_id: int, payload: bytes, fds: Sequence[int] = ()) -> bool:
+        """Answer request ``trans_id``; False when the channel or connection is gone."""
+        if self._closed:
+            return False
+        try:
+            self.connection.send(self.relid, VM_PKT_COMP, payload, trans_id, fds=fds)
+        except ConnectionError:
+            return False
+        return True
 
-    def deliver(self, frame: Frame) -> None:
-        if frame.packet_type == VM_PKT_COMP:
-            with self._lock:
-                pending = self._pending.pop(frame.trans_id, None)
-            if pending is None:
-                log.warning("channel %d: did not find request %d to complete", self.relid,
-                            frame.trans_id)
+    # ---- called by the connection -----------------------------------------------------------
+
+    def deliver(self, packet: Packet) -> None:
+        if packet.packet_type == VM_PKT_COMP:
+            future = self._pending.pop(packet.trans_id, None)
+            if future is not None and not future.done():
+                future.set_result(packet)
                 return
-            pending.result = frame.payload
-            pending.done.set()
-            return
-        if self.on_request is not None:
+            late = self._abandoned.pop(packet.trans_id, False)
+            if late is False:
+                log.warning("channel %d: did not find request %d to complete", self.relid,
+                            packet.trans_id)
+                packet.close_fds()
+                return
+            if late is None:
+                packet.close_fds()
+                return
             try:
-                reply = self.on_request(self, frame.payload, frame.wants_completion)
-            except Exception:  # a handler bug must not take the bus down
-                log.exception("channel %d: request handler failed", self.relid)
-                reply = b""
-            if frame.wants_completion:
-                try:
-                    self.connection.send_frame(self.relid, VM_PKT_COMP, reply or b"", frame.trans_id)
-                except ProtocolError:
-                    log.error("channel %d: reply of %d bytes exceeds the cap; sent empty",
-                              self.relid, len(reply or b""))
-                    with contextlib.suppress(OSError, ConnectionError):
-                        self.connection.send_frame(self.relid, VM_PKT_COMP, b"", frame.trans_id)
-                except (OSError, ConnectionError):
-                    pass
-            return
-        if self.on_inband is not None:
-            try:
-                self.on_inband(self, frame.payload)
+                late(packet)
             except Exception:
-                log.exception("channel %d: in-band handler failed", self.relid)
+                log.exception("channel %d: undoing abandoned request %d failed", self.relid,
+                              packet.trans_id)
+                packet.close_fds()
             return
-        log.warning("channel %d: unexpected in-band packet dropped", self.relid)
+        handler = self.on_request if packet.wants_completion else (self.on_inband
+                                                                   or self.on_request)
+        if handler is None:
+            log.warning("channel %d: unexpected in-band packet dropped", self.relid)
+            packet.close_fds()
+            return
+        try:
+            handler(self, packet)
+        except Exception:  # a handler bug must not take the bus down
+            log.exception("channel %d: packet handler failed", self.relid)
+            packet.close_fds()
 
     def close(self, reason: str = "closed") -> None:
         """Fail every pending request with ChannelClosed; later requests fail at once."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            pending = list(self._pending.values())
-            self._pending.clear()
-        for p in pending:
-            p.error = ChannelClosed(f"channel {self.relid} {reason}")
-            p.done.set()
+        if self._closed:
+            return
+        self._closed = True
+        self.close_reason = reason
+        pending = list(self._pending.values())
+        self._pending.clear()
+        self._abandoned.clear()
+        for future in pending:
+            if not future.done():
+                future.set_exception(ChannelClosed(f"channel {self.relid} {reason}"))
         if self.on_close is not None:
             try:
                 self.on_close(self)
             except Exception:
                 log.exception("channel %d: close handler failed", self.relid)
+
+
+__all__ = ["ABANDONED_MEMORY", "Channel", "ChannelClosed", "Packet"]

@@ -1,21 +1,62 @@
-"""Stream transports. The only place in the bus that touches sockets."""
+"""Stream transports on an event loop. The only place in the bus that touches sockets.
 
+A transport moves bytes (and, where it can, file descriptors beside them) between two ends:
+
+* :class:`SocketTransport`: a Unix or TCP stream socket driven by the loop's reader and writer
+  callbacks. On a Unix socket, descriptors travel as SCM_RIGHTS with the bytes they were written
+  with; TCP cannot carry them (``can_pass_fds`` is False and the layers above copy instead).
+* :class:`LoopbackTransport`: two ends in one process (the embedded default, ``dxg up``): bytes
+  and duplicated descriptors are handed to the other end's loop, no socket in between.
+
+Writing never blocks: what the peer does not take at once is buffered, and a peer that takes
+nothing for ``send_timeout`` seconds, or lets more than ``max_buffer`` bytes pile up, is dropped
+(so no side can be held up, or made to hold memory, by one that stops reading). Every method runs
+on the loop's thread; ``data_received``/``connection_lost`` are called there too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
 import contextlib
+import errno
+import logging
 import os
 import socket
 import stat
-import struct
-import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+from dxg.oslib.fds import FdOverflow, close_all, recv_with_fds, send_with_fds
+
+log = logging.getLogger(__name__)
+
+# A peer that takes no bytes for this long, while we have some for it, is dropped.
+SEND_TIMEOUT = 15.0
+# What one transport may hold for a peer that reads slowly before it is dropped.
+MAX_BUFFER = 256 * 1024 * 1024
+# Descriptors one read may bring (more is a protocol violation: the connection is dropped).
+MAX_FDS_PER_READ = 64
+_RECV_CHUNK = 256 * 1024
+_READS_PER_WAKEUP = 16
 
 
 class TransportError(OSError):
     """A transport could not be set up (bad address, nothing listening, ...)."""
 
 
-# A peer that does not read for this long is dropped: no send may block forever (a stuck
-# sender would hold the send lock and hang every other sender, close() included).
-SEND_TIMEOUT = 15.0
+class TransportClosed(ConnectionError):
+    """The transport is closed: nothing more can be written."""
+
+
+class Receiver(Protocol):
+    def data_received(self, data: bytes, fds: list[int]) -> None:
+        """New bytes, with the descriptors that arrived with them (now the receiver's)."""
+
+    def connection_lost(self, error: BaseException | None) -> None:
+        """The transport is gone (None: an orderly end of stream)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,102 +88,429 @@ def parse_address(text: str) -> Address:
 
 
 class Transport:
-    """A connected stream socket: whole-buffer sends under a lock, plain receives.
+    """What every transport offers the layers above."""
 
-    close() only shuts the socket down, which wakes a reader blocked in recv(); the descriptor
-    itself is released by release(), called once no thread can be blocked on it (so a reused
-    descriptor number can never be read by a stale reader)."""
+    peer: str = ""
+    can_pass_fds: bool = False
 
-    def __init__(self, sock: socket.socket, peer: str, send_timeout: float = SEND_TIMEOUT) -> None:
+    def start(self, receiver: Receiver) -> None:
+        raise NotImplementedError
+
+    def write(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Queue ``data`` (and ``fds``, duplicated: the caller keeps its own) for the peer."""
+        raise NotImplementedError
+
+    def close(self, error: BaseException | None = None) -> None:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def buffered(self) -> int:
+        """Bytes written but not yet taken by the peer."""
+        return 0
+
+
+class SocketTransport(Transport):
+    """A connected stream socket on ``loop`` (see the module docstring)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, peer: str, *,
+                 send_timeout: float = SEND_TIMEOUT, max_buffer: int = MAX_BUFFER,
+                 max_fds: int = MAX_FDS_PER_READ) -> None:
+        self.loop = loop
         self.sock = sock
         self.peer = peer
-        self._send_lock = threading.Lock()
-        self._closed = False
-        self._released = False
+        self.send_timeout = send_timeout
+        self.max_buffer = max_buffer
+        self.max_fds = max_fds
+        self.can_pass_fds = sock.family == socket.AF_UNIX
+        sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sec = int(send_timeout)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                        struct.pack("ll", sec, int((send_timeout - sec) * 1e6)))
+        self._fd = sock.fileno()
+        self._receiver: Receiver | None = None
+        self._out: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
+        self._buffered = 0
+        self._progress = 0.0  # when the peer last took bytes while some were waiting
+        self._stall: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._reading = False
 
-    def send(self, data: bytes, lock_timeout: float | None = None) -> None:
-        """Send all of `data`. A peer that stops reading for SEND_TIMEOUT breaks the transport
-        (ConnectionError); with `lock_timeout`, give up (TimeoutError) rather than wait longer
-        than that behind another sender."""
-        if not self._send_lock.acquire(timeout=-1 if lock_timeout is None else lock_timeout):
-            raise TimeoutError(f"{self.peer}: another send is stuck")
+    def __repr__(self) -> str:
+        return f"<SocketTransport {self.peer}{' closed' if self._closed else ''}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def start(self, receiver: Receiver) -> None:
+        if self._closed:
+            self.loop.call_soon(receiver.connection_lost, TransportClosed("closed"))
+            return
+        self._receiver = receiver
+        self.resume_reading()
+
+    def pause_reading(self) -> None:
+        if self._reading and not self._closed:
+            self.loop.remove_reader(self._fd)
+            self._reading = False
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closed and self._receiver is not None:
+            self.loop.add_reader(self._fd, self._readable)
+            self._reading = True
+
+    def _readable(self) -> None:
+        receiver = self._receiver
+        for _ in range(_READS_PER_WAKEUP):
+            if self._closed or not self._reading or receiver is None:
+                return
+            try:
+                if self.can_pass_fds:
+                    data, fds = recv_with_fds(self.sock, _RECV_CHUNK, self.max_fds)
+                else:
+                    data, fds = self.sock.recv(_RECV_CHUNK), []
+            except (BlockingIOError, InterruptedError):
+                return
+            except FdOverflow as e:
+                self.close(e)
+                return
+            except OSError as e:
+                self.close(e)
+                return
+            if not data:
+                close_all(fds)
+                self.close(None)
+                return
+            receiver.data_received(data, fds)
+            if len(data) < _RECV_CHUNK:
+                return
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def write(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        if self._closed:
+            raise TransportClosed(f"{self.peer}: transport is closed")
+        if fds and not self.can_pass_fds:
+            raise ValueError(f"{self.peer}: this transport cannot carry file descriptors")
+        if not data:
+            return
+        sent = 0
+        if not self._out:
+            try:
+                sent = send_with_fds(self.sock, data, fds)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as e:
+                self.close(e)
+                raise TransportClosed(f"{self.peer}: {e.strerror or e}") from None
+            if sent == len(data):
+                return
+        pending = [] if sent else [os.dup(fd) for fd in fds]
+        view = memoryview(data)[sent:]
+        self._out.append((view, pending))
+        self._buffered += len(view)
+        if self._buffered > self.max_buffer:
+            err = ConnectionError(errno.ENOBUFS, f"{self.peer} stopped reading: "
+                                                 f"{self._buffered} bytes waiting; dropped")
+            self.close(err)
+            raise TransportClosed(str(err))
+        if len(self._out) == 1:
+            self._progress = time.monotonic()
+            self.loop.add_writer(self._fd, self._writable)
+            self._arm_stall()
+
+    def _writable(self) -> None:
+        while self._out and not self._closed:
+            view, fds = self._out[0]
+            try:
+                sent = send_with_fds(self.sock, view, fds)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self.close(e)
+                return
+            if fds:
+                close_all(fds)
+                self._out[0] = (view, [])
+            self._buffered -= sent
+            self._progress = time.monotonic()
+            if sent < len(view):
+                self._out[0] = (view[sent:], [])
+                return
+            self._out.popleft()
+        if not self._out and not self._closed:
+            self.loop.remove_writer(self._fd)
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
+
+    def _arm_stall(self) -> None:
+        if self._stall is None:
+            self._stall = self.loop.call_later(self.send_timeout, self._check_stall)
+
+    def _check_stall(self) -> None:
+        self._stall = None
+        if self._closed or not self._out:
+            return
+        idle = time.monotonic() - self._progress
+        if idle >= self.send_timeout:
+            self.close(ConnectionError(errno.ETIMEDOUT, f"{self.peer} stopped reading for "
+                                                        f"{self.send_timeout:g}s; dropped"))
+            return
+        self._stall = self.loop.call_later(self.send_timeout - idle, self._check_stall)
+
+    # ---- closing ------------------------------------------------------------------------------
+
+    def close(self, error: BaseException | None = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._reading:
+            self.loop.remove_reader(self._fd)
+            self._reading = False
+        if self._out:
+            self.loop.remove_writer(self._fd)
+        for _view, fds in self._out:
+            close_all(fds)
+        self._out.clear()
+        self._buffered = 0
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        receiver = self._receiver
+        if receiver is not None:
+            self.loop.call_soon(receiver.connection_lost, error)
+
+
+class LoopbackTransport(Transport):
+    """One end of an in-process pair. Bytes and descriptors (duplicated, as SCM_RIGHTS would)
+    reach the other end on its loop; closing one end ends the other."""
+
+    can_pass_fds = True
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, peer: str) -> None:
+        self.loop = loop
+        self.peer = peer
+        self._other: LoopbackTransport | None = None
+        self._receiver: Receiver | None = None
+        self._early: list[tuple[bytes, list[int]]] = []
+        self._closed = False
+        self._lost: BaseException | None = None
+
+    @classmethod
+    def pair(cls, loop_a: asyncio.AbstractEventLoop, loop_b: asyncio.AbstractEventLoop,
+             name_a: str = "loopback", name_b: str = "loopback"
+             ) -> tuple[LoopbackTransport, LoopbackTransport]:
+        """Two connected ends: ``a`` lives on ``loop_a`` (its peer is named ``name_b``)."""
+        a, b = cls(loop_a, name_b), cls(loop_b, name_a)
+        a._other, b._other = b, a
+        return a, b
+
+    def __repr__(self) -> str:
+        return f"<LoopbackTransport to {self.peer}{' closed' if self._closed else ''}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def start(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+        early, self._early = self._early, []
+        for data, fds in early:
+            self.loop.call_soon(self._deliver, data, fds)
+        if self._closed:
+            self.loop.call_soon(receiver.connection_lost, self._lost)
+
+    def write(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        other = self._other
+        if self._closed or other is None:
+            raise TransportClosed(f"{self.peer}: transport is closed")
+        copies = [os.dup(fd) for fd in fds]
+        _call_on(other.loop, other._deliver, bytes(data), copies)
+
+    def _deliver(self, data: bytes, fds: list[int]) -> None:
+        if self._closed:
+            close_all(fds)
+            return
+        if self._receiver is None:
+            self._early.append((data, fds))
+            return
+        self._receiver.data_received(data, fds)
+
+    def close(self, error: BaseException | None = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._lost = error
+        for _data, fds in self._early:
+            close_all(fds)
+        self._early.clear()
+        receiver = self._receiver
+        if receiver is not None:
+            self.loop.call_soon(receiver.connection_lost, error)
+        other = self._other
+        if other is not None:
+            _call_on(other.loop, other.close, None)
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: object) -> None:
+    """Run ``fn`` on ``loop`` soon, from whichever thread we are on (dropped once it is closed)."""
+    with contextlib.suppress(RuntimeError):
         try:
-            self.sock.sendall(data)
-        except BlockingIOError:
-            self.close()  # part of a frame may be gone: the stream is unusable
-            raise ConnectionError(f"{self.peer} stopped reading; connection dropped") from None
-        finally:
-            self._send_lock.release()
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            loop.call_soon(fn, *args)
+        else:
+            loop.call_soon_threadsafe(fn, *args)
 
-    def recv(self, size: int = 1 << 18) -> bytes:
-        return self.sock.recv(size)
+
+async def connect(loop: asyncio.AbstractEventLoop, address: str | Address,
+                  timeout: float = 5.0, **kw: object) -> SocketTransport:
+    """Dial ``address``; raises :class:`TransportError` saying what failed."""
+    addr = parse_address(address) if isinstance(address, str) else address
+    sock = socket.socket(addr.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, addr.target), timeout)
+    except asyncio.TimeoutError:
+        sock.close()
+        raise TransportError(errno.ETIMEDOUT, f"cannot reach {addr}: timed out") from None
+    except OSError as e:
+        sock.close()
+        raise TransportError(e.errno, f"cannot reach {addr}: {e.strerror or e}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return SocketTransport(loop, sock, str(addr), **kw)  # type: ignore[arg-type]
+
+
+# accept() errors that concern one connection only: take the next one.
+_ACCEPT_RETRY = frozenset(
+    e for e in (errno.ECONNABORTED, errno.EINTR, errno.EPROTO, errno.ENETDOWN,
+                errno.ENOPROTOOPT, errno.EHOSTDOWN, getattr(errno, "ENONET", None),
+                errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH, errno.EPERM)
+    if e is not None
+)
+# accept() errors that say the listening socket itself is gone.
+_ACCEPT_DEAD = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
+ACCEPT_BACKOFF_MIN = 0.01
+ACCEPT_BACKOFF_MAX = 1.0
+
+
+class Listener:
+    """A listening socket on ``loop`` that hands each new connection to ``on_accept(sock,
+    peer)``. Running out of descriptors or memory pauses accepting (with a growing back-off)
+    instead of ending it; a dead listening socket stops it. Unlinks its Unix path on close."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, address: str | Address,
+                 on_accept: Callable[[socket.socket, str], None], backlog: int = 128,
+                 name: str = "listener") -> None:
+        self.loop = loop
+        self.name = name
+        self.address = parse_address(address) if isinstance(address, str) else address
+        self._on_accept = on_accept
+        sock = socket.socket(self.address.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            if self.address.family == socket.AF_UNIX:
+                _remove_stale_socket(str(self.address.target))
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(self.address.target)
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except OSError as e:
+            sock.close()
+            raise TransportError(e.errno, f"cannot listen on {self.address}: "
+                                          f"{e.strerror or e}") from None
+        self.sock = sock
+        self._inode: tuple[int, int] | None = None
+        if self.address.family != socket.AF_UNIX:
+            host, port = sock.getsockname()[:2]
+            self.address = Address(self.address.family, (host, port))
+        else:
+            st = os.stat(str(self.address.target))
+            self._inode = (st.st_dev, st.st_ino)
+        self._closed = False
+        self._backoff = ACCEPT_BACKOFF_MIN
+        self._short_of: int | None = None
+        self._resume: asyncio.TimerHandle | None = None
+        self.accepted = 0
+
+    def start(self) -> None:
+        self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            if self._closed:
+                return
+            try:
+                conn, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in _ACCEPT_RETRY:
+                    log.debug("%s: accept on %s: %s", self.name, self.address, e)
+                    continue
+                if e.errno in _ACCEPT_DEAD:
+                    log.error("%s: listener %s failed, no longer accepting: %s", self.name,
+                              self.address, e)
+                    self.loop.remove_reader(self.sock.fileno())
+                    return
+                if self._short_of != e.errno:
+                    log.warning("%s: cannot accept on %s (%s); pausing until it passes",
+                                self.name, self.address, e)
+                    self._short_of = e.errno
+                self.loop.remove_reader(self.sock.fileno())
+                self._resume = self.loop.call_later(self._backoff, self._resume_accepting)
+                self._backoff = min(self._backoff * 2, ACCEPT_BACKOFF_MAX)
+                return
+            if self._short_of is not None:
+                log.warning("%s: accepting on %s again", self.name, self.address)
+                self._short_of = None
+            self._backoff = ACCEPT_BACKOFF_MIN
+            self.accepted += 1
+            conn.setblocking(False)
+            try:
+                self._on_accept(conn, str(peer) if peer else str(self.address))
+            except Exception:
+                log.exception("%s: could not take a connection", self.name)
+                conn.close()
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if not self._closed:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+            self._accept()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-
-    def release(self) -> None:
-        self.close()  # wakes a sender blocked in sendall, so the lock below comes free
-        with self._send_lock:
-            if not self._released:
-                self._released = True
-                self.sock.close()
-
-
-def connect(address: str | Address, timeout: float = 5.0) -> Transport:
-    addr = parse_address(address) if isinstance(address, str) else address
-    sock = socket.socket(addr.family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(addr.target)
-    except OSError as e:
-        sock.close()
-        raise TransportError(e.errno, f"cannot reach {addr}: {e.strerror or e}") from None
-    sock.settimeout(None)
-    return Transport(sock, str(addr))
-
-
-class Listener:
-    """A listening socket for the host side; unlinks its Unix path on close."""
-
-    def __init__(self, address: str | Address, backlog: int = 64) -> None:
-        self.address = parse_address(address) if isinstance(address, str) else address
-        sock = socket.socket(self.address.family, socket.SOCK_STREAM)
-        try:
-            if self.address.family == socket.AF_UNIX:
-                path = str(self.address.target)
-                _remove_stale_socket(path)
-            else:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(self.address.target)
-            sock.listen(backlog)
-        except OSError as e:
-            sock.close()
-            raise TransportError(e.errno, f"cannot listen on {self.address}: {e.strerror or e}") from None
-        self.sock = sock
-        if self.address.family != socket.AF_UNIX:
-            host, port = sock.getsockname()[:2]
-            self.address = Address(self.address.family, (host, port))
-
-    def accept(self) -> Transport:
-        conn, peer = self.sock.accept()
-        return Transport(conn, str(peer) if peer else str(self.address))
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        if self._resume is not None:
+            self._resume.cancel()
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
         if self.address.family == socket.AF_UNIX:
+            path = str(self.address.target)
             with contextlib.suppress(OSError):
-                os.unlink(str(self.address.target))
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) == self._inode:
+                    os.unlink(path)
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -152,8 +520,9 @@ def _remove_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(17, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(1.0)
     try:
         probe.connect(path)
     except OSError:
@@ -161,4 +530,8 @@ def _remove_stale_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise OSError(98, f"{path} is in use by a running server")
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
+
+
+__all__ = ["Address", "Listener", "LoopbackTransport", "Receiver", "SocketTransport",
+           "Transport", "TransportClosed", "TransportError", "connect", "parse_address"]

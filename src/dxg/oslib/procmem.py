@@ -5,9 +5,9 @@ top-level struct only; every pointer inside it refers to the *caller's* memory. 
 how the node follows those pointers, the way the real driver's ``copy_from_user`` /
 ``copy_to_user`` do:
 
-* :class:`ProcessVmUserMemory` implements the driver's :class:`~dxg.guest.usermem.UserMemory`
+* :class:`ProcessVmUserMemory` implements the driver's ``UserMemory``
   accessor with ``process_vm_readv(2)`` / ``process_vm_writev(2)``. A partial transfer, an
-  unmapped address or a vanished process is a :class:`~dxg.guest.usermem.UserMemoryFault`
+  unmapped address or a vanished process is a :class:`UserMemoryFault`
   (the driver answers ``-EFAULT``), never a partial result.
 * :func:`take_fd` duplicates a file descriptor *out of* another process with
   ``pidfd_getfd(2)`` (what the kernel does with ``eventfd_ctx_fdget`` when a struct names an
@@ -28,10 +28,14 @@ import ctypes
 import errno
 import os
 
-from dxg.guest.usermem import UserMemoryFault
+
+class UserMemoryFault(Exception):
+    """The address range is not readable/writable in the caller (the kernel's -EFAULT)."""
+
 
 __all__ = [
     "FrontEndLimit",
+    "UserMemoryFault",
     "ProcessVmUserMemory",
     "Syscalls",
     "TakeFdError",
@@ -103,11 +107,11 @@ class Syscalls:
 
 
 class ProcessVmUserMemory:
-    """:class:`~dxg.guest.usermem.UserMemory` over the address space of process ``pid``.
+    """``UserMemory`` over the address space of process ``pid``.
 
     ``pid`` may be any thread id of the target (the kernel resolves the thread's address space).
     Every read and write either moves exactly the bytes asked for or raises
-    :class:`~dxg.guest.usermem.UserMemoryFault`.
+    :class:`UserMemoryFault`.
     """
 
     __slots__ = ("_sys", "pid")
@@ -166,8 +170,10 @@ class ProcessVmUserMemory:
         """A duplicate (close-on-exec) of the caller's file descriptor ``fd``."""
         return take_fd(self.pid, fd, self._sys)
 
-    def give_fd(self, fd: int) -> int:
-        """Install ``fd`` in the caller (ShareObjects, CreateSyncFile): impossible from here."""
+    def give_fd_to_user(self, fd: int, addr: int, width: int = 8) -> None:
+        """Install ``fd`` in the caller (ShareObjects, CreateSyncFile): impossible from here.
+        The descriptor was handed over to us: it is closed."""
+        os.close(fd)
         raise FrontEndLimit("returning a file descriptor to the caller")
 
     def map_into_caller(self, fd: int, offset: int, size: int) -> int:

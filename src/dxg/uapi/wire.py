@@ -1,24 +1,32 @@
 """The client <-> node wire (sans I/O): bytes in, typed messages out, and back.
 
-A process talks to the node over one stream connection (a Unix socket). The connection *is* the
-process, as an open ``/dev/dxg`` file is in the kernel. This module knows nothing of sockets:
+A process talks to the node over one Unix stream connection. The connection *is* the process,
+as an open ``/dev/dxg`` file is in the kernel. This module knows nothing of sockets:
 :class:`FrameDecoder` turns a byte stream into :class:`Frame` objects, :func:`decode` turns a frame
-into a message, and :func:`encode` does the reverse. Anyone can test it with bytes alone.
+into a message, and :func:`encode` does the reverse. Anyone can test it with bytes alone. It lives
+in the contract layer because the client and the node both speak it.
 
-Wire version 1. All integers little-endian.
+Wire version 2. All integers little-endian.
 
 Frame (every message)::
 
     0   u32 magic    0x4E475844 (the bytes "DXGN")
     4   u16 kind     Kind below
-    6   u16 flags    0 (reserved)
-    8   u32 seq      chosen by the client per request; the node echoes it in the reply
+    6   u16 flags    bits 0-7: file descriptors that travel with this frame (SCM_RIGHTS on the
+                     frame's first byte), at most MAX_FDS; bit 8 MORE: an ADMIN_REPLY chunk that
+                     more chunks with the same seq follow; other bits reserved (0)
+    8   u32 seq      chosen by the client per request; every reply to it carries the same seq
     12  u32 length   payload bytes that follow, at most MAX_PAYLOAD (4 MiB)
+
+Many requests may be in flight on one connection: the node answers each when it is done, in any
+order, and the client matches replies to requests by ``seq`` (a thread of a client blocked in a
+long call does not hold up the other threads of that process).
 
 A bad magic or an over-long length is a *framing* error (:class:`WireError`): the stream
 cannot be trusted any more, so the node answers ERROR (fatal) and closes the connection. Any
-other defect (unknown kind, non-zero flags, a payload that does not parse) leaves the framing
-intact: the node answers ERROR (not fatal) with the request's seq and the connection goes on.
+other defect (unknown kind, reserved flags, a payload that does not parse, a descriptor count that
+disagrees with the payload) leaves the framing intact: the node answers ERROR (not fatal) with
+the request's seq and the connection goes on.
 
 Kinds and payloads:
 
@@ -26,59 +34,76 @@ Kinds and payloads:
 
     u16 min_version, u16 max_version, u32 reserved (0)
 
-    Until it has answered HELLO the node reads frames of at most MAX_HELLO_PAYLOAD (64) bytes:
-    a longer one is a framing error, so an unidentified peer cannot make it buffer more.
+    Until it has answered HELLO the node reads frames of at most MAX_HELLO_PAYLOAD (64) bytes.
+    No common version: ERROR(EPROTONOSUPPORT, fatal), whose text names the versions the node
+    speaks (a wire-1 client learns that it must be upgraded).
 
 ``HELLO_REPLY`` (2, node -> client)::
 
-    u16 version (the highest both sides speak), u16 reserved, u32 max_payload,
-    u32 max_regions, u32 reserved, then the node's name in UTF-8 (at most 256 bytes)
-
-    No common version: ERROR(EPROTONOSUPPORT, fatal).
+    u16 version, u16 reserved, u32 max_payload, u32 max_regions, u32 max_fds,
+    then the node's name in UTF-8 (at most 256 bytes)
 
 ``IOCTL`` (3, client -> node)::
 
     u32 code          the full 32-bit ioctl code, _IOWR('G', nr, struct), size bits included
     u32 struct_len    bytes of the argument struct (must equal _IOC_SIZE(code))
     u32 region_count  at most MAX_REGIONS (4096)
-    u32 reserved      0
+    u32 fd_count      descriptors the caller hands over (must equal the frame's fd bits)
     struct bytes
     region_count x { u64 addr, u32 length, u32 flags }
+    fd_count x { i32 number, u32 reserved (0) }
     the data of each IN region, in table order, concatenated
 
     A *region* is a range of the caller's memory that a pointer in the struct (or in a buffer
     it points to) refers to. flags: REGION_IN (1) = its bytes are carried and the driver may
     read them; REGION_OUT (2) = the driver may write it. At least one flag; addr != 0;
     1 <= length; addr + length <= 2**64; regions sorted by addr and not overlapping; and
-    ``16 + struct_len + 16 * region_count + sum(length)`` <= MAX_PAYLOAD, so that the reply,
-    which can carry every byte of every region back, fits too. The IN data must fill the rest
-    of the payload exactly. NULL pointers send no region.
+    ``16 + struct_len + 16 * region_count + 8 * fd_count + sum(length)`` <= MAX_PAYLOAD. The IN
+    data must fill the rest of the payload exactly. NULL pointers send no region.
+
+    ``number`` is the caller's own number for the i-th descriptor sent, as it wrote it into the
+    struct or a buffer (an eventfd, a shared object): the driver asks for a descriptor by that
+    number and gets the one that travelled. Numbers are distinct and >= 0.
 
 ``IOCTL_REPLY`` (4, node -> client)::
 
     i64 ret           0, a positive NTSTATUS success code, or a negative errno
     u32 struct_len    the struct after the call (same length as sent)
     u32 write_count
+    u32 fd_count      descriptors the driver hands to the caller (must equal the frame's bits)
+    u32 reserved      0
     struct bytes
     write_count x { u64 addr, u32 length, u32 reserved (0) }
+    fd_count x { u8 target, u8 width, u16 reserved, u32 reserved, u64 where }
     the data of each write, in table order, concatenated
 
     Writes are what the driver stored into user memory: at most one per OUT region of the
     request, covering the span from the first to the last byte the driver wrote there. Inside
     that span, bytes the driver did not write carry the region's data as sent (IN|OUT) or zero
     (OUT only), so clients send a region IN|OUT when it matters. The client applies them in
-    order.
+    order, then copies the struct.
 
-``ADMIN`` (5, client -> node) and ``ADMIN_REPLY`` (6, node -> client): one JSON object, UTF-8.
+    The i-th fd entry says where the number of the i-th descriptor received must be stored, the
+    way the kernel stores the number of a descriptor it installs: target FD_IN_STRUCT (0) at byte
+    ``where`` of the struct, FD_IN_USER (1) at user address ``where`` (inside an OUT region of
+    the request), as a ``width``-byte (4 or 8) little-endian integer. The client applies these
+    last. The descriptors are the caller's from then on.
+
+``ADMIN`` (5, client -> node): one JSON object, UTF-8.
+
+``ADMIN_REPLY`` (6, node -> client): one JSON object, UTF-8, possibly in several frames: every
+frame but the last has the MORE flag; the client joins the payloads in order (a chunk alone is
+not JSON: join first, then :func:`decode` the joined frame). Replies of any size work; each frame
+still respects MAX_PAYLOAD.
 
 ``ERROR`` (7, node -> client)::
 
     i32 errno (> 0), u32 flags (bit 0 FATAL: the node closes the connection after it),
     then a message in UTF-8 (at most 1024 bytes)
 
-Requests are answered in order, one at a time per connection (v1 has no pipelining): the
-client sends one request and waits for its reply. A client interrupted while waiting may send
-its next request before that reply arrives; it skips replies whose seq it has given up on.
+``CANCEL`` (8, client -> node; empty payload): the client gave up on request ``seq`` (a thread
+interrupted while it waited). The node cancels that call if it is still running and answers it
+with ``-EINTR`` (or not at all if it had already answered); CANCEL itself gets no reply.
 """
 
 from __future__ import annotations
@@ -86,15 +111,20 @@ from __future__ import annotations
 import errno
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from types import MappingProxyType
 from typing import Any
 
 __all__ = [
+    "FD_IN_STRUCT",
+    "FD_IN_USER",
+    "FLAG_MORE",
     "HEADER_SIZE",
     "MAGIC",
     "MAX_ERROR_TEXT",
+    "MAX_FDS",
     "MAX_HELLO_PAYLOAD",
     "MAX_NODE_NAME",
     "MAX_PAYLOAD",
@@ -106,7 +136,9 @@ __all__ = [
     "REGION_OUT",
     "AdminReply",
     "AdminRequest",
+    "Cancel",
     "ErrorReply",
+    "FdFixup",
     "Frame",
     "FrameDecoder",
     "Hello",
@@ -119,23 +151,31 @@ __all__ = [
     "Region",
     "WireError",
     "Write",
+    "admin_reply_frames",
     "decode",
     "encode",
+    "frame_bytes",
     "negotiate",
 ]
 
 MAGIC = 0x4E475844
-MIN_WIRE_VERSION = 1
-MAX_WIRE_VERSION = 1
+MIN_WIRE_VERSION = 2
+MAX_WIRE_VERSION = 2
 MAX_PAYLOAD = 4 * 1024 * 1024
 MAX_HELLO_PAYLOAD = 64  # what a node reads before the handshake (a HELLO is 8 bytes)
 MAX_REGIONS = 4096
+MAX_FDS = 16  # descriptors one frame may carry
 MAX_STRUCT = 0x3FFF  # _IOC_SIZE is 14 bits wide
 MAX_ERROR_TEXT = 1024
 MAX_NODE_NAME = 256
 
 REGION_IN = 1
 REGION_OUT = 2
+FD_IN_STRUCT = 0
+FD_IN_USER = 1
+FLAG_FD_MASK = 0xFF
+FLAG_MORE = 0x100
+_KNOWN_FLAGS = FLAG_FD_MASK | FLAG_MORE
 _REGION_FLAGS = REGION_IN | REGION_OUT
 _ERROR_FATAL = 1
 _U64_END = 1 << 64
@@ -146,8 +186,10 @@ _HELLO = struct.Struct("<HHI")
 _HELLO_REPLY = struct.Struct("<HHIII")
 _IOCTL = struct.Struct("<IIII")
 _REGION = struct.Struct("<QII")
-_REPLY = struct.Struct("<qII")
+_FD_NUMBER = struct.Struct("<iI")
+_REPLY = struct.Struct("<qIII4x")
 _WRITE = struct.Struct("<QII")
+_FIXUP = struct.Struct("<BBHIQ")
 _ERROR = struct.Struct("<iI")
 
 
@@ -159,6 +201,11 @@ class Kind(IntEnum):
     ADMIN = 5
     ADMIN_REPLY = 6
     ERROR = 7
+    CANCEL = 8
+
+
+# Kinds that may carry descriptors (the frame's fd bits); any other kind with fd bits is malformed.
+_FD_KINDS = frozenset({Kind.IOCTL, Kind.IOCTL_REPLY})
 
 
 class WireError(Exception):
@@ -180,29 +227,39 @@ class MalformedMessage(Exception):
 # ---- messages -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Frame:
     kind: int
     seq: int
     payload: bytes
     flags: int = 0
 
+    @property
+    def fd_count(self) -> int:
+        """Descriptors that travel with this frame (its first byte carries them)."""
+        return self.flags & FLAG_FD_MASK
 
-@dataclass(frozen=True)
+    @property
+    def more(self) -> bool:
+        return bool(self.flags & FLAG_MORE)
+
+
+@dataclass(frozen=True, slots=True)
 class Hello:
     min_version: int = MIN_WIRE_VERSION
     max_version: int = MAX_WIRE_VERSION
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HelloReply:
     version: int
     max_payload: int = MAX_PAYLOAD
     max_regions: int = MAX_REGIONS
+    max_fds: int = MAX_FDS
     node_name: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Region:
     """A range of the caller's memory; ``data`` is its content when ``flags`` has REGION_IN."""
 
@@ -224,44 +281,62 @@ class Region:
         return self.addr + self.length
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IoctlRequest:
     code: int
     struct: bytes
     regions: tuple[Region, ...] = ()
+    fd_numbers: tuple[int, ...] = ()  # the caller's numbers of the descriptors that travel
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Write:
     addr: int
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class FdFixup:
+    """Where the client stores the number of one descriptor it received."""
+
+    target: int  # FD_IN_STRUCT or FD_IN_USER
+    where: int  # struct offset or user address
+    width: int = 8  # 4 or 8 bytes, little-endian
+
+
+@dataclass(frozen=True, slots=True)
 class IoctlReply:
     ret: int
     struct: bytes
     writes: tuple[Write, ...] = ()
+    fixups: tuple[FdFixup, ...] = ()  # one per descriptor that travels with the reply
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AdminRequest:
     request: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AdminReply:
     reply: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ErrorReply:
     errno: int
     message: str = ""
     fatal: bool = False
 
 
-Message = Hello | HelloReply | IoctlRequest | IoctlReply | AdminRequest | AdminReply | ErrorReply
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """The client gave up on the request whose seq this frame carries."""
+
+
+Message = (
+    Hello | HelloReply | IoctlRequest | IoctlReply | AdminRequest | AdminReply | ErrorReply | Cancel
+)
 
 
 def negotiate(hello: Hello) -> int | None:
@@ -283,8 +358,11 @@ class FrameDecoder:
     MAX_HELLO_PAYLOAD and raises it to MAX_PAYLOAD once the handshake is done (bytes already
     buffered are kept)."""
 
+    __slots__ = ("_broken", "_buf", "_max", "_pos")
+
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self._buf = bytearray()
+        self._pos = 0
         self._max = self._check_limit(max_payload)
         self._broken = False
 
@@ -304,26 +382,31 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) - self._pos
 
     def feed(self, data: bytes) -> None:
         if self._broken:
             raise WireError(errno.EPROTO, "stream already broken")
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
         self._buf += data
 
     def header_needed(self) -> int:
         """Bytes still missing before the next frame is complete (at least 1 when none is)."""
-        if len(self._buf) < HEADER_SIZE:
-            return HEADER_SIZE - len(self._buf)
-        length = _HEADER.unpack_from(self._buf)[4]
-        return max(HEADER_SIZE + length - len(self._buf), 0)
+        have = len(self._buf) - self._pos
+        if have < HEADER_SIZE:
+            return HEADER_SIZE - have
+        length = _HEADER.unpack_from(self._buf, self._pos)[4]
+        return max(HEADER_SIZE + length - have, 0)
 
     def next_frame(self) -> Frame | None:
         if self._broken:
             raise WireError(errno.EPROTO, "stream already broken")
-        if len(self._buf) < HEADER_SIZE:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < HEADER_SIZE:
             return None
-        magic, kind, flags, seq, length = _HEADER.unpack_from(self._buf)
+        magic, kind, flags, seq, length = _HEADER.unpack_from(buf, pos)
         if magic != MAGIC:
             self._broken = True
             raise WireError(errno.EPROTO, f"bad frame magic 0x{magic:08X}")
@@ -332,12 +415,20 @@ class FrameDecoder:
             raise WireError(
                 errno.EMSGSIZE, f"frame of {length} bytes exceeds the limit of {self._max}"
             )
-        end = HEADER_SIZE + length
-        if len(self._buf) < end:
+        end = pos + HEADER_SIZE + length
+        if len(buf) < end:
             return None
-        payload = bytes(self._buf[HEADER_SIZE:end])
-        del self._buf[:end]
+        payload = bytes(buf[pos + HEADER_SIZE : end])
+        if end == len(buf):
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
         return Frame(kind, seq, payload, flags)
+
+    def frames(self) -> Iterator[Frame]:
+        while (frame := self.next_frame()) is not None:
+            yield frame
 
 
 def frame_bytes(kind: int, seq: int, payload: bytes, flags: int = 0) -> bytes:
@@ -369,40 +460,68 @@ def _check_regions(regions: tuple[Region, ...]) -> int:
     return total
 
 
-def _encode_payload(msg: Message) -> tuple[Kind, bytes]:
-    if isinstance(msg, Hello):
-        return Kind.HELLO, _HELLO.pack(msg.min_version, msg.max_version, 0)
-    if isinstance(msg, HelloReply):
-        name = msg.node_name.encode()[:MAX_NODE_NAME]
-        head = _HELLO_REPLY.pack(msg.version, 0, msg.max_payload, msg.max_regions, 0)
-        return Kind.HELLO_REPLY, head + name
+def _check_fd_numbers(numbers: tuple[int, ...]) -> None:
+    if len(numbers) > MAX_FDS:
+        raise ValueError(f"{len(numbers)} descriptors exceed MAX_FDS ({MAX_FDS})")
+    if len(set(numbers)) != len(numbers) or any(not 0 <= n < 1 << 31 for n in numbers):
+        raise ValueError("descriptor numbers must be distinct and >= 0")
+
+
+def _check_fixups(fixups: tuple[FdFixup, ...]) -> None:
+    if len(fixups) > MAX_FDS:
+        raise ValueError(f"{len(fixups)} descriptors exceed MAX_FDS ({MAX_FDS})")
+    for f in fixups:
+        if f.target not in (FD_IN_STRUCT, FD_IN_USER) or f.width not in (4, 8):
+            raise ValueError(f"bad descriptor fixup {f}")
+        if not 0 <= f.where < _U64_END - f.width:
+            raise ValueError(f"bad descriptor fixup place 0x{f.where:x}")
+
+
+def _encode_payload(msg: Message) -> tuple[Kind, bytes, int]:
+    """(kind, payload, fd count) of ``msg``."""
     if isinstance(msg, IoctlRequest):
         if len(msg.struct) > MAX_STRUCT:
             raise ValueError("struct too large")
         total = _check_regions(msg.regions)
-        if _IOCTL.size + len(msg.struct) + _REGION.size * len(msg.regions) + total > MAX_PAYLOAD:
+        _check_fd_numbers(msg.fd_numbers)
+        fixed = (_IOCTL.size + len(msg.struct) + _REGION.size * len(msg.regions)
+                 + _FD_NUMBER.size * len(msg.fd_numbers))
+        if fixed + total > MAX_PAYLOAD:
             raise ValueError("request (with all its regions) exceeds MAX_PAYLOAD")
-        parts = [_IOCTL.pack(msg.code, len(msg.struct), len(msg.regions), 0), msg.struct]
+        parts = [_IOCTL.pack(msg.code, len(msg.struct), len(msg.regions), len(msg.fd_numbers)),
+                 msg.struct]
         parts += [_REGION.pack(r.addr, r.length, r.flags) for r in msg.regions]
+        parts += [_FD_NUMBER.pack(n, 0) for n in msg.fd_numbers]
         parts += [r.data for r in msg.regions if r.data is not None]
-        return Kind.IOCTL, b"".join(parts)
+        return Kind.IOCTL, b"".join(parts), len(msg.fd_numbers)
     if isinstance(msg, IoctlReply):
         if len(msg.struct) > MAX_STRUCT:
             raise ValueError("struct too large")
         for w in msg.writes:
             if w.addr <= 0 or not w.data or w.addr + len(w.data) > _U64_END:
                 raise ValueError(f"bad write 0x{w.addr:x}+{len(w.data)}")
-        parts = [_REPLY.pack(msg.ret, len(msg.struct), len(msg.writes)), msg.struct]
+        _check_fixups(msg.fixups)
+        parts = [_REPLY.pack(msg.ret, len(msg.struct), len(msg.writes), len(msg.fixups)),
+                 msg.struct]
         parts += [_WRITE.pack(w.addr, len(w.data), 0) for w in msg.writes]
+        parts += [_FIXUP.pack(f.target, f.width, 0, 0, f.where) for f in msg.fixups]
         parts += [w.data for w in msg.writes]
-        return Kind.IOCTL_REPLY, b"".join(parts)
+        return Kind.IOCTL_REPLY, b"".join(parts), len(msg.fixups)
+    if isinstance(msg, Hello):
+        return Kind.HELLO, _HELLO.pack(msg.min_version, msg.max_version, 0), 0
+    if isinstance(msg, HelloReply):
+        name = msg.node_name.encode()[:MAX_NODE_NAME]
+        head = _HELLO_REPLY.pack(msg.version, 0, msg.max_payload, msg.max_regions, msg.max_fds)
+        return Kind.HELLO_REPLY, head + name, 0
     if isinstance(msg, AdminRequest):
-        return Kind.ADMIN, _json_bytes(msg.request)
+        return Kind.ADMIN, _json_bytes(msg.request), 0
     if isinstance(msg, AdminReply):
-        return Kind.ADMIN_REPLY, _json_bytes(msg.reply)
+        return Kind.ADMIN_REPLY, _json_bytes(msg.reply), 0
     if isinstance(msg, ErrorReply):
         text = msg.message.encode(errors="replace")[:MAX_ERROR_TEXT]
-        return Kind.ERROR, _ERROR.pack(msg.errno, _ERROR_FATAL if msg.fatal else 0) + text
+        return Kind.ERROR, _ERROR.pack(msg.errno, _ERROR_FATAL if msg.fatal else 0) + text, 0
+    if isinstance(msg, Cancel):
+        return Kind.CANCEL, b"", 0
     raise TypeError(f"not a wire message: {msg!r}")
 
 
@@ -414,9 +533,22 @@ def _json_bytes(obj: dict[str, Any]) -> bytes:
 
 def encode(msg: Message, seq: int) -> bytes:
     """The whole frame (header + payload) for ``msg``. Raises ValueError if ``msg`` breaks a
-    rule of the wire (the encoder never emits what :func:`decode` would reject)."""
-    kind, payload = _encode_payload(msg)
-    return frame_bytes(kind, seq, payload)
+    rule of the wire (the encoder never emits what :func:`decode` would reject). An ADMIN_REPLY
+    larger than one frame must go through :func:`admin_reply_frames`."""
+    kind, payload, nfds = _encode_payload(msg)
+    return frame_bytes(kind, seq, payload, nfds)
+
+
+def admin_reply_frames(reply: dict[str, Any], seq: int,
+                       chunk: int = MAX_PAYLOAD) -> list[bytes]:
+    """An ADMIN_REPLY of any size, as frames of at most ``chunk`` payload bytes each."""
+    data = _json_bytes(reply)
+    if not 1 <= chunk <= MAX_PAYLOAD:
+        raise ValueError("bad chunk size")
+    pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)] or [b""]
+    last = len(pieces) - 1
+    return [frame_bytes(Kind.ADMIN_REPLY, seq, p, 0 if i == last else FLAG_MORE)
+            for i, p in enumerate(pieces)]
 
 
 # ---- decode -------------------------------------------------------------------------------------
@@ -438,26 +570,27 @@ def _decode_hello(p: bytes) -> Hello:
 def _decode_hello_reply(p: bytes) -> HelloReply:
     if len(p) < _HELLO_REPLY.size or len(p) > _HELLO_REPLY.size + MAX_NODE_NAME:
         raise _bad("HELLO_REPLY payload has the wrong size")
-    version, _r0, max_payload, max_regions, _r1 = _HELLO_REPLY.unpack_from(p)
+    version, _r0, max_payload, max_regions, max_fds = _HELLO_REPLY.unpack_from(p)
     name = p[_HELLO_REPLY.size :].decode(errors="replace")
-    return HelloReply(version, max_payload, max_regions, name)
+    return HelloReply(version, max_payload, max_regions, max_fds, name)
 
 
 def _decode_ioctl(p: bytes) -> IoctlRequest:
     n = len(p)
     if n < _IOCTL.size:
         raise _bad("IOCTL payload shorter than its header")
-    code, struct_len, count, reserved = _IOCTL.unpack_from(p)
-    if reserved:
-        raise _bad("IOCTL reserved field is not zero")
+    code, struct_len, count, nfds = _IOCTL.unpack_from(p)
     if struct_len > MAX_STRUCT:
         raise _bad(f"struct length {struct_len} exceeds {MAX_STRUCT}")
     if count > MAX_REGIONS:
         raise _bad(f"{count} regions exceed the limit of {MAX_REGIONS}", errno.E2BIG)
+    if nfds > MAX_FDS:
+        raise _bad(f"{nfds} descriptors exceed the limit of {MAX_FDS}", errno.E2BIG)
     table = _IOCTL.size + struct_len
-    data_at = table + _REGION.size * count
+    fd_table = table + _REGION.size * count
+    data_at = fd_table + _FD_NUMBER.size * nfds
     if data_at > n:
-        raise _bad("IOCTL payload truncated before the end of its region table")
+        raise _bad("IOCTL payload truncated before the end of its tables")
     body = p[_IOCTL.size : table]
     raw: list[tuple[int, int, int]] = []
     prev_end = 0
@@ -480,6 +613,14 @@ def _decode_ioctl(p: bytes) -> IoctlRequest:
         raise _bad("regions add up to more than the message limit", errno.E2BIG)
     if data_at + carried != n:
         raise _bad(f"IOCTL payload carries {n - data_at} data bytes, its regions declare {carried}")
+    numbers = []
+    for i in range(nfds):
+        number, reserved = _FD_NUMBER.unpack_from(p, fd_table + i * _FD_NUMBER.size)
+        if number < 0 or reserved:
+            raise _bad(f"descriptor {i}: bad number {number}")
+        numbers.append(number)
+    if len(set(numbers)) != len(numbers):
+        raise _bad("descriptor numbers repeat")
     regions = []
     at = data_at
     for addr, length, flags in raw:
@@ -488,22 +629,25 @@ def _decode_ioctl(p: bytes) -> IoctlRequest:
             data = p[at : at + length]
             at += length
         regions.append(Region(addr, length, flags, data))
-    return IoctlRequest(code, body, tuple(regions))
+    return IoctlRequest(code, body, tuple(regions), tuple(numbers))
 
 
 def _decode_ioctl_reply(p: bytes) -> IoctlReply:
     n = len(p)
     if n < _REPLY.size:
         raise _bad("IOCTL_REPLY payload shorter than its header")
-    ret, struct_len, count = _REPLY.unpack_from(p)
+    ret, struct_len, count, nfds = _REPLY.unpack_from(p)
     if struct_len > MAX_STRUCT:
         raise _bad(f"struct length {struct_len} exceeds {MAX_STRUCT}")
     if count > MAX_REGIONS:
         raise _bad(f"{count} writes exceed the limit of {MAX_REGIONS}", errno.E2BIG)
+    if nfds > MAX_FDS:
+        raise _bad(f"{nfds} descriptors exceed the limit of {MAX_FDS}", errno.E2BIG)
     table = _REPLY.size + struct_len
-    data_at = table + _WRITE.size * count
+    fixups_at = table + _WRITE.size * count
+    data_at = fixups_at + _FIXUP.size * nfds
     if data_at > n:
-        raise _bad("IOCTL_REPLY payload truncated before the end of its write table")
+        raise _bad("IOCTL_REPLY payload truncated before the end of its tables")
     body = p[_REPLY.size : table]
     writes = []
     at = data_at
@@ -517,7 +661,17 @@ def _decode_ioctl_reply(p: bytes) -> IoctlReply:
         at += length
     if at != n:
         raise _bad("IOCTL_REPLY payload has trailing bytes")
-    return IoctlReply(ret, body, tuple(writes))
+    fixups = []
+    for i in range(nfds):
+        target, width, r0, r1, where = _FIXUP.unpack_from(p, fixups_at + i * _FIXUP.size)
+        if target not in (FD_IN_STRUCT, FD_IN_USER) or width not in (4, 8) or r0 or r1:
+            raise _bad(f"descriptor {i}: bad fixup")
+        if target == FD_IN_STRUCT and where + width > struct_len:
+            raise _bad(f"descriptor {i}: fixup outside the struct")
+        if target == FD_IN_USER and (where == 0 or where + width > _U64_END):
+            raise _bad(f"descriptor {i}: bad user address")
+        fixups.append(FdFixup(target, where, width))
+    return IoctlReply(ret, body, tuple(writes), tuple(fixups))
 
 
 def _decode_json(p: bytes) -> dict[str, Any]:
@@ -540,6 +694,12 @@ def _decode_error(p: bytes) -> ErrorReply:
     return ErrorReply(err, text, bool(flags & _ERROR_FATAL))
 
 
+def _decode_cancel(p: bytes) -> Cancel:
+    if p:
+        raise _bad("CANCEL carries no payload")
+    return Cancel()
+
+
 _DECODERS = MappingProxyType(
     {
         Kind.HELLO: _decode_hello,
@@ -549,16 +709,28 @@ _DECODERS = MappingProxyType(
         Kind.ADMIN: lambda p: AdminRequest(_decode_json(p)),
         Kind.ADMIN_REPLY: lambda p: AdminReply(_decode_json(p)),
         Kind.ERROR: _decode_error,
+        Kind.CANCEL: _decode_cancel,
     }
 )
 
 
 def decode(frame: Frame) -> Message:
-    """The message in ``frame``; raises :class:`MalformedMessage` if it does not parse."""
-    if frame.flags:
+    """The message in ``frame``; raises :class:`MalformedMessage` if it does not parse. The
+    descriptors a frame carries are the transport's business: their count (the frame's fd bits)
+    must agree with the payload's table."""
+    if frame.flags & ~_KNOWN_FLAGS:
         raise _bad(f"frame flags 0x{frame.flags:x} are reserved")
     try:
-        decoder = _DECODERS[Kind(frame.kind)]
+        kind = Kind(frame.kind)
     except ValueError:
         raise _bad(f"unknown frame kind {frame.kind}", errno.EOPNOTSUPP) from None
-    return decoder(frame.payload)
+    if frame.more and kind != Kind.ADMIN_REPLY:
+        raise _bad("only ADMIN_REPLY frames may have the MORE flag")
+    if frame.fd_count and kind not in _FD_KINDS:
+        raise _bad(f"{kind.name} frames carry no descriptors")
+    msg = _DECODERS[kind](frame.payload)
+    declared = len(msg.fd_numbers) if isinstance(msg, IoctlRequest) else (
+        len(msg.fixups) if isinstance(msg, IoctlReply) else 0)
+    if declared != frame.fd_count:
+        raise _bad(f"frame carries {frame.fd_count} descriptors, its payload names {declared}")
+    return msg

@@ -1,0 +1,202 @@
+"""The one table of guest <-> host commands pydxg speaks.
+
+For each command: its code, the body type of the request and of the reply, how the host says
+"failed" in that reply's layout, whether it is fire-and-forget once the host enables async
+messages, which channel it travels on, whether its header names a host process, and whether it
+may be larger than one packet (a bulk attachment) or carry file descriptors. The guest sends and
+the host dispatches through this table; `docs/protocol.md`'s command list is generated from it
+(`render_command_table`); the protocol fuzz tests iterate over it.
+
+Body types are the classes of :mod:`dxg.protocol.messages`: ``pack()`` and ``unpack(bytes)``
+(which raises ProtocolError on anything malformed). Commands the real driver defines but pydxg
+does not speak are absent: the host answers them with a 4-byte STATUS_NOT_IMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from types import MappingProxyType
+from typing import Any
+
+from dxg.protocol import messages as m
+from dxg.protocol.bus import (
+    DXGK_VMBUS_INTERFACE_VERSION,
+    DXGK_VMBUS_LAST_COMPATIBLE_INTERFACE_VERSION,
+)
+from dxg.protocol.commands import GlobalCommand, VgpuCommand
+from dxg.protocol.errors import ProtocolError
+
+Command = GlobalCommand | VgpuCommand
+FailureReply = Callable[[int, bytes], bytes]
+
+
+class Route(Enum):
+    """Where a command travels."""
+
+    GLOBAL = "global"  # the global channel (VM-level commands, codes >= 1000)
+    VGPU = "vgpu"  # the adapter's vGPU channel, or the global channel once async is enabled
+    VGPU_ONLY = "vgpu-only"  # always the adapter's own vGPU channel (adapter bring-up)
+
+
+# ---- failure replies: one per reply layout -----------------------------------------------------
+
+
+def fail_status(status: int, body: bytes) -> bytes:
+    """The bare 4-byte NTSTATUS (the guest reads a 4-byte reply where a larger one was due as
+    the host's failure status)."""
+    return m.NtStatusReturn(int(status) & 0xFFFFFFFF).pack()
+
+
+def fail_empty(status: int, body: bytes) -> bytes:
+    return b""
+
+
+def _fail_create_process(status: int, body: bytes) -> bytes:
+    return m.CreateProcessReturn(0).pack()
+
+
+def _fail_handle(status: int, body: bytes) -> bytes:
+    return m.HandleReturn(0).pack()
+
+
+def _fail_open_adapter(status: int, body: bytes) -> bytes:
+    return m.OpenAdapterReturn(0, int(status) & 0xFFFFFFFF, DXGK_VMBUS_INTERFACE_VERSION,
+                               DXGK_VMBUS_LAST_COMPATIBLE_INTERFACE_VERSION).pack()
+
+
+def _fail_query_adapter_info(status: int, body: bytes) -> bytes:
+    try:
+        data = m.QueryAdapterInfo.unpack(body).private_data
+    except ProtocolError:
+        return fail_status(status, body)
+    return m.StatusAndData(int(status) & 0xFFFFFFFF, data).pack()
+
+
+def _fail_create_context(status: int, body: bytes) -> bytes:
+    try:
+        request = m.CreateContextVirtual.unpack(body)
+    except ProtocolError:
+        return fail_status(status, body)
+    return dataclasses.replace(request, context=0).pack()
+
+
+def _fail_device_state(status: int, body: bytes) -> bytes:
+    try:
+        args = m.GetDeviceState.unpack(body).args
+    except ProtocolError:
+        return fail_status(status, body)
+    return m.GetDeviceStateReturn(args, int(status) & 0xFFFFFFFF).pack()
+
+
+def _fail_feature(status: int, body: bytes) -> bytes:
+    return m.IsFeatureEnabledReturn(int(status) & 0xFFFFFFFF, 0, 0, 0, 0, 0).pack()
+
+
+def _fail_clock(status: int, body: bytes) -> bytes:
+    return m.QueryClockCalibrationReturn(int(status) & 0xFFFFFFFF,
+                                         bytes(m.GPUCLOCKDATA_SIZE)).pack()
+
+
+# ---- the table -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSpec:
+    command: Command
+    request: type  # body class of the request (m.Empty: header only)
+    reply: type | None  # body class of the reply; None: an empty completion
+    failure: FailureReply  # the reply that carries a failure status
+    route: Route
+    per_process: bool = True  # the header's process field names a host process
+    asynchronous: bool = False  # fire-and-forget once the host enables async messages
+    large: bool = False  # request and reply may exceed one packet (bulk attachment)
+    fds: bool = False  # descriptors may travel with the request and the reply
+    note: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.command.name
+
+    def parse_request(self, body: bytes) -> Any:
+        return self.request.unpack(body)
+
+    def parse_reply(self, body: bytes) -> Any:
+        if self.reply is None:
+            if body:
+                raise ProtocolError(f"{self.name}: {len(body)} bytes in an empty completion")
+            return None
+        return self.reply.unpack(body)
+
+
+def _g(command: GlobalCommand, request: type, reply: type | None, failure: FailureReply,
+       **kw: Any) -> CommandSpec:
+    return CommandSpec(command, request, reply, failure, Route.GLOBAL, **kw)
+
+
+def _v(command: VgpuCommand, request: type, reply: type | None, failure: FailureReply,
+       route: Route = Route.VGPU, **kw: Any) -> CommandSpec:
+    return CommandSpec(command, request, reply, failure, route, **kw)
+
+
+G, V = GlobalCommand, VgpuCommand
+
+_SPECS = (
+    _g(G.CREATEPROCESS, m.CreateProcess, m.CreateProcessReturn, _fail_create_process,
+       per_process=False, note="hprocess 0 = failure"),
+    _g(G.DESTROYPROCESS, m.Empty, m.NtStatusReturn, fail_status),
+    _g(G.SETIOSPACEREGION, m.SetIoSpaceRegion, m.NtStatusReturn, fail_status, per_process=False),
+    _g(G.PYDXG_QUERYPARTITION, m.Empty, m.JsonReply, fail_status, per_process=False, large=True,
+       note="pydxg extension: the host's census of this guest, UTF-8 JSON"),
+    _v(V.OPENADAPTER, m.OpenAdapter, m.OpenAdapterReturn, _fail_open_adapter, Route.VGPU_ONLY,
+       per_process=False),
+    _v(V.CLOSEADAPTER, m.CloseAdapter, None, fail_empty, Route.VGPU_ONLY, per_process=False),
+    _v(V.GETINTERNALADAPTERINFO, m.Empty, m.GetInternalAdapterInfoReturn, fail_status,
+       Route.VGPU_ONLY, per_process=False),
+    _v(V.QUERYADAPTERINFO, m.QueryAdapterInfo, m.StatusAndData, _fail_query_adapter_info,
+       note="the host process is optional (0 allowed)"),
+    _v(V.CREATEDEVICE, m.CreateDevice, m.HandleReturn, _fail_handle, note="handle 0 = failure"),
+    _v(V.DESTROYDEVICE, m.DestroyDevice, m.NtStatusReturn, fail_status),
+    _v(V.FLUSHDEVICE, m.FlushDevice, m.NtStatusReturn, fail_status),
+    _v(V.CREATECONTEXTVIRTUAL, m.CreateContextVirtual, m.CreateContextVirtual,
+       _fail_create_context, note="echoed with the context handle (0 = failure)"),
+    _v(V.DESTROYCONTEXT, m.DestroyContext, m.NtStatusReturn, fail_status),
+    _v(V.GETDEVICESTATE, m.GetDeviceState, m.GetDeviceStateReturn, _fail_device_state),
+    _v(V.ISFEATUREENABLED, m.IsFeatureEnabled, m.IsFeatureEnabledReturn, _fail_feature,
+       per_process=False),
+    _v(V.QUERYCLOCKCALIBRATION, m.QueryClockCalibration, m.QueryClockCalibrationReturn,
+       _fail_clock),
+    _v(V.ESCAPE, m.Escape, m.Escape, fail_status, large=True, fds=True,
+       note="echoed with the private data overwritten; pydxg escapes may carry a descriptor "
+            "or data beyond one packet"),
+)
+
+COMMANDS: MappingProxyType[Command, CommandSpec] = MappingProxyType(
+    {spec.command: spec for spec in _SPECS})
+
+
+def spec_of(command: int) -> CommandSpec | None:
+    """The spec of a command code (a GlobalCommand or VgpuCommand member, or its int)."""
+    return COMMANDS.get(command)  # type: ignore[call-overload]
+
+
+def render_command_table() -> str:
+    """The Markdown command table of docs/protocol.md (between its `command-table` markers)."""
+    lines = [
+        "| code | command | route | process | request body | reply | async | large | fds | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for spec in sorted(COMMANDS.values(), key=lambda s: (s.route == Route.GLOBAL, int(s.command))):
+        reply = spec.reply.__name__ if spec.reply is not None else "(empty completion)"
+        lines.append(
+            f"| {int(spec.command)} | {spec.name} | {spec.route.value} | "
+            f"{'yes' if spec.per_process else '0'} | {spec.request.__name__} | {reply} | "
+            f"{'yes' if spec.asynchronous else 'no'} | {'yes' if spec.large else 'no'} | "
+            f"{'yes' if spec.fds else 'no'} | {spec.note} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["COMMANDS", "Command", "CommandSpec", "Route", "fail_empty", "fail_status",
+           "render_command_table", "spec_of"]
