@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dxg.node.paths import default_node_path
+from dxg.uapi.nodepath import default_node_path
 
 
 def describe_error(e: BaseException) -> str:
@@ -80,23 +80,37 @@ def _serve_node(drv: Any, args: argparse.Namespace) -> list[Any]:
     return closers
 
 
+def raise_fd_limit() -> None:
+    """Let a daemon serve as many clients as the system allows it descriptors (each client is
+    one socket, and one FUSE open is one more): the soft limit goes up to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from dxg.guest.driver import GuestDriver
     from dxg.host.config import HostConfig
     from dxg.host.host import Host
+    from dxg.runtime.loop import LoopThread
 
     if args.adapters < 1:
         raise ValueError("--adapters must be at least 1")
+    raise_fd_limit()
     node_path = _node_path(args)
-    node_path.parent.mkdir(parents=True, exist_ok=True)
-    host = Host(HostConfig(adapters=args.adapters, name="pydxg-embedded-host"))
+    # Host, guest and node share one event loop, and the guest reaches the host over an
+    # in-process link: a call crosses no thread and no extra socket, and no socket file is left
+    # behind if the process is killed.
+    rt = LoopThread("dxg-up")
+    host = Host(HostConfig(adapters=args.adapters, name="pydxg-embedded-host"), loop=rt)
     closers: list[Any] = []
-    drv = GuestDriver()
+    drv = GuestDriver(loop=rt)
     try:
-        host_addr = host.listen(str(node_path.parent / f"host-{os.getpid()}.sock"))
         if args.host_listen:
             print(f"host: also listening on {host.listen(args.host_listen)}", flush=True)
-        drv.bind(host_addr)
+        drv.bind_host(host)
         if not drv.wait_for_adapters(args.adapters, 30):
             raise RuntimeError("the embedded host's adapters did not come up")
         closers = _serve_node(drv, args)
@@ -108,6 +122,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             c.close()
         drv.close()
         host.close()
+        rt.close()
     return 0
 
 
@@ -115,6 +130,7 @@ def cmd_host(args: argparse.Namespace) -> int:
     from dxg.host.config import HostConfig
     from dxg.host.host import Host
 
+    raise_fd_limit()
     cfg = HostConfig(adapters=args.adapters, host_id=args.host_id, offer_order=args.offer_order)
     if args.name:
         cfg.name = args.name
@@ -131,7 +147,9 @@ def cmd_host(args: argparse.Namespace) -> int:
 def cmd_guest(args: argparse.Namespace) -> int:
     from dxg.guest.driver import GuestDriver
 
-    drv = GuestDriver()
+    raise_fd_limit()
+    drv = GuestDriver(heartbeat_timeout=args.heartbeat_timeout,
+                      heartbeat_interval=min(1.0, args.heartbeat_timeout / 3))
     closers: list[Any] = []
     try:
         for addr in args.connect:

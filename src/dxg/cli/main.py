@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host address (repeat to bind several hosts)")
     p.add_argument("--wait", action="store_true",
                    help="start even if a host is unreachable, and keep retrying")
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="a host silent this long is taken as gone: its adapters are removed "
+                        "until it answers again (default 5)")
     _add_serve(p)
     p.set_defaults(func=commands.cmd_guest)
 

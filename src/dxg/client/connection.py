@@ -1,20 +1,31 @@
 """One connection to the node: this process's ``open("/dev/dxg")``.
 
 :meth:`NodeConnection.ioctl` is the socket version of ``ioctl(fd, code, &args)``: it gathers the
-user buffers the struct points at (:mod:`dxg.client.userbufs`), sends them with the struct,
-applies the writes the driver made to them back into this process's memory, copies the struct
-back and returns the raw return value (0, a positive NTSTATUS, or a negative errno).
+user buffers the struct points at (:mod:`dxg.client.userbufs`), sends them with the struct and
+the descriptors the caller hands over, applies the writes the driver made to them back into this
+process's memory, copies the struct back, stores the numbers of the descriptors the driver handed
+back where the reply says, and returns the raw return value (0, a positive NTSTATUS, or a
+negative errno).
+
+Any number of threads may call at once: requests go out under a send lock and the node answers
+each when it is done, in any order (wire v2 matches them by ``seq``). There is no reader thread:
+a waiting thread that finds nobody reading becomes the reader (leader/follower), routes every
+reply it reads to its waiter, and when its own reply arrives hands the role to another waiter. A
+single-threaded caller thus reads its own reply with no thread hand-off, and a call parked in the
+driver parks only its own thread.
 
 This process's memory is read with ``process_vm_readv`` on itself, so a bad pointer in a struct
 gives ``-EFAULT`` from the driver, as from the kernel, instead of crashing the interpreter; the
-driver's writes go back with ``process_vm_writev`` (``ctypes.memmove`` where those calls are
-not allowed). A connection belongs to the process that opened it: after ``fork()`` the child
-gets ``-ENOTTY`` (as the kernel answers a child using its parent's ``/dev/dxg`` file) and must
-open its own (:meth:`NodeConnection.reopen`).
+driver's writes go back with ``process_vm_writev`` (``ctypes.memmove`` where those calls are not
+allowed). A connection belongs to the process that opened it: after ``fork()`` the child gets
+``-ENOTTY`` (as the kernel answers a child using its parent's ``/dev/dxg`` file) and must open
+its own (:meth:`NodeConnection.reopen`).
 
-A call interrupted while it waits for the node (``KeyboardInterrupt`` during a blocking wait)
-raises in the caller and leaves the connection usable: the node still finishes that call, and its
-reply is skipped when it arrives (its writes to user memory are then not applied).
+A call interrupted while it waits (``KeyboardInterrupt`` from a signal handler) sends CANCEL for
+its request, raises in the caller and leaves the connection usable: the node answers the request
+with ``-EINTR`` (or had already answered), and that late reply is dropped (its writes are not
+applied, its descriptors are closed). A request interrupted half-way through its send cannot be
+finished, so a large one (which may be cut) drops the connection.
 """
 
 from __future__ import annotations
@@ -24,178 +35,179 @@ import errno
 import os
 import socket
 import threading
-from collections import deque
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from dxg.client.errors import (
-    NodeError,
-    NodeNotFound,
-    NodePermissionDenied,
-    NodeProtocolError,
-    NodeUnavailable,
+from dxg.client.calls import (
+    Delivered,
+    Failure,
+    ReplyRouter,
+    RouterBroken,
+    SelfMemory,
+    apply_ioctl_reply,
+    build_ioctl,
+    check_hello_reply,
+    check_node_dir,
+    connect_error,
+    node_target,
 )
-from dxg.client.userbufs import gather
-from dxg.guest.usermem import UserMemoryFault
-from dxg.node import wire
-from dxg.node.paths import NODE_ENV, default_node_path, node_dir_problem
-from dxg.node.procmem import ProcessVmUserMemory
-from dxg.uapi.ioctls import IOCTLS_BY_CODE
+from dxg.client.errors import NodeError, NodeProtocolError, NodeUnavailable
+from dxg.oslib.fds import close_all, recv_with_fds, send_with_fds
+from dxg.uapi import wire
 
 __all__ = ["NodeConnection"]
 
 _RECV_CHUNK = 256 * 1024
 # An interrupted request up to this size is assumed whole on the wire (a Unix socket's buffer
-# takes it without blocking, so the send cannot stop half-way); a bigger one drops the stream.
+# takes it in one piece, so the send cannot stop half-way); a bigger one drops the stream.
 _ATOMIC_SEND = 64 * 1024
 
 
-class _SelfMemory:
-    """Reads and writes this process's memory without faulting on bad addresses: through
-    process_vm_readv/writev (the node's ProcessVmUserMemory, aimed at ourselves), or, where a
-    sandbox forbids those calls, directly."""
+def _lost(message: str) -> Failure:
+    return lambda: NodeUnavailable(message)
 
-    def __init__(self) -> None:
-        self._mem = ProcessVmUserMemory(os.getpid())
-        probe = ctypes.create_string_buffer(b"pydxg", 8)
-        try:
-            self.safe = self._mem.read(ctypes.addressof(probe), 8) == probe.raw
-        except UserMemoryFault:
-            self.safe = False
 
-    def read(self, addr: int, size: int) -> bytes | None:
-        if addr <= 0 or size <= 0 or addr + size > 1 << 64:
-            return None
-        if not self.safe:
-            return ctypes.string_at(addr, size)
-        try:
-            return self._mem.read(addr, size)
-        except UserMemoryFault:
-            return None
+class _Waiter:
+    """One request in flight and the thread waiting for it (its condition shares the
+    connection's mutex, so the reader wakes exactly the thread whose reply came)."""
 
-    def write(self, addr: int, data: bytes) -> bool:
-        if not self.safe:
-            ctypes.memmove(addr, data, len(data))
-            return True
-        try:
-            self._mem.write(addr, data)
-        except UserMemoryFault:
-            return False
-        return True
+    __slots__ = ("cond", "done", "failure", "fds", "message", "seq")
+
+    def __init__(self, seq: int, mu: threading.Lock) -> None:
+        self.seq = seq
+        self.cond = threading.Condition(mu)
+        self.done = False
+        self.message: wire.Message | None = None
+        self.fds: list[int] = []
+        self.failure: Failure | None = None
+
+    def finish(self, message: wire.Message | None, fds: list[int],
+               failure: Failure | None) -> None:
+        self.message, self.fds, self.failure = message, fds, failure
+        self.done = True
+        self.cond.notify()
 
 
 class NodeConnection:
-    """A connection to the node at ``path`` (default :func:`default_node_path`).
+    """A connection to the node at ``path`` (default :func:`~dxg.uapi.nodepath.default_node_path`).
 
     Raises :class:`NodeNotFound`, :class:`NodePermissionDenied` or :class:`NodeUnavailable` when
-    the node cannot be reached. When the path is the implicit default (no ``path``, no
-    ``$DXG_NODE``), a node directory that another user (not root) owns, or that everyone may
-    write without the sticky bit, is refused (:class:`NodePermissionDenied`): someone else could
-    have put their own socket there. Thread-safe: calls are serialized on one lock (a call that
-    blocks in the driver holds the connection until it returns).
+    the node cannot be reached (``timeout`` bounds the connect and the handshake). When the path
+    is the implicit default (no ``path``, no ``$DXG_NODE``), a node directory that another user
+    (not root) owns, or that everyone may write without the sticky bit, is refused
+    (:class:`NodePermissionDenied`): someone else could have put their own socket there.
+    Thread-safe: many calls may be in flight at once.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> None:
-        self.path = Path(path) if path is not None else default_node_path()
-        self._check_dir = path is None and not os.environ.get(NODE_ENV)
+        self.path, self._check_dir = node_target(path)
         self._timeout = timeout
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._decoder = wire.FrameDecoder()
-        self._seq = 0
-        self._abandoned: set[int] = set()
-        self._ready: deque[wire.Frame] = deque()
         self._pid = os.getpid()
-        self._mem = _SelfMemory()
+        self._mem = SelfMemory()
         self.version = 0
         self.node_name = ""
         self.max_payload = wire.MAX_PAYLOAD
+        self.max_regions = wire.MAX_REGIONS
+        self.max_fds = wire.MAX_FDS
+        self._fresh_state()
         self._connect()
+
+    def _fresh_state(self) -> None:
+        """Locks and routing state of a new stream (also in a forked child, where the parent's
+        locks may have been held by threads that do not exist here)."""
+        self._mu = threading.Lock()  # guards everything below but the socket I/O itself
+        self._send_lock = threading.Lock()  # one frame at a time on the stream
+        self._sock: socket.socket | None = None
+        self._router = ReplyRouter(f"the dxg node {self.path}")
+        self._waiters: dict[int, _Waiter] = {}
+        self._reader: _Waiter | None = None
+        self._orphan: socket.socket | None = None  # dropped while a reader was in recv
 
     # ---- connecting -----------------------------------------------------------------------------
 
     def _connect(self) -> None:
         path = self.path
         if self._check_dir:
-            try:
-                problem = node_dir_problem(path.parent)
-            except OSError:
-                problem = None  # cannot look: connect() says what is wrong
-            if problem is not None:
-                raise NodePermissionDenied(
-                    f"not connecting to the dxg node {path}: {problem} "
-                    f"(set {NODE_ENV} to use it anyway)"
-                )
+            check_node_dir(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(self._timeout)
         try:
             sock.connect(os.fspath(path))
-        except FileNotFoundError:
-            sock.close()
-            raise NodeNotFound(f"no dxg node at {path} (is `dxg up` running?)") from None
-        except PermissionError:
-            sock.close()
-            raise NodePermissionDenied(
-                f"permission denied connecting to the dxg node {path}"
-            ) from None
-        except ConnectionRefusedError:
-            sock.close()
-            raise NodeUnavailable(f"the dxg node {path} is not accepting connections") from None
         except OSError as e:
             sock.close()
-            raise NodeUnavailable(f"cannot connect to the dxg node {path}: {e.strerror}") from None
-        self._sock = sock
-        self._decoder = wire.FrameDecoder()
-        self._abandoned.clear()
-        self._ready.clear()
+            raise connect_error(path, e) from None
+        with self._mu:
+            self._sock = sock
+            self._router = ReplyRouter(f"the dxg node {path}")
         try:
-            reply = self._roundtrip(wire.Hello())
+            message, fds = self._call(wire.Hello(), wire.Kind.HELLO_REPLY)
+            close_all(fds)
+            reply = check_hello_reply(path, message)
         except NodeError:
             self._drop()
             raise
-        if not isinstance(reply, wire.HelloReply):
-            self._drop()
-            raise NodeProtocolError(errno.EPROTO, f"the dxg node {path} did not answer HELLO")
-        if not wire.MIN_WIRE_VERSION <= reply.version <= wire.MAX_WIRE_VERSION:
-            self._drop()
-            raise NodeProtocolError(
-                errno.EPROTONOSUPPORT, f"the dxg node {path} chose wire version {reply.version}"
-            )
         self.version = reply.version
         self.node_name = reply.node_name
         self.max_payload = min(reply.max_payload, wire.MAX_PAYLOAD)
+        self.max_regions = min(reply.max_regions, wire.MAX_REGIONS)
+        self.max_fds = min(reply.max_fds, wire.MAX_FDS)
         sock.settimeout(None)
 
     def reopen(self) -> None:
         """Drop this connection and open a new one (for a forked child, or after a loss)."""
         if self.forked:
-            # The parent's lock may have been held by one of its threads at fork time.
-            self._lock = threading.Lock()
-        with self._lock:
+            self._forget_parent()
+        else:
             self._drop()
-            self._pid = os.getpid()
-            self._mem = _SelfMemory()
-            self._connect()
+        self._connect()
+
+    def _forget_parent(self) -> None:
+        """In a forked child: let go of the parent's stream without touching it (the node sees
+        EOF only when every process holding it has closed it) and start afresh."""
+        sock = self._sock
+        self._fresh_state()
+        if sock is not None:
+            sock.close()
+        self._pid = os.getpid()
+        self._mem = SelfMemory()
 
     @property
     def forked(self) -> bool:
         """True in a child process that inherited this connection from its parent."""
         return os.getpid() != self._pid
 
-    def _drop(self) -> None:
-        # In a forked child this only drops the child's reference; the parent's stream is
-        # untouched (the node sees EOF only when every process holding it has closed it).
-        sock, self._sock = self._sock, None
-        if sock is not None:
+    def _drop(self, failure: Failure | None = None) -> None:
+        """Close the stream and fail every request in flight."""
+        if failure is None:
+            failure = _lost(f"the connection to the dxg node {self.path} is closed")
+        with self._mu:
+            self._drop_locked(self._sock, failure)
+
+    def _drop_locked(self, sock: socket.socket | None, failure: Failure) -> None:
+        if sock is None or sock is not self._sock:
+            return  # already dropped (maybe for another reason, which the waiters got)
+        self._sock = None
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked in recv, a sender in send
+        except OSError:
+            pass
+        if self._reader is None:
             sock.close()
+        else:
+            self._orphan = sock  # the reader closes it once it is out of recv
+        self._router.close()
+        waiters = list(self._waiters.values())
+        self._waiters.clear()
+        for w in waiters:
+            if not w.done:
+                w.finish(None, [], failure)
 
     def close(self) -> None:
         """Close the connection; the node then closes everything this process opened."""
         if self.forked:
-            self._drop()  # the parent's lock may be held forever in this child
+            self._forget_parent()  # the parent's stream stays as it is
             return
-        with self._lock:
-            self._drop()
+        self._drop()
 
     @property
     def closed(self) -> bool:
@@ -211,98 +223,192 @@ class NodeConnection:
         state = "closed" if self._sock is None else f"v{self.version}"
         return f"<NodeConnection {str(self.path)!r} {state}>"
 
-    # ---- one request, one reply -----------------------------------------------------------------
+    # ---- requests in flight ---------------------------------------------------------------------
 
-    def _roundtrip(self, msg: wire.Message) -> wire.Message:
-        sock = self._sock
-        if sock is None:
-            raise NodeUnavailable(f"the connection to the dxg node {self.path} is closed")
-        self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
-        seq = self._seq
-        data = wire.encode(msg, seq)
-        sent = False
+    def _call(self, msg: wire.Message, expect: wire.Kind,
+              fds: Sequence[int] = ()) -> tuple[wire.Message, list[int]]:
+        """Send ``msg`` and wait for its reply: (the reply, the descriptors that came with it)."""
+        with self._mu:
+            if self._sock is None:
+                raise NodeUnavailable(f"the connection to the dxg node {self.path} is closed")
+            seq = self._router.register(expect)
+            waiter = _Waiter(seq, self._mu)
+            self._waiters[seq] = waiter
         try:
-            sent = True  # from here on the node may have (part of) the request
-            sock.sendall(data)
-            frame = self._next_reply(sock, seq)
-        except (OSError, wire.WireError) as e:
-            self._drop()
-            raise NodeUnavailable(f"lost the dxg node {self.path}: {e}") from None
+            data = wire.encode(msg, seq)
         except BaseException:
-            # Interrupted (KeyboardInterrupt...). A whole request is still answered and its
-            # reply is skipped later; one that may be half sent leaves the stream unusable.
-            if sent and len(data) > _ATOMIC_SEND:
-                self._drop()
-            elif sent:
-                self._abandoned.add(seq)
+            self._forget(waiter)
             raise
+        self._send(waiter, data, fds)
         try:
-            reply = wire.decode(frame)
-        except wire.MalformedMessage as e:
-            self._drop()
-            raise NodeProtocolError(e.errno, f"bad reply from the dxg node: {e}") from None
-        if isinstance(reply, wire.ErrorReply):
-            if reply.fatal:
-                self._drop()
-            raise NodeProtocolError(reply.errno, f"dxg node {self.path}: {reply.message}")
-        if frame.seq != seq:
-            self._drop()
-            raise NodeProtocolError(errno.EPROTO, "reply out of sequence from the dxg node")
-        return reply
+            return self._wait(waiter)
+        except NodeError:
+            raise
+        except BaseException:
+            self._abandon(waiter)
+            raise
 
-    def _next_reply(self, sock: socket.socket, seq: int) -> wire.Frame:
-        """The next frame that is not the reply to an abandoned request.
+    def _send(self, waiter: _Waiter, data: bytes, fds: Sequence[int]) -> None:
+        """Put one whole frame on the stream (its descriptors ride on its first bytes)."""
+        sock: socket.socket | None = None
+        started = False
+        try:
+            with self._send_lock:
+                sock = self._sock
+                if sock is None:
+                    raise NodeUnavailable(f"the connection to the dxg node {self.path} is closed")
+                sent = send_with_fds(sock, data, fds) if fds else 0
+                started = True
+                if sent < len(data):
+                    sock.sendall(memoryview(data)[sent:])
+        except NodeError:
+            self._forget(waiter)
+            raise
+        except OSError as e:
+            if not started and fds and e.errno == errno.EBADF and sock is self._sock:
+                self._forget(waiter)  # one of the caller's descriptors was closed: nothing went
+                raise
+            message = f"lost the dxg node {self.path}: {e}"
+            self._drop(_lost(message))
+            raise NodeUnavailable(message) from None
+        except BaseException:
+            # Interrupted. Nothing sent: no reply will come. A whole request is answered and
+            # its reply dropped later; one that may be half sent leaves the stream unusable.
+            if not started:
+                self._forget(waiter)
+            elif len(data) > _ATOMIC_SEND:
+                self._drop()
+            else:
+                self._abandon(waiter)
+            raise
+
+    def _forget(self, waiter: _Waiter) -> None:
+        with self._mu:
+            self._router.forget(waiter.seq)
+            self._waiters.pop(waiter.seq, None)
+            if self._reader is waiter:
+                self._reader = None
+                self._promote()
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """The caller gave up: drop the reply it may have got, else tell the node (CANCEL) and
+        have the late reply dropped when it comes."""
+        with self._mu:
+            self._waiters.pop(waiter.seq, None)
+            if waiter.done:
+                close_all(waiter.fds)
+                return
+            waiter.done = True
+            if not self._router.abandon(waiter.seq):
+                return
+            sock = self._sock
+        if sock is None:
+            return
+        cancel = wire.encode(wire.Cancel(), waiter.seq)
+        if not self._send_lock.acquire(timeout=1.0):
+            return  # best effort: the reply is dropped all the same
+        try:
+            if self._sock is sock:
+                sock.sendall(cancel)
+        except OSError:
+            pass  # the reader notices a broken stream
+        finally:
+            self._send_lock.release()
+
+    def _wait(self, waiter: _Waiter) -> tuple[wire.Message, list[int]]:
+        """Wait for ``waiter``'s reply, reading the stream whenever nobody else does."""
+        with self._mu:
+            while not waiter.done and self._reader is not None:
+                waiter.cond.wait()
+            lead = not waiter.done
+            if lead:
+                self._reader = waiter
+        if lead:
+            try:
+                self._read_until(waiter)
+            finally:
+                with self._mu:
+                    if self._reader is waiter:
+                        self._reader = None
+                        orphan, self._orphan = self._orphan, None
+                        if orphan is not None:
+                            orphan.close()
+                        self._promote()
+        with self._mu:
+            self._waiters.pop(waiter.seq, None)
+        if waiter.failure is not None:
+            raise waiter.failure()
+        assert waiter.message is not None
+        return waiter.message, waiter.fds
+
+    def _promote(self) -> None:
+        """Wake one thread still waiting, to become the reader (mutex held)."""
+        for w in self._waiters.values():
+            if not w.done:
+                w.cond.notify()
+                return
+
+    def _read_until(self, waiter: _Waiter) -> None:
+        """Read and route frames until ``waiter``'s reply has come.
 
         The blocking wait only peeks, so an exception from a signal handler there (the usual
         place: a call blocked in the driver) consumes nothing; the bytes are then taken and
-        fed in one statement."""
-        ready = self._ready
+        routed at once."""
+        path = self.path
         while True:
-            while ready:
-                frame = ready.popleft()
-                if frame.seq != seq and frame.seq in self._abandoned:
-                    self._abandoned.discard(frame.seq)
+            with self._mu:
+                if waiter.done:
+                    return
+                sock = self._sock
+                router = self._router
+            if sock is None:
+                return  # dropped: the waiter was failed with the reason
+            try:
+                want = min(max(router.header_needed(), 4096), _RECV_CHUNK)
+                if not sock.recv(want, socket.MSG_PEEK):
+                    raise ConnectionResetError(errno.ECONNRESET, "connection closed by the node")
+                data, fds = recv_with_fds(sock, want, wire.MAX_FDS)
+            except OSError as e:
+                with self._mu:
+                    self._drop_locked(sock, _lost(f"lost the dxg node {path}: {e}"))
+                return
+            with self._mu:
+                if sock is not self._sock:
+                    close_all(fds)
                     continue
-                return frame
-            want = min(max(self._decoder.header_needed(), 4096), _RECV_CHUNK)
-            peeked = sock.recv(want, socket.MSG_PEEK)
-            if not peeked:
-                raise ConnectionResetError(errno.ECONNRESET, "connection closed by the node")
-            self._decoder.feed(sock.recv(len(peeked)))
-            while (f := self._decoder.next_frame()) is not None:
-                ready.append(f)
+                try:
+                    outcomes = router.feed(data, fds)
+                except RouterBroken as e:
+                    self._drop_locked(sock, e.failure)
+                    return
+                for o in outcomes:
+                    w = self._waiters.get(o.seq)
+                    if w is None or w.done:  # cannot happen: the router knows the seqs in flight
+                        if isinstance(o, Delivered):
+                            close_all(o.fds)
+                        continue
+                    if isinstance(o, Delivered):
+                        w.finish(o.message, o.fds, None)
+                    else:
+                        w.finish(None, [], o.failure)
 
     # ---- ioctl ----------------------------------------------------------------------------------
 
-    def ioctl(self, code: int, args: ctypes.Structure | ctypes.Union) -> int:
+    def ioctl(self, code: int, args: ctypes.Structure | ctypes.Union,
+              fds: Sequence[int] = ()) -> int:
         """``ioctl(fd, code, &args)``: returns 0, a positive NTSTATUS or a negative errno, and
-        updates ``args`` and the buffers it points at as the driver left them."""
+        updates ``args`` and the buffers it points at as the driver left them.
+
+        ``fds`` are descriptors of this process the driver may take (their numbers are in the
+        struct or a buffer: an eventfd, a shared object); they stay open here. Descriptors the
+        driver hands back are this caller's: their numbers are where the driver stored them."""
         if not isinstance(args, ctypes.Structure | ctypes.Union):
             raise TypeError("ioctl arguments are a ctypes struct")
         if self.forked:
             return -errno.ENOTTY  # as the kernel answers a child using its parent's file
-        with self._lock:
-            raw = bytes(args)
-            desc = IOCTLS_BY_CODE.get(code & 0xFFFFFFFF)
-            regions: tuple[wire.Region, ...] = ()
-            if desc is not None:
-                budget = self.max_payload - 16 - len(raw)
-                regions = gather(desc.name, args, self._mem.read, budget)
-            reply = self._roundtrip(wire.IoctlRequest(code & 0xFFFFFFFF, raw, regions))
-            if not isinstance(reply, wire.IoctlReply):
-                raise NodeProtocolError(errno.EPROTO, "the dxg node answered an ioctl wrongly")
-            if len(reply.struct) != len(raw):
-                raise NodeProtocolError(errno.EPROTO, "the dxg node changed the struct size")
-            ret = reply.ret
-            for w in reply.writes:
-                if not _inside_writable(regions, w.addr, len(w.data)):
-                    raise NodeProtocolError(
-                        errno.EPROTO, f"the dxg node wrote outside the buffers sent (0x{w.addr:x})"
-                    )
-                if not self._mem.write(w.addr, w.data) and ret >= 0:
-                    ret = -errno.EFAULT
-            ctypes.memmove(ctypes.addressof(args), reply.struct, len(raw))
-            return ret
+        request = build_ioctl(code, args, self._mem.read, self.max_payload, fds, self.max_fds)
+        reply, got = self._call(request, wire.Kind.IOCTL_REPLY, request.fd_numbers)
+        return apply_ioctl_reply(request, reply, got, args, self._mem.write)
 
     # ---- admin ----------------------------------------------------------------------------------
 
@@ -310,12 +416,8 @@ class NodeConnection:
         """An introspection request (``{"op": "snapshot"}``, ``{"op": "census"}``)."""
         if self.forked:
             raise NodeUnavailable("this connection belongs to the parent process")
-        with self._lock:
-            reply = self._roundtrip(wire.AdminRequest(dict(request)))
+        reply, fds = self._call(wire.AdminRequest(dict(request)), wire.Kind.ADMIN_REPLY)
+        close_all(fds)
         if not isinstance(reply, wire.AdminReply):
             raise NodeProtocolError(errno.EPROTO, "the dxg node answered an admin request wrongly")
         return reply.reply
-
-
-def _inside_writable(regions: tuple[wire.Region, ...], addr: int, size: int) -> bool:
-    return any(r.writable and r.addr <= addr and addr + size <= r.end for r in regions)

@@ -1,7 +1,7 @@
 """Which user buffers each ioctl's struct points at, and how many bytes each one spans.
 
 The kernel reads and writes the caller's memory through the pointers in an ioctl's struct. A
-socket client has to send those buffers along (see :mod:`dxg.node.wire`), so for every ioctl
+socket client has to send those buffers along (see :mod:`dxg.uapi.wire`), so for every ioctl
 this module lists its pointer fields (:class:`Buf`): the field, the byte count (computed from
 other fields of the same struct, as the driver computes it), and whether the driver reads the
 buffer (IN), writes it (OUT) or both. A buffer that is itself an array of structs with pointers
@@ -15,7 +15,8 @@ region. An ioctl without a row sends just its struct.
 Known gaps (not expressible as "pointer + size from the struct"): CreateAllocation's ``sysmem``
 pages (existing-sysmem allocations; their size is in the driver-private data), the nested
 pointers of the BUILDTESTCOMMANDBUFFER known escape, eventfd/sync-file descriptors (they are
-file descriptors, not memory), and the legacy Render/CreateContext lists (no handler).
+file descriptors, not memory: the caller hands them over with ``ioctl(..., fds=...)``), and the
+legacy Render/CreateContext lists (no handler).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from dxg.node.wire import REGION_IN, REGION_OUT, Region
 from dxg.uapi import structs as s
+from dxg.uapi.wire import REGION_IN, REGION_OUT, Region
 
 __all__ = ["IN", "INOUT", "OUT", "USERBUFS", "Buf", "Reader", "gather"]
 

@@ -281,14 +281,18 @@ class GuestDriver:
 
     @on_loop
     def all_adapters(self) -> list[GuestAdapter]:
+        return list(self._adapter_order())
+
+    @on_loop
+    def active_adapters(self) -> list[GuestAdapter]:
+        return [a for a in self._adapter_order() if a.state == AdapterState.ACTIVE]
+
+    def _adapter_order(self) -> list[GuestAdapter]:
+        """Adapters in enumeration order (host bound first, then offer order), on the loop."""
         out: list[GuestAdapter] = []
         for link in sorted(self._links.values(), key=lambda x: x.index):
             out.extend(sorted(link.adapters.values(), key=lambda a: a.dev.offer.relid))
         return out
-
-    @on_loop
-    def active_adapters(self) -> list[GuestAdapter]:
-        return [a for a in self.all_adapters() if a.active]
 
     def wait_for_adapters(self, count: int, timeout: float) -> bool:
         """Wait (off the loop) until at least ``count`` adapters are active."""

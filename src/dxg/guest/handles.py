@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from dxg.uapi.handles import (
+    HANDLE_INDEX_MASK,
     HANDLE_INDEX_MAX,
+    HANDLE_INDEX_SHIFT,
+    HANDLE_INSTANCE_MASK,
+    HANDLE_UNIQUE_SHIFT,
     HandleType,
-    handle_index,
-    handle_instance,
-    handle_unique,
     make_handle,
 )
 
@@ -85,10 +86,12 @@ class HandleTable:
         return make_handle(index, unique)
 
     def _entry(self, handle: int, htype: HandleType | None) -> _Entry | None:
-        if not isinstance(handle, int) or not 0 < handle <= 0xFFFFFFFF or handle_instance(handle):
+        # The layout of dxg.uapi.handles, unpacked inline: this runs on every call.
+        if not isinstance(handle, int) or not 0 < handle <= 0xFFFFFFFF \
+                or handle & HANDLE_INSTANCE_MASK:
             return None
-        e = self._entries.get(handle_index(handle))
-        if e is None or e.unique != handle_unique(handle):
+        e = self._entries.get((handle & HANDLE_INDEX_MASK) >> HANDLE_INDEX_SHIFT)
+        if e is None or e.unique != handle >> HANDLE_UNIQUE_SHIFT:
             return None
         if htype is not None and e.type != htype:
             return None
@@ -105,7 +108,7 @@ class HandleTable:
         e = self._entry(handle, htype)
         if e is None:
             return None
-        index = handle_index(handle)
+        index = (handle & HANDLE_INDEX_MASK) >> HANDLE_INDEX_SHIFT
         del self._entries[index]
         self._space.free(index)
         return e.obj

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from dxg.uapi.handles import (
+    HANDLE_INDEX_MASK,
     HANDLE_INDEX_MAX,
+    HANDLE_INDEX_SHIFT,
+    HANDLE_INSTANCE_MASK,
+    HANDLE_UNIQUE_SHIFT,
     HandleType,
-    handle_index,
-    handle_instance,
-    handle_unique,
     make_handle,
 )
 
@@ -72,12 +73,12 @@ class HandleTable:
         return make_handle(index, unique)
 
     def _entry(self, handle: int, htype: HandleType | None) -> _Entry | None:
-        if not isinstance(handle, int) or not 0 < handle <= 0xFFFFFFFF:
+        # The layout of dxg.uapi.handles, unpacked inline: this runs on every command.
+        if not isinstance(handle, int) or not 0 < handle <= 0xFFFFFFFF \
+                or handle & HANDLE_INSTANCE_MASK:
             return None
-        if handle_instance(handle):
-            return None
-        entry = self._live.get(handle_index(handle))
-        if entry is None or entry.unique != handle_unique(handle):
+        entry = self._live.get((handle & HANDLE_INDEX_MASK) >> HANDLE_INDEX_SHIFT)
+        if entry is None or entry.unique != handle >> HANDLE_UNIQUE_SHIFT:
             return None
         if htype is not None and entry.type != htype:
             return None
@@ -93,7 +94,7 @@ class HandleTable:
         entry = self._entry(handle, htype)
         if entry is None:
             return None
-        index = handle_index(handle)
+        index = (handle & HANDLE_INDEX_MASK) >> HANDLE_INDEX_SHIFT
         del self._live[index]
         self._next_unique[index] = entry.unique % 3 + 1
         self._free.append(index)

@@ -1,10 +1,3 @@
-"""Front ends of the guest driver: the Unix-socket node (:mod:`dxg.node.server`), its wire
-(:mod:`dxg.node.wire`) and default path (:mod:`dxg.node.paths`).
-
-Import-light on purpose: clients import :mod:`dxg.node.wire` and :mod:`dxg.node.paths` without
-pulling in the driver.
-"""
-
-from dxg.node.paths import default_node_path
-
-__all__ = ["default_node_path"]
+"""The node front ends: the Unix socket (:mod:`dxg.node.server`) and the FUSE device file
+(:mod:`dxg.node.fuse`), both serving a guest driver on its event loop. The wire they speak and
+where the node lives by default are contract (:mod:`dxg.uapi.wire`, :mod:`dxg.uapi.nodepath`)."""

@@ -1,58 +1,63 @@
-"""The Unix-socket front end: the socket twin of ``/dev/dxg``.
+"""The Unix-socket front end: the socket twin of ``/dev/dxg``, on the driver's event loop.
 
 Each accepted connection is one process, exactly as each ``open("/dev/dxg")`` is in the kernel:
 the peer's pid/uid/gid come from ``SO_PEERCRED``, its name from ``/proc/<pid>/comm``, and
-``driver.open_process`` runs once the client has said HELLO. Every connection has its own thread,
-so one client blocked in a driver call never stalls another.
+``driver.open_process`` runs once the client has said HELLO. There is no thread per client: the
+connection is a reader callback on the loop, and each request runs as a task of its connection,
+so many calls of one process are in flight at once and a call parked in the driver parks only its
+caller. Replies go out as each call finishes, matched by ``seq``.
 
-When the peer goes away (clean close, crash, SIGKILL) its process is closed with
-``driver.close_process``: a watcher thread sees the hang-up (``EPOLLRDHUP``) even while the
-connection's thread is still blocked inside a driver call, and closes the process at once;
-drivers must therefore cope with ``close_process`` running while a call of that process is in
-flight (it should fail that call), as the kernel's process teardown wakes pending waits.
+When the peer goes away (clean close, crash, SIGKILL) the connection sees it at once: its calls
+still in flight are cancelled (what they were creating on the host is undone when the host
+answers) and then its process is closed with ``driver.close_process``.
 
-Everything a client sends is checked before it reaches the driver: framing, sizes, region tables
-(:mod:`dxg.node.wire`), the ioctl code against the ABI's table (``-ENOTTY`` for unknown codes,
-as the kernel), and the struct length against the code's size bits (``-EFAULT`` when short,
-``-EINVAL`` when long). Malformed frames get an ERROR reply and the connection goes on as long
-as the framing is intact; a broken stream gets a fatal ERROR and the connection is closed.
+Everything a client sends is checked before it reaches the driver: framing, sizes, region and
+descriptor tables (:mod:`dxg.uapi.wire`), the ioctl code against the ABI's table (``-ENOTTY`` for
+unknown codes, as the kernel), and the struct length against the code's size bits (``-EFAULT``
+when short, ``-EINVAL`` when long). Malformed frames get an ERROR reply and the connection goes
+on as long as the framing is intact; a broken stream gets a fatal ERROR and the connection is
+closed.
 
-Limits on what a client can hold (the connection's thread, its buffer, its slot):
+Limits on what a client can hold:
 
 * Before HELLO is answered the node reads frames of at most ``wire.MAX_HELLO_PAYLOAD`` bytes,
-  and the whole handshake must be over within ``handshake_timeout`` (10 s) of the accept,
-  however the bytes trickle in; after that the limit is ``wire.MAX_PAYLOAD``.
+  and the whole handshake must be over within ``handshake_timeout`` (10 s) of the accept;
+  after that the limit is ``wire.MAX_PAYLOAD``.
 * A request frame, once its first byte has arrived, must be complete within ``frame_timeout``
   (30 s). A connection idle *between* requests is never timed out: it is an open process.
-  A stall gets a fatal ERROR (``ETIMEDOUT``) and the connection is closed.
+* At most ``max_calls`` calls in flight per connection: past that the node stops reading from
+  it until some finish (the client waits; nothing is refused).
+* Replies the client does not read: at most ``max_buffer`` bytes wait for it, and a client that
+  takes nothing for ``send_timeout`` seconds while replies wait is dropped (its process closed).
 * At most ``max_connections`` connections in all, and at most ``max_per_uid`` (default a
-  quarter of that) per peer uid, so one local user cannot lock the others out. Root's
-  connections count towards the total but not against a per-uid limit (root can stop the node
-  anyway). Refused connections get a fatal ERROR (``EMFILE``) saying which limit.
+  quarter of that) per peer uid. Root's connections count towards the total but not against a
+  per-uid limit. Refused connections get a fatal ERROR (``EMFILE``) saying which limit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import grp
 import logging
 import os
 import secrets
-import select
 import socket
 import stat
 import struct
-import threading
-import time
-from collections.abc import Iterator
+from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
 
-from dxg.node import wire
-from dxg.node.paths import default_node_path, node_dir_problem, tmp_fallback_dir
 from dxg.node.usermem import RegionUserMemory
+from dxg.oslib.fds import close_all
+from dxg.runtime.loop import LoopThread
+from dxg.runtime.tasks import TaskSet
+from dxg.uapi import wire
 from dxg.uapi.ioctls import IOCTLS_BY_CODE
+from dxg.uapi.nodepath import default_node_path, node_dir_problem, private_node_dir
+from dxg.vmbus.transport import SocketTransport, TransportClosed
 
 __all__ = ["NodeBusy", "NodeDriver", "SocketNode"]
 
@@ -61,22 +66,26 @@ log = logging.getLogger(__name__)
 _UCRED = struct.Struct("iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _HANDSHAKE_TIMEOUT = 10.0
 _FRAME_TIMEOUT = 30.0
-_ERROR_SEND_TIMEOUT = 1.0  # for the last words to a peer that has stalled
-_RECV_CHUNK = 256 * 1024
+_SEND_TIMEOUT = 30.0
+_MAX_BUFFER = 16 * 1024 * 1024
+_MAX_CALLS = 256
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 class NodeDriver(Protocol):
-    """What the node needs from the driver (``dxg.guest.driver.GuestDriver`` is one)."""
+    """What the node needs from the driver (``dxg.guest.driver.GuestDriver`` is one). Everything
+    but ``rt`` is called on the driver's loop."""
+
+    rt: LoopThread
 
     def open_process(self, pid: int, uid: int, name: str) -> Any: ...
 
-    def close_process(self, proc: Any) -> None: ...
+    async def close_process(self, proc: Any) -> None: ...
 
-    def ioctl(self, proc: Any, code: int, arg: bytes, mem: Any) -> tuple[int, bytes]: ...
+    async def ioctl(self, proc: Any, code: int, arg: bytes, mem: Any) -> tuple[int, bytes]: ...
 
-    def admin(self, request: dict[str, Any]) -> dict[str, Any]: ...
+    async def admin(self, request: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class NodeBusy(FileExistsError):
@@ -93,285 +102,294 @@ def _process_name(pid: int) -> str:
         return "?"
 
 
-class _Stalled(Exception):
-    """The peer stopped sending in the middle of its handshake or of a frame."""
-
-
 class _Conn:
-    """One client connection = one driver process."""
+    """One client connection = one driver process (a transport Receiver, on the loop)."""
 
-    def __init__(self, node: SocketNode, sock: socket.socket, pid: int, uid: int, gid: int) -> None:
+    def __init__(self, node: SocketNode, sock: socket.socket, pid: int, uid: int,
+                 gid: int) -> None:
         self.node = node
-        self.sock = sock
-        self.fd = sock.fileno()
         self.pid, self.uid, self.gid = pid, uid, gid
-        self.name = "?"
+        self.name = _process_name(pid)
         self.proc: Any = None
-        self.lock = threading.Lock()
-        self.in_flight = False
-        self.peer_gone = False
-        self.released = False
+        self.transport = SocketTransport(node.loop, sock, f"pid {pid}",
+                                         send_timeout=node.send_timeout,
+                                         max_buffer=node.max_buffer,
+                                         max_fds=4 * wire.MAX_FDS)
+        self.decoder = wire.FrameDecoder(wire.MAX_HELLO_PAYLOAD)
+        self.fds: deque[int] = deque()
+        self.calls = TaskSet(f"pid {pid}")
+        self.inflight: dict[int, asyncio.Future[None]] = {}
         self.greeted = False
-        self.handshake_deadline = time.monotonic() + node.handshake_timeout
-        self.thread: threading.Thread | None = None
+        self.gone = False
+        self.paused = False
+        self._stall: asyncio.TimerHandle | None = None
+        self._handshake = node.loop.call_later(node.handshake_timeout, self._handshake_late)
+        self._admin_chunks: int = wire.MAX_PAYLOAD
 
-    # ---- life cycle -----------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"<node conn pid={self.pid} uid={self.uid}>"
 
-    def release(self) -> None:
-        """Close the driver process, exactly once, whoever gets here first."""
-        with self.lock:
-            if self.released:
-                return
-            self.released = True
-            proc, self.proc = self.proc, None
-        if proc is not None:
-            try:
-                self.node.driver.close_process(proc)
-            except Exception:
-                log.exception("close_process for pid %d failed", self.pid)
+    # ---- sending ------------------------------------------------------------------------------
 
-    def hangup(self) -> bool:
-        """The peer is gone (or the node is closing). Returns True when a driver call is in
-        flight, i.e. when the caller must release the process itself."""
-        with self.lock:
-            self.peer_gone = True
-            busy = self.in_flight
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        return busy
-
-    def peer_hung_up(self) -> bool:
-        """Whether the socket really reports the peer gone right now."""
-        p = select.poll()
-        p.register(self.fd, select.POLLRDHUP)
-        try:
-            events = p.poll(0)
-        except OSError:
-            return True
-        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in events)
-
-    def _enter_call(self) -> bool:
-        with self.lock:
-            if self.peer_gone:
-                return False
-            self.in_flight = True
-            return True
-
-    def _leave_call(self) -> bool:
-        with self.lock:
-            self.in_flight = False
-            return not self.peer_gone
-
-    # ---- the connection's thread ----------------------------------------------------------------
-
-    def run(self) -> None:
-        try:
-            self._serve()
-        except Exception:
-            log.exception("connection of pid %d failed", self.pid)
-        finally:
-            self.release()
-            self.node._forget(self)
-            with contextlib.suppress(OSError):
-                self.sock.close()
-
-    def _send(self, msg: wire.Message, seq: int, timeout: float | None = None) -> bool:
+    def send(self, msg: wire.Message, seq: int, fds: list[int] | None = None) -> bool:
+        """Queue one message; False (and the connection dropped) when it cannot go."""
+        if self.gone:
+            close_all(fds or ())
+            return False
         try:
             data = wire.encode(msg, seq)
         except (ValueError, TypeError) as e:
             log.error("cannot encode a reply for pid %d: %s", self.pid, e)
+            close_all(fds or ())
+            fds = None
             data = wire.encode(wire.ErrorReply(errno.EIO, "reply could not be encoded"), seq)
         try:
-            self._set_timeout(timeout)
-            self.sock.sendall(data)
-        except OSError:
+            self.transport.write(data, fds or ())
+        except (TransportClosed, ValueError):
             return False
+        finally:
+            close_all(fds or ())
         return True
 
-    def _set_timeout(self, timeout: float | None) -> None:
-        if timeout != self.sock.gettimeout():
-            self.sock.settimeout(timeout)
+    def error(self, seq: int, err: int, text: str, fatal: bool = False) -> None:
+        self.send(wire.ErrorReply(err, text, fatal), seq)
+        if fatal:
+            self.node.loop.call_soon(self.transport.close, None)
 
-    def _error(self, seq: int, err: int, text: str, fatal: bool = False) -> bool:
-        timeout = _ERROR_SEND_TIMEOUT if fatal else None
-        return self._send(wire.ErrorReply(err, text, fatal), seq, timeout)
+    # ---- receiving (Receiver) -----------------------------------------------------------------
 
-    def _frames(self, decoder: wire.FrameDecoder) -> Iterator[wire.Frame]:
-        """Yield frames until EOF; raises WireError on a broken stream and _Stalled when the
-        handshake or a started frame is not complete in time."""
-        node = self.node
-        started: float | None = None  # when the frame being read began to arrive
-        while True:
-            frame = decoder.next_frame()
-            if frame is not None:
-                started = None
-                yield frame
-                continue
-            deadline: float | None = None
-            why = ""
-            if not self.greeted:
-                deadline = self.handshake_deadline
-                why = f"no HELLO within {node.handshake_timeout:g} s"
-            elif decoder.buffered:
-                if started is None:
-                    started = time.monotonic()
-                deadline = started + node.frame_timeout
-                why = f"frame not complete within {node.frame_timeout:g} s"
-            # else: idle between requests, which an open process may be for ever
-            timeout = None
-            if deadline is not None:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    raise _Stalled(why)
-            want = min(max(decoder.header_needed(), 4096), _RECV_CHUNK)
-            try:
-                self._set_timeout(timeout)
-                data = self.sock.recv(want)
-            except TimeoutError:
-                raise _Stalled(why) from None
-            except OSError:
-                return
-            if not data:
-                return
-            decoder.feed(data)
-
-    def _serve(self) -> None:
-        self.name = _process_name(self.pid)
-        # Until HELLO is answered the peer is nobody: it gets a few bytes' worth of buffer.
-        decoder = wire.FrameDecoder(wire.MAX_HELLO_PAYLOAD)
-        frames = self._frames(decoder)
+    def data_received(self, data: bytes, fds: list[int]) -> None:
+        if self.gone:
+            close_all(fds)
+            return
+        self.fds.extend(fds)
         try:
-            if not self._handshake(frames):
-                return
-            self.greeted = True
-            decoder.max_payload = wire.MAX_PAYLOAD
-            for frame in frames:
-                if not self._handle(frame):
+            if len(self.fds) > 4 * wire.MAX_FDS:
+                raise wire.WireError(errno.EPROTO, "descriptors arrived that no frame claims")
+            self.decoder.feed(data)
+            for frame in self.decoder.frames():
+                if self.gone:
                     return
+                count = frame.fd_count
+                if count > len(self.fds):
+                    raise wire.WireError(errno.EPROTO, "a frame claims descriptors that did "
+                                                       "not arrive")
+                frame_fds = [self.fds.popleft() for _ in range(count)]
+                self._handle(frame, frame_fds)
         except wire.WireError as e:
             log.info("pid %d (%s): broken stream: %s", self.pid, self.name, e)
-            self._error(0, e.errno, str(e), fatal=True)
-        except _Stalled as e:
-            log.info("pid %d (%s): dropped: %s", self.pid, self.name, e)
-            self._error(0, errno.ETIMEDOUT, str(e), fatal=True)
+            self.error(0, e.errno, str(e), fatal=True)
+            return
+        self._watch_partial()
 
-    def _handshake(self, frames: Iterator[wire.Frame]) -> bool:
-        frame = next(frames, None)
-        if frame is None:
-            return False
+    def _watch_partial(self) -> None:
+        """A frame begun must be complete within frame_timeout (an idle connection is fine)."""
+        if not self.greeted:
+            return  # the handshake deadline covers it
+        if self.decoder.buffered:
+            if self._stall is None:
+                self._stall = self.node.loop.call_later(self.node.frame_timeout, self._stalled)
+        elif self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if self.decoder.buffered and not self.gone:
+            why = f"frame not complete within {self.node.frame_timeout:g} s"
+            log.info("pid %d (%s): dropped: %s", self.pid, self.name, why)
+            self.error(0, errno.ETIMEDOUT, why, fatal=True)
+
+    def _handshake_late(self) -> None:
+        if not self.greeted and not self.gone:
+            why = f"no HELLO within {self.node.handshake_timeout:g} s"
+            log.info("pid %d (%s): dropped: %s", self.pid, self.name, why)
+            self.error(0, errno.ETIMEDOUT, why, fatal=True)
+
+    def connection_lost(self, error: BaseException | None) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        self._handshake.cancel()
+        if self._stall is not None:
+            self._stall.cancel()
+        close_all(self.fds)
+        self.fds.clear()
+        if error is not None and not isinstance(error, ConnectionResetError):
+            log.info("pid %d (%s): connection dropped: %s", self.pid, self.name, error)
+        self.node._forget(self)
+        self.node.spawn(self._release(), f"release pid {self.pid}")
+
+    async def _release(self) -> None:
+        """The process is gone: stop its calls, then close it (exactly once)."""
+        await self.calls.cancel_and_wait()
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            try:
+                await self.node.driver.close_process(proc)
+            except Exception:
+                log.exception("close_process for pid %d failed", self.pid)
+
+    # ---- frames -------------------------------------------------------------------------------
+
+    def _handle(self, frame: wire.Frame, fds: list[int]) -> None:
+        if not self.greeted:
+            close_all(fds)
+            self._hello(frame)
+            return
+        if frame.kind == wire.Kind.ADMIN and self.uid not in self.node.admin_uids:
+            close_all(fds)
+            # refused before its (up to 4 MiB of) JSON is parsed
+            self.error(frame.seq, errno.EACCES, "admin requests need the node owner or root")
+            return
         try:
             msg = wire.decode(frame)
         except wire.MalformedMessage as e:
-            self._error(frame.seq, e.errno, str(e), fatal=True)
-            return False
+            close_all(fds)
+            self.error(frame.seq, e.errno, str(e))
+            return
+        if isinstance(msg, wire.IoctlRequest):
+            self._ioctl(frame.seq, msg, fds)
+        elif isinstance(msg, wire.Cancel):
+            task = self.inflight.get(frame.seq)
+            if task is not None:
+                task.cancel()
+        elif isinstance(msg, wire.AdminRequest):
+            self._spawn_call(frame.seq, self._admin(frame.seq, msg))
+        else:
+            close_all(fds)
+            self.error(frame.seq, errno.EPROTO, f"unexpected {type(msg).__name__}")
+
+    def _hello(self, frame: wire.Frame) -> None:
+        try:
+            msg = wire.decode(frame)
+        except wire.MalformedMessage as e:
+            self.error(frame.seq, e.errno, str(e), fatal=True)
+            return
         if not isinstance(msg, wire.Hello):
-            self._error(frame.seq, errno.EPROTO, "the first frame must be HELLO", fatal=True)
-            return False
+            self.error(frame.seq, errno.EPROTO, "the first frame must be HELLO", fatal=True)
+            return
         version = wire.negotiate(msg)
         if version is None:
-            self._error(
-                frame.seq,
-                errno.EPROTONOSUPPORT,
-                f"node speaks wire versions {wire.MIN_WIRE_VERSION}..{wire.MAX_WIRE_VERSION}",
+            self.error(
+                frame.seq, errno.EPROTONOSUPPORT,
+                f"this dxg node speaks wire version {wire.MIN_WIRE_VERSION}"
+                f"..{wire.MAX_WIRE_VERSION}, the client {msg.min_version}..{msg.max_version}: "
+                "use a pydxg client of the node's version",
                 fatal=True,
             )
-            return False
-        with self.lock:
-            if self.peer_gone:
-                return False
+            return
         try:
-            proc = self.node.driver.open_process(self.pid, self.uid, self.name)
+            self.proc = self.node.driver.open_process(self.pid, self.uid, self.name)
         except Exception as e:
             log.exception("open_process for pid %d failed", self.pid)
-            self._error(frame.seq, errno.EIO, f"cannot open a process: {e}", fatal=True)
-            return False
-        # Nothing else releases a connection that has no call in flight (the watcher and
-        # close() leave that to this thread), so the process is simply ours to record.
-        with self.lock:
-            self.proc = proc
-        reply = wire.HelloReply(version, wire.MAX_PAYLOAD, wire.MAX_REGIONS, self.node.name)
-        return self._send(reply, frame.seq)
+            self.error(frame.seq, errno.EIO, f"cannot open a process: {e}", fatal=True)
+            return
+        self.greeted = True
+        self._handshake.cancel()
+        self.decoder.max_payload = wire.MAX_PAYLOAD
+        self.send(wire.HelloReply(version, wire.MAX_PAYLOAD, wire.MAX_REGIONS, wire.MAX_FDS,
+                                  self.node.name), frame.seq)
 
-    def _handle(self, frame: wire.Frame) -> bool:
-        if frame.kind == wire.Kind.ADMIN and self.uid not in self.node.admin_uids:
-            # refused before its (up to 4 MiB of) JSON is parsed
-            return self._error(
-                frame.seq, errno.EACCES, "admin requests need the node owner or root"
-            )
-        try:
-            msg = wire.decode(frame)
-        except wire.MalformedMessage as e:
-            return self._error(frame.seq, e.errno, str(e))
-        if isinstance(msg, wire.IoctlRequest):
-            reply = self._ioctl(msg)
-            if reply is None:
-                return False
-            return self._send(reply, frame.seq)
-        if isinstance(msg, wire.AdminRequest):
-            return self._admin(msg, frame.seq)
-        return self._error(frame.seq, errno.EPROTO, f"unexpected {type(msg).__name__}")
+    def _spawn_call(self, seq: int, coro: Any) -> None:
+        """Run the call eagerly: most finish right here; one that waits is tracked by seq."""
+        call = self.calls.eager(coro, f"pid {self.pid} seq {seq}")
+        if call.done():
+            if not call.cancelled() and call.exception() is not None:
+                log.error("pid %d: call %d failed", self.pid, seq, exc_info=call.exception())
+            return
+        self.inflight[seq] = call
+        call.add_done_callback(lambda _t: self._call_done(seq, call))
+        if len(self.inflight) >= self.node.max_calls and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
 
-    def _ioctl(self, req: wire.IoctlRequest) -> wire.IoctlReply | None:
+    def _call_done(self, seq: int, task: asyncio.Future[None]) -> None:
+        if self.inflight.get(seq) is task:
+            del self.inflight[seq]
+        if self.paused and len(self.inflight) < self.node.max_calls // 2 and not self.gone:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def _ioctl(self, seq: int, req: wire.IoctlRequest, fds: list[int]) -> None:
         desc = IOCTLS_BY_CODE.get(req.code)
+        ret = 0
         if desc is None:
-            return wire.IoctlReply(-errno.ENOTTY, req.struct)
-        if len(req.struct) < desc.size:
-            return wire.IoctlReply(-errno.EFAULT, req.struct)
-        if len(req.struct) > desc.size:
-            return wire.IoctlReply(-errno.EINVAL, req.struct)
-        mem = RegionUserMemory(req.regions)
-        if not self._enter_call():
-            return None
-        try:
-            ret, out = self.node.driver.ioctl(self.proc, req.code, req.struct, mem)
-        except Exception:
-            log.exception("driver ioctl 0x%08x from pid %d raised", req.code, self.pid)
-            ret, out = -errno.EIO, req.struct
-        finally:
-            alive = self._leave_call()
-        if not alive:
-            return None
-        if (
-            not isinstance(ret, int)
-            or not _I64_MIN <= ret <= _I64_MAX
-            or not isinstance(out, bytes | bytearray)
-            or len(out) != len(req.struct)
-        ):
-            log.error("driver ioctl 0x%08x returned a malformed result", req.code)
-            return wire.IoctlReply(-errno.EIO, req.struct)
-        return wire.IoctlReply(ret, bytes(out), mem.writes())
+            ret = -errno.ENOTTY
+        elif len(req.struct) < desc.size:
+            ret = -errno.EFAULT
+        elif len(req.struct) > desc.size:
+            ret = -errno.EINVAL
+        if ret or seq in self.inflight:
+            close_all(fds)
+            if not ret:
+                self.error(seq, errno.EBUSY, f"seq {seq} is already in flight")
+                return
+            self.send(wire.IoctlReply(ret, req.struct), seq)
+            return
+        mem = RegionUserMemory(req.regions, fds, req.fd_numbers)
+        self._spawn_call(seq, self._run_ioctl(seq, req, mem))
 
-    def _admin(self, msg: wire.AdminRequest, seq: int) -> bool:
+    async def _run_ioctl(self, seq: int, req: wire.IoctlRequest, mem: RegionUserMemory) -> None:
         try:
-            reply = self.node.driver.admin(msg.request)
+            try:
+                ret, out = await self.node.driver.ioctl(self.proc, req.code, req.struct, mem)
+            except asyncio.CancelledError:
+                if not self.gone:  # cancelled by the client (CANCEL): its call was interrupted
+                    self.send(wire.IoctlReply(-errno.EINTR, req.struct), seq)
+                raise
+            except Exception:
+                log.exception("driver ioctl 0x%08x from pid %d raised", req.code, self.pid)
+                ret, out = -errno.EIO, req.struct
+            if (
+                not isinstance(ret, int)
+                or not _I64_MIN <= ret <= _I64_MAX
+                or not isinstance(out, bytes | bytearray)
+                or len(out) != len(req.struct)
+            ):
+                log.error("driver ioctl 0x%08x returned a malformed result", req.code)
+                self.send(wire.IoctlReply(-errno.EIO, req.struct), seq)
+                return
+            fds, fixups = mem.reply_fds()
+            if ret < 0:
+                fds, fixups = [], ()
+            dup = [os.dup(fd) for fd in fds]
+            self.send(wire.IoctlReply(ret, bytes(out), mem.writes(), fixups), seq, dup)
+        finally:
+            mem.close()
+
+    async def _admin(self, seq: int, msg: wire.AdminRequest) -> None:
+        try:
+            reply = await self.node.driver.admin(msg.request)
         except Exception as e:
             log.exception("driver admin request failed")
-            return self._error(seq, errno.EIO, f"admin request failed: {type(e).__name__}")
+            self.error(seq, errno.EIO, f"admin request failed: {type(e).__name__}")
+            return
         if not isinstance(reply, dict):
-            return self._error(seq, errno.EIO, "driver returned a non-object")
+            self.error(seq, errno.EIO, "driver returned a non-object")
+            return
+        reply = dict(reply)
+        reply.setdefault("node", self.node.connections())
         try:
-            data = wire.encode(wire.AdminReply(reply), seq)
+            frames = wire.admin_reply_frames(reply, seq, self._admin_chunks)
         except (ValueError, TypeError) as e:
-            return self._error(seq, errno.EMSGSIZE, f"admin reply too large: {e}")
-        try:
-            self.sock.sendall(data)
-        except OSError:
-            return False
-        return True
+            self.error(seq, errno.EIO, f"admin reply could not be encoded: {e}")
+            return
+        for data in frames:
+            try:
+                self.transport.write(data)
+            except TransportClosed:
+                return
 
 
 class SocketNode:
-    """Serve ``driver`` on an ``AF_UNIX`` stream socket at ``path``.
+    """Serve ``driver`` on an ``AF_UNIX`` stream socket at ``path``, on the driver's loop.
 
     ``mode``/``group`` set the socket's permissions as for a device node (``/dev/dxg`` is
-    0666). The parent directory is created if missing. A live socket at ``path`` is never
-    replaced (:class:`NodeBusy`); a stale one (nobody listening) is. ``admin_uids`` may use the
-    ADMIN request (default: root and the node's own user).
-
-    ``max_connections`` caps connections in all, ``max_per_uid`` (default
-    ``max(1, max_connections // 4)``) those of one uid other than root. ``handshake_timeout``
-    bounds the time from accept to HELLO, ``frame_timeout`` the time a request frame may take
-    to arrive once it has begun; an idle connection is never timed out.
+    0666). A missing parent directory is created (private, 0700, when it is a per-user default
+    directory). A live socket at ``path`` is never replaced (:class:`NodeBusy`); a stale one
+    (nobody listening) is. ``admin_uids`` may use the ADMIN request (default: root and the
+    node's own user). The other keywords are the limits of the module docstring.
     """
 
     def __init__(
@@ -387,6 +405,9 @@ class SocketNode:
         max_per_uid: int | None = None,
         handshake_timeout: float = _HANDSHAKE_TIMEOUT,
         frame_timeout: float = _FRAME_TIMEOUT,
+        send_timeout: float = _SEND_TIMEOUT,
+        max_buffer: int = _MAX_BUFFER,
+        max_calls: int = _MAX_CALLS,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -394,9 +415,13 @@ class SocketNode:
             max_per_uid = max(1, max_connections // 4)
         if max_per_uid < 1:
             raise ValueError("max_per_uid must be at least 1")
-        if not handshake_timeout > 0 or not frame_timeout > 0:
+        if not handshake_timeout > 0 or not frame_timeout > 0 or not send_timeout > 0:
             raise ValueError("timeouts must be positive")
+        if max_buffer < 2 * wire.MAX_PAYLOAD or max_calls < 2:
+            raise ValueError("max_buffer must hold two full replies, max_calls be at least 2")
         self.driver = driver
+        self.rt: LoopThread = driver.rt
+        self.loop = driver.rt.loop
         self._path = Path(path) if path is not None else default_node_path()
         self.mode = mode
         self.group = group
@@ -408,16 +433,17 @@ class SocketNode:
         self.max_per_uid = max_per_uid
         self.handshake_timeout = handshake_timeout
         self.frame_timeout = frame_timeout
-        self._lock = threading.Lock()
-        self._conns: dict[int, _Conn] = {}
+        self.send_timeout = send_timeout
+        self.max_buffer = max_buffer
+        self.max_calls = max_calls
+        self._conns: set[_Conn] = set()
         self._per_uid: dict[int, int] = {}
         self._listener: socket.socket | None = None
-        self._epoll: select.epoll | None = None
-        self._wake_r = self._wake_w = -1
-        self._watcher: threading.Thread | None = None
         self._inode: tuple[int, int] | None = None
         self._closing = False
         self._started = False
+        self._tasks = TaskSet(f"node {self._path}")
+        self.refused = 0
 
     @property
     def path(self) -> Path:
@@ -433,11 +459,24 @@ class SocketNode:
     def __repr__(self) -> str:
         return f"<SocketNode {str(self._path)!r} connections={len(self._conns)}>"
 
+    def spawn(self, coro: Any, name: str) -> None:
+        try:
+            self._tasks.spawn(coro, name)
+        except RuntimeError:
+            coro.close()
+
     # ---- start ----------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Create the socket and start serving (any thread)."""
         if self._started:
             raise RuntimeError("node already started")
+        if self.rt.in_loop():
+            self._start()
+        else:
+            self.rt.call(self._start)
+
+    def _start(self) -> None:
         path = self._path
         if len(os.fsencode(path)) > _UNIX_PATH_MAX:
             raise OSError(errno.ENAMETOOLONG, f"node path too long for a Unix socket: {path}")
@@ -454,7 +493,7 @@ class SocketNode:
                 os.chmod(tmp, self.mode)
                 if gid is not None:
                     os.chown(tmp, -1, gid)
-                listener.listen(128)
+                listener.listen(512)
                 if tmp != path:
                     os.rename(tmp, path)
             except BaseException:
@@ -464,29 +503,23 @@ class SocketNode:
             st = os.stat(path)
             self._inode = (st.st_dev, st.st_ino)
             listener.setblocking(False)
-            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            self._epoll = select.epoll()
-            self._epoll.register(listener.fileno(), select.EPOLLIN)
-            self._epoll.register(self._wake_r, select.EPOLLIN)
         except BaseException:
             listener.close()
-            self._close_poll()
             raise
         self._listener = listener
         self._started = True
-        self._watcher = threading.Thread(
-            target=self._watch, name=f"dxg-node-accept:{path.name}", daemon=True
-        )
-        self._watcher.start()
+        self.loop.add_reader(listener.fileno(), self._accept)
         log.info("node serving %s (mode %o)", path, self.mode)
 
     def _prepare_dir(self, parent: Path) -> None:
         """Create the node's directory if missing and make sure nobody else controls it: it
         must be this user's or root's (and not world-writable unless sticky), or its owner
-        could swap the socket. ``/tmp/pydxg-<uid>`` is created private (0700)."""
-        parent.mkdir(
-            mode=0o700 if parent == tmp_fallback_dir() else 0o755, parents=True, exist_ok=True
-        )
+        could swap the socket. A per-user default directory is created private (0700)."""
+        private = private_node_dir(parent)
+        if not parent.exists():
+            parent.mkdir(mode=0o700 if private else 0o755, parents=True, exist_ok=True)
+            if private:
+                os.chmod(parent, 0o700)  # whatever the umask did
         st = os.stat(parent)
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, f"not a directory: {parent}")
@@ -523,154 +556,112 @@ class SocketNode:
         except KeyError:
             raise LookupError(f"no such group: {self.group!r}") from None
 
-    # ---- the watcher: accepts connections and notices peers that hang up --------------------
+    # ---- accepting ---------------------------------------------------------------------------
 
-    def _watch(self) -> None:
-        ep, listener = self._epoll, self._listener
-        assert ep is not None and listener is not None
-        lfd = listener.fileno()
-        while True:
-            try:
-                events = ep.poll()
-            except InterruptedError:
-                continue
-            except OSError:
+    def _accept(self) -> None:
+        listener = self._listener
+        for _ in range(64):
+            if self._closing or listener is None:
                 return
-            for fd, ev in events:
-                if fd == self._wake_r:
-                    if self._closing:
-                        return
-                    with contextlib.suppress(OSError):
-                        os.read(self._wake_r, 512)
-                elif fd == lfd:
-                    self._accept_all(listener)
-                else:
-                    self._peer_event(fd, ev)
-
-    def _accept_all(self, listener: socket.socket) -> None:
-        while not self._closing:
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept failed: %s", e)
-                    time.sleep(0.05)  # out of descriptors: back off instead of spinning
+                    log.error("accept failed: %s; pausing for a moment", e)
+                    self.loop.remove_reader(listener.fileno())
+                    self.loop.call_later(0.05, self._resume_accepting)
                     return
                 if e.errno == errno.ECONNABORTED:
                     continue
                 return
             self._start_conn(sock)
 
+    def _resume_accepting(self) -> None:
+        if not self._closing and self._listener is not None:
+            self.loop.add_reader(self._listener.fileno(), self._accept)
+
     def _start_conn(self, sock: socket.socket) -> None:
-        sock.setblocking(True)
         try:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
         except OSError:
             sock.close()  # gone before we could look at it
             return
         pid, uid, gid = _UCRED.unpack(creds)
-        conn = _Conn(self, sock, pid, uid, gid)
-        with self._lock:
-            refusal = self._admit(conn)
+        refusal = self._admit(uid)
         if refusal is not None:
             err, text = refusal
+            self.refused += 1
             log.info("refused a connection from pid %d uid %d: %s", pid, uid, text)
             with contextlib.suppress(OSError):
-                sock.settimeout(_ERROR_SEND_TIMEOUT)
-                sock.sendall(wire.encode(wire.ErrorReply(err, text, True), 0))
+                sock.setblocking(False)
+                sock.send(wire.encode(wire.ErrorReply(err, text, True), 0))
             sock.close()
             return
-        assert self._epoll is not None
-        try:
-            self._epoll.register(conn.fd, select.EPOLLRDHUP | select.EPOLLET)
-        except OSError:
-            pass
-        conn.thread = threading.Thread(
-            target=conn.run, name=f"dxg-node-conn:{conn.fd}", daemon=True
-        )
-        conn.thread.start()
+        conn = _Conn(self, sock, pid, uid, gid)
+        self._conns.add(conn)
+        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+        conn.transport.start(conn)
 
-    def _admit(self, conn: _Conn) -> tuple[int, str] | None:
-        """Take a slot for ``conn`` (under ``_lock``), or say why not."""
+    def _admit(self, uid: int) -> tuple[int, str] | None:
+        """Whether a connection of ``uid`` may take a slot, or why not."""
         if self._closing:
             return errno.ESHUTDOWN, "node is closing"
         if len(self._conns) >= self.max_connections:
             return errno.EMFILE, f"node is full ({self.max_connections} connections)"
-        held = self._per_uid.get(conn.uid, 0)
-        if conn.uid != 0 and held >= self.max_per_uid:
+        held = self._per_uid.get(uid, 0)
+        if uid != 0 and held >= self.max_per_uid:
             return (
                 errno.EMFILE,
-                f"uid {conn.uid} already holds {held} connections, the most one user may",
+                f"uid {uid} already holds {held} connections, the most one user may",
             )
-        self._conns[conn.fd] = conn
-        self._per_uid[conn.uid] = held + 1
         return None
 
-    def _peer_event(self, fd: int, ev: int) -> None:
-        if not ev & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
-            return
-        with self._lock:
-            conn = self._conns.get(fd)
-        if conn is None or not conn.peer_hung_up():
-            return  # stale event for a descriptor that has since been reused
-        if conn.hangup():
-            # The connection's thread is blocked in the driver: close the process now.
-            threading.Thread(
-                target=conn.release, name=f"dxg-node-reap:{conn.pid}", daemon=True
-            ).start()
-
     def _forget(self, conn: _Conn) -> None:
-        with self._lock:
-            if self._conns.get(conn.fd) is conn:
-                del self._conns[conn.fd]
-                left = self._per_uid.get(conn.uid, 0) - 1
-                if left > 0:
-                    self._per_uid[conn.uid] = left
-                else:
-                    self._per_uid.pop(conn.uid, None)
-                if self._epoll is not None:
-                    with contextlib.suppress(OSError, ValueError):
-                        self._epoll.unregister(conn.fd)
+        if conn in self._conns:
+            self._conns.discard(conn)
+            left = self._per_uid.get(conn.uid, 0) - 1
+            if left > 0:
+                self._per_uid[conn.uid] = left
+            else:
+                self._per_uid.pop(conn.uid, None)
 
     # ---- introspection --------------------------------------------------------------------------
 
     def connections(self) -> list[dict[str, Any]]:
-        with self._lock:
-            conns = list(self._conns.values())
-        return [{"pid": c.pid, "uid": c.uid, "gid": c.gid, "name": c.name} for c in conns]
+        """Who is connected (any thread)."""
+        if not self.rt.in_loop():
+            return list(self.rt.call(self.connections))
+        return [{"pid": c.pid, "uid": c.uid, "gid": c.gid, "name": c.name,
+                 "calls": len(c.inflight), "buffered": c.transport.buffered}
+                for c in self._conns]
 
     # ---- close ----------------------------------------------------------------------------------
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 10.0) -> None:
         """Stop accepting, close every connection (closing its process) and unlink the socket.
-        Idempotent."""
-        with self._lock:
-            if self._closing or not self._started:
-                self._closing = True
-                return
+        Idempotent; any thread."""
+        if self._closing or not self._started or self.rt.closed:
             self._closing = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-        if self._watcher is not None and self._watcher is not threading.current_thread():
-            self._watcher.join(timeout)
+            return
+        if self.rt.in_loop():
+            raise RuntimeError("SocketNode.close() must be called off the loop")
+        self.rt.run(self._close(), timeout=timeout + 5)
+
+    async def _close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
         if self._listener is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
         self._unlink_own()
-        with self._lock:
-            conns = list(self._conns.values())
-        idle = []
-        for conn in conns:
-            if conn.hangup():
-                conn.release()  # its thread is stuck in the driver; it exits when that returns
-            else:
-                idle.append(conn)
-        deadline = time.monotonic() + timeout
-        for conn in idle:  # these release their own process on the way out
-            if conn.thread is not None and conn.thread is not threading.current_thread():
-                conn.thread.join(max(deadline - time.monotonic(), 0))
-        self._close_poll()
+        for conn in list(self._conns):
+            conn.transport.close(None)
+            conn.connection_lost(None)  # starts its release now (it runs once)
+        await self._tasks.wait(timeout=10)
 
     def _unlink_own(self) -> None:
         try:
@@ -680,14 +671,3 @@ class SocketNode:
         if (st.st_dev, st.st_ino) == self._inode:
             with contextlib.suppress(OSError):
                 os.unlink(self._path)
-
-    def _close_poll(self) -> None:
-        with self._lock:
-            ep, self._epoll = self._epoll, None
-        if ep is not None:
-            ep.close()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._wake_r = self._wake_w = -1

@@ -1,7 +1,7 @@
-"""User memory for a socket client: the regions its request carried, nothing else.
+"""User memory for a socket client: the regions and descriptors its request carried, nothing else.
 
 A socket client cannot be read or written by the node directly, so it sends the buffers its
-struct's pointers refer to (see :mod:`dxg.node.wire`). :class:`RegionUserMemory` serves the
+struct's pointers refer to (see :mod:`dxg.uapi.wire`). :class:`RegionUserMemory` serves the
 driver's copy_from_user/copy_to_user from them: a read must fall entirely inside one region the
 client sent readable (REGION_IN), a write entirely inside one region it marked writable
 (REGION_OUT); anything else is a :class:`~dxg.guest.usermem.UserMemoryFault`, which the driver
@@ -10,15 +10,24 @@ turns into ``-EFAULT`` exactly as the kernel would for a bad user pointer.
 Writes land in the region's copy (a later read sees them, as in real memory) and are reported
 by :meth:`RegionUserMemory.writes`: one write per touched region covering the span written, so
 the reply never grows past the regions the request declared.
+
+Descriptors: the client sends the ones the driver may take beside the request, each with the
+number it has in the client; :meth:`take_fd` hands the driver a duplicate by that number. A
+descriptor the driver gives the client (:meth:`give_fd_to_user`) goes back beside the reply with
+a fixup saying where the client stores the number it gets (inside a writable region).
+:meth:`close` releases every descriptor the accessor still holds.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+import errno
+import os
+from collections.abc import Iterable, Sequence
 
-from dxg.guest.usermem import UserMemoryFault
-from dxg.node.wire import Region, Write
+from dxg.oslib.fds import close_all
+from dxg.oslib.procmem import UserMemoryFault
+from dxg.uapi.wire import FD_IN_USER, MAX_FDS, FdFixup, Region, Write
 
 __all__ = ["RegionUserMemory"]
 
@@ -39,15 +48,21 @@ class _Backing:
 class RegionUserMemory:
     """:class:`~dxg.guest.usermem.UserMemory` over the regions of one request.
 
-    ``regions`` must be sorted and non-overlapping, as :func:`dxg.node.wire.decode` guarantees.
+    ``regions`` must be sorted and non-overlapping, as :func:`dxg.uapi.wire.decode` guarantees.
     """
 
-    def __init__(self, regions: Iterable[Region] = ()) -> None:
+    def __init__(self, regions: Iterable[Region] = (), fds: Sequence[int] = (),
+                 fd_numbers: Sequence[int] = ()) -> None:
         self._regions = [_Backing(r) for r in regions]
         self._starts = [b.addr for b in self._regions]
         for prev, cur in zip(self._regions, self._regions[1:], strict=False):
             if cur.addr < prev.end:
                 raise ValueError("regions must be sorted and must not overlap")
+        if len(fds) != len(fd_numbers):
+            raise ValueError("one number per descriptor")
+        self._in = dict(zip(fd_numbers, fds, strict=True))  # caller's number -> our descriptor
+        self._out: list[int] = []
+        self._fixups: list[FdFixup] = []
 
     def _find(self, addr: int, size: int, what: str) -> _Backing:
         if addr <= 0 or size < 0:
@@ -79,6 +94,38 @@ class RegionUserMemory:
         b.buf[off : off + size] = data
         b.dirty_lo = min(b.dirty_lo, addr)
         b.dirty_hi = max(b.dirty_hi, addr + size)
+
+    # ---- descriptors ----------------------------------------------------------------------------
+
+    def take_fd(self, number: int) -> int:
+        fd = self._in.get(number)
+        if fd is None:
+            raise OSError(errno.EBADF, f"descriptor {number} was not handed over with the call")
+        return os.dup(fd)
+
+    def give_fd_to_user(self, fd: int, addr: int, width: int = 8) -> None:
+        try:
+            b = self._find(addr, width, "descriptor slot")
+            if not b.writable:
+                raise UserMemoryFault(f"user buffer at 0x{b.addr:x} is not writable")
+            if len(self._out) >= MAX_FDS:
+                raise UserMemoryFault(f"more than {MAX_FDS} descriptors in one reply")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._out.append(fd)
+        self._fixups.append(FdFixup(FD_IN_USER, addr, width))
+
+    def reply_fds(self) -> tuple[list[int], tuple[FdFixup, ...]]:
+        """The descriptors for the reply and where the client stores their numbers."""
+        return list(self._out), tuple(self._fixups)
+
+    def close(self) -> None:
+        close_all(self._in.values())
+        close_all(self._out)
+        self._in.clear()
+        self._out.clear()
+        self._fixups.clear()
 
     def writes(self) -> tuple[Write, ...]:
         """What the driver stored, as one write per touched region (in address order)."""

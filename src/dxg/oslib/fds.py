@@ -17,6 +17,12 @@ from collections.abc import Iterable, Sequence
 __all__ = ["FdOverflow", "close_all", "open_fd_count", "recv_with_fds", "send_with_fds"]
 
 _INT = array.array("i").itemsize
+# Plain ints: combining the socket module's IntFlag members costs an enum call on every read.
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_CMSG_SPACE = tuple(socket.CMSG_SPACE(n * _INT) for n in range(65))
 
 
 class FdOverflow(OSError):
@@ -30,23 +36,26 @@ def send_with_fds(sock: socket.socket, data: bytes | memoryview, fds: Sequence[i
     """One ``sendmsg`` of ``data`` with ``fds`` attached; returns the bytes sent (may be fewer)."""
     if not fds:
         return sock.send(data)
-    return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    return sock.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))])
 
 
-def recv_with_fds(sock: socket.socket, size: int, max_fds: int,
+def recv_with_fds(sock: socket.socket, buf: bytearray, max_fds: int,
                   flags: int = 0) -> tuple[bytes, list[int]]:
-    """One ``recvmsg`` of up to ``size`` bytes and ``max_fds`` descriptors (close-on-exec).
-    Descriptors beyond ``max_fds`` make it raise :class:`FdOverflow` after closing those that
-    did arrive."""
-    data, ancdata, msg_flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(max_fds * _INT),
-                                               socket.MSG_CMSG_CLOEXEC | flags)
+    """One ``recvmsg`` into ``buf`` (reused by the caller: allocating a large buffer per read
+    costs more than the read) of at most ``max_fds`` descriptors (close-on-exec); returns a copy
+    of the bytes read. Descriptors beyond ``max_fds`` make it raise :class:`FdOverflow` after
+    closing those that did arrive."""
+    space = _CMSG_SPACE[max_fds] if max_fds < len(_CMSG_SPACE) else \
+        socket.CMSG_SPACE(max_fds * _INT)
+    n, ancdata, msg_flags, _ = sock.recvmsg_into([buf], space, _RECV_FLAGS | flags)
+    data = bytes(memoryview(buf)[:n])
     fds: list[int] = []
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             got = array.array("i")
             got.frombytes(payload[: len(payload) - len(payload) % _INT])
             fds.extend(got)
-    if msg_flags & socket.MSG_CTRUNC:
+    if msg_flags & _MSG_CTRUNC:
         close_all(fds)
         raise FdOverflow()
     return data, fds

@@ -13,6 +13,10 @@ how the node follows those pointers, the way the real driver's ``copy_from_user`
   ``pidfd_getfd(2)`` (what the kernel does with ``eventfd_ctx_fdget`` when a struct names an
   eventfd). The opposite direction, installing a new fd in the caller, has no system call, so a
   file-based front end cannot return fds (see ``docs/libdxg.md``).
+* :class:`PinnedProcessMemory` is the same accessor pinned to one caller for the life of one
+  request (a pidfd, checked before every access, and revoked once the request is answered or
+  interrupted): what the FUSE node hands the driver, so that a call that outlives its caller
+  never reaches into whatever process later gets the same pid.
 * :func:`thread_group_of` maps a thread id (what a FUSE request carries) to its process id.
 
 Both system calls need ptrace-attach rights over the target: the node runs as root, or as the
@@ -27,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 
 
 class UserMemoryFault(Exception):
@@ -35,8 +40,9 @@ class UserMemoryFault(Exception):
 
 __all__ = [
     "FrontEndLimit",
-    "UserMemoryFault",
+    "PinnedProcessMemory",
     "ProcessVmUserMemory",
+    "UserMemoryFault",
     "Syscalls",
     "TakeFdError",
     "take_fd",
@@ -179,6 +185,137 @@ class ProcessVmUserMemory:
     def map_into_caller(self, fd: int, offset: int, size: int) -> int:
         """Map ``size`` bytes of ``fd`` into the caller (Lock2, fence pages): impossible here."""
         raise FrontEndLimit("mapping memory into the caller")
+
+
+class PinnedProcessMemory(ProcessVmUserMemory):
+    """``UserMemory`` of one caller, pinned for the life of one request.
+
+    Why: ``process_vm_readv``/``process_vm_writev`` name their target by pid *number*. A call
+    that outlives its caller (SIGKILLed in the middle of a long ioctl) must not later write its
+    output to whatever process gets that number next. So the request pins its caller:
+
+    * :meth:`pin` runs first, when the request is read: it finds the calling thread's process
+      and opens a pidfd for it. The caller is then blocked in the kernel waiting for our answer
+      (once the daemon has read a FUSE request, even SIGKILL only makes the kernel send an
+      INTERRUPT and keep waiting), so the thread and its process, and their pid numbers, are
+      certainly the caller's at that moment.
+    * Before *every* access (:meth:`read`, :meth:`write`, :meth:`take_fd`) it checks that the
+      accessor has not been revoked and that the pidfd does not report the process as exited
+      (a pidfd polls readable once its process has exited, before its pid can be reaped and
+      reused). The thread-group id is the target (a thread id could be reused by a thread of
+      another process while this one lives on).
+    * :meth:`revoke` is called the moment the request is answered or interrupted (the node
+      answered EINTR for a dying caller): from then on every access raises
+      :class:`UserMemoryFault` and nothing is read or written. :meth:`close` revokes and closes
+      the pidfd when the call ends.
+    * :meth:`take_fd` duplicates through the pidfd itself (``pidfd_getfd``), never by number.
+
+    The window that remains, in theory: between the pidfd check and the ``process_vm_*``
+    system call right after it (adjacent calls on one thread, microseconds apart) the process
+    would have to exit, be reaped by its parent *and* have its pid number handed to a new
+    process. While the request is unanswered the caller cannot exit at all, and once it is
+    answered the accessor is revoked; so this needs the request to be finished behind the
+    node's back (the connection aborted through ``/sys/fs/fuse/connections/N/abort``) and a
+    full pid wrap-around inside that gap, and even then the kernel checks ptrace rights against
+    the new process. Closing it entirely would take ``/proc/PID/mem`` opened at pin time (bound
+    to the address space, not the number), which writes with ``FOLL_FORCE`` (through read-only
+    protections) where ``copy_to_user`` would fault, so it is not used.
+    """
+
+    __slots__ = ("_pidfd", "_poller", "_why", "tgid", "tid")
+
+    def __init__(self, tid: int, tgid: int, pidfd: int, syscalls: Syscalls) -> None:
+        super().__init__(tgid, syscalls)
+        self.tid = tid
+        self.tgid = tgid
+        self._pidfd = pidfd
+        self._poller = select.poll()
+        self._poller.register(pidfd, select.POLLIN)
+        self._why: str | None = None
+
+    @classmethod
+    def pin(cls, tid: int, syscalls: Syscalls) -> PinnedProcessMemory:
+        """Pin the process of thread ``tid`` (the caller of a request being served). Raises
+        OSError (``ESRCH`` when it cannot be found, or why ``pidfd_open`` failed)."""
+        ident = task_identity(tid)
+        if ident is None:
+            raise ProcessLookupError(errno.ESRCH, f"no thread {tid}")
+        tgid = ident[0]
+        pidfd = syscalls.pidfd_open(tgid)
+        try:
+            # The pidfd is open: make sure it is the thread's own process we pinned.
+            if tgid != tid and not os.path.exists(f"/proc/{tgid}/task/{tid}"):
+                raise ProcessLookupError(errno.ESRCH, f"thread {tid} left process {tgid}")
+            pinned = cls(tid, tgid, pidfd, syscalls)
+        except BaseException:
+            os.close(pidfd)
+            raise
+        if not pinned.alive():
+            pinned.close()
+            raise ProcessLookupError(errno.ESRCH, f"process {tgid} has exited")
+        return pinned
+
+    def __repr__(self) -> str:
+        state = f" revoked ({self._why})" if self._why else ""
+        return f"<PinnedProcessMemory pid={self.tgid} tid={self.tid}{state}>"
+
+    def __enter__(self) -> PinnedProcessMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def revoked(self) -> bool:
+        return self._why is not None
+
+    def alive(self) -> bool:
+        """Whether the pinned process has not exited (its pidfd is not readable)."""
+        if self._pidfd < 0:
+            return False
+        return not self._poller.poll(0)
+
+    def revoke(self, why: str) -> None:
+        """Refuse every access from now on (the request was answered or interrupted)."""
+        if self._why is None:
+            self._why = why
+
+    def close(self) -> None:
+        """Revoke and close the pidfd (idempotent)."""
+        self.revoke("the call is over")
+        if self._pidfd >= 0:
+            self._poller.unregister(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def _guard(self, what: str) -> None:
+        if self._why is not None:
+            raise UserMemoryFault(f"{what} of pid {self.tgid} refused: {self._why}")
+        if not self.alive():
+            self.revoke("the caller has exited")
+            raise UserMemoryFault(f"{what} of pid {self.tgid} refused: the caller has exited")
+
+    def read(self, addr: int, size: int) -> bytes:
+        self._guard("read")
+        return super().read(addr, size)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self._guard("write")
+        super().write(addr, data)
+
+    def take_fd(self, fd: int) -> int:
+        """A duplicate of the caller's descriptor ``fd``, taken through the pidfd."""
+        try:
+            self._guard("take_fd")
+        except UserMemoryFault as e:
+            raise TakeFdError(errno.ESRCH, str(e)) from None
+        if fd < 0:
+            raise TakeFdError(errno.EBADF, f"bad file descriptor {fd}")
+        try:
+            return self._sys.pidfd_getfd(self._pidfd, fd)
+        except OSError as e:
+            raise TakeFdError(e.errno or errno.EBADF,
+                              f"pidfd_getfd(pid {self.tgid}, fd {fd}): {e.strerror}") from None
 
 
 def take_fd(pid: int, fd: int, syscalls: Syscalls | None = None) -> int:

@@ -10,6 +10,7 @@ async_msg:1 (vgpu_to_host and host_to_vm).
 
 import struct
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from dxg.protocol.commands import ChannelType, GlobalCommand, HostToVmCommand, VgpuCommand
 from dxg.protocol.errors import ProtocolError
@@ -19,6 +20,10 @@ EXT_HEADER_SIZE = EXT_HEADER.size  # 16
 CMD_HEADER = struct.Struct("<QIII4x")
 CMD_HEADER_SIZE = CMD_HEADER.size  # 24
 _ASYNC_BIT = 1 << 8
+# Codes to enum members by plain lookup (an IntEnum call costs a function call per message).
+_GLOBAL = MappingProxyType({int(c): c for c in GlobalCommand})
+_VGPU = MappingProxyType({int(c): c for c in VgpuCommand})
+_HOST_TO_VM = MappingProxyType({int(c): c for c in HostToVmCommand})
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,16 +83,14 @@ def decode_guest(payload: bytes) -> GuestMessage:
     command_id, process, word, ctype = CMD_HEADER.unpack_from(payload, EXT_HEADER_SIZE)
     body = payload[EXT_HEADER_SIZE + CMD_HEADER_SIZE :]
     if word & 0xFF == ChannelType.VM_TO_HOST and word == ChannelType.VM_TO_HOST:
-        try:
-            command: GlobalCommand | VgpuCommand = GlobalCommand(ctype)
-        except ValueError:
-            raise ProtocolError(f"unknown global command {ctype}") from None
+        command: GlobalCommand | VgpuCommand | None = _GLOBAL.get(ctype)
+        if command is None:
+            raise ProtocolError(f"unknown global command {ctype}")
         return GuestMessage(ChannelType.VM_TO_HOST, command, process, luid, False, body, command_id)
     if word & 0xFF == ChannelType.VGPU_TO_HOST and not word & ~0x1FF:
-        try:
-            command = VgpuCommand(ctype)
-        except ValueError:
-            raise ProtocolError(f"unknown vGPU command {ctype}") from None
+        command = _VGPU.get(ctype)
+        if command is None:
+            raise ProtocolError(f"unknown vGPU command {ctype}")
         return GuestMessage(
             ChannelType.VGPU_TO_HOST, command, process, luid, bool(word & _ASYNC_BIT), body,
             command_id,
@@ -105,8 +108,7 @@ def decode_host_to_vm(payload: bytes) -> HostMessage:
     _cid, process, word, ctype = CMD_HEADER.unpack_from(payload, 0)
     if word & 0xFF != ChannelType.HOST_TO_VM:
         raise ProtocolError(f"bad channel word 0x{word:x} in host message")
-    try:
-        command = HostToVmCommand(ctype)
-    except ValueError:
-        raise ProtocolError(f"unknown host-to-VM command {ctype}") from None
+    command = _HOST_TO_VM.get(ctype)
+    if command is None:
+        raise ProtocolError(f"unknown host-to-VM command {ctype}")
     return HostMessage(command, process, payload[CMD_HEADER_SIZE:])

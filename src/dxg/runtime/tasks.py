@@ -20,18 +20,104 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
+class _Suspended:
+    """A coroutine started eagerly that had to wait: it becomes a task once what it waits for
+    is done (a task resumed earlier would find that future not done). Until then cancelling
+    cancels what it waits for, as cancelling a task does."""
+
+    __slots__ = ("cancelling", "coro", "name", "outer", "owner", "task", "waiting")
+
+    def __init__(self, owner: TaskSet, coro: Coroutine[Any, Any, Any], waiting: Any,
+                 outer: asyncio.Future[Any], name: str | None) -> None:
+        self.owner = owner
+        self.coro = coro
+        self.waiting = waiting
+        self.outer = outer
+        self.name = name
+        self.task: asyncio.Task[Any] | None = None
+        self.cancelling = False
+        outer.add_done_callback(self._outer_done)
+        if waiting is None:  # a bare yield (asyncio.sleep(0)): just let the loop run once
+            asyncio.get_running_loop().call_soon(self._resume)
+        else:
+            waiting.add_done_callback(self._resume)
+
+    def _resume(self, _f: Any = None) -> None:
+        if self.task is not None:
+            return
+        self.waiting = None
+        task = asyncio.get_running_loop().create_task(self.coro, name=self.name)
+        self.task = task
+        self.owner._tasks.add(task)
+        task.add_done_callback(self.owner._done)
+        task.add_done_callback(self._task_done)
+        if self.cancelling:
+            task.cancel()
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.owner._suspended.discard(self)
+        if self.outer.done():
+            return
+        if task.cancelled():
+            self.outer.cancel()
+        elif task.exception() is not None:
+            self.outer.set_exception(task.exception())  # type: ignore[arg-type]
+        else:
+            self.outer.set_result(task.result())
+
+    def _outer_done(self, outer: asyncio.Future[Any]) -> None:
+        if outer.cancelled():
+            self.cancel()
+
+    def cancel(self) -> None:
+        self.cancelling = True
+        if self.task is not None:
+            self.task.cancel()
+        elif self.waiting is not None:
+            self.waiting.cancel()
+
+
 class TaskSet:
     """The tasks one owner started; ``cancel()`` stops them all (on the loop's thread)."""
 
-    __slots__ = ("_closed", "_name", "_tasks")
+    __slots__ = ("_closed", "_name", "_suspended", "_tasks")
 
     def __init__(self, name: str = "") -> None:
         self._name = name
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._suspended: set[_Suspended] = set()
         self._closed = False
 
     def __len__(self) -> int:
-        return len(self._tasks)
+        return len(self._tasks) + len(self._suspended)
+
+    def eager(self, coro: Coroutine[Any, Any, _T], name: str | None = None) -> asyncio.Future[_T]:
+        """Run ``coro`` now, on the caller's stack, until it first has to wait; most calls never
+        do (a local ioctl, or a forwarded one whose host answered in-process), and then cost no
+        task and no trip round the loop. One that waits continues as a task of this set. Returns
+        a future of its outcome (already done when it finished at once). Like a task, a
+        coroutine run this way must not await a future it shares unshielded."""
+        loop = asyncio.get_running_loop()
+        outer: asyncio.Future[_T] = loop.create_future()
+        if self._closed:
+            coro.close()
+            outer.cancel()
+            return outer
+        try:
+            waiting = coro.send(None)
+        except StopIteration as e:
+            outer.set_result(e.value)
+            return outer
+        except asyncio.CancelledError:
+            outer.cancel()
+            return outer
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+            outer.set_exception(e)
+            return outer
+        if waiting is not None and not asyncio.isfuture(waiting):
+            coro.throw(RuntimeError(f"eager coroutine yielded {waiting!r}"))
+        self._suspended.add(_Suspended(self, coro, waiting, outer, name))
+        return outer
 
     @property
     def closed(self) -> bool:
@@ -56,13 +142,24 @@ class TaskSet:
             log.error("%s: task %s failed", self._name or "tasks", task.get_name(),
                       exc_info=exc)
 
-    def cancel(self) -> list[asyncio.Task[Any]]:
+    def cancel(self) -> list[asyncio.Future[Any]]:
         """Close the set and cancel every task in it; returns them (to await if wanted)."""
         self._closed = True
-        tasks = list(self._tasks)
+        tasks: list[asyncio.Future[Any]] = list(self._tasks)
         for task in tasks:
             task.cancel()
+        for entry in list(self._suspended):
+            entry.cancel()
+            tasks.append(entry.outer)
         return tasks
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Wait (at most ``timeout``) for the tasks running now to finish."""
+        tasks: list[asyncio.Future[Any]] = list(self._tasks)
+        tasks += [entry.outer for entry in self._suspended]
+        if tasks:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait(tasks, timeout=timeout)
 
     async def cancel_and_wait(self, timeout: float | None = None) -> None:
         tasks = self.cancel()

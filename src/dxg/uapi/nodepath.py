@@ -35,6 +35,18 @@ def default_node_path() -> Path:
     return tmp_fallback_dir(uid) / SOCKET_NAME
 
 
+def private_node_dir(directory: Path) -> bool:
+    """Whether ``directory`` is one of this user's own default node directories (created
+    private: 0700), rather than a shared one such as root's ``/run/pydxg``."""
+    if os.geteuid() == 0:
+        return False
+    mine = [tmp_fallback_dir()]
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        mine.append(Path(runtime) / "pydxg")
+    return any(Path(os.path.abspath(directory)) == Path(os.path.abspath(d)) for d in mine)
+
+
 def node_dir_problem(directory: Path) -> str | None:
     """Why ``directory`` cannot be trusted to hold this user's node, or None when it can.
 

@@ -204,6 +204,7 @@ class Kind(IntEnum):
     CANCEL = 8
 
 
+_KINDS = MappingProxyType({int(k): k for k in Kind})
 # Kinds that may carry descriptors (the frame's fd bits); any other kind with fd bits is malformed.
 _FD_KINDS = frozenset({Kind.IOCTL, Kind.IOCTL_REPLY})
 
@@ -720,10 +721,9 @@ def decode(frame: Frame) -> Message:
     must agree with the payload's table."""
     if frame.flags & ~_KNOWN_FLAGS:
         raise _bad(f"frame flags 0x{frame.flags:x} are reserved")
-    try:
-        kind = Kind(frame.kind)
-    except ValueError:
-        raise _bad(f"unknown frame kind {frame.kind}", errno.EOPNOTSUPP) from None
+    kind = _KINDS.get(frame.kind)
+    if kind is None:
+        raise _bad(f"unknown frame kind {frame.kind}", errno.EOPNOTSUPP)
     if frame.more and kind != Kind.ADMIN_REPLY:
         raise _bad("only ADMIN_REPLY frames may have the MORE flag")
     if frame.fd_count and kind not in _FD_KINDS:

@@ -8,15 +8,15 @@ connection splits what does not fit one packet into bulk chunks) and, on transpo
 file descriptors. Everything runs on the connection's loop.
 
 A request whose caller gives up (its task is cancelled: the process died, the call was
-interrupted) is remembered for a while: when its completion arrives after all, the optional
-``on_late`` callback undoes what the host did for it (a handle it created), so nothing the guest
-abandoned stays behind on the host.
+interrupted) stays pending: when its completion arrives after all, the optional ``on_late``
+callback undoes what the host did for it (a handle it created), so nothing the guest abandoned
+stays behind on the host. (A host that never answers is dropped by the heartbeat, which closes
+the channel and forgets every pending request.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import logging
 import uuid
@@ -31,9 +31,6 @@ if TYPE_CHECKING:
     from dxg.vmbus.connection import BusConnection
 
 log = logging.getLogger(__name__)
-
-# Requests given up on whose late completions are still recognised (the oldest are forgotten).
-ABANDONED_MEMORY = 4096
 
 
 class ChannelClosed(ConnectionError):
@@ -77,9 +74,8 @@ class Channel:
         self.offer = offer
         self.relid = offer.relid
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Packet]] = {}
-        self._abandoned: collections.OrderedDict[int, LateHandler | None] = \
-            collections.OrderedDict()
+        # trans_id -> (the caller's future, what undoes the request if the caller gives up)
+        self._pending: dict[int, tuple[asyncio.Future[Packet], LateHandler | None]] = {}
         self._closed = False
         self.close_reason = ""
         self.on_request: RequestHandler | None = None  # responder side
@@ -120,22 +116,16 @@ class Channel:
             raise ChannelClosed(f"channel {self.relid} is {self.close_reason or 'closed'}")
         trans_id = next(self._ids)
         future: asyncio.Future[Packet] = self.connection.loop.create_future()
-        self._pending[trans_id] = future
+        # A cancelled future stays here until its completion comes (or the channel closes):
+        # that is when the request is known to be abandoned, and its undo runs.
+        self._pending[trans_id] = (future, on_late)
         try:
             self.connection.send(self.relid, VM_PKT_DATA_INBAND, payload, trans_id,
                                  wants_completion=True, fds=fds)
         except ConnectionError as e:
             del self._pending[trans_id]
             raise ChannelClosed(f"channel {self.relid}: send failed: {e}") from None
-        future.add_done_callback(lambda f: self._settled(trans_id, f, on_late))
         return future
-
-    def _settled(self, trans_id: int, future: asyncio.Future[Packet],
-                 on_late: LateHandler | None) -> None:
-        if future.cancelled() and self._pending.pop(trans_id, None) is future:
-            self._abandoned[trans_id] = on_late
-            while len(self._abandoned) > ABANDONED_MEMORY:
-                self._abandoned.popitem(last=False)
 
     def send_async(self, payload: bytes, fds: Sequence[int] = ()) -> None:
         """Fire-and-forget: no completion is requested, trans_id is 0."""
@@ -164,17 +154,17 @@ class Channel:
 
     def deliver(self, packet: Packet) -> None:
         if packet.packet_type == VM_PKT_COMP:
-            future = self._pending.pop(packet.trans_id, None)
-            if future is not None and not future.done():
-                future.set_result(packet)
-                return
-            late = self._abandoned.pop(packet.trans_id, False)
-            if late is False:
+            entry = self._pending.pop(packet.trans_id, None)
+            if entry is None:
                 log.warning("channel %d: did not find request %d to complete", self.relid,
                             packet.trans_id)
                 packet.close_fds()
                 return
-            if late is None:
+            future, late = entry
+            if not future.done():
+                future.set_result(packet)
+                return
+            if late is None:  # given up on, and nothing to undo
                 packet.close_fds()
                 return
             try:
@@ -204,8 +194,7 @@ class Channel:
         self.close_reason = reason
         pending = list(self._pending.values())
         self._pending.clear()
-        self._abandoned.clear()
-        for future in pending:
+        for future, _late in pending:
             if not future.done():
                 future.set_exception(ChannelClosed(f"channel {self.relid} {reason}"))
         if self.on_close is not None:
@@ -215,4 +204,4 @@ class Channel:
                 log.exception("channel %d: close handler failed", self.relid)
 
 
-__all__ = ["ABANDONED_MEMORY", "Channel", "ChannelClosed", "Packet"]
+__all__ = ["Channel", "ChannelClosed", "Packet"]

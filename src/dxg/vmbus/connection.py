@@ -61,6 +61,7 @@ class BusConnection:
         self._bulk = bytearray()
         self._channels: dict[int, Channel] = {}
         self._closed = False
+        self._receiving = False
         self.last_heard = loop.time()  # when the peer last sent anything (for heartbeats)
         self.packets_in = 0
 
@@ -127,17 +128,23 @@ class BusConnection:
             return
         self.last_heard = self.loop.time()
         self._fds.extend(fds)
+        self._reader.feed(data)
+        if self._receiving:
+            return  # an in-process peer answered while we route: the loop below takes it
+        self._receiving = True
         try:
             if len(self._fds) > MAX_UNCLAIMED_FDS:
                 raise ProtocolError(f"{len(self._fds)} descriptors arrived that no frame claims")
-            self._reader.feed(data)
-            for frame in self._reader.frames():
-                self._route(frame)
-                if self._closed:
-                    return
+            while frames := self._reader.frames():
+                for frame in frames:
+                    self._route(frame)
+                    if self._closed:
+                        return
         except ProtocolError as e:
             log.error("%s: protocol error, dropping the connection: %s", self.name, e)
             self.close(e)
+        finally:
+            self._receiving = False
 
     def _route(self, frame: Frame) -> None:
         count = frame.fd_count

@@ -131,6 +131,7 @@ class SocketTransport(Transport):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._fd = sock.fileno()
         self._receiver: Receiver | None = None
+        self._rbuf = bytearray(_RECV_CHUNK)
         self._out: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
         self._buffered = 0
         self._progress = 0.0  # when the peer last took bytes while some were waiting
@@ -175,9 +176,10 @@ class SocketTransport(Transport):
                 return
             try:
                 if self.can_pass_fds:
-                    data, fds = recv_with_fds(self.sock, _RECV_CHUNK, self.max_fds)
+                    data, fds = recv_with_fds(self.sock, self._rbuf, self.max_fds)
                 else:
-                    data, fds = self.sock.recv(_RECV_CHUNK), []
+                    n = self.sock.recv_into(self._rbuf)
+                    data, fds = bytes(memoryview(self._rbuf)[:n]), []
             except (BlockingIOError, InterruptedError):
                 return
             except FdOverflow as e:
@@ -338,7 +340,12 @@ class LoopbackTransport(Transport):
         if self._closed or other is None:
             raise TransportClosed(f"{self.peer}: transport is closed")
         copies = [os.dup(fd) for fd in fds]
-        _call_on(other.loop, other._deliver, bytes(data), copies)
+        if other.loop is self.loop and _running_loop() is self.loop:
+            # Both ends on this loop: hand the bytes over now, as a kernel would copy them into
+            # the peer's socket buffer; the receiver takes care of calls nested this way.
+            other._deliver(bytes(data), copies)
+        else:
+            _call_on(other.loop, other._deliver, bytes(data), copies)
 
     def _deliver(self, data: bytes, fds: list[int]) -> None:
         if self._closed:
@@ -365,14 +372,17 @@ class LoopbackTransport(Transport):
             _call_on(other.loop, other.close, None)
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def _call_on(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: object) -> None:
     """Run ``fn`` on ``loop`` soon, from whichever thread we are on (dropped once it is closed)."""
     with contextlib.suppress(RuntimeError):
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
+        if _running_loop() is loop:
             loop.call_soon(fn, *args)
         else:
             loop.call_soon_threadsafe(fn, *args)
