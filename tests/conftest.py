@@ -1,5 +1,6 @@
 """Shared fixtures: a real stack (Host + GuestDriver + SocketNode) on Unix sockets under tmp_path,
-and helpers to run client processes and wait on conditions with deadlines."""
+the embedded stack as `dxg up` builds it (one loop, an in-process link), and helpers to run client
+processes and wait on conditions with deadlines."""
 
 import json
 import os
@@ -17,6 +18,7 @@ from dxg.guest.driver import GuestDriver
 from dxg.host.config import HostConfig
 from dxg.host.host import Host
 from dxg.node.server import SocketNode
+from dxg.runtime.loop import LoopThread
 
 CLIENTS = Path(__file__).parent / "clients"
 
@@ -46,16 +48,24 @@ class Stack:
 
 
 @contextmanager
-def make_stack(tmp: Path, name: str = "s", adapters: int = 2, **host_kw) -> Iterator[Stack]:
-    host = Host(HostConfig(adapters=adapters, **host_kw))
-    drv = GuestDriver()
+def make_stack(tmp: Path, name: str = "s", adapters: int = 2, embedded: bool = False,
+               node_kw: dict | None = None, **host_kw) -> Iterator[Stack]:
+    """Host and guest on their own loops, linked over a Unix socket; or, with `embedded`, as
+    `dxg up` runs them (one loop, an in-process link)."""
+    rt = LoopThread(f"test-{name}") if embedded else None
+    host = Host(HostConfig(adapters=adapters, **host_kw), loop=rt)
+    drv = GuestDriver(loop=rt)
     node = None
     try:
-        addr = host.listen(str(tmp / f"{name}-host.sock"))
-        drv.bind(addr)
+        if embedded:
+            drv.bind_host(host)
+            addr = "local"
+        else:
+            addr = host.listen(str(tmp / f"{name}-host.sock"))
+            drv.bind(addr)
         assert drv.wait_for_adapters(adapters, 15), "adapters did not come up"
         node_path = str(tmp / f"{name}-dxg.sock")
-        node = SocketNode(drv, node_path)
+        node = SocketNode(drv, node_path, **(node_kw or {}))
         node.start()
         yield Stack(host, drv, node, node_path, addr)
     finally:
@@ -63,11 +73,20 @@ def make_stack(tmp: Path, name: str = "s", adapters: int = 2, **host_kw) -> Iter
             node.close()
         drv.close()
         host.close()
+        if rt is not None:
+            rt.close()
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     with make_stack(tmp_path) as s:
+        yield s
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> Iterator[Stack]:
+    """The stack as `dxg up` builds it."""
+    with make_stack(tmp_path, "e", embedded=True) as s:
         yield s
 
 

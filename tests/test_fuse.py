@@ -6,15 +6,21 @@ Every mount is taken down by the fixture even when a test fails (``FuseNode.clos
 ``finally``, then a lazy unmount of anything still mounted below the test's directory), and a
 session-wide check fails the run if any pydxg FUSE mount is left below pytest's temporary
 directory. Without FUSE (no ``/dev/fuse``, mounting not permitted) the mounting tests are skipped
-with a loud reason; the protocol tests run everywhere.
+with a loud reason; the protocol and documentation tests run everywhere.
+
+Long calls come from the pydxg SLEEP escape (``dxg_test ... sleep``, held by the host) or from
+driver wrappers that park a call; what the node does to a caller's memory is counted through an
+instrumented ``Syscalls`` handed to the node.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import re
 import select
@@ -24,7 +30,9 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,13 +46,21 @@ from dxg.node.fuse import (
     MNT_DETACH,
     FuseNode,
     FuseUnavailable,
+    UnsafeDevicePath,
     fuse_available,
-    ioctl_support,
     pydxg_mounts,
-    render_ioctl_table,
 )
+from dxg.node.server import NodeBusy
+from dxg.node.support import (
+    FILE_LIMITS,
+    ioctl_support,
+    render_ioctls_doc,
+    render_libdxg_table,
+)
+from dxg.oslib.procmem import Syscalls, UserMemoryFault
 from dxg.uapi.ioctls import (
     IOCTLS,
+    IOCTLS_BY_NAME,
     LX_DXENUMADAPTERS3,
     LX_DXGETDEVICESTATE,
     LX_DXOPENADAPTERFROMLUID,
@@ -84,18 +100,34 @@ def _detach_all(under: Path) -> list[str]:
     return left
 
 
+def _dead(where: str, timeout: float = 2.0) -> bool:
+    """Whether the FUSE file at ``where`` belongs to a dead connection. Opening it asks the
+    node (``stat`` could answer from the attribute cache); a node that does not answer at all
+    is left alone too."""
+    result: list[int] = []
+
+    def probe() -> None:
+        try:
+            os.close(os.open(where, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK))
+            result.append(0)
+        except OSError as e:
+            result.append(e.errno or errno.EIO)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result) and result[0] in (errno.ENOTCONN, errno.ECONNABORTED)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_fuse_mount_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """After the whole session: no pydxg FUSE mount may remain below pytest's temporary dir."""
     base = tmp_path_factory.getbasetemp()
-    # Dead mounts of earlier, killed runs (their daemon is gone: ENOTCONN) are detached first;
-    # live ones may belong to another run in progress and are left alone.
+    # Dead mounts of earlier, killed runs are detached first; live ones may belong to another
+    # run in progress and are left alone.
     for where in pydxg_mounts(base.parent):
-        try:
-            os.stat(where)
-        except OSError as e:
-            if e.errno == errno.ENOTCONN:
-                _detach_all(Path(where))
+        if _dead(where):
+            _detach_all(Path(where))
     yield
     left = _detach_all(base)
     assert not left, f"pydxg FUSE mounts were left behind (now detached): {left}"
@@ -132,6 +164,19 @@ def dev(stack, tmp_path: Path) -> Iterator[FuseNode]:
         pytest.skip(f"!!! FUSE UNAVAILABLE ({NO_FUSE}) !!!")
     with mounted(stack.driver, tmp_path / "dxg") as node:
         yield node
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every user can reach (pytest's own temporary directory is private to
+    root); its mounts are taken down afterwards."""
+    public = Path(tempfile.mkdtemp(prefix="pydxg-fuse-"))
+    try:
+        os.chmod(public, 0o755)
+        yield public
+    finally:
+        _detach_all(public)
+        shutil.rmtree(public, ignore_errors=True)
 
 
 def _uapi_header() -> str:
@@ -296,12 +341,31 @@ def test_docs_list_the_supported_ioctls() -> None:
     text = DOC.read_text(encoding="utf-8")
     m = re.search(r"<!-- ioctl-table:begin -->\n(.*?)<!-- ioctl-table:end -->", text, re.S)
     assert m, "docs/libdxg.md lost its ioctl-table markers"
-    assert m.group(1) == render_ioctl_table(), (
+    assert m.group(1) == render_libdxg_table(), (
         "docs/libdxg.md is out of date: regenerate its table with "
         "`python -m dxg.node.fuse ioctl-table`")
-    rows = ioctl_support()
+    rows = list(ioctl_support())
     assert [r.nr for r in rows] == sorted(IOCTLS)
-    assert {r.nr for r in rows if r.implemented} == {nr for nr in HANDLERS if IOCTLS[nr].handled}
+    assert {r.name for r in rows if r.implemented} == {
+        name for name in HANDLERS if IOCTLS_BY_NAME[name].handled}
+    assert set(FILE_LIMITS) <= set(IOCTLS_BY_NAME), "FILE_LIMITS names an unknown ioctl"
+
+
+def test_one_list_renders_both_documents() -> None:
+    """docs/ioctls.md and docs/libdxg.md come from the same rows: they cannot disagree."""
+    rows = list(ioctl_support())
+    ioctls_md = render_ioctls_doc(rows).splitlines()
+    libdxg_md = render_libdxg_table(rows).splitlines()
+    for r in rows:
+        [a] = [line for line in ioctls_md if f"| {r.name} |" in line]
+        [b] = [line for line in libdxg_md if f"| `{r.name}` |" in line]
+        assert a.endswith("| implemented |") == r.implemented == b.startswith(
+            f"| 0x{r.nr:02x} | `{r.name}` | `0x{r.code:08x}` | `{r.struct}` ({r.size}) | yes |")
+        if r.name in FILE_LIMITS:
+            assert FILE_LIMITS[r.name] in b
+    cli = subprocess.run([sys.executable, "-m", "dxg.node.fuse", "ioctl-table"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert cli.stdout == render_libdxg_table()
 
 
 # ---- mounting ---------------------------------------------------------------------------------
@@ -362,28 +426,183 @@ def test_fusermount3_path(stack, tmp_path: Path) -> None:
     assert not pydxg_mounts(tmp_path)
 
 
-@needs_fuse
-@needs_root
-def test_a_dead_mount_is_detached_before_mounting(stack, tmp_path: Path) -> None:
-    """A node that died without unmounting leaves a mount whose connection is gone."""
-    path = tmp_path / "dxg"
-    path.touch()
+def _dead_mount(path: Path) -> None:
+    """Mount a pydxg FUSE file at ``path`` whose daemon is gone at once (as after SIGKILL)."""
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     libc = ctypes.CDLL(None, use_errno=True)
     data = f"fd={fd},rootmode=100000,user_id=0,group_id=0".encode()
-    assert libc.mount(b"pydxg", os.fsencode(path), FSTYPE.encode(), 6, data) == 0
-    os.close(fd)  # the daemon is gone
     try:
+        assert libc.mount(b"pydxg", os.fsencode(path), FSTYPE.encode(), 6, data) == 0, \
+            os.strerror(ctypes.get_errno())
+    finally:
+        os.close(fd)  # the daemon is gone
+
+
+@needs_fuse
+@needs_root
+def test_dead_mounts_are_detached_before_mounting(stack, tmp_path: Path) -> None:
+    """Nodes that died without unmounting leave mounts whose connection is gone, possibly
+    several stacked: every dead layer is detached, and the new node's is the only mount."""
+    path = tmp_path / "dxg"
+    path.touch()
+    try:
+        _dead_mount(path)
+        _dead_mount(path)
         with pytest.raises(OSError) as e:
             os.stat(path)
         assert e.value.errno == errno.ENOTCONN
+        assert pydxg_mounts(tmp_path) == [str(path)] * 2
         with mounted(stack.driver, path) as node:
+            assert pydxg_mounts(tmp_path) == [str(path)]
             fd = os.open(node.path, os.O_RDONLY)
             assert _enum3(fd) == (0, ADAPTERS)
             os.close(fd)
     finally:
         _detach_all(tmp_path)
     assert not pydxg_mounts(tmp_path)
+    assert path.exists()  # the file underneath was there before: it stays
+
+
+@needs_fuse
+def test_a_live_node_is_never_covered(stack, dev: FuseNode, tmp_path: Path) -> None:
+    """A second node at a path a live node serves refuses, and the first one goes on."""
+    with pytest.raises(NodeBusy, match="another node serves"):
+        FuseNode(stack.driver, dev.path).start()
+    assert pydxg_mounts(tmp_path) == [str(dev.path)]
+    fd = os.open(dev.path, os.O_RDONLY)
+    assert _enum3(fd) == (0, ADAPTERS)
+    os.close(fd)
+    assert dev.wait_idle(10)
+
+
+NODE_PROCESS = r"""
+import sys
+from dxg.guest.driver import GuestDriver
+from dxg.host.config import HostConfig
+from dxg.host.host import Host
+from dxg.node.fuse import FuseNode
+
+host = Host(HostConfig(adapters=int(sys.argv[2])))
+driver = GuestDriver()
+driver.bind_host(host)
+assert driver.wait_for_adapters(int(sys.argv[2]), 15)
+node = FuseNode(driver, sys.argv[1])
+node.start()
+print("ready", flush=True)
+sys.stdin.read()
+node.close()
+driver.close()
+host.close()
+print("stopped", flush=True)
+"""
+
+
+def _node_process(path: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", NODE_PROCESS, str(path), str(ADAPTERS)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = _readline(proc, 60)
+    assert line == "ready\n", f"node process: {line!r} {proc.stderr.read() if proc.poll() else ''}"
+    return proc
+
+
+@needs_fuse
+@needs_root
+def test_a_node_killed_and_restarted_at_once_leaves_no_mount(tmp_path: Path) -> None:
+    """SIGKILL a node process and start a new one at once: the kernel still has the file's
+    attributes cached (stat succeeds on the dead mount), yet the new node finds the dead layer,
+    detaches it and serves; once it stops, nothing is mounted at the path any more."""
+    path = tmp_path / "dxg"
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(_node_process(path))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        assert _enum3(fd) == (0, ADAPTERS)
+        os.close(fd)
+        procs[0].kill()
+        procs[0].wait(20)
+        assert pydxg_mounts(tmp_path) == [str(path)]
+        assert os.stat(path).st_ino == fp.FUSE_ROOT_ID  # cached: stat cannot tell it is dead
+        procs.append(_node_process(path))
+        assert pydxg_mounts(tmp_path) == [str(path)]
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        assert _enum3(fd) == (0, ADAPTERS)
+        os.close(fd)
+        out, err = procs[1].communicate("", timeout=60)
+        assert procs[1].returncode == 0 and "stopped" in out, err[-3000:]
+        assert pydxg_mounts(tmp_path) == []
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        _detach_all(tmp_path)
+
+
+# ---- where the file may be -----------------------------------------------------------------
+
+
+@needs_fuse
+def test_a_symlink_at_the_path_is_refused(stack, tmp_path: Path) -> None:
+    """Someone plants a link where the device file goes, pointing at a private file: the node
+    refuses instead of covering (and exposing) that file, and creates nothing either."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"private")
+    os.chmod(secret, 0o600)
+    link = tmp_path / "dxg"
+    link.symlink_to(secret)
+    with pytest.raises(UnsafeDevicePath, match="symbolic link"):
+        FuseNode(stack.driver, link).start()
+    dangling = tmp_path / "dxg2"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UnsafeDevicePath, match="symbolic link"):
+        FuseNode(stack.driver, dangling).start()
+    assert not pydxg_mounts(tmp_path)
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600 and secret.read_bytes() == b"private"
+    assert not (tmp_path / "nowhere").exists() and link.is_symlink()
+
+
+@needs_fuse
+@needs_root
+def test_directories_someone_else_controls_are_refused(stack, tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(UnsafeDevicePath, match="owned by uid 65534"):
+        FuseNode(stack.driver, theirs / "dxg").start()
+    shared = tmp_path / "shared"
+    (shared / "sub").mkdir(parents=True)
+    os.chmod(shared, 0o777)
+    for where in (shared / "dxg", shared / "sub" / "dxg", shared / "sub" / "new" / "dxg"):
+        with pytest.raises(UnsafeDevicePath, match="writable by everyone and not sticky"):
+            FuseNode(stack.driver, where).start()
+    assert not (shared / "sub" / "new").exists()
+    assert not pydxg_mounts(tmp_path)
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)  # like /tmp: fine
+    with mounted(stack.driver, sticky / "dxg") as node:
+        fd = os.open(node.path, os.O_RDONLY)
+        assert _enum3(fd) == (0, ADAPTERS)
+        os.close(fd)
+
+
+@needs_fuse
+@needs_root
+def test_files_that_may_not_be_covered(stack, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(UnsafeDevicePath, match="neither a regular file nor a character device"):
+        FuseNode(stack.driver, fifo).start()
+    other = tmp_path / "other"
+    other.write_bytes(b"not yours")
+    os.chown(other, 65534, 65534)
+    with pytest.raises(UnsafeDevicePath, match="belongs to uid 65534"):
+        FuseNode(stack.driver, other).start()
+    with pytest.raises(IsADirectoryError):
+        FuseNode(stack.driver, tmp_path).start()
+    assert not pydxg_mounts(tmp_path)
+    assert other.read_bytes() == b"not yours" and stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
 def test_fuse_unavailable_is_a_clear_error(stack, tmp_path: Path, monkeypatch) -> None:
@@ -445,12 +664,12 @@ def test_c_program_every_ioctl(stack, dev: FuseNode, dxg_test: Path) -> None:
                    "LX_DXOPENADAPTERFROMLUID", "LX_DXCREATEDEVICE", "LX_DXDESTROYDEVICE",
                    "LX_DXCREATECONTEXTVIRTUAL", "LX_DXDESTROYCONTEXT", "LX_DXCLOSEADAPTER",
                    "LX_DXGETDEVICESTATE", "LX_ISFEATUREENABLED", "LX_DXQUERYCLOCKCALIBRATION",
-                   "LX_DXENUMPROCESSES"):
+                   "LX_DXENUMPROCESSES", "LX_DXESCAPE"):
         assert needed in exercised, f"{needed} not exercised"
     for what in ("KMTQAITYPE_ADAPTERTYPE", "KMTQAITYPE_DRIVER_DESCRIPTION",
                  "KMTQAITYPE_PHYSICALADAPTERDEVICEIDS", "KMTQAITYPE_WDDM_2_7_CAPS",
                  "bad handle", "a slot without a handler", "NULL buffer with a size",
-                 "unmapped buffer"):
+                 "unmapped buffer", "pydxg PING"):
         assert f"({what})" in out
     assert '"pydxg Soft GPU' in out  # the UTF-16 description arrived as text
     wait_until(lambda: _settled(stack, dev), what="the C program's process torn down")
@@ -465,8 +684,8 @@ def test_c_program_exercises_every_implemented_ioctl(stack, dev: FuseNode,
     out = run_c(dxg_test, dev.path, "all", "-q").stdout
     assert out.startswith("PASS")
     source = C_SOURCE.read_text(encoding="utf-8")
-    missing = [IOCTLS[nr].name for nr in sorted(HANDLERS)
-               if IOCTLS[nr].handled and IOCTLS[nr].name not in source]
+    missing = [name for name in sorted(HANDLERS)
+               if IOCTLS_BY_NAME[name].handled and name not in source]
     if missing:
         pytest.skip(f"!!! implemented but not exercised by tests/c/dxg_test.c: {missing} !!!")
 
@@ -534,27 +753,19 @@ def test_a_dead_or_exiting_process_loses_everything(stack, dev: FuseNode, dxg_te
 @needs_fuse
 @needs_gcc
 @needs_root
-def test_other_users_reach_it_and_mode_is_enforced(stack, dxg_test: Path) -> None:
-    """allow_other lets nobody in; default_permissions enforces the file's mode. (pytest's own
-    temporary directory is private to root, so this one lives in a world-readable one.)"""
-    import tempfile
-
-    public = Path(tempfile.mkdtemp(prefix="pydxg-fuse-"))
-    try:
-        os.chmod(public, 0o755)
-        exe = public / "dxg_test"
-        shutil.copy2(dxg_test, exe)
-        with mounted(stack.driver, public / "dxg", mode=0o666) as node:
-            out = run_c(exe, node.path, "all", user=65534, group=65534).stdout
-            assert "ok   LX_DXCREATEDEVICE (on the opened adapter) -> 0" in out
-            wait_until(lambda: not node.processes(), what="nobody's process closed")
-        with mounted(stack.driver, public / "dxg", mode=0o600) as node:
-            proc = subprocess.run([str(exe), str(node.path), "all"], user=65534, group=65534,
-                                  capture_output=True, text=True, timeout=60, check=False)
-            assert proc.returncode != 0 and "Permission denied" in proc.stdout, proc.stdout
-    finally:
-        _detach_all(public)
-        shutil.rmtree(public, ignore_errors=True)
+def test_other_users_reach_it_and_mode_is_enforced(stack, dxg_test: Path,
+                                                    public_dir: Path) -> None:
+    """allow_other lets nobody in; default_permissions enforces the file's mode."""
+    exe = public_dir / "dxg_test"
+    shutil.copy2(dxg_test, exe)
+    with mounted(stack.driver, public_dir / "dxg", mode=0o666) as node:
+        out = run_c(exe, node.path, "all", user=65534, group=65534).stdout
+        assert "ok   LX_DXCREATEDEVICE (on the opened adapter) -> 0" in out
+        wait_until(lambda: not node.processes(), what="nobody's process closed")
+    with mounted(stack.driver, public_dir / "dxg", mode=0o600) as node:
+        proc = subprocess.run([str(exe), str(node.path), "all"], user=65534, group=65534,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode != 0 and "Permission denied" in proc.stdout, proc.stdout
     wait_until(lambda: not stack.driver.processes(), what="processes gone")
 
 
@@ -584,7 +795,7 @@ def test_close_with_a_client_still_attached(stack, tmp_path: Path, dxg_test: Pat
 @needs_fuse
 def test_an_ioctl_not_implemented_yet_is_enotty_through_the_file(dev: FuseNode) -> None:
     """The driver answers -ENOSYS; FUSE hands that to the caller as ENOTTY (never ENOSYS)."""
-    todo = [r for r in ioctl_support() if not r.implemented and IOCTLS[r.nr].handled]
+    todo = [r for r in ioctl_support() if r.handled and not r.implemented]
     if not todo:
         pytest.skip("every ioctl is implemented")
     fd = os.open(dev.path, os.O_RDONLY)
@@ -596,35 +807,56 @@ def test_an_ioctl_not_implemented_yet_is_enotty_through_the_file(dev: FuseNode) 
         os.close(fd)
 
 
-class BlockingDriver:
-    """The real driver, except that GetDeviceState blocks until its process is closed, the way a
-    CPU wait blocks until it is signalled or its process is torn down."""
+class Wrapped:
+    """The real driver behind the node (its loop included); subclasses intercept calls."""
 
     def __init__(self, real) -> None:
         self.real = real
-        self.blocked = threading.Event()
-        self.released = threading.Event()
+        self.rt = real.rt
 
     def open_process(self, pid: int, uid: int, name: str):
         return self.real.open_process(pid, uid, name)
 
-    def close_process(self, proc) -> None:
-        self.released.set()
-        self.real.close_process(proc)
+    async def close_process(self, proc) -> None:
+        await self.real.close_process(proc)
 
-    def ioctl(self, proc, code: int, arg: bytes, mem, caller_tgid=None):
+    async def ioctl(self, proc, code: int, arg: bytes, mem, caller_tgid=None):
+        return await self.real.ioctl(proc, code, arg, mem, caller_tgid=caller_tgid)
+
+
+class BlockingDriver(Wrapped):
+    """GetDeviceState blocks (as a CPU wait blocks until it is signalled) until cancelled."""
+
+    def __init__(self, real) -> None:
+        super().__init__(real)
+        self.blocked = threading.Event()
+        self.cancelled = threading.Event()
+        self.released = threading.Event()
+
+    async def close_process(self, proc) -> None:
+        self.released.set()
+        await super().close_process(proc)
+
+    async def ioctl(self, proc, code: int, arg: bytes, mem, caller_tgid=None):
         if code == LX_DXGETDEVICESTATE:
             self.blocked.set()
-            self.released.wait(60)
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
             return -errno.ESRCH, arg
-        return self.real.ioctl(proc, code, arg, mem, caller_tgid=caller_tgid)
+        return await super().ioctl(proc, code, arg, mem, caller_tgid)
 
 
 BLOCKED_CLIENT = r"""
-import fcntl, os, sys
+import ctypes, fcntl, os, struct, sys
 fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CLOEXEC)
+buf = ctypes.create_string_buffer(b"untouched", 16)
+arg = bytearray(56)
+struct.pack_into("<Q", arg, 0, ctypes.addressof(buf))
 print("calling", flush=True)
-fcntl.ioctl(fd, int(sys.argv[2]), bytearray(56), True)
+fcntl.ioctl(fd, int(sys.argv[2]), arg, True)
 print("returned", flush=True)
 """
 
@@ -632,8 +864,8 @@ print("returned", flush=True)
 @needs_fuse
 def test_a_killed_caller_inside_a_blocking_call_does_not_hang(stack, tmp_path: Path) -> None:
     """SIGKILL while the driver is blocked in its call: the kernel sends INTERRUPT, the node
-    answers EINTR at once so the process can die, its RELEASE closes the process (which ends the
-    blocked call). Meanwhile other callers are served by another thread."""
+    answers EINTR at once so the process can die and cancels the call; the RELEASE closes the
+    process. Meanwhile other callers are served."""
     driver = BlockingDriver(stack.driver)
     with mounted(driver, tmp_path / "dxg") as node:
         child = subprocess.Popen([sys.executable, "-c", BLOCKED_CLIENT, str(node.path),
@@ -650,21 +882,239 @@ def test_a_killed_caller_inside_a_blocking_call_does_not_hang(stack, tmp_path: P
             if child.poll() is None:
                 child.kill()
                 child.wait()
+        assert driver.cancelled.wait(20)
         assert driver.released.wait(20)
         assert node.wait_idle(20)
+        assert node.inflight() == 0
     wait_until(lambda: not stack.driver.processes(), what="processes gone")
 
 
-class LimitedDriver(BlockingDriver):
-    """The real driver, except that two calls need what a file cannot do: GetDeviceState wants
-    to give the caller a descriptor, IsFeatureEnabled breaks inside the driver."""
+class OutlivingDriver(Wrapped):
+    """GetDeviceState starts work that outlives its caller (shielded from cancellation, the
+    way a driver sees host work through) and then writes the result to the caller's buffer,
+    whose address is the struct's first 8 bytes: the shape of a late copy_to_user."""
 
-    def ioctl(self, proc, code: int, arg: bytes, mem, caller_tgid=None):
+    def __init__(self, real) -> None:
+        super().__init__(real)
+        self.parked = threading.Event()
+        self.cancelled = threading.Event()
+        self.outcome: list[str] = []
+        self.go: asyncio.Event | None = None
+
+    async def _finish(self, mem, addr: int) -> None:
+        assert self.go is not None
+        await self.go.wait()
+        try:
+            mem.write(addr, b"LATE")
+            self.outcome.append("written")
+        except UserMemoryFault as e:
+            self.outcome.append(f"refused: {e}")
+
+    async def ioctl(self, proc, code: int, arg: bytes, mem, caller_tgid=None):
+        if code != LX_DXGETDEVICESTATE:
+            return await super().ioctl(proc, code, arg, mem, caller_tgid)
+        addr = struct.unpack_from("<Q", arg)[0]
+        assert mem.read(addr, 9) == b"untouched"  # the caller is reachable while it waits
+        self.go = asyncio.Event()
+        work = asyncio.ensure_future(self._finish(mem, addr))
+        self.parked.set()
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return 0, arg
+
+
+class CountingSyscalls(Syscalls):
+    """Records the target pid of every process_vm_readv/writev the node makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+        for name in ("process_vm_readv", "process_vm_writev"):
+            real = getattr(self, name)
+
+            def counted(pid, *args, _real=real, _name=name):
+                self.calls.append((_name, pid))
+                return _real(pid, *args)
+
+            setattr(self, name, counted)
+
+    def touching(self, pid: int) -> list[tuple[str, int]]:
+        return [c for c in self.calls if c[1] == pid]
+
+
+@needs_fuse
+def test_a_call_that_outlives_its_killed_caller_never_writes(stack, tmp_path: Path) -> None:
+    """The attack shape of the pinned-caller fix: a caller blocked in a long call is
+    SIGKILLed and answered EINTR; the driver's work finishes later and writes its output. The
+    write must not reach any process (the dead caller's pid may belong to a stranger by then):
+    the accessor refuses it and no process_vm_writev is ever made. (Before the fix the late
+    write went to process_vm_writev with the raw pid.)"""
+    driver = OutlivingDriver(stack.driver)
+    sys_ = CountingSyscalls()
+    with mounted(driver, tmp_path / "dxg", syscalls=sys_) as node:
+        child = subprocess.Popen([sys.executable, "-c", BLOCKED_CLIENT, str(node.path),
+                                  str(LX_DXGETDEVICESTATE)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert _readline(child).strip() == "calling"
+            assert driver.parked.wait(20)
+            assert sys_.touching(child.pid) == [("process_vm_readv", child.pid)]
+            child.send_signal(signal.SIGKILL)
+            assert child.wait(timeout=20) == -signal.SIGKILL  # answered EINTR, dead, reaped
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert driver.cancelled.wait(20)  # the call itself was cancelled
+        assert driver.go is not None
+        stack.driver.rt.call(driver.go.set)  # now the late work tries to write
+        wait_until(lambda: driver.outcome, what="the late write attempted")
+        assert driver.outcome[0].startswith("refused") and "interrupted" in driver.outcome[0]
+        assert node.wait_idle(20)
+    assert sys_.touching(child.pid) == [("process_vm_readv", child.pid)]
+    assert not any(name == "process_vm_writev" for name, _ in sys_.calls)
+
+
+@needs_fuse
+@needs_gcc
+def test_a_killed_sleeper_is_never_touched_after_its_kill(stack, tmp_path: Path,
+                                                         dxg_test: Path) -> None:
+    """The same through the real stack: a C caller blocked in a pydxg SLEEP escape (held by
+    the host) is SIGKILLed. Nothing reads or writes its pid from then on, though the escape's
+    reply (the host cuts the sleep short when the process goes) would be copied back to it.
+    (Before the fix the call went on after the EINTR and wrote that reply with
+    process_vm_writev to the dead pid.)"""
+    sys_ = CountingSyscalls()
+    with mounted(stack.driver, tmp_path / "dxg", syscalls=sys_) as node:
+        child = subprocess.Popen([str(dxg_test), "-q", "-t", "1", "-n", "60000",
+                                  str(node.path), "sleep"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert _readline(child).startswith(f"sleeping pid {child.pid} ")
+            wait_until(lambda: node.inflight() == 1, what="the SLEEP parked")
+            wait_until(lambda: sys_.touching(child.pid), what="the escape read its data")
+            seen = len(sys_.touching(child.pid))
+            child.send_signal(signal.SIGKILL)
+            assert child.wait(timeout=20) == -signal.SIGKILL
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert node.wait_idle(20)
+        wait_until(lambda: _settled(stack, node), what="the process torn down on the host")
+        assert node.inflight() == 0
+    assert len(sys_.touching(child.pid)) == seen, sys_.touching(child.pid)
+
+
+@needs_fuse
+@needs_gcc
+def test_64_parked_callers_do_not_hold_up_a_65th(stack, dev: FuseNode, dxg_test: Path) -> None:
+    """No worker cap: 64 threads each blocked in a long call (a pydxg SLEEP the host holds for
+    a minute), and another caller is still answered at once."""
+    sleeper = subprocess.Popen([str(dxg_test), "-q", "-t", "64", "-n", "60000", str(dev.path),
+                                "sleep"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert _readline(sleeper).startswith("sleeping")
+        wait_until(lambda: dev.inflight() >= 64, timeout=30, what="64 calls parked")
+        fd = os.open(dev.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            t0 = time.monotonic()
+            assert _enum3(fd) == (0, ADAPTERS)
+            took = time.monotonic() - t0
+        finally:
+            os.close(fd)
+        assert took < 5.0, f"the 65th call took {took:.1f}s"
+        assert dev.inflight() >= 64  # the others are still parked
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert dev.wait_idle(30)
+    wait_until(lambda: _settled(stack, dev), timeout=30, what="the sleeper torn down")
+
+
+def _open_as(uid: int, path: Path) -> tuple[int, int, int]:
+    """Fork a child that becomes ``uid`` and opens ``path`` until refused (at most 100 times)
+    and holds what it got. Returns (its pid, how many opens succeeded, the errno that stopped
+    it); the child exits when it is killed. (The test's Python lives under root's home, which
+    other users cannot run, so a fork instead of a new interpreter.)"""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: system calls only, then _exit
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            fds, err = [], 0
+            while len(fds) < 100:
+                try:
+                    fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                except OSError as e:
+                    err = e.errno or 0
+                    break
+            os.write(w, struct.pack("<ii", len(fds), err))
+            signal.pause()
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 20)
+        data = os.read(r, 8) if ready else b""
+    finally:
+        os.close(r)
+    if len(data) != 8:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError("the child opening as another user reported nothing")
+    opened, err = struct.unpack("<ii", data)
+    return pid, opened, err
+
+
+@needs_fuse
+@needs_root
+def test_open_files_are_limited_per_user(stack, public_dir: Path, caplog) -> None:
+    """One user cannot hold every open file: past max_opens_per_uid its opens fail with
+    EMFILE (and a log line says why), while root still opens, up to max_opens in all."""
+    caplog.set_level(logging.INFO, logger="dxg.node.fuse")
+    with mounted(stack.driver, public_dir / "dxg", max_opens=10, max_opens_per_uid=3) as node:
+        mine: list[int] = []
+        child = 0
+        try:
+            child, opened, err = _open_as(65534, node.path)
+            assert (opened, err) == (3, errno.EMFILE)
+            assert "uid 65534 already holds 3 open files" in caplog.text
+            assert [p["uid"] for p in node.processes()] == [65534] * 3
+            for _ in range(7):  # root is not held to the per-user limit
+                mine.append(os.open(node.path, os.O_RDONLY | os.O_CLOEXEC))
+            assert _enum3(mine[-1]) == (0, ADAPTERS)
+            with pytest.raises(OSError) as e:  # but the node is full now
+                os.open(node.path, os.O_RDONLY | os.O_CLOEXEC)
+            assert e.value.errno == errno.EMFILE
+            assert node.open_files() == 10 and node.refused == 2
+        finally:
+            for fd in mine:
+                os.close(fd)
+            if child:
+                os.kill(child, signal.SIGKILL)
+                os.waitpid(child, 0)
+        assert node.wait_idle(20)
+        fd = os.open(node.path, os.O_RDONLY | os.O_CLOEXEC)  # free again
+        os.close(fd)
+
+
+class LimitedDriver(Wrapped):
+    """Two calls need what a file cannot do: GetDeviceState wants to give the caller a
+    descriptor, IsFeatureEnabled breaks inside the driver."""
+
+    async def ioctl(self, proc, code: int, arg: bytes, mem, caller_tgid=None):
         if code == LX_DXGETDEVICESTATE:
-            mem.give_fd(0)
+            mem.give_fd_to_user(os.dup(0), 0x1000)
         if code == LX_ISFEATUREENABLED:
             raise RuntimeError("a driver bug")
-        return self.real.ioctl(proc, code, arg, mem, caller_tgid=caller_tgid)
+        return await super().ioctl(proc, code, arg, mem, caller_tgid)
 
 
 @needs_fuse

@@ -1,20 +1,22 @@
-"""The host end to end: a real Host on real sockets, driven by a minimal raw guest (GuestBus plus a
-small driver that opens the channels and sends hand-built DXGK messages)."""
+"""The host end to end: a real Host on real sockets, driven by a minimal raw guest (a GuestBus on a
+loop of its own plus a small async driver whose probe opens the channels) that sends hand-built
+DXGK messages with ``await channel.request(...)``."""
 
+import asyncio
+import concurrent.futures
 import ctypes
 import json
 import os
 import struct
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
 from dxg.host import Host, HostConfig, parse_umd_private_blob
 from dxg.host.config import adapter_identity
-from dxg.host.handles import HandleTable, HandleType
+from dxg.host.handles import HandleTable
 from dxg.protocol.bus import (
     DXGK_VMBUS_INTERFACE_VERSION,
     GUEST_CAPS_WSL2,
@@ -38,6 +40,7 @@ from dxg.protocol.messages import (
     CreateProcessReturn,
     DestroyContext,
     DestroyDevice,
+    Escape,
     FlushDevice,
     GetDeviceStateReturn,
     GetInternalAdapterInfoReturn,
@@ -54,6 +57,7 @@ from dxg.protocol.messages import (
     SignalGuestEvent,
     StatusAndData,
 )
+from dxg.runtime.loop import LoopThread
 from dxg.uapi import (
     NTSTATUS,
     d3dkmt_getdevicestate,
@@ -61,16 +65,20 @@ from dxg.uapi import (
     dxgk_gpuclockdata,
     wddm,
 )
-from dxg.uapi.handles import handle_index, handle_instance, handle_unique
+from dxg.uapi.escape import EscapeHeader, Op
+from dxg.uapi.handles import HandleType, handle_index, handle_instance, handle_unique
 from dxg.vmbus.bus import BusDevice, BusError, GuestBus
-from dxg.vmbus.channel import Channel
+from dxg.vmbus.channel import Channel, Packet
+from dxg.vmbus.transport import connect
 
 OK = NTSTATUS.STATUS_SUCCESS
 Q = wddm.KMTQUERYADAPTERINFOTYPE
 TIMEOUT = 10.0
+# Long enough that only a cancellation ends it within any test.
+LONG_SLEEP_MS = 600_000
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+def wait_until(predicate: Callable[[], object], timeout: float = TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -82,13 +90,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
 
 
 class RawDriver:
-    """Binds both DXGK channel types: opens each as it is offered and remembers the order."""
+    """Binds both DXGK channel types: opens each as it is offered and remembers the order. Its
+    state is only changed on the guest's loop (probe/remove run on the bus's work task)."""
 
     id_table = (DXGK_VGPU_GUID, DXGK_GLOBAL_GUID)
 
     def __init__(self, vgpu_version: int = DXGK_VMBUS_INTERFACE_VERSION) -> None:
         self.vgpu_version = vgpu_version
-        self.lock = threading.Lock()
         self.order: list[uuid.UUID] = []
         self.offers: list[BusDevice] = []
         self.global_channel: Channel | None = None
@@ -97,44 +105,78 @@ class RawDriver:
         self.open_errors: list[BaseException] = []
         self.notifications: list[bytes] = []
 
-    def probe(self, dev: BusDevice) -> None:
-        with self.lock:
-            self.order.append(dev.type_guid)
-            self.offers.append(dev)
+    async def probe(self, dev: BusDevice) -> None:
+        self.order.append(dev.type_guid)
+        self.offers.append(dev)
         try:
             if dev.type_guid == DXGK_GLOBAL_GUID:
-                ch = dev.open()
+                ch = await dev.open()
                 ch.on_inband = self._inband
-                with self.lock:
-                    self.global_channel = ch
+                self.global_channel = ch
             else:
-                ch = dev.open(GUEST_CAPS_WSL2, self.vgpu_version)
-                with self.lock:
-                    self.vgpus[dev.offer.host_vgpu_luid] = ch
+                ch = await dev.open(GUEST_CAPS_WSL2, self.vgpu_version)
+                self.vgpus[dev.offer.host_vgpu_luid] = ch
         except BusError as e:
-            with self.lock:
-                self.open_errors.append(e)
+            self.open_errors.append(e)
 
-    def remove(self, dev: BusDevice) -> None:
-        with self.lock:
-            self.removed.append(dev.instance_guid)
-            self.vgpus.pop(dev.offer.host_vgpu_luid, None)
+    async def remove(self, dev: BusDevice) -> None:
+        self.removed.append(dev.instance_guid)
+        self.vgpus.pop(dev.offer.host_vgpu_luid, None)
 
-    def _inband(self, channel: Channel, payload: bytes) -> None:
-        with self.lock:
-            self.notifications.append(payload)
+    def _inband(self, channel: Channel, packet: Packet) -> None:
+        packet.close_fds()
+        self.notifications.append(packet.payload)
 
 
 class RawGuest:
-    def __init__(self, address: str, name: str = "raw-guest", **driver_args: int) -> None:
+    """A GuestBus with a RawDriver on its own loop (or on ``rt``), connected to ``address``.
+    Requests are sent on that loop (``await channel.request(...)``); the synchronous helpers
+    below wait for them from the test's thread."""
+
+    def __init__(self, address: str, name: str = "raw-guest", rt: LoopThread | None = None,
+                 **driver_args: int) -> None:
+        self.rt = rt if rt is not None else LoopThread(f"raw-guest {name}")
+        self._owns_loop = rt is None
         self.driver = RawDriver(**driver_args)
-        self.bus = GuestBus(address, name=name, reconnect=False)
-        self.bus.register_driver(self.driver)
-        self.bus.start(wait=False)
-        assert self.bus.offers_delivered.wait(TIMEOUT), "offers were not delivered"
+        self.adapter_handles: dict[int, int] = {}  # adapter index -> host adapter handle
+        self._closed = False
+        try:
+            self.bus: GuestBus = self.rt.run(self._start(address, name), TIMEOUT)
+        except BaseException:
+            if self._owns_loop:
+                self.rt.close()
+            raise
+
+    async def _start(self, address: str, name: str) -> GuestBus:
+        loop = asyncio.get_running_loop()
+
+        async def dial():  # type: ignore[no-untyped-def]
+            return await connect(loop, address)
+
+        bus = GuestBus(loop, dial, name, reconnect=False)
+        bus.register_driver(self.driver)
+        try:
+            await bus.start(wait=False)
+            # Set by the bus's work task after every offer's probe has run.
+            await asyncio.wait_for(bus.offers_delivered.wait(), TIMEOUT)
+        except BaseException:
+            await bus.close()
+            raise
+        return bus
 
     def close(self) -> None:
-        self.bus.close()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.rt.run(self.bus.close(), TIMEOUT)
+        finally:
+            if self._owns_loop:
+                self.rt.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.bus.connected.is_set()
 
     # channels
     @property
@@ -154,14 +196,35 @@ class RawGuest:
         return self.driver.vgpus[self.vgpu_luids[index]]
 
     # requests
+    @staticmethod
+    async def _request(ch: Channel, payload: bytes, fds: Sequence[int] = ()) -> bytes:
+        packet = await ch.request(payload, fds)
+        packet.close_fds()
+        return packet.payload
+
+    def request(self, ch: Channel, payload: bytes, fds: Sequence[int] = ()) -> bytes:
+        """Send ``payload`` on ``ch`` and wait for the completion's payload."""
+        return self.rt.run(self._request(ch, payload, fds), TIMEOUT)
+
+    def start_request(self, ch: Channel, payload: bytes) -> concurrent.futures.Future[bytes]:
+        """Send ``payload`` now; the returned future resolves with the completion."""
+        return self.rt.spawn(self._request(ch, payload))
+
+    def send_async(self, ch: Channel, payload: bytes) -> None:
+        self.rt.call(ch.send_async, payload)
+
     def g(self, cmd: GlobalCommand, process: int = 0, body: bytes = b"") -> bytes:
-        return self.glob.request(encode_global(cmd, process, body), timeout=TIMEOUT)
+        return self.request(self.glob, encode_global(cmd, process, body))
+
+    def vpayload(self, index: int, cmd: VgpuCommand, process: int = 0, body: bytes = b"",
+                 luid: int | None = None) -> bytes:
+        vluid = self.vgpu_luids[index] if luid is None else luid
+        return encode_vgpu(cmd, process, vluid, body)
 
     def v(self, index: int, cmd: VgpuCommand, process: int = 0, body: bytes = b"",
           via_global: bool = False, luid: int | None = None) -> bytes:
-        vluid = self.vgpu_luids[index] if luid is None else luid
         ch = self.glob if via_global else self.vch(index)
-        return ch.request(encode_vgpu(cmd, process, vluid, body), timeout=TIMEOUT)
+        return self.request(ch, self.vpayload(index, cmd, process, body, luid))
 
     # DXGK commands
     def create_process(self, pid: int = 4242, name: str = "app", cookie: int = 0xFFFF8880DEAD0000
@@ -175,8 +238,11 @@ class RawGuest:
     def open_adapter(self, index: int, via_global: bool = False) -> OpenAdapterReturn:
         guest_luid = guid_to_luid(self.vgpu_offer(index).instance_guid)
         body = OpenAdapter(DXGK_VMBUS_INTERFACE_VERSION, 16, *luid_parts(guest_luid)).pack()
-        reply = self.v(index, VgpuCommand.OPENADAPTER, 0, body, via_global)
-        return OpenAdapterReturn.unpack(reply)
+        reply = OpenAdapterReturn.unpack(self.v(index, VgpuCommand.OPENADAPTER, 0, body,
+                                                via_global))
+        if reply.host_adapter_handle:
+            self.adapter_handles[index] = reply.host_adapter_handle
+        return reply
 
     def create_device(self, index: int, hprocess: int, cookie: int = 0xFFFF888000001234,
                       via_global: bool = True) -> int:
@@ -217,6 +283,30 @@ class RawGuest:
     def census(self) -> dict:
         return json.loads(self.g(GlobalCommand.PYDXG_QUERYPARTITION).decode())
 
+    # pydxg escapes (ESCAPE with the PDXE header) on the adapter's own vGPU channel
+    def escape_payload(self, index: int, hprocess: int, device: int, op: Op,
+                       fields: bytes = b"") -> bytes:
+        body = Escape(self.adapter_handles[index], device, 0, 0, 0,
+                      EscapeHeader(op).pack() + fields)
+        return self.vpayload(index, VgpuCommand.ESCAPE, hprocess, body.pack())
+
+    def escape(self, index: int, hprocess: int, device: int, op: Op,
+               fields: bytes = b"") -> EscapeHeader:
+        """Run a pydxg escape; returns the header the host answered (its status is the op's)."""
+        return escape_status(self.request(
+            self.vch(index), self.escape_payload(index, hprocess, device, op, fields)))
+
+    def start_sleep(self, index: int, hprocess: int, device: int,
+                    ms: int = LONG_SLEEP_MS) -> concurrent.futures.Future[bytes]:
+        return self.start_request(self.vch(index), self.escape_payload(
+            index, hprocess, device, Op.SLEEP, struct.pack("<I", ms)))
+
+
+def escape_status(reply: bytes) -> EscapeHeader:
+    if len(reply) == 4:  # the bare failure status: the escape never ran
+        raise AssertionError(f"escape failed: 0x{NtStatusReturn.unpack(reply).status:08x}")
+    return EscapeHeader.unpack(Escape.unpack(reply).priv_drv_data)
+
 
 # ---- fixtures ----------------------------------------------------------------------------------
 
@@ -251,6 +341,12 @@ def totals(host: Host) -> dict[str, int]:
 def objects(host: Host) -> tuple[int, int, int]:
     t = totals(host)
     return t["processes"], t["devices"], t["contexts"]
+
+
+def host_process(host: Host, hprocess: int) -> dict:
+    """The host's census entry of one process (of the only partition)."""
+    (part,) = host.census()["partitions"]
+    return next(p for p in part["processes"] if p["handle"] == hprocess)
 
 
 # ---- discovery ---------------------------------------------------------------------------------
@@ -338,7 +434,8 @@ def test_process_device_context_lifecycle(host: Host, guest: RawGuest) -> None:
 
     census = host.census()
     assert census["totals"] == {"processes": 1, "devices": 1, "contexts": 1,
-                                "adapter_handles": 1, "handles": 4, "partitions": 1}
+                                "adapter_handles": 1, "handles": 4, "regions": 0,
+                                "partitions": 1}
     (part,) = census["partitions"]
     (proc,) = part["processes"]
     assert (proc["handle"], proc["pid"], proc["name"], proc["cookie"]) == (
@@ -410,12 +507,22 @@ def test_handles_are_not_reused_soon(host: Host, guest: RawGuest) -> None:
 
 def test_routing_on_the_global_channel_by_vgpu_luid(host: Host, guest: RawGuest) -> None:
     hp = guest.create_process()
-    r0 = guest.open_adapter(0, via_global=True)
-    r1 = guest.open_adapter(1, via_global=True)
+    r0 = guest.open_adapter(0)
+    r1 = guest.open_adapter(1)
     assert r0.status == r1.status == OK
     assert r0.host_adapter_handle != r1.host_adapter_handle
-    # The same command through the vGPU channel reaches the same adapter open.
     assert guest.open_adapter(1).host_adapter_handle == r1.host_adapter_handle
+    # Adapter bring-up travels on the adapter's own vGPU channel only (the table's VGPU_ONLY
+    # route): on the global channel it is refused in the command's own reply layout.
+    refused = guest.open_adapter(1, via_global=True)
+    assert refused.status == NTSTATUS.STATUS_INVALID_PARAMETER
+    assert refused.host_adapter_handle == 0
+    info = guest.v(0, VgpuCommand.GETINTERNALADAPTERINFO, 0, b"", via_global=True)
+    assert NtStatusReturn.unpack(info).status == NTSTATUS.STATUS_INVALID_PARAMETER
+    # Per-adapter commands reach their adapter through either channel.
+    feature = guest.v(1, VgpuCommand.ISFEATUREENABLED, 0, IsFeatureEnabled(0).pack(),
+                      via_global=True)
+    assert IsFeatureEnabledReturn.unpack(feature).status == OK
     d0 = guest.create_device(0, hp, via_global=True)
     d1 = guest.create_device(1, hp, via_global=False)
     devs = {d["handle"]: d["adapter"]
@@ -431,10 +538,14 @@ def test_routing_on_the_global_channel_by_vgpu_luid(host: Host, guest: RawGuest)
     assert HandleReturn.unpack(reply).handle == 0
     # A device of adapter 0 is not reachable through adapter 1.
     assert guest.destroy_device(1, hp, d0) == NTSTATUS.STATUS_INVALID_HANDLE
-    # Global commands belong on the global channel only.
-    reply = guest.vch(0).request(encode_global(GlobalCommand.CREATEPROCESS, 0,
-                                               CreateProcess(1, 2, "x").pack()), timeout=TIMEOUT)
+    # Global commands belong on the global channel only (refused in their own failure layout).
+    reply = guest.request(guest.vch(0), encode_global(GlobalCommand.CREATEPROCESS, 0,
+                                                      CreateProcess(1, 2, "x").pack()))
+    assert CreateProcessReturn.unpack(reply).hprocess == 0
+    reply = guest.request(guest.vch(0), encode_global(GlobalCommand.SETIOSPACEREGION, 0,
+                                                      SetIoSpaceRegion(0, 1).pack()))
     assert NtStatusReturn.unpack(reply).status == NTSTATUS.STATUS_INVALID_PARAMETER
+    assert totals(host)["processes"] == 1
 
 
 def test_wrong_process_and_foreign_handles_are_rejected(host: Host, guest: RawGuest) -> None:
@@ -493,12 +604,19 @@ def test_malformed_and_unknown_messages_are_answered(host: Host, guest: RawGuest
                     struct.pack("<II", 3, 1000) + b"x"),  # declared size past the end
         encode_vgpu(VgpuCommand.CREATECONTEXTVIRTUAL, 0, guest.vgpu_luids[0], b"\x01" * 27),
         encode_vgpu(VgpuCommand.GETINTERNALADAPTERINFO, 0, guest.vgpu_luids[0], b"junk"),
+        encode_vgpu(VgpuCommand.ESCAPE, 0, guest.vgpu_luids[0],  # private data past the end
+                    struct.pack("<IIIIIIQ", 0, 0, 0, 0, 1000, 0, 0) + b"x"),
+        encode_vgpu(VgpuCommand.ESCAPE, 0, guest.vgpu_luids[0],  # a huge attachment size
+                    struct.pack("<IIIIIIQ", 0, 0, 0, 0, 0, 0, 1 << 62)),
     ]
     for payload in bad:
-        reply = guest.glob.request(payload, timeout=TIMEOUT)
-        assert reply == struct.pack("<I", INVALID), payload
+        reply = guest.request(guest.glob, payload)
+        if payload == bad[3]:  # CREATEPROCESS fails in its own layout: process handle 0
+            assert reply == CreateProcessReturn(0).pack()
+        else:
+            assert reply == struct.pack("<I", INVALID), payload
     for payload in bad[7:]:
-        assert guest.vch(0).request(payload, timeout=TIMEOUT) == struct.pack("<I", INVALID)
+        assert guest.request(guest.vch(0), payload) == struct.pack("<I", INVALID)
     # The session is still fine.
     hp = guest.create_process()
     assert hp
@@ -510,14 +628,103 @@ def test_unimplemented_commands(host: Host, guest: RawGuest) -> None:
     NOT_IMPL = struct.pack("<I", NTSTATUS.STATUS_NOT_IMPLEMENTED)
     hp = guest.create_process()
     assert guest.v(0, VgpuCommand.CREATEALLOCATION, hp, b"\0" * 64, True) == NOT_IMPL
-    assert guest.v(1, VgpuCommand.ESCAPE, hp, b"\0" * 8) == NOT_IMPL
+    assert guest.v(1, VgpuCommand.CREATESYNCOBJECT, hp, b"\0" * 8) == NOT_IMPL
     assert guest.g(GlobalCommand.OPENSYNCOBJECT, hp, b"\0" * 16) == NOT_IMPL
     # Fire-and-forget ones (no completion) are dropped; the next request is answered.
-    guest.glob.send_async(encode_vgpu(VgpuCommand.SUBMITCOMMAND, hp, guest.vgpu_luids[0],
-                                      b"\0" * 384, async_msg=True))
-    guest.glob.send_async(b"\xff" * 7)
-    guest.glob.send_async(encode_vgpu(VgpuCommand.SIGNALSYNCOBJECT, hp, 0x999, b"", True))
+    guest.send_async(guest.glob, encode_vgpu(VgpuCommand.SUBMITCOMMAND, hp,
+                                             guest.vgpu_luids[0], b"\0" * 384, async_msg=True))
+    guest.send_async(guest.glob, b"\xff" * 7)
+    guest.send_async(guest.glob, encode_vgpu(VgpuCommand.SIGNALSYNCOBJECT, hp, 0x999, b"", True))
     assert guest.destroy_process(hp) == OK
+
+
+# ---- long commands -------------------------------------------------------------------------------
+
+
+def test_a_long_command_holds_up_nothing_but_its_own_devices_escapes(host: Host, guest: RawGuest) -> None:
+    a = guest.create_process(pid=1, name="sleeper")
+    b = guest.create_process(pid=2, name="other")
+    guest.open_adapter(0)
+    guest.open_adapter(1)
+    dev_a = guest.create_device(0, a)
+    dev_a1 = guest.create_device(1, a)
+    dev_b = guest.create_device(0, b)
+
+    sleep = guest.start_sleep(0, a, dev_a)
+    wait_until(lambda: host_process(host, a)["jobs"] == 1)  # running on a host worker
+    # Queued behind it: a command of the same device.
+    same_device = guest.start_request(guest.vch(0), guest.escape_payload(0, a, dev_a, Op.PING))
+
+    # Everything else is served while it sleeps: another process on the same adapter (inline
+    # commands and one that needs a worker too), the same process on another adapter, and the
+    # same process's adapter-level escapes (no device: no lane).
+    assert guest.escape(0, b, dev_b, Op.PING).status == OK
+    assert guest.escape(0, b, dev_b, Op.SLEEP, struct.pack("<I", 0)).status == OK
+    assert guest.create_device(0, b)
+    assert guest.escape(1, a, dev_a1, Op.PING).status == OK
+    assert guest.escape(1, a, dev_a1, Op.SLEEP, struct.pack("<I", 0)).status == OK
+    assert guest.escape(0, a, 0, Op.PING).status == OK
+    assert guest.census()["totals"]["processes"] == 2
+    # ... and the command of the sleeping device still waits: all of the above were sent after
+    # it and answered, it was not.
+    assert not sleep.done() and not same_device.done()
+    assert host_process(host, a)["jobs"] == 1
+
+    # Ending the process cancels the sleep at once; the device's queue then moves on in order.
+    finished: list[str] = []
+    sleep.add_done_callback(lambda _f: finished.append("sleep"))
+    same_device.add_done_callback(lambda _f: finished.append("same-device"))
+    assert guest.destroy_process(a) == OK
+    assert escape_status(sleep.result(TIMEOUT)).status == NTSTATUS.STATUS_CANCELLED
+    assert escape_status(same_device.result(TIMEOUT)).status == OK
+    assert finished == ["sleep", "same-device"]
+    assert objects(host) == (1, 2, 0)
+
+
+def test_destroying_the_process_cancels_its_long_command(sock_dir: str) -> None:
+    # One worker thread: the next escape that needs one runs only once the sleep has let go.
+    with Host(HostConfig(adapters=1, backend_workers=1)) as host:
+        g = RawGuest(host.listen(os.path.join(sock_dir, "w.sock")))
+        try:
+            wait_until(lambda: len(g.driver.vgpus) == 1)
+            a, b = g.create_process(pid=1), g.create_process(pid=2)
+            g.open_adapter(0)
+            dev_a, dev_b = g.create_device(0, a), g.create_device(0, b)
+            sleep = g.start_sleep(0, a, dev_a)
+            wait_until(lambda: host_process(host, a)["jobs"] == 1)
+            assert g.destroy_process(a) == OK
+            assert escape_status(sleep.result(TIMEOUT)).status == NTSTATUS.STATUS_CANCELLED
+            # The worker is free again.
+            assert g.escape(0, b, dev_b, Op.SLEEP, struct.pack("<I", 0)).status == OK
+            assert host.census()["partitions"][0]["tasks"] == 0
+        finally:
+            g.close()
+
+
+def test_a_guest_dropping_cancels_its_long_command(sock_dir: str) -> None:
+    with Host(HostConfig(adapters=1, backend_workers=1)) as host:
+        address = host.listen(os.path.join(sock_dir, "d.sock"))
+        first = RawGuest(address, name="first")
+        try:
+            hp = first.create_process()
+            first.open_adapter(0)
+            dev = first.create_device(0, hp)
+            sleep = first.start_sleep(0, hp, dev)
+            wait_until(lambda: host_process(host, hp)["jobs"] == 1)
+        finally:
+            first.close()
+        with pytest.raises(ConnectionError):  # the bus went down under the request
+            sleep.result(TIMEOUT)
+        assert host.wait_for(lambda: not host.partitions(), TIMEOUT)
+        # The only worker was let go when the guest went: another guest's escape runs at once.
+        second = RawGuest(address, name="second")
+        try:
+            hp = second.create_process()
+            second.open_adapter(0)
+            dev = second.create_device(0, hp)
+            assert second.escape(0, hp, dev, Op.SLEEP, struct.pack("<I", 0)).status == OK
+        finally:
+            second.close()
 
 
 # ---- queries ------------------------------------------------------------------------------------
@@ -663,7 +870,8 @@ def test_remove_adapter(host: Host, guest: RawGuest, sock_dir: str) -> None:
     assert guest.create_device(1, hp) == 0
     assert guest.device_state(1, hp, dev).status == REMOVED
     assert guest.query_info(1, Q.KMTQAITYPE_ADAPTERTYPE, bytes(4)).status == REMOVED
-    assert guest.open_adapter(1, via_global=True).status == REMOVED
+    feature = guest.v(1, VgpuCommand.ISFEATUREENABLED, 0, IsFeatureEnabled(0).pack(), True)
+    assert IsFeatureEnabledReturn.unpack(feature).status == REMOVED
     assert guest.create_context(1, hp, dev).context == 0
     # Adapter 0 is unaffected.
     guest.open_adapter(0)
@@ -694,9 +902,9 @@ def test_guest_disconnect_drops_everything(host: Host) -> None:
     (partition,) = host.partitions()
     g.close()
     assert host.wait_for(lambda: totals(host)["partitions"] == 0, TIMEOUT)
-    assert partition.closed.is_set()
+    assert partition.closed
     assert partition.census()["totals"] == {"processes": 0, "devices": 0, "contexts": 0,
-                                            "adapter_handles": 0, "handles": 0}
+                                            "regions": 0, "adapter_handles": 0, "handles": 0}
     assert totals(host)["handles"] == 0
 
 
@@ -727,7 +935,7 @@ def test_two_hosts_do_not_interfere(sock_dir: str) -> None:
         assert ga.open_adapter(0).status == OK
 
         a.close()
-        wait_until(lambda: not ga.bus.connected.is_set())
+        wait_until(lambda: not ga.connected)
         assert gb.create_process() and objects(b) == (2, 0, 0)
     finally:
         for g in (ga, gb):
@@ -763,10 +971,11 @@ def test_close_unloads_guests_and_unlinks_the_socket(sock_dir: str) -> None:
     try:
         wait_until(lambda: len(g.driver.vgpus) == 1)
         g.create_process()
+        (partition,) = host.partitions()
         host.close()
         assert not os.path.exists(path)
-        wait_until(lambda: not g.bus.connected.is_set())
-        assert host.census()["totals"]["partitions"] == 0
+        wait_until(lambda: not g.connected)  # the host said UNLOAD and hung up
+        assert partition.closed and host.closed
         with pytest.raises(RuntimeError):
             host.listen(path)
     finally:

@@ -2,6 +2,7 @@
 that never say HELLO, too many peers, running out of descriptors, and guests that try to pin
 host memory."""
 
+import asyncio
 import contextlib
 import errno
 import gc
@@ -13,12 +14,11 @@ import socket
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from dxg.host import Host, HostConfig, Partition
-from dxg.host.handles import HandleType
 from dxg.host.partition import OBJECT_BYTES
 from dxg.protocol.bus import (
     BUS_VERSIONS_SUPPORTED,
@@ -29,6 +29,7 @@ from dxg.protocol.bus import (
     Offer,
     OpenChannel,
     OpenResult,
+    Refuse,
     VersionResponse,
     decode_bus_message,
     encode_bus_message,
@@ -45,7 +46,11 @@ from dxg.protocol.framing import (
 from dxg.protocol.guids import DXGK_VGPU_GUID
 from dxg.protocol.headers import encode_vgpu
 from dxg.protocol.messages import QueryAdapterInfo
+from dxg.runtime.loop import LoopThread
 from dxg.uapi import NTSTATUS
+from dxg.uapi.handles import HandleType
+from dxg.vmbus.bus import BusError
+from dxg.vmbus.transport import Listener, SocketTransport, TransportClosed
 from test_host import TIMEOUT, RawGuest, wait_until
 
 OK = NTSTATUS.STATUS_SUCCESS
@@ -53,7 +58,8 @@ log = logging.getLogger(__name__)
 
 
 class RawPeer:
-    """A guest written by hand on a bare socket: it speaks the bus only as far as told to."""
+    """A guest written by hand on a bare blocking socket: it speaks the bus only as far as told
+    to."""
 
     def __init__(self, address: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -64,10 +70,8 @@ class RawPeer:
         self.flooder: threading.Thread | None = None
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         if self.flooder is not None:
             self.flooder.join(TIMEOUT)
         self.sock.close()
@@ -143,7 +147,7 @@ class RawPeer:
 
         def flood() -> None:
             try:
-                for _ in range(1000):
+                for _ in range(300):
                     self.sock.sendall(frame)
             except OSError:
                 pass  # the host dropped us, or the test closed the socket
@@ -154,7 +158,7 @@ class RawPeer:
 
 def stuck_guest(host: Host, address: str) -> tuple[RawPeer, Partition]:
     """A guest that completes the handshake, opens its channels, then floods requests and reads
-    nothing: returned once the host is blocked sending it a reply."""
+    nothing: returned once the host has replies for it that it does not take."""
     before = {p.id for p in host.partitions()}
     peer = RawPeer(address)
     peer.handshake()
@@ -162,20 +166,15 @@ def stuck_guest(host: Host, address: str) -> tuple[RawPeer, Partition]:
     assert host.wait_for(lambda: len(host.partitions()) == len(before) + 1, TIMEOUT)
     (partition,) = [p for p in host.partitions() if p.id not in before]
     # Everything the host sent so far has been read. Shrink the host's send buffer so that one
-    # ~120 KB reply cannot fit: once its first bytes arrive, the host is stuck in that send.
+    # ~120 KB reply cannot fit: once its first bytes arrive, the rest waits in the host's buffer.
     assert partition.session is not None
-    partition.session.conn.transport.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    transport = partition.session.conn.transport
+    assert isinstance(transport, SocketTransport)
+    transport.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     peer.flood_and_never_read()
     wait_until(lambda: bool(select.select([peer.sock], [], [], 0)[0]))
+    wait_until(lambda: host.rt.call(lambda: transport.buffered > 0))
     return peer, partition
-
-
-def in_thread(fn: Callable[..., object], *args: object) -> tuple[threading.Thread, list[object]]:
-    """Run fn(*args) on a thread; the list gets its result once it returns."""
-    result: list[object] = []
-    thread = threading.Thread(target=lambda: result.append(fn(*args)), daemon=True)
-    thread.start()
-    return thread, result
 
 
 @pytest.fixture
@@ -200,18 +199,18 @@ def test_guest_that_never_reads_cannot_hold_up_removal_or_close(sock_path: str) 
         assert good.open_adapter(0).status == OK
         assert good.create_device(0, hp)
 
-        # The rescind reaches the good guest at once, not after the stuck guest's.
-        remover, _ = in_thread(host.remove_adapter, 1)
+        # Sending never blocks the host: the removal returns, and its rescind reaches the good
+        # guest, while the stuck guest's rescind waits in its buffer.
+        host.remove_adapter(1)
         wait_until(lambda: good.driver.removed == [host.adapters[1].instance_guid], timeout=3.0)
-        assert not stuck_partition.closed.is_set()
+        assert not stuck_partition.closed
+        assert stuck_partition.signal_guest_event(5)  # queued for it, not waited for
 
         started = time.monotonic()
         host.close()
         assert time.monotonic() - started < 8.0
-        remover.join(TIMEOUT)
-        assert not remover.is_alive()
-        assert stuck_partition.closed.is_set() and host.partitions() == []
-        wait_until(lambda: not good.bus.connected.is_set())
+        assert stuck_partition.closed and host.closed
+        wait_until(lambda: not good.connected)
         assert stuck.hung_up()
     finally:
         host.close()
@@ -220,8 +219,8 @@ def test_guest_that_never_reads_cannot_hold_up_removal_or_close(sock_path: str) 
                 g.close()
 
 
-def test_guest_that_never_reads_is_dropped_and_notify_is_bounded(sock_path: str) -> None:
-    host = Host(HostConfig(adapters=1, send_timeout=1.0))
+def test_guest_that_never_reads_is_dropped_after_the_send_timeout(sock_path: str) -> None:
+    host = Host(HostConfig(adapters=1, send_timeout=0.5))
     address = host.listen(sock_path)
     stuck = good = None
     try:
@@ -230,12 +229,11 @@ def test_guest_that_never_reads_is_dropped_and_notify_is_bounded(sock_path: str)
         (good_partition,) = host.partitions()
         stuck, stuck_partition = stuck_guest(host, address)
 
-        notifier, sent = in_thread(stuck_partition.signal_guest_event, 5)
-        notifier.join(TIMEOUT)
-        assert not notifier.is_alive() and sent == [False]
-        # The host gave up on the guest that does not read; the other one is unaffected.
+        # The host gives up on the guest that does not read; the other one is unaffected.
         assert host.wait_for(lambda: host.partitions() == [good_partition], TIMEOUT)
+        assert stuck_partition.closed
         assert stuck.hung_up()
+        assert stuck_partition.signal_guest_event(5) is False  # nothing left to send it on
         assert good.create_process()
         assert good_partition.signal_guest_event(6)
         wait_until(lambda: len(good.driver.notifications) == 1)
@@ -247,6 +245,54 @@ def test_guest_that_never_reads_is_dropped_and_notify_is_bounded(sock_path: str)
         for g in (good, stuck):
             if g is not None:
                 g.close()
+
+
+@pytest.mark.parametrize("limit", ["buffer", "stall"])
+def test_a_peer_that_stops_reading_is_dropped_by_its_transport(limit: str) -> None:
+    """What the host sends a guest is bounded twice: by bytes waiting (max_buffer) and by time
+    without progress (send_timeout); either drops the connection, and writing never blocks."""
+    rt = LoopThread("stop-reading")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    lost: list[BaseException | None] = []
+
+    class Receiver:
+        def data_received(self, data: bytes, fds: list[int]) -> None:
+            pass
+
+        def connection_lost(self, error: BaseException | None) -> None:
+            lost.append(error)
+
+    kw = {"max_buffer": 1 << 20, "send_timeout": 60.0} if limit == "buffer" else \
+        {"max_buffer": 1 << 30, "send_timeout": 0.2}
+    try:
+        transport = rt.call(lambda: SocketTransport(rt.loop, ours, "stops-reading", **kw))
+        rt.call(transport.start, Receiver())
+        chunk = bytes(64 * 1024)
+
+        def fill() -> int:
+            written = 0
+            with contextlib.suppress(TransportClosed):
+                for _ in range(64):  # 4 MiB: past the buffer limit, past any socket buffer
+                    transport.write(chunk)
+                    written += len(chunk)
+            return written
+
+        written = rt.call(fill)
+        wait_until(lambda: lost)
+        (error,) = lost
+        assert isinstance(error, ConnectionError)
+        if limit == "buffer":
+            # dropped once the socket's own buffer and max_buffer were full, not later
+            assert error.errno == errno.ENOBUFS and written < 64 * len(chunk)
+        else:
+            assert error.errno == errno.ETIMEDOUT and written == 64 * len(chunk)
+        assert rt.call(lambda: transport.closed and transport.buffered == 0)
+        with pytest.raises(TransportClosed):
+            rt.call(transport.write, b"more")
+    finally:
+        rt.close()
+        theirs.close()
+        ours.close()
 
 
 # ---- connection limits --------------------------------------------------------------------------
@@ -267,7 +313,7 @@ def test_peers_that_do_not_complete_the_handshake_are_dropped(sock_path: str) ->
         assert silent.hung_up() and stranger.hung_up()
         assert host.wait_for(lambda: len(host.partitions()) == 1, TIMEOUT)
         # The guest that did complete the handshake is past its deadline too, and still served.
-        assert good.bus.connected.is_set() and good.create_process()
+        assert good.connected and good.create_process()
     finally:
         host.close()
         for g in (good, silent, stranger):
@@ -275,8 +321,8 @@ def test_peers_that_do_not_complete_the_handshake_are_dropped(sock_path: str) ->
                 g.close()
 
 
-def test_connections_beyond_max_guests_are_refused(sock_path: str) -> None:
-    host = Host(HostConfig(adapters=1, max_guests=2))
+def test_connections_beyond_max_guests_are_refused_with_a_reason(sock_path: str) -> None:
+    host = Host(HostConfig(adapters=1, max_guests=2, name="full-host"))
     address = host.listen(sock_path)
     guests: list[RawGuest] = []
     extra = None
@@ -286,10 +332,17 @@ def test_connections_beyond_max_guests_are_refused(sock_path: str) -> None:
         extra = RawPeer(address)
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             extra.send_control(Hello(BUS_VERSIONS_SUPPORTED, "one-too-many"))
-        assert extra.next_control() is None  # closed at once, without an answer
+        refusal = extra.next_control()
+        assert isinstance(refusal, Refuse) and "max_guests" in refusal.reason
+        assert extra.next_control() is None  # and hung up: no version, no offers
         assert host.census()["refused_connections"] == 1
         assert len(host.partitions()) == 2
         assert all(g.create_process() for g in guests)
+
+        # A guest driver's bus says why it was turned away.
+        with pytest.raises(BusError, match=r"refused this guest.*full-host.*max_guests"):
+            RawGuest(address, name="refused")
+        assert host.census()["refused_connections"] == 2
 
         guests.pop().close()  # a slot comes free
         assert host.wait_for(lambda: len(host.partitions()) == 1, TIMEOUT)
@@ -309,11 +362,10 @@ def test_connections_beyond_max_guests_are_refused(sock_path: str) -> None:
 def test_accepting_survives_running_out_of_descriptors(
     sock_path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="dxg.host.host")
+    caplog.set_level(logging.WARNING, logger="dxg.vmbus.transport")
     host = Host(HostConfig(adapters=1))
     address = host.listen(sock_path)
-    accept_thread = next(t for t in threading.enumerate()
-                         if t.name == f"host-accept unix:{sock_path}")
+    (listener,) = host._listeners
     peers = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(4)]
     fillers: list[int] = []
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -332,13 +384,14 @@ def test_accepting_survives_running_out_of_descriptors(
             p.sendall(encode_frame(CONTROL_RELID, VM_PKT_DATA_INBAND,
                                    encode_bus_message(Hello(BUS_VERSIONS_SUPPORTED, "p"))))
         wait_until(lambda: "cannot accept" in caplog.text)
-        assert accept_thread.is_alive()
+        assert not listener._closed
     finally:
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     try:
-        # Descriptors are back: the waiting peers are accepted and answered.
+        # Descriptors are back: the listener's back-off ends, the waiting peers are accepted
+        # and answered.
         assert host.wait_for(lambda: len(host.partitions()) == len(peers), TIMEOUT)
         for p in peers:
             reader = FrameReader()
@@ -353,33 +406,37 @@ def test_accepting_survives_running_out_of_descriptors(
         host.close()
         for p in peers:
             p.close()
-    accept_thread.join(TIMEOUT)
-    assert not accept_thread.is_alive()
+    assert listener._closed and not os.path.exists(sock_path)
 
 
 class _ScriptedSocket:
-    """Stands in for a listening socket: accept() raises or returns what it is told to."""
+    """Stands in for a listening socket: accept() raises or returns what it is told to; the
+    rest (the descriptor the loop watches, close) is the real listening socket's."""
 
-    def __init__(self, script: list[OSError | tuple[socket.socket, str]]) -> None:
+    def __init__(self, real: socket.socket,
+                 script: list[OSError | tuple[socket.socket, str]]) -> None:
+        self.real = real
         self.script = script
 
     def accept(self) -> tuple[socket.socket, str]:
+        if not self.script:
+            raise BlockingIOError(errno.EAGAIN, "nothing scripted")
         step = self.script.pop(0)
         if isinstance(step, OSError):
             raise step
         return step
 
+    def fileno(self) -> int:
+        return self.real.fileno()
 
-class _ScriptedListener:
-    def __init__(self, script: list[OSError | tuple[socket.socket, str]]) -> None:
-        self.sock = _ScriptedSocket(script)
-        self.address = "scripted"
+    def close(self) -> None:
+        self.real.close()
 
 
 def test_accept_errors_are_retried_and_only_a_dead_listener_stops_it(
-    caplog: pytest.LogCaptureFixture,
+    sock_path: str, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="dxg.host.host")
+    caplog.set_level(logging.WARNING, logger="dxg.vmbus.transport")
     host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     script: list[OSError | tuple[socket.socket, str]] = [
         OSError(errno.ECONNABORTED, "aborted"),
@@ -390,19 +447,25 @@ def test_accept_errors_are_retried_and_only_a_dead_listener_stops_it(
         OSError(errno.EBADF, "gone"),
     ]
     host = Host(HostConfig(adapters=1))
+    listener = None
     try:
-        loop = threading.Thread(target=host._accept_loop, args=(_ScriptedListener(script),),
-                                daemon=True)
-        loop.start()
-        loop.join(TIMEOUT)
-        assert not loop.is_alive() and script == []
+        # A listener of the host's, as listen() makes it, whose accept() follows the script.
+        listener = host.rt.call(lambda: Listener(host.loop, sock_path, host._accepted,
+                                                 name="scripted"))
+        listener.sock = _ScriptedSocket(listener.sock, script)  # type: ignore[assignment]
+        host.rt.call(listener._accept)
+        wait_until(lambda: not script)  # the back-offs retried until the script ran out
+        wait_until(lambda: "no longer accepting" in caplog.text)
         assert caplog.text.count("cannot accept") == 2  # ENOBUFS once, then ENFILE
-        assert "no longer accepting" in caplog.text
+        assert "accepting on" in caplog.text and "again" in caplog.text
+        assert listener.accepted == 1
         # The connection that did come through is a guest like any other.
         guest_end.sendall(encode_frame(CONTROL_RELID, VM_PKT_DATA_INBAND,
                                        encode_bus_message(Hello(BUS_VERSIONS_SUPPORTED, "s"))))
         assert host.wait_for(lambda: len(host.partitions()) == 1, TIMEOUT)
     finally:
+        if listener is not None:
+            host.rt.call(listener.close)
         host.close()
         guest_end.close()
 
@@ -473,9 +536,33 @@ def test_partition_memory_budget(sock_path: str) -> None:
         assert host.wait_for(lambda: not host.partitions(), TIMEOUT)
 
 
-def test_config_validation_of_the_limits() -> None:
-    for bad in ({"max_guests": 0}, {"handshake_timeout": 0}, {"send_timeout": 0},
-                {"max_partition_bytes": 0}, {"handshake_timeout": float("nan")}):
-        with pytest.raises(ValueError):
-            Host(HostConfig(**bad))  # type: ignore[arg-type]
+@pytest.mark.parametrize("bad", [
+    {"adapters": -1}, {"adapters": 65}, {"offer_order": "random"},
+    {"dedicated_memory_mb": -1}, {"max_handles_per_partition": 0},
+    {"max_guests": 0}, {"handshake_timeout": 0}, {"handshake_timeout": float("nan")},
+    {"send_timeout": 0}, {"send_timeout": 7200}, {"send_timeout": float("nan")},
+    {"max_partition_bytes": 0},
+    {"backend_workers": 0}, {"backend_workers": 2000},
+    {"max_message_bytes": 1000}, {"max_message_bytes": 1 << 33},
+    {"max_region_bytes": 0},
+])
+def test_config_validation_of_the_limits(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        Host(HostConfig(**bad))
 
+
+def test_config_limits_at_their_bounds_are_accepted() -> None:
+    for good in ({"backend_workers": 1}, {"max_message_bytes": 128 * 1024},
+                 {"send_timeout": 0.001}, {"max_region_bytes": 1}, {"adapters": 0}):
+        Host(HostConfig(**good)).close()
+
+
+def test_a_host_on_a_loop_of_its_owners_leaves_the_loop_running() -> None:
+    rt = LoopThread("owner")
+    try:
+        host = Host(HostConfig(adapters=1), loop=rt)
+        host.close()
+        assert not rt.closed
+        assert rt.run(asyncio.sleep(0, "still running")) == "still running"
+    finally:
+        rt.close()

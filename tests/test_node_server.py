@@ -3,6 +3,7 @@
 No fixed sleeps: everything waits on a condition with a deadline.
 """
 
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -32,10 +33,11 @@ from dxg.client.errors import (
     NodeProtocolError,
     NodeUnavailable,
 )
-from dxg.guest.usermem import UserMemoryFault
 from dxg.node import server as node_server
-from dxg.node import wire
 from dxg.node.server import NodeBusy, SocketNode
+from dxg.oslib.procmem import UserMemoryFault
+from dxg.runtime.loop import LoopThread
+from dxg.uapi import wire
 from dxg.uapi import ioctls as io
 from dxg.uapi import structs as s
 from dxg.uapi.ntstatus import NTSTATUS
@@ -54,10 +56,12 @@ class FakeProc:
 
 
 class FakeDriver:
-    """Records every call; answers a few ioctls in a recognizable way; DestroyContext blocks on
-    `gate` (after setting `entered`) so tests can hold a call inside the driver."""
+    """Records every call; answers a few ioctls in a recognizable way; DestroyContext waits for
+    `gate` (after setting `entered`) so tests can hold a call inside the driver. Runs on a loop of
+    its own, as the real driver does."""
 
     def __init__(self) -> None:
+        self.rt = LoopThread("fake-driver")
         self.cond = threading.Condition()
         self.opened: list[FakeProc] = []
         self.closed: list[FakeProc] = []
@@ -74,17 +78,25 @@ class FakeDriver:
             self.cond.notify_all()
         return p
 
-    def close_process(self, proc: FakeProc) -> None:
+    async def close_process(self, proc: FakeProc) -> None:
         with self.cond:
             proc.closed += 1
             self.closed.append(proc)
             self.cond.notify_all()
 
-    def ioctl(self, proc: FakeProc, code: int, arg: bytes, mem) -> tuple[int, bytes]:
+    async def ioctl(self, proc: FakeProc, code: int, arg: bytes, mem) -> tuple[int, bytes]:
         with self.cond:
             self.calls.append((proc, code, arg))
             self.cond.notify_all()
         try:
+            if code == io.LX_DXDESTROYCONTEXT:
+                self.entered.set()
+                if self.on_enter is not None:
+                    self.on_enter()
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(None, self.gate.wait, DEADLINE * 3)
+                self.returned.set()
+                return 0, arg
             return self._ioctl(proc, code, arg, mem)
         except UserMemoryFault:
             return -errno.EFAULT, arg
@@ -107,16 +119,9 @@ class FakeDriver:
             a = s.d3dkmt_openadapterfromluid.from_buffer_copy(arg)
             a.adapter_handle.v = 0x1234
             return 0, bytes(a)
-        if code == io.LX_DXDESTROYCONTEXT:
-            self.entered.set()
-            if self.on_enter is not None:
-                self.on_enter()
-            self.gate.wait(DEADLINE * 3)
-            self.returned.set()
-            return 0, arg
         return 0, arg
 
-    def admin(self, request: dict) -> dict:
+    async def admin(self, request: dict) -> dict:
         with self.cond:
             return {"echo": request, "pids": [p.pid for p in self.opened]}
 
@@ -146,6 +151,7 @@ def driver():
     drv = FakeDriver()
     yield drv
     drv.gate.set()
+    drv.rt.close()
 
 
 @pytest.fixture

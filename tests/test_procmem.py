@@ -1,4 +1,4 @@
-"""dxg.node.procmem: reading and writing another process's memory, taking its descriptors.
+"""dxg.oslib.procmem: reading and writing another process's memory, taking its descriptors.
 
 Real processes throughout: a child Python process holds a buffer (or an eventfd) and reports its
 address (or fd number); this process reads, writes and takes it, and the child confirms."""
@@ -16,8 +16,9 @@ import pytest
 
 from dxg.guest.errors import IoctlError
 from dxg.guest.usermem import UserMemoryFault, copy_from_user, copy_to_user
-from dxg.node.procmem import (
+from dxg.oslib.procmem import (
     FrontEndLimit,
+    PinnedProcessMemory,
     ProcessVmUserMemory,
     Syscalls,
     TakeFdError,
@@ -188,9 +189,12 @@ def test_take_fd_errors(child) -> None:
 
 def test_what_a_file_server_cannot_do_says_so() -> None:
     mem = ProcessVmUserMemory(os.getpid())
+    fd = os.dup(0)
     with pytest.raises(FrontEndLimit) as e:
-        mem.give_fd(0)
+        mem.give_fd_to_user(fd, 0x1000)
     assert e.value.errno == errno.EOPNOTSUPP and "socket node" in str(e.value)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # handed over, so closed
     with pytest.raises(FrontEndLimit):
         mem.map_into_caller(0, 0, 4096)
 
@@ -223,3 +227,105 @@ def test_another_users_memory_as_root() -> None:
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+# ---- pinned callers --------------------------------------------------------------------------
+
+
+class CountingSyscalls(Syscalls):
+    """Syscalls that record the pid of every process_vm_readv/writev they make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+        for name in ("process_vm_readv", "process_vm_writev"):
+            real = getattr(self, name)
+
+            def counted(pid, *args, _real=real, _name=name):
+                self.calls.append((_name, pid))
+                return _real(pid, *args)
+
+            setattr(self, name, counted)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_pinned_reads_writes_and_takes_through_the_pidfd(child) -> None:
+    proc, addr, efd = child
+    sys_ = CountingSyscalls()
+    before = _open_fds()
+    with PinnedProcessMemory.pin(proc.pid, sys_) as mem:
+        assert (mem.tgid, mem.tid) == (proc.pid, proc.pid) and mem.alive()
+        assert mem.read(addr, 20) == b"hello from the child"
+        mem.write(addr + 6, b"PINS")
+        fd = mem.take_fd(efd)
+        os.eventfd_write(fd, 7)
+        os.close(fd)
+        with pytest.raises(TakeFdError) as e:
+            mem.take_fd(987)
+        assert e.value.errno == errno.EBADF
+    assert _open_fds() == before  # the pidfd is closed with the pin
+    proc.stdin.write("show\n")
+    proc.stdin.flush()
+    assert bytes.fromhex(_readline(proc)).startswith(b"hello PINS the child")
+    proc.stdin.write("eventfd\n")
+    proc.stdin.flush()
+    assert _readline(proc) == "7"
+    assert sys_.calls == [("process_vm_readv", proc.pid), ("process_vm_writev", proc.pid)]
+
+
+def test_a_thread_pins_its_process() -> None:
+    buf = ctypes.create_string_buffer(b"thread", 8)
+    seen: list[tuple[int, int, bytes]] = []
+
+    def run() -> None:
+        tid = threading.get_native_id()
+        with PinnedProcessMemory.pin(tid, Syscalls()) as mem:
+            seen.append((mem.tid, mem.tgid, mem.read(ctypes.addressof(buf), 6)))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen and seen[0][1:] == (os.getpid(), b"thread") and seen[0][0] != os.getpid()
+
+
+def test_revoked_or_dead_callers_are_never_touched(child) -> None:
+    """Once revoked (the request was answered or interrupted) or once the caller has exited,
+    every access fails before any system call reaches a pid."""
+    proc, addr, efd = child
+    sys_ = CountingSyscalls()
+    mem = PinnedProcessMemory.pin(proc.pid, sys_)
+    try:
+        mem.revoke("the call was answered")
+        with pytest.raises(UserMemoryFault, match="answered"):
+            mem.read(addr, 4)
+        with pytest.raises(UserMemoryFault, match="answered"):
+            mem.write(addr, b"x")
+        with pytest.raises(TakeFdError):
+            mem.take_fd(efd)
+    finally:
+        mem.close()
+    mem = PinnedProcessMemory.pin(proc.pid, sys_)
+    try:
+        proc.kill()
+        proc.wait()  # exited and reaped: its pid may now be anyone's
+        assert not mem.alive()
+        with pytest.raises(UserMemoryFault, match="exited"):
+            mem.write(addr, b"x")
+        with pytest.raises(UserMemoryFault):
+            mem.read(addr, 4)
+    finally:
+        mem.close()
+    assert sys_.calls == []
+    with pytest.raises(UserMemoryFault):
+        mem.read(addr, 4)  # closed: still refused
+
+
+def test_pinning_a_missing_thread_fails() -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with pytest.raises(OSError) as e:
+        PinnedProcessMemory.pin(gone.pid, Syscalls())
+    assert e.value.errno in (errno.ESRCH, errno.ENOENT, errno.EINVAL)

@@ -1,7 +1,8 @@
 """dxg.uapi against the measured ABI of the Linux dxgkrnl UAPI header (d3dkmthk-abi.json).
 
-The JSON lives beside the repository (``../shared/abi/d3dkmthk-abi.json``) or where
-``DXG_ABI_JSON`` points.  Every ioctl code, every struct/union size and alignment, every member
+The JSON is kept in the repository as test data (``tests/data/d3dkmthk-abi.json``, a copy of
+the project's shared ABI description), so the tests pass in a clone anywhere; ``DXG_ABI_JSON``
+points them at another copy.  Every ioctl code, every struct/union size and alignment, every member
 offset, every bit-field position, every enum and every constant is checked, one test each.
 Also: the real driver's ntstatus2int table, libdxg's errno mapping, the handle format and the
 WDDM payload layouts.
@@ -23,11 +24,11 @@ from dxg import uapi
 from dxg.uapi import cheader, handles, ntstatus, structs, wddm
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_ABI_JSON = Path(__file__).parents[1].parent / "shared/abi/d3dkmthk-abi.json"
+DEFAULT_ABI_JSON = Path(__file__).parent / "data" / "d3dkmthk-abi.json"
 ABI_JSON = Path(os.environ.get("DXG_ABI_JSON") or DEFAULT_ABI_JSON)
 MISSING = (
-    f"ABI JSON not found at {ABI_JSON} (default ../shared/abi/d3dkmthk-abi.json beside the "
-    "repository; set DXG_ABI_JSON to override). The ABI tests cannot run without it."
+    f"ABI JSON not found at {ABI_JSON} (default tests/data/d3dkmthk-abi.json; set DXG_ABI_JSON "
+    "to override). The ABI tests cannot run without it."
 )
 
 

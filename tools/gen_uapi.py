@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate ``src/dxg/uapi/structs.py`` from the d3dkmthk ABI description (JSON).
 
-The JSON (``../shared/abi/d3dkmthk-abi.json`` beside the repository by default) describes the
+The JSON (``tests/data/d3dkmthk-abi.json`` in the repository by default) describes the
 Linux dxgkrnl UAPI header ``include/uapi/misc/d3dkmthk.h`` as data: every struct/union with its
 declaration tree (anonymous unions/structs, bit-fields, arrays, pointers), every enum and the
 later ioctl 0x45-0x49 ``supplement``.  This script turns that tree into readable ctypes classes:
@@ -38,7 +38,7 @@ from types import MappingProxyType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_JSON = REPO.parent / "shared" / "abi" / "d3dkmthk-abi.json"
+DEFAULT_JSON = REPO / "tests" / "data" / "d3dkmthk-abi.json"
 DEFAULT_OUT = REPO / "src" / "dxg" / "uapi" / "structs.py"
 
 # C scalar type (after preprocessing) -> ctypes type.  ``char`` only occurs in opaque byte
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="?",
         type=Path,
         default=DEFAULT_JSON,
-        help="ABI JSON (default: ../shared/abi/d3dkmthk-abi.json beside the repository)",
+        help="ABI JSON (default: tests/data/d3dkmthk-abi.json)",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output file")
     parser.add_argument(

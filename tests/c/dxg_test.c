@@ -17,6 +17,10 @@
  *   hold     open an adapter, a device and a context, print "ready", then wait for stdin to
  *            close (or a signal) and exit without destroying anything
  *   bench    ITERATIONS timed calls of EnumAdapters3 (count only) and QueryAdapterInfo
+ *   sleep    THREADS pthreads each block in one pydxg SLEEP escape of ITERATIONS milliseconds
+ *            on the first adapter (a long call: the host holds it); prints "sleeping" as the
+ *            threads start (the node's in-flight count says when they are parked), then the
+ *            outcome of each call
  *
  * -a ADAPTERS checks that EnumAdapters3 (compute-only included) reports exactly that many.
  * Build: gcc -O2 -Wall -Wextra -Werror -pthread -I DIR_WITH_dxg_uapi.h dxg_test.c
@@ -74,6 +78,8 @@ static const char *errname(int ret)
 	case EPERM: return "-EPERM";
 	case ENOSYS: return "-ENOSYS";
 	case ENOTCONN: return "-ENOTCONN";
+	case EINTR: return "-EINTR";
+	case EOPNOTSUPP: return "-EOPNOTSUPP";
 	default: break;
 	}
 	snprintf(buf, sizeof(buf), "%d", ret);
@@ -169,6 +175,47 @@ static int close_adapter(int fd, struct d3dkmthandle h)
 	return dx(fd, LX_DXCLOSEADAPTER, &c);
 }
 
+/*
+ * pydxg's diagnostic escapes (dxg/uapi/escape.py): a 32-byte header (u32 magic "PDXE", u16
+ * version 1, u16 op, u32 status out, u32 flags, i64 fd, u64 length) and the op's fields.
+ */
+#define PYDXG_ESCAPE_MAGIC 0x45584450u
+#define PYDXG_ESCAPE_PING 1
+#define PYDXG_ESCAPE_SLEEP 2
+#define PYDXG_ESCAPE_HEADER 32
+
+/* D3DKMTEscape of a pydxg op; *status gets the op's NTSTATUS. */
+static int pydxg_escape(int fd, struct d3dkmthandle adapter, unsigned int op,
+			unsigned int sleep_ms, unsigned int *status)
+{
+	unsigned char data[PYDXG_ESCAPE_HEADER + 8];
+	struct d3dkmt_escape e;
+	__u32 u32;
+	__u16 u16;
+	__s64 s64 = -1;
+	int ret;
+
+	memset(data, 0, sizeof(data));
+	u32 = PYDXG_ESCAPE_MAGIC;
+	memcpy(data, &u32, 4);
+	u16 = 1;
+	memcpy(data + 4, &u16, 2);
+	u16 = (__u16)op;
+	memcpy(data + 6, &u16, 2);
+	memcpy(data + 16, &s64, 8);
+	memcpy(data + PYDXG_ESCAPE_HEADER, &sleep_ms, 4);
+	memset(&e, 0, sizeof(e));
+	e.adapter = adapter;
+	e.type = _D3DKMT_ESCAPE_DRIVERPRIVATE;
+	e.priv_drv_data = (void *)data;
+	e.priv_drv_data_size = op == PYDXG_ESCAPE_SLEEP ? PYDXG_ESCAPE_HEADER + 4
+							: PYDXG_ESCAPE_HEADER;
+	ret = dx(fd, LX_DXESCAPE, &e);
+	memcpy(&u32, data + 8, 4);
+	*status = u32;
+	return ret;
+}
+
 /* EnumAdapters3: count, too-small, full list. Returns the adapter count (or -1). */
 static int enum_adapters3(struct run *r, int fd, struct d3dkmt_adapterinfo *infos)
 {
@@ -259,6 +306,7 @@ static void query_adapter(struct run *r, int fd, const struct d3dkmt_adapterinfo
 	__u32 pids[MAX_PIDS];
 	char text[256];
 	struct d3dkmthandle h = info->adapter_handle;
+	unsigned int status;
 	int ret, mine;
 	__u64 i;
 
@@ -315,6 +363,12 @@ static void query_adapter(struct run *r, int fd, const struct d3dkmt_adapterinfo
 	       (unsigned long long)cc.clock_data.cpu_clock_counter);
 	note(r, ret == 0 && cc.clock_data.gpu_frequency != 0, "LX_DXQUERYCLOCKCALIBRATION",
 	     "non-zero GPU frequency", ret, "gpu_frequency != 0", NULL);
+
+	status = 0xffffffffu;
+	ret = pydxg_escape(fd, h, PYDXG_ESCAPE_PING, 0, &status);
+	EXPECT(r, LX_DXESCAPE, "pydxg PING", ret, 0, "status 0x%x", status);
+	note(r, ret == 0 && status == 0, "LX_DXESCAPE", "PING reached the host and came back",
+	     (int)status, "status 0", NULL);
 
 	memset(&ep, 0, sizeof(ep));
 	ep.adapter_luid = info->adapter_luid;
@@ -656,6 +710,54 @@ static int mode_hold(struct run *r)
 	return 0; /* exit with everything still open: closing the file must tear it down */
 }
 
+struct sleeper {
+	pthread_t thread;
+	int fd;
+	struct d3dkmthandle adapter;
+	unsigned int ms;
+	int ret;
+	unsigned int status;
+};
+
+static void *sleeper_main(void *arg)
+{
+	struct sleeper *s = arg;
+
+	s->ret = pydxg_escape(s->fd, s->adapter, PYDXG_ESCAPE_SLEEP, s->ms, &s->status);
+	return NULL;
+}
+
+static int mode_sleep(struct run *r, int threads, unsigned int ms)
+{
+	struct d3dkmt_adapterinfo infos[MAX_ADAPTERS];
+	struct sleeper *ss = calloc((size_t)threads, sizeof(*ss));
+	int fd = open_dev(r), i;
+
+	if (!ss || fd < 0)
+		return 1;
+	memset(infos, 0, sizeof(infos));
+	if (enum_adapters3(r, fd, infos) < 0)
+		return 1;
+	printf("sleeping pid %d threads %d ms %u\n", (int)getpid(), threads, ms);
+	fflush(stdout);
+	for (i = 0; i < threads; i++) {
+		ss[i].fd = fd;
+		ss[i].adapter = infos[0].adapter_handle;
+		ss[i].ms = ms;
+		if (pthread_create(&ss[i].thread, NULL, sleeper_main, &ss[i]) != 0) {
+			printf("FAIL pthread_create\n");
+			return 1;
+		}
+	}
+	for (i = 0; i < threads; i++) {
+		pthread_join(ss[i].thread, NULL);
+		EXPECT(r, LX_DXESCAPE, "pydxg SLEEP", ss[i].ret, 0, "status 0x%x", ss[i].status);
+	}
+	free(ss);
+	close(fd);
+	return 0;
+}
+
 static int cmp_ll(const void *a, const void *b)
 {
 	long long x = *(const long long *)a, y = *(const long long *)b;
@@ -727,7 +829,7 @@ static int mode_bench(struct run *r, int iterations)
 static int usage(void)
 {
 	fprintf(stderr, "usage: dxg_test [-q] [-a ADAPTERS] [-t THREADS] [-n ITERATIONS] PATH "
-		"all|threads|fork|hold|bench\n");
+		"all|threads|fork|hold|bench|sleep\n");
 	return 2;
 }
 
@@ -761,6 +863,8 @@ int main(int argc, char **argv)
 		rc = mode_hold(&r);
 	else if (!strcmp(mode, "bench"))
 		rc = mode_bench(&r, iterations);
+	else if (!strcmp(mode, "sleep"))
+		rc = mode_sleep(&r, threads, (unsigned int)iterations);
 	else
 		return usage();
 	if (rc == 0 && r.failures == 0) {

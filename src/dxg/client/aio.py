@@ -89,6 +89,7 @@ class AsyncNodeConnection:
         self._futures: dict[int, asyncio.Future[tuple[wire.Message, list[int]]]] = {}
         self._queue: deque[_Outgoing] = deque()
         self._writing = False
+        self._buf = bytearray(_RECV_CHUNK)
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str] | None = None,
@@ -219,7 +220,7 @@ class AsyncNodeConnection:
         if sock is None:
             return
         try:
-            data, fds = recv_with_fds(sock, _RECV_CHUNK, wire.MAX_FDS)
+            data, fds = recv_with_fds(sock, self._buf, wire.MAX_FDS)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:

@@ -1,4 +1,4 @@
-"""The Pythonic layer over the D3DKMT thunks.
+"""The Pythonic layer over the D3DKMT thunks, sync and asyncio.
 
 ::
 
@@ -10,9 +10,27 @@
         with node.adapters()[0].create_device() as dev, dev.create_context() as ctx:
             print(dev.execution_state(), ctx.handle)
 
-Every object is a context manager whose ``close()`` is idempotent, and closing a parent closes
-its children first (Node > Adapter > Device > Context). A failed call raises
-:class:`~dxg.client.errors.DxgError` whose ``.status`` is the NTSTATUS.
+and the same on asyncio, where every call that reaches the node is awaited::
+
+    async with await open_node_async() as node:
+        for ad in await node.adapters():
+            print(hex(ad.luid), await ad.description(), (await ad.adapter_type()).compute_only)
+        async with await (await node.adapters())[0].create_device() as dev:
+            print(await dev.execution_state())
+
+The two flavors share every line of logic: each operation is one generator of steps
+(:mod:`dxg.client.drive`) that :class:`Node`/:class:`Adapter`/:class:`Device`/:class:`Context`
+run to completion and :class:`AsyncNode`/:class:`AsyncAdapter`/:class:`AsyncDevice`/
+:class:`AsyncContext` turn into coroutines. What is a (cached) property on the sync side --
+``description``, ``adapter_type``, ``ids``, ``compute_only``, ``paravirtualized``, ``software``,
+``vendor_id``, ``device_id`` -- is a zero-argument async method on the async side, since reading
+it may need the node (``await adapter.description()``). Plain attributes (``handle``, ``luid``,
+``luid_parts``, ``closed``) are the same on both.
+
+Every object is a context manager (``with`` / ``async with``) whose ``close()`` is idempotent,
+and closing a parent closes its children first (Node > Adapter > Device > Context). A failed call
+raises :class:`~dxg.client.errors.DxgError` whose ``.status`` is the NTSTATUS. The sync objects
+are thread-safe; the async ones belong to the loop of their connection.
 """
 
 from __future__ import annotations
@@ -20,20 +38,27 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, TypeVar
 
+from dxg.client import diag
 from dxg.client import thunks as t
+from dxg.client.aio import AsyncNodeConnection
 from dxg.client.connection import NodeConnection
-from dxg.client.errors import DxgError, NodeError
+from dxg.client.drive import AsyncRunner, Op, SyncRunner, call, op, prop
+from dxg.client.errors import DxgError, NodeError, check_status
 from dxg.uapi import structs as s
 from dxg.uapi import wddm
-from dxg.uapi.ntstatus import NTSTATUS, nt_success
+from dxg.uapi.ntstatus import NTSTATUS
 
 __all__ = [
     "Adapter",
     "AdapterType",
+    "AsyncAdapter",
+    "AsyncContext",
+    "AsyncDevice",
+    "AsyncNode",
     "ClockCalibration",
     "Context",
     "Device",
@@ -41,18 +66,15 @@ __all__ = [
     "FeatureState",
     "Node",
     "open_node",
+    "open_node_async",
 ]
 
 _S = TypeVar("_S", bound=ctypes.Structure)
+_T = TypeVar("_T")
 _QAI = wddm.KMTQUERYADAPTERINFOTYPE
 _DEVICESTATE_EXECUTION = int(s.d3dkmt_devicestate_type._D3DKMT_DEVICESTATE_EXECUTION)
 _RETRIES = 8  # re-sizing rounds when the adapter/process count grows between two calls
-
-
-def _check(status: int, what: str) -> int:
-    if not nt_success(status):
-        raise DxgError(status, what)
-    return status
+_check = check_status
 
 
 def luid_to_int(low: int, high: int) -> int:
@@ -132,52 +154,108 @@ class ClockCalibration:
     flags: int
 
 
-# ---- objects -------------------------------------------------------------------------------------
+
+# ---- operations shared by more than one object ---------------------------------------------------
 
 
-class _Closable:
+def _enum_processes(luid: int | tuple[int, int]) -> Op[list[int]]:
+    """EnumProcesses: the pids of the processes that have the adapter open."""
+    args = s.d3dkmt_enumprocesses()
+    args.adapter_luid.a, args.adapter_luid.b = _luid_parts(luid)
+    pids = (ctypes.c_uint32 * 0)()
+    status = yield call(t.D3DKMTEnumProcesses, args)
+    for _ in range(_RETRIES):
+        if status != NTSTATUS.STATUS_BUFFER_TOO_SMALL:
+            _check(status, "EnumProcesses")
+            return list(pids[: min(int(args.buffer_count), len(pids))])
+        count = int(args.buffer_count)
+        pids = (ctypes.c_uint32 * max(count, 1))()
+        args.buffer = ctypes.addressof(pids)
+        args.buffer_count = count
+        status = yield call(t.D3DKMTEnumProcesses, args)
+    raise DxgError(NTSTATUS.STATUS_BUFFER_TOO_SMALL, "EnumProcesses: process count unstable")
+
+
+def _close_children(children: list[Any]) -> Op[BaseException | None]:
+    """Close children on the way down. A child that fails with DxgError is left to its parent's
+    own close (which releases whatever is left); anything else (an interrupt) stops the round
+    and is returned, so the parent still closes before it is raised."""
+    for child in children:
+        try:
+            yield from child._close()
+        except DxgError:
+            pass
+        except GeneratorExit:
+            raise
+        except BaseException as e:
+            return e
+    return None
+
+
+# ---- the objects, written once -------------------------------------------------------------------
+
+
+class _Object:
+    """What every object has: a lock, ``closed``, a context manager in its flavor."""
+
     _closed = False
+    conn: Any
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def close(self) -> None:
+    def _mark_closed(self) -> bool:
+        """Mark closed; False if it already was (close is idempotent)."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True
+            return True
+
+    def _close(self) -> Op[None]:
         raise NotImplementedError
+        yield  # pragma: no cover - makes this a generator
 
-    def __enter__(self: Any) -> Any:
-        return self
+    def _close_op(self) -> Op[None]:
+        """Close this object (and its children first); closing again does nothing."""
+        return self._close()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    close = op(_close_op)
 
 
-class Node(_Closable):
+class _NodeOps(_Object):
     """This process's connection to the node, and everything opened through it."""
 
-    def __init__(self, conn: NodeConnection) -> None:
+    _adapter_type: type[_AdapterOps]
+
+    def __init__(self, conn: Any) -> None:
+        super().__init__()
         self.conn = conn
-        self._lock = threading.RLock()
-        self._adapters: list[Adapter] = []
+        self._adapters: list[_AdapterOps] = []
 
     def __repr__(self) -> str:
-        return f"<Node {str(self.conn.path)!r}>"
+        return f"<{type(self).__name__} {str(self.conn.path)!r}>"
 
-    def _track(self, adapter: Adapter) -> Adapter:
+    def _track(self, adapter: _AdapterOps) -> Any:
         with self._lock:
             self._adapters.append(adapter)
         return adapter
 
-    def _untrack(self, adapter: Adapter) -> None:
+    def _untrack(self, adapter: _AdapterOps) -> None:
         with self._lock:
             if adapter in self._adapters:
                 self._adapters.remove(adapter)
 
-    def adapters(self, include_compute_only: bool = True) -> list[Adapter]:
+    @op
+    def adapters(self, include_compute_only: bool = True) -> Op[list[Any]]:
         """EnumAdapters3: every adapter, each opened (close them, or close the Node)."""
         args = s.d3dkmt_enumadapters3()
         args.filter.include_compute_only = int(include_compute_only)
-        _check(t.D3DKMTEnumAdapters3(self.conn, args), "EnumAdapters3 (count)")
+        _check((yield call(t.D3DKMTEnumAdapters3, args)), "EnumAdapters3 (count)")
         for _ in range(_RETRIES):
             count = int(args.adapter_count)
             if count == 0:
@@ -185,87 +263,73 @@ class Node(_Closable):
             infos = (s.d3dkmt_adapterinfo * count)()
             args.adapter_count = count
             args.adapters = ctypes.addressof(infos)
-            status = t.D3DKMTEnumAdapters3(self.conn, args)
+            status = yield call(t.D3DKMTEnumAdapters3, args)
             if status == NTSTATUS.STATUS_BUFFER_TOO_SMALL:
                 continue  # more adapters appeared; args.adapter_count holds the new count
             _check(status, "EnumAdapters3")
             found = min(int(args.adapter_count), count)
             return [
-                self._track(
-                    Adapter(
-                        self,
-                        int(infos[i].adapter_handle.v),
-                        luid_to_int(infos[i].adapter_luid.a, infos[i].adapter_luid.b),
-                    )
-                )
+                self._track(self._adapter_type(
+                    self, int(infos[i].adapter_handle.v),
+                    luid_to_int(infos[i].adapter_luid.a, infos[i].adapter_luid.b)))
                 for i in range(found)
             ]
         raise DxgError(NTSTATUS.STATUS_BUFFER_TOO_SMALL, "EnumAdapters3: adapter count unstable")
 
-    def open_adapter(self, luid: int | tuple[int, int]) -> Adapter:
+    @op
+    def open_adapter(self, luid: int | tuple[int, int]) -> Op[Any]:
         """OpenAdapterFromLuid; ``luid`` as one 64-bit int or as (low, high)."""
         args = s.d3dkmt_openadapterfromluid()
         args.adapter_luid.a, args.adapter_luid.b = _luid_parts(luid)
-        _check(t.D3DKMTOpenAdapterFromLuid(self.conn, args), "OpenAdapterFromLuid")
-        return self._track(
-            Adapter(self, int(args.adapter_handle.v), luid_to_int(*_luid_parts(luid)))
-        )
+        _check((yield call(t.D3DKMTOpenAdapterFromLuid, args)), "OpenAdapterFromLuid")
+        return self._track(self._adapter_type(self, int(args.adapter_handle.v),
+                                              luid_to_int(*_luid_parts(luid))))
 
-    def processes(self, adapter_luid: int | tuple[int, int]) -> list[int]:
+    @op
+    def processes(self, adapter_luid: int | tuple[int, int]) -> Op[list[int]]:
         """EnumProcesses: the pids of the processes that have the adapter open."""
-        args = s.d3dkmt_enumprocesses()
-        args.adapter_luid.a, args.adapter_luid.b = _luid_parts(adapter_luid)
-        pids = (ctypes.c_uint32 * 0)()
-        status = t.D3DKMTEnumProcesses(self.conn, args)
-        for _ in range(_RETRIES):
-            if status != NTSTATUS.STATUS_BUFFER_TOO_SMALL:
-                _check(status, "EnumProcesses")
-                return list(pids[: min(int(args.buffer_count), len(pids))])
-            count = int(args.buffer_count)
-            pids = (ctypes.c_uint32 * max(count, 1))()
-            args.buffer = ctypes.addressof(pids)
-            args.buffer_count = count
-            status = t.D3DKMTEnumProcesses(self.conn, args)
-        raise DxgError(NTSTATUS.STATUS_BUFFER_TOO_SMALL, "EnumProcesses: process count unstable")
+        return (yield from _enum_processes(adapter_luid))
 
-    def admin(self, request: dict[str, Any]) -> dict[str, Any]:
-        return self.conn.admin(request)
+    @op
+    def admin(self, request: dict[str, Any]) -> Op[dict[str, Any]]:
+        return (yield lambda conn: conn.admin(request))
 
-    def snapshot(self) -> dict[str, Any]:
-        return self.conn.admin({"op": "snapshot"})
+    @op
+    def snapshot(self) -> Op[dict[str, Any]]:
+        return (yield lambda conn: conn.admin({"op": "snapshot"}))
 
-    def close(self) -> None:
+    def _close(self) -> Op[None]:
         """Close every adapter (and so every device and context), then the connection."""
+        if not self._mark_closed():
+            return
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
             adapters, self._adapters = self._adapters, []
         try:
-            for ad in adapters:
-                try:
-                    ad.close()
-                except DxgError:
-                    pass  # the connection's close below releases whatever is left
+            pending = yield from _close_children(adapters)
         finally:
             self.conn.close()
+        if pending is not None:
+            raise pending
 
 
-class Adapter(_Closable):
+class _AdapterOps(_Object):
     """An open adapter handle (from EnumAdapters3 or OpenAdapterFromLuid)."""
 
-    def __init__(self, node: Node, handle: int, luid: int) -> None:
+    _device_type: type[_DeviceOps]
+
+    def __init__(self, node: _NodeOps, handle: int, luid: int) -> None:
+        super().__init__()
         self.node = node
         self.handle = handle
         self.luid = luid
-        self._lock = threading.RLock()
-        self._devices: list[Device] = []
+        self._devices: list[_DeviceOps] = []
+        self._cache: dict[str, Any] = {}
 
     def __repr__(self) -> str:
-        return f"<Adapter handle=0x{self.handle:08x} luid=0x{self.luid:016x}>"
+        return f"<{type(self).__name__} handle=0x{self.handle:08x} luid=0x{self.luid:016x}>"
 
     @property
-    def conn(self) -> NodeConnection:
+    def conn(self) -> Any:
         return self.node.conn
 
     @property
@@ -273,165 +337,182 @@ class Adapter(_Closable):
         """The LUID as winluid (low part ``a``, high part ``b``)."""
         return _luid_parts(self.luid)
 
-    def query_info(self, info_type: int, data: _S) -> _S:
+    def _escape_handles(self) -> tuple[int, int]:
+        return self.handle, 0
+
+    def _cached(self, key: str, make: Op[_T]) -> Op[_T]:
+        """``make``'s result, asked of the node once per adapter (the answer does not change)."""
+        if key in self._cache:
+            make.close()
+            return self._cache[key]
+        value = yield from make
+        self._cache[key] = value
+        return value
+
+    def _query_info(self, info_type: int, data: _S) -> Op[_S]:
         """QueryAdapterInfo of ``info_type`` (KMTQAITYPE_*) into the ctypes struct ``data``."""
         args = s.d3dkmt_queryadapterinfo()
         args.adapter.v = self.handle
         args.type = int(info_type)
         args.private_data = ctypes.addressof(data)
         args.private_data_size = ctypes.sizeof(data)
-        _check(t.D3DKMTQueryAdapterInfo(self.conn, args), f"QueryAdapterInfo({int(info_type)})")
+        _check((yield call(t.D3DKMTQueryAdapterInfo, args)), f"QueryAdapterInfo({int(info_type)})")
         return data
 
-    @cached_property
-    def description(self) -> str:
-        """The driver description (KMTQAITYPE_DRIVER_DESCRIPTION, UTF-16 on the wire)."""
-        d = self.query_info(_QAI.KMTQAITYPE_DRIVER_DESCRIPTION, wddm.D3DKMT_DRIVER_DESCRIPTION())
-        raw = bytes(d.DriverDescription)
-        text = raw.decode("utf-16-le", errors="replace")
+    query_info = op(_query_info)
+
+    def _description(self) -> Op[str]:
+        d = yield from self._query_info(_QAI.KMTQAITYPE_DRIVER_DESCRIPTION,
+                                        wddm.D3DKMT_DRIVER_DESCRIPTION())
+        text = bytes(d.DriverDescription).decode("utf-16-le", errors="replace")
         return text.split("\0", 1)[0]
 
-    @cached_property
-    def adapter_type(self) -> AdapterType:
-        a = self.query_info(_QAI.KMTQAITYPE_ADAPTERTYPE, wddm.D3DKMT_ADAPTERTYPE())
+    @prop
+    def description(self) -> Op[str]:
+        """The driver description (KMTQAITYPE_DRIVER_DESCRIPTION, UTF-16 on the wire)."""
+        return (yield from self._cached("description", self._description()))
+
+    def _adapter_type_op(self) -> Op[AdapterType]:
+        a = yield from self._query_info(_QAI.KMTQAITYPE_ADAPTERTYPE, wddm.D3DKMT_ADAPTERTYPE())
         return AdapterType.from_struct(a)
 
-    @property
-    def compute_only(self) -> bool:
-        return self.adapter_type.compute_only
+    def _type(self) -> Op[AdapterType]:
+        """The bits of D3DKMT_ADAPTERTYPE (KMTQAITYPE_ADAPTERTYPE)."""
+        return (yield from self._cached("adapter_type", self._adapter_type_op()))
 
-    @property
-    def paravirtualized(self) -> bool:
-        return self.adapter_type.paravirtualized
+    adapter_type = prop(_type)
 
-    @property
-    def software(self) -> bool:
-        return self.adapter_type.software
+    @prop
+    def compute_only(self) -> Op[bool]:
+        return (yield from self._type()).compute_only
 
-    def device_ids(self, physical_adapter_index: int = 0) -> DeviceIds:
+    @prop
+    def paravirtualized(self) -> Op[bool]:
+        return (yield from self._type()).paravirtualized
+
+    @prop
+    def software(self) -> Op[bool]:
+        return (yield from self._type()).software
+
+    def _device_ids(self, physical_adapter_index: int = 0) -> Op[DeviceIds]:
+        """``D3DKMT_DEVICE_IDS`` of physical adapter ``physical_adapter_index``."""
         q = wddm.D3DKMT_QUERY_DEVICE_IDS()
         q.PhysicalAdapterIndex = physical_adapter_index
-        self.query_info(_QAI.KMTQAITYPE_PHYSICALADAPTERDEVICEIDS, q)
+        yield from self._query_info(_QAI.KMTQAITYPE_PHYSICALADAPTERDEVICEIDS, q)
         ids = q.DeviceIds
-        return DeviceIds(
-            int(ids.VendorID),
-            int(ids.DeviceID),
-            int(ids.SubVendorID),
-            int(ids.SubSystemID),
-            int(ids.RevisionID),
-            int(ids.BusType),
-        )
+        return DeviceIds(int(ids.VendorID), int(ids.DeviceID), int(ids.SubVendorID),
+                         int(ids.SubSystemID), int(ids.RevisionID), int(ids.BusType))
 
-    @cached_property
-    def ids(self) -> DeviceIds:
-        return self.device_ids(0)
+    device_ids = op(_device_ids)
 
-    @property
-    def vendor_id(self) -> int:
-        return self.ids.vendor_id
+    def _ids(self) -> Op[DeviceIds]:
+        """The device ids of physical adapter 0."""
+        return (yield from self._cached("ids", self._device_ids(0)))
 
-    @property
-    def device_id(self) -> int:
-        return self.ids.device_id
+    ids = prop(_ids)
 
-    def is_feature_enabled(self, feature_id: int) -> FeatureState:
+    @prop
+    def vendor_id(self) -> Op[int]:
+        return (yield from self._ids()).vendor_id
+
+    @prop
+    def device_id(self) -> Op[int]:
+        return (yield from self._ids()).device_id
+
+    @op
+    def is_feature_enabled(self, feature_id: int) -> Op[FeatureState]:
         args = s.d3dkmt_isfeatureenabled()
         args.adapter.v = self.handle
         args.feature_id = int(feature_id)
-        _check(t.D3DKMTIsFeatureEnabled(self.conn, args), "IsFeatureEnabled")
+        _check((yield call(t.D3DKMTIsFeatureEnabled, args)), "IsFeatureEnabled")
         r = args.result
-        return FeatureState(
-            int(r.version),
-            bool(r.enabled),
-            bool(r.known_feature),
-            bool(r.supported_by_driver),
-            bool(r.supported_on_config),
-        )
+        return FeatureState(int(r.version), bool(r.enabled), bool(r.known_feature),
+                            bool(r.supported_by_driver), bool(r.supported_on_config))
 
-    def clock_calibration(
-        self, node_ordinal: int = 0, physical_adapter_index: int = 0
-    ) -> ClockCalibration:
+    @op
+    def clock_calibration(self, node_ordinal: int = 0,
+                          physical_adapter_index: int = 0) -> Op[ClockCalibration]:
         args = s.d3dkmt_queryclockcalibration()
         args.adapter.v = self.handle
         args.node_ordinal = node_ordinal
         args.physical_adapter_index = physical_adapter_index
-        _check(t.D3DKMTQueryClockCalibration(self.conn, args), "QueryClockCalibration")
+        _check((yield call(t.D3DKMTQueryClockCalibration, args)), "QueryClockCalibration")
         c = args.clock_data
-        return ClockCalibration(
-            int(c.gpu_frequency),
-            int(c.gpu_clock_counter),
-            int(c.cpu_clock_counter),
-            int(c.flags.value),
-        )
+        return ClockCalibration(int(c.gpu_frequency), int(c.gpu_clock_counter),
+                                int(c.cpu_clock_counter), int(c.flags.value))
 
-    def processes(self) -> list[int]:
-        return self.node.processes(self.luid)
+    @op
+    def processes(self) -> Op[list[int]]:
+        """The pids of the processes that have this adapter open."""
+        return (yield from _enum_processes(self.luid))
 
-    def create_device(self, flags: int = 0) -> Device:
+    @op
+    def create_device(self, flags: int = 0) -> Op[Any]:
         args = s.d3dkmt_createdevice()
         args.adapter.v = self.handle
         ctypes.memmove(ctypes.addressof(args.flags), int(flags).to_bytes(4, "little"), 4)
-        _check(t.D3DKMTCreateDevice(self.conn, args), "CreateDevice")
+        _check((yield call(t.D3DKMTCreateDevice, args)), "CreateDevice")
         if int(args.device.v) == 0:
             raise DxgError(NTSTATUS.STATUS_UNSUCCESSFUL, "CreateDevice returned no device")
-        dev = Device(self, int(args.device.v))
+        dev = self._device_type(self, int(args.device.v))
         with self._lock:
             self._devices.append(dev)
         return dev
 
-    def _untrack(self, dev: Device) -> None:
+    @op
+    def escape(self, data: bytes, fds: Sequence[int] = (), flags: int = 0) -> Op[bytes]:
+        """D3DKMTEscape (driver-private) on this adapter: the private data after the call.
+        ``fds``: descriptors of ours whose numbers ``data`` holds (see :mod:`dxg.client.diag`)."""
+        return (yield from diag.escape_op(self.handle, 0, data, fds, flags))
+
+    def _untrack(self, dev: _DeviceOps) -> None:
         with self._lock:
             if dev in self._devices:
                 self._devices.remove(dev)
 
-    def close(self) -> None:
+    def _close(self) -> Op[None]:
         """Destroy this adapter's devices, then CloseAdapter."""
+        if not self._mark_closed():
+            return
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
             devices, self._devices = self._devices, []
         self.node._untrack(self)
         if self.conn.closed:
             return
+        pending = yield from _close_children(devices)
+        args = s.d3dkmt_closeadapter()
+        args.adapter_handle.v = self.handle
         try:
-            for dev in devices:
-                try:
-                    dev.close()
-                except DxgError:
-                    pass  # CloseAdapter below tears the rest down
-        finally:
-            args = s.d3dkmt_closeadapter()
-            args.adapter_handle.v = self.handle
-            try:
-                status = t.D3DKMTCloseAdapter(self.conn, args)
-            except NodeError:
-                return
-            _check(status, "CloseAdapter")
+            status = yield call(t.D3DKMTCloseAdapter, args)
+        except NodeError:
+            status = NTSTATUS.STATUS_SUCCESS  # the node is gone, and the handle with it
+        if pending is not None:
+            raise pending
+        _check(status, "CloseAdapter")
 
 
-class Device(_Closable):
-    def __init__(self, adapter: Adapter, handle: int) -> None:
+class _DeviceOps(_Object):
+    _context_type: type[_ContextOps]
+
+    def __init__(self, adapter: _AdapterOps, handle: int) -> None:
+        super().__init__()
         self.adapter = adapter
         self.handle = handle
-        self._lock = threading.RLock()
-        self._contexts: list[Context] = []
+        self._contexts: list[_ContextOps] = []
 
     def __repr__(self) -> str:
-        return f"<Device handle=0x{self.handle:08x}>"
+        return f"<{type(self).__name__} handle=0x{self.handle:08x}>"
 
     @property
-    def conn(self) -> NodeConnection:
+    def conn(self) -> Any:
         return self.adapter.conn
 
-    def create_context(
-        self,
-        node_ordinal: int = 0,
-        engine_affinity: int = 0,
-        flags: int = 0,
-        client_hint: int = 0,
-        priv_data: bytes = b"",
-    ) -> Context:
+    def _escape_handles(self) -> tuple[int, int]:
+        return self.adapter.handle, self.handle
+
+    @op
+    def create_context(self, node_ordinal: int = 0, engine_affinity: int = 0, flags: int = 0,
+                       client_hint: int = 0, priv_data: bytes = b"") -> Op[Any]:
         """CreateContextVirtual. ``priv_data`` goes to the host; its answer is ``ctx.priv_data``."""
         args = s.d3dkmt_createcontextvirtual()
         args.device.v = self.handle
@@ -443,82 +524,167 @@ class Device(_Closable):
         if buf is not None:
             args.priv_drv_data = ctypes.addressof(buf)
             args.priv_drv_data_size = len(priv_data)
-        _check(t.D3DKMTCreateContextVirtual(self.conn, args), "CreateContextVirtual")
-        ctx = Context(self, int(args.context.v), node_ordinal, buf.raw if buf is not None else b"")
+        _check((yield call(t.D3DKMTCreateContextVirtual, args)), "CreateContextVirtual")
+        ctx = self._context_type(self, int(args.context.v), node_ordinal,
+                                 buf.raw if buf is not None else b"")
         with self._lock:
             self._contexts.append(ctx)
         return ctx
 
-    def execution_state(self) -> int:
+    @op
+    def execution_state(self) -> Op[int]:
         """GetDeviceState(EXECUTION): a ``d3dkmt_deviceexecution_state`` value (1 = ACTIVE)."""
         args = s.d3dkmt_getdevicestate()
         args.device.v = self.handle
         args.state_type = _DEVICESTATE_EXECUTION
-        _check(t.D3DKMTGetDeviceState(self.conn, args), "GetDeviceState")
+        _check((yield call(t.D3DKMTGetDeviceState, args)), "GetDeviceState")
         value = int(args.execution_state)
         try:
             return s.d3dkmt_deviceexecution_state(value)
         except ValueError:
             return value
 
-    def _untrack(self, ctx: Context) -> None:
+    @op
+    def escape(self, data: bytes, fds: Sequence[int] = (), flags: int = 0) -> Op[bytes]:
+        """D3DKMTEscape (driver-private) on this device: the private data after the call."""
+        return (yield from diag.escape_op(self.adapter.handle, self.handle, data, fds, flags))
+
+    def _untrack(self, ctx: _ContextOps) -> None:
         with self._lock:
             if ctx in self._contexts:
                 self._contexts.remove(ctx)
 
-    def close(self) -> None:
+    def _close(self) -> Op[None]:
         """Destroy this device's contexts, then DestroyDevice."""
+        if not self._mark_closed():
+            return
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
             contexts, self._contexts = self._contexts, []
         self.adapter._untrack(self)
         if self.conn.closed:
             return
+        pending = yield from _close_children(contexts)
+        args = s.d3dkmt_destroydevice()
+        args.device.v = self.handle
         try:
-            for ctx in contexts:
-                try:
-                    ctx.close()
-                except DxgError:
-                    pass  # DestroyDevice below destroys the rest
-        finally:
-            args = s.d3dkmt_destroydevice()
-            args.device.v = self.handle
-            try:
-                status = t.D3DKMTDestroyDevice(self.conn, args)
-            except NodeError:
-                return
-            _check(status, "DestroyDevice")
+            status = yield call(t.D3DKMTDestroyDevice, args)
+        except NodeError:
+            status = NTSTATUS.STATUS_SUCCESS  # the node is gone, and the device with it
+        if pending is not None:
+            raise pending
+        _check(status, "DestroyDevice")
 
 
-class Context(_Closable):
-    def __init__(self, device: Device, handle: int, node_ordinal: int, priv_data: bytes) -> None:
+class _ContextOps(_Object):
+    def __init__(self, device: _DeviceOps, handle: int, node_ordinal: int,
+                 priv_data: bytes) -> None:
+        super().__init__()
         self.device = device
         self.handle = handle
         self.node_ordinal = node_ordinal
         self.priv_data = priv_data
 
     def __repr__(self) -> str:
-        return f"<Context handle=0x{self.handle:08x} node={self.node_ordinal}>"
+        return f"<{type(self).__name__} handle=0x{self.handle:08x} node={self.node_ordinal}>"
 
-    def close(self) -> None:
-        if self._closed:
+    @property
+    def conn(self) -> Any:
+        return self.device.conn
+
+    def _close(self) -> Op[None]:
+        if not self._mark_closed():
             return
-        self._closed = True
         self.device._untrack(self)
-        conn = self.device.conn
-        if conn.closed:
+        if self.conn.closed:
             return
         args = s.d3dkmt_destroycontext()
         args.context.v = self.handle
         try:
-            status = t.D3DKMTDestroyContext(conn, args)
+            status = yield call(t.D3DKMTDestroyContext, args)
         except NodeError:
             return
         _check(status, "DestroyContext")
 
 
+# ---- the two flavors ------------------------------------------------------------------------------
+
+
+class _Sync(SyncRunner):
+    """Sync flavor: operations return their results; ``with obj:`` closes it."""
+
+    def __enter__(self: _T) -> _T:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # type: ignore[attr-defined]
+
+
+class _Async(AsyncRunner):
+    """Asyncio flavor: operations return coroutines; ``async with obj:`` closes it."""
+
+    async def __aenter__(self: _T) -> _T:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()  # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        await self.close()  # type: ignore[attr-defined]
+
+
+class Context(_Sync, _ContextOps):
+    """A context (CreateContextVirtual) of a :class:`Device`."""
+
+
+class Device(_Sync, _DeviceOps):
+    """A device (CreateDevice) of an :class:`Adapter`."""
+
+    _context_type = Context
+
+
+class Adapter(_Sync, _AdapterOps):
+    __doc__ = _AdapterOps.__doc__
+    _device_type = Device
+
+
+class Node(_Sync, _NodeOps):
+    __doc__ = _NodeOps.__doc__
+    _adapter_type = Adapter
+
+    def __init__(self, conn: NodeConnection) -> None:
+        super().__init__(conn)
+
+
+class AsyncContext(_Async, _ContextOps):
+    """A context of an :class:`AsyncDevice`."""
+
+
+class AsyncDevice(_Async, _DeviceOps):
+    """A device of an :class:`AsyncAdapter`."""
+
+    _context_type = AsyncContext
+
+
+class AsyncAdapter(_Async, _AdapterOps):
+    """An open adapter handle on an asyncio connection (properties are async methods)."""
+
+    _device_type = AsyncDevice
+
+
+class AsyncNode(_Async, _NodeOps):
+    """This process's asyncio connection to the node, and everything opened through it."""
+
+    _adapter_type = AsyncAdapter
+
+    def __init__(self, conn: AsyncNodeConnection) -> None:
+        super().__init__(conn)
+
+
 def open_node(path: str | os.PathLike[str] | None = None) -> Node:
     """Connect to the node (default: ``$DXG_NODE`` or the standard path)."""
     return Node(NodeConnection(path))
+
+
+async def open_node_async(path: str | os.PathLike[str] | None = None) -> AsyncNode:
+    """Connect to the node on the running event loop: ``async with await open_node_async():``."""
+    return AsyncNode(await AsyncNodeConnection.open(path))

@@ -347,6 +347,8 @@ class ReplyRouter:
                 if frame is None:
                     break
                 self._route(frame, frame_start, out)
+            if self._batches and self._batches[0].end <= self._fed - self._decoder.buffered:
+                raise RouterBroken(self._protocol("descriptors arrived that no frame claimed"))
         except wire.WireError as e:
             self._break(out)
             raise RouterBroken(self._protocol(f"broken stream: {e}", e.errno)) from None

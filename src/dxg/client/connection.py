@@ -122,6 +122,7 @@ class NodeConnection:
         self._waiters: dict[int, _Waiter] = {}
         self._reader: _Waiter | None = None
         self._orphan: socket.socket | None = None  # dropped while a reader was in recv
+        self._buf = bytearray(_RECV_CHUNK)  # the reader's (one reader at a time)
 
     # ---- connecting -----------------------------------------------------------------------------
 
@@ -239,13 +240,13 @@ class NodeConnection:
         except BaseException:
             self._forget(waiter)
             raise
-        self._send(waiter, data, fds)
         try:
+            self._send(waiter, data, fds)  # cleans up after itself when it fails
             return self._wait(waiter)
         except NodeError:
             raise
         except BaseException:
-            self._abandon(waiter)
+            self._abandon(waiter)  # harmless after _send's own cleanup
             raise
 
     def _send(self, waiter: _Waiter, data: bytes, fds: Sequence[int]) -> None:
@@ -367,7 +368,7 @@ class NodeConnection:
                 want = min(max(router.header_needed(), 4096), _RECV_CHUNK)
                 if not sock.recv(want, socket.MSG_PEEK):
                     raise ConnectionResetError(errno.ECONNRESET, "connection closed by the node")
-                data, fds = recv_with_fds(sock, want, wire.MAX_FDS)
+                data, fds = recv_with_fds(sock, memoryview(self._buf)[:want], wire.MAX_FDS)
             except OSError as e:
                 with self._mu:
                     self._drop_locked(sock, _lost(f"lost the dxg node {path}: {e}"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from dxg.uapi.ntstatus import NTSTATUS, errno_to_ntstatus, status_name
+from dxg.uapi.ntstatus import NTSTATUS, errno_to_ntstatus, nt_success, status_name
 
 __all__ = [
     "DxgError",
@@ -13,6 +13,7 @@ __all__ = [
     "NodePermissionDenied",
     "NodeProtocolError",
     "NodeUnavailable",
+    "check_status",
 ]
 
 
@@ -63,3 +64,10 @@ class NodeProtocolError(NodeError):
         self.errno = err
         name = os.strerror(err) if err > 0 else "protocol error"
         super().__init__(f"{message} ({name})", errno_to_ntstatus(err) if err > 0 else None)
+
+
+def check_status(status: int, what: str) -> int:
+    """``status`` if it is a success (0 or a positive NTSTATUS success code), else DxgError."""
+    if not nt_success(status):
+        raise DxgError(status, what)
+    return status

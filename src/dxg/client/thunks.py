@@ -6,6 +6,12 @@ a non-negative return is the status itself (0, or a success code such as ``STATU
 a negative errno is mapped back with :func:`dxg.uapi.ntstatus.ioctl_result_to_ntstatus`. The
 struct (and the buffers it points at) are updated in place.
 
+The same thunks serve both connections: with a
+:class:`~dxg.client.connection.NodeConnection` a thunk returns the NTSTATUS, with an
+:class:`~dxg.client.aio.AsyncNodeConnection` it returns an awaitable of it
+(``status = await D3DKMTCreateDevice(aconn, args)``). They are made from one table, so the
+two can never drift apart.
+
 Like libdxg, OpenAdapterFromLuid, EnumAdapters2 and EnumAdapters3 reopen the node and retry once
 when they get ``-ENOTTY``/``-EBADF`` in a forked child (whose inherited connection belongs to
 the parent). A node that cannot be reached raises :class:`~dxg.client.errors.NodeError`.
@@ -15,7 +21,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from collections.abc import Awaitable, Coroutine
+from typing import Any, Generic, Protocol, TypeVar, overload
 
+from dxg.client.aio import AsyncNodeConnection
 from dxg.client.connection import NodeConnection
 from dxg.uapi import ioctls as io
 from dxg.uapi import structs as s
@@ -96,449 +105,331 @@ __all__ = [
     "D3DKMTWaitForSynchronizationObjectFromCpu",
     "D3DKMTWaitForSynchronizationObjectFromGpu",
     "D3DKMTWaitSyncFile",
+    "Thunk",
 ]
 
+_A = TypeVar("_A", bound=ctypes.Structure, contravariant=True)
 _REOPEN_ERRNOS = (-errno.ENOTTY, -errno.EBADF)
+_NO_HANDLER = "No handler in the driver: -ENOTTY, i.e. STATUS_UNSUCCESSFUL."
 
 
-def _call(
-    conn: NodeConnection, code: int, struct_type: type[ctypes.Structure], args: object
-) -> int:
-    if not isinstance(args, struct_type):
-        raise TypeError(f"expected a {struct_type.__name__}, got {type(args).__name__}")
-    return ioctl_result_to_ntstatus(conn.ioctl(code, args))
+class Thunk(Protocol, Generic[_A]):
+    """``D3DKMTxxx(conn, args)``: the NTSTATUS, or an awaitable of it on an async connection."""
+
+    code: int
+    struct: type[ctypes.Structure]
+
+    @overload
+    def __call__(self, conn: NodeConnection, args: _A, /) -> int: ...
+
+    @overload
+    def __call__(self, conn: AsyncNodeConnection, args: _A, /) -> Awaitable[int]: ...
 
 
-def _retry_call(
-    conn: NodeConnection, code: int, struct_type: type[ctypes.Structure], args: object
-) -> int:
-    if not isinstance(args, struct_type):
-        raise TypeError(f"expected a {struct_type.__name__}, got {type(args).__name__}")
+def _sync_call(conn: NodeConnection, code: int, args: Any, retry: bool) -> int:
     ret = conn.ioctl(code, args)
-    if ret in _REOPEN_ERRNOS and conn.forked:
+    if retry and ret in _REOPEN_ERRNOS and conn.forked:
         conn.reopen()
         ret = conn.ioctl(code, args)
     return ioctl_result_to_ntstatus(ret)
 
 
-def D3DKMTOpenAdapterFromLuid(conn: NodeConnection, args: s.d3dkmt_openadapterfromluid) -> int:
-    return _retry_call(conn, io.LX_DXOPENADAPTERFROMLUID, s.d3dkmt_openadapterfromluid, args)
-
-
-def D3DKMTCreateDevice(conn: NodeConnection, args: s.d3dkmt_createdevice) -> int:
-    return _call(conn, io.LX_DXCREATEDEVICE, s.d3dkmt_createdevice, args)
-
-
-def D3DKMTCreateContext(conn: NodeConnection, args: s.d3dkmt_createcontext) -> int:
-    """No handler in the driver: -ENOTTY, i.e. STATUS_UNSUCCESSFUL."""
-    return _call(conn, io.LX_DXCREATECONTEXT, s.d3dkmt_createcontext, args)
-
-
-def D3DKMTCreateContextVirtual(conn: NodeConnection, args: s.d3dkmt_createcontextvirtual) -> int:
-    return _call(conn, io.LX_DXCREATECONTEXTVIRTUAL, s.d3dkmt_createcontextvirtual, args)
-
-
-def D3DKMTDestroyContext(conn: NodeConnection, args: s.d3dkmt_destroycontext) -> int:
-    return _call(conn, io.LX_DXDESTROYCONTEXT, s.d3dkmt_destroycontext, args)
-
-
-def D3DKMTCreateAllocation(conn: NodeConnection, args: s.d3dkmt_createallocation) -> int:
-    return _call(conn, io.LX_DXCREATEALLOCATION, s.d3dkmt_createallocation, args)
-
-
-def D3DKMTCreatePagingQueue(conn: NodeConnection, args: s.d3dkmt_createpagingqueue) -> int:
-    return _call(conn, io.LX_DXCREATEPAGINGQUEUE, s.d3dkmt_createpagingqueue, args)
-
-
-def D3DKMTReserveGpuVirtualAddress(
-    conn: NodeConnection, args: s.d3dddi_reservegpuvirtualaddress
-) -> int:
-    return _call(conn, io.LX_DXRESERVEGPUVIRTUALADDRESS, s.d3dddi_reservegpuvirtualaddress, args)
-
-
-def D3DKMTQueryAdapterInfo(conn: NodeConnection, args: s.d3dkmt_queryadapterinfo) -> int:
-    return _call(conn, io.LX_DXQUERYADAPTERINFO, s.d3dkmt_queryadapterinfo, args)
-
-
-def D3DKMTQueryVideoMemoryInfo(conn: NodeConnection, args: s.d3dkmt_queryvideomemoryinfo) -> int:
-    return _call(conn, io.LX_DXQUERYVIDEOMEMORYINFO, s.d3dkmt_queryvideomemoryinfo, args)
-
-
-def D3DKMTMakeResident(conn: NodeConnection, args: s.d3dddi_makeresident) -> int:
-    return _call(conn, io.LX_DXMAKERESIDENT, s.d3dddi_makeresident, args)
-
-
-def D3DKMTMapGpuVirtualAddress(conn: NodeConnection, args: s.d3dddi_mapgpuvirtualaddress) -> int:
-    return _call(conn, io.LX_DXMAPGPUVIRTUALADDRESS, s.d3dddi_mapgpuvirtualaddress, args)
-
-
-def D3DKMTEscape(conn: NodeConnection, args: s.d3dkmt_escape) -> int:
-    return _call(conn, io.LX_DXESCAPE, s.d3dkmt_escape, args)
-
-
-def D3DKMTGetDeviceState(conn: NodeConnection, args: s.d3dkmt_getdevicestate) -> int:
-    return _call(conn, io.LX_DXGETDEVICESTATE, s.d3dkmt_getdevicestate, args)
-
-
-def D3DKMTSubmitCommand(conn: NodeConnection, args: s.d3dkmt_submitcommand) -> int:
-    return _call(conn, io.LX_DXSUBMITCOMMAND, s.d3dkmt_submitcommand, args)
-
-
-def D3DKMTCreateSynchronizationObject2(
-    conn: NodeConnection, args: s.d3dkmt_createsynchronizationobject2
-) -> int:
-    return _call(
-        conn, io.LX_DXCREATESYNCHRONIZATIONOBJECT, s.d3dkmt_createsynchronizationobject2, args
-    )
-
-
-def D3DKMTSignalSynchronizationObject2(
-    conn: NodeConnection, args: s.d3dkmt_signalsynchronizationobject2
-) -> int:
-    return _call(
-        conn, io.LX_DXSIGNALSYNCHRONIZATIONOBJECT, s.d3dkmt_signalsynchronizationobject2, args
-    )
-
-
-def D3DKMTWaitForSynchronizationObject2(
-    conn: NodeConnection, args: s.d3dkmt_waitforsynchronizationobject2
-) -> int:
-    return _call(
-        conn, io.LX_DXWAITFORSYNCHRONIZATIONOBJECT, s.d3dkmt_waitforsynchronizationobject2, args
-    )
-
-
-def D3DKMTDestroyAllocation2(conn: NodeConnection, args: s.d3dkmt_destroyallocation2) -> int:
-    return _call(conn, io.LX_DXDESTROYALLOCATION2, s.d3dkmt_destroyallocation2, args)
-
-
-def D3DKMTEnumAdapters2(conn: NodeConnection, args: s.d3dkmt_enumadapters2) -> int:
-    return _retry_call(conn, io.LX_DXENUMADAPTERS2, s.d3dkmt_enumadapters2, args)
-
-
-def D3DKMTCloseAdapter(conn: NodeConnection, args: s.d3dkmt_closeadapter) -> int:
-    return _call(conn, io.LX_DXCLOSEADAPTER, s.d3dkmt_closeadapter, args)
-
-
-def D3DKMTChangeVideoMemoryReservation(
-    conn: NodeConnection, args: s.d3dkmt_changevideomemoryreservation
-) -> int:
-    return _call(
-        conn, io.LX_DXCHANGEVIDEOMEMORYRESERVATION, s.d3dkmt_changevideomemoryreservation, args
-    )
-
-
-def D3DKMTCreateHwContext(conn: NodeConnection, args: s.d3dkmt_createhwcontext) -> int:
-    """No handler in the driver: -ENOTTY, i.e. STATUS_UNSUCCESSFUL."""
-    return _call(conn, io.LX_DXCREATEHWCONTEXT, s.d3dkmt_createhwcontext, args)
-
-
-def D3DKMTCreateHwQueue(conn: NodeConnection, args: s.d3dkmt_createhwqueue) -> int:
-    return _call(conn, io.LX_DXCREATEHWQUEUE, s.d3dkmt_createhwqueue, args)
-
-
-def D3DKMTDestroyDevice(conn: NodeConnection, args: s.d3dkmt_destroydevice) -> int:
-    return _call(conn, io.LX_DXDESTROYDEVICE, s.d3dkmt_destroydevice, args)
-
-
-def D3DKMTDestroyHwContext(conn: NodeConnection, args: s.d3dkmt_destroyhwcontext) -> int:
-    """No handler in the driver: -ENOTTY, i.e. STATUS_UNSUCCESSFUL."""
-    return _call(conn, io.LX_DXDESTROYHWCONTEXT, s.d3dkmt_destroyhwcontext, args)
-
-
-def D3DKMTDestroyHwQueue(conn: NodeConnection, args: s.d3dkmt_destroyhwqueue) -> int:
-    return _call(conn, io.LX_DXDESTROYHWQUEUE, s.d3dkmt_destroyhwqueue, args)
-
-
-def D3DKMTDestroyPagingQueue(conn: NodeConnection, args: s.d3dddi_destroypagingqueue) -> int:
-    return _call(conn, io.LX_DXDESTROYPAGINGQUEUE, s.d3dddi_destroypagingqueue, args)
-
-
-def D3DKMTDestroySynchronizationObject(
-    conn: NodeConnection, args: s.d3dkmt_destroysynchronizationobject
-) -> int:
-    return _call(
-        conn, io.LX_DXDESTROYSYNCHRONIZATIONOBJECT, s.d3dkmt_destroysynchronizationobject, args
-    )
-
-
-def D3DKMTEvict(conn: NodeConnection, args: s.d3dkmt_evict) -> int:
-    return _call(conn, io.LX_DXEVICT, s.d3dkmt_evict, args)
-
-
-def D3DKMTFlushHeapTransitions(conn: NodeConnection, args: s.d3dkmt_flushheaptransitions) -> int:
-    return _call(conn, io.LX_DXFLUSHHEAPTRANSITIONS, s.d3dkmt_flushheaptransitions, args)
-
-
-def D3DKMTFreeGpuVirtualAddress(conn: NodeConnection, args: s.d3dkmt_freegpuvirtualaddress) -> int:
-    return _call(conn, io.LX_DXFREEGPUVIRTUALADDRESS, s.d3dkmt_freegpuvirtualaddress, args)
-
-
-def D3DKMTGetContextInProcessSchedulingPriority(
-    conn: NodeConnection, args: s.d3dkmt_getcontextinprocessschedulingpriority
-) -> int:
-    return _call(
-        conn,
-        io.LX_DXGETCONTEXTINPROCESSSCHEDULINGPRIORITY,
-        s.d3dkmt_getcontextinprocessschedulingpriority,
-        args,
-    )
-
-
-def D3DKMTGetContextSchedulingPriority(
-    conn: NodeConnection, args: s.d3dkmt_getcontextschedulingpriority
-) -> int:
-    return _call(
-        conn, io.LX_DXGETCONTEXTSCHEDULINGPRIORITY, s.d3dkmt_getcontextschedulingpriority, args
-    )
-
-
-def D3DKMTGetSharedResourceAdapterLuid(
-    conn: NodeConnection, args: s.d3dkmt_getsharedresourceadapterluid
-) -> int:
-    """No handler in the driver: -ENOTTY, i.e. STATUS_UNSUCCESSFUL."""
-    return _call(
-        conn, io.LX_DXGETSHAREDRESOURCEADAPTERLUID, s.d3dkmt_getsharedresourceadapterluid, args
-    )
-
-
-def D3DKMTInvalidateCache(conn: NodeConnection, args: s.d3dkmt_invalidatecache) -> int:
-    return _call(conn, io.LX_DXINVALIDATECACHE, s.d3dkmt_invalidatecache, args)
-
-
-def D3DKMTLock2(conn: NodeConnection, args: s.d3dkmt_lock2) -> int:
-    return _call(conn, io.LX_DXLOCK2, s.d3dkmt_lock2, args)
-
-
-def D3DKMTMarkDeviceAsError(conn: NodeConnection, args: s.d3dkmt_markdeviceaserror) -> int:
-    return _call(conn, io.LX_DXMARKDEVICEASERROR, s.d3dkmt_markdeviceaserror, args)
-
-
-def D3DKMTOfferAllocations(conn: NodeConnection, args: s.d3dkmt_offerallocations) -> int:
-    return _call(conn, io.LX_DXOFFERALLOCATIONS, s.d3dkmt_offerallocations, args)
-
-
-def D3DKMTOpenResource(conn: NodeConnection, args: s.d3dkmt_openresource) -> int:
-    """No handler in the driver: -ENOTTY, i.e. STATUS_UNSUCCESSFUL."""
-    return _call(conn, io.LX_DXOPENRESOURCE, s.d3dkmt_openresource, args)
-
-
-def D3DKMTOpenSynchronizationObject(
-    conn: NodeConnection, args: s.d3dkmt_opensynchronizationobject
-) -> int:
-    """No handler in the driver: -ENOTTY, i.e. STATUS_UNSUCCESSFUL."""
-    return _call(conn, io.LX_DXOPENSYNCHRONIZATIONOBJECT, s.d3dkmt_opensynchronizationobject, args)
-
-
-def D3DKMTQueryAllocationResidency(
-    conn: NodeConnection, args: s.d3dkmt_queryallocationresidency
-) -> int:
-    return _call(conn, io.LX_DXQUERYALLOCATIONRESIDENCY, s.d3dkmt_queryallocationresidency, args)
-
-
-def D3DKMTQueryResourceInfo(conn: NodeConnection, args: s.d3dkmt_queryresourceinfo) -> int:
-    """No handler in the driver: -ENOTTY, i.e. STATUS_UNSUCCESSFUL."""
-    return _call(conn, io.LX_DXQUERYRESOURCEINFO, s.d3dkmt_queryresourceinfo, args)
-
-
-def D3DKMTReclaimAllocations2(conn: NodeConnection, args: s.d3dkmt_reclaimallocations2) -> int:
-    return _call(conn, io.LX_DXRECLAIMALLOCATIONS2, s.d3dkmt_reclaimallocations2, args)
-
-
-def D3DKMTRender(conn: NodeConnection, args: s.d3dkmt_render) -> int:
-    """No handler in the driver: -ENOTTY, i.e. STATUS_UNSUCCESSFUL."""
-    return _call(conn, io.LX_DXRENDER, s.d3dkmt_render, args)
-
-
-def D3DKMTSetAllocationPriority(conn: NodeConnection, args: s.d3dkmt_setallocationpriority) -> int:
-    return _call(conn, io.LX_DXSETALLOCATIONPRIORITY, s.d3dkmt_setallocationpriority, args)
-
-
-def D3DKMTSetContextInProcessSchedulingPriority(
-    conn: NodeConnection, args: s.d3dkmt_setcontextinprocessschedulingpriority
-) -> int:
-    return _call(
-        conn,
-        io.LX_DXSETCONTEXTINPROCESSSCHEDULINGPRIORITY,
-        s.d3dkmt_setcontextinprocessschedulingpriority,
-        args,
-    )
-
-
-def D3DKMTSetContextSchedulingPriority(
-    conn: NodeConnection, args: s.d3dkmt_setcontextschedulingpriority
-) -> int:
-    return _call(
-        conn, io.LX_DXSETCONTEXTSCHEDULINGPRIORITY, s.d3dkmt_setcontextschedulingpriority, args
-    )
-
-
-def D3DKMTSignalSynchronizationObjectFromCpu(
-    conn: NodeConnection, args: s.d3dkmt_signalsynchronizationobjectfromcpu
-) -> int:
-    return _call(
-        conn,
-        io.LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMCPU,
-        s.d3dkmt_signalsynchronizationobjectfromcpu,
-        args,
-    )
-
-
-def D3DKMTSignalSynchronizationObjectFromGpu(
-    conn: NodeConnection, args: s.d3dkmt_signalsynchronizationobjectfromgpu
-) -> int:
-    return _call(
-        conn,
-        io.LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU,
-        s.d3dkmt_signalsynchronizationobjectfromgpu,
-        args,
-    )
-
-
-def D3DKMTSignalSynchronizationObjectFromGpu2(
-    conn: NodeConnection, args: s.d3dkmt_signalsynchronizationobjectfromgpu2
-) -> int:
-    return _call(
-        conn,
-        io.LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU2,
-        s.d3dkmt_signalsynchronizationobjectfromgpu2,
-        args,
-    )
-
-
-def D3DKMTSubmitCommandToHwQueue(
-    conn: NodeConnection, args: s.d3dkmt_submitcommandtohwqueue
-) -> int:
-    return _call(conn, io.LX_DXSUBMITCOMMANDTOHWQUEUE, s.d3dkmt_submitcommandtohwqueue, args)
-
-
-def D3DKMTSubmitSignalSyncObjectsToHwQueue(
-    conn: NodeConnection, args: s.d3dkmt_submitsignalsyncobjectstohwqueue
-) -> int:
-    return _call(
-        conn,
-        io.LX_DXSUBMITSIGNALSYNCOBJECTSTOHWQUEUE,
-        s.d3dkmt_submitsignalsyncobjectstohwqueue,
-        args,
-    )
-
-
-def D3DKMTSubmitWaitForSyncObjectsToHwQueue(
-    conn: NodeConnection, args: s.d3dkmt_submitwaitforsyncobjectstohwqueue
-) -> int:
-    return _call(
-        conn,
-        io.LX_DXSUBMITWAITFORSYNCOBJECTSTOHWQUEUE,
-        s.d3dkmt_submitwaitforsyncobjectstohwqueue,
-        args,
-    )
-
-
-def D3DKMTUnlock2(conn: NodeConnection, args: s.d3dkmt_unlock2) -> int:
-    return _call(conn, io.LX_DXUNLOCK2, s.d3dkmt_unlock2, args)
-
-
-def D3DKMTUpdateAllocationProperty(conn: NodeConnection, args: s.d3dddi_updateallocproperty) -> int:
-    return _call(conn, io.LX_DXUPDATEALLOCPROPERTY, s.d3dddi_updateallocproperty, args)
-
-
-def D3DKMTUpdateGpuVirtualAddress(
-    conn: NodeConnection, args: s.d3dkmt_updategpuvirtualaddress
-) -> int:
-    return _call(conn, io.LX_DXUPDATEGPUVIRTUALADDRESS, s.d3dkmt_updategpuvirtualaddress, args)
-
-
-def D3DKMTWaitForSynchronizationObjectFromCpu(
-    conn: NodeConnection, args: s.d3dkmt_waitforsynchronizationobjectfromcpu
-) -> int:
-    return _call(
-        conn,
-        io.LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU,
-        s.d3dkmt_waitforsynchronizationobjectfromcpu,
-        args,
-    )
-
-
-def D3DKMTWaitForSynchronizationObjectFromGpu(
-    conn: NodeConnection, args: s.d3dkmt_waitforsynchronizationobjectfromgpu
-) -> int:
-    return _call(
-        conn,
-        io.LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMGPU,
-        s.d3dkmt_waitforsynchronizationobjectfromgpu,
-        args,
-    )
-
-
-def D3DKMTGetAllocationPriority(conn: NodeConnection, args: s.d3dkmt_getallocationpriority) -> int:
-    return _call(conn, io.LX_DXGETALLOCATIONPRIORITY, s.d3dkmt_getallocationpriority, args)
-
-
-def D3DKMTQueryClockCalibration(conn: NodeConnection, args: s.d3dkmt_queryclockcalibration) -> int:
-    return _call(conn, io.LX_DXQUERYCLOCKCALIBRATION, s.d3dkmt_queryclockcalibration, args)
-
-
-def D3DKMTEnumAdapters3(conn: NodeConnection, args: s.d3dkmt_enumadapters3) -> int:
-    return _retry_call(conn, io.LX_DXENUMADAPTERS3, s.d3dkmt_enumadapters3, args)
-
-
-def D3DKMTShareObjects(conn: NodeConnection, args: s.d3dkmt_shareobjects) -> int:
-    return _call(conn, io.LX_DXSHAREOBJECTS, s.d3dkmt_shareobjects, args)
-
-
-def D3DKMTOpenSyncObjectFromNtHandle2(
-    conn: NodeConnection, args: s.d3dkmt_opensyncobjectfromnthandle2
-) -> int:
-    return _call(
-        conn, io.LX_DXOPENSYNCOBJECTFROMNTHANDLE2, s.d3dkmt_opensyncobjectfromnthandle2, args
-    )
-
-
-def D3DKMTQueryResourceInfoFromNtHandle(
-    conn: NodeConnection, args: s.d3dkmt_queryresourceinfofromnthandle
-) -> int:
-    return _call(
-        conn, io.LX_DXQUERYRESOURCEINFOFROMNTHANDLE, s.d3dkmt_queryresourceinfofromnthandle, args
-    )
-
-
-def D3DKMTOpenResourceFromNtHandle(
-    conn: NodeConnection, args: s.d3dkmt_openresourcefromnthandle
-) -> int:
-    return _call(conn, io.LX_DXOPENRESOURCEFROMNTHANDLE, s.d3dkmt_openresourcefromnthandle, args)
-
-
-def D3DKMTQueryStatistics(conn: NodeConnection, args: s.d3dkmt_querystatistics) -> int:
-    return _call(conn, io.LX_DXQUERYSTATISTICS, s.d3dkmt_querystatistics, args)
-
-
-def D3DKMTShareObjectWithHost(conn: NodeConnection, args: s.d3dkmt_shareobjectwithhost) -> int:
-    return _call(conn, io.LX_DXSHAREOBJECTWITHHOST, s.d3dkmt_shareobjectwithhost, args)
-
-
-def D3DKMTCreateSyncFile(conn: NodeConnection, args: s.d3dkmt_createsyncfile) -> int:
-    return _call(conn, io.LX_DXCREATESYNCFILE, s.d3dkmt_createsyncfile, args)
-
-
-def D3DKMTWaitSyncFile(conn: NodeConnection, args: s.d3dkmt_waitsyncfile) -> int:
-    return _call(conn, io.LX_DXWAITSYNCFILE, s.d3dkmt_waitsyncfile, args)
-
-
-def D3DKMTOpenSyncObjectFromSyncFile(
-    conn: NodeConnection, args: s.d3dkmt_opensyncobjectfromsyncfile
-) -> int:
-    return _call(
-        conn, io.LX_DXOPENSYNCOBJECTFROMSYNCFILE, s.d3dkmt_opensyncobjectfromsyncfile, args
-    )
-
-
-def D3DKMTEnumProcesses(conn: NodeConnection, args: s.d3dkmt_enumprocesses) -> int:
-    return _call(conn, io.LX_DXENUMPROCESSES, s.d3dkmt_enumprocesses, args)
-
-
-def D3DKMTIsFeatureEnabled(conn: NodeConnection, args: s.d3dkmt_isfeatureenabled) -> int:
-    return _call(conn, io.LX_ISFEATUREENABLED, s.d3dkmt_isfeatureenabled, args)
-
+async def _async_call(conn: AsyncNodeConnection, code: int, args: Any, retry: bool) -> int:
+    ret = await conn.ioctl(code, args)
+    if retry and ret in _REOPEN_ERRNOS and conn.forked:
+        await conn.reopen()
+        ret = await conn.ioctl(code, args)
+    return ioctl_result_to_ntstatus(ret)
+
+
+def _thunk(name: str, code: int, struct_type: type[ctypes.Structure], retry: bool = False,
+           doc: str = "") -> Any:
+    """The thunk ``name`` for ioctl ``code``; ``retry``: libdxg's reopen-once in a forked child."""
+
+    def thunk(conn: NodeConnection | AsyncNodeConnection,
+              args: Any) -> int | Coroutine[Any, Any, int]:
+        if not isinstance(args, struct_type):
+            raise TypeError(f"expected a {struct_type.__name__}, got {type(args).__name__}")
+        if isinstance(conn, AsyncNodeConnection):
+            return _async_call(conn, code, args, retry)
+        return _sync_call(conn, code, args, retry)
+
+    thunk.__name__ = thunk.__qualname__ = name
+    thunk.__doc__ = doc or f"``{io.IOCTLS_BY_CODE[code].name}`` with a ``{struct_type.__name__}``."
+    thunk.code = code  # type: ignore[attr-defined]
+    thunk.struct = struct_type  # type: ignore[attr-defined]
+    return thunk
+
+
+D3DKMTOpenAdapterFromLuid: Thunk[s.d3dkmt_openadapterfromluid] = _thunk(
+    "D3DKMTOpenAdapterFromLuid",
+    io.LX_DXOPENADAPTERFROMLUID,
+    s.d3dkmt_openadapterfromluid,
+    retry=True,
+)
+D3DKMTCreateDevice: Thunk[s.d3dkmt_createdevice] = _thunk(
+    "D3DKMTCreateDevice", io.LX_DXCREATEDEVICE, s.d3dkmt_createdevice
+)
+D3DKMTCreateContext: Thunk[s.d3dkmt_createcontext] = _thunk(
+    "D3DKMTCreateContext", io.LX_DXCREATECONTEXT, s.d3dkmt_createcontext, doc=_NO_HANDLER
+)
+D3DKMTCreateContextVirtual: Thunk[s.d3dkmt_createcontextvirtual] = _thunk(
+    "D3DKMTCreateContextVirtual", io.LX_DXCREATECONTEXTVIRTUAL, s.d3dkmt_createcontextvirtual
+)
+D3DKMTDestroyContext: Thunk[s.d3dkmt_destroycontext] = _thunk(
+    "D3DKMTDestroyContext", io.LX_DXDESTROYCONTEXT, s.d3dkmt_destroycontext
+)
+D3DKMTCreateAllocation: Thunk[s.d3dkmt_createallocation] = _thunk(
+    "D3DKMTCreateAllocation", io.LX_DXCREATEALLOCATION, s.d3dkmt_createallocation
+)
+D3DKMTCreatePagingQueue: Thunk[s.d3dkmt_createpagingqueue] = _thunk(
+    "D3DKMTCreatePagingQueue", io.LX_DXCREATEPAGINGQUEUE, s.d3dkmt_createpagingqueue
+)
+D3DKMTReserveGpuVirtualAddress: Thunk[s.d3dddi_reservegpuvirtualaddress] = _thunk(
+    "D3DKMTReserveGpuVirtualAddress",
+    io.LX_DXRESERVEGPUVIRTUALADDRESS,
+    s.d3dddi_reservegpuvirtualaddress,
+)
+D3DKMTQueryAdapterInfo: Thunk[s.d3dkmt_queryadapterinfo] = _thunk(
+    "D3DKMTQueryAdapterInfo", io.LX_DXQUERYADAPTERINFO, s.d3dkmt_queryadapterinfo
+)
+D3DKMTQueryVideoMemoryInfo: Thunk[s.d3dkmt_queryvideomemoryinfo] = _thunk(
+    "D3DKMTQueryVideoMemoryInfo", io.LX_DXQUERYVIDEOMEMORYINFO, s.d3dkmt_queryvideomemoryinfo
+)
+D3DKMTMakeResident: Thunk[s.d3dddi_makeresident] = _thunk(
+    "D3DKMTMakeResident", io.LX_DXMAKERESIDENT, s.d3dddi_makeresident
+)
+D3DKMTMapGpuVirtualAddress: Thunk[s.d3dddi_mapgpuvirtualaddress] = _thunk(
+    "D3DKMTMapGpuVirtualAddress", io.LX_DXMAPGPUVIRTUALADDRESS, s.d3dddi_mapgpuvirtualaddress
+)
+D3DKMTEscape: Thunk[s.d3dkmt_escape] = _thunk("D3DKMTEscape", io.LX_DXESCAPE, s.d3dkmt_escape)
+D3DKMTGetDeviceState: Thunk[s.d3dkmt_getdevicestate] = _thunk(
+    "D3DKMTGetDeviceState", io.LX_DXGETDEVICESTATE, s.d3dkmt_getdevicestate
+)
+D3DKMTSubmitCommand: Thunk[s.d3dkmt_submitcommand] = _thunk(
+    "D3DKMTSubmitCommand", io.LX_DXSUBMITCOMMAND, s.d3dkmt_submitcommand
+)
+D3DKMTCreateSynchronizationObject2: Thunk[s.d3dkmt_createsynchronizationobject2] = _thunk(
+    "D3DKMTCreateSynchronizationObject2",
+    io.LX_DXCREATESYNCHRONIZATIONOBJECT,
+    s.d3dkmt_createsynchronizationobject2,
+)
+D3DKMTSignalSynchronizationObject2: Thunk[s.d3dkmt_signalsynchronizationobject2] = _thunk(
+    "D3DKMTSignalSynchronizationObject2",
+    io.LX_DXSIGNALSYNCHRONIZATIONOBJECT,
+    s.d3dkmt_signalsynchronizationobject2,
+)
+D3DKMTWaitForSynchronizationObject2: Thunk[s.d3dkmt_waitforsynchronizationobject2] = _thunk(
+    "D3DKMTWaitForSynchronizationObject2",
+    io.LX_DXWAITFORSYNCHRONIZATIONOBJECT,
+    s.d3dkmt_waitforsynchronizationobject2,
+)
+D3DKMTDestroyAllocation2: Thunk[s.d3dkmt_destroyallocation2] = _thunk(
+    "D3DKMTDestroyAllocation2", io.LX_DXDESTROYALLOCATION2, s.d3dkmt_destroyallocation2
+)
+D3DKMTEnumAdapters2: Thunk[s.d3dkmt_enumadapters2] = _thunk(
+    "D3DKMTEnumAdapters2", io.LX_DXENUMADAPTERS2, s.d3dkmt_enumadapters2, retry=True
+)
+D3DKMTCloseAdapter: Thunk[s.d3dkmt_closeadapter] = _thunk(
+    "D3DKMTCloseAdapter", io.LX_DXCLOSEADAPTER, s.d3dkmt_closeadapter
+)
+D3DKMTChangeVideoMemoryReservation: Thunk[s.d3dkmt_changevideomemoryreservation] = _thunk(
+    "D3DKMTChangeVideoMemoryReservation",
+    io.LX_DXCHANGEVIDEOMEMORYRESERVATION,
+    s.d3dkmt_changevideomemoryreservation,
+)
+D3DKMTCreateHwContext: Thunk[s.d3dkmt_createhwcontext] = _thunk(
+    "D3DKMTCreateHwContext", io.LX_DXCREATEHWCONTEXT, s.d3dkmt_createhwcontext, doc=_NO_HANDLER
+)
+D3DKMTCreateHwQueue: Thunk[s.d3dkmt_createhwqueue] = _thunk(
+    "D3DKMTCreateHwQueue", io.LX_DXCREATEHWQUEUE, s.d3dkmt_createhwqueue
+)
+D3DKMTDestroyDevice: Thunk[s.d3dkmt_destroydevice] = _thunk(
+    "D3DKMTDestroyDevice", io.LX_DXDESTROYDEVICE, s.d3dkmt_destroydevice
+)
+D3DKMTDestroyHwContext: Thunk[s.d3dkmt_destroyhwcontext] = _thunk(
+    "D3DKMTDestroyHwContext", io.LX_DXDESTROYHWCONTEXT, s.d3dkmt_destroyhwcontext, doc=_NO_HANDLER
+)
+D3DKMTDestroyHwQueue: Thunk[s.d3dkmt_destroyhwqueue] = _thunk(
+    "D3DKMTDestroyHwQueue", io.LX_DXDESTROYHWQUEUE, s.d3dkmt_destroyhwqueue
+)
+D3DKMTDestroyPagingQueue: Thunk[s.d3dddi_destroypagingqueue] = _thunk(
+    "D3DKMTDestroyPagingQueue", io.LX_DXDESTROYPAGINGQUEUE, s.d3dddi_destroypagingqueue
+)
+D3DKMTDestroySynchronizationObject: Thunk[s.d3dkmt_destroysynchronizationobject] = _thunk(
+    "D3DKMTDestroySynchronizationObject",
+    io.LX_DXDESTROYSYNCHRONIZATIONOBJECT,
+    s.d3dkmt_destroysynchronizationobject,
+)
+D3DKMTEvict: Thunk[s.d3dkmt_evict] = _thunk("D3DKMTEvict", io.LX_DXEVICT, s.d3dkmt_evict)
+D3DKMTFlushHeapTransitions: Thunk[s.d3dkmt_flushheaptransitions] = _thunk(
+    "D3DKMTFlushHeapTransitions", io.LX_DXFLUSHHEAPTRANSITIONS, s.d3dkmt_flushheaptransitions
+)
+D3DKMTFreeGpuVirtualAddress: Thunk[s.d3dkmt_freegpuvirtualaddress] = _thunk(
+    "D3DKMTFreeGpuVirtualAddress", io.LX_DXFREEGPUVIRTUALADDRESS, s.d3dkmt_freegpuvirtualaddress
+)
+D3DKMTGetContextInProcessSchedulingPriority: Thunk[s.d3dkmt_getcontextinprocessschedulingpriority] = _thunk(
+    "D3DKMTGetContextInProcessSchedulingPriority",
+    io.LX_DXGETCONTEXTINPROCESSSCHEDULINGPRIORITY,
+    s.d3dkmt_getcontextinprocessschedulingpriority,
+)
+D3DKMTGetContextSchedulingPriority: Thunk[s.d3dkmt_getcontextschedulingpriority] = _thunk(
+    "D3DKMTGetContextSchedulingPriority",
+    io.LX_DXGETCONTEXTSCHEDULINGPRIORITY,
+    s.d3dkmt_getcontextschedulingpriority,
+)
+D3DKMTGetSharedResourceAdapterLuid: Thunk[s.d3dkmt_getsharedresourceadapterluid] = _thunk(
+    "D3DKMTGetSharedResourceAdapterLuid",
+    io.LX_DXGETSHAREDRESOURCEADAPTERLUID,
+    s.d3dkmt_getsharedresourceadapterluid,
+    doc=_NO_HANDLER,
+)
+D3DKMTInvalidateCache: Thunk[s.d3dkmt_invalidatecache] = _thunk(
+    "D3DKMTInvalidateCache", io.LX_DXINVALIDATECACHE, s.d3dkmt_invalidatecache
+)
+D3DKMTLock2: Thunk[s.d3dkmt_lock2] = _thunk("D3DKMTLock2", io.LX_DXLOCK2, s.d3dkmt_lock2)
+D3DKMTMarkDeviceAsError: Thunk[s.d3dkmt_markdeviceaserror] = _thunk(
+    "D3DKMTMarkDeviceAsError", io.LX_DXMARKDEVICEASERROR, s.d3dkmt_markdeviceaserror
+)
+D3DKMTOfferAllocations: Thunk[s.d3dkmt_offerallocations] = _thunk(
+    "D3DKMTOfferAllocations", io.LX_DXOFFERALLOCATIONS, s.d3dkmt_offerallocations
+)
+D3DKMTOpenResource: Thunk[s.d3dkmt_openresource] = _thunk(
+    "D3DKMTOpenResource", io.LX_DXOPENRESOURCE, s.d3dkmt_openresource, doc=_NO_HANDLER
+)
+D3DKMTOpenSynchronizationObject: Thunk[s.d3dkmt_opensynchronizationobject] = _thunk(
+    "D3DKMTOpenSynchronizationObject",
+    io.LX_DXOPENSYNCHRONIZATIONOBJECT,
+    s.d3dkmt_opensynchronizationobject,
+    doc=_NO_HANDLER,
+)
+D3DKMTQueryAllocationResidency: Thunk[s.d3dkmt_queryallocationresidency] = _thunk(
+    "D3DKMTQueryAllocationResidency",
+    io.LX_DXQUERYALLOCATIONRESIDENCY,
+    s.d3dkmt_queryallocationresidency,
+)
+D3DKMTQueryResourceInfo: Thunk[s.d3dkmt_queryresourceinfo] = _thunk(
+    "D3DKMTQueryResourceInfo",
+    io.LX_DXQUERYRESOURCEINFO,
+    s.d3dkmt_queryresourceinfo,
+    doc=_NO_HANDLER,
+)
+D3DKMTReclaimAllocations2: Thunk[s.d3dkmt_reclaimallocations2] = _thunk(
+    "D3DKMTReclaimAllocations2", io.LX_DXRECLAIMALLOCATIONS2, s.d3dkmt_reclaimallocations2
+)
+D3DKMTRender: Thunk[s.d3dkmt_render] = _thunk(
+    "D3DKMTRender", io.LX_DXRENDER, s.d3dkmt_render, doc=_NO_HANDLER
+)
+D3DKMTSetAllocationPriority: Thunk[s.d3dkmt_setallocationpriority] = _thunk(
+    "D3DKMTSetAllocationPriority", io.LX_DXSETALLOCATIONPRIORITY, s.d3dkmt_setallocationpriority
+)
+D3DKMTSetContextInProcessSchedulingPriority: Thunk[s.d3dkmt_setcontextinprocessschedulingpriority] = _thunk(
+    "D3DKMTSetContextInProcessSchedulingPriority",
+    io.LX_DXSETCONTEXTINPROCESSSCHEDULINGPRIORITY,
+    s.d3dkmt_setcontextinprocessschedulingpriority,
+)
+D3DKMTSetContextSchedulingPriority: Thunk[s.d3dkmt_setcontextschedulingpriority] = _thunk(
+    "D3DKMTSetContextSchedulingPriority",
+    io.LX_DXSETCONTEXTSCHEDULINGPRIORITY,
+    s.d3dkmt_setcontextschedulingpriority,
+)
+D3DKMTSignalSynchronizationObjectFromCpu: Thunk[s.d3dkmt_signalsynchronizationobjectfromcpu] = _thunk(
+    "D3DKMTSignalSynchronizationObjectFromCpu",
+    io.LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMCPU,
+    s.d3dkmt_signalsynchronizationobjectfromcpu,
+)
+D3DKMTSignalSynchronizationObjectFromGpu: Thunk[s.d3dkmt_signalsynchronizationobjectfromgpu] = _thunk(
+    "D3DKMTSignalSynchronizationObjectFromGpu",
+    io.LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU,
+    s.d3dkmt_signalsynchronizationobjectfromgpu,
+)
+D3DKMTSignalSynchronizationObjectFromGpu2: Thunk[s.d3dkmt_signalsynchronizationobjectfromgpu2] = _thunk(
+    "D3DKMTSignalSynchronizationObjectFromGpu2",
+    io.LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU2,
+    s.d3dkmt_signalsynchronizationobjectfromgpu2,
+)
+D3DKMTSubmitCommandToHwQueue: Thunk[s.d3dkmt_submitcommandtohwqueue] = _thunk(
+    "D3DKMTSubmitCommandToHwQueue", io.LX_DXSUBMITCOMMANDTOHWQUEUE, s.d3dkmt_submitcommandtohwqueue
+)
+D3DKMTSubmitSignalSyncObjectsToHwQueue: Thunk[s.d3dkmt_submitsignalsyncobjectstohwqueue] = _thunk(
+    "D3DKMTSubmitSignalSyncObjectsToHwQueue",
+    io.LX_DXSUBMITSIGNALSYNCOBJECTSTOHWQUEUE,
+    s.d3dkmt_submitsignalsyncobjectstohwqueue,
+)
+D3DKMTSubmitWaitForSyncObjectsToHwQueue: Thunk[s.d3dkmt_submitwaitforsyncobjectstohwqueue] = _thunk(
+    "D3DKMTSubmitWaitForSyncObjectsToHwQueue",
+    io.LX_DXSUBMITWAITFORSYNCOBJECTSTOHWQUEUE,
+    s.d3dkmt_submitwaitforsyncobjectstohwqueue,
+)
+D3DKMTUnlock2: Thunk[s.d3dkmt_unlock2] = _thunk("D3DKMTUnlock2", io.LX_DXUNLOCK2, s.d3dkmt_unlock2)
+D3DKMTUpdateAllocationProperty: Thunk[s.d3dddi_updateallocproperty] = _thunk(
+    "D3DKMTUpdateAllocationProperty", io.LX_DXUPDATEALLOCPROPERTY, s.d3dddi_updateallocproperty
+)
+D3DKMTUpdateGpuVirtualAddress: Thunk[s.d3dkmt_updategpuvirtualaddress] = _thunk(
+    "D3DKMTUpdateGpuVirtualAddress",
+    io.LX_DXUPDATEGPUVIRTUALADDRESS,
+    s.d3dkmt_updategpuvirtualaddress,
+)
+D3DKMTWaitForSynchronizationObjectFromCpu: Thunk[s.d3dkmt_waitforsynchronizationobjectfromcpu] = _thunk(
+    "D3DKMTWaitForSynchronizationObjectFromCpu",
+    io.LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU,
+    s.d3dkmt_waitforsynchronizationobjectfromcpu,
+)
+D3DKMTWaitForSynchronizationObjectFromGpu: Thunk[s.d3dkmt_waitforsynchronizationobjectfromgpu] = _thunk(
+    "D3DKMTWaitForSynchronizationObjectFromGpu",
+    io.LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMGPU,
+    s.d3dkmt_waitforsynchronizationobjectfromgpu,
+)
+D3DKMTGetAllocationPriority: Thunk[s.d3dkmt_getallocationpriority] = _thunk(
+    "D3DKMTGetAllocationPriority", io.LX_DXGETALLOCATIONPRIORITY, s.d3dkmt_getallocationpriority
+)
+D3DKMTQueryClockCalibration: Thunk[s.d3dkmt_queryclockcalibration] = _thunk(
+    "D3DKMTQueryClockCalibration", io.LX_DXQUERYCLOCKCALIBRATION, s.d3dkmt_queryclockcalibration
+)
+D3DKMTEnumAdapters3: Thunk[s.d3dkmt_enumadapters3] = _thunk(
+    "D3DKMTEnumAdapters3", io.LX_DXENUMADAPTERS3, s.d3dkmt_enumadapters3, retry=True
+)
+D3DKMTShareObjects: Thunk[s.d3dkmt_shareobjects] = _thunk(
+    "D3DKMTShareObjects", io.LX_DXSHAREOBJECTS, s.d3dkmt_shareobjects
+)
+D3DKMTOpenSyncObjectFromNtHandle2: Thunk[s.d3dkmt_opensyncobjectfromnthandle2] = _thunk(
+    "D3DKMTOpenSyncObjectFromNtHandle2",
+    io.LX_DXOPENSYNCOBJECTFROMNTHANDLE2,
+    s.d3dkmt_opensyncobjectfromnthandle2,
+)
+D3DKMTQueryResourceInfoFromNtHandle: Thunk[s.d3dkmt_queryresourceinfofromnthandle] = _thunk(
+    "D3DKMTQueryResourceInfoFromNtHandle",
+    io.LX_DXQUERYRESOURCEINFOFROMNTHANDLE,
+    s.d3dkmt_queryresourceinfofromnthandle,
+)
+D3DKMTOpenResourceFromNtHandle: Thunk[s.d3dkmt_openresourcefromnthandle] = _thunk(
+    "D3DKMTOpenResourceFromNtHandle",
+    io.LX_DXOPENRESOURCEFROMNTHANDLE,
+    s.d3dkmt_openresourcefromnthandle,
+)
+D3DKMTQueryStatistics: Thunk[s.d3dkmt_querystatistics] = _thunk(
+    "D3DKMTQueryStatistics", io.LX_DXQUERYSTATISTICS, s.d3dkmt_querystatistics
+)
+D3DKMTShareObjectWithHost: Thunk[s.d3dkmt_shareobjectwithhost] = _thunk(
+    "D3DKMTShareObjectWithHost", io.LX_DXSHAREOBJECTWITHHOST, s.d3dkmt_shareobjectwithhost
+)
+D3DKMTCreateSyncFile: Thunk[s.d3dkmt_createsyncfile] = _thunk(
+    "D3DKMTCreateSyncFile", io.LX_DXCREATESYNCFILE, s.d3dkmt_createsyncfile
+)
+D3DKMTWaitSyncFile: Thunk[s.d3dkmt_waitsyncfile] = _thunk(
+    "D3DKMTWaitSyncFile", io.LX_DXWAITSYNCFILE, s.d3dkmt_waitsyncfile
+)
+D3DKMTOpenSyncObjectFromSyncFile: Thunk[s.d3dkmt_opensyncobjectfromsyncfile] = _thunk(
+    "D3DKMTOpenSyncObjectFromSyncFile",
+    io.LX_DXOPENSYNCOBJECTFROMSYNCFILE,
+    s.d3dkmt_opensyncobjectfromsyncfile,
+)
+D3DKMTEnumProcesses: Thunk[s.d3dkmt_enumprocesses] = _thunk(
+    "D3DKMTEnumProcesses", io.LX_DXENUMPROCESSES, s.d3dkmt_enumprocesses
+)
+D3DKMTIsFeatureEnabled: Thunk[s.d3dkmt_isfeatureenabled] = _thunk(
+    "D3DKMTIsFeatureEnabled", io.LX_ISFEATUREENABLED, s.d3dkmt_isfeatureenabled
+)
 
 D3DKMTCreateAllocation2 = D3DKMTCreateAllocation
 """libdxg's second name for CreateAllocation (the same ioctl)."""

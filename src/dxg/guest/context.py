@@ -34,20 +34,26 @@ async def create_context(proc: GuestProcess, dev: GuestDevice, node_ordinal: int
     adapter = dev.adapter
     if not adapter.active:
         raise IoctlError(errno.ENODEV, "adapter is stopped")
-    hprocess = await host_process(proc, adapter.link)
-    msg = m.CreateContextVirtual(0, dev.host_handle, node_ordinal, engine_affinity, flags,
-                                 client_hint, priv)
-    out = await vmbus.create_context_virtual(adapter, hprocess, msg)
-    if out.context == 0:
-        raise IoctlError(errno.EINVAL, "the host refused to create the context")
-    ctx = GuestContext(dev, out.context, node_ordinal)
-    if dev.state != ObjectState.ACTIVE:
-        await vmbus.destroy_context(adapter, hprocess, out.context)
-        raise IoctlError(errno.EINVAL, "device destroyed during context creation")
+    proc.charge_object()
     try:
-        ctx.handle = proc.handles.alloc(HandleType.CONTEXT, ctx)
-    except MemoryError:
-        await vmbus.destroy_context(adapter, hprocess, out.context)
+        hprocess = await host_process(proc, adapter.link)
+        msg = m.CreateContextVirtual(0, dev.host_handle, node_ordinal, engine_affinity, flags,
+                                     client_hint, priv)
+        out = await vmbus.create_context_virtual(adapter, hprocess, msg)
+        if out.context == 0:
+            raise IoctlError(errno.EINVAL, "the host refused to create the context")
+        ctx = GuestContext(dev, out.context, node_ordinal)
+        if dev.state != ObjectState.ACTIVE:
+            await vmbus.destroy_context(adapter, hprocess, out.context)
+            raise IoctlError(errno.EINVAL, "device destroyed during context creation")
+        try:
+            ctx.handle = proc.handles.alloc(HandleType.CONTEXT, ctx)
+        except MemoryError:
+            await vmbus.destroy_context(adapter, hprocess, out.context)
+            raise
+    except BaseException:
+        if not proc.closed:
+            proc.release_objects()
         raise
     dev.contexts.append(ctx)
     return ctx, out.priv_drv_data
@@ -64,6 +70,8 @@ async def destroy_context(proc: GuestProcess, ctx: GuestContext) -> int:
     proc.handles.free(ctx.handle, HandleType.CONTEXT)
     if ctx in dev.contexts:
         dev.contexts.remove(ctx)
+        if not proc.closed:
+            proc.release_objects()
     adapter = dev.adapter
     if not adapter.active:
         raise IoctlError(errno.ENODEV, "adapter is stopped")

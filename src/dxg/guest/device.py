@@ -49,19 +49,26 @@ async def create_device(proc: GuestProcess, pa: ProcessAdapter, flags: int) -> G
     if not adapter.active:
         raise IoctlError(errno.ENODEV, "adapter is stopped")
     link = adapter.link
-    hprocess = await host_process(proc, link)
-    host_handle = await vmbus.create_device(adapter, hprocess, flags, link.device_state_cookie)
-    if host_handle == 0:
-        raise IoctlError(errno.EINVAL, "the host refused to create the device")
-    dev = GuestDevice(pa, host_handle)
-    if proc.closed or pa.refcount == 0:
-        # The process or its adapter handle went away while the host was creating it.
-        await _host_destroy(dev, hprocess)
-        raise IoctlError(errno.ENODEV, "adapter closed during device creation")
+    proc.charge_object()
     try:
-        dev.handle = proc.handles.alloc(HandleType.DEVICE, dev)
-    except MemoryError:
-        await _host_destroy(dev, hprocess)
+        hprocess = await host_process(proc, link)
+        host_handle = await vmbus.create_device(adapter, hprocess, flags,
+                                                link.device_state_cookie)
+        if host_handle == 0:
+            raise IoctlError(errno.EINVAL, "the host refused to create the device")
+        dev = GuestDevice(pa, host_handle)
+        if proc.closed or pa.refcount == 0:
+            # The process or its adapter handle went away while the host was creating it.
+            await _host_destroy(dev, hprocess)
+            raise IoctlError(errno.ENODEV, "adapter closed during device creation")
+        try:
+            dev.handle = proc.handles.alloc(HandleType.DEVICE, dev)
+        except MemoryError:
+            await _host_destroy(dev, hprocess)
+            raise
+    except BaseException:
+        if not proc.closed:
+            proc.release_objects()
         raise
     dev.state = ObjectState.ACTIVE
     pa.devices.append(dev)
@@ -78,6 +85,8 @@ async def destroy_device(proc: GuestProcess, dev: GuestDevice, flush: bool = Fal
     for ctx in dev.contexts:
         ctx.destroyed = True
         proc.handles.free(ctx.handle, HandleType.CONTEXT)
+    if not proc.closed:  # process exit releases the whole share at once
+        proc.release_objects(1 + len(dev.contexts))
     dev.contexts.clear()
     proc.handles.free(dev.handle, HandleType.DEVICE)
     pa = dev.process_adapter

@@ -21,7 +21,8 @@ from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleSpace
 from dxg.guest.hostlink import HostLink
 from dxg.guest.ioctl import dispatch
-from dxg.guest.process import GuestProcess, process_exit
+from dxg.guest.process import GuestProcess, UserShare, process_exit
+from dxg.guest.quota import GuestLimits
 from dxg.guest.usermem import UserMemory
 from dxg.protocol.bus import (
     DXGK_VMBUS_INTERFACE_VERSION,
@@ -49,14 +50,25 @@ class GuestDriver:
     id_table = (DXGK_GLOBAL_GUID, DXGK_VGPU_GUID)
 
     def __init__(self, name: str = "pydxg-guest", loop: LoopThread | None = None, *,
-                 heartbeat_interval: float = 1.0, heartbeat_timeout: float = 5.0) -> None:
+                 heartbeat_interval: float = 1.0, heartbeat_timeout: float = 5.0,
+                 max_adapters_per_host: int = 64, max_adapters: int = 256,
+                 limits: GuestLimits | None = None) -> None:
+        if not 1 <= max_adapters_per_host <= max_adapters:
+            raise ValueError("need 1 <= max_adapters_per_host <= max_adapters")
         self.name = name
         self.rt, self._owns_loop = owned_loop(loop, f"dxg-guest {name}")
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
+        # A host cannot make the guest hold (or enumerate) more adapters than this.
+        self.max_adapters_per_host = max_adapters_per_host
+        self.max_adapters = max_adapters
         self._links: dict[GuestBus, HostLink] = {}
+        self._by_luid: dict[int, GuestAdapter] = {}  # adapters not stopped, by guest LUID
+        self._order: list[GuestAdapter] | None = None  # enumeration order, rebuilt on change
         self._next_link = 0
         self._processes: dict[int, GuestProcess] = {}
+        self.limits = limits if limits is not None else GuestLimits()
+        self._shares: dict[int, UserShare] = {}  # uid -> what that user's processes hold
         self.handle_space = HandleSpace()
         self.started = time.time()
         self._changed: asyncio.Event | None = None
@@ -113,8 +125,11 @@ class GuestDriver:
         await bus.close()
         link = self._links.pop(bus, None)
         if link is not None:
+            for ad in list(link.adapters.values()):
+                if self._by_luid.get(ad.luid) is ad:
+                    del self._by_luid[ad.luid]
             await link.tasks.cancel_and_wait(timeout=5)
-        self._notify()
+        self._changed_adapters()
 
     @on_loop
     def links(self) -> list[HostLink]:
@@ -180,12 +195,19 @@ class GuestDriver:
             log.error("host %s: vGPU %016x speaks DXGK interface %d; pydxg needs %d",
                       link.name, luid, version, DXGK_VMBUS_INTERFACE_VERSION)
             return
-        clash = next((a for a in self.all_adapters()
-                      if a.luid == luid and a.state != AdapterState.STOPPED), None)
-        if clash is not None:
+        clash = self._by_luid.get(luid)
+        if clash is not None and clash.state != AdapterState.STOPPED:
             log.error("host %s: vGPU LUID %016x is already used by host %s; refused (is the "
                       "same host, or the same --host-id, bound twice?)", link.name, luid,
                       clash.link.name)
+            return
+        live = sum(1 for a in link.adapters.values() if a.state != AdapterState.STOPPED)
+        if live >= self.max_adapters_per_host or len(self._by_luid) >= self.max_adapters:
+            link.refused_adapters += 1
+            if link.refused_adapters == 1:
+                log.error("host %s offers more adapters than this guest takes (%d per host, "
+                          "%d in all); further offers are ignored", link.name,
+                          self.max_adapters_per_host, self.max_adapters)
             return
         self._add_waiting_adapter(link, dev, luid, version)
 
@@ -196,14 +218,20 @@ class GuestDriver:
         adapter.interface_version = min(version, DXGK_VMBUS_INTERFACE_VERSION)
         dev.drvdata = adapter
         link.adapters[luid] = adapter
+        link.waiting.add(adapter)
+        self._by_luid[luid] = adapter
+        self._changed_adapters()
         return adapter
 
     async def _start_adapters(self, link: HostLink) -> None:
         """An adapter starts once both its vGPU channel and the global channel exist."""
         if not link.up:
             return
-        waiting = [a for a in link.adapters.values() if a.state == AdapterState.WAITING_VMBUS]
+        waiting = sorted(link.waiting, key=lambda a: a.dev.offer.relid)
+        link.waiting.clear()
         for ad in waiting:
+            if ad.state != AdapterState.WAITING_VMBUS:
+                continue
             try:
                 ad.channel = await ad.dev.open(GUEST_CAPS_WSL2, ad.interface_version)
                 opened = await vmbus.open_adapter(ad)
@@ -213,7 +241,7 @@ class GuestDriver:
                 info = await vmbus.get_internal_adapter_info(ad)
             except (IoctlError, BusError, ChannelClosed, vmbus.HostStatus) as e:
                 log.error("host %s: adapter %016x failed to start: %s", link.name, ad.luid, e)
-                ad.state = AdapterState.STOPPED
+                self._set_stopped(ad)
                 await self._release_adapter(ad)
                 continue
             ad.description = info.device_description
@@ -222,7 +250,7 @@ class GuestDriver:
             ad.host_vgpu_luid = info.host_vgpu_luid or ad.host_vgpu_luid
             link.async_msg_enabled = info.async_msg_enabled
             ad.state = AdapterState.ACTIVE
-            self._notify()
+            self._changed_adapters()
             log.info("adapter %016x up: %s (host %s)", ad.luid, ad.description, link.name)
 
     async def remove(self, dev: BusDevice) -> None:
@@ -240,7 +268,7 @@ class GuestDriver:
                 # global channel to come back.
                 if ad.state == AdapterState.STOPPED:
                     continue
-                ad.state = AdapterState.STOPPED
+                self._set_stopped(ad)
                 await self._release_adapter(ad)
                 log.info("adapter %016x stopped (global channel gone)", ad.luid)
                 if not ad.dev.conn.closed:
@@ -251,7 +279,8 @@ class GuestDriver:
                 self._stop_adapter(ad)
                 if link.adapters.get(ad.luid) is ad:
                     del link.adapters[ad.luid]
-        self._notify()
+                link.waiting.discard(ad)
+        self._changed_adapters()
 
     async def _release_adapter(self, ad: GuestAdapter) -> None:
         """Give the host back what a (partly) started adapter holds: its adapter handle and
@@ -264,11 +293,22 @@ class GuestDriver:
         ad.dev.close()
         ad.channel = None
 
+    def _set_stopped(self, ad: GuestAdapter) -> None:
+        ad.state = AdapterState.STOPPED
+        ad.link.waiting.discard(ad)
+        if self._by_luid.get(ad.luid) is ad:
+            del self._by_luid[ad.luid]
+        self._changed_adapters()
+
+    def _changed_adapters(self) -> None:
+        self._order = None
+        self._notify()
+
     def _stop_adapter(self, ad: GuestAdapter) -> None:
         """Objects and handles stay until their processes close them; calls fail -ENODEV."""
         if ad.state == AdapterState.STOPPED:
             return
-        ad.state = AdapterState.STOPPED
+        self._set_stopped(ad)
         if ad.channel is not None:
             ad.channel.close("adapter stopped")
         log.info("adapter %016x stopped", ad.luid)
@@ -288,11 +328,19 @@ class GuestDriver:
         return [a for a in self._adapter_order() if a.state == AdapterState.ACTIVE]
 
     def _adapter_order(self) -> list[GuestAdapter]:
-        """Adapters in enumeration order (host bound first, then offer order), on the loop."""
-        out: list[GuestAdapter] = []
-        for link in sorted(self._links.values(), key=lambda x: x.index):
-            out.extend(sorted(link.adapters.values(), key=lambda a: a.dev.offer.relid))
-        return out
+        """Adapters in enumeration order (host bound first, then offer order), on the loop;
+        kept until adapters come, go or change state."""
+        if self._order is None:
+            out: list[GuestAdapter] = []
+            for link in sorted(self._links.values(), key=lambda x: x.index):
+                out.extend(sorted(link.adapters.values(), key=lambda a: a.dev.offer.relid))
+            self._order = out
+        return self._order
+
+    def adapter_by_luid(self, luid: int) -> GuestAdapter | None:
+        """The active adapter with this guest LUID (on the loop)."""
+        ad = self._by_luid.get(luid)
+        return ad if ad is not None and ad.state == AdapterState.ACTIVE else None
 
     def wait_for_adapters(self, count: int, timeout: float) -> bool:
         """Wait (off the loop) until at least ``count`` adapters are active."""
@@ -321,7 +369,11 @@ class GuestDriver:
     # ---- processes (the node front ends, on the loop) ------------------------------------------
 
     def open_process(self, pid: int, uid: int, name: str) -> GuestProcess:
-        proc = GuestProcess(pid, uid, name, self.handle_space)
+        share = self._shares.get(uid)
+        if share is None:
+            share = self._shares[uid] = UserShare(uid, self.limits)
+        share.processes += 1
+        proc = GuestProcess(pid, uid, name, self.handle_space, self.limits, share)
         self._processes[id(proc)] = proc
         return proc
 
@@ -332,6 +384,10 @@ class GuestDriver:
             await process_exit(proc)
         except Exception:
             log.exception("teardown of process %d failed", proc.pid)
+        finally:
+            proc.share.processes -= 1
+            if proc.share.processes <= 0 and self._shares.get(proc.uid) is proc.share:
+                del self._shares[proc.uid]
 
     @on_loop
     def processes(self) -> list[GuestProcess]:

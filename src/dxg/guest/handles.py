@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from dxg.guest.quota import Quota, QuotaExceeded
 from dxg.uapi.handles import (
     HANDLE_INDEX_MASK,
     HANDLE_INDEX_MAX,
@@ -29,8 +30,8 @@ from dxg.uapi.handles import (
 SIZE_INCREMENT = 1024  # HMGRTABLE_SIZE_INCREMENT
 MIN_FREE_ENTRIES = 128  # HMGRTABLE_MIN_FREE_ENTRIES
 # pydxg's own guard: processes share one index space, so no process may hold more than this
-# many handles at once (-ENOMEM past it).
-MAX_HANDLES_PER_PROCESS = 1 << 18
+# many handles at once (-ENOMEM past it); dxg.guest.quota bounds each user too.
+MAX_HANDLES_PER_PROCESS = 1 << 16
 
 __all__ = ["MAX_HANDLES_PER_PROCESS", "HandleSpace", "HandleTable", "HandleType"]
 
@@ -73,15 +74,24 @@ class _Entry:
 class HandleTable:
     """One process's table: typed entries keyed by index."""
 
-    def __init__(self, space: HandleSpace, limit: int = MAX_HANDLES_PER_PROCESS) -> None:
+    def __init__(self, space: HandleSpace, limit: int = MAX_HANDLES_PER_PROCESS,
+                 quota: Quota | None = None) -> None:
         self._space = space
         self._limit = limit
+        self._quota = quota  # the share of the process's user, if any
         self._entries: dict[int, _Entry] = {}
 
     def alloc(self, htype: HandleType, obj: Any) -> int:
         if len(self._entries) >= self._limit:
-            raise MemoryError(f"a process may hold at most {self._limit} handles")
-        index, unique = self._space.alloc()
+            raise QuotaExceeded(f"a process may hold at most {self._limit} handles")
+        if self._quota is not None:
+            self._quota.charge()
+        try:
+            index, unique = self._space.alloc()
+        except MemoryError:
+            if self._quota is not None:
+                self._quota.release()
+            raise
         self._entries[index] = _Entry(htype, unique, obj)
         return make_handle(index, unique)
 
@@ -111,12 +121,16 @@ class HandleTable:
         index = (handle & HANDLE_INDEX_MASK) >> HANDLE_INDEX_SHIFT
         del self._entries[index]
         self._space.free(index)
+        if self._quota is not None:
+            self._quota.release()
         return e.obj
 
     def clear(self) -> None:
         """Free every entry (process teardown)."""
         for index in self._entries:
             self._space.free(index)
+        if self._quota is not None:
+            self._quota.release(len(self._entries))
         self._entries.clear()
 
     def items(self) -> list[tuple[int, HandleType, Any]]:

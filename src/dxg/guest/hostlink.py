@@ -14,6 +14,7 @@ from dxg.protocol import messages as m
 from dxg.protocol.commands import HostToVmCommand
 from dxg.protocol.errors import ProtocolError
 from dxg.protocol.headers import decode_host_to_vm
+from dxg.runtime.logs import LogLimiter
 from dxg.runtime.tasks import TaskSet
 from dxg.vmbus.bus import BusDevice, GuestBus
 from dxg.vmbus.channel import Channel, Packet
@@ -32,6 +33,8 @@ class HostLink:
         self.global_dev: BusDevice | None = None
         self.global_channel: Channel | None = None
         self.adapters: dict[int, GuestAdapter] = {}  # guest LUID -> adapter
+        self.waiting: set[GuestAdapter] = set()  # offered, not started yet
+        self.refused_adapters = 0  # offers past the guest's adapter limits
         self.async_msg_enabled = False
         self.iospace: tuple[int, int] = (0, 0)
         # The device-state counter and the opaque cookie the host echoes in SETGUESTDATA
@@ -41,6 +44,7 @@ class HostLink:
         self.generation = 0
         # Work the link does on its own (undoing what the host did for abandoned requests).
         self.tasks = TaskSet(f"link {bus.name}")
+        self.logs = LogLimiter(log)  # what the host provokes cannot flood the log
 
     @property
     def name(self) -> str:
@@ -57,13 +61,15 @@ class HostLink:
         try:
             msg = decode_host_to_vm(packet.payload)
         except ProtocolError as e:
-            log.warning("host %s: bad notification dropped: %s", self.name, e)
+            self.logs.log(logging.WARNING, "bad notification",
+                          "host %s: bad notification dropped: %s", self.name, e)
             return
         if msg.command == HostToVmCommand.SETGUESTDATA:
             try:
                 data = m.SetGuestData.unpack(msg.body)
             except ProtocolError as e:
-                log.warning("host %s: bad SETGUESTDATA: %s", self.name, e)
+                self.logs.log(logging.WARNING, "bad SETGUESTDATA",
+                              "host %s: bad SETGUESTDATA: %s", self.name, e)
                 return
             if (
                 data.data_type == m.SETGUESTDATA_DATATYPE_DWORD
@@ -73,8 +79,10 @@ class HostLink:
                 self.device_state_counter += 1
         elif msg.command in (HostToVmCommand.SIGNALGUESTEVENT,
                              HostToVmCommand.SIGNALGUESTEVENTPASSIVE):
-            log.debug("host %s: SIGNALGUESTEVENT for an unknown event ignored", self.name)
+            self.logs.log(logging.DEBUG, "unknown event",
+                          "host %s: SIGNALGUESTEVENT for an unknown event ignored", self.name)
         elif msg.command == HostToVmCommand.SENDWNFNOTIFICATION:
             pass
         else:
-            log.warning("host %s: unexpected host message %s", self.name, msg.command.name)
+            self.logs.log(logging.WARNING, "unexpected message",
+                          "host %s: unexpected host message %s", self.name, msg.command.name)

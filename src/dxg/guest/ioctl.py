@@ -200,12 +200,11 @@ async def enum_adapters3(drv: GuestDriver, proc: GuestProcess, args: Any,
 
 async def open_adapter_from_luid(drv: GuestDriver, proc: GuestProcess, args: Any,
                                  mem: UserMemory) -> int:
-    luid = luid_to_int(args.adapter_luid.a, args.adapter_luid.b)
-    for ad in drv.active_adapters():
-        if ad.luid == luid:
-            args.adapter_handle.v = open_adapter(proc, ad)
-            return 0
-    return -errno.EINVAL
+    ad = drv.adapter_by_luid(luid_to_int(args.adapter_luid.a, args.adapter_luid.b))
+    if ad is None:
+        return -errno.EINVAL
+    args.adapter_handle.v = open_adapter(proc, ad)
+    return 0
 
 
 async def close_adapter_ioctl(drv: GuestDriver, proc: GuestProcess, args: Any,
@@ -216,8 +215,7 @@ async def close_adapter_ioctl(drv: GuestDriver, proc: GuestProcess, args: Any,
 
 async def enum_processes(drv: GuestDriver, proc: GuestProcess, args: Any,
                          mem: UserMemory) -> int:
-    luid = luid_to_int(args.adapter_luid.a, args.adapter_luid.b)
-    adapter = next((a for a in drv.all_adapters() if a.luid == luid and a.active), None)
+    adapter = drv.adapter_by_luid(luid_to_int(args.adapter_luid.a, args.adapter_luid.b))
     if adapter is None:
         return -errno.EINVAL
     pids = [pa.process.pid for pa in adapter.process_adapters if not pa.process.closed]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleSpace, HandleTable, HandleType
+from dxg.guest.quota import GuestLimits, Quota, charge_object
 
 if TYPE_CHECKING:
     from dxg.guest.adapter import GuestAdapter
@@ -30,12 +31,27 @@ class ProcessAdapter:
         self.devices: list[GuestDevice] = []
 
 
+class UserShare:
+    """What one user's processes hold together (handles, host objects), and how many there are."""
+
+    def __init__(self, uid: int, limits: GuestLimits) -> None:
+        exempt = uid == 0
+        self.handles = Quota(None if exempt else limits.handles_per_uid, f"handles of uid {uid}")
+        self.objects = Quota(None if exempt else limits.objects_per_uid,
+                             f"host objects of uid {uid}")
+        self.processes = 0
+
+
 class GuestProcess:
-    def __init__(self, pid: int, uid: int, name: str, space: HandleSpace) -> None:
+    def __init__(self, pid: int, uid: int, name: str, space: HandleSpace,
+                 limits: GuestLimits | None = None, share: UserShare | None = None) -> None:
+        limits = limits if limits is not None else GuestLimits()
         self.pid = pid
         self.uid = uid
         self.name = name
-        self.handles = HandleTable(space)
+        self.share = share if share is not None else UserShare(uid, limits)
+        self.handles = HandleTable(space, limits.handles_per_process, self.share.handles)
+        self.objects = Quota(limits.objects_per_process, f"host objects of pid {pid}")
         self.adapters: dict[int, ProcessAdapter] = {}  # id(adapter) -> link
         # host link -> (link generation, the host process handle, or its CREATEPROCESS)
         self.host_processes: dict[HostLink, tuple[int, asyncio.Future[int]]] = {}
@@ -43,6 +59,14 @@ class GuestProcess:
 
     def __repr__(self) -> str:
         return f"<GuestProcess pid={self.pid} {self.name!r}>"
+
+    def charge_object(self) -> None:
+        """One more object on a host for this process (-ENOMEM past its or its user's share)."""
+        charge_object(self.objects, self.share.objects)
+
+    def release_objects(self, n: int = 1) -> None:
+        self.objects.release(n)
+        self.share.objects.release(n)
 
 
 # ---- life cycle ---------------------------------------------------------------------------------
@@ -146,6 +170,7 @@ async def process_exit(proc: GuestProcess) -> None:
     links = list(proc.adapters.values())
     proc.adapters.clear()
     proc.handles.clear()
+    proc.release_objects(proc.objects.used)
     try:
         for pa in links:
             if pa in pa.adapter.process_adapters:

@@ -26,8 +26,13 @@ class HostConfig:
     host_caps: int = 0  # vGPU offer host caps (bit 0 map_guest_memory: not supported yet)
     max_handles_per_partition: int = 1 << 20  # live host objects one guest may hold
     # Host memory one guest's objects may pin, in bytes, as estimated per object (see
-    # dxg.host.partition.OBJECT_BYTES); past it, creating commands fail with STATUS_NO_MEMORY.
-    max_partition_bytes: int = 64 << 20
+    # dxg.host.partition.OBJECT_BYTES) plus the bytes of its regions; past it, creating
+    # commands fail with STATUS_NO_MEMORY.
+    max_partition_bytes: int = 256 << 20
+    # What one process of a guest may hold of that: objects, and bytes of memory. A guest
+    # bounds its users' shares too (dxg.guest.quota); these hold even for a guest that does not.
+    max_objects_per_process: int = 1 << 14
+    max_process_bytes: int = 64 << 20
     max_guests: int = 64  # guests connected at once; further connections are refused
     # A guest must complete the bus handshake (an accepted HELLO) this many seconds after it
     # connects, or it is dropped with its partition.
@@ -55,6 +60,8 @@ class HostConfig:
             raise ValueError("max_handles_per_partition must be positive")
         if self.max_partition_bytes < 1:
             raise ValueError("max_partition_bytes must be positive")
+        if self.max_objects_per_process < 1 or self.max_process_bytes < 1:
+            raise ValueError("per-process limits must be positive")
         if self.max_guests < 1:
             raise ValueError("max_guests must be positive")
         if not self.handshake_timeout > 0:

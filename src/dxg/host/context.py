@@ -46,7 +46,7 @@ class HostContext:
 
 def drop_context(p: Partition, context: HostContext) -> None:
     context.device.contexts.pop(context.handle, None)
-    p.free(context.handle, HandleType.CONTEXT)
+    p.free(context.handle, HandleType.CONTEXT, context.device.process)
 
 
 def create_context_virtual(p: Partition, call: Call,
@@ -63,7 +63,7 @@ def create_context_virtual(p: Partition, call: Call,
         raise CommandFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "private data too large")
     context = HostContext(0, device, body.node_ordinal, body.engine_affinity, body.flags,
                           body.client_hint, len(body.priv_drv_data))
-    context.handle = p.alloc(HandleType.CONTEXT, context)
+    context.handle = p.alloc(HandleType.CONTEXT, context, device.process)
     device.contexts[context.handle] = context
     return dataclasses.replace(body, context=context.handle)
 

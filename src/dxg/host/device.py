@@ -69,7 +69,7 @@ def drop_device(p: Partition, device: HostDevice) -> None:
     for context in list(device.contexts.values()):
         drop_context(p, context)
     device.process.devices.pop(device.handle, None)
-    p.free(device.handle, HandleType.DEVICE)
+    p.free(device.handle, HandleType.DEVICE, device.process)
 
 
 def device_of(p: Partition, process: HostProcess, handle: int,
@@ -89,7 +89,7 @@ def create_device(p: Partition, call: Call, body: m.CreateDevice) -> m.HandleRet
     process = p.process(call)
     open_of(p, call.adapter)
     device = HostDevice(0, process, call.adapter, body.flags, body.error_code)
-    device.handle = p.alloc(HandleType.DEVICE, device)
+    device.handle = p.alloc(HandleType.DEVICE, device, process)
     process.devices[device.handle] = device
     return m.HandleReturn(device.handle)
 

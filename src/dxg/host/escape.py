@@ -15,6 +15,7 @@ import logging
 import os
 import struct
 import threading
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -64,7 +65,7 @@ class Region:
 def drop_region(p: Partition, process: HostProcess, region: Region) -> None:
     if process.regions.pop(region.id, None) is not None:
         region.mem.close()
-        p.uncharge(region.size)
+        p.uncharge(region.size, process)
 
 
 class _OpFailed(Exception):
@@ -93,8 +94,7 @@ def _is_eventfd(fd: int) -> bool:
         return False
 
 
-async def _pydxg(p: Partition, call: Call, process: HostProcess, lane: object | None,
-                 body: m.Escape) -> m.Escape:
+async def _pydxg(p: Partition, call: Call, process: HostProcess, body: m.Escape) -> m.Escape:
     data = bytearray(body.priv_drv_data)
     head = EscapeHeader.unpack(bytes(data))
     flags = EscapeFlags(head.flags & ~(EscapeFlags.FD_OUT | EscapeFlags.DATA_AS_FD))
@@ -110,8 +110,7 @@ async def _pydxg(p: Partition, call: Call, process: HostProcess, lane: object | 
             if len(data) < OP_FIELDS + 4:
                 raise _OpFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "SLEEP needs milliseconds")
             ms = min(_U32.unpack_from(data, OP_FIELDS)[0], MAX_SLEEP_MS)
-            cut = await p.run_blocking(process, lambda cancelled: cancelled.wait(ms / 1000),
-                                       lane)
+            cut = await p.run_blocking(process, lambda cancelled: cancelled.wait(ms / 1000))
             if cut:
                 raise _OpFailed(NTSTATUS.STATUS_CANCELLED, "the caller went away")
         elif op == Op.SHMEM_CREATE:
@@ -123,11 +122,14 @@ async def _pydxg(p: Partition, call: Call, process: HostProcess, lane: object | 
             if not call.can_pass_fds and size > p.max_message - 4096:
                 raise _OpFailed(NTSTATUS.STATUS_INVALID_PARAMETER,
                                 "region too large to copy over this link")
-            p.charge(size)
+            try:
+                p.charge(size, process)
+            except CommandFailed as e:
+                raise _OpFailed(e.status, str(e)) from None
             try:
                 mem = SharedMemory(size, "pydxg-region")
             except OSError as e:
-                p.uncharge(size)
+                p.uncharge(size, process)
                 raise _OpFailed(NTSTATUS.STATUS_NO_MEMORY, str(e)) from None
             mem.write(0, (_PATTERN * (size // len(_PATTERN) + 1))[:size])
             process.region_ids += 1
@@ -180,8 +182,7 @@ async def _pydxg(p: Partition, call: Call, process: HostProcess, lane: object | 
     return dataclasses.replace(body, priv_drv_data=bytes(data), attachment=attachment)
 
 
-async def _backend(p: Partition, call: Call, process: HostProcess, lane: object | None,
-                   body: m.Escape) -> m.Escape:
+async def _backend(p: Partition, call: Call, process: HostProcess, body: m.Escape) -> m.Escape:
     close_all(call.take_fds())
     assert call.adapter is not None
     index = call.adapter.index
@@ -191,7 +192,7 @@ async def _backend(p: Partition, call: Call, process: HostProcess, lane: object 
     def job(cancelled: threading.Event) -> tuple[int, bytes]:
         return backend.escape(index, data, cancelled)
 
-    status, out = await p.run_blocking(process, job, lane)
+    status, out = await p.run_blocking(process, job)
     if status != OK:
         raise CommandFailed(status, "backend escape failed")
     if len(out) != len(data):
@@ -201,7 +202,8 @@ async def _backend(p: Partition, call: Call, process: HostProcess, lane: object 
 
 
 def escape(p: Partition, call: Call, body: m.Escape):  # type: ignore[no-untyped-def]
-    """Check the handles now (inline), then run the escape as a task of its own."""
+    """Check the handles now (inline), then run the escape as a task of its own; the escapes
+    of one device run one after another (all of them: a quick one queues behind a long one)."""
     from dxg.host.adapter import open_of
     from dxg.host.device import device_of
 
@@ -223,8 +225,14 @@ def escape(p: Partition, call: Call, body: m.Escape):  # type: ignore[no-untyped
     if body.attachment:
         raise CommandFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "requests carry no attachment")
     if is_pydxg_escape(body.priv_drv_data):
-        return _pydxg(p, call, process, lane, body)
-    return _backend(p, call, process, lane, body)
+        def run() -> Awaitable[m.Escape]:
+            return _pydxg(p, call, process, body)
+    else:
+        def run() -> Awaitable[m.Escape]:
+            return _backend(p, call, process, body)
+    if lane is None:
+        return run()
+    return p.lanes.run(lane, run)
 
 
 HANDLERS: MappingProxyType[VgpuCommand, Handler] = MappingProxyType({

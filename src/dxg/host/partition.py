@@ -195,29 +195,48 @@ class Partition:
 
     # ---- objects ---------------------------------------------------------------------------------
 
-    def charge(self, nbytes: int) -> None:
-        """Count ``nbytes`` of host memory against the guest's budget (or fail NO_MEMORY)."""
+    def charge(self, nbytes: int, process: HostProcess | None = None) -> None:
+        """Count ``nbytes`` of host memory against the guest's budget and, with ``process``,
+        that process's share (or fail NO_MEMORY)."""
         if self.pinned + nbytes > self.config.max_partition_bytes:
             raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY,
                                 f"partition memory budget of {self.config.max_partition_bytes} "
                                 "bytes reached")
+        if process is not None:
+            if process.pinned + nbytes > self.config.max_process_bytes:
+                raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY,
+                                    f"process memory share of {self.config.max_process_bytes} "
+                                    "bytes reached")
+            process.pinned += nbytes
         self.pinned += nbytes
 
-    def uncharge(self, nbytes: int) -> None:
+    def uncharge(self, nbytes: int, process: HostProcess | None = None) -> None:
         self.pinned = max(0, self.pinned - nbytes)
+        if process is not None:
+            process.pinned = max(0, process.pinned - nbytes)
 
-    def alloc(self, htype: HandleType, obj: Any) -> int:
-        """A handle for a new object, charged against both partition limits."""
+    def alloc(self, htype: HandleType, obj: Any, process: HostProcess | None = None) -> int:
+        """A handle for a new object, charged against the partition's limits and, with
+        ``process``, that process's share of objects."""
+        if process is not None and process.objects >= self.config.max_objects_per_process:
+            raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY,
+                                f"a process may hold {self.config.max_objects_per_process} "
+                                "objects")
         self.charge(OBJECT_BYTES[htype])
         try:
-            return self.handles.alloc(htype, obj)
+            handle = self.handles.alloc(htype, obj)
         except HandleTableFull as e:
             self.uncharge(OBJECT_BYTES[htype])
             raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, str(e)) from None
+        if process is not None:
+            process.objects += 1
+        return handle
 
-    def free(self, handle: int, htype: HandleType) -> None:
+    def free(self, handle: int, htype: HandleType, process: HostProcess | None = None) -> None:
         if self.handles.free(handle, htype) is not None:
             self.uncharge(OBJECT_BYTES[htype])
+            if process is not None:
+                process.objects = max(0, process.objects - 1)
 
     def process(self, call: Call) -> HostProcess:
         process = self.handles.get(call.process_handle, HandleType.PROCESS)

@@ -38,6 +38,8 @@ class HostProcess:
     # Backend work in flight for this process: set each event to cut it short.
     jobs: set[threading.Event] = field(default_factory=set)
     region_ids: int = 0
+    objects: int = 0  # devices and contexts it holds (HostConfig.max_objects_per_process)
+    pinned: int = 0  # bytes of memory it holds (HostConfig.max_process_bytes)
 
     @property
     def context_count(self) -> int:

@@ -27,8 +27,11 @@ Limits on what a client can hold:
   (30 s). A connection idle *between* requests is never timed out: it is an open process.
 * At most ``max_calls`` calls in flight per connection: past that the node stops reading from
   it until some finish (the client waits; nothing is refused).
-* Replies the client does not read: at most ``max_buffer`` bytes wait for it, and a client that
-  takes nothing for ``send_timeout`` seconds while replies wait is dropped (its process closed).
+* Replies the client does not read: while more than ``pause_buffer`` bytes wait for it, the node
+  reads no new requests from it; at most ``max_buffer`` bytes wait for one client and
+  ``max_total_buffer`` for all of them (past either, the client whose reply does not fit is
+  dropped); a client that takes nothing for ``send_timeout`` seconds while replies wait is
+  dropped. A dropped client's process is closed like any other.
 * At most ``max_connections`` connections in all, and at most ``max_per_uid`` (default a
   quarter of that) per peer uid. Root's connections count towards the total but not against a
   per-uid limit. Refused connections get a fatal ERROR (``EMFILE``) saying which limit.
@@ -57,7 +60,7 @@ from dxg.runtime.tasks import TaskSet
 from dxg.uapi import wire
 from dxg.uapi.ioctls import IOCTLS_BY_CODE
 from dxg.uapi.nodepath import default_node_path, node_dir_problem, private_node_dir
-from dxg.vmbus.transport import SocketTransport, TransportClosed
+from dxg.vmbus.transport import SocketTransport, TransportClosed, WriteBudget
 
 __all__ = ["NodeBusy", "NodeDriver", "SocketNode"]
 
@@ -67,7 +70,9 @@ _UCRED = struct.Struct("iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid;
 _HANDSHAKE_TIMEOUT = 10.0
 _FRAME_TIMEOUT = 30.0
 _SEND_TIMEOUT = 30.0
-_MAX_BUFFER = 16 * 1024 * 1024
+_MAX_BUFFER = 2 * wire.MAX_PAYLOAD + 1024 * 1024
+_PAUSE_BUFFER = 1024 * 1024
+_MAX_TOTAL_BUFFER = 256 * 1024 * 1024
 _MAX_CALLS = 256
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
@@ -114,7 +119,9 @@ class _Conn:
         self.transport = SocketTransport(node.loop, sock, f"pid {pid}",
                                          send_timeout=node.send_timeout,
                                          max_buffer=node.max_buffer,
-                                         max_fds=4 * wire.MAX_FDS)
+                                         max_fds=4 * wire.MAX_FDS,
+                                         budget=node.write_budget)
+        self.transport.on_drained = self._drained
         self.decoder = wire.FrameDecoder(wire.MAX_HELLO_PAYLOAD)
         self.fds: deque[int] = deque()
         self.calls = TaskSet(f"pid {pid}")
@@ -149,7 +156,20 @@ class _Conn:
             return False
         finally:
             close_all(fds or ())
+        self._check_backlog()
         return True
+
+    def _check_backlog(self) -> None:
+        """A client that lets replies pile up gets no new requests read until it catches up."""
+        backlog = self.transport.buffered > self.node.pause_buffer
+        if backlog and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _drained(self) -> None:
+        if self.paused and not self.gone and len(self.inflight) < self.node.max_calls // 2:
+            self.paused = False
+            self.transport.resume_reading()
 
     def error(self, seq: int, err: int, text: str, fatal: bool = False) -> None:
         self.send(wire.ErrorReply(err, text, fatal), seq)
@@ -307,7 +327,8 @@ class _Conn:
     def _call_done(self, seq: int, task: asyncio.Future[None]) -> None:
         if self.inflight.get(seq) is task:
             del self.inflight[seq]
-        if self.paused and len(self.inflight) < self.node.max_calls // 2 and not self.gone:
+        if (self.paused and len(self.inflight) < self.node.max_calls // 2 and not self.gone
+                and self.transport.buffered <= self.node.pause_buffer):
             self.paused = False
             self.transport.resume_reading()
 
@@ -407,6 +428,8 @@ class SocketNode:
         frame_timeout: float = _FRAME_TIMEOUT,
         send_timeout: float = _SEND_TIMEOUT,
         max_buffer: int = _MAX_BUFFER,
+        pause_buffer: int = _PAUSE_BUFFER,
+        max_total_buffer: int = _MAX_TOTAL_BUFFER,
         max_calls: int = _MAX_CALLS,
     ) -> None:
         if max_connections < 1:
@@ -417,8 +440,9 @@ class SocketNode:
             raise ValueError("max_per_uid must be at least 1")
         if not handshake_timeout > 0 or not frame_timeout > 0 or not send_timeout > 0:
             raise ValueError("timeouts must be positive")
-        if max_buffer < 2 * wire.MAX_PAYLOAD or max_calls < 2:
-            raise ValueError("max_buffer must hold two full replies, max_calls be at least 2")
+        if not wire.MAX_PAYLOAD < max_buffer <= max_total_buffer or max_calls < 2:
+            raise ValueError("need MAX_PAYLOAD < max_buffer <= max_total_buffer and "
+                             "max_calls >= 2")
         self.driver = driver
         self.rt: LoopThread = driver.rt
         self.loop = driver.rt.loop
@@ -435,6 +459,8 @@ class SocketNode:
         self.frame_timeout = frame_timeout
         self.send_timeout = send_timeout
         self.max_buffer = max_buffer
+        self.pause_buffer = pause_buffer
+        self.write_budget = WriteBudget(max_total_buffer)
         self.max_calls = max_calls
         self._conns: set[_Conn] = set()
         self._per_uid: dict[int, int] = {}

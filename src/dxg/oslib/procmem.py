@@ -42,9 +42,9 @@ __all__ = [
     "FrontEndLimit",
     "PinnedProcessMemory",
     "ProcessVmUserMemory",
-    "UserMemoryFault",
     "Syscalls",
     "TakeFdError",
+    "UserMemoryFault",
     "take_fd",
     "task_identity",
     "thread_group_of",
@@ -237,11 +237,18 @@ class PinnedProcessMemory(ProcessVmUserMemory):
     def pin(cls, tid: int, syscalls: Syscalls) -> PinnedProcessMemory:
         """Pin the process of thread ``tid`` (the caller of a request being served). Raises
         OSError (``ESRCH`` when it cannot be found, or why ``pidfd_open`` failed)."""
-        ident = task_identity(tid)
-        if ident is None:
-            raise ProcessLookupError(errno.ESRCH, f"no thread {tid}")
-        tgid = ident[0]
-        pidfd = syscalls.pidfd_open(tgid)
+        try:
+            # Succeeds only for a thread-group leader: then ``tid`` is its process's id.
+            pidfd, tgid = syscalls.pidfd_open(tid), tid
+        except OSError as e:
+            # Not a leader: EINVAL, or ENOENT on newer kernels (which know thread pidfds).
+            if e.errno not in (errno.EINVAL, errno.ENOENT):
+                raise
+            ident = task_identity(tid)  # another thread of its process
+            if ident is None:
+                raise ProcessLookupError(errno.ESRCH, f"no thread {tid}") from None
+            tgid = ident[0]
+            pidfd = syscalls.pidfd_open(tgid)
         try:
             # The pidfd is open: make sure it is the thread's own process we pinned.
             if tgid != tid and not os.path.exists(f"/proc/{tgid}/task/{tid}"):

@@ -169,8 +169,9 @@ _SPECS = (
     _v(V.QUERYCLOCKCALIBRATION, m.QueryClockCalibration, m.QueryClockCalibrationReturn,
        _fail_clock),
     _v(V.ESCAPE, m.Escape, m.Escape, fail_status, large=True, fds=True,
-       note="echoed with the private data overwritten; pydxg escapes may carry a descriptor "
-            "or data beyond one packet"),
+       note="adapter, device, type, flags, priv size, context u32, attachment size u64, "
+            "priv data, attachment; echoed with the priv data overwritten (the attachment: a "
+            "region copied where no descriptor can go)"),
 )
 
 COMMANDS: MappingProxyType[Command, CommandSpec] = MappingProxyType(

@@ -2,6 +2,7 @@
 
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 NODE_ENV = "DXG_NODE"
@@ -71,4 +72,26 @@ def node_dir_problem(directory: Path) -> str | None:
             return f"{directory} is {what} uid {owner}, neither this user nor root"
     if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
         return f"{directory} is writable by everyone and not sticky"
+    return None
+
+
+def trusted_path_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why someone other than this user or root could change what ``path`` names, or None.
+
+    Every directory above ``path`` must pass :func:`node_dir_problem` (owned by this user or
+    root, not writable by everyone unless sticky), and so must every directory above where the
+    parent really is once symbolic links are resolved: whoever may rename or replace any of them
+    could swap the file at ``path`` for one of their choosing. ``path`` itself is not checked
+    here (a caller that will open it checks it with ``lstat``/``O_NOFOLLOW``). Missing
+    directories are no problem (they are about to be created, by this user)."""
+    p = Path(os.path.abspath(path))
+    chains: list[Sequence[Path]] = [p.parents]
+    real = Path(os.path.realpath(p.parent))
+    if real != p.parent:
+        chains.append((real, *real.parents))
+    for chain in chains:
+        for directory in chain:
+            problem = node_dir_problem(directory)
+            if problem is not None:
+                return problem
     return None

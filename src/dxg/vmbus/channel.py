@@ -125,6 +125,11 @@ class Channel:
         except ConnectionError as e:
             del self._pending[trans_id]
             raise ChannelClosed(f"channel {self.relid}: send failed: {e}") from None
+        except BaseException:
+            # Refused before it went (too long, descriptors this link cannot carry): nothing
+            # will complete it.
+            del self._pending[trans_id]
+            raise
         return future
 
     def send_async(self, payload: bytes, fds: Sequence[int] = ()) -> None:

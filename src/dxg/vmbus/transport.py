@@ -87,6 +87,26 @@ def parse_address(text: str) -> Address:
         raise TransportError(f"bad TCP address {text!r}: port must be a number") from None
 
 
+class WriteBudget:
+    """Bytes waiting for slow readers, bounded across many transports (a node's clients): a
+    transport that would push the total past ``limit`` drops its peer instead."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+
 class Transport:
     """What every transport offers the layers above."""
 
@@ -118,8 +138,11 @@ class SocketTransport(Transport):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, peer: str, *,
                  send_timeout: float = SEND_TIMEOUT, max_buffer: int = MAX_BUFFER,
-                 max_fds: int = MAX_FDS_PER_READ) -> None:
+                 max_fds: int = MAX_FDS_PER_READ, budget: WriteBudget | None = None) -> None:
         self.loop = loop
+        self.budget = budget
+        # Called (on the loop) when everything written has gone out, after a backlog.
+        self.on_drained: Callable[[], None] | None = None
         self.sock = sock
         self.peer = peer
         self.send_timeout = send_timeout
@@ -216,15 +239,17 @@ class SocketTransport(Transport):
                 raise TransportClosed(f"{self.peer}: {e.strerror or e}") from None
             if sent == len(data):
                 return
-        pending = [] if sent else [os.dup(fd) for fd in fds]
         view = memoryview(data)[sent:]
-        self._out.append((view, pending))
-        self._buffered += len(view)
-        if self._buffered > self.max_buffer:
-            err = ConnectionError(errno.ENOBUFS, f"{self.peer} stopped reading: "
-                                                 f"{self._buffered} bytes waiting; dropped")
+        if self._buffered + len(view) > self.max_buffer or (
+                self.budget is not None and not self.budget.take(len(view))):
+            err = ConnectionError(errno.ENOBUFS, f"{self.peer} does not read its replies: "
+                                                 f"{self._buffered + len(view)} bytes would "
+                                                 "wait for it; dropped")
             self.close(err)
             raise TransportClosed(str(err))
+        pending = [] if sent else [os.dup(fd) for fd in fds]
+        self._out.append((view, pending))
+        self._buffered += len(view)
         if len(self._out) == 1:
             self._progress = time.monotonic()
             self.loop.add_writer(self._fd, self._writable)
@@ -244,6 +269,8 @@ class SocketTransport(Transport):
                 close_all(fds)
                 self._out[0] = (view, [])
             self._buffered -= sent
+            if self.budget is not None:
+                self.budget.give(sent)
             self._progress = time.monotonic()
             if sent < len(view):
                 self._out[0] = (view[sent:], [])
@@ -254,6 +281,8 @@ class SocketTransport(Transport):
             if self._stall is not None:
                 self._stall.cancel()
                 self._stall = None
+            if self.on_drained is not None:
+                self.on_drained()
 
     def _arm_stall(self) -> None:
         if self._stall is None:
@@ -284,6 +313,8 @@ class SocketTransport(Transport):
         for _view, fds in self._out:
             close_all(fds)
         self._out.clear()
+        if self.budget is not None:
+            self.budget.give(self._buffered)
         self._buffered = 0
         if self._stall is not None:
             self._stall.cancel()
@@ -544,4 +575,5 @@ def _remove_stale_socket(path: str) -> None:
 
 
 __all__ = ["Address", "Listener", "LoopbackTransport", "Receiver", "SocketTransport",
-           "Transport", "TransportClosed", "TransportError", "connect", "parse_address"]
+           "Transport", "TransportClosed", "TransportError", "WriteBudget", "connect",
+           "parse_address"]
