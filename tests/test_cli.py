@@ -25,6 +25,12 @@ def test_ioctl_doc_is_generated_from_the_code():
         "docs/ioctls.md is stale: run `dxg ioctls --markdown > docs/ioctls.md`"
 
 
+def test_every_generated_doc_is_current():
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_docs.py"), "--check"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"{r.stdout}{r.stderr} (run python tools/gen_docs.py)"
+
+
 def test_uapi_header_command():
     r = dxg("uapi-header")
     assert r.returncode == 0

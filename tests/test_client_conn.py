@@ -100,7 +100,8 @@ class FakeConn:
     def send(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
         with self.lock:
             sent = send_with_fds(self.sock, data, fds)
-            self.sock.sendall(data[sent:])
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
 
     def _serve(self) -> None:
         dec = wire.FrameDecoder()
@@ -120,6 +121,7 @@ class FakeConn:
             pass
         finally:
             close_all(fifo)
+            self.sock.close()
 
 
 class FakeNode:
@@ -184,7 +186,10 @@ class FakeNode:
             self.cond.notify_all()
         if self.on_request is not None:
             self.on_request(req)
-        self.serve(req)
+        try:
+            self.serve(req)
+        except Exception as e:  # the test's client gets the fake's failure, instead of a hang
+            req.reply(wire.ErrorReply(errno.EIO, f"fake node: {type(e).__name__}: {e}"))
 
     # -- helpers for tests --
 
@@ -408,6 +413,8 @@ def test_descriptors_both_ways(fake):
                                  8)
             req.reply(wire.IoctlReply(0, msg.struct, (), (fixup,)), (efd,))
             os.close(efd)
+        else:
+            fake.echo(req)
 
     fake.serve = serve
     conn = NodeConnection(fake.path)

@@ -545,6 +545,7 @@ def test_partition_memory_budget(sock_path: str) -> None:
     {"backend_workers": 0}, {"backend_workers": 2000},
     {"max_message_bytes": 1000}, {"max_message_bytes": 1 << 33},
     {"max_region_bytes": 0},
+    {"max_objects_per_process": 0}, {"max_process_bytes": 0},
 ])
 def test_config_validation_of_the_limits(bad: dict) -> None:
     with pytest.raises(ValueError):

@@ -70,6 +70,17 @@ def wait_until(pred: Callable[[], object], timeout: float = TIMEOUT) -> None:
         time.sleep(0.002)
 
 
+def fds_of(name: str) -> int:
+    """This process's descriptors of memfds named ``name`` (a leak count that other tests'
+    descriptors, coming and going, cannot disturb)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{name} "):
+                count += 1
+    return count
+
+
 def offers(order: str = "global-first") -> list[Offer]:
     g = Offer(1, DXGK_GLOBAL_GUID, uuid.uuid4(), mmio_megabytes=64)
     v = [Offer(i, DXGK_VGPU_GUID, uuid.uuid4(), interface_version=40) for i in (2, 3)]
@@ -198,9 +209,6 @@ class RecordingDriver:
 
     async def remove(self, dev: BusDevice) -> None:
         self.removed.append(dev)
-
-
-Dial = Callable[[asyncio.AbstractEventLoop], "asyncio.Future[Transport] | object"]
 
 
 class Guest:
@@ -476,7 +484,7 @@ def test_descriptors_travel_both_ways(host_rt, guest_rt, tmp_path, kind):
 def test_descriptors_never_leak(host_rt, guest_rt, tmp_path, kind):
     with linked(kind, host_rt, guest_rt, tmp_path) as (_host, guest):
         ch = guest.channel(2)
-        fd = memfd_from_bytes(b"passed 20000 times")
+        fd = memfd_from_bytes(b"passed 10000 times", "guest-passed")
 
         async def passes(n: int, at_once: int = 100) -> None:
             async def one() -> None:
@@ -491,8 +499,14 @@ def test_descriptors_never_leak(host_rt, guest_rt, tmp_path, kind):
         try:
             guest.rt.run(passes(200), TIMEOUT)  # warm up
             before = open_fd_count()
+            named = fds_of("guest-passed"), fds_of("echo-fixed")
+            assert named[0] == 1
             guest.rt.run(passes(10_000), 60)
-            assert open_fd_count() == before
+            # Each pass put a copy of the guest's memfd on the host, and one of the host's in
+            # the guest: every copy is closed again.
+            # (the host closes the last copy it got just after answering)
+            wait_until(lambda: (fds_of("guest-passed"), fds_of("echo-fixed")) == named)
+            assert open_fd_count() <= before
         finally:
             os.close(fd)
 
@@ -571,8 +585,8 @@ HOSTILE = {
     "bulk chunk on the control channel": (_hdr(4, CONTROL_RELID, VM_PKT_BULK) + b"bulk", 0),
     "bulk that no packet claims": (
         _hdr(4, 2, VM_PKT_BULK) + b"bulk" + _hdr(1, 2, VM_PKT_DATA_INBAND) + b"x", 0),
-    "bulk flag on the control channel": (
-        _hdr(4, CONTROL_RELID, VM_PKT_BULK) + b"bulk"
+    "bulk claimed by a control message": (
+        _hdr(4, 2, VM_PKT_BULK) + b"bulk"
         + _hdr(len(_HELLO), CONTROL_RELID, VM_PKT_DATA_INBAND, FLAG_HAS_BULK) + _HELLO, 0),
     "too many descriptors in one frame": (
         _hdr(1, 2, VM_PKT_DATA_INBAND, 17 << 8) + b"x", 0),
@@ -612,7 +626,7 @@ def test_hostile_frames_drop_the_connection_and_leak_nothing(host_rt, tmp_path, 
     data, nfds = HOSTILE[case]
     host = EchoHost(host_rt, str(tmp_path / "h.sock"), offers())
     sock = _raw_connect(host.address)
-    ours = [memfd_from_bytes(b"x") for _ in range(nfds)]
+    ours = [memfd_from_bytes(b"x", "hostile-sent") for _ in range(nfds)]
     try:
         wait_until(lambda: host_rt.call(lambda: len(host.sessions)) == 1)
         before = open_fd_count()
@@ -621,7 +635,8 @@ def test_hostile_frames_drop_the_connection_and_leak_nothing(host_rt, tmp_path, 
         session = host.sessions[0]
         wait_until(lambda: host_rt.call(lambda: session.closed))
         # Everything the host received went with the connection, and its socket too.
-        wait_until(lambda: open_fd_count() == before - 1)
+        wait_until(lambda: fds_of("hostile-sent") == nfds)
+        assert open_fd_count() <= before - 1
     finally:
         close_all(ours)
         sock.close()
@@ -633,7 +648,7 @@ def test_a_too_long_descriptor_backlog_drops_the_connection(host_rt, tmp_path):
     read bringing descriptors, are cut off once more than the connection's allowance wait."""
     host = EchoHost(host_rt, str(tmp_path / "h.sock"), offers())
     sock = _raw_connect(host.address)
-    ours = [memfd_from_bytes(b"x") for _ in range(40)]
+    ours = [memfd_from_bytes(b"x", "backlog-sent") for _ in range(40)]
     try:
         wait_until(lambda: host_rt.call(lambda: len(host.sessions)) == 1)
         before = open_fd_count()
@@ -641,7 +656,8 @@ def test_a_too_long_descriptor_backlog_drops_the_connection(host_rt, tmp_path):
         send_with_fds(sock, header[:10], ours)  # 40 waiting, no frame yet: fine
         send_with_fds(sock, header[10:], ours)  # 80: too many
         assert _hung_up(sock)
-        wait_until(lambda: open_fd_count() == before - 1)
+        wait_until(lambda: fds_of("backlog-sent") == 40)
+        assert open_fd_count() <= before - 1
     finally:
         close_all(ours)
         sock.close()
@@ -651,15 +667,14 @@ def test_a_too_long_descriptor_backlog_drops_the_connection(host_rt, tmp_path):
 def test_descriptors_for_an_unknown_channel_are_closed_and_the_link_stays(host_rt, tmp_path):
     host = EchoHost(host_rt, str(tmp_path / "h.sock"), offers())
     sock = _raw_connect(host.address)
-    fd = memfd_from_bytes(b"x")
+    fd = memfd_from_bytes(b"x", "for-nobody")
     try:
         wait_until(lambda: host_rt.call(lambda: len(host.sessions)) == 1)
-        before = open_fd_count()
         frame = encode_frame(99, VM_PKT_DATA_INBAND, b"who?", 1,
                              frame_flags(True, False, 1))
         send_with_fds(sock, frame, [fd])
         wait_until(lambda: host_rt.call(lambda: host.sessions[0].conn.packets_in) == 1)
-        assert open_fd_count() == before  # the host's copy was closed
+        wait_until(lambda: fds_of("for-nobody") == 1)  # the host's copy was closed
         sock.sendall(encode_frame(CONTROL_RELID, VM_PKT_DATA_INBAND, _HELLO))
         reader = FrameReader()
         while not (frames := reader.frames()):
@@ -678,7 +693,7 @@ def test_descriptors_for_an_unknown_channel_are_closed_and_the_link_stays(host_r
 class FakeHost:
     """A host written by hand on a thread: it completes the handshake, offers one global channel
     and opens it, then answers nothing: no PONG, no completion. With ``garbage`` it sends that
-    after opening the channel."""
+    in answer to the first request."""
 
     def __init__(self, path: str, garbage: bytes = b"") -> None:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -712,7 +727,9 @@ class FakeHost:
                 reader.feed(data)
                 for frame in reader.frames():
                     if frame.relid != CONTROL_RELID:
-                        self.seen.append(frame.payload)  # a request: never answered
+                        self.seen.append(frame.payload)  # a request: never answered ...
+                        if self.garbage:  # ... or with garbage
+                            conn.sendall(self.garbage)
                         continue
                     msg = decode_bus_message(frame.payload)
                     self.seen.append(msg)
@@ -722,8 +739,6 @@ class FakeHost:
                         self._send(conn, AllOffersDelivered())
                     elif isinstance(msg, OpenChannel):
                         self._send(conn, OpenResult(msg.relid, 0))
-                        if self.garbage:
-                            conn.sendall(self.garbage)
 
     def close(self) -> None:
         self.listener.close()
@@ -769,8 +784,8 @@ def test_heartbeat_drops_a_host_whose_reading_stopped(host_rt, guest_rt, tmp_pat
 
 def test_a_busy_host_still_answers_the_heartbeat(host_rt, guest_rt, tmp_path):
     """A request the host takes long over is no silence: PING is answered by the reader."""
-    with linked("unix", host_rt, guest_rt, tmp_path, heartbeat_interval=0.02,
-                heartbeat_timeout=0.2) as (host, guest):
+    with linked("unix", host_rt, guest_rt, tmp_path, heartbeat_interval=0.01,
+                heartbeat_timeout=2.0) as (host, guest):
         blocked = guest.start_request(guest.channel(2), b"block")
         # Many heartbeat periods pass while the request is pending, each PING answered.
         conn = host.sessions[0].conn
@@ -782,12 +797,16 @@ def test_a_busy_host_still_answers_the_heartbeat(host_rt, guest_rt, tmp_path):
 
 
 def test_a_host_sending_a_frame_without_its_descriptors_is_dropped(guest_rt, tmp_path):
+    # A completion of the first request that claims three descriptors and brings none.
     garbage = _hdr(2, 1, VM_PKT_COMP, frame_flags(fds=3), 1) + b"hi"
     fake = FakeHost(str(tmp_path / "bad.sock"), garbage)
     guest = start_guest(guest_rt, fake.path)
     try:
+        wait_until(lambda: len(guest.drv.probed) == 1)
+        with pytest.raises(ChannelClosed):
+            guest.request(guest.channel(1), b"first")
         assert fake.hung_up.wait(TIMEOUT)
-        wait_until(lambda: not guest.bus.up)
+        assert not guest.bus.up
         wait_until(lambda: guest.drv.removed == guest.drv.probed)
     finally:
         guest.close()

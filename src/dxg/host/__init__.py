@@ -9,8 +9,8 @@
 """
 
 from dxg.host.adapter import AdapterOpen, HostAdapter, parse_umd_private_blob, umd_private_blob
-from dxg.host.config import AdapterIdentity, HostConfig, adapter_identity
 from dxg.host.call import CommandFailed
+from dxg.host.config import AdapterIdentity, HostConfig, adapter_identity
 from dxg.host.handles import HandleTable, HandleType
 from dxg.host.host import Host
 from dxg.host.partition import Partition

@@ -301,7 +301,7 @@ class Host:
                 self._changed.clear()
                 try:
                     await asyncio.wait_for(self._changed.wait(), min(left, 0.01))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
         return self.rt.run(wait())

@@ -59,7 +59,13 @@ from dxg.runtime.loop import LoopThread
 from dxg.runtime.tasks import TaskSet
 from dxg.uapi import wire
 from dxg.uapi.ioctls import IOCTLS_BY_CODE
-from dxg.uapi.nodepath import default_node_path, node_dir_problem, private_node_dir
+from dxg.uapi.nodepath import (
+    default_node_path,
+    open_trusted_dir,
+    private_node_dir,
+    proc_fd_path,
+    trusted_path_problem,
+)
 from dxg.vmbus.transport import SocketTransport, TransportClosed, WriteBudget
 
 __all__ = ["NodeBusy", "NodeDriver", "SocketNode"]
@@ -465,6 +471,7 @@ class SocketNode:
         self._conns: set[_Conn] = set()
         self._per_uid: dict[int, int] = {}
         self._listener: socket.socket | None = None
+        self._dir_fd = -1
         self._inode: tuple[int, int] | None = None
         self._closing = False
         self._started = False
@@ -497,6 +504,8 @@ class SocketNode:
         """Create the socket and start serving (any thread)."""
         if self._started:
             raise RuntimeError("node already started")
+        if len(os.fsencode(self._path.name)) > 64:
+            raise OSError(errno.ENAMETOOLONG, f"node name too long: {self._path.name}")
         if self.rt.in_loop():
             self._start()
         else:
@@ -504,29 +513,40 @@ class SocketNode:
 
     def _start(self) -> None:
         path = self._path
-        if len(os.fsencode(path)) > _UNIX_PATH_MAX:
-            raise OSError(errno.ENAMETOOLONG, f"node path too long for a Unix socket: {path}")
         self._prepare_dir(path.parent)
-        self._check_existing(path)
+        # The directory is checked one component at a time from / and held open; the socket is
+        # made, renamed and later removed through that descriptor, so no directory on the way
+        # can be swapped for another user's between the check and the use.
+        dir_fd = open_trusted_dir(path.parent)
+        try:
+            self._bind(dir_fd, path.name)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        self._dir_fd = dir_fd
+        log.info("node serving %s (mode %o)", path, self.mode)
+
+    def _bind(self, dir_fd: int, name: str) -> None:
+        self._check_existing(dir_fd, name)
         gid = self._group_id()
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
-        if len(os.fsencode(tmp)) > _UNIX_PATH_MAX:
-            tmp = path  # no room for a temporary name: bind in place
+        tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+        bind_path = proc_fd_path(dir_fd, tmp)
+        if len(os.fsencode(bind_path)) > _UNIX_PATH_MAX:
+            raise OSError(errno.ENAMETOOLONG, f"node name too long for a Unix socket: {name}")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            listener.bind(os.fspath(tmp))
+            listener.bind(bind_path)
             try:
-                os.chmod(tmp, self.mode)
+                os.chmod(tmp, self.mode, dir_fd=dir_fd)  # our socket, in a trusted directory
                 if gid is not None:
-                    os.chown(tmp, -1, gid)
+                    os.chown(tmp, -1, gid, dir_fd=dir_fd, follow_symlinks=False)
                 listener.listen(512)
-                if tmp != path:
-                    os.rename(tmp, path)
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             except BaseException:
                 with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+                    os.unlink(tmp, dir_fd=dir_fd)
                 raise
-            st = os.stat(path)
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             self._inode = (st.st_dev, st.st_ino)
             listener.setblocking(False)
         except BaseException:
@@ -535,35 +555,33 @@ class SocketNode:
         self._listener = listener
         self._started = True
         self.loop.add_reader(listener.fileno(), self._accept)
-        log.info("node serving %s (mode %o)", path, self.mode)
 
     def _prepare_dir(self, parent: Path) -> None:
-        """Create the node's directory if missing and make sure nobody else controls it: it
-        must be this user's or root's (and not world-writable unless sticky), or its owner
-        could swap the socket. A per-user default directory is created private (0700)."""
+        """Create the node's directory if missing (a per-user default directory private, 0700)
+        and make sure nobody else controls it or any directory above it: each must be this
+        user's or root's, and not writable by everyone unless sticky, or its owner could swap
+        the socket."""
         private = private_node_dir(parent)
         if not parent.exists():
             parent.mkdir(mode=0o700 if private else 0o755, parents=True, exist_ok=True)
             if private:
                 os.chmod(parent, 0o700)  # whatever the umask did
-        st = os.stat(parent)
-        if not stat.S_ISDIR(st.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, f"not a directory: {parent}")
-        problem = node_dir_problem(parent)
+        problem = trusted_path_problem(parent / "x")
         if problem is not None:
             raise PermissionError(errno.EPERM, f"refusing to serve a node there: {problem}")
 
-    def _check_existing(self, path: Path) -> None:
+    def _check_existing(self, dir_fd: int, name: str) -> None:
         try:
-            st = os.lstat(path)
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return
+        path = self._path
         if not stat.S_ISSOCK(st.st_mode):
             raise NodeBusy(errno.EEXIST, f"{path} exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         probe.settimeout(1.0)
         try:
-            probe.connect(os.fspath(path))
+            probe.connect(proc_fd_path(dir_fd, name))
         except (ConnectionRefusedError, FileNotFoundError):
             return  # stale: nobody listens; the rename replaces it
         except OSError as e:
@@ -690,10 +708,15 @@ class SocketNode:
         await self._tasks.wait(timeout=10)
 
     def _unlink_own(self) -> None:
-        try:
-            st = os.lstat(self._path)
-        except OSError:
+        dir_fd, self._dir_fd = self._dir_fd, -1
+        if dir_fd < 0:
             return
-        if (st.st_dev, st.st_ino) == self._inode:
-            with contextlib.suppress(OSError):
-                os.unlink(self._path)
+        name = self._path.name
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == self._inode:
+                os.unlink(name, dir_fd=dir_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)

@@ -1,5 +1,6 @@
 """Where the node (the socket twin of ``/dev/dxg``) lives by default, and whose it may be."""
 
+import errno
 import os
 import stat
 from collections.abc import Sequence
@@ -95,3 +96,69 @@ def trusted_path_problem(path: str | os.PathLike[str]) -> str | None:
             if problem is not None:
                 return problem
     return None
+
+
+class UntrustedPath(PermissionError):
+    """A directory on the way to the node could be changed by someone else."""
+
+
+def _dir_problem(st: os.stat_result, where: str) -> str | None:
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{where} is not a directory"
+    if st.st_uid not in (os.geteuid(), 0):
+        return f"{where} is owned by uid {st.st_uid}, neither this user nor root"
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        return f"{where} is writable by everyone and not sticky"
+    return None
+
+
+def open_trusted_dir(directory: str | os.PathLike[str], *, _depth: int = 0) -> int:
+    """An ``O_PATH`` descriptor of ``directory``, reached one component at a time from ``/``
+    without following anything another user controls: each directory on the way must be owned by
+    this user or root and not writable by everyone unless sticky, and a symbolic link is
+    followed only when this user or root owns it. The node is then reached as
+    ``/proc/self/fd/<fd>/<name>``, so nothing can swap a directory between the check and the
+    use. Raises :class:`UntrustedPath` saying which component is wrong, FileNotFoundError when
+    one is missing. The caller closes the descriptor."""
+    if _depth > 40:
+        raise UntrustedPath(errno.ELOOP, f"too many symbolic links under {directory}")
+    path = os.path.abspath(directory)
+    flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open("/", flags | os.O_DIRECTORY)
+    try:
+        problem = _dir_problem(os.fstat(fd), "/")
+        if problem is not None:
+            raise UntrustedPath(errno.EPERM, problem)
+        done = "/"
+        parts = [part for part in path.split("/") if part]
+        for i, part in enumerate(parts):
+            where = os.path.join(done, part)
+            nfd = os.open(part, flags, dir_fd=fd)
+            st = os.fstat(nfd)
+            if stat.S_ISLNK(st.st_mode):
+                os.close(nfd)
+                link = os.lstat(where)
+                if link.st_uid not in (os.geteuid(), 0):
+                    raise UntrustedPath(errno.EPERM, f"{where} is a link owned by uid "
+                                                     f"{link.st_uid}, neither this user nor root")
+                target = os.readlink(part, dir_fd=fd)
+                rest = os.path.join(os.path.join(done, target), *parts[i + 1:])
+                os.close(fd)
+                fd = -1
+                return open_trusted_dir(os.path.normpath(rest), _depth=_depth + 1)
+            problem = _dir_problem(st, where)
+            if problem is not None:
+                os.close(nfd)
+                raise UntrustedPath(errno.EPERM, problem)
+            os.close(fd)
+            fd, done = nfd, where
+        result, fd = fd, -1
+        return result
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def proc_fd_path(dir_fd: int, name: str) -> str:
+    """The path that names ``name`` inside the directory open as ``dir_fd``."""
+    return f"/proc/self/fd/{dir_fd}/{name}"

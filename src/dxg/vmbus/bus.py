@@ -197,7 +197,7 @@ class GuestBus:
         try:
             conn.send_control(Hello(BUS_VERSIONS_SUPPORTED, "pydxg-guest"))
             reply = await asyncio.wait_for(asyncio.shield(version), self.handshake_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             conn.close()
             raise BusError(f"{self.name}: host did not answer the version handshake") from None
         except ConnectionRefusedError as e:
@@ -373,7 +373,7 @@ class GuestBus:
             conn.send_control(OpenChannel(relid, guest_caps, version))
             try:
                 status = await asyncio.wait_for(waiter, timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise BusError(f"bus {self.name}: host did not answer OPEN_CHANNEL {relid}") \
                     from None
             if conn.closed:

@@ -427,7 +427,7 @@ async def connect(loop: asyncio.AbstractEventLoop, address: str | Address,
     sock.setblocking(False)
     try:
         await asyncio.wait_for(loop.sock_connect(sock, addr.target), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         sock.close()
         raise TransportError(errno.ETIMEDOUT, f"cannot reach {addr}: timed out") from None
     except OSError as e:
