@@ -37,9 +37,9 @@ from dxg.node import server as node_server
 from dxg.node.server import NodeBusy, SocketNode
 from dxg.oslib.procmem import UserMemoryFault
 from dxg.runtime.loop import LoopThread
-from dxg.uapi import wire
 from dxg.uapi import ioctls as io
 from dxg.uapi import structs as s
+from dxg.uapi import wire
 from dxg.uapi.ntstatus import NTSTATUS
 
 DEADLINE = 10.0

@@ -360,7 +360,7 @@ class GuestDriver:
                 self._changed.clear()
                 try:
                     await asyncio.wait_for(self._changed.wait(), min(left, 0.05))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             return True
 

@@ -38,8 +38,11 @@ class HostConfig:
     # connects, or it is dropped with its partition.
     handshake_timeout: float = 10.0
     # A guest that stops reading for this many seconds, while the host has something to send
-    # it, is dropped.
+    # it, is dropped; so is one that lets more than max_send_buffer bytes wait for it, or whose
+    # waiting bytes would take all guests' together past max_total_send_buffer.
     send_timeout: float = 15.0
+    max_send_buffer: int = 128 << 20
+    max_total_send_buffer: int = 1 << 30
     # The engine behind the adapters (describes them; runs what can take long).
     backend: Backend = field(default_factory=SoftBackend)
     # Worker threads that run backend work (and long escapes), so the loop never blocks.
@@ -72,6 +75,8 @@ class HostConfig:
             raise ValueError("backend_workers must be 1..1024")
         if not 1 << 17 <= self.max_message_bytes <= 1 << 32:
             raise ValueError("max_message_bytes must be 128 KiB..4 GiB")
+        if not self.max_message_bytes < self.max_send_buffer <= self.max_total_send_buffer:
+            raise ValueError("need max_message_bytes < max_send_buffer <= max_total_send_buffer")
         if self.max_region_bytes < 1:
             raise ValueError("max_region_bytes must be positive")
 

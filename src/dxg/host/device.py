@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,8 @@ class HostDevice:
     execution_state: int = EXECUTION_ACTIVE
     contexts: dict[int, HostContext] = field(default_factory=dict)
     flushes: int = 0
+    # Backend work in flight for this device: set each event to cut it short.
+    jobs: set[threading.Event] = field(default_factory=set)
 
     def census(self) -> dict[str, Any]:
         return {
@@ -64,8 +67,11 @@ class HostDevice:
 
 
 def drop_device(p: Partition, device: HostDevice) -> None:
+    """The device goes, with its contexts; work it has in flight is told to stop."""
     from dxg.host.context import drop_context
 
+    for job in list(device.jobs):
+        job.set()
     for context in list(device.contexts.values()):
         drop_context(p, context)
     device.process.devices.pop(device.handle, None)

@@ -87,7 +87,7 @@ class Dispatcher:
         try:
             msg = decode_guest(packet.payload)
         except ProtocolError as e:
-            log.warning("partition %d: bad message (%s)", p.id, e)
+            p.logs.log(logging.WARNING, "bad message", "partition %d: bad message (%s)", p.id, e)
             packet.close_fds()
             self._reply(channel, packet, fail_status(NTSTATUS.STATUS_INVALID_PARAMETER, b""))
             return
@@ -98,8 +98,9 @@ class Dispatcher:
             if wants:
                 self._reply(channel, packet, fail_status(NTSTATUS.STATUS_NOT_IMPLEMENTED, b""))
             else:
-                log.info("partition %d: fire-and-forget %s not implemented; dropped", p.id,
-                         msg.command.name)
+                p.logs.log(logging.INFO, "unimplemented",
+                           "partition %d: fire-and-forget %s not implemented; dropped", p.id,
+                           msg.command.name)
             return
         adapter: HostAdapter | None = None
         status = NTSTATUS.STATUS_SUCCESS
@@ -135,7 +136,7 @@ class Dispatcher:
             body = spec.parse_request(msg.body)
             result = handler(p, call, body)
         except ProtocolError as e:
-            log.warning("partition %d: %s: %s", p.id, spec.name, e)
+            p.logs.log(logging.WARNING, "bad body", "partition %d: %s: %s", p.id, spec.name, e)
             self._fail(channel, call, NTSTATUS.STATUS_INVALID_PARAMETER)
             return
         except CommandFailed as e:
@@ -199,8 +200,9 @@ class Dispatcher:
         if call.wants_completion:
             channel.complete(call.trans_id, call.spec.failure(status, call.message.body))
         else:
-            log.info("partition %d: fire-and-forget %s failed: 0x%08x", self.partition.id,
-                     call.spec.name, status & 0xFFFFFFFF)
+            self.partition.logs.log(logging.INFO, "async failed",
+                                    "partition %d: fire-and-forget %s failed: 0x%08x",
+                                    self.partition.id, call.spec.name, status & 0xFFFFFFFF)
 
     @staticmethod
     def _reply(channel: Channel, packet: Packet, reply: bytes) -> None:

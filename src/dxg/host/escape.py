@@ -38,6 +38,7 @@ from dxg.uapi.handles import HandleType
 from dxg.uapi.ntstatus import NTSTATUS
 
 if TYPE_CHECKING:
+    from dxg.host.device import HostDevice
     from dxg.host.partition import Partition
     from dxg.host.process import HostProcess
 
@@ -94,7 +95,8 @@ def _is_eventfd(fd: int) -> bool:
         return False
 
 
-async def _pydxg(p: Partition, call: Call, process: HostProcess, body: m.Escape) -> m.Escape:
+async def _pydxg(p: Partition, call: Call, process: HostProcess, device: HostDevice | None,
+                 body: m.Escape) -> m.Escape:
     data = bytearray(body.priv_drv_data)
     head = EscapeHeader.unpack(bytes(data))
     flags = EscapeFlags(head.flags & ~(EscapeFlags.FD_OUT | EscapeFlags.DATA_AS_FD))
@@ -110,7 +112,8 @@ async def _pydxg(p: Partition, call: Call, process: HostProcess, body: m.Escape)
             if len(data) < OP_FIELDS + 4:
                 raise _OpFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "SLEEP needs milliseconds")
             ms = min(_U32.unpack_from(data, OP_FIELDS)[0], MAX_SLEEP_MS)
-            cut = await p.run_blocking(process, lambda cancelled: cancelled.wait(ms / 1000))
+            cut = await p.run_blocking(process, lambda cancelled: cancelled.wait(ms / 1000),
+                                       device=device)
             if cut:
                 raise _OpFailed(NTSTATUS.STATUS_CANCELLED, "the caller went away")
         elif op == Op.SHMEM_CREATE:
@@ -182,7 +185,8 @@ async def _pydxg(p: Partition, call: Call, process: HostProcess, body: m.Escape)
     return dataclasses.replace(body, priv_drv_data=bytes(data), attachment=attachment)
 
 
-async def _backend(p: Partition, call: Call, process: HostProcess, body: m.Escape) -> m.Escape:
+async def _backend(p: Partition, call: Call, process: HostProcess, device: HostDevice | None,
+                   body: m.Escape) -> m.Escape:
     close_all(call.take_fds())
     assert call.adapter is not None
     index = call.adapter.index
@@ -192,7 +196,7 @@ async def _backend(p: Partition, call: Call, process: HostProcess, body: m.Escap
     def job(cancelled: threading.Event) -> tuple[int, bytes]:
         return backend.escape(index, data, cancelled)
 
-    status, out = await p.run_blocking(process, job)
+    status, out = await p.run_blocking(process, job, device=device)
     if status != OK:
         raise CommandFailed(status, "backend escape failed")
     if len(out) != len(data):
@@ -213,6 +217,7 @@ def escape(p: Partition, call: Call, body: m.Escape):  # type: ignore[no-untyped
     if body.adapter != open_of(p, adapter).handle:
         raise CommandFailed(NTSTATUS.STATUS_INVALID_HANDLE, "not this adapter's host handle")
     lane: object | None = None
+    device: HostDevice | None = None
     if body.device:
         device = device_of(p, process, body.device, adapter)
         lane = ("device", device.handle)
@@ -226,10 +231,10 @@ def escape(p: Partition, call: Call, body: m.Escape):  # type: ignore[no-untyped
         raise CommandFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "requests carry no attachment")
     if is_pydxg_escape(body.priv_drv_data):
         def run() -> Awaitable[m.Escape]:
-            return _pydxg(p, call, process, body)
+            return _pydxg(p, call, process, device, body)
     else:
         def run() -> Awaitable[m.Escape]:
-            return _backend(p, call, process, body)
+            return _backend(p, call, process, device, body)
     if lane is None:
         return run()
     return p.lanes.run(lane, run)

@@ -40,6 +40,7 @@ from dxg.vmbus.transport import (
     SocketTransport,
     Transport,
     TransportError,
+    WriteBudget,
 )
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Host:
         self.workers = concurrent.futures.ThreadPoolExecutor(
             self.config.backend_workers, thread_name_prefix=f"dxg-host-work {self.config.name}")
         self._partitions: dict[int, Partition] = {}
+        self._send_budget = WriteBudget(self.config.max_total_send_buffer)
         self._ids = itertools.count(1)
         self._listeners: list[Listener] = []
         self._closed = False
@@ -122,7 +124,9 @@ class Host:
     def _accepted(self, sock: socket.socket, peer: str) -> None:
         try:
             transport = SocketTransport(self.loop, sock, peer,
-                                        send_timeout=self.config.send_timeout)
+                                        send_timeout=self.config.send_timeout,
+                                        max_buffer=self.config.max_send_buffer,
+                                        budget=self._send_budget)
         except OSError as e:
             log.warning("host %s: cannot set up the connection of %s: %s", self.config.name,
                         peer, e)

@@ -44,6 +44,7 @@ from dxg.protocol.messages import (
     SetIoSpaceRegion,
     SignalGuestEvent,
 )
+from dxg.runtime.logs import LogLimiter
 from dxg.runtime.tasks import Lanes, TaskSet
 from dxg.uapi.handles import HandleType
 from dxg.uapi.ntstatus import NTSTATUS
@@ -121,6 +122,7 @@ class Partition:
         self.tasks = TaskSet(f"partition {partition_id}")
         self.lanes = Lanes()
         self.dispatcher = Dispatcher(self, ALL_HANDLERS)
+        self.logs = LogLimiter(log)  # what the guest provokes cannot flood the log
 
     def __repr__(self) -> str:
         return f"<Partition {self.id} peer={self.peer!r}>"
@@ -252,11 +254,14 @@ class Partition:
 
     async def run_blocking(self, process: HostProcess,
                            job: Callable[[threading.Event], _T],
-                           lane: Hashable | None = None) -> _T:
+                           lane: Hashable | None = None,
+                           device: HostDevice | None = None) -> _T:
         """Run ``job(cancelled)`` on a host worker thread, after the earlier jobs of ``lane``;
-        ``cancelled`` is set when the process goes (or this call is cancelled)."""
+        ``cancelled`` is set when the process (or ``device``) goes, or this call is cancelled."""
         cancelled = threading.Event()
-        process.jobs.add(cancelled)
+        owners = [process.jobs] if device is None else [process.jobs, device.jobs]
+        for jobs in owners:
+            jobs.add(cancelled)
         loop = asyncio.get_running_loop()
 
         async def run() -> _T:
@@ -272,7 +277,8 @@ class Partition:
             cancelled.set()
             raise
         finally:
-            process.jobs.discard(cancelled)
+            for jobs in owners:
+                jobs.discard(cancelled)
 
     # ---- host -> guest -------------------------------------------------------------------------
 

@@ -111,7 +111,7 @@ class TaskSet:
         except asyncio.CancelledError:
             outer.cancel()
             return outer
-        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+        except BaseException as e:
             outer.set_exception(e)
             return outer
         if waiting is not None and not asyncio.isfuture(waiting):

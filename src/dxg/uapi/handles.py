@@ -40,7 +40,6 @@ NULL_HANDLE = 0
 
 __all__ = (
     "HANDLE_INDEX_BITS",
-    "HandleType",
     "HANDLE_INDEX_MASK",
     "HANDLE_INDEX_MAX",
     "HANDLE_INDEX_SHIFT",
@@ -54,6 +53,7 @@ __all__ = (
     "HANDLE_UNIQUE_MAX",
     "HANDLE_UNIQUE_SHIFT",
     "NULL_HANDLE",
+    "HandleType",
     "handle_index",
     "handle_instance",
     "handle_str",

@@ -161,8 +161,10 @@ class Channel:
         if packet.packet_type == VM_PKT_COMP:
             entry = self._pending.pop(packet.trans_id, None)
             if entry is None:
-                log.warning("channel %d: did not find request %d to complete", self.relid,
-                            packet.trans_id)
+                self.connection.logs.log(
+                    logging.WARNING, "unknown completion",
+                    "channel %d: did not find request %d to complete", self.relid,
+                    packet.trans_id)
                 packet.close_fds()
                 return
             future, late = entry
@@ -182,7 +184,8 @@ class Channel:
         handler = self.on_request if packet.wants_completion else (self.on_inband
                                                                    or self.on_request)
         if handler is None:
-            log.warning("channel %d: unexpected in-band packet dropped", self.relid)
+            self.connection.logs.log(logging.WARNING, "unexpected packet",
+                                     "channel %d: unexpected in-band packet dropped", self.relid)
             packet.close_fds()
             return
         try:

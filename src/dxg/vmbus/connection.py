@@ -29,6 +29,7 @@ from dxg.protocol.framing import (
     encode_frame,
     frame_flags,
 )
+from dxg.runtime.logs import LogLimiter
 from dxg.vmbus.channel import Channel, Packet
 from dxg.vmbus.transport import Transport, TransportClosed
 
@@ -63,6 +64,7 @@ class BusConnection:
         self._closed = False
         self._receiving = False
         self.last_heard = loop.time()  # when the peer last sent anything (for heartbeats)
+        self.logs = LogLimiter(log)  # what the peer provokes cannot flood the log
         self.packets_in = 0
 
     def __repr__(self) -> str:
@@ -184,7 +186,8 @@ class BusConnection:
         channel = self._channels.get(frame.relid)
         if channel is None:
             close_all(fds)
-            log.warning("%s: packet for unknown channel %d dropped", self.name, frame.relid)
+            self.logs.log(logging.WARNING, "unknown channel",
+                          "%s: packet for unknown channel %d dropped", self.name, frame.relid)
             return
         channel.deliver(Packet(frame.packet_type, frame.flags, frame.trans_id, payload, fds))
 
