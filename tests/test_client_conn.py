@@ -1134,3 +1134,76 @@ def test_async_thunks_share_the_table(fake, driver):
         conn.close()
 
     asyncio.run(main())
+
+
+# ---- the same against the real stack (host, guest driver, node) ----------------------------------
+
+
+def test_real_stack_async_api_and_diag(stack):
+    async def main() -> None:
+        async with await open_node_async(stack.node_path) as node:
+            ads = await node.adapters()
+            assert {a.luid for a in ads} == {a.guest_luid for a in stack.host.adapters}
+            ad = ads[0]
+            assert (await ad.description()).startswith("pydxg")
+            assert await ad.paravirtualized() and await ad.compute_only()
+            dev = await ad.create_device()
+            assert await dev.execution_state() == 1
+            await asyncio.gather(*(diag.ping(dev) for _ in range(10)))
+            region, fd = await diag.shmem_create(ad, 5000)
+            with mmap.mmap(fd, 5000) as m:
+                assert m[:3] == b"\x00\x01\x02"
+                await diag.shmem_write(ad, region, 1000, b"async")
+                assert m[1000:1005] == b"async"
+                m[2000:2003] = b"xyz"
+                assert await diag.shmem_read(ad, region, 2000, 3) == b"xyz"
+            os.close(fd)
+            await diag.shmem_free(ad, region)
+            efd = os.eventfd(0)
+            await diag.eventfd_signal(ad, efd, 5)
+            assert os.eventfd_read(efd) == 5
+            os.close(efd)
+            async with await dev.create_context() as ctx:
+                assert stack.host_totals()["contexts"] == 1
+            assert ctx.closed
+
+    asyncio.run(main())
+    wait_for(lambda: stack.host_totals()["devices"] == 0, what="host objects freed")
+
+
+def test_real_stack_a_parked_call_parks_only_its_thread(stack):
+    node = open_node(stack.node_path)
+    ad = node.adapters()[0]
+    dev = ad.create_device()
+    outcome: list[BaseException | None] = []
+
+    def sleeper() -> None:
+        try:
+            diag.sleep(dev, 60_000)  # a long host command, held on a worker thread there
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=sleeper)
+    t.start()
+    errors: list[BaseException] = []
+
+    def pinger() -> None:
+        try:
+            for _ in range(20):
+                diag.ping(ad)
+                assert ad.create_device().execution_state() == 1
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    pingers = [threading.Thread(target=pinger) for _ in range(8)]
+    for p in pingers:
+        p.start()
+    for p in pingers:
+        p.join(DEADLINE)
+    assert errors == [] and not any(p.is_alive() for p in pingers)
+    assert t.is_alive() and outcome == []  # still parked on the host
+    node.close()  # its device (then the process) goes: the host cuts the sleep short
+    t.join(DEADLINE)
+    assert not t.is_alive() and len(outcome) == 1 and isinstance(outcome[0], DxgError)
+    wait_for(lambda: stack.host_totals()["devices"] == 0, what="host objects freed")

@@ -1,5 +1,5 @@
-"""The client <-> node wire (dxg.node.wire), the region-backed user memory and the client's
-user-buffer table: bytes only, no sockets."""
+"""The client <-> node wire, version 2 (dxg.uapi.wire), the region-backed user memory and the
+client's user-buffer table: bytes only, no sockets."""
 
 import ctypes
 import errno
@@ -10,13 +10,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dxg.client import userbufs
-from dxg.guest.usermem import UserMemoryFault
-from dxg.node import wire
 from dxg.node.usermem import RegionUserMemory
+from dxg.oslib.procmem import UserMemoryFault
 from dxg.uapi import ioctls as io
 from dxg.uapi import structs as s
+from dxg.uapi import wire
 
 HDR = struct.Struct("<IHHII")
+REPLY = struct.Struct("<qIII4x")
+FIXUP = struct.Struct("<BBHIQ")
 
 
 def frames_of(data: bytes) -> list[wire.Frame]:
@@ -34,10 +36,17 @@ def roundtrip(msg: wire.Message, seq: int = 7) -> wire.Message:
     return wire.decode(frame)
 
 
-def ioctl_payload(code: int, body: bytes, table: list[tuple[int, int, int]], data: bytes) -> bytes:
-    p = struct.pack("<IIII", code, len(body), len(table), 0) + body
+def ioctl_payload(code: int, body: bytes, table: list[tuple[int, int, int]], data: bytes,
+                  numbers: tuple[int, ...] = ()) -> bytes:
+    p = struct.pack("<IIII", code, len(body), len(table), len(numbers)) + body
     p += b"".join(struct.pack("<QII", a, n, f) for a, n, f in table)
+    p += b"".join(struct.pack("<iI", n, 0) for n in numbers)
     return p + data
+
+
+def reply_payload(body: bytes, fixups: list[tuple[int, int, int]], ret: int = 0) -> bytes:
+    p = REPLY.pack(ret, len(body), 0, len(fixups)) + body
+    return p + b"".join(FIXUP.pack(t, w, 0, 0, where) for t, w, where in fixups)
 
 
 def frame(kind: int, payload: bytes, seq: int = 1, flags: int = 0) -> wire.Frame:
@@ -52,8 +61,9 @@ def test_hello_roundtrip_and_negotiation():
     assert wire.negotiate(wire.Hello(1, 5)) == wire.MAX_WIRE_VERSION
     assert wire.negotiate(wire.Hello(wire.MAX_WIRE_VERSION + 1, 9)) is None
     assert wire.negotiate(wire.Hello(0, 0)) is None
-    r = wire.HelloReply(1, wire.MAX_PAYLOAD, wire.MAX_REGIONS, "node-x")
+    r = wire.HelloReply(2, wire.MAX_PAYLOAD, wire.MAX_REGIONS, 8, "node-x")
     assert roundtrip(r) == r
+    assert wire.MIN_WIRE_VERSION == wire.MAX_WIRE_VERSION == 2
 
 
 def test_ioctl_request_roundtrip():
@@ -191,7 +201,8 @@ def test_unknown_kind_and_flags_are_per_frame_errors():
     [
         b"",
         b"\x00" * 15,
-        struct.pack("<IIII", 1, 0, 0, 1),  # reserved set
+        struct.pack("<IIII", 1, 0, 0, 1),  # one descriptor named, no table
+        struct.pack("<IIII", 1, 0, 0, wire.MAX_FDS + 1),  # too many descriptors
         struct.pack("<IIII", 1, wire.MAX_STRUCT + 1, 0, 0),
         struct.pack("<IIII", 1, 64, 0, 0) + b"x" * 10,  # truncated struct
         struct.pack("<IIII", 1, 0, 2, 0) + struct.pack("<QII", 0x10, 4, 1),  # truncated table
@@ -247,13 +258,14 @@ def test_malformed_admin_json(payload):
 
 def test_malformed_replies():
     with pytest.raises(wire.MalformedMessage):
-        wire.decode(frame(wire.Kind.IOCTL_REPLY, struct.pack("<qII", 0, 0, 1)))
-    bad_write = struct.pack("<qII", 0, 0, 1) + struct.pack("<QII", 0x10, 8, 0) + b"abc"
+        wire.decode(frame(wire.Kind.IOCTL_REPLY, REPLY.pack(0, 0, 1, 0)))
+    bad_write = REPLY.pack(0, 0, 1, 0) + struct.pack("<QII", 0x10, 8, 0) + b"abc"
     with pytest.raises(wire.MalformedMessage):
         wire.decode(frame(wire.Kind.IOCTL_REPLY, bad_write))
-    trailing = struct.pack("<qII", 0, 0, 0) + b"x"
+    trailing = REPLY.pack(0, 0, 0, 0) + b"x"
     with pytest.raises(wire.MalformedMessage):
         wire.decode(frame(wire.Kind.IOCTL_REPLY, trailing))
+    assert wire.encode(wire.IoctlReply(0, b""), 1)[wire.HEADER_SIZE + 20 :][:4] == bytes(4)
     with pytest.raises(wire.MalformedMessage):
         wire.decode(frame(wire.Kind.ERROR, struct.pack("<iI", 0, 0)))
     with pytest.raises(wire.MalformedMessage):
@@ -306,6 +318,141 @@ def test_random_valid_requests_roundtrip(specs, body):
     assert roundtrip(req) == req
 
 
+# ---- wire 2: descriptors, fixups, chunks, CANCEL -------------------------------------------------
+
+
+def test_fd_table_roundtrip_and_frame_bits():
+    req = wire.IoctlRequest(io.LX_DXESCAPE, b"e" * 32,
+                            (wire.Region(0x1000, 40, wire.REGION_IN | wire.REGION_OUT, b"p" * 40),),
+                            (7, 3))
+    data = wire.encode(req, 9)
+    (f,) = frames_of(data)
+    assert f.fd_count == 2 and not f.more
+    assert wire.decode(f) == req
+    assert HDR.unpack_from(data)[2] == 2  # the count rides in the header's flags
+
+
+def test_fixups_roundtrip():
+    fix = (wire.FdFixup(wire.FD_IN_STRUCT, 16, 8), wire.FdFixup(wire.FD_IN_USER, 0x2010, 4))
+    rep = wire.IoctlReply(0, b"s" * 24, (wire.Write(0x2000, b"w" * 24),), fix)
+    (f,) = frames_of(wire.encode(rep, 3))
+    assert f.fd_count == 2
+    assert wire.decode(f) == rep
+
+
+@pytest.mark.parametrize("numbers", [(1, 1), (-1,), tuple(range(wire.MAX_FDS + 1)), (1 << 31,)])
+def test_encoder_rejects_bad_fd_tables(numbers):
+    with pytest.raises(ValueError):
+        wire.encode(wire.IoctlRequest(1, b"", (), numbers), 1)
+
+
+@pytest.mark.parametrize(
+    "fixup",
+    [wire.FdFixup(2, 0, 8), wire.FdFixup(wire.FD_IN_STRUCT, 0, 2),
+     wire.FdFixup(wire.FD_IN_USER, (1 << 64) - 4, 8)],
+)
+def test_encoder_rejects_bad_fixups(fixup):
+    with pytest.raises(ValueError):
+        wire.encode(wire.IoctlReply(0, b"x" * 8, (), (fixup,)), 1)
+
+
+def test_fd_count_must_match_the_payload():
+    p = ioctl_payload(1, b"", [], b"", (4,))
+    assert wire.decode(frame(wire.Kind.IOCTL, p, flags=1)).fd_numbers == (4,)
+    for bits in (0, 2):
+        with pytest.raises(wire.MalformedMessage):
+            wire.decode(frame(wire.Kind.IOCTL, p, flags=bits))
+    r = reply_payload(b"x" * 8, [(wire.FD_IN_STRUCT, 8, 0)])
+    assert len(wire.decode(frame(wire.Kind.IOCTL_REPLY, r, flags=1)).fixups) == 1
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.IOCTL_REPLY, r))
+    with pytest.raises(wire.MalformedMessage):  # descriptors on a kind that carries none
+        wire.decode(frame(wire.Kind.ADMIN, b"{}", flags=1))
+
+
+@pytest.mark.parametrize(
+    "numbers_raw",
+    [struct.pack("<iI", -1, 0), struct.pack("<iI", 3, 1),
+     struct.pack("<iI", 3, 0) + struct.pack("<iI", 3, 0)],
+)
+def test_malformed_fd_tables(numbers_raw):
+    n = len(numbers_raw) // 8
+    p = struct.pack("<IIII", 1, 0, 0, n) + numbers_raw
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.IOCTL, p, flags=n))
+
+
+@pytest.mark.parametrize(
+    "fixups",
+    [[(2, 8, 0)], [(wire.FD_IN_STRUCT, 3, 0)], [(wire.FD_IN_STRUCT, 8, 4)],  # past the struct
+     [(wire.FD_IN_USER, 8, 0)], [(wire.FD_IN_USER, 8, (1 << 64) - 4)]],
+)
+def test_malformed_fixups(fixups):
+    p = reply_payload(b"x" * 8, fixups)
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.IOCTL_REPLY, p, flags=len(fixups)))
+    reserved = REPLY.pack(0, 0, 0, 1) + FIXUP.pack(wire.FD_IN_USER, 8, 1, 0, 0x1000)
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.IOCTL_REPLY, reserved, flags=1))
+
+
+def test_admin_reply_in_chunks_joins_back():
+    reply = {"data": "z" * 1000, "n": list(range(50))}
+    frames = [f for data in wire.admin_reply_frames(reply, 12, 100) for f in frames_of(data)]
+    assert len(frames) > 5
+    assert all(f.more for f in frames[:-1]) and not frames[-1].more
+    assert {f.seq for f in frames} == {12}
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frames[0])  # a chunk alone is not JSON
+    joined = wire.Frame(wire.Kind.ADMIN_REPLY, 12, b"".join(f.payload for f in frames))
+    assert wire.decode(joined) == wire.AdminReply(reply)
+    (one,) = wire.admin_reply_frames({"a": 1}, 1)
+    (f,) = frames_of(one)
+    assert not f.more and wire.decode(f) == wire.AdminReply({"a": 1})
+    with pytest.raises(ValueError):
+        wire.admin_reply_frames(reply, 1, 0)
+
+
+def test_more_only_on_admin_replies():
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.ADMIN, b"{}", flags=wire.FLAG_MORE))
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.IOCTL_REPLY, REPLY.pack(0, 0, 0, 0), flags=wire.FLAG_MORE))
+    with pytest.raises(wire.MalformedMessage):  # reserved flag bits
+        wire.decode(frame(wire.Kind.ADMIN_REPLY, b"{}", flags=0x200))
+
+
+def test_cancel_roundtrip_and_rules():
+    data = wire.encode(wire.Cancel(), 77)
+    assert len(data) == wire.HEADER_SIZE
+    (f,) = frames_of(data)
+    assert (f.kind, f.seq) == (wire.Kind.CANCEL, 77)
+    assert wire.decode(f) == wire.Cancel()
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.CANCEL, b"\x00"))
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.CANCEL, b"", flags=1))
+
+
+def test_error_fatal_flag_and_text_limit():
+    e = wire.decode(frames_of(wire.encode(wire.ErrorReply(errno.EIO, "x" * 5000), 1))[0])
+    assert isinstance(e, wire.ErrorReply) and not e.fatal
+    assert len(e.message) == wire.MAX_ERROR_TEXT
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(0, 1 << 20), unique=True, max_size=wire.MAX_FDS),
+       st.lists(st.tuples(st.sampled_from([wire.FD_IN_STRUCT, wire.FD_IN_USER]),
+                          st.sampled_from([4, 8]), st.integers(0, 56)), max_size=wire.MAX_FDS))
+def test_random_fd_tables_and_fixups_roundtrip(numbers, fixups):
+    req = wire.IoctlRequest(0xC0104714, b"b" * 64, (), tuple(numbers))
+    assert roundtrip(req) == req
+    fix = tuple(wire.FdFixup(t, where if t == wire.FD_IN_STRUCT else 0x1000 + where, w)
+                for t, w, where in fixups)
+    rep = wire.IoctlReply(1, b"b" * 64, (), fix)
+    assert roundtrip(rep) == rep
+
+
 # ---- RegionUserMemory ----------------------------------------------------------------------------
 
 
@@ -345,6 +492,30 @@ def test_region_memory_refuses_overlapping_regions():
         RegionUserMemory(
             [wire.Region(0x10, 8, wire.REGION_OUT), wire.Region(0x14, 8, wire.REGION_OUT)]
         )
+
+
+def test_region_memory_descriptors_by_number_and_back_with_fixups():
+    import os
+
+    efd = os.eventfd(0)
+    mem = RegionUserMemory([wire.Region(0x1000, 16, wire.REGION_OUT)], [efd], [42])
+    mine = mem.take_fd(42)
+    assert mine != efd
+    os.close(mine)
+    with pytest.raises(OSError):
+        mem.take_fd(3)  # not handed over
+    out = os.eventfd(0)
+    mem.give_fd_to_user(out, 0x1008, 8)
+    assert mem.reply_fds() == ([out], (wire.FdFixup(wire.FD_IN_USER, 0x1008, 8),))
+    other = os.eventfd(0)
+    with pytest.raises(UserMemoryFault):
+        mem.give_fd_to_user(other, 0x2000, 8)  # not inside a writable region: closed
+    with pytest.raises(OSError):
+        os.fstat(other)
+    mem.close()
+    for fd in (efd, out):
+        with pytest.raises(OSError):
+            os.fstat(fd)
 
 
 # ---- the client's user-buffer table --------------------------------------------------------------

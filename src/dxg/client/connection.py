@@ -121,7 +121,7 @@ class NodeConnection:
         self._router = ReplyRouter(f"the dxg node {self.path}")
         self._waiters: dict[int, _Waiter] = {}
         self._reader: _Waiter | None = None
-        self._orphan: socket.socket | None = None  # dropped while a reader was in recv
+        self._orphans: list[socket.socket] = []  # dropped while a reader was in recv
         self._buf = bytearray(_RECV_CHUNK)  # the reader's (one reader at a time)
 
     # ---- connecting -----------------------------------------------------------------------------
@@ -195,7 +195,7 @@ class NodeConnection:
         if self._reader is None:
             sock.close()
         else:
-            self._orphan = sock  # the reader closes it once it is out of recv
+            self._orphans.append(sock)  # the reader closes it once it is out of recv
         self._router.close()
         waiters = list(self._waiters.values())
         self._waiters.clear()
@@ -331,8 +331,8 @@ class NodeConnection:
                 with self._mu:
                     if self._reader is waiter:
                         self._reader = None
-                        orphan, self._orphan = self._orphan, None
-                        if orphan is not None:
+                        orphans, self._orphans = self._orphans, []
+                        for orphan in orphans:
                             orphan.close()
                         self._promote()
         with self._mu:
