@@ -255,12 +255,12 @@ def test_unimplemented_and_unhandled_ioctls_answer_clearly(stack):
 def test_malformed_requests_leave_the_node_up(stack):
     import socket as so
 
-    from dxg.node import wire
+    from dxg.uapi import wire
 
     def raw_session():
         s = so.socket(so.AF_UNIX, so.SOCK_STREAM)
         s.connect(stack.node_path)
-        s.sendall(wire.encode(wire.Hello(1, 1), 1))
+        s.sendall(wire.encode(wire.Hello(), 1))
         dec = wire.FrameDecoder()
 
         def recv():

@@ -388,6 +388,10 @@ class _Conn:
     async def _admin(self, seq: int, msg: wire.AdminRequest) -> None:
         try:
             reply = await self.node.driver.admin(msg.request)
+        except asyncio.CancelledError:
+            if not self.gone:
+                self.error(seq, errno.EINTR, "admin request cancelled")
+            raise
         except Exception as e:
             log.exception("driver admin request failed")
             self.error(seq, errno.EIO, f"admin request failed: {type(e).__name__}")
@@ -395,8 +399,6 @@ class _Conn:
         if not isinstance(reply, dict):
             self.error(seq, errno.EIO, "driver returned a non-object")
             return
-        reply = dict(reply)
-        reply.setdefault("node", self.node.connections())
         try:
             frames = wire.admin_reply_frames(reply, seq, self._admin_chunks)
         except (ValueError, TypeError) as e:

@@ -20,7 +20,11 @@ Frame (every message)::
 
 Many requests may be in flight on one connection: the node answers each when it is done, in any
 order, and the client matches replies to requests by ``seq`` (a thread of a client blocked in a
-long call does not hold up the other threads of that process).
+long call does not hold up the other threads of that process). Seq 0 is never a request's: the
+node uses it for an ERROR about no request in particular (a fatal ERROR ends the connection
+whatever its seq). A client does not reuse a seq while a request with it is in flight or has been
+cancelled and not yet answered (the node answers EBUSY to a seq already in flight). Replies to
+different requests may interleave, ADMIN_REPLY chunks included.
 
 A bad magic or an over-long length is a *framing* error (:class:`WireError`): the stream
 cannot be trusted any more, so the node answers ERROR (fatal) and closes the connection. Any
@@ -103,7 +107,10 @@ still respects MAX_PAYLOAD.
 
 ``CANCEL`` (8, client -> node; empty payload): the client gave up on request ``seq`` (a thread
 interrupted while it waited). The node cancels that call if it is still running and answers it
-with ``-EINTR`` (or not at all if it had already answered); CANCEL itself gets no reply.
+(an IOCTL with ``ret = -EINTR``, an ADMIN with ERROR(EINTR)), or not at all if it had already
+answered; CANCEL itself gets no reply. What the driver had asked a host to do for the call is
+not undone unless it created something (then it is destroyed when the host answers): a long
+host command of a cancelled call runs to its end, or until its process or device goes.
 """
 
 from __future__ import annotations
@@ -187,7 +194,7 @@ _HELLO_REPLY = struct.Struct("<HHIII")
 _IOCTL = struct.Struct("<IIII")
 _REGION = struct.Struct("<QII")
 _FD_NUMBER = struct.Struct("<iI")
-_REPLY = struct.Struct("<qIII4x")
+_REPLY = struct.Struct("<qIIII")
 _WRITE = struct.Struct("<QII")
 _FIXUP = struct.Struct("<BBHIQ")
 _ERROR = struct.Struct("<iI")
@@ -502,7 +509,7 @@ def _encode_payload(msg: Message) -> tuple[Kind, bytes, int]:
             if w.addr <= 0 or not w.data or w.addr + len(w.data) > _U64_END:
                 raise ValueError(f"bad write 0x{w.addr:x}+{len(w.data)}")
         _check_fixups(msg.fixups)
-        parts = [_REPLY.pack(msg.ret, len(msg.struct), len(msg.writes), len(msg.fixups)),
+        parts = [_REPLY.pack(msg.ret, len(msg.struct), len(msg.writes), len(msg.fixups), 0),
                  msg.struct]
         parts += [_WRITE.pack(w.addr, len(w.data), 0) for w in msg.writes]
         parts += [_FIXUP.pack(f.target, f.width, 0, 0, f.where) for f in msg.fixups]
@@ -571,7 +578,9 @@ def _decode_hello(p: bytes) -> Hello:
 def _decode_hello_reply(p: bytes) -> HelloReply:
     if len(p) < _HELLO_REPLY.size or len(p) > _HELLO_REPLY.size + MAX_NODE_NAME:
         raise _bad("HELLO_REPLY payload has the wrong size")
-    version, _r0, max_payload, max_regions, max_fds = _HELLO_REPLY.unpack_from(p)
+    version, r0, max_payload, max_regions, max_fds = _HELLO_REPLY.unpack_from(p)
+    if r0:
+        raise _bad("HELLO_REPLY reserved field is not zero")
     name = p[_HELLO_REPLY.size :].decode(errors="replace")
     return HelloReply(version, max_payload, max_regions, max_fds, name)
 
@@ -637,7 +646,9 @@ def _decode_ioctl_reply(p: bytes) -> IoctlReply:
     n = len(p)
     if n < _REPLY.size:
         raise _bad("IOCTL_REPLY payload shorter than its header")
-    ret, struct_len, count, nfds = _REPLY.unpack_from(p)
+    ret, struct_len, count, nfds, reserved = _REPLY.unpack_from(p)
+    if reserved:
+        raise _bad("IOCTL_REPLY reserved field is not zero")
     if struct_len > MAX_STRUCT:
         raise _bad(f"struct length {struct_len} exceeds {MAX_STRUCT}")
     if count > MAX_REGIONS:
