@@ -49,12 +49,13 @@ class Stack:
 
 @contextmanager
 def make_stack(tmp: Path, name: str = "s", adapters: int = 2, embedded: bool = False,
-               node_kw: dict | None = None, **host_kw) -> Iterator[Stack]:
+               node_kw: dict | None = None, driver_kw: dict | None = None,
+               **host_kw) -> Iterator[Stack]:
     """Host and guest on their own loops, linked over a Unix socket; or, with `embedded`, as
     `dxg up` runs them (one loop, an in-process link)."""
     rt = LoopThread(f"test-{name}") if embedded else None
     host = Host(HostConfig(adapters=adapters, **host_kw), loop=rt)
-    drv = GuestDriver(loop=rt)
+    drv = GuestDriver(loop=rt, **(driver_kw or {}))
     node = None
     try:
         if embedded:
@@ -84,6 +85,18 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
 
 @pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every user can reach (pytest's own tmp directories are root's, 0700)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="pydxg-test-"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 def embedded(tmp_path: Path) -> Iterator[Stack]:
     """The stack as `dxg up` builds it."""
     with make_stack(tmp_path, "e", embedded=True) as s:
@@ -104,9 +117,10 @@ def read_json_line(proc: subprocess.Popen, timeout: float = 30.0) -> dict:
     assert proc.stdout is not None
     import selectors
 
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    if not sel.select(timeout):
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        ready = sel.select(timeout)
+    if not ready:
         proc.kill()
         raise AssertionError(f"client {proc.args} printed nothing in {timeout}s")
     line = proc.stdout.readline()

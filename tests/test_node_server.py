@@ -964,6 +964,37 @@ def test_client_refuses_a_default_node_dir_it_cannot_trust(driver, node_dir):
         assert "DXG_NODE" in refused
 
 
+@pytest.mark.skipif(not IS_ROOT, reason="needs two users")
+def test_client_refuses_a_node_below_a_directory_another_user_controls(driver, node_dir):
+    """The review's attack: the node at A/sub/dxg.sock where another user owns A. That user can
+    rename sub and serve its own socket in a new sub, so the node's own directory being
+    trustworthy is not enough: every directory above it must be too."""
+    a = node_dir / "a"
+    a.mkdir(mode=0o755)
+    os.chown(a, NOBODY, NOBODY)  # another user's
+    sub = a / "pydxg"
+    sub.mkdir(mode=0o755)  # root's own, but inside theirs
+
+    def connect_by_default() -> str:
+        os.environ.pop("DXG_NODE", None)
+        os.environ["XDG_RUNTIME_DIR"] = str(a)
+        try:
+            NodeConnection().close()
+            return "connected"
+        except NodePermissionDenied as e:
+            return str(e)
+
+    with pytest.raises(PermissionError, match=f"uid {NOBODY}"):
+        SocketNode(driver, sub / "dxg.sock").start()  # the node refuses to serve there
+    os.chown(a, 0, 0)
+    with SocketNode(driver, sub / "dxg.sock"):
+        os.chown(a, NOBODY, NOBODY)
+        refused = in_child(connect_by_default, NOBODY - 1)  # a third user, default path
+        assert f"uid {NOBODY}" in refused and str(a) in refused, refused
+        os.chown(a, 0, 0)
+        assert in_child(connect_by_default, NOBODY - 1) == "connected"
+
+
 def test_admin_is_refused_before_its_json_is_parsed(driver, node_dir):
     with SocketNode(driver, node_dir / "a.sock", admin_uids=frozenset()) as n:
         raw = Raw(n.path)

@@ -38,8 +38,8 @@ from dxg.client.calls import (
     apply_ioctl_reply,
     build_ioctl,
     check_hello_reply,
-    check_node_dir,
     connect_error,
+    connect_target,
     node_target,
 )
 from dxg.client.errors import NodeProtocolError, NodeUnavailable
@@ -103,20 +103,22 @@ class AsyncNodeConnection:
 
     async def _connect(self) -> None:
         path = self.path
-        if self._check_dir:
-            check_node_dir(path)
+        target, dir_fd = connect_target(path, self._check_dir)
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         try:
             async with asyncio.timeout(self._timeout):
-                await loop.sock_connect(sock, os.fspath(path))
+                await loop.sock_connect(sock, target)
         except OSError as e:  # TimeoutError included
             sock.close()
             raise connect_error(path, e) from None
         except BaseException:
             sock.close()
             raise
+        finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
         self._loop = loop
         self._sock = sock
         self._router = ReplyRouter(f"the dxg node {path}")

@@ -31,7 +31,13 @@ from dxg.oslib.fds import close_all
 from dxg.oslib.procmem import ProcessVmUserMemory, UserMemoryFault
 from dxg.uapi import wire
 from dxg.uapi.ioctls import IOCTLS_BY_CODE
-from dxg.uapi.nodepath import NODE_ENV, default_node_path, node_dir_problem
+from dxg.uapi.nodepath import (
+    NODE_ENV,
+    UntrustedPath,
+    default_node_path,
+    open_trusted_dir,
+    proc_fd_path,
+)
 
 __all__ = [
     "MAX_ADMIN_REPLY",
@@ -44,8 +50,8 @@ __all__ = [
     "apply_ioctl_reply",
     "build_ioctl",
     "check_hello_reply",
-    "check_node_dir",
     "connect_error",
+    "connect_target",
     "node_target",
 ]
 
@@ -107,16 +113,33 @@ def node_target(path: str | os.PathLike[str] | None) -> tuple[Path, bool]:
     return default_node_path(), not os.environ.get(NODE_ENV)
 
 
-def check_node_dir(path: Path) -> None:
-    """Refuse a node directory someone else could have planted a socket in."""
+_UNIX_PATH_MAX = 107
+
+
+def connect_target(path: Path, check: bool) -> tuple[str, int]:
+    """What to ``connect()`` to for the node at ``path``, and a directory descriptor to close
+    once connected (-1 if none). With ``check``, the directory is reached one component at a
+    time from ``/`` through directories only this user or root control, held open, and the node
+    is named through it, so no directory on the way can be swapped between the check and the
+    connect; anything another user could change is refused. A path too long for a Unix socket
+    address is reached the same way (without the ownership check)."""
+    if check:
+        try:
+            fd = open_trusted_dir(path.parent)
+        except UntrustedPath as e:
+            raise NodePermissionDenied(
+                f"not connecting to the dxg node {path}: {e.strerror} "
+                f"(set {NODE_ENV} to use it anyway)") from None
+        except OSError as e:
+            raise connect_error(path, e) from None
+        return proc_fd_path(fd, path.name), fd
+    if len(os.fsencode(path)) <= _UNIX_PATH_MAX:
+        return os.fspath(path), -1
     try:
-        problem = node_dir_problem(path.parent)
-    except OSError:
-        return  # cannot look: connect() says what is wrong
-    if problem is not None:
-        raise NodePermissionDenied(
-            f"not connecting to the dxg node {path}: {problem} (set {NODE_ENV} to use it anyway)"
-        )
+        fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise connect_error(path, e) from None
+    return proc_fd_path(fd, path.name), fd
 
 
 def connect_error(path: Path, e: OSError) -> NodeError:

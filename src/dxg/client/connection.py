@@ -47,8 +47,8 @@ from dxg.client.calls import (
     apply_ioctl_reply,
     build_ioctl,
     check_hello_reply,
-    check_node_dir,
     connect_error,
+    connect_target,
     node_target,
 )
 from dxg.client.errors import NodeError, NodeProtocolError, NodeUnavailable
@@ -128,15 +128,17 @@ class NodeConnection:
 
     def _connect(self) -> None:
         path = self.path
-        if self._check_dir:
-            check_node_dir(path)
+        target, dir_fd = connect_target(path, self._check_dir)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(self._timeout)
         try:
-            sock.connect(os.fspath(path))
+            sock.connect(target)
         except OSError as e:
             sock.close()
             raise connect_error(path, e) from None
+        finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
         with self._mu:
             self._sock = sock
             self._router = ReplyRouter(f"the dxg node {path}")

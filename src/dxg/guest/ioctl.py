@@ -14,6 +14,7 @@ never know which front end called. The table is keyed by the ABI's ioctl names.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import logging
 import struct
@@ -408,6 +409,13 @@ async def escape(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemor
     if pydxg:
         head = EscapeHeader.unpack(data)
         if head.flags & EscapeFlags.FD_IN:
+            channel = adapter.route()
+            if channel is not None and not channel.can_pass_fds:
+                # The op cannot happen on this link (TCP): its status says so; the call itself
+                # arrived and succeeds, as every pydxg escape reports its own outcome.
+                copy_to_user(mem, args.priv_drv_data, dataclasses.replace(
+                    head, status=int(NTSTATUS.STATUS_NOT_SUPPORTED)).pack())
+                return 0
             fds_in.append(take_fd(mem, head.fd))
     try:
         hprocess = await host_process(proc, adapter.link)

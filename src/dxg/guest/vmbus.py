@@ -208,6 +208,8 @@ async def create_device(adapter: GuestAdapter, hprocess: int, flags: int, cookie
 
     reply = await send(adapter, VgpuCommand.CREATEDEVICE, hprocess,
                        m.CreateDevice(flags, 0, cookie), undo=undo)
+    if reply.handle == 0 and not nt_success(reply.status):
+        raise HostStatus(reply.status)
     return int(reply.handle)
 
 

@@ -215,10 +215,12 @@ class CreateDevice(_Fixed):
 
 @dataclass(frozen=True, slots=True)
 class HandleReturn(_Fixed):
-    """Replies that are a single handle (CREATEDEVICE)."""
+    """Replies that are a new handle (CREATEDEVICE). pydxg adds the status that says why when
+    the handle is 0 (the real reply is the handle alone, and a refusal has no reason)."""
 
     handle: int
-    _S: ClassVar[struct.Struct] = struct.Struct("<I")
+    status: int = 0
+    _S: ClassVar[struct.Struct] = struct.Struct("<II")
 
 
 @dataclass(frozen=True, slots=True)

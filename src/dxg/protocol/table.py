@@ -59,7 +59,7 @@ def _fail_create_process(status: int, body: bytes) -> bytes:
 
 
 def _fail_handle(status: int, body: bytes) -> bytes:
-    return m.HandleReturn(0).pack()
+    return m.HandleReturn(0, int(status) & 0xFFFFFFFF).pack()
 
 
 def _fail_open_adapter(status: int, body: bytes) -> bytes:
@@ -157,7 +157,8 @@ _SPECS = (
        Route.VGPU_ONLY, per_process=False),
     _v(V.QUERYADAPTERINFO, m.QueryAdapterInfo, m.StatusAndData, _fail_query_adapter_info,
        note="the host process is optional (0 allowed)"),
-    _v(V.CREATEDEVICE, m.CreateDevice, m.HandleReturn, _fail_handle, note="handle 0 = failure"),
+    _v(V.CREATEDEVICE, m.CreateDevice, m.HandleReturn, _fail_handle,
+       note="handle u32, status u32 (pydxg: why, when the handle is 0)"),
     _v(V.DESTROYDEVICE, m.DestroyDevice, m.NtStatusReturn, fail_status),
     _v(V.FLUSHDEVICE, m.FlushDevice, m.NtStatusReturn, fail_status),
     _v(V.CREATECONTEXTVIRTUAL, m.CreateContextVirtual, m.CreateContextVirtual,
