@@ -9,12 +9,13 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from types import MappingProxyType
 
-KINDS = {
+KINDS = MappingProxyType({
     "cuda": ("cuda-app", "CUDA-style compute app", 0),
     "image": ("image-editor", "image editor", -1),
     "d3d12": ("d3d12-app", "D3D12-style app", 0),
-}
+})
 
 
 def _set_name(name: str) -> None:

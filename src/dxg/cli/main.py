@@ -42,6 +42,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                         "maximum)")
 
 
+def _add_priority(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--priority", type=int, default=-10, metavar="NICE",
+                   help="scheduling priority of the daemon (nice value; default -10, applied "
+                        "when allowed; 0 keeps the default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dxg", description="pydxg: dxgkrnl-style GPU "
                                  "paravirtualization in user space")
@@ -53,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", type=int, default=2, help="CPU soft adapters (default 2)")
     p.add_argument("--host-listen", metavar="ADDR",
                    help="also let other guests connect to the embedded host at ADDR")
+    _add_priority(p)
     p.set_defaults(func=commands.cmd_up)
 
     p = sub.add_parser("host", help="run a host that guests connect to")
@@ -63,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offer-order", choices=("global-first", "vgpu-first"),
                    default="global-first", help="order of channel offers (for testing)")
     p.add_argument("--name", default=None, help="host name shown to guests")
+    _add_priority(p)
     p.set_defaults(func=commands.cmd_host)
 
     p = sub.add_parser("guest", help="run a guest driver bound to one or more hosts")
@@ -73,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="a host silent this long is taken as gone: its adapters are removed "
                         "until it answers again (default 5)")
+    _add_priority(p)
     _add_serve(p)
     p.set_defaults(func=commands.cmd_guest)
 

@@ -58,6 +58,7 @@ from dxg.uapi import wire
 __all__ = ["NodeConnection"]
 
 _RECV_CHUNK = 256 * 1024
+_READ_CHUNK = 64 * 1024
 # An interrupted request up to this size is assumed whole on the wire (a Unix socket's buffer
 # takes it in one piece, so the send cannot stop half-way); a bigger one drops the stream.
 _ATOMIC_SEND = 64 * 1024
@@ -71,21 +72,32 @@ class _Waiter:
     """One request in flight and the thread waiting for it (its condition shares the
     connection's mutex, so the reader wakes exactly the thread whose reply came)."""
 
-    __slots__ = ("cond", "done", "failure", "fds", "message", "seq")
+    __slots__ = ("_cond", "done", "failure", "fds", "message", "mu", "seq")
 
     def __init__(self, seq: int, mu: threading.Lock) -> None:
         self.seq = seq
-        self.cond = threading.Condition(mu)
+        self.mu = mu
+        self._cond: threading.Condition | None = None  # made only if this thread must wait
         self.done = False
         self.message: wire.Message | None = None
         self.fds: list[int] = []
         self.failure: Failure | None = None
 
+    @property
+    def cond(self) -> threading.Condition:
+        if self._cond is None:
+            self._cond = threading.Condition(self.mu)
+        return self._cond
+
+    def notify(self) -> None:
+        if self._cond is not None:
+            self._cond.notify()
+
     def finish(self, message: wire.Message | None, fds: list[int],
                failure: Failure | None) -> None:
         self.message, self.fds, self.failure = message, fds, failure
         self.done = True
-        self.cond.notify()
+        self.notify()
 
 
 class NodeConnection:
@@ -348,15 +360,11 @@ class NodeConnection:
         """Wake one thread still waiting, to become the reader (mutex held)."""
         for w in self._waiters.values():
             if not w.done:
-                w.cond.notify()
+                w.notify()
                 return
 
     def _read_until(self, waiter: _Waiter) -> None:
-        """Read and route frames until ``waiter``'s reply has come.
-
-        The blocking wait only peeks, so an exception from a signal handler there (the usual
-        place: a call blocked in the driver) consumes nothing; the bytes are then taken and
-        routed at once."""
+        """Read and route frames until ``waiter``'s reply has come."""
         path = self.path
         while True:
             with self._mu:
@@ -367,10 +375,12 @@ class NodeConnection:
             if sock is None:
                 return  # dropped: the waiter was failed with the reason
             try:
-                want = min(max(router.header_needed(), 4096), _RECV_CHUNK)
-                if not sock.recv(want, socket.MSG_PEEK):
-                    raise ConnectionResetError(errno.ECONNRESET, "connection closed by the node")
+                want = min(max(router.header_needed(), _READ_CHUNK), _RECV_CHUNK)
+                # One blocking read. A signal while it blocks interrupts it before anything is
+                # taken (EINTR), so an exception from the handler consumes nothing.
                 data, fds = recv_with_fds(sock, memoryview(self._buf)[:want], wire.MAX_FDS)
+                if not data:
+                    raise ConnectionResetError(errno.ECONNRESET, "connection closed by the node")
             except OSError as e:
                 with self._mu:
                     self._drop_locked(sock, _lost(f"lost the dxg node {path}: {e}"))

@@ -38,6 +38,7 @@ from dxg.guest.process import (
     GuestProcess,
     ProcessAdapter,
     close_adapter,
+    existing_host_process,
     host_process,
     open_adapter,
 )
@@ -257,7 +258,8 @@ async def query_adapter_info(drv: GuestDriver, proc: GuestProcess, args: Any,
         return -errno.EINVAL
     pa = _adapter(proc, args.adapter)
     data = copy_from_user(mem, args.private_data, args.private_data_size, PRIVATE_DATA_MAX)
-    hprocess = await host_process(proc, pa.adapter.link)
+    hprocess = existing_host_process(proc, pa.adapter.link) or \
+        await host_process(proc, pa.adapter.link)
     status, out = await vmbus.query_adapter_info(pa.adapter, hprocess, args.type, data)
     ret = _host_result(status)
     if ret < 0:

@@ -166,6 +166,9 @@ class HostAdapter:
             Q.KMTQAITYPE_WDDM_2_7_CAPS: self._qai_wddm_2_7_caps,
         })
         self._umd_private = umd_private_blob(description)
+        # Constant payloads, encoded once.
+        self._driver_description = encode_utf16z(
+            description.driver_description, ctypes.sizeof(D3DKMT_DRIVER_DESCRIPTION) // 2)
 
     def __repr__(self) -> str:
         return f"<HostAdapter {self.index} {self.description.name!r} luid=0x{self.guest_luid:x}>"
@@ -323,8 +326,7 @@ class HostAdapter:
         return self._put(buf, q)
 
     def _qai_driver_description(self, buf: bytearray) -> int:
-        nchars = ctypes.sizeof(D3DKMT_DRIVER_DESCRIPTION) // 2
-        return self._put(buf, encode_utf16z(self.description.driver_description, nchars))
+        return self._put(buf, self._driver_description)
 
     def _qai_wddm_2_7_caps(self, buf: bytearray) -> int:
         return self._put(buf, D3DKMT_WDDM_2_7_CAPS())  # no hardware scheduling, no display

@@ -41,6 +41,7 @@ from dxg.vmbus.transport import (
     Transport,
     TransportError,
     WriteBudget,
+    read_buffer,
 )
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class Host:
             self.config.backend_workers, thread_name_prefix=f"dxg-host-work {self.config.name}")
         self._partitions: dict[int, Partition] = {}
         self._send_budget = WriteBudget(self.config.max_total_send_buffer)
+        self._read_buffer = read_buffer()  # shared by every guest connection (one loop)
         self._ids = itertools.count(1)
         self._listeners: list[Listener] = []
         self._closed = False
@@ -126,7 +128,8 @@ class Host:
             transport = SocketTransport(self.loop, sock, peer,
                                         send_timeout=self.config.send_timeout,
                                         max_buffer=self.config.max_send_buffer,
-                                        budget=self._send_budget)
+                                        budget=self._send_budget,
+                                        read_buffer=self._read_buffer)
         except OSError as e:
             log.warning("host %s: cannot set up the connection of %s: %s", self.config.name,
                         peer, e)

@@ -66,7 +66,7 @@ from dxg.uapi.nodepath import (
     proc_fd_path,
     trusted_path_problem,
 )
-from dxg.vmbus.transport import SocketTransport, TransportClosed, WriteBudget
+from dxg.vmbus.transport import SocketTransport, TransportClosed, WriteBudget, read_buffer
 
 __all__ = ["NodeBusy", "NodeDriver", "SocketNode"]
 
@@ -126,7 +126,8 @@ class _Conn:
                                          send_timeout=node.send_timeout,
                                          max_buffer=node.max_buffer,
                                          max_fds=4 * wire.MAX_FDS,
-                                         budget=node.write_budget)
+                                         budget=node.write_budget,
+                                         read_buffer=node.read_buffer)
         self.transport.on_drained = self._drained
         self.decoder = wire.FrameDecoder(wire.MAX_HELLO_PAYLOAD)
         self.fds: deque[int] = deque()
@@ -469,6 +470,7 @@ class SocketNode:
         self.max_buffer = max_buffer
         self.pause_buffer = pause_buffer
         self.write_budget = WriteBudget(max_total_buffer)
+        self.read_buffer = read_buffer()  # shared by every connection (all on one loop)
         self.max_calls = max_calls
         self._conns: set[_Conn] = set()
         self._per_uid: dict[int, int] = {}

@@ -150,22 +150,22 @@ class ProcessVmUserMemory:
         if size == 0:
             return b""
         self._check(addr, size, "read")
-        buf = ctypes.create_string_buffer(size)
-        local = _IoVec(ctypes.cast(buf, ctypes.c_void_p), size)
+        buf = bytearray(size)
+        local = _IoVec(ctypes.addressof((ctypes.c_char * size).from_buffer(buf)), size)
         remote = _IoVec(addr, size)
         done = self._sys.process_vm_readv(self.pid, ctypes.byref(local), 1,
                                           ctypes.byref(remote), 1, 0)
         if done != size:
             raise self._fault("read", addr, size, done)
-        return buf.raw
+        return bytes(buf)
 
     def write(self, addr: int, data: bytes) -> None:
         size = len(data)
         if size == 0:
             return
         self._check(addr, size, "write")
-        buf = ctypes.create_string_buffer(bytes(data), size)
-        local = _IoVec(ctypes.cast(buf, ctypes.c_void_p), size)
+        data = bytes(data)  # no copy when it is bytes already; the kernel only reads it
+        local = _IoVec(ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p), size)
         remote = _IoVec(addr, size)
         done = self._sys.process_vm_writev(self.pid, ctypes.byref(local), 1,
                                            ctypes.byref(remote), 1, 0)

@@ -105,10 +105,33 @@ class FrameReader:
         self._buf += data
 
     def frames(self) -> list[Frame]:
+        """The whole frames buffered so far (a partial one stays for the next feed)."""
+        return self._parse(self._buf)
+
+    def frames_of(self, data: bytes) -> list[Frame]:
+        """feed(data) then frames(), copying nothing more than the payloads when nothing was
+        left over from before (the common case: a read holds whole frames)."""
+        if self._buf:
+            self._buf += data
+            return self._parse(self._buf)
         out: list[Frame] = []
-        buf = self._buf
+        pos = self._scan(data, out)
+        if pos < len(data):
+            self._buf += memoryview(data)[pos:]
+        return out
+
+    def _parse(self, buf: bytearray) -> list[Frame]:
+        out: list[Frame] = []
+        pos = self._scan(buf, out)
+        if pos:
+            del buf[:pos]
+        return out
+
+    def _scan(self, buf: bytes | bytearray, out: list[Frame]) -> int:
+        view = memoryview(buf)
+        size = len(buf)
         pos = 0
-        while len(buf) - pos >= FRAME_HEADER_SIZE:
+        while size - pos >= FRAME_HEADER_SIZE:
             magic, length, relid, ptype, flags, trans_id = FRAME_HEADER.unpack_from(buf, pos)
             if magic != MAGIC:
                 raise ProtocolError(f"bad frame magic 0x{magic:08x}")
@@ -119,13 +142,12 @@ class FrameReader:
             if flags & ~_KNOWN_FLAGS or (flags & FLAG_FD_MASK) >> FLAG_FD_SHIFT > MAX_FRAME_FDS:
                 raise ProtocolError(f"bad frame flags 0x{flags:x}")
             end = pos + FRAME_HEADER_SIZE + length
-            if len(buf) < end:
+            if size < end:
                 break
-            out.append(Frame(relid, ptype, flags, trans_id, bytes(buf[pos + FRAME_HEADER_SIZE : end])))
+            out.append(Frame(relid, ptype, flags, trans_id,
+                             bytes(view[pos + FRAME_HEADER_SIZE : end])))
             pos = end
-        if pos:
-            del buf[:pos]
-        return out
+        return pos
 
     @property
     def pending_bytes(self) -> int:

@@ -66,11 +66,8 @@ def encode_vgpu(
 def _guest(ct: ChannelType, word: int, command: int, process: int, luid: int, body: bytes) -> bytes:
     # A message longer than one packet travels with a bulk attachment (dxg.protocol.framing);
     # whether a command may be that long is the command table's call (CommandSpec.large).
-    return (
-        EXT_HEADER.pack(EXT_HEADER_SIZE, 0, luid)
-        + CMD_HEADER.pack(0, process & 0xFFFFFFFF, word, int(command))
-        + body
-    )
+    return b"".join((EXT_HEADER.pack(EXT_HEADER_SIZE, 0, luid),
+                     CMD_HEADER.pack(0, process & 0xFFFFFFFF, word, int(command)), body))
 
 
 def decode_guest(payload: bytes) -> GuestMessage:

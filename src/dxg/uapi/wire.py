@@ -426,7 +426,7 @@ class FrameDecoder:
         end = pos + HEADER_SIZE + length
         if len(buf) < end:
             return None
-        payload = bytes(buf[pos + HEADER_SIZE : end])
+        payload = bytes(memoryview(buf)[pos + HEADER_SIZE : end])
         if end == len(buf):
             buf.clear()
             self._pos = 0

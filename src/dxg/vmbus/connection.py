@@ -130,18 +130,20 @@ class BusConnection:
             return
         self.last_heard = self.loop.time()
         self._fds.extend(fds)
-        self._reader.feed(data)
         if self._receiving:
+            self._reader.feed(data)
             return  # an in-process peer answered while we route: the loop below takes it
         self._receiving = True
         try:
             if len(self._fds) > MAX_UNCLAIMED_FDS:
                 raise ProtocolError(f"{len(self._fds)} descriptors arrived that no frame claims")
-            while frames := self._reader.frames():
+            frames = self._reader.frames_of(data)
+            while frames:
                 for frame in frames:
                     self._route(frame)
                     if self._closed:
                         return
+                frames = self._reader.frames()
         except ProtocolError as e:
             log.error("%s: protocol error, dropping the connection: %s", self.name, e)
             self.close(e)

@@ -71,6 +71,11 @@ class Address:
         return f"tcp:{host}:{port}"
 
 
+def read_buffer() -> bytearray:
+    """A receive buffer for the transports of one loop to share."""
+    return bytearray(_RECV_CHUNK)
+
+
 def parse_address(text: str) -> Address:
     """'unix:/path', '/path' or './path' (Unix socket); 'tcp:HOST:PORT' or 'HOST:PORT' (TCP)."""
     if text.startswith("unix:"):
@@ -138,7 +143,8 @@ class SocketTransport(Transport):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, peer: str, *,
                  send_timeout: float = SEND_TIMEOUT, max_buffer: int = MAX_BUFFER,
-                 max_fds: int = MAX_FDS_PER_READ, budget: WriteBudget | None = None) -> None:
+                 max_fds: int = MAX_FDS_PER_READ, budget: WriteBudget | None = None,
+                 read_buffer: bytearray | None = None) -> None:
         self.loop = loop
         self.budget = budget
         # Called (on the loop) when everything written has gone out, after a backlog.
@@ -154,7 +160,9 @@ class SocketTransport(Transport):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._fd = sock.fileno()
         self._receiver: Receiver | None = None
-        self._rbuf = bytearray(_RECV_CHUNK)
+        # Bytes are read into this buffer and copied out at once, so every transport of one
+        # loop may share one (a server with a thousand idle clients holds one, not a thousand).
+        self._rbuf = read_buffer if read_buffer is not None else bytearray(_RECV_CHUNK)
         self._out: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
         self._buffered = 0
         self._progress = 0.0  # when the peer last took bytes while some were waiting
@@ -216,7 +224,7 @@ class SocketTransport(Transport):
                 self.close(None)
                 return
             receiver.data_received(data, fds)
-            if len(data) < _RECV_CHUNK:
+            if len(data) < len(self._rbuf):
                 return
 
     # ---- writing ------------------------------------------------------------------------------
@@ -370,13 +378,14 @@ class LoopbackTransport(Transport):
         other = self._other
         if self._closed or other is None:
             raise TransportClosed(f"{self.peer}: transport is closed")
-        copies = [os.dup(fd) for fd in fds]
+        copies = [os.dup(fd) for fd in fds] if fds else []
+        data = data if type(data) is bytes else bytes(data)  # the peer keeps it: immutable
         if other.loop is self.loop and _running_loop() is self.loop:
             # Both ends on this loop: hand the bytes over now, as a kernel would copy them into
             # the peer's socket buffer; the receiver takes care of calls nested this way.
-            other._deliver(bytes(data), copies)
+            other._deliver(data, copies)
         else:
-            _call_on(other.loop, other._deliver, bytes(data), copies)
+            _call_on(other.loop, other._deliver, data, copies)
 
     def _deliver(self, data: bytes, fds: list[int]) -> None:
         if self._closed:
@@ -576,4 +585,4 @@ def _remove_stale_socket(path: str) -> None:
 
 __all__ = ["Address", "Listener", "LoopbackTransport", "Receiver", "SocketTransport",
            "Transport", "TransportClosed", "TransportError", "WriteBudget", "connect",
-           "parse_address"]
+           "parse_address", "read_buffer"]
