@@ -148,13 +148,17 @@ def timed(fn: Any, n: int) -> list[float]:
 
 
 class Echo:
-    """The floor: a 64-byte request/response over a Unix stream socket to a forked echo."""
+    """The floor: a 64-byte request/response over a Unix stream socket to a forked echo that
+    blocks in recv (the baseline), or that serves from an asyncio loop's reader callback, as the
+    node does (what any asyncio-based node pays before it does any work)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_loop: bool = False) -> None:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.pid = os.fork()
         if self.pid == 0:
             a.close()
+            if on_loop:
+                self._serve_on_loop(b)
             while True:
                 d = b.recv(64)
                 if not d:
@@ -163,6 +167,23 @@ class Echo:
         b.close()
         self.sock = a
         self.msg = b"x" * 64
+
+    @staticmethod
+    def _serve_on_loop(b: socket.socket) -> None:
+        import asyncio
+
+        loop = asyncio.new_event_loop()
+        b.setblocking(False)
+
+        def readable() -> None:
+            d = b.recv(64)
+            if not d:
+                os._exit(0)
+            b.send(d)
+
+        loop.add_reader(b.fileno(), readable)
+        loop.run_forever()
+        os._exit(0)
 
     def rtt(self) -> None:
         self.sock.sendall(self.msg)
@@ -180,14 +201,17 @@ class Echo:
 
 def m1(node: str, rounds: int, per: int) -> dict[str, Any]:
     echo = Echo()
+    floor = Echo(on_loop=True)
     calls = Calls(node)
-    samples: dict[str, list[float]] = {"raw": [], "local": [], "forwarded": []}
-    fns = {"raw": echo.rtt, "local": calls.enum_count, "forwarded": calls.query}
+    samples: dict[str, list[float]] = {"raw": [], "floor": [], "local": [], "forwarded": []}
+    fns = {"raw": echo.rtt, "floor": floor.rtt, "local": calls.enum_count,
+           "forwarded": calls.query}
     for fn in fns.values():
         timed(fn, 200)
     for _ in range(rounds):
         for name, fn in fns.items():
             samples[name] += timed(fn, per)
+    floor.close()  # first: its child holds a copy of the first echo's socket
     echo.close()
     calls.conn.close()
     return {k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "n": len(v)} for k, v in samples.items()}
@@ -387,6 +411,7 @@ def report(r: dict[str, Any]) -> None:
         m = r["m1"]
         b50, b99 = m["raw"]["p50"], m["raw"]["p99"]
         for key, label in (("raw", "M1 raw Unix-socket round trip (64 B)"),
+                           ("floor", "M1 the same, echo on an asyncio loop (floor)"),
                            ("local", "M1 EnumAdapters3 count only (guest)"),
                            ("forwarded", "M1 QueryAdapterInfo (host, forwarded)")):
             v = m[key]

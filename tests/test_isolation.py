@@ -214,6 +214,7 @@ def test_a_stopped_host_fails_calls_at_once_and_comes_back(tmp_path):
             ad = client.adapters()[0]
             dev = ad.create_device()
             host.send_signal(signal.SIGSTOP)
+            wait_until(lambda: _state(host.pid) == "T", 10, "the host stopped")
             t0 = time.monotonic()
             with pytest.raises(DxgError) as e:
                 dev.create_context()  # waits on the stopped host until the heartbeat gives up
@@ -235,8 +236,19 @@ def test_a_stopped_host_fails_calls_at_once_and_comes_back(tmp_path):
         if host.poll() is None:
             host.send_signal(signal.SIGCONT)
             host.terminate()
-        host.wait(timeout=30)
-        host.stdout.close()
+        try:
+            host.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            host.kill()
+            host.wait(timeout=30)
+            raise
+        finally:
+            host.stdout.close()
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 # ---- a host that offers unbounded adapters -------------------------------------------------------

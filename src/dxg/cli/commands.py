@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,19 +40,22 @@ def _node_path(args: argparse.Namespace) -> Path:
     return Path(args.node) if args.node else default_node_path()
 
 
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def _hold_stop_signals() -> None:
+    """Before any thread starts: keep SIGINT/SIGTERM for `_wait_for_signal` (every thread
+    started later inherits the mask), so a stop request is never lost to a handler racing a
+    lock, nor delivered to a worker thread."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+
 def _wait_for_signal() -> None:
-    stop = threading.Event()
-
-    def handler(_signum: int, _frame: Any) -> None:
-        # A second Ctrl-C or TERM while shutting down ends the process at once.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    while not stop.wait(3600):
-        pass
+    signal.sigwait(_STOP_SIGNALS)
+    # A second Ctrl-C or TERM while shutting down ends the process at once.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def _serve_node(drv: Any, args: argparse.Namespace) -> list[Any]:
@@ -110,6 +112,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     if args.adapters < 1:
         raise ValueError("--adapters must be at least 1")
+    _hold_stop_signals()
     raise_fd_limit()
     raise_priority(args.priority)
     node_path = _node_path(args)
@@ -143,6 +146,7 @@ def cmd_host(args: argparse.Namespace) -> int:
     from dxg.host.config import HostConfig
     from dxg.host.host import Host
 
+    _hold_stop_signals()
     raise_fd_limit()
     raise_priority(args.priority)
     cfg = HostConfig(adapters=args.adapters, host_id=args.host_id, offer_order=args.offer_order)
@@ -161,6 +165,7 @@ def cmd_host(args: argparse.Namespace) -> int:
 def cmd_guest(args: argparse.Namespace) -> int:
     from dxg.guest.driver import GuestDriver
 
+    _hold_stop_signals()
     raise_fd_limit()
     raise_priority(args.priority)
     drv = GuestDriver(heartbeat_timeout=args.heartbeat_timeout,
