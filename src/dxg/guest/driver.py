@@ -30,7 +30,7 @@ from dxg.protocol.bus import (
     PCI_DEVICE_ID_COMPUTE_ACCELERATOR,
 )
 from dxg.protocol.guids import DXGK_GLOBAL_GUID, DXGK_VGPU_GUID, guid_to_luid
-from dxg.runtime.loop import LoopThread, on_loop, owned_loop
+from dxg.runtime.loop import Changes, LoopThread, on_loop, owned_loop
 from dxg.uapi.ntstatus import nt_success
 from dxg.vmbus.bus import BusDevice, BusError, GuestBus
 from dxg.vmbus.channel import ChannelClosed
@@ -71,7 +71,7 @@ class GuestDriver:
         self._shares: dict[int, UserShare] = {}  # uid -> what that user's processes hold
         self.handle_space = HandleSpace()
         self.started = time.time()
-        self._changed: asyncio.Event | None = None
+        self._changes = Changes(self.rt)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -314,8 +314,7 @@ class GuestDriver:
         log.info("adapter %016x stopped", ad.luid)
 
     def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
+        self._changes.notify()
 
     # ---- adapters ----------------------------------------------------------------------------
 
@@ -348,23 +347,7 @@ class GuestDriver:
 
     def wait_for(self, predicate: Any, timeout: float) -> bool:
         """Wait (off the loop) until ``predicate()``, evaluated on the loop, holds."""
-        deadline = time.monotonic() + timeout
-
-        async def wait() -> bool:
-            if self._changed is None:
-                self._changed = asyncio.Event()
-            while not predicate():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._changed.clear()
-                try:
-                    await asyncio.wait_for(self._changed.wait(), min(left, 0.05))
-                except TimeoutError:
-                    pass
-            return True
-
-        return self.rt.run(wait())
+        return self._changes.wait_for(predicate, timeout)
 
     # ---- processes (the node front ends, on the loop) ------------------------------------------
 

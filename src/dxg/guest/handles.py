@@ -18,13 +18,10 @@ from typing import Any
 
 from dxg.guest.quota import Quota, QuotaExceeded
 from dxg.uapi.handles import (
-    HANDLE_INDEX_MASK,
     HANDLE_INDEX_MAX,
-    HANDLE_INDEX_SHIFT,
-    HANDLE_INSTANCE_MASK,
-    HANDLE_UNIQUE_SHIFT,
     HandleType,
     make_handle,
+    split_handle,
 )
 
 SIZE_INCREMENT = 1024  # HMGRTABLE_SIZE_INCREMENT
@@ -96,16 +93,15 @@ class HandleTable:
         return make_handle(index, unique)
 
     def _entry(self, handle: int, htype: HandleType | None) -> _Entry | None:
-        # The layout of dxg.uapi.handles, unpacked inline: this runs on every call.
-        if not isinstance(handle, int) or not 0 < handle <= 0xFFFFFFFF \
-                or handle & HANDLE_INSTANCE_MASK:
+        parts = split_handle(handle)
+        if parts is None:
             return None
-        e = self._entries.get((handle & HANDLE_INDEX_MASK) >> HANDLE_INDEX_SHIFT)
-        if e is None or e.unique != handle >> HANDLE_UNIQUE_SHIFT:
+        entry = self._entries.get(parts[0])
+        if entry is None or entry.unique != parts[1]:
             return None
-        if htype is not None and e.type != htype:
+        if htype is not None and entry.type != htype:
             return None
-        return e
+        return entry
 
     def get(self, handle: int, htype: HandleType | None = None) -> Any | None:
         """The live object behind `handle`, or None when it is stale, foreign, of another
@@ -118,7 +114,7 @@ class HandleTable:
         e = self._entry(handle, htype)
         if e is None:
             return None
-        index = (handle & HANDLE_INDEX_MASK) >> HANDLE_INDEX_SHIFT
+        index, _ = split_handle(handle)  # type: ignore[misc]  # valid: _entry said so
         del self._entries[index]
         self._space.free(index)
         if self._quota is not None:

@@ -17,13 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from dxg.uapi.handles import (
-    HANDLE_INDEX_MASK,
     HANDLE_INDEX_MAX,
-    HANDLE_INDEX_SHIFT,
-    HANDLE_INSTANCE_MASK,
-    HANDLE_UNIQUE_SHIFT,
     HandleType,
     make_handle,
+    split_handle,
 )
 
 __all__ = ["HandleTable", "HandleTableFull", "HandleType"]
@@ -73,12 +70,11 @@ class HandleTable:
         return make_handle(index, unique)
 
     def _entry(self, handle: int, htype: HandleType | None) -> _Entry | None:
-        # The layout of dxg.uapi.handles, unpacked inline: this runs on every command.
-        if not isinstance(handle, int) or not 0 < handle <= 0xFFFFFFFF \
-                or handle & HANDLE_INSTANCE_MASK:
+        parts = split_handle(handle)
+        if parts is None:
             return None
-        entry = self._live.get((handle & HANDLE_INDEX_MASK) >> HANDLE_INDEX_SHIFT)
-        if entry is None or entry.unique != handle >> HANDLE_UNIQUE_SHIFT:
+        entry = self._live.get(parts[0])
+        if entry is None or entry.unique != parts[1]:
             return None
         if htype is not None and entry.type != htype:
             return None
@@ -94,7 +90,7 @@ class HandleTable:
         entry = self._entry(handle, htype)
         if entry is None:
             return None
-        index = (handle & HANDLE_INDEX_MASK) >> HANDLE_INDEX_SHIFT
+        index, _ = split_handle(handle)  # type: ignore[misc]  # valid: _entry said so
         del self._live[index]
         self._next_unique[index] = entry.unique % 3 + 1
         self._free.append(index)

@@ -20,7 +20,6 @@ import itertools
 import logging
 import secrets
 import socket
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +31,7 @@ from dxg.oslib.fds import close_all
 from dxg.protocol.bus import Offer, Refuse, encode_bus_message
 from dxg.protocol.framing import CONTROL_RELID, VM_PKT_DATA_INBAND, encode_frame
 from dxg.protocol.guids import DXGK_GLOBAL_GUID
-from dxg.runtime.loop import LoopThread, on_loop, owned_loop
+from dxg.runtime.loop import Changes, LoopThread, on_loop, owned_loop
 from dxg.vmbus.bus import HostBusSession
 from dxg.vmbus.transport import (
     Listener,
@@ -90,7 +89,7 @@ class Host:
         self._closed = False
         self._refused = 0  # connections refused because max_guests were connected
         self._full = False  # a refusal was logged since the host last had room
-        self._changed: asyncio.Event | None = None
+        self._changes = Changes(self.rt, poll=0.01)
 
     def __enter__(self) -> Host:
         return self
@@ -209,8 +208,7 @@ class Host:
         self._notify_changed()
 
     def _notify_changed(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
+        self._changes.notify()
 
     # ---- control -------------------------------------------------------------------------------
 
@@ -294,24 +292,7 @@ class Host:
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
         """Wait (off the loop) until `predicate()` holds; it is evaluated on the loop whenever
         guests come and go and every few milliseconds. False on timeout."""
-        deadline = time.monotonic() + timeout
-
-        async def wait() -> bool:
-            if self._changed is None:
-                self._changed = asyncio.Event()
-            while True:
-                if predicate():
-                    return True
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._changed.clear()
-                try:
-                    await asyncio.wait_for(self._changed.wait(), min(left, 0.01))
-                except TimeoutError:
-                    pass
-
-        return self.rt.run(wait())
+        return self._changes.wait_for(predicate, timeout)
 
     def wait_for_partitions(self, count: int, timeout: float = 5.0) -> list[Partition]:
         """Wait until exactly `count` guests are connected; returns them (raises on timeout)."""

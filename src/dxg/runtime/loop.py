@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -132,6 +133,41 @@ class LoopThread:
             log.error("%s: the loop thread did not stop within %gs", self.name, timeout)
 
 
+class Changes:
+    """Something an owner changes on its loop (guests come and go, adapters start), which other
+    threads wait on with a predicate: ``notify()`` on the loop, ``wait_for()`` off it."""
+
+    __slots__ = ("_event", "_poll", "_rt")
+
+    def __init__(self, rt: LoopThread, poll: float = 0.05) -> None:
+        self._rt = rt
+        self._poll = poll  # predicates that change without a notify() are seen this often
+        self._event: asyncio.Event | None = None
+
+    def notify(self) -> None:
+        if self._event is not None:
+            self._event.set()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait (off the loop) until ``predicate()``, evaluated on the loop, holds; False on
+        timeout."""
+        deadline = time.monotonic() + timeout
+
+        async def wait() -> bool:
+            if self._event is None:
+                self._event = asyncio.Event()
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._event.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._event.wait(), min(left, self._poll))
+            return True
+
+        return self._rt.run(wait())
+
+
 def on_loop(method: Callable[..., _T]) -> Callable[..., _T]:
     """Decorate a method of an object that has ``self.rt`` (its LoopThread): the method runs on
     the loop, called directly when already there, else marshalled there and waited for. State
@@ -156,4 +192,4 @@ def owned_loop(loop: LoopThread | None, name: str) -> tuple[LoopThread, bool]:
     return LoopThread(name), True
 
 
-__all__ = ["LoopThread", "on_loop", "owned_loop"]
+__all__ = ["Changes", "LoopThread", "on_loop", "owned_loop"]

@@ -61,6 +61,7 @@ __all__ = (
     "handle_value",
     "make_handle",
     "set_handle_value",
+    "split_handle",
     "to_handle",
 )
 
@@ -148,6 +149,15 @@ def set_handle_value(h: d3dkmthandle, value: int | d3dkmthandle) -> None:
 def to_handle(value: int | d3dkmthandle) -> d3dkmthandle:
     """A new ctypes ``d3dkmthandle`` holding ``value``."""
     return d3dkmthandle(v=_raw(value))
+
+
+def split_handle(value: object) -> tuple[int, int] | None:
+    """``(index, unique)`` of a value that can be a live handle (an int in 1..2**32-1 with zero
+    instance bits), else None: the check every handle table makes first, without exceptions
+    (it runs on every call)."""
+    if not isinstance(value, int) or not 0 < value <= HANDLE_MAX or value & HANDLE_INSTANCE_MASK:
+        return None
+    return (value & HANDLE_INDEX_MASK) >> HANDLE_INDEX_SHIFT, value >> HANDLE_UNIQUE_SHIFT
 
 
 def handle_str(h: int | d3dkmthandle) -> str:
