@@ -85,34 +85,64 @@ def test_unreachable_host_is_one_clear_line(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
 def test_permission_denied_is_one_clear_line(tmp_path):
-    """A node the user may not open: the CLI (run in a forked child that dropped to nobody)
-    prints one clear line."""
+    """A node the user may not open: the CLI, run as nobody, prints one clear line."""
     from conftest import make_stack
-    from dxg.cli.main import main
 
     with make_stack(tmp_path) as s:
         os.chmod(s.node_path, 0o600)
         os.chmod(tmp_path, 0o755)
-        rfd, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 99
-            try:
-                os.close(rfd)
-                sys.stderr = open(wfd, "w")  # the child's stderr until _exit
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-                code = main(["ls", "--node", s.node_path])
-            finally:
-                sys.stderr.flush()
-                os._exit(code)
-        os.close(wfd)
-        with os.fdopen(rfd) as f:
-            err = f.read()
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 1, err
+        code, err = _as_nobody(["ls", "--node", s.node_path], {})
+    assert code == 1, err
     assert "permission denied" in err.lower() and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def _as_nobody(argv: list[str], env: dict[str, str | None]) -> tuple[int, str]:
+    """Run ``dxg argv`` in a forked child that dropped to nobody, with ``env`` changes (None
+    removes a variable); returns its exit code and what it printed on stderr."""
+    import ctypes.util  # noqa: F401  (imported here: nobody may not read this tree)
+
+    import dxg.cli.demo  # noqa: F401
+    from dxg.cli.main import main
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.close(rfd)
+            sys.stderr = open(wfd, "w")  # the child's stderr until _exit
+            for name, value in env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            code = main(argv)
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd) as f:
+        err = f.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
+@pytest.mark.parametrize("command", [["ls"], ["ps"], ["wait", "--timeout", "1"], ["demo"]])
+def test_the_default_node_in_a_directory_others_control_is_refused(public_dir, command):
+    """No --node and no DXG_NODE: the default path is checked before anything connects to it
+    (here a directory everyone may write, where anyone could have put a node of their own)."""
+    runtime = public_dir / "run"
+    (runtime / "pydxg").mkdir(parents=True)
+    os.chmod(runtime, 0o755)
+    os.chmod(runtime / "pydxg", 0o777)
+    code, err = _as_nobody(command, {"DXG_NODE": None, "XDG_RUNTIME_DIR": str(runtime)})
+    assert code == 1, err
+    assert "not connecting to the dxg node" in err and "Traceback" not in err
     assert err.count("\n") == 1
 
 

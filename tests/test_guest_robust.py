@@ -398,3 +398,71 @@ def test_an_abandoned_request_that_failed_on_the_host_needs_no_undo(pair):
         abandon(drv, lambda: vmbus.create_device(adapter, 0x40000FC0, 0, 1), adapter.route)
     wait_until(lambda: host_requests(host) == sent + 1)
     assert host_totals(host)["devices"] == 0
+
+
+def test_a_create_cancelled_just_as_its_reply_arrives_is_undone(pair):
+    host, drv = pair
+    proc = open_process(drv)
+    h = open_adapter(drv, proc)
+    create_device(drv, proc, h)
+    adapter = drv.active_adapters()[0]
+    d = uapi.d3dkmt_createdevice()
+    d.adapter.v = h
+
+    async def race() -> str:
+        # The caller is cancelled in the same loop turn as its reply is handed to it: the
+        # channel has no request left to undo, so the one who was handed it must.
+        channel = adapter.route()
+        real = channel.request
+        caller: asyncio.Future[Any] | None = None
+
+        def request(*args: Any, **kw: Any) -> Any:
+            reply = real(*args, **kw)
+            reply.add_done_callback(lambda _f: caller.cancel())  # before the caller wakes
+            return reply
+
+        channel.request = request
+        try:
+            caller = asyncio.ensure_future(
+                drv.ioctl(proc, uapi.LX_DXCREATEDEVICE, bytes(d), SelfMemory()))
+            try:
+                await caller
+            except asyncio.CancelledError:
+                return "cancelled"
+            return "finished"
+        finally:
+            del channel.request
+
+    assert drv.rt.run(race(), TIMEOUT) == "cancelled"
+    wait_until(lambda: host_totals(host)["devices"] == 1)  # the second device was undone
+    assert len(proc.handles) == 2
+
+
+def test_a_caller_giving_up_on_createprocess_fails_no_one_else(pair):
+    from dxg.guest.process import host_process
+
+    host, drv = pair
+    proc = open_process(drv)
+    (link,) = drv.links()
+    channel = drv.rt.call(lambda: link.global_channel)
+    pending = drv.rt.call(lambda: channel.pending)
+    gave_up = threading.Event()
+
+    async def impatient() -> int:
+        try:
+            return await host_process(proc, link)
+        except asyncio.CancelledError:
+            gave_up.set()
+            raise
+
+    with HeldHost(host):
+        first = drv.rt.spawn(impatient())
+        second = drv.rt.spawn(host_process(proc, link))  # shares the first's CREATEPROCESS
+        wait_until(lambda: drv.rt.call(lambda: channel.pending) == pending + 1)
+        first.cancel()
+        assert gave_up.wait(TIMEOUT)
+    handle = second.result(TIMEOUT)
+    assert handle and host_totals(host)["processes"] == 1
+    assert drv.rt.run(host_process(proc, link), TIMEOUT) == handle  # kept for later calls
+    close_process(drv, proc)
+    wait_until(lambda: host_totals(host)["processes"] == 0)

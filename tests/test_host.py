@@ -105,7 +105,7 @@ class RawDriver:
         self.open_errors: list[BaseException] = []
         self.notifications: list[bytes] = []
 
-    async def probe(self, dev: BusDevice) -> None:
+    async def probe(self, dev: BusDevice) -> bool:
         self.order.append(dev.type_guid)
         self.offers.append(dev)
         try:
@@ -118,6 +118,7 @@ class RawDriver:
                 self.vgpus[dev.offer.host_vgpu_luid] = ch
         except BusError as e:
             self.open_errors.append(e)
+        return True
 
     async def remove(self, dev: BusDevice) -> None:
         self.removed.append(dev.instance_guid)
@@ -347,9 +348,10 @@ def objects(host: Host) -> tuple[int, int, int]:
     return t["processes"], t["devices"], t["contexts"]
 
 
-def host_process(host: Host, hprocess: int) -> dict:
-    """The host's census entry of one process (of the only partition)."""
-    (part,) = host.census()["partitions"]
+def host_process(host: Host, hprocess: int, guest: int = 0) -> dict:
+    """The host's census entry of one process (of the first guest to connect, or the
+    ``guest``-th)."""
+    part = sorted(host.census()["partitions"], key=lambda p: p["id"])[guest]
     return next(p for p in part["processes"] if p["handle"] == hprocess)
 
 
@@ -674,13 +676,15 @@ def test_a_long_command_holds_up_nothing_but_its_own_devices_escapes(host: Host,
     assert not sleep.done() and not same_device.done()
     assert host_process(host, a)["jobs"] == 1
 
-    # Ending the process cancels the sleep at once; the device's queue then moves on in order.
+    # Ending the process cancels the sleep at once; the device's queue then moves on in order,
+    # and the command queued behind it finds its process gone: it does not run for it.
     finished: list[str] = []
     sleep.add_done_callback(lambda _f: finished.append("sleep"))
     same_device.add_done_callback(lambda _f: finished.append("same-device"))
     assert guest.destroy_process(a) == OK
     assert escape_status(sleep.result(TIMEOUT)).status == NTSTATUS.STATUS_CANCELLED
-    assert escape_status(same_device.result(TIMEOUT)).status == OK
+    assert NtStatusReturn.unpack(same_device.result(TIMEOUT)).status == (
+        NTSTATUS.STATUS_INVALID_HANDLE)
     assert finished == ["sleep", "same-device"]
     assert objects(host) == (1, 2, 0)
 
@@ -730,6 +734,98 @@ def test_a_guest_dropping_cancels_its_long_command(sock_dir: str) -> None:
             assert second.escape(0, hp, dev, Op.SLEEP, struct.pack("<I", 0)).status == OK
         finally:
             second.close()
+
+
+def test_a_request_queued_behind_a_destroyed_device_does_not_run(host: Host,
+                                                                  guest: RawGuest) -> None:
+    hp = guest.create_process()
+    guest.open_adapter(0)
+    dev = guest.create_device(0, hp)
+    pinned = host.census()["partitions"][0]["pinned_bytes"]
+    sleep = guest.start_sleep(0, hp, dev)
+    wait_until(lambda: host_process(host, hp)["running_jobs"] == 1)
+    body = Escape(guest.adapter_handles[0], dev, 0, 0, 0,
+                  EscapeHeader(Op.SHMEM_CREATE, length=1 << 20).pack() + bytes(8))
+    region = guest.start_request(guest.vch(0), guest.vpayload(0, VgpuCommand.ESCAPE, hp,
+                                                              body.pack()))
+    assert guest.destroy_device(0, hp, dev) == OK
+    assert escape_status(sleep.result(TIMEOUT)).status == NTSTATUS.STATUS_CANCELLED
+    # Checked when it arrived, the region was to be made for a device that has gone since:
+    # it is not made, and nothing is charged for it.
+    assert NtStatusReturn.unpack(region.result(TIMEOUT)).status == NTSTATUS.STATUS_INVALID_HANDLE
+    part = host.census()["partitions"][0]
+    assert part["totals"]["regions"] == 0
+    assert part["pinned_bytes"] < pinned + (1 << 20)
+
+
+def test_worker_threads_are_shared_fairly(sock_dir: str) -> None:
+    config = HostConfig(adapters=1, backend_workers=8, max_jobs_per_process=2,
+                        max_jobs_per_partition=3)
+    with Host(config) as host:
+        address = host.listen(os.path.join(sock_dir, "f.sock"))
+        g, other = RawGuest(address, name="busy"), RawGuest(address, name="other")
+        try:
+            a, b, c = (g.create_process(pid=pid) for pid in (1, 2, 3))
+            g.open_adapter(0)
+            devs_a = [g.create_device(0, a) for _ in range(4)]
+            dev_b, dev_c = g.create_device(0, b), g.create_device(0, c)
+            sleeps = [g.start_sleep(0, a, d) for d in devs_a]  # four lanes, one process
+            # The process gets two workers; its other jobs wait for them.
+            wait_until(lambda: host_process(host, a)["running_jobs"] == 2)
+            assert host_process(host, a)["jobs"] == 4
+            # Another process gets one more: the guest's share of three is taken.
+            sleep_b = g.start_sleep(0, b, dev_b)
+            wait_until(lambda: host_process(host, b)["running_jobs"] == 1)
+            quick_c = g.start_request(g.vch(0), g.escape_payload(
+                0, c, dev_c, Op.SLEEP, struct.pack("<I", 0)))
+            wait_until(lambda: host_process(host, c)["jobs"] == 1)
+            part = min(host.census()["partitions"], key=lambda p: p["id"])
+            assert part["running_jobs"] == 3
+            assert host_process(host, c)["running_jobs"] == 0
+            # Another guest has workers of its own left: it is served at once.
+            hp = other.create_process()
+            other.open_adapter(0)
+            dev = other.create_device(0, hp)
+            assert other.escape(0, hp, dev, Op.SLEEP, struct.pack("<I", 0)).status == OK
+            # When the busy process goes, its workers come back and the waiting job runs.
+            assert g.destroy_process(a) == OK
+            for sleep in sleeps:
+                reply = sleep.result(TIMEOUT)
+                assert len(reply) == 4 or escape_status(reply).status == (
+                    NTSTATUS.STATUS_CANCELLED)
+            assert escape_status(quick_c.result(TIMEOUT)).status == OK
+            assert g.destroy_process(b) == OK
+            assert escape_status(sleep_b.result(TIMEOUT)).status == NTSTATUS.STATUS_CANCELLED
+            wait_until(lambda: all(p["running_jobs"] == 0
+                                   for p in host.census()["partitions"]))
+        finally:
+            g.close()
+            other.close()
+
+
+def test_a_guest_may_keep_only_so_many_requests_waiting(sock_dir: str) -> None:
+    with Host(HostConfig(adapters=1, max_pending_calls=2)) as host:
+        g = RawGuest(host.listen(os.path.join(sock_dir, "p.sock")))
+        try:
+            hp = g.create_process()
+            g.open_adapter(0)
+            dev = g.create_device(0, hp)
+            sleep = g.start_sleep(0, hp, dev)
+            queued = g.start_request(g.vch(0), g.escape_payload(0, hp, dev, Op.PING))
+            wait_until(lambda: host.census()["partitions"][0]["pending_calls"] == 2)
+            # A third long request is refused at once; quick commands still run.
+            refused = g.request(g.vch(0), g.escape_payload(0, hp, dev, Op.PING))
+            assert NtStatusReturn.unpack(refused).status == NTSTATUS.STATUS_NO_MEMORY
+            assert g.create_device(0, hp)
+            assert g.destroy_device(0, hp, dev) == OK
+            assert escape_status(sleep.result(TIMEOUT)).status == NTSTATUS.STATUS_CANCELLED
+            queued.result(TIMEOUT)
+            wait_until(lambda: host.census()["partitions"][0]["pending_calls"] == 0)
+            assert host.census()["partitions"][0]["pending_bytes"] == 0
+            dev = g.create_device(0, hp)
+            assert g.escape(0, hp, dev, Op.PING).status == OK
+        finally:
+            g.close()
 
 
 # ---- queries ------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """One user can never hurt another: each attack of the security review, reproduced.
 
 Fair shares per process and per user (handles, host objects), fast teardown of a large process,
-clients that never read their replies, a host that stops answering (and what it ran meanwhile),
-a host that offers unbounded adapters, and the smaller items (unknown success codes, a hostile
-census, a flood of bad notifications). The FUSE items (pinned callers, opens per user, the
-device path) are in test_fuse.py; the node directory's ancestors in test_node_server.py.
+clients that never read their replies, what one client's calls may hold in the node (memory for
+OUT regions, calls in flight, descriptors), a host that stops answering (and what it ran
+meanwhile), a host that offers unbounded adapters, and the smaller items (unknown success codes,
+a hostile census, a flood of bad notifications). The FUSE items (pinned callers, opens per user,
+the device path) are in test_fuse.py; the node directory's ancestors, the per-user bounds of
+call bytes and descriptors and the reply pool's shares in test_node_server.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -27,11 +30,13 @@ from dxg.client import DxgError, open_node
 from dxg.guest.driver import GuestDriver
 from dxg.guest.quota import GuestLimits
 from dxg.node.server import SocketNode
+from dxg.oslib.fds import open_fd_count, send_with_fds
 from dxg.protocol.bus import DXGK_VMBUS_INTERFACE_VERSION, Offer
 from dxg.protocol.commands import HostToVmCommand
-from dxg.protocol.guids import DXGK_GLOBAL_GUID, DXGK_VGPU_GUID
+from dxg.protocol.guids import DXGK_GLOBAL_GUID, DXGK_VGPU_GUID, luid_parts
 from dxg.runtime.loop import LoopThread
 from dxg.uapi import wire
+from dxg.uapi.escape import EscapeHeader, Op
 from dxg.uapi.ntstatus import NTSTATUS
 from dxg.vmbus.bus import HostBusSession
 from dxg.vmbus.transport import Listener, SocketTransport
@@ -195,6 +200,147 @@ def test_clients_that_never_read_are_bounded_and_dropped(tmp_path):
             assert len(node.adapters()) == 2
 
 
+# ---- what one client's calls may hold -----------------------------------------------------------
+
+
+class RawClient:
+    """A hand-driven wire connection to a real node: what a hostile client sends."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.dec = wire.FrameDecoder()
+        self.sock.sendall(wire.encode(wire.Hello(), 1))
+        assert isinstance(self.replies(1)[1], wire.HelloReply)
+
+    def replies(self, n: int) -> dict[int, wire.Message]:
+        out = {}
+        while len(out) < n:
+            f = self.dec.next_frame()
+            if f is None:
+                data = self.sock.recv(1 << 20)
+                assert data, "the node hung up"
+                self.dec.feed(data)
+                continue
+            out[f.seq] = wire.decode(f)
+        return out
+
+    def open_adapter(self, luid: int) -> int:
+        a = uapi.d3dkmt_openadapterfromluid()
+        a.adapter_luid.a, a.adapter_luid.b = luid_parts(luid)
+        self.sock.sendall(wire.encode(wire.IoctlRequest(uapi.LX_DXOPENADAPTERFROMLUID,
+                                                        bytes(a)), 2))
+        reply = self.replies(1)[2]
+        return uapi.d3dkmt_openadapterfromluid.from_buffer_copy(reply.struct).adapter_handle.v
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def sleep_escape(adapter: int, seq: int, ms: int = 20_000, extra_out: int = 0,
+                 fd_numbers: tuple[int, ...] = ()) -> bytes:
+    """A pydxg SLEEP escape (parks the call on the host); ``extra_out`` declares an OUT-only
+    region of that many bytes that nobody writes."""
+    priv = EscapeHeader(Op.SLEEP).pack() + struct.pack("<I", ms)
+    e = uapi.d3dkmt_escape()
+    e.adapter.v = adapter
+    e.priv_drv_data, e.priv_drv_data_size = 0x10000, len(priv)
+    regions = [wire.Region(0x10000, len(priv), wire.REGION_IN | wire.REGION_OUT, priv)]
+    if extra_out:
+        regions.append(wire.Region(0x1000000, extra_out, wire.REGION_OUT))
+    return wire.encode(wire.IoctlRequest(uapi.LX_DXESCAPE, bytes(e), tuple(regions),
+                                         fd_numbers), seq)
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def the_conn(s) -> dict:
+    (info,) = s.node.connections()
+    return info
+
+
+def test_out_only_regions_cost_the_node_nothing_while_calls_wait(tmp_path):
+    """The review's attack: 150 parked calls each declaring one 4 MiB OUT region (19,800 bytes
+    sent) grew the daemon by 600 MiB. OUT-only regions now cost what the driver writes."""
+    with make_stack(tmp_path, "om", embedded=True) as s:
+        raw = RawClient(s.node_path)
+        adapter = raw.open_adapter(s.driver.active_adapters()[0].luid)
+        before = rss()
+        calls = 40
+        raw.sock.sendall(b"".join(sleep_escape(adapter, 100 + i, extra_out=wire.MAX_PAYLOAD - 4096)
+                                  for i in range(calls)))  # 160 MiB declared
+        wait_until(lambda: the_conn(s)["calls"] == calls, 10, "the calls parked")
+        grown = rss() - before
+        assert grown < 32 << 20, f"the node grew by {grown >> 20} MiB for {calls} parked calls"
+        raw.close()
+
+
+def test_max_calls_holds_within_one_read_and_cancel_gets_through_at_the_cap(tmp_path):
+    """The review's attack: one 200 KB send put 1724 calls in flight against max_calls=256, and
+    a client at the cap could not cancel any of its calls. Now the cap holds whatever one read
+    brings, the rest waits in a bounded queue, and CANCEL is read at the cap."""
+    with make_stack(tmp_path, "mc", embedded=True,
+                    node_kw={"max_calls": 16, "max_queued": 16}) as s:
+        raw = RawClient(s.node_path)
+        adapter = raw.open_adapter(s.driver.active_adapters()[0].luid)
+        raw.sock.sendall(b"".join(sleep_escape(adapter, 100 + i) for i in range(24)))
+        wait_until(lambda: (the_conn(s)["calls"], the_conn(s)["queued"]) == (16, 8), 10,
+                   "16 calls running and 8 waiting")
+        raw.sock.sendall(wire.encode(wire.Cancel(), 105))  # running: interrupted
+        got = raw.replies(1)
+        assert isinstance(got[105], wire.IoctlReply) and got[105].ret == -errno.EINTR
+        raw.sock.sendall(wire.encode(wire.Cancel(), 123))  # queued: never runs
+        got = raw.replies(1)
+        assert isinstance(got[123], wire.IoctlReply) and got[123].ret == -errno.EINTR
+        wait_until(lambda: (the_conn(s)["calls"], the_conn(s)["queued"]) == (16, 6), 10)
+        # a flood past the queue's bound: the node stops reading, the bounds hold
+        raw.sock.sendall(b"".join(sleep_escape(adapter, 200 + i) for i in range(300)))
+        wait_until(lambda: the_conn(s)["queued"] == 16, 10)
+        assert the_conn(s)["calls"] == 16
+        raw.close()
+        wait_until(lambda: s.node.connections() == [], 10)
+
+
+def test_descriptors_are_held_only_by_fd_ioctls_and_bounded(tmp_path):
+    """The review's attack: 200 parked calls with 16 descriptors each took the daemon from 14
+    to 3214 open descriptors. Now only ioctls that take descriptors may hold them, and a
+    connection's calls hold at most max_fds (64)."""
+    with make_stack(tmp_path, "fd", embedded=True) as s:
+        raw = RawClient(s.node_path)
+        adapter = raw.open_adapter(s.driver.active_adapters()[0].luid)
+        efd = os.eventfd(0)
+        try:
+            before = open_fd_count()
+            q = uapi.d3dkmt_queryadapterinfo()
+            q.private_data, q.private_data_size = 0x10000, 4
+            send_with_fds(raw.sock, wire.encode(wire.IoctlRequest(
+                uapi.LX_DXQUERYADAPTERINFO, bytes(q),
+                (wire.Region(0x10000, 4, wire.REGION_IN | wire.REGION_OUT, bytes(4)),), (9,)), 9),
+                [efd])
+            assert raw.replies(1)[9].ret == -errno.EINVAL  # takes no descriptors
+            for i in range(20):
+                send_with_fds(raw.sock, sleep_escape(adapter, 100 + i,
+                                                     fd_numbers=tuple(range(16))), [efd] * 16)
+            got = raw.replies(16)  # 4 calls hold 64; the other 16 are refused at once
+            assert sorted(got) == list(range(104, 120))
+            assert {r.ret for r in got.values()} == {-errno.EMFILE}
+            info = the_conn(s)
+            assert (info["calls"], info["held_fds"]) == (4, 64)
+            assert open_fd_count() - before <= 64 + 8
+            raw.close()
+            wait_until(lambda: s.node.connections() == [], 10)
+            wait_until(lambda: open_fd_count() <= before, 10, "descriptors released")
+        finally:
+            os.close(efd)
+
+
 # ---- a host that stops answering -----------------------------------------------------------------
 
 
@@ -299,6 +445,9 @@ def test_a_host_offering_twenty_thousand_adapters_is_capped(tmp_path):
         adapters = drv.all_adapters()
         assert len(adapters) <= 64
         assert cpu < 30, f"{cpu:.1f} CPU-seconds for 20,000 offers"
+        # Only what a driver took is kept, and past max_offers nothing is even looked at.
+        assert len(bus.devices()) <= 64 + 1
+        assert bus.ignored_offers == 20_001 - bus.max_offers
     finally:
         drv.close()
         flood.close()

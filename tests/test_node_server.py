@@ -71,6 +71,9 @@ class FakeDriver:
         self.returned = threading.Event()
         self.cancelled = threading.Event()
         self.on_enter = None
+        # ESCAPE parks on the driver's loop (no thread) until released (or cancelled)
+        self.parked: list[asyncio.Future] = []
+        self.escapes_open = False
 
     def open_process(self, pid: int, uid: int, name: str) -> FakeProc:
         p = FakeProc(pid, uid, name)
@@ -102,6 +105,11 @@ class FakeDriver:
                     raise
                 self.returned.set()
                 return 0, arg
+            if code == io.LX_DXESCAPE and not self.escapes_open:
+                fut = asyncio.get_running_loop().create_future()
+                self.parked.append(fut)
+                await fut
+                return 0, arg
             return self._ioctl(proc, code, arg, mem)
         except UserMemoryFault:
             return -errno.EFAULT, arg
@@ -129,6 +137,22 @@ class FakeDriver:
     async def admin(self, request: dict) -> dict:
         with self.cond:
             return {"echo": request, "pids": [p.pid for p in self.opened]}
+
+    def release_escapes(self) -> None:
+        """Let every parked ESCAPE return, and those to come return at once."""
+        def release() -> None:
+            self.escapes_open = True
+            for fut in self.parked:
+                if not fut.done():
+                    fut.set_result(None)
+        self.rt.call(release)
+
+    def escapes(self, uid: int | None = None) -> list[int]:
+        """The ``type`` field of each ESCAPE the driver was called with (tests put the seq there),
+        in call order."""
+        with self.cond:
+            return [s.d3dkmt_escape.from_buffer_copy(arg).type for p, code, arg in self.calls
+                    if code == io.LX_DXESCAPE and (uid is None or p.uid == uid)]
 
     def wait(self, predicate, timeout: float = DEADLINE) -> bool:
         with self.cond:
@@ -1013,3 +1037,447 @@ def test_peer_gone_right_after_hello_is_closed_once(driver, node):
     assert driver.wait(lambda: len(driver.opened) == 1 and driver.opened[0].closed == 1)
     wait_until(lambda: node.connections() == [])
     assert driver.opened[0].closed == 1
+
+
+# ---- what one client's calls may hold (the review's attacks) -------------------------------------
+
+
+def escape(seq: int, extra_in: int = 0, fd_numbers: tuple[int, ...] = (),
+           priv: int = 0x10000) -> bytes:
+    """An ESCAPE frame the fake driver parks; ``type`` carries the seq (to see which ran), and
+    ``extra_in`` bytes ride along in a region the driver never reads."""
+    e = s.d3dkmt_escape(type=seq, priv_drv_data=priv, priv_drv_data_size=8)
+    regions = [wire.Region(priv, 8, wire.REGION_IN | wire.REGION_OUT, bytes(8))]
+    if extra_in:
+        regions.append(wire.Region(0x1000000, extra_in, wire.REGION_IN, bytes(extra_in)))
+    return wire.encode(wire.IoctlRequest(io.LX_DXESCAPE, bytes(e), tuple(regions), fd_numbers),
+                       seq)
+
+
+def replies(raw: Raw, n: int) -> dict[int, wire.Message]:
+    """The next ``n`` replies, by seq."""
+    out = {}
+    for _ in range(n):
+        f = None
+        while (f := raw.dec.next_frame()) is None:
+            data = raw.sock.recv(1 << 20)
+            assert data, "the node hung up"
+            raw.dec.feed(data)
+        out[f.seq] = wire.decode(f)
+    return out
+
+
+def conn_info(node: SocketNode, pid: int | None = None) -> dict:
+    (info,) = [c for c in node.connections() if pid is None or c["pid"] == pid]
+    return info
+
+
+def test_max_calls_holds_within_one_read_and_cancel_reaches_queued_and_running(driver, node_dir):
+    """The review's attack: one send of many requests put them all in flight (the cap only
+    paused later reads), and once reading paused CANCEL could not get through. Now calls past
+    max_calls wait in a queue, start first come first served, and CANCEL reaches both."""
+    with SocketNode(driver, node_dir / "q.sock", max_calls=4, max_queued=4) as n:
+        raw = Raw(n.path)
+        raw.send(b"".join(escape(seq) for seq in range(10, 17)))  # 7 requests, one send
+        wait_until(lambda: len(driver.parked) == 4)
+        assert driver.escapes() == [10, 11, 12, 13]
+        info = conn_info(n)
+        assert (info["calls"], info["queued"]) == (4, 3)
+
+        raw.send(wire.encode(wire.Cancel(), 15))  # queued: answered without ever running
+        got = replies(raw, 1)
+        assert isinstance(got[15], wire.IoctlReply) and got[15].ret == -errno.EINTR
+        raw.send(wire.encode(wire.Cancel(), 11))  # running: interrupted, and 14 takes its slot
+        got = replies(raw, 1)
+        assert isinstance(got[11], wire.IoctlReply) and got[11].ret == -errno.EINTR
+        wait_until(lambda: driver.escapes() == [10, 11, 12, 13, 14])
+        info = conn_info(n)
+        assert (info["calls"], info["queued"]) == (4, 1)
+
+        # Past the queue's bound the node stops reading: 3 more fill it, the 4th waits read
+        # but not queued, and what follows stays unread.
+        raw.send(b"".join(escape(seq) for seq in range(20, 26)))
+        wait_until(lambda: conn_info(n)["queued"] == 4)
+        assert conn_info(n)["calls"] == 4 and len(driver.escapes()) == 5
+        driver.release_escapes()
+        got = replies(raw, 11)
+        assert sorted(got) == [10, 12, 13, 14, 16, 20, 21, 22, 23, 24, 25]
+        assert all(isinstance(r, wire.IoctlReply) and r.ret == 0 for r in got.values())
+        # first come, first served; 15 never ran
+        assert driver.escapes() == [10, 11, 12, 13, 14, 16, 20, 21, 22, 23, 24, 25]
+        enum_ok(raw)
+        raw.close()
+
+
+def test_request_bytes_held_by_calls_are_bounded_per_connection(driver, node_dir):
+    mib = 1 << 20
+    with SocketNode(driver, node_dir / "b.sock", max_call_bytes=8 * mib) as n:
+        raw = Raw(n.path)
+        frames = b"".join(escape(seq, extra_in=3 * mib) for seq in range(10, 16))
+        sender = threading.Thread(target=raw.send, args=(frames,), daemon=True)
+        sender.start()  # blocks while the node holds what it may
+        wait_until(lambda: len(driver.parked) == 2)  # 2 x 3 MiB fit in 8 MiB, a third not
+        info = conn_info(n)
+        assert info["held_bytes"] <= 8 * mib and info["calls"] + info["queued"] == 2, info
+        driver.release_escapes()
+        got = replies(raw, 6)
+        assert sorted(got) == list(range(10, 16))
+        sender.join(DEADLINE)
+        assert conn_info(n)["held_bytes"] == 0
+        raw.close()
+
+
+@contextlib.contextmanager
+def held_in_child(fn, uid: int):
+    """Run ``fn()`` in a forked child as ``uid`` (root only); the child keeps what it returns
+    (its connections) until the block ends. Yields ``fn``'s string form of the result."""
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        os.close(ready_r)
+        os.close(stop_w)
+        keep = None
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            keep = fn()
+            os.write(ready_w, b"ok")
+        except BaseException as e:
+            os.write(ready_w, f"{type(e).__name__}: {e}".encode())
+        os.read(stop_r, 1)  # until the parent closes its end
+        del keep
+        os._exit(0)
+    os.close(ready_w)
+    os.close(stop_r)
+    try:
+        ready, _, _ = select.select([ready_r], [], [], DEADLINE * 2)
+        assert ready, "child did not get ready in time"
+        msg = os.read(ready_r, 4096).decode()
+        assert msg == "ok", msg
+        yield
+    finally:
+        os.close(stop_w)
+        os.close(ready_r)
+        deadline = time.monotonic() + DEADLINE
+        while os.waitpid(child, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(child, signal.SIGKILL)
+                os.waitpid(child, 0)
+                break
+            threading.Event().wait(0.01)
+
+
+def _three_escapes_of_3_mib(path: Path) -> list[socket.socket]:
+    socks = []
+    for seq in (10, 11, 12):
+        raw = Raw(path)
+        raw.send(escape(seq, extra_in=3 << 20))
+        socks.append(raw.sock)
+    return socks
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs two users")
+def test_request_bytes_held_by_calls_are_bounded_per_user(driver, node_dir):
+    one = wire.HEADER_SIZE + wire.MAX_PAYLOAD
+    with SocketNode(driver, node_dir / "u.sock", max_call_bytes=one,
+                    max_call_bytes_per_uid=8 << 20) as n:
+        with held_in_child(lambda: _three_escapes_of_3_mib(n.path), NOBODY):
+            wait_until(lambda: len(driver.escapes(NOBODY)) == 2)  # 2 x 3 MiB of the 8
+            held = n.rt.call(lambda: n.call_bytes.held(NOBODY))
+            assert 6 << 20 < held <= 8 << 20
+            mine = Raw(n.path)  # root (and every other user) is not held back by nobody's
+            mine.send(escape(30, extra_in=3 << 20))
+            wait_until(lambda: driver.escapes()[-1:] == [30])
+            driver.release_escapes()  # nobody's calls end: its third gets in
+            wait_until(lambda: len(driver.escapes(NOBODY)) == 3)
+            mine.close()
+        wait_until(lambda: n.rt.call(lambda: n.call_bytes.total) == 0)
+
+
+def _fd_rets(path: Path) -> str:
+    """As another user: escapes with 16 descriptors each on 3 connections, and a non-escape
+    ioctl with one; returns each connection's results, read up to a sentinel."""
+    efd = os.eventfd(0)
+    raws = [Raw(path) for _ in range(3)]
+    out = []
+    from dxg.oslib.fds import send_with_fds
+
+    for i, raw in enumerate(raws):
+        frames = [(escape(100 + 10 * i + k, fd_numbers=tuple(range(16))), [efd] * 16)
+                  for k in range(2)]
+        if i == 0:
+            q = s.d3dkmt_queryadapterinfo(private_data=0x7000, private_data_size=4)
+            frames.append((wire.encode(wire.IoctlRequest(
+                io.LX_DXQUERYADAPTERINFO, bytes(q),
+                (wire.Region(0x7000, 4, wire.REGION_IN | wire.REGION_OUT, b"abcd"),), (7,)),
+                99), [efd]))
+        for data, fds in frames:
+            send_with_fds(raw.sock, data, fds)
+        args = s.d3dkmt_enumadapters2(num_adapters=1, adapters=0x7000)
+        raw.send(wire.encode(wire.IoctlRequest(io.LX_DXENUMADAPTERS2, bytes(args),
+                                               (wire.Region(0x7000, 20, wire.REGION_OUT),)),
+                             1))
+        rets = []
+        while True:
+            f = None
+            while (f := raw.dec.next_frame()) is None:
+                raw.dec.feed(raw.sock.recv(65536))
+            if f.seq == 1:
+                break
+            rets.append((f.seq, wire.decode(f).ret))
+        out.append(rets)
+    os.close(efd)
+    return json.dumps(out)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs two users")
+def test_descriptors_only_with_fd_ioctls_and_bounded_per_connection_and_user(driver, node_dir):
+    """The review's attack: every call held up to 16 descriptors for its whole life, with no
+    bound (200 parked calls: 3200 descriptors, then accept failed for everyone)."""
+    assert "LX_DXESCAPE" in node_server.FD_IOCTLS
+    with SocketNode(driver, node_dir / "f.sock", max_fds=16, max_fds_per_uid=32) as n:
+        from dxg.oslib.fds import open_fd_count
+
+        before = open_fd_count()
+        got = json.loads(in_child(lambda: _fd_rets(n.path), NOBODY))
+        emfile, einval = -errno.EMFILE, -errno.EINVAL
+        # per connection 16 (one escape's worth), per user 32 (two connections' worth); a
+        # query never takes descriptors: -EINVAL, before anything is held
+        assert got == [[[101, emfile], [99, einval]], [[111, emfile]], [[120, emfile],
+                                                                          [121, emfile]]], got
+        assert sorted(driver.escapes(NOBODY)) == [100, 110]
+        driver.release_escapes()
+        wait_until(lambda: n.connections() == [])
+        wait_until(lambda: open_fd_count() <= before)
+        assert n.rt.call(lambda: n.call_fds.total) == 0
+
+
+HOG_REPLY = wire.MAX_PAYLOAD - 4096
+
+
+def _hogs(path: Path, count: int) -> list[socket.socket]:
+    """Connections that each ask for a ~4 MiB reply and never read it."""
+    q = s.d3dkmt_queryadapterinfo(private_data=0x10000, private_data_size=HOG_REPLY)
+    req = wire.IoctlRequest(io.LX_DXQUERYADAPTERINFO, bytes(q), (
+        wire.Region(0x10000, HOG_REPLY, wire.REGION_IN | wire.REGION_OUT, bytes(HOG_REPLY)),))
+    data = wire.encode(wire.Hello(), 1) + wire.encode(req, 2)
+    socks = []
+    for _ in range(count):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.connect(str(path))
+        c.sendall(data)
+        socks.append(c)
+    return socks
+
+
+def big_reply_ok(path: Path, size: int = HOG_REPLY) -> None:
+    """A well-behaved client asks for a large reply, reads it, and gets it right."""
+    raw = Raw(path)
+    data = os.urandom(size)
+    q = s.d3dkmt_queryadapterinfo(private_data=0x10000, private_data_size=size)
+    reply = raw.ioctl(io.LX_DXQUERYADAPTERINFO, bytes(q),
+                      [wire.Region(0x10000, size, wire.REGION_IN | wire.REGION_OUT, data)])
+    assert isinstance(reply, wire.IoctlReply), reply
+    assert reply.writes[0].data == data[::-1]
+    raw.close()
+
+
+def hog_calls(driver: FakeDriver, uid: int) -> int:
+    with driver.cond:
+        return len([p for p, code, _ in driver.calls
+                    if code == io.LX_DXQUERYADAPTERINFO and p.uid == uid])
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs two users")
+def test_one_user_cannot_fill_the_reply_pool(driver, node_dir):
+    """The review's attack: 67 connections of one user with one unread 4 MiB reply each filled
+    the node's pool, and an unrelated client asking for a 3 MiB reply was dropped. Now each
+    user but root has a share of the pool (max(max_buffer, a quarter) = 9 MiB here)."""
+    with SocketNode(driver, node_dir / "p.sock", max_total_buffer=32 << 20) as n:
+        assert n.max_buffer_per_uid == n.max_buffer
+        with held_in_child(lambda: _hogs(n.path, 8), NOBODY):
+            wait_until(lambda: hog_calls(driver, NOBODY) == 8)
+            n.rt.call(lambda: None)  # the last hog's reply is written by now
+            assert n.rt.call(lambda: n.write_budget.used) <= n.max_buffer_per_uid
+            assert len(n.connections()) < 8  # the biggest holders of that user went
+            big_reply_ok(n.path)
+            big_reply_ok(n.path)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs three users")
+def test_a_full_reply_pool_drops_the_biggest_holder_not_the_newcomer(driver, node_dir):
+    with SocketNode(driver, node_dir / "e.sock", max_total_buffer=32 << 20,
+                    max_buffer_per_uid=16 << 20) as n:
+        with held_in_child(lambda: _hogs(n.path, 4), NOBODY), \
+                held_in_child(lambda: _hogs(n.path, 4), NOBODY - 1):
+            wait_until(lambda: hog_calls(driver, NOBODY) + hog_calls(driver, NOBODY - 1) == 8)
+            n.rt.call(lambda: None)
+            assert len(n.connections()) == 8  # each user within its share...
+            assert n.rt.call(lambda: n.write_budget.used) > (32 << 20) - HOG_REPLY  # ...pool full
+            big_reply_ok(n.path)  # room is made by dropping one hog, not this client
+            wait_until(lambda: len(n.connections()) == 7)  # (this client gone too)
+            assert {c["uid"] for c in n.connections()} == {NOBODY, NOBODY - 1}
+
+
+def test_write_budget_shares_and_eviction():
+    from dxg.vmbus.transport import WriteBudget
+
+    dropped = []
+    holders = {"a": 6, "b": 3, "me": 0}
+
+    def evict(need, who):
+        victim = max((k for k in holders if k != who), key=holders.get)
+        if holders[victim] <= holders[who]:
+            return False
+        dropped.append(victim)
+        pool.give(holders.pop(victim))
+        return True
+
+    pool = WriteBudget(10, evict=evict)
+    share = WriteBudget(5, parent=pool)
+    assert pool.take(9, "a")
+    assert share.take(4, "me") is True and dropped == ["a"]  # the biggest holder went
+    assert (share.used, pool.used) == (4, 7)
+    assert not share.take(2, "me")  # past the share: no evict there, refused
+    share.give(4)
+    assert (share.used, pool.used) == (0, 3)
+    assert WriteBudget(1).take(2) is False  # the host's use: no evict, plain refusal
+
+
+def test_stale_socket_probe_treats_a_busy_server_as_alive(node_dir):
+    """A live server whose backlog is full answers the probe with EAGAIN (or a timeout): that
+    is somebody there, not a stale socket to unlink."""
+    import asyncio as aio
+
+    from dxg.vmbus.transport import Listener, TransportError
+
+    path = node_dir / "busy.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(0)
+    waiting = []
+    try:
+        while True:  # fill its backlog
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            waiting.append(c)
+            try:
+                c.connect(str(path))
+            except BlockingIOError:
+                break
+        loop = aio.new_event_loop()
+        try:
+            with pytest.raises(TransportError, match="in use"):
+                Listener(loop, str(path), lambda sock, peer: None)
+        finally:
+            loop.close()
+        assert path.exists()
+    finally:
+        for c in waiting:
+            c.close()
+        server.close()
+    loop = aio.new_event_loop()  # nobody listens now: stale, replaced
+    try:
+        listener = Listener(loop, str(path), lambda sock, peer: None)
+        listener.close()
+    finally:
+        loop.close()
+
+
+def test_close_after_the_loop_is_gone_releases_everything(node_dir):
+    from dxg.oslib.fds import open_fd_count
+
+    drv = FakeDriver()
+    before = open_fd_count()
+    n = SocketNode(drv, node_dir / "late.sock")
+    n.start()
+    raw = Raw(n.path)
+    enum_ok(raw)
+    drv.rt.close()  # the driver's owner closed the loop first
+    n.close()
+    assert not (node_dir / "late.sock").exists()
+    raw.close()
+    assert open_fd_count() <= before
+
+
+def test_uid_counter_and_process_name():
+    from dxg.node.admission import UidCounter, process_name
+
+    c = UidCounter(3)
+    c.add(1000, 2)
+    assert c.fits(1000) and not c.fits(1000, 2) and c.fits(0, 100)  # root: never refused
+    c.add(0, 50)
+    c.remove(1000, 2)
+    assert c.users() == {0: 50} and c.total == 50
+    assert process_name(os.getpid()) and process_name(0) == "" and process_name(-1) == ""
+
+
+def test_a_client_that_hangs_up_while_its_reading_is_paused_is_seen_at_once(driver, node_dir):
+    with SocketNode(driver, node_dir / "h.sock", max_calls=1, max_queued=1) as n:
+        raw = Raw(n.path)
+        raw.send(b"".join(escape(seq) for seq in (10, 11, 12)))  # 1 runs, 1 waits, 1 unread
+        wait_until(lambda: conn_info(n)["queued"] == 1 and len(driver.parked) == 1)
+        raw.close()
+        wait_until(lambda: n.connections() == [])
+        assert driver.wait(lambda: len(driver.closed) == 1)
+        assert driver.parked[0].cancelled() and driver.escapes() == [10]
+
+
+class FdGivingDriver(FakeDriver):
+    """ESCAPE hands the caller an eventfd (as pydxg's FD_OUT escapes do), its number stored
+    in the private data."""
+
+    async def ioctl(self, proc, code, arg, mem):
+        if code != io.LX_DXESCAPE:
+            return await super().ioctl(proc, code, arg, mem)
+        with self.cond:
+            self.calls.append((proc, code, arg))
+            self.cond.notify_all()
+        e = s.d3dkmt_escape.from_buffer_copy(arg)
+        mem.give_fd_to_user(os.eventfd(0), e.priv_drv_data, 8)
+        return 0, arg
+
+
+def test_reply_descriptors_that_cannot_be_kept_answer_emfile_and_leak_nothing(node_dir,
+                                                                              monkeypatch):
+    """The review's bug: the reply's descriptors were duplicated outside any try, so on EMFILE
+    the call died unanswered and the copies already made leaked."""
+    from dxg.oslib.fds import open_fd_count
+
+    drv = FdGivingDriver()
+    try:
+        with SocketNode(drv, node_dir / "m.sock") as n:
+            raw = Raw(n.path)
+            raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            before = open_fd_count()
+            real_dup = os.dup
+            failing = threading.Event()
+
+            def dup(fd):
+                if failing.is_set() and threading.current_thread() is not threading.main_thread():
+                    raise OSError(errno.EMFILE, "Too many open files")
+                return real_dup(fd)
+
+            monkeypatch.setattr(os, "dup", dup)
+            failing.set()
+            size = 600_000  # a reply that waits, so the next one's descriptor must be kept
+            q = s.d3dkmt_queryadapterinfo(private_data=0x10000, private_data_size=size)
+            raw.send(wire.encode(wire.IoctlRequest(io.LX_DXQUERYADAPTERINFO, bytes(q), (
+                wire.Region(0x10000, size, wire.REGION_IN | wire.REGION_OUT, bytes(size)),)), 3)
+                + escape(4))
+            assert drv.wait(lambda: len(drv.calls) == 2)
+            n.rt.call(lambda: None)
+            failing.clear()
+            got = replies(raw, 2)
+            assert got[3].ret == NTSTATUS.STATUS_PENDING
+            assert isinstance(got[4], wire.IoctlReply) and got[4].ret == -errno.EMFILE
+            assert got[4].fixups == () and raw.dec.next_frame() is None
+            assert open_fd_count() <= before
+            enum_ok(raw)  # and the connection goes on
+            raw.close()
+    finally:
+        drv.gate.set()
+        drv.rt.close()

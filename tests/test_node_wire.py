@@ -518,6 +518,74 @@ def test_region_memory_descriptors_by_number_and_back_with_fixups():
             os.fstat(fd)
 
 
+def test_out_only_regions_cost_nothing_until_written():
+    """The review's attack: a 4 MiB OUT region declared in a tiny request made the node allocate
+    4 MiB up front and hold it for the whole call. Now memory follows what the driver writes."""
+    import tracemalloc
+
+    big = wire.MAX_PAYLOAD - 4096
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        mems = [RegionUserMemory([wire.Region(0x100000, big, wire.REGION_OUT),
+                                  wire.Region(0x1000000, 64, wire.REGION_IN | wire.REGION_OUT,
+                                              bytes(64))])
+                for _ in range(8)]
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 64 * 1024, f"{held} bytes held for 8 untouched 4 MiB OUT regions"
+    mem = mems[0]
+    assert mem.written_bytes == 0 and mem.writes() == ()
+    mem.write(0x100000, b"head")
+    mem.write(0x100000 + big - 4, b"tail")
+    assert mem.written_bytes == 8  # two runs, not the 4 MiB between them
+    (w,) = mem.writes()
+    # the reported span: bytes the driver did not write are zero (OUT only)
+    assert w.addr == 0x100000 and len(w.data) == big
+    assert w.data[:4] == b"head" and w.data[-4:] == b"tail" and not any(w.data[4:-4])
+
+
+def test_region_memory_runs_merge_and_in_out_regions_keep_what_was_sent():
+    mem = RegionUserMemory([wire.Region(0x1000, 16, wire.REGION_IN | wire.REGION_OUT,
+                                        b"abcdefghijklmnop")])
+    mem.write(0x1002, b"XY")
+    mem.write(0x1008, b"Z")
+    assert mem.read(0x1000, 16) == b"abXYefghZjklmnop"
+    mem.write(0x1004, b"1234")  # touches both runs: one run from 2 to 9
+    assert mem.written_bytes == 7
+    assert mem.writes() == (wire.Write(0x1002, b"XY1234Z"),)
+    mem.write(0x1003, b"q")  # inside a run: in place
+    assert mem.written_bytes == 7 and mem.read(0x1001, 4) == b"bXq1"
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.booleans(), st.integers(1, 96),
+       st.lists(st.tuples(st.integers(0, 95), st.binary(min_size=1, max_size=40)),
+                max_size=10))
+def test_region_memory_matches_a_plain_copy(sent, length, writes):
+    data = bytes((i * 7) % 256 for i in range(length)) if sent else None
+    flags = wire.REGION_OUT | (wire.REGION_IN if sent else 0)
+    mem = RegionUserMemory([wire.Region(0x4000, length, flags, data)])
+    ref = bytearray(data if data is not None else bytes(length))
+    lo = hi = None
+    for off, chunk in writes:
+        chunk = chunk[: max(length - off, 0)]
+        if not chunk:
+            continue
+        mem.write(0x4000 + off, chunk)
+        ref[off : off + len(chunk)] = chunk
+        lo = off if lo is None else min(lo, off)
+        hi = off + len(chunk) if hi is None else max(hi, off + len(chunk))
+        if sent:
+            assert mem.read(0x4000, length) == bytes(ref)
+    if lo is None:
+        assert mem.writes() == ()
+    else:
+        assert mem.writes() == (wire.Write(0x4000 + lo, bytes(ref[lo:hi])),)
+        assert mem.written_bytes <= hi - lo
+
+
 # ---- the client's user-buffer table --------------------------------------------------------------
 
 

@@ -167,8 +167,14 @@ def test_ten_thousand_passes_leak_no_descriptor(tmp_path):
 
 
 def test_an_eventfd_goes_from_the_client_to_the_host(stack):
+    from dxg.uapi.ntstatus import NTSTATUS
+
     p = rt_client(stack.node_path, "eventfd")
-    assert read_json_line(p)["value"] == 12
+    r = read_json_line(p)
+    assert r["value"] == 12 and r["after"] == 1
+    assert r["refused"] == {"full": NTSTATUS.STATUS_DEVICE_BUSY,
+                            "zero": NTSTATUS.STATUS_INVALID_PARAMETER,
+                            "pipe": NTSTATUS.STATUS_INVALID_PARAMETER}
     assert p.wait(timeout=30) == 0
 
 

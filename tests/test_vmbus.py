@@ -26,6 +26,7 @@ from dxg.protocol.bus import (
     OpenResult,
     Ping,
     Pong,
+    Rescind,
     VersionResponse,
     decode_bus_message,
     encode_bus_message,
@@ -203,9 +204,10 @@ class RecordingDriver:
         self.probed: list[BusDevice] = []
         self.removed: list[BusDevice] = []
 
-    async def probe(self, dev: BusDevice) -> None:
+    async def probe(self, dev: BusDevice) -> bool:
         await dev.open()
         self.probed.append(dev)
+        return True
 
     async def remove(self, dev: BusDevice) -> None:
         self.removed.append(dev)
@@ -374,6 +376,30 @@ def test_rescind_fails_pending_and_removes(host_rt, guest_rt, tmp_path):
         assert guest.request(guest.channel(2), b"still").payload == b"echo:still"
 
 
+def test_a_host_flooding_the_bus_with_control_messages_is_dropped(host_rt, guest_rt,
+                                                                   tmp_path):
+    with linked("unix", host_rt, guest_rt, tmp_path, max_queued_work=50) as (host, guest):
+        bus = guest.bus
+        busy = guest.rt.call(asyncio.Event)
+
+        async def slow_work() -> None:  # a probe that takes its time: nothing drains
+            await busy.wait()
+
+        guest.rt.call(lambda: bus._work.put_nowait(slow_work))
+
+        def flood() -> None:
+            with contextlib.suppress(ConnectionError):  # the guest hangs up part way
+                for _ in range(200):  # rescinds of a channel that does not exist
+                    host.sessions[0].conn.send_control(Rescind(99))
+
+        host_rt.call(flood)
+        # Past 50 waiting to be handled, the guest takes no more and drops the host.
+        wait_until(lambda: not guest.rt.call(lambda: bus.up))
+        assert guest.rt.call(bus._work.qsize) <= 51
+        guest.rt.call(busy.set)
+        wait_until(lambda: len(guest.drv.removed) == 3)
+
+
 def test_reconnect_after_host_restart(host_rt, guest_rt, tmp_path):
     addr = str(tmp_path / "h.sock")
     host = EchoHost(host_rt, addr, offers())
@@ -422,6 +448,11 @@ def test_tcp_transport_copies_and_refuses_descriptors(host_rt, guest_rt, tmp_pat
             os.close(fd)
         assert guest.rt.call(lambda: ch.pending) == 0  # the refused request left nothing behind
         assert guest.request(ch, b"still").payload == b"echo:still"
+        # Both ends find a peer that vanished without a word (keepalive), with or without
+        # anything to send it.
+        for sock in (host.sessions[0].conn.transport.sock, guest.bus._conn.transport.sock):
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
 
 
 @pytest.mark.parametrize("kind", ["unix", "loopback"])

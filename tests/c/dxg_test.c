@@ -465,7 +465,7 @@ static void error_paths(struct run *r, int fd, struct d3dkmthandle adapter)
 	struct d3dkmt_enumadapters3 e;
 	D3DKMT_ADAPTERTYPE type;
 	unsigned char raw[64];
-	void *unmapped;
+	void *unmapped, *noaccess;
 	int ret;
 
 	ret = close_adapter(fd, bogus);
@@ -497,12 +497,15 @@ static void error_paths(struct run *r, int fd, struct d3dkmthandle adapter)
 	ret = query_info(fd, adapter, KMTQAITYPE_ADAPTERTYPE, &type, 0);
 	EXPECT(r, LX_DXQUERYADAPTERINFO, "zero size", ret, -EINVAL, NULL);
 
-	/* A page we unmap again: the driver's copy-to-user must fault, not crash anything. */
-	unmapped = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (unmapped == MAP_FAILED || munmap(unmapped, 4096) != 0) {
+	/* A page no one may touch: the driver's copy-to-user must fault, not crash anything. It
+	 * stays reserved (PROT_NONE) while it is used: a page unmapped again could be mapped by
+	 * another thread of this process meanwhile, and then the copy would rightly succeed. */
+	unmapped = mmap(NULL, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (unmapped == MAP_FAILED) {
 		note(r, 0, "mmap", "scratch page", -errno, "0", NULL);
 		return;
 	}
+	noaccess = unmapped;
 	ret = query_info(fd, adapter, KMTQAITYPE_ADAPTERTYPE, unmapped, sizeof(type));
 	EXPECT(r, LX_DXQUERYADAPTERINFO, "unmapped buffer", ret, -EFAULT, NULL);
 	memset(&e, 0, sizeof(e));
@@ -513,6 +516,7 @@ static void error_paths(struct run *r, int fd, struct d3dkmthandle adapter)
 	EXPECT(r, LX_DXENUMADAPTERS3, "unmapped adapter array", ret, -EFAULT, NULL);
 	ret = dx(fd, LX_DXENUMADAPTERS3, unmapped);
 	EXPECT(r, LX_DXENUMADAPTERS3, "unmapped struct", ret, -EFAULT, NULL);
+	munmap(noaccess, 4096);
 
 	/* Not ioctls: /dev/dxg has no read, write or mmap. */
 	ret = read(fd, raw, sizeof(raw)) < 0 ? -errno : 0;

@@ -142,7 +142,25 @@ def eventfd(node_path: str) -> None:
     efd = os.eventfd(0, os.EFD_CLOEXEC)
     diag.eventfd_signal(ad, efd, 7)
     diag.eventfd_signal(ad, efd, 5)
-    out(value=os.eventfd_read(efd))
+    value = os.eventfd_read(efd)
+    refused: dict[str, int] = {}
+
+    def status(name: str, fd: int, add: int) -> None:
+        try:
+            diag.eventfd_signal(ad, fd, add)
+        except DxgError as e:
+            refused[name] = int(e.status)
+
+    # A blocking eventfd whose counter has no room: the host must not block on it (nor on
+    # our descriptor at all), and says so.
+    full = os.eventfd(0, os.EFD_CLOEXEC)
+    os.eventfd_write(full, 0xFFFF_FFFF_FFFF_FFFE)
+    status("full", full, 1)
+    status("zero", efd, 0)
+    _r, w = os.pipe()
+    status("pipe", w, 1)
+    diag.eventfd_signal(ad, efd, 1)  # the host still serves us
+    out(value=value, refused=refused, after=os.eventfd_read(efd))
 
 
 def busy(node_path: str) -> None:

@@ -190,7 +190,8 @@ def cmd_guest(args: argparse.Namespace) -> int:
 def _open(args: argparse.Namespace) -> Any:
     from dxg.client import open_node
 
-    return open_node(str(_node_path(args)))
+    # No --node: the default path, whose directory the client checks before it trusts it.
+    return open_node(args.node or None)
 
 
 _FLAG_NAMES = ("paravirtualized", "compute_only", "render_supported", "display_supported",
@@ -307,7 +308,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dxg.cli.demo import run_demo
 
-    return run_demo(str(_node_path(args)))
+    return run_demo(args.node or None)
 
 
 def cmd_uapi_header(args: argparse.Namespace) -> int:

@@ -36,12 +36,16 @@ def host_objects_of(census: dict[str, Any], pids: set[int]) -> list[dict[str, An
     return found
 
 
-def run_demo(node_path: str) -> int:
+def run_demo(given: str | None) -> int:
+    """``given``: the node the user named, or None for the default, whose directory is
+    checked (by the first connection) before the clients are pointed at it."""
     from dxg.cli.commands import print_ps
     from dxg.client import open_node
+    from dxg.uapi.nodepath import default_node_path
 
-    with open_node(node_path) as node:  # fail early, with one line, if there is no node
+    with open_node(given) as node:  # fail early, with one line, if there is no node
         n = len(node.adapters())
+    node_path = given or str(default_node_path())
     print(f"demo: node {node_path} has {n} adapter(s); starting 3 clients", flush=True)
     env = dict(os.environ, DXG_NODE=node_path, PYTHONUNBUFFERED="1")
     procs: list[subprocess.Popen[str]] = []

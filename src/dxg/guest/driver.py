@@ -155,27 +155,28 @@ class GuestDriver:
 
     # ---- bus driver callbacks (the bus's probe/remove task) ------------------------------------
 
-    async def probe(self, dev: BusDevice) -> None:
+    async def probe(self, dev: BusDevice) -> bool:
         link = self._links.get(dev.bus)
         if link is None:
-            return
+            return False
         if dev.type_guid == DXGK_GLOBAL_GUID:
-            await self._probe_global(link, dev)
+            taken = await self._probe_global(link, dev)
         else:
-            self._probe_vgpu(link, dev)
+            taken = self._probe_vgpu(link, dev)
         await self._start_adapters(link)
+        return taken
 
-    async def _probe_global(self, link: HostLink, dev: BusDevice) -> None:
+    async def _probe_global(self, link: HostLink, dev: BusDevice) -> bool:
         if link.global_dev is not None:
             log.error("host %s offered a second global channel; refused", link.name)
-            return
+            return False
         link.global_dev = dev
         try:
             channel = await dev.open()
         except (BusError, ChannelClosed) as e:
             log.error("host %s: cannot open the global channel: %s", link.name, e)
             link.global_dev = None
-            return
+            return False
         channel.on_inband = link.on_host_message
         link.global_channel = channel
         link.generation += 1
@@ -187,20 +188,21 @@ class GuestDriver:
             await vmbus.set_iospace_region(link, *link.iospace)
         except (IoctlError, vmbus.HostStatus) as e:
             log.warning("host %s: SETIOSPACEREGION failed: %s", link.name, e)
+        return True
 
-    def _probe_vgpu(self, link: HostLink, dev: BusDevice) -> None:
+    def _probe_vgpu(self, link: HostLink, dev: BusDevice) -> bool:
         luid = guid_to_luid(dev.instance_guid)
         version = dev.offer.interface_version
         if version < DXGK_VMBUS_INTERFACE_VERSION:
             log.error("host %s: vGPU %016x speaks DXGK interface %d; pydxg needs %d",
                       link.name, luid, version, DXGK_VMBUS_INTERFACE_VERSION)
-            return
+            return False
         clash = self._by_luid.get(luid)
         if clash is not None and clash.state != AdapterState.STOPPED:
             log.error("host %s: vGPU LUID %016x is already used by host %s; refused (is the "
                       "same host, or the same --host-id, bound twice?)", link.name, luid,
                       clash.link.name)
-            return
+            return False
         live = sum(1 for a in link.adapters.values() if a.state != AdapterState.STOPPED)
         if live >= self.max_adapters_per_host or len(self._by_luid) >= self.max_adapters:
             link.refused_adapters += 1
@@ -208,8 +210,9 @@ class GuestDriver:
                 log.error("host %s offers more adapters than this guest takes (%d per host, "
                           "%d in all); further offers are ignored", link.name,
                           self.max_adapters_per_host, self.max_adapters)
-            return
+            return False
         self._add_waiting_adapter(link, dev, luid, version)
+        return True
 
     def _add_waiting_adapter(self, link: HostLink, dev: BusDevice, luid: int,
                              version: int) -> GuestAdapter:

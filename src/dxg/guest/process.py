@@ -73,38 +73,52 @@ class GuestProcess:
 
 async def host_process(proc: GuestProcess, link: HostLink) -> int:
     """The host process handle of `proc` on `link`, creating it (CREATEPROCESS) on first use or
-    after the host came back. Concurrent callers share one CREATEPROCESS."""
+    after the host came back. Concurrent callers share one CREATEPROCESS, which runs as a task
+    of the link: a caller that gives up (its call cancelled) fails no one else."""
     from dxg.guest import vmbus
 
     if proc.closed:
         raise IoctlError(errno.ESRCH, "process is exiting")
     have = proc.host_processes.get(link)
     if have is not None and have[0] == link.generation:
-        if have[1].done() and have[1].exception() is None:
-            return have[1].result()
-        return await asyncio.shield(have[1])
+        done = have[1]
+        if done.done() and not done.cancelled() and done.exception() is None:
+            return done.result()
+        return await asyncio.shield(done)
     future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     proc.host_processes[link] = (link.generation, future)
-    try:
-        handle = await vmbus.create_process(link, id(proc) & 0xFFFFFFFFFFFF, proc.pid,
-                                            proc.name)
-    except BaseException as e:
+
+    def fail(e: Exception) -> None:
         if proc.host_processes.get(link, (0, None))[1] is future:
             del proc.host_processes[link]
-        future.set_exception(e if isinstance(e, Exception) else
-                             IoctlError(errno.EINTR, "interrupted"))
+        future.set_exception(e)
         future.exception()  # retrieved: waiters, if any, get it through the shield
-        raise
-    future.set_result(handle)
-    if proc.closed:
+
+    async def create() -> None:
+        try:
+            handle = await vmbus.create_process(link, id(proc) & 0xFFFFFFFFFFFF, proc.pid,
+                                                proc.name)
+        except Exception as e:
+            fail(e)
+            return
+        except BaseException:
+            fail(IoctlError(errno.ENODEV, "the host link closed"))
+            raise
+        if not proc.closed:
+            future.set_result(handle)
+            return
         # The process went while the host was creating it: it is not ours to keep.
-        proc.host_processes.pop(link, None)
+        fail(IoctlError(errno.ESRCH, "process is exiting"))
         try:
             await vmbus.destroy_process(link, handle)
         except (IoctlError, vmbus.HostStatus):
             pass
-        raise IoctlError(errno.ESRCH, "process is exiting")
-    return handle
+
+    try:
+        link.tasks.spawn(create(), f"CREATEPROCESS pid {proc.pid}")
+    except RuntimeError:
+        fail(IoctlError(errno.ENODEV, "the host link is closing"))
+    return await asyncio.shield(future)
 
 
 def existing_host_process(proc: GuestProcess, link: HostLink) -> int | None:

@@ -101,8 +101,17 @@ async def send(target: HostLink | GuestAdapter, command: GlobalCommand | VgpuCom
         raise IoctlError(errno.ENODEV, "the adapter's channel is gone")
     if fds and not channel.can_pass_fds:
         raise IoctlError(errno.EOPNOTSUPP, "descriptors cannot reach this host (TCP link)")
+    late = _late(link, spec, undo)
     try:
-        packet = await channel.request(payload, fds, _late(link, spec, undo))
+        pending = channel.request(payload, fds, late)
+        try:
+            packet = await pending
+        except asyncio.CancelledError:
+            # Cancelled just as the reply came: the channel handed it to us, so the undo is
+            # ours to run (what the host made for a caller that gave up must not stay).
+            if pending.done() and not pending.cancelled():
+                late(pending.result())
+            raise
     except ChannelClosed:
         raise IoctlError(errno.ENODEV, "the host removed the channel") from None
     except ValueError as e:  # a message too long for the connection

@@ -47,6 +47,14 @@ class HostConfig:
     backend: Backend = field(default_factory=SoftBackend)
     # Worker threads that run backend work (and long escapes), so the loop never blocks.
     backend_workers: int = 32
+    # Of those, what one guest and one process of it may keep busy at once: the rest of their
+    # jobs wait their turn, so one guest (or process) cannot take every worker from the others.
+    max_jobs_per_partition: int = 16
+    max_jobs_per_process: int = 4
+    # Requests of one guest that may wait or run as tasks at once (long commands), and the
+    # bytes they hold; past either, a new one fails STATUS_NO_MEMORY at once.
+    max_pending_calls: int = 4096
+    max_pending_bytes: int = 256 << 20
     # The longest message a guest may send or be sent (a bulk attachment beyond one packet).
     max_message_bytes: int = 64 << 20
     # The largest single pydxg escape shared-memory region (also counted in the budget above).
@@ -73,6 +81,10 @@ class HostConfig:
             raise ValueError("send_timeout must be 0.001..3600 seconds")
         if not 1 <= self.backend_workers <= 1024:
             raise ValueError("backend_workers must be 1..1024")
+        if not 1 <= self.max_jobs_per_process <= self.max_jobs_per_partition:
+            raise ValueError("need 1 <= max_jobs_per_process <= max_jobs_per_partition")
+        if self.max_pending_calls < 1 or self.max_pending_bytes < 1:
+            raise ValueError("max_pending_calls and max_pending_bytes must be positive")
         if not 1 << 17 <= self.max_message_bytes <= 1 << 32:
             raise ValueError("max_message_bytes must be 128 KiB..4 GiB")
         if not self.max_message_bytes < self.max_send_buffer <= self.max_total_send_buffer:

@@ -20,6 +20,7 @@ so it never delays another command, process or adapter.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 from collections.abc import Mapping
@@ -68,6 +69,17 @@ def _merge(*tables: Mapping[Any, Handler]) -> MappingProxyType[Any, Handler]:
 # module adds the VM-level ones (SETIOSPACEREGION, the census).
 OBJECT_HANDLERS = _merge(adapter_mod.HANDLERS, process_mod.HANDLERS, device_mod.HANDLERS,
                          context_mod.HANDLERS, escape_mod.HANDLERS)
+
+
+def _discard(result: Any) -> None:
+    """A handler's awaitable that will not run: a coroutine is closed (no "never awaited")."""
+    if inspect.iscoroutine(result):
+        result.close()
+
+
+def _settle(p: Partition, size: int, _task: object) -> None:
+    p.pending_calls -= 1
+    p.pending_bytes -= size
 
 
 class Dispatcher:
@@ -148,13 +160,26 @@ class Dispatcher:
             self._fail(channel, call, NTSTATUS.STATUS_INTERNAL_ERROR)
             return
         if inspect.isawaitable(result):
+            size = len(packet.payload)
+            if (p.pending_calls >= p.config.max_pending_calls
+                    or p.pending_bytes + size > p.config.max_pending_bytes):
+                _discard(result)
+                p.logs.log(logging.WARNING, "pending", "partition %d: %d requests (%d bytes) "
+                           "waiting already; %s refused", p.id, p.pending_calls,
+                           p.pending_bytes, spec.name)
+                self._fail(channel, call, NTSTATUS.STATUS_NO_MEMORY)
+                return
             try:
-                p.tasks.spawn(self._finish(channel, call, result),
-                              f"partition {p.id} {spec.name}")
+                task = p.tasks.spawn(self._finish(channel, call, result),
+                                     f"partition {p.id} {spec.name}")
             except RuntimeError:  # the partition is closing
-                if inspect.iscoroutine(result):
-                    result.close()
+                _discard(result)
                 self._fail(channel, call, NTSTATUS.STATUS_DEVICE_REMOVED)
+                return
+            # It counts against the partition's pending limits until it is done, however.
+            p.pending_calls += 1
+            p.pending_bytes += size
+            task.add_done_callback(functools.partial(_settle, p, size))
             return
         self._send(channel, call, result)
 

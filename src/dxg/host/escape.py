@@ -27,6 +27,7 @@ from dxg.protocol import messages as m
 from dxg.protocol.commands import VgpuCommand
 from dxg.uapi.escape import (
     ESCAPE_HEADER,
+    MAX_EVENTFD_VALUE,
     MAX_SLEEP_MS,
     OP_FIELDS,
     EscapeFlags,
@@ -49,6 +50,7 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _RANGE = struct.Struct("<QQ")  # region, offset
 _PATTERN = bytes(range(251))
+_EVENTFD_MAX = 0xFFFF_FFFF_FFFF_FFFE  # the largest value an eventfd counter holds
 
 
 @dataclass(eq=False, slots=True)
@@ -88,15 +90,52 @@ def _region_of(process: HostProcess, data: bytes, length: int,
     return region, offset
 
 
-def _is_eventfd(fd: int) -> bool:
+def _eventfd_count(fd: int) -> int | None:
+    """The counter of eventfd ``fd`` (from fdinfo: no syscall on the descriptor itself), or
+    None when ``fd`` is not an eventfd."""
     try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]":
+            return None
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("eventfd-count:"):
+                    return int(line.split(":", 1)[1], 16)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _signal_eventfd(fd: int, value: int, cancelled: threading.Event) -> int:
+    """Add ``value`` to the caller's eventfd, on a worker thread: the descriptor is the
+    caller's (blocking or not, as the caller set it), so the write must never run on the loop.
+    It cannot block here (the counter leaves room for the value, checked just before), except
+    when the caller races its own counter up to the top, which costs only the caller's own
+    worker slot until it reads the counter back."""
+    if cancelled.is_set():
+        return NTSTATUS.STATUS_CANCELLED
+    count = _eventfd_count(fd)
+    if count is None:
+        return NTSTATUS.STATUS_INVALID_PARAMETER
+    if count + value > _EVENTFD_MAX:
+        return NTSTATUS.STATUS_DEVICE_BUSY
+    try:
+        os.eventfd_write(fd, value)
     except OSError:
-        return False
+        return NTSTATUS.STATUS_INVALID_PARAMETER
+    return OK
+
+
+def _still_there(p: Partition, process: HostProcess, device: HostDevice | None) -> None:
+    """An escape is checked when it arrives but may run later, after its device's earlier
+    escapes: by then its process or device may have gone, and it must not act for them."""
+    if not process.alive or (device is not None
+                             and p.handles.get(device.handle, HandleType.DEVICE) is not device):
+        raise CommandFailed(NTSTATUS.STATUS_INVALID_HANDLE, "its process or device has gone")
 
 
 async def _pydxg(p: Partition, call: Call, process: HostProcess, device: HostDevice | None,
                  body: m.Escape) -> m.Escape:
+    _still_there(p, process, device)
     data = bytearray(body.priv_drv_data)
     head = EscapeHeader.unpack(bytes(data))
     flags = EscapeFlags(head.flags & ~(EscapeFlags.FD_OUT | EscapeFlags.DATA_AS_FD))
@@ -161,13 +200,15 @@ async def _pydxg(p: Partition, call: Call, process: HostProcess, device: HostDev
         elif op == Op.EVENTFD_SIGNAL:
             if not fds or len(data) < OP_FIELDS + 8:
                 raise _OpFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "EVENTFD_SIGNAL needs an fd")
-            if not _is_eventfd(fds[0]):
-                raise _OpFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "not an eventfd")
             value = _U64.unpack_from(data, OP_FIELDS)[0]
-            try:
-                os.eventfd_write(fds[0], value)
-            except OSError as e:
-                raise _OpFailed(NTSTATUS.STATUS_INVALID_PARAMETER, str(e)) from None
+            if not 0 < value <= MAX_EVENTFD_VALUE:
+                raise _OpFailed(NTSTATUS.STATUS_INVALID_PARAMETER,
+                                f"EVENTFD_SIGNAL adds 1..{MAX_EVENTFD_VALUE}")
+            fd = fds[0]
+            result = await p.run_blocking(
+                process, lambda cancelled: _signal_eventfd(fd, value, cancelled), device=device)
+            if result != OK:
+                raise _OpFailed(result, "not an eventfd, or its counter is full")
         else:
             raise _OpFailed(NTSTATUS.STATUS_INVALID_PARAMETER, f"unknown pydxg escape op {op}")
         status = OK
@@ -188,6 +229,7 @@ async def _pydxg(p: Partition, call: Call, process: HostProcess, device: HostDev
 async def _backend(p: Partition, call: Call, process: HostProcess, device: HostDevice | None,
                    body: m.Escape) -> m.Escape:
     close_all(call.take_fds())
+    _still_there(p, process, device)
     assert call.adapter is not None
     index = call.adapter.index
     backend = p.config.backend

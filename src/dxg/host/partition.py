@@ -121,6 +121,11 @@ class Partition:
         self.vgpu_channels: dict[int, Channel] = {}  # adapter index -> channel
         self.tasks = TaskSet(f"partition {partition_id}")
         self.lanes = Lanes()
+        # Worker threads this guest may keep busy at once (HostConfig.max_jobs_per_partition).
+        self.job_slots = asyncio.Semaphore(config.max_jobs_per_partition)
+        self.running_jobs = 0
+        self.pending_calls = 0  # requests running as tasks, and the bytes they hold
+        self.pending_bytes = 0
         self.dispatcher = Dispatcher(self, ALL_HANDLERS)
         self.logs = LogLimiter(log)  # what the guest provokes cannot flood the log
 
@@ -256,18 +261,54 @@ class Partition:
                            job: Callable[[threading.Event], _T],
                            lane: Hashable | None = None,
                            device: HostDevice | None = None) -> _T:
-        """Run ``job(cancelled)`` on a host worker thread, after the earlier jobs of ``lane``;
-        ``cancelled`` is set when the process (or ``device``) goes, or this call is cancelled."""
+        """Run ``job(cancelled)`` on a host worker thread, after the earlier jobs of ``lane``
+        and when the process and the partition have a worker slot free (fair shares of the
+        pool); ``cancelled`` is set when the process (or ``device``) goes, or this call is
+        cancelled."""
         cancelled = threading.Event()
         owners = [process.jobs] if device is None else [process.jobs, device.jobs]
         for jobs in owners:
             jobs.add(cancelled)
         loop = asyncio.get_running_loop()
 
+        def release(started: bool) -> None:
+            if started:
+                process.running -= 1
+                self.running_jobs -= 1
+            self.job_slots.release()
+            process.job_slots.release()
+
+        def released(_work: object) -> None:  # on the worker thread, when the job returns
+            try:
+                loop.call_soon_threadsafe(release, True)
+            except RuntimeError:
+                pass  # the loop is closed: nothing is left to count
+
         async def run() -> _T:
+            # A worker slot of the process, then one of the partition: a process waits for
+            # its own jobs first, so it never holds a partition slot while it waits.
+            await process.job_slots.acquire()
+            try:
+                await self.job_slots.acquire()
+            except BaseException:
+                process.job_slots.release()
+                raise
             if cancelled.is_set():
-                return job(cancelled)  # already told to stop: it returns at once
-            return await loop.run_in_executor(self.host.workers, job, cancelled)
+                try:
+                    return job(cancelled)  # already told to stop: it returns at once
+                finally:
+                    release(False)
+            try:
+                work = self.host.workers.submit(job, cancelled)
+            except BaseException:
+                release(False)
+                raise
+            # The slots are the thread's: they stay taken until the job returns, even when this
+            # call is cancelled first (the job is told to stop, and must).
+            process.running += 1
+            self.running_jobs += 1
+            work.add_done_callback(released)
+            return await asyncio.wrap_future(work, loop=loop)
 
         try:
             if lane is None:
@@ -340,6 +381,9 @@ class Partition:
             "requests": self.dispatcher.requests,
             "pinned_bytes": self.pinned,
             "tasks": len(self.tasks),
+            "pending_calls": self.pending_calls,
+            "pending_bytes": self.pending_bytes,
+            "running_jobs": self.running_jobs,
             "io_space": None if io is None else {"start": io.start, "length": io.length},
             "channels": {
                 "global": self.global_channel is not None,

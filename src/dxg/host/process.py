@@ -6,6 +6,7 @@ devices (and their contexts), its escape regions, and cancels the backend work i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -32,14 +33,18 @@ class HostProcess:
     pid: int
     name: str
     cookie: int  # the guest's opaque process pointer, kept and never dereferenced
-    linux_process: bool = True
+    linux_process: bool
+    # Worker threads its jobs may hold at once (HostConfig.max_jobs_per_process).
+    job_slots: asyncio.Semaphore
     devices: dict[int, HostDevice] = field(default_factory=dict)
     regions: dict[int, Region] = field(default_factory=dict)  # pydxg escape regions
     # Backend work in flight for this process: set each event to cut it short.
     jobs: set[threading.Event] = field(default_factory=set)
+    running: int = 0  # of those jobs, the ones on a worker thread now
     region_ids: int = 0
     objects: int = 0  # devices and contexts it holds (HostConfig.max_objects_per_process)
     pinned: int = 0  # bytes of memory it holds (HostConfig.max_process_bytes)
+    alive: bool = True  # False once dropped: its requests still queued find it gone
 
     @property
     def context_count(self) -> int:
@@ -57,14 +62,17 @@ class HostProcess:
             "context_count": self.context_count,
             "regions": len(self.regions),
             "jobs": len(self.jobs),
+            "running_jobs": self.running,
         }
 
 
 def drop_process(p: Partition, process: HostProcess) -> None:
-    """Everything of the process goes; work it has in flight is told to stop."""
+    """Everything of the process goes; work it has in flight is told to stop, and its
+    requests still waiting to run find it gone (`alive`)."""
     from dxg.host.device import drop_device
     from dxg.host.escape import drop_region
 
+    process.alive = False
     for job in list(process.jobs):
         job.set()
     for device in list(process.devices.values()):
@@ -77,7 +85,7 @@ def drop_process(p: Partition, process: HostProcess) -> None:
 
 def create_process(p: Partition, call: Call, body: m.CreateProcess) -> m.CreateProcessReturn:
     process = HostProcess(0, body.process_id, body.process_name, body.process_cookie,
-                          body.linux_process)
+                          body.linux_process, asyncio.Semaphore(p.config.max_jobs_per_process))
     process.handle = p.alloc(HandleType.PROCESS, process)
     p.processes[process.handle] = process
     log.debug("partition %d: process %d %r -> 0x%08x", p.id, process.pid, process.name,

@@ -72,6 +72,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from dxg.node import fuse_proto as fp
+from dxg.node.admission import UidCounter, process_name
 from dxg.node.server import NodeBusy
 from dxg.node.support import FILE_LIMITS, render_libdxg_table
 from dxg.oslib.procmem import PinnedProcessMemory, Syscalls, UserMemoryFault, task_identity
@@ -371,7 +372,7 @@ class FuseNode:
         self._buf = bytearray(READ_BUFFER)
         # State below is touched on the loop only.
         self._files: dict[int, _File] = {}
-        self._per_uid: dict[int, int] = {}
+        self._opens = UidCounter(max_opens_per_uid)  # open files per user
         self._calls: dict[int, _Call] = {}
         self._tasks = TaskSet(f"fuse {self._path}")
         self._changed: asyncio.Event | None = None
@@ -893,9 +894,9 @@ class FuseNode:
         """Why an open by ``uid`` is refused, or None."""
         if len(self._files) >= self.max_opens:
             return f"the device file is full ({self.max_opens} open files)"
-        held = self._per_uid.get(uid, 0)
-        if uid != 0 and held >= self.max_opens_per_uid:
-            return f"uid {uid} already holds {held} open files, the most one user may"
+        if not self._opens.fits(uid):
+            return (f"uid {uid} already holds {self._opens.held(uid)} open files, the most one "
+                    "user may")
         return None
 
     def _open(self, req: fp.Request) -> list[bytes]:
@@ -907,7 +908,7 @@ class FuseNode:
             return fp.error_reply(req.unique, errno.EPERM)
         tgid, name = ident
         if tgid != req.pid:
-            name = _comm(tgid) or name
+            name = process_name(tgid) or name
         refusal = self._admit(req.uid)
         if refusal is not None:
             self.refused += 1
@@ -923,7 +924,7 @@ class FuseNode:
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = _File(fh, tgid, req.uid, name, proc, TaskSet(f"pid {tgid} fh {fh}"))
-        self._per_uid[req.uid] = self._per_uid.get(req.uid, 0) + 1
+        self._opens.add(req.uid)
         log.debug("open of %s by pid %d (%s), fh %d", self._path, tgid, name, fh)
         return fp.open_reply(req.unique, fh, OPEN_FLAGS)
 
@@ -952,11 +953,7 @@ class FuseNode:
     def _forget(self, f: _File) -> None:
         if self._files.get(f.fh) is f:
             del self._files[f.fh]
-            left = self._per_uid.get(f.uid, 0) - 1
-            if left > 0:
-                self._per_uid[f.uid] = left
-            else:
-                self._per_uid.pop(f.uid, None)
+            self._opens.remove(f.uid)
         self._notify()
 
     # ---- ioctls ----------------------------------------------------------------------------
@@ -1068,14 +1065,6 @@ class FuseNode:
             self._forget(f)
         await self._tasks.wait(timeout=timeout)  # releases already under way finish theirs
         await self._tasks.cancel_and_wait(timeout=1)
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read(64).decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 def _fatal_signal_pending(tid: int) -> bool:

@@ -18,23 +18,50 @@ when short, ``-EINVAL`` when long). Malformed frames get an ERROR reply and the 
 on as long as the framing is intact; a broken stream gets a fatal ERROR and the connection is
 closed.
 
-Limits on what a client can hold:
+Limits on what a client can hold (defaults in brackets; root is held to the per-connection
+limits and the totals, never to a per-uid limit):
 
 * Before HELLO is answered the node reads frames of at most ``wire.MAX_HELLO_PAYLOAD`` bytes,
   and the whole handshake must be over within ``handshake_timeout`` (10 s) of the accept;
   after that the limit is ``wire.MAX_PAYLOAD``.
 * A request frame, once its first byte has arrived, must be complete within ``frame_timeout``
   (30 s). A connection idle *between* requests is never timed out: it is an open process.
-* At most ``max_calls`` calls in flight per connection: past that the node stops reading from
-  it until some finish (the client waits; nothing is refused).
-* Replies the client does not read: while more than ``pause_buffer`` bytes wait for it, the node
-  reads no new requests from it; at most ``max_buffer`` bytes wait for one client and
-  ``max_total_buffer`` for all of them (past either, the client whose reply does not fit is
-  dropped); a client that takes nothing for ``send_timeout`` seconds while replies wait is
-  dropped. A dropped client's process is closed like any other.
+* Calls: at most ``max_calls`` (256) run at once per connection. Requests read past that wait
+  in the connection's queue, at most ``max_queued`` (256) of them, and start first come first
+  served as running calls finish. Frames are decoded as soon as they are read, whatever the
+  number of calls, so a CANCEL is handled at once: a running call is interrupted and answered
+  ``-EINTR`` (an ADMIN: ERROR(EINTR)); a queued one is taken out of the queue and answered the
+  same way without ever running. Only when a request finds no room (the queue full, or the
+  byte limits below) does the node stop reading from the connection: that request waits, read
+  but not queued, with whatever follows it (a CANCEL included) unread. Reading resumes once
+  the queue has drained to half (and the bytes to half of their limit). Nothing is refused.
+* Bytes: the requests a connection has running or queued hold at most ``max_call_bytes``
+  (32 MiB) of frames, those of all connections of one uid at most ``max_call_bytes_per_uid``
+  (128 MiB); past either, requests wait as above (a connection waiting for its user's bytes
+  tries again as soon as any call of that user ends). A connection holding nothing is never
+  held back by its own limit, so one maximal request (4 MiB) always fits. An OUT-only region
+  costs nothing until the driver writes into it (:mod:`dxg.node.usermem`).
+* A connection whose reading is paused (for room, or for a reply backlog) is still watched
+  for a hang-up: a client that goes meanwhile has its calls cancelled and its process closed
+  at once, its unread requests dropped.
+* Descriptors: only the ioctls named in :data:`FD_IOCTLS` take descriptors; any other request
+  carrying some gets ``-EINVAL`` and they are closed. The calls of one connection hold at most
+  ``max_fds`` (64) descriptors, those of one uid at most ``max_fds_per_uid`` (256); a request
+  whose descriptors would pass either gets ``-EMFILE`` (they are closed). A reply whose
+  descriptors cannot be kept for a slow reader (the node is out of descriptors) is answered
+  ``-EMFILE``, and nothing leaks.
+* Replies the client does not read: while more than ``pause_buffer`` (1 MiB) bytes wait for it,
+  the node reads no new requests from it. At most ``max_buffer`` (9 MiB) bytes wait for one
+  client (past it that client is dropped), ``max_buffer_per_uid`` (a quarter of the total, and
+  at least ``max_buffer``) for all the connections of one uid, and ``max_total_buffer``
+  (256 MiB) for all clients. When a user's share or the whole pool is full, the node makes room
+  by dropping the connection holding the most unread bytes (of that user, or of anyone): the
+  client whose reply does not fit is dropped only when it holds the most itself. A client that
+  takes nothing for ``send_timeout`` (30 s) seconds while replies wait is dropped. A dropped
+  client's process is closed like any other.
 * At most ``max_connections`` connections in all, and at most ``max_per_uid`` (default a
-  quarter of that) per peer uid. Root's connections count towards the total but not against a
-  per-uid limit. Refused connections get a fatal ERROR (``EMFILE``) saying which limit.
+  quarter of that) per peer uid. Refused connections get a fatal ERROR (``EMFILE``) saying
+  which limit.
 """
 
 from __future__ import annotations
@@ -46,15 +73,19 @@ import grp
 import logging
 import os
 import secrets
+import select
 import socket
 import stat
 import struct
 from collections import deque
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
+from dxg.node.admission import EXEMPT_UID, UidCounter, process_name
 from dxg.node.usermem import RegionUserMemory
 from dxg.oslib.fds import close_all
+from dxg.runtime.logs import LogLimiter
 from dxg.runtime.loop import LoopThread
 from dxg.runtime.tasks import TaskSet
 from dxg.uapi import wire
@@ -68,9 +99,15 @@ from dxg.uapi.nodepath import (
 )
 from dxg.vmbus.transport import SocketTransport, TransportClosed, WriteBudget, read_buffer
 
-__all__ = ["NodeBusy", "NodeDriver", "SocketNode"]
+__all__ = ["FD_IOCTLS", "NodeBusy", "NodeDriver", "SocketNode"]
 
 log = logging.getLogger(__name__)
+
+# The ioctls (by name) that may take descriptors from the caller: a request of any other code
+# that carries descriptors is refused with -EINVAL before it is queued. Today only the escape
+# (pydxg's FD_IN escapes, e.g. EVENTFD_SIGNAL) does; an issue that adds an ioctl taking
+# descriptors (a shared-object import, a sync object from an fd, ...) adds its name here.
+FD_IOCTLS: frozenset[str] = frozenset({"LX_DXESCAPE"})
 
 _UCRED = struct.Struct("iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _HANDSHAKE_TIMEOUT = 10.0
@@ -80,8 +117,14 @@ _MAX_BUFFER = 2 * wire.MAX_PAYLOAD + 1024 * 1024
 _PAUSE_BUFFER = 1024 * 1024
 _MAX_TOTAL_BUFFER = 256 * 1024 * 1024
 _MAX_CALLS = 256
+_MAX_QUEUED = 256
+_MAX_CALL_BYTES = 32 * 1024 * 1024
+_MAX_CALL_BYTES_PER_UID = 128 * 1024 * 1024
+_MAX_FDS = 64
+_MAX_FDS_PER_UID = 256
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+_CALL_KINDS = frozenset({wire.Kind.IOCTL, wire.Kind.ADMIN})
 
 
 class NodeDriver(Protocol):
@@ -103,14 +146,20 @@ class NodeBusy(FileExistsError):
     """Another node is already serving at this path (or it is not a socket)."""
 
 
-def _process_name(pid: int) -> str:
-    if pid <= 0:
-        return "?"
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read(64).decode(errors="replace").strip() or "?"
-    except OSError:
-        return "?"
+class _Call:
+    """One request admitted: queued, then running. It holds its frame's bytes (``cost``) and
+    its descriptors (in ``mem``) against its connection's and its user's limits until it ends."""
+
+    __slots__ = ("cost", "fds", "future", "mem", "request", "seq")
+
+    def __init__(self, seq: int, request: wire.IoctlRequest | wire.AdminRequest,
+                 mem: RegionUserMemory | None, cost: int, fds: int) -> None:
+        self.seq = seq
+        self.request = request
+        self.mem = mem
+        self.cost = cost
+        self.fds = fds
+        self.future: asyncio.Future[None] | None = None
 
 
 class _Conn:
@@ -120,22 +169,32 @@ class _Conn:
                  gid: int) -> None:
         self.node = node
         self.pid, self.uid, self.gid = pid, uid, gid
-        self.name = _process_name(pid)
+        self.name = process_name(pid) or "?"
         self.proc: Any = None
         self.transport = SocketTransport(node.loop, sock, f"pid {pid}",
                                          send_timeout=node.send_timeout,
                                          max_buffer=node.max_buffer,
                                          max_fds=4 * wire.MAX_FDS,
-                                         budget=node.write_budget,
+                                         budget=node._budget_for(uid),
                                          read_buffer=node.read_buffer)
-        self.transport.on_drained = self._drained
+        self.transport.on_drained = self._pump
         self.decoder = wire.FrameDecoder(wire.MAX_HELLO_PAYLOAD)
-        self.fds: deque[int] = deque()
+        self.fds: deque[int] = deque()  # received, not yet claimed by a frame
         self.calls = TaskSet(f"pid {pid}")
-        self.inflight: dict[int, asyncio.Future[None]] = {}
+        self.running: dict[int, _Call] = {}  # seq -> call that has to wait (a task)
+        self.queue: deque[_Call] = deque()  # calls waiting for a free slot, in order
+        self.queued: dict[int, _Call] = {}  # the same, by seq
+        self.held_bytes = 0  # frame bytes of the calls running or queued
+        self.held_fds = 0  # descriptors they hold
+        self.waiting: wire.Frame | None = None  # a request read that found no room
         self.greeted = False
         self.gone = False
+        self.broken = False  # the stream broke: nothing more is taken from it
         self.paused = False
+        self._pumping = False
+        self._repump = False
+        self._wake: asyncio.Handle | None = None
+        self.watched_fd = -1  # registered for hang-ups while reading is paused
         self._stall: asyncio.TimerHandle | None = None
         self._handshake = node.loop.call_later(node.handshake_timeout, self._handshake_late)
         self._admin_chunks: int = wire.MAX_PAYLOAD
@@ -146,36 +205,41 @@ class _Conn:
     # ---- sending ------------------------------------------------------------------------------
 
     def send(self, msg: wire.Message, seq: int, fds: list[int] | None = None) -> bool:
-        """Queue one message; False (and the connection dropped) when it cannot go."""
+        """Queue one message; False (and the connection dropped) when it cannot go. ``fds`` go
+        beside it and stay the caller's (the transport keeps copies while they wait); OSError
+        when those copies cannot be made (EMFILE): nothing was sent, the caller may answer
+        otherwise."""
         if self.gone:
-            close_all(fds or ())
             return False
         try:
             data = wire.encode(msg, seq)
         except (ValueError, TypeError) as e:
             log.error("cannot encode a reply for pid %d: %s", self.pid, e)
-            close_all(fds or ())
             fds = None
             data = wire.encode(wire.ErrorReply(errno.EIO, "reply could not be encoded"), seq)
         try:
             self.transport.write(data, fds or ())
         except (TransportClosed, ValueError):
             return False
-        finally:
-            close_all(fds or ())
         self._check_backlog()
         return True
 
     def _check_backlog(self) -> None:
         """A client that lets replies pile up gets no new requests read until it catches up."""
-        backlog = self.transport.buffered > self.node.pause_buffer
-        if backlog and not self.paused:
+        if self.transport.buffered > self.node.pause_buffer:
+            self._pause()
+
+    def _pause(self) -> None:
+        """Stop reading; the node still sees at once if the peer hangs up meanwhile."""
+        if not self.paused and not self.gone:
             self.paused = True
             self.transport.pause_reading()
+            self.node._watch_hangup(self)
 
-    def _drained(self) -> None:
-        if self.paused and not self.gone and len(self.inflight) < self.node.max_calls // 2:
+    def _resume(self) -> None:
+        if self.paused and not self.gone and not self.broken:
             self.paused = False
+            self.node._unwatch_hangup(self)
             self.transport.resume_reading()
 
     def error(self, seq: int, err: int, text: str, fatal: bool = False) -> None:
@@ -186,7 +250,7 @@ class _Conn:
     # ---- receiving (Receiver) -----------------------------------------------------------------
 
     def data_received(self, data: bytes, fds: list[int]) -> None:
-        if self.gone:
+        if self.gone or self.broken:
             close_all(fds)
             return
         self.fds.extend(fds)
@@ -194,26 +258,105 @@ class _Conn:
             if len(self.fds) > 4 * wire.MAX_FDS:
                 raise wire.WireError(errno.EPROTO, "descriptors arrived that no frame claims")
             self.decoder.feed(data)
-            for frame in self.decoder.frames():
-                if self.gone:
-                    return
-                count = frame.fd_count
-                if count > len(self.fds):
-                    raise wire.WireError(errno.EPROTO, "a frame claims descriptors that did "
-                                                       "not arrive")
-                frame_fds = [self.fds.popleft() for _ in range(count)]
-                self._handle(frame, frame_fds)
         except wire.WireError as e:
-            log.info("pid %d (%s): broken stream: %s", self.pid, self.name, e)
-            self.error(0, e.errno, str(e), fatal=True)
+            self._broken(e)
             return
+        self._pump()
+
+    def _broken(self, e: wire.WireError) -> None:
+        log.info("pid %d (%s): broken stream: %s", self.pid, self.name, e)
+        self._pause()  # nothing more is read: the stream cannot be trusted
+        self.broken = True
+        self.error(0, e.errno, str(e), fatal=True)
+
+    def _pump(self) -> None:
+        """Start queued calls while there are free slots, take the frames read while there is
+        room for them, and read on only while there is. Runs after every read, every call that
+        ends and every drained backlog; re-entered (a call that ends at once), it runs again
+        after the current pass instead."""
+        if self._pumping:
+            self._repump = True
+            return
+        if self.broken:
+            return
+        self._pumping = True
+        try:
+            while not self.gone:
+                self._repump = False
+                self._start_queued()
+                self._take_frames()
+                if not self._repump:
+                    break
+        except wire.WireError as e:
+            self._broken(e)
+            return
+        finally:
+            self._pumping = False
+        if self.gone:
+            return
+        if self.waiting is not None or self.transport.buffered > self.node.pause_buffer:
+            self._pause()
+        else:
+            self._resume()
         self._watch_partial()
 
+    def _start_queued(self) -> None:
+        while self.queue and len(self.running) < self.node.max_calls and not self.gone:
+            call = self.queue.popleft()
+            del self.queued[call.seq]
+            self._start(call)
+
+    def _take_frames(self) -> None:
+        while not self.gone:
+            if self.transport.buffered > self.node.pause_buffer:
+                return  # a backlog: nothing new until the client reads its replies
+            frame, retry = self.waiting, True
+            if frame is None:
+                frame, retry = self.decoder.next_frame(), False
+                if frame is None:
+                    return
+            self.waiting = None
+            cost = wire.HEADER_SIZE + len(frame.payload) \
+                if self.greeted and frame.kind in _CALL_KINDS else 0
+            if cost and not self._room(cost, retry):
+                self.waiting = frame
+                return
+            count = frame.fd_count
+            if count > len(self.fds):
+                raise wire.WireError(errno.EPROTO, "a frame claims descriptors that did not "
+                                                   "arrive")
+            self._handle(frame, [self.fds.popleft() for _ in range(count)], cost)
+
+    def _room(self, cost: int, retry: bool) -> bool:
+        """Whether a request of ``cost`` bytes may be admitted now (``retry``: one that found no
+        room before, admitted again only once the queue and the bytes are down to half)."""
+        node = self.node
+        if len(self.queue) >= (node.max_queued // 2 + 1 if retry else node.max_queued):
+            return False
+        limit = node.max_call_bytes // 2 if retry else node.max_call_bytes
+        if self.held_bytes and self.held_bytes + cost > limit:
+            return False
+        if not node.call_bytes.fits(self.uid, cost):
+            node._wait_for_uid(self)
+            return False
+        return True
+
+    def wake(self) -> None:
+        """Another connection of this user let bytes go: try the waiting request again (soon,
+        from the loop: never nested in that connection's own work)."""
+        if self._wake is None and not self.gone:
+            self._wake = self.node.loop.call_soon(self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._pump()
+
     def _watch_partial(self) -> None:
-        """A frame begun must be complete within frame_timeout (an idle connection is fine)."""
+        """A frame begun must be complete within frame_timeout (an idle connection is fine, and
+        so is one whose frames wait because it holds too much)."""
         if not self.greeted:
             return  # the handshake deadline covers it
-        if self.decoder.buffered:
+        if self.decoder.buffered and not self.paused:
             if self._stall is None:
                 self._stall = self.node.loop.call_later(self.node.frame_timeout, self._stalled)
         elif self._stall is not None:
@@ -222,7 +365,7 @@ class _Conn:
 
     def _stalled(self) -> None:
         self._stall = None
-        if self.decoder.buffered and not self.gone:
+        if self.decoder.buffered and not self.gone and not self.paused:
             why = f"frame not complete within {self.node.frame_timeout:g} s"
             log.info("pid %d (%s): dropped: %s", self.pid, self.name, why)
             self.error(0, errno.ETIMEDOUT, why, fatal=True)
@@ -240,8 +383,18 @@ class _Conn:
         self._handshake.cancel()
         if self._stall is not None:
             self._stall.cancel()
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+        self.node._unwatch_hangup(self)
         close_all(self.fds)
         self.fds.clear()
+        self.waiting = None
+        queued = list(self.queue)
+        self.queue.clear()
+        self.queued.clear()
+        for call in queued:
+            self._finish(call)
         if error is not None and not isinstance(error, ConnectionResetError):
             log.info("pid %d (%s): connection dropped: %s", self.pid, self.name, error)
         self.node._forget(self)
@@ -259,7 +412,7 @@ class _Conn:
 
     # ---- frames -------------------------------------------------------------------------------
 
-    def _handle(self, frame: wire.Frame, fds: list[int]) -> None:
+    def _handle(self, frame: wire.Frame, fds: list[int], cost: int) -> None:
         if not self.greeted:
             close_all(fds)
             self._hello(frame)
@@ -276,13 +429,13 @@ class _Conn:
             self.error(frame.seq, e.errno, str(e))
             return
         if isinstance(msg, wire.IoctlRequest):
-            self._ioctl(frame.seq, msg, fds)
+            self._ioctl(frame.seq, msg, fds, cost)
         elif isinstance(msg, wire.Cancel):
-            task = self.inflight.get(frame.seq)
-            if task is not None:
-                task.cancel()
+            self._cancel(frame.seq)
         elif isinstance(msg, wire.AdminRequest):
-            self._spawn_call(frame.seq, self._admin(frame.seq, msg))
+            if self._busy(frame.seq):
+                return
+            self._admit(_Call(frame.seq, msg, None, cost, 0))
         else:
             close_all(fds)
             self.error(frame.seq, errno.EPROTO, f"unexpected {type(msg).__name__}")
@@ -318,28 +471,14 @@ class _Conn:
         self.send(wire.HelloReply(version, wire.MAX_PAYLOAD, wire.MAX_REGIONS, wire.MAX_FDS,
                                   self.node.name), frame.seq)
 
-    def _spawn_call(self, seq: int, coro: Any) -> None:
-        """Run the call eagerly: most finish right here; one that waits is tracked by seq."""
-        call = self.calls.eager(coro, f"pid {self.pid} seq {seq}")
-        if call.done():
-            if not call.cancelled() and call.exception() is not None:
-                log.error("pid %d: call %d failed", self.pid, seq, exc_info=call.exception())
-            return
-        self.inflight[seq] = call
-        call.add_done_callback(lambda _t: self._call_done(seq, call))
-        if len(self.inflight) >= self.node.max_calls and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
+    def _busy(self, seq: int) -> bool:
+        """A request whose seq is still in flight gets EBUSY (the wire's rule)."""
+        if seq in self.running or seq in self.queued:
+            self.error(seq, errno.EBUSY, f"seq {seq} is already in flight")
+            return True
+        return False
 
-    def _call_done(self, seq: int, task: asyncio.Future[None]) -> None:
-        if self.inflight.get(seq) is task:
-            del self.inflight[seq]
-        if (self.paused and len(self.inflight) < self.node.max_calls // 2 and not self.gone
-                and self.transport.buffered <= self.node.pause_buffer):
-            self.paused = False
-            self.transport.resume_reading()
-
-    def _ioctl(self, seq: int, req: wire.IoctlRequest, fds: list[int]) -> None:
+    def _ioctl(self, seq: int, req: wire.IoctlRequest, fds: list[int], cost: int) -> None:
         desc = IOCTLS_BY_CODE.get(req.code)
         ret = 0
         if desc is None:
@@ -348,15 +487,94 @@ class _Conn:
             ret = -errno.EFAULT
         elif len(req.struct) > desc.size:
             ret = -errno.EINVAL
-        if ret or seq in self.inflight:
+        elif fds and desc.name not in FD_IOCTLS:
+            ret = -errno.EINVAL  # this ioctl takes no descriptors: none is held for it
+        if ret:
             close_all(fds)
-            if not ret:
-                self.error(seq, errno.EBUSY, f"seq {seq} is already in flight")
-                return
             self.send(wire.IoctlReply(ret, req.struct), seq)
             return
+        if self._busy(seq):
+            close_all(fds)
+            return
+        node = self.node
+        if fds and (self.held_fds + len(fds) > node.max_fds
+                    or not node.call_fds.fits(self.uid, len(fds))):
+            close_all(fds)
+            node.logs.log(logging.INFO, "descriptors refused",
+                          "pid %d (%s): descriptors refused: the calls of this %s hold too many",
+                          self.pid, self.name,
+                          "process" if self.held_fds + len(fds) > node.max_fds else "user")
+            self.send(wire.IoctlReply(-errno.EMFILE, req.struct), seq)
+            return
         mem = RegionUserMemory(req.regions, fds, req.fd_numbers)
-        self._spawn_call(seq, self._run_ioctl(seq, req, mem))
+        self._admit(_Call(seq, req, mem, cost, len(fds)))
+
+    def _admit(self, call: _Call) -> None:
+        """Charge a checked request to its connection and user; start it, or queue it."""
+        self.held_bytes += call.cost
+        self.held_fds += call.fds
+        self.node.call_bytes.add(self.uid, call.cost)
+        self.node.call_fds.add(self.uid, call.fds)
+        if not self.queue and len(self.running) < self.node.max_calls:
+            self._start(call)
+        else:
+            self.queue.append(call)
+            self.queued[call.seq] = call
+
+    def _start(self, call: _Call) -> None:
+        """Run the call eagerly: most finish right here; one that waits is tracked by seq."""
+        coro: Coroutine[Any, Any, None]
+        if isinstance(call.request, wire.IoctlRequest):
+            assert call.mem is not None
+            coro = self._run_ioctl(call.seq, call.request, call.mem)
+        else:
+            coro = self._admin(call.seq, call.request)
+        future = self.calls.eager(coro, f"pid {self.pid} seq {call.seq}")
+        if future.done():
+            self._ended(future, call)
+            return
+        call.future = future
+        self.running[call.seq] = call
+        future.add_done_callback(lambda f: self._call_done(f, call))
+
+    def _call_done(self, future: asyncio.Future[None], call: _Call) -> None:
+        if self.running.get(call.seq) is call:
+            del self.running[call.seq]
+        self._ended(future, call)
+        self._pump()
+
+    def _ended(self, future: asyncio.Future[None], call: _Call) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.error("pid %d: call %d failed", self.pid, call.seq, exc_info=future.exception())
+        self._finish(call)
+
+    def _finish(self, call: _Call) -> None:
+        """The call is over (answered, cancelled, or its process gone): give back what it held."""
+        if call.mem is not None:
+            call.mem.close()  # a call that never ran still closes its descriptors
+        self.held_bytes -= call.cost
+        self.held_fds -= call.fds
+        self.node.call_bytes.remove(self.uid, call.cost)
+        self.node.call_fds.remove(self.uid, call.fds)
+        if call.cost:
+            self.node._uid_released(self.uid)
+
+    def _cancel(self, seq: int) -> None:
+        """CANCEL: interrupt the call if it runs; take it out of the queue if it waits there."""
+        call = self.running.get(seq)
+        if call is not None:
+            if call.future is not None:
+                call.future.cancel()  # the call answers -EINTR itself
+            return
+        call = self.queued.pop(seq, None)
+        if call is None:
+            return  # already answered (or never sent): CANCEL gets no reply
+        self.queue.remove(call)
+        if isinstance(call.request, wire.IoctlRequest):
+            self.send(wire.IoctlReply(-errno.EINTR, call.request.struct), seq)
+        else:
+            self.error(seq, errno.EINTR, "admin request cancelled")
+        self._finish(call)
 
     async def _run_ioctl(self, seq: int, req: wire.IoctlRequest, mem: RegionUserMemory) -> None:
         try:
@@ -381,8 +599,13 @@ class _Conn:
             fds, fixups = mem.reply_fds()
             if ret < 0:
                 fds, fixups = [], ()
-            dup = [os.dup(fd) for fd in fds]
-            self.send(wire.IoctlReply(ret, bytes(out), mem.writes(), fixups), seq, dup)
+            try:
+                self.send(wire.IoctlReply(ret, bytes(out), mem.writes(), fixups), seq, fds)
+            except OSError as e:
+                # the reply's descriptors could not be kept for the client (out of
+                # descriptors): it gets -EMFILE, as from a kernel that cannot install them
+                log.warning("pid %d: reply descriptors dropped: %s", self.pid, e)
+                self.send(wire.IoctlReply(-(e.errno or errno.EMFILE), req.struct), seq)
         finally:
             mem.close()
 
@@ -410,6 +633,7 @@ class _Conn:
                 self.transport.write(data)
             except TransportClosed:
                 return
+        self._check_backlog()
 
 
 class SocketNode:
@@ -419,7 +643,8 @@ class SocketNode:
     0666). A missing parent directory is created (private, 0700, when it is a per-user default
     directory). A live socket at ``path`` is never replaced (:class:`NodeBusy`); a stale one
     (nobody listening) is. ``admin_uids`` may use the ADMIN request (default: root and the
-    node's own user). The other keywords are the limits of the module docstring.
+    node's own user). The other keywords are the limits of the module docstring; those per uid
+    bind every user but root.
     """
 
     def __init__(
@@ -439,7 +664,13 @@ class SocketNode:
         max_buffer: int = _MAX_BUFFER,
         pause_buffer: int = _PAUSE_BUFFER,
         max_total_buffer: int = _MAX_TOTAL_BUFFER,
+        max_buffer_per_uid: int | None = None,
         max_calls: int = _MAX_CALLS,
+        max_queued: int = _MAX_QUEUED,
+        max_call_bytes: int = _MAX_CALL_BYTES,
+        max_call_bytes_per_uid: int = _MAX_CALL_BYTES_PER_UID,
+        max_fds: int = _MAX_FDS,
+        max_fds_per_uid: int = _MAX_FDS_PER_UID,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -449,9 +680,17 @@ class SocketNode:
             raise ValueError("max_per_uid must be at least 1")
         if not handshake_timeout > 0 or not frame_timeout > 0 or not send_timeout > 0:
             raise ValueError("timeouts must be positive")
-        if not wire.MAX_PAYLOAD < max_buffer <= max_total_buffer or max_calls < 2:
-            raise ValueError("need MAX_PAYLOAD < max_buffer <= max_total_buffer and "
-                             "max_calls >= 2")
+        if max_buffer_per_uid is None:
+            max_buffer_per_uid = min(max(max_buffer, max_total_buffer // 4), max_total_buffer)
+        if not wire.MAX_PAYLOAD < max_buffer <= max_buffer_per_uid <= max_total_buffer:
+            raise ValueError("need MAX_PAYLOAD < max_buffer <= max_buffer_per_uid <= "
+                             "max_total_buffer")
+        if max_calls < 1 or max_queued < 1:
+            raise ValueError("max_calls and max_queued must be at least 1")
+        if not wire.HEADER_SIZE + wire.MAX_PAYLOAD <= max_call_bytes <= max_call_bytes_per_uid:
+            raise ValueError("need one whole frame <= max_call_bytes <= max_call_bytes_per_uid")
+        if not wire.MAX_FDS <= max_fds <= max_fds_per_uid:
+            raise ValueError("need wire.MAX_FDS <= max_fds <= max_fds_per_uid")
         self.driver = driver
         self.rt: LoopThread = driver.rt
         self.loop = driver.rt.loop
@@ -469,11 +708,28 @@ class SocketNode:
         self.send_timeout = send_timeout
         self.max_buffer = max_buffer
         self.pause_buffer = pause_buffer
-        self.write_budget = WriteBudget(max_total_buffer)
+        # Unread replies: each user but root has a share, charged before the node's pool;
+        # when either is full the biggest holder of unread bytes is dropped (_evict).
+        self.max_buffer_per_uid = max_buffer_per_uid
+        self.write_budget = WriteBudget(max_total_buffer,
+                                        evict=lambda n, who: self._evict(n, who, None))
+        self._uid_budgets: dict[int, WriteBudget] = {}
         self.read_buffer = read_buffer()  # shared by every connection (all on one loop)
         self.max_calls = max_calls
+        self.max_queued = max_queued
+        self.max_call_bytes = max_call_bytes
+        self.max_fds = max_fds
+        self.call_bytes = UidCounter(max_call_bytes_per_uid)  # frame bytes of calls, per uid
+        self.call_fds = UidCounter(max_fds_per_uid)  # descriptors calls hold, per uid
+        self._uid_waiters: dict[int, set[_Conn]] = {}  # waiting for their user's bytes
         self._conns: set[_Conn] = set()
-        self._per_uid: dict[int, int] = {}
+        self._per_uid = UidCounter(max_per_uid)  # connections per uid
+        # Connections whose reading is paused, watched for a hang-up only (an epoll of its own,
+        # itself watched by the loop): a client that goes while the node reads nothing from
+        # it is seen at once, and its calls cancelled.
+        self._hangups: select.epoll | None = None
+        self._hangup_conns: dict[int, _Conn] = {}
+        self.logs = LogLimiter(log)  # what clients provoke cannot flood the log
         self._listener: socket.socket | None = None
         self._dir_fd = -1
         self._inode: tuple[int, int] | None = None
@@ -556,6 +812,14 @@ class SocketNode:
         except BaseException:
             listener.close()
             raise
+        hangups = select.epoll()
+        try:
+            self.loop.add_reader(hangups.fileno(), self._hung_up)
+        except BaseException:
+            hangups.close()
+            listener.close()
+            raise
+        self._hangups = hangups
         self._listener = listener
         self._started = True
         self.loop.add_reader(listener.fileno(), self._accept)
@@ -649,7 +913,7 @@ class SocketNode:
             return
         conn = _Conn(self, sock, pid, uid, gid)
         self._conns.add(conn)
-        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+        self._per_uid.add(uid)
         conn.transport.start(conn)
 
     def _admit(self, uid: int) -> tuple[int, str] | None:
@@ -658,22 +922,107 @@ class SocketNode:
             return errno.ESHUTDOWN, "node is closing"
         if len(self._conns) >= self.max_connections:
             return errno.EMFILE, f"node is full ({self.max_connections} connections)"
-        held = self._per_uid.get(uid, 0)
-        if uid != 0 and held >= self.max_per_uid:
+        if not self._per_uid.fits(uid):
             return (
                 errno.EMFILE,
-                f"uid {uid} already holds {held} connections, the most one user may",
+                f"uid {uid} already holds {self._per_uid.held(uid)} connections, the most one "
+                "user may",
             )
         return None
 
     def _forget(self, conn: _Conn) -> None:
+        waiters = self._uid_waiters.get(conn.uid)
+        if waiters is not None:
+            waiters.discard(conn)
+            if not waiters:
+                del self._uid_waiters[conn.uid]
         if conn in self._conns:
             self._conns.discard(conn)
-            left = self._per_uid.get(conn.uid, 0) - 1
-            if left > 0:
-                self._per_uid[conn.uid] = left
-            else:
-                self._per_uid.pop(conn.uid, None)
+            self._per_uid.remove(conn.uid)
+            if not self._per_uid.held(conn.uid):
+                self._uid_budgets.pop(conn.uid, None)  # its transports are closed: all given back
+
+    # ---- what users hold ------------------------------------------------------------------------
+
+    def _budget_for(self, uid: int) -> WriteBudget:
+        """The reply budget a connection of ``uid`` writes against: its user's share of the
+        node's pool (root: the pool itself)."""
+        if uid == EXEMPT_UID:
+            return self.write_budget
+        budget = self._uid_budgets.get(uid)
+        if budget is None:
+            budget = WriteBudget(self.max_buffer_per_uid, parent=self.write_budget,
+                                 evict=lambda n, who: self._evict(n, who, uid))
+            self._uid_budgets[uid] = budget
+        return budget
+
+    def _evict(self, need: int, requester: object, uid: int | None) -> bool:
+        """A reply does not fit in ``uid``'s share (None: in the node's pool): drop the connection
+        (of that user, or of anyone) holding the most unread bytes, unless that is the
+        requester itself (False: its own write fails and drops it). True when room was made."""
+        mine = 0
+        victim: _Conn | None = None
+        for conn in self._conns:
+            if uid is not None and conn.uid != uid:
+                continue
+            if conn.transport is requester:
+                mine = conn.transport.buffered
+            elif conn.transport.buffered > (victim.transport.buffered if victim else 0):
+                victim = conn
+        if victim is None or victim.transport.buffered <= mine:
+            return False
+        why = (f"{'its user' if uid is not None else 'the node'}'s reply buffers are full and "
+               f"it holds the most unread bytes ({victim.transport.buffered}); dropped")
+        self.logs.log(logging.INFO, "evicted", "pid %d (%s) uid %d: %s", victim.pid,
+                      victim.name, victim.uid, why)
+        victim.transport.close(ConnectionError(errno.ENOBUFS, why))
+        return True
+
+    def _watch_hangup(self, conn: _Conn) -> None:
+        hangups = self._hangups
+        if hangups is None or conn.transport.closed:
+            return
+        fd = conn.transport.sock.fileno()
+        try:
+            try:
+                hangups.register(fd, select.EPOLLRDHUP)  # (HUP and ERR come unasked)
+            except FileExistsError:
+                hangups.modify(fd, select.EPOLLRDHUP)
+        except OSError:
+            return
+        self._hangup_conns[fd] = conn
+        conn.watched_fd = fd
+
+    def _unwatch_hangup(self, conn: _Conn) -> None:
+        fd, conn.watched_fd = conn.watched_fd, -1
+        if fd < 0 or self._hangup_conns.get(fd) is not conn:
+            return  # (its descriptor closed and went to another connection meanwhile)
+        del self._hangup_conns[fd]
+        if self._hangups is not None:
+            with contextlib.suppress(OSError):  # closed already: epoll forgot it itself
+                self._hangups.unregister(fd)
+
+    def _hung_up(self) -> None:
+        if self._hangups is None:
+            return
+        for fd, _events in self._hangups.poll(0):
+            conn = self._hangup_conns.get(fd)
+            if conn is None:
+                with contextlib.suppress(OSError):
+                    self._hangups.unregister(fd)
+                continue
+            self._unwatch_hangup(conn)
+            log.debug("pid %d (%s): hung up while its reading was paused", conn.pid, conn.name)
+            conn.transport.close(None)
+
+    def _wait_for_uid(self, conn: _Conn) -> None:
+        self._uid_waiters.setdefault(conn.uid, set()).add(conn)
+
+    def _uid_released(self, uid: int) -> None:
+        """Calls of ``uid`` let bytes go: its connections waiting for room try again."""
+        waiters = self._uid_waiters.pop(uid, None)
+        for conn in waiters or ():
+            conn.wake()
 
     # ---- introspection --------------------------------------------------------------------------
 
@@ -682,7 +1031,8 @@ class SocketNode:
         if not self.rt.in_loop():
             return list(self.rt.call(self.connections))
         return [{"pid": c.pid, "uid": c.uid, "gid": c.gid, "name": c.name,
-                 "calls": len(c.inflight), "buffered": c.transport.buffered}
+                 "calls": len(c.running), "queued": len(c.queue), "held_bytes": c.held_bytes,
+                 "held_fds": c.held_fds, "buffered": c.transport.buffered}
                 for c in self._conns]
 
     # ---- close ----------------------------------------------------------------------------------
@@ -690,8 +1040,11 @@ class SocketNode:
     def close(self, timeout: float = 10.0) -> None:
         """Stop accepting, close every connection (closing its process) and unlink the socket.
         Idempotent; any thread."""
-        if self._closing or not self._started or self.rt.closed:
+        if self._closing or not self._started:
             self._closing = True
+            return
+        if self.rt.closed:
+            self._close_without_loop()
             return
         if self.rt.in_loop():
             raise RuntimeError("SocketNode.close() must be called off the loop")
@@ -706,10 +1059,39 @@ class SocketNode:
                 self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
         self._unlink_own()
+        if self._hangups is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self._hangups.fileno())
         for conn in list(self._conns):
             conn.transport.close(None)
             conn.connection_lost(None)  # starts its release now (it runs once)
+        if self._hangups is not None:
+            self._hangups.close()
+            self._hangups = None
+        self._hangup_conns.clear()
         await self._tasks.wait(timeout=10)
+
+    def _close_without_loop(self) -> None:
+        """The loop is already gone (its owner closed it first): nothing runs on it any more, so
+        release what the node holds directly: the listener, the sockets of the connections,
+        the socket file and the directory descriptor."""
+        self._closing = True
+        if self._listener is not None:
+            self._listener.close()
+        for conn in list(self._conns):
+            conn.gone = True
+            close_all(conn.fds)
+            conn.fds.clear()
+            for call in [*conn.queue, *conn.running.values()]:
+                if call.mem is not None:
+                    call.mem.close()
+            with contextlib.suppress(OSError):
+                conn.transport.sock.close()
+        self._conns.clear()
+        if self._hangups is not None:
+            self._hangups.close()
+            self._hangups = None
+        self._unlink_own()
 
     def _unlink_own(self) -> None:
         dir_fd, self._dir_fd = self._dir_fd, -1

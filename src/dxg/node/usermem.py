@@ -7,9 +7,13 @@ client sent readable (REGION_IN), a write entirely inside one region it marked w
 (REGION_OUT); anything else is a :class:`~dxg.guest.usermem.UserMemoryFault`, which the driver
 turns into ``-EFAULT`` exactly as the kernel would for a bad user pointer.
 
-Writes land in the region's copy (a later read sees them, as in real memory) and are reported
-by :meth:`RegionUserMemory.writes`: one write per touched region covering the span written, so
-the reply never grows past the regions the request declared.
+Writes are kept beside the request's bytes, not in a copy of each region: a region costs the node
+only what the driver actually writes into it (an OUT-only region the client declared 4 MiB long
+and the driver never touches costs nothing, however long the call waits). A later read sees
+earlier writes, as in real memory. :meth:`RegionUserMemory.writes` reports them: one write per
+touched region covering the span from the first to the last byte written, so the reply never
+grows past the regions the request declared; inside that span, bytes the driver did not write
+carry the region's data as sent (IN|OUT) or zero (OUT only), as the wire contract says.
 
 Descriptors: the client sends the ones the driver may take beside the request, each with the
 number it has in the client; :meth:`take_fd` hands the driver a duplicate by that number. A
@@ -33,16 +37,77 @@ __all__ = ["RegionUserMemory"]
 
 
 class _Backing:
-    __slots__ = ("addr", "buf", "dirty_hi", "dirty_lo", "end", "readable", "writable")
+    """One region: the bytes the client sent (IN), and what the driver wrote into it (OUT), kept
+    as sorted, disjoint, non-adjacent runs so that memory follows what is written."""
+
+    __slots__ = ("addr", "data", "end", "readable", "run_bufs", "run_starts", "writable")
 
     def __init__(self, region: Region) -> None:
         self.addr = region.addr
         self.end = region.addr + region.length
         self.readable = region.readable
         self.writable = region.writable
-        self.buf = bytearray(region.data) if region.data is not None else bytearray(region.length)
-        self.dirty_lo = self.end
-        self.dirty_hi = self.addr
+        self.data = region.data  # the bytes sent (IN), shared with the request, never copied
+        self.run_starts: list[int] = []  # offsets into the region
+        self.run_bufs: list[bytearray] = []
+
+    @property
+    def written(self) -> int:
+        return sum(len(b) for b in self.run_bufs)
+
+    def base(self, lo: int, hi: int) -> bytearray:
+        """The region's bytes lo..hi as sent (zero for an OUT-only region)."""
+        if self.data is None:
+            return bytearray(hi - lo)
+        return bytearray(self.data[lo:hi])
+
+    def store(self, off: int, data: bytes) -> None:
+        end = off + len(data)
+        starts, bufs = self.run_starts, self.run_bufs
+        # runs that overlap or touch [off, end) merge with it into one
+        first = bisect.bisect_left(starts, off)
+        if first > 0 and starts[first - 1] + len(bufs[first - 1]) >= off:
+            first -= 1
+        last = bisect.bisect_right(starts, end)  # runs [first, last) start at or before end
+        if first == last:
+            starts.insert(first, off)
+            bufs.insert(first, bytearray(data))
+            return
+        lo = min(off, starts[first])
+        hi = max(end, starts[last - 1] + len(bufs[last - 1]))
+        if last - first == 1 and lo == starts[first] and hi == lo + len(bufs[first]):
+            bufs[first][off - lo : end - lo] = data  # inside one run: in place
+            return
+        merged = bytearray(hi - lo)
+        for at, buf in zip(starts[first:last], bufs[first:last], strict=True):
+            merged[at - lo : at - lo + len(buf)] = buf
+        merged[off - lo : end - lo] = data
+        starts[first:last] = [lo]
+        bufs[first:last] = [merged]
+
+    def load(self, off: int, size: int) -> bytes:
+        """``size`` bytes at ``off``: as sent, with what was written since on top."""
+        end = off + size
+        starts, bufs = self.run_starts, self.run_bufs
+        if not starts or starts[0] >= end or starts[-1] + len(bufs[-1]) <= off:
+            return bytes(size) if self.data is None else self.data[off:end]  # nothing written
+        out = self.base(off, end)
+        i = max(bisect.bisect_right(starts, off) - 1, 0)
+        while i < len(starts) and starts[i] < end:
+            at, buf = starts[i], bufs[i]
+            lo, hi = max(at, off), min(at + len(buf), end)
+            if lo < hi:
+                out[lo - off : hi - off] = buf[lo - at : hi - at]
+            i += 1
+        return bytes(out)
+
+    def span(self) -> tuple[int, bytes] | None:
+        """(offset, bytes) from the first to the last byte written, or None when untouched."""
+        if not self.run_starts:
+            return None
+        lo = self.run_starts[0]
+        hi = self.run_starts[-1] + len(self.run_bufs[-1])
+        return lo, self.load(lo, hi - lo)
 
 
 class RegionUserMemory:
@@ -80,8 +145,7 @@ class RegionUserMemory:
         b = self._find(addr, size, "read")
         if not b.readable:
             raise UserMemoryFault(f"user buffer at 0x{b.addr:x} was not sent readable")
-        off = addr - b.addr
-        return bytes(b.buf[off : off + size])
+        return b.load(addr - b.addr, size)
 
     def write(self, addr: int, data: bytes) -> None:
         size = len(data)
@@ -90,10 +154,7 @@ class RegionUserMemory:
         b = self._find(addr, size, "write")
         if not b.writable:
             raise UserMemoryFault(f"user buffer at 0x{b.addr:x} is not writable")
-        off = addr - b.addr
-        b.buf[off : off + size] = data
-        b.dirty_lo = min(b.dirty_lo, addr)
-        b.dirty_hi = max(b.dirty_hi, addr + size)
+        b.store(addr - b.addr, data)
 
     # ---- descriptors ----------------------------------------------------------------------------
 
@@ -131,7 +192,12 @@ class RegionUserMemory:
         """What the driver stored, as one write per touched region (in address order)."""
         out = []
         for b in self._regions:
-            if b.dirty_hi > b.dirty_lo:
-                lo, hi = b.dirty_lo - b.addr, b.dirty_hi - b.addr
-                out.append(Write(b.dirty_lo, bytes(b.buf[lo:hi])))
+            span = b.span()
+            if span is not None:
+                out.append(Write(b.addr + span[0], span[1]))
         return tuple(out)
+
+    @property
+    def written_bytes(self) -> int:
+        """Bytes this accessor holds for what the driver wrote (the request's own bytes aside)."""
+        return sum(b.written for b in self._regions)

@@ -115,7 +115,10 @@ class TaskSet:
             outer.set_exception(e)
             return outer
         if waiting is not None and not asyncio.isfuture(waiting):
-            coro.throw(RuntimeError(f"eager coroutine yielded {waiting!r}"))
+            # Not something asyncio waits on (a task would fail the same way): stop it.
+            coro.close()
+            outer.set_exception(RuntimeError(f"eager coroutine yielded {waiting!r}"))
+            return outer
         self._suspended.add(_Suspended(self, coro, waiting, outer, name))
         return outer
 

@@ -32,8 +32,9 @@ Ops:
                       written at @48 (the private data must be 48 + length bytes)
 5     SHMEM_WRITE     u64 region @32, u64 offset @40, length, bytes @48: written by the host
 6     SHMEM_FREE      u64 region @32
-7     EVENTFD_SIGNAL  FD_IN with an eventfd, u64 value @32: the host adds ``value`` to it (the
-                      caller sees its eventfd become readable); local links only
+7     EVENTFD_SIGNAL  FD_IN with an eventfd, u64 value @32 (1..MAX_EVENTFD_VALUE): the host adds
+                      ``value`` to it (the caller sees its eventfd become readable); a counter
+                      with no room for it: STATUS_DEVICE_BUSY; local links only
 ====  ==============  =============================================================================
 
 A region belongs to the process that created it and goes with it; its bytes count against the
@@ -46,8 +47,8 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
-__all__ = ["ESCAPE_HEADER", "ESCAPE_MAGIC", "ESCAPE_VERSION", "FD_OFFSET", "MAX_SLEEP_MS",
-           "EscapeFlags", "EscapeHeader", "Op", "is_pydxg_escape"]
+__all__ = ["ESCAPE_HEADER", "ESCAPE_MAGIC", "ESCAPE_VERSION", "FD_OFFSET", "MAX_EVENTFD_VALUE",
+           "MAX_SLEEP_MS", "EscapeFlags", "EscapeHeader", "Op", "is_pydxg_escape"]
 
 ESCAPE_MAGIC = 0x45584450  # b"PDXE" little-endian
 ESCAPE_VERSION = 1
@@ -55,6 +56,7 @@ ESCAPE_HEADER = struct.Struct("<IHHIIqQ")
 FD_OFFSET = 16  # where the descriptor number sits in the private data
 OP_FIELDS = ESCAPE_HEADER.size  # 32: where each op's own fields start
 MAX_SLEEP_MS = 600_000
+MAX_EVENTFD_VALUE = 1 << 32
 
 
 class Op(IntEnum):

@@ -93,7 +93,9 @@ class BusDevice:
 class BusDriver(Protocol):
     id_table: tuple[uuid.UUID, ...]
 
-    async def probe(self, dev: BusDevice) -> None: ...
+    async def probe(self, dev: BusDevice) -> bool:
+        """Take the device (True), or refuse it (False: the bus forgets it)."""
+        ...
 
     async def remove(self, dev: BusDevice) -> None: ...
 
@@ -105,12 +107,17 @@ class GuestBus:
     task that runs the drivers' probe() and remove(); work for a connection that has since gone
     is skipped, so a quick reconnect never mixes the old host's channels with the new one's. A
     rescind closes its channel at once, so a probe waiting on a request there fails immediately.
+
+    What a host sends is bounded: the bus keeps only the devices a driver took, and takes at
+    most `max_offers` offers per connection (more are ignored); a host whose control messages
+    pile up past `max_queued_work` before they can be handled is dropped.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, dial: Dialer, name: str, *,
                  reconnect: bool = True, handshake_timeout: float = 10.0,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 5.0,
-                 max_message: int = MAX_MESSAGE) -> None:
+                 max_message: int = MAX_MESSAGE, max_offers: int = 4096,
+                 max_queued_work: int = 8192) -> None:
         if not 0 < heartbeat_interval < heartbeat_timeout:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
         self.loop = loop
@@ -121,6 +128,10 @@ class GuestBus:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message = max_message
+        self.max_offers = max_offers
+        self.max_queued_work = max_queued_work
+        self._offers_taken = 0  # offers of the current connection, kept or not
+        self.ignored_offers = 0
         self.host_name = ""
         self.version = 0
         self._drivers: list[BusDriver] = []
@@ -193,6 +204,7 @@ class GuestBus:
         conn = BusConnection(self.loop, transport, self, f"guest<-{self.name}",
                              self.max_message)
         self._conn = conn
+        self._offers_taken = 0
         conn.start()
         try:
             conn.send_control(Hello(BUS_VERSIONS_SUPPORTED, "pydxg-guest"))
@@ -279,6 +291,14 @@ class GuestBus:
             self._work.put_nowait(lambda: self._remove_all(conn))
         self._lost.set()
 
+    def _queue(self, conn: BusConnection, work: Callable[[], Awaitable[None]]) -> None:
+        if self._work.qsize() >= self.max_queued_work:
+            log.error("bus %s: the host sent more than %d control messages before they could "
+                      "be handled; dropping it", self.name, self.max_queued_work)
+            conn.close(ConnectionError(errno.EPROTO, "host flooded the bus"))
+            return
+        self._work.put_nowait(work)
+
     def control_received(self, conn: BusConnection, msg: BusMessage) -> None:
         if conn is not self._conn:
             return
@@ -286,17 +306,24 @@ class GuestBus:
             if self._version is not None and not self._version.done():
                 self._version.set_result(msg)
         elif isinstance(msg, Offer):
-            self._work.put_nowait(lambda: self._probe(conn, msg))
+            self._offers_taken += 1
+            if self._offers_taken > self.max_offers:
+                self.ignored_offers += 1
+                if self._offers_taken == self.max_offers + 1:  # once per connection
+                    log.error("bus %s: the host offers more than %d devices; the rest are "
+                              "ignored", self.name, self.max_offers)
+                return
+            self._queue(conn, lambda: self._probe(conn, msg))
         elif isinstance(msg, Rescind):
             ch = conn.detach(msg.relid)
             if ch is not None:
                 ch.close("rescinded")
-            self._work.put_nowait(lambda: self._rescind(conn, msg.relid))
+            self._queue(conn, lambda: self._rescind(conn, msg.relid))
         elif isinstance(msg, AllOffersDelivered):
             async def delivered() -> None:
                 self.offers_delivered.set()
 
-            self._work.put_nowait(delivered)
+            self._queue(conn, delivered)
         elif isinstance(msg, OpenResult):
             waiter = self._open_waiters.get(msg.relid)
             if waiter is not None and not waiter.done():
@@ -333,9 +360,17 @@ class GuestBus:
         for drv in self._drivers:
             if offer.type_guid in drv.id_table:
                 dev.driver = drv
-                await drv.probe(dev)
-                return
-        log.info("bus %s: no driver for channel type %s", self.name, offer.type_guid)
+                if await drv.probe(dev):
+                    return
+                break
+        else:
+            log.info("bus %s: no driver for channel type %s", self.name, offer.type_guid)
+        # Nobody took it: forget it (a refused offer costs nothing to keep around).
+        if self._devices.get(key) is dev:
+            del self._devices[key]
+            if dev.channel is not None:
+                dev.channel.close("refused")
+                conn.detach(offer.relid)
 
     async def _rescind(self, conn: BusConnection, relid: int) -> None:
         dev = self._devices.pop((id(conn), relid), None)

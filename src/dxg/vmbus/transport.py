@@ -40,6 +40,8 @@ MAX_BUFFER = 256 * 1024 * 1024
 # Descriptors one read may bring (more is a protocol violation: the connection is dropped).
 MAX_FDS_PER_READ = 64
 _RECV_CHUNK = 256 * 1024
+# TCP keepalive: probe after 30 s of silence, every 10 s, give up after 3 unanswered.
+_KEEPALIVE = ((socket.TCP_KEEPIDLE, 30), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 3))
 _READS_PER_WAKEUP = 16
 
 
@@ -94,22 +96,40 @@ def parse_address(text: str) -> Address:
 
 class WriteBudget:
     """Bytes waiting for slow readers, bounded across many transports (a node's clients): a
-    transport that would push the total past ``limit`` drops its peer instead."""
+    transport whose write would push the total past ``limit`` drops its peer instead.
 
-    __slots__ = ("limit", "used")
+    ``parent``: a wider budget this one is a share of (a user's share of a node's pool): a take
+    is charged here first, then there, and a give returns to both. ``evict(n, requester)``: when a
+    take does not fit, the owner may make room by dropping some *other* transport (whose close
+    gives its bytes back) and return True; it returns False when it will not (nothing to drop,
+    or the ``requester`` itself is the one to drop), and the take fails. Without ``evict`` a take
+    that does not fit simply fails."""
 
-    def __init__(self, limit: int) -> None:
+    __slots__ = ("evict", "limit", "parent", "used")
+
+    def __init__(self, limit: int, *, parent: WriteBudget | None = None,
+                 evict: Callable[[int, object], bool] | None = None) -> None:
         self.limit = limit
         self.used = 0
+        self.parent = parent
+        self.evict = evict
 
-    def take(self, n: int) -> bool:
-        if self.used + n > self.limit:
+    def take(self, n: int, requester: object = None) -> bool:
+        while self.used + n > self.limit:
+            used = self.used
+            if self.evict is None or not self.evict(used + n - self.limit, requester):
+                return False
+            if self.used >= used:  # an evict that freed nothing here cannot loop forever
+                return False
+        if self.parent is not None and not self.parent.take(n, requester):
             return False
         self.used += n
         return True
 
     def give(self, n: int) -> None:
         self.used = max(0, self.used - n)
+        if self.parent is not None:
+            self.parent.give(n)
 
 
 class Transport:
@@ -158,6 +178,11 @@ class SocketTransport(Transport):
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # A peer that vanishes without a word (its machine gone, the network cut) is found
+            # within about a minute, even by an end with nothing to send it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for option, value in _KEEPALIVE:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
         self._fd = sock.fileno()
         self._receiver: Receiver | None = None
         # Bytes are read into this buffer and copied out at once, so every transport of one
@@ -248,14 +273,25 @@ class SocketTransport(Transport):
             if sent == len(data):
                 return
         view = memoryview(data)[sent:]
+        # The descriptors go with the first byte: if none went yet, they wait with the bytes, as
+        # copies. A copy that cannot be made (EMFILE) fails the write with nothing queued and
+        # nothing leaked (OSError; the caller may send something else).
+        pending: list[int] = []
+        if not sent:
+            try:
+                for fd in fds:
+                    pending.append(os.dup(fd))
+            except OSError:
+                close_all(pending)
+                raise
         if self._buffered + len(view) > self.max_buffer or (
-                self.budget is not None and not self.budget.take(len(view))):
+                self.budget is not None and not self.budget.take(len(view), self)):
+            close_all(pending)
             err = ConnectionError(errno.ENOBUFS, f"{self.peer} does not read its replies: "
                                                  f"{self._buffered + len(view)} bytes would "
                                                  "wait for it; dropped")
             self.close(err)
             raise TransportClosed(str(err))
-        pending = [] if sent else [os.dup(fd) for fd in fds]
         self._out.append((view, pending))
         self._buffered += len(view)
         if len(self._out) == 1:
@@ -575,9 +611,15 @@ def _remove_stale_socket(path: str) -> None:
     probe.settimeout(1.0)
     try:
         probe.connect(path)
-    except OSError:
-        os.unlink(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        # Nobody listens (or it went meanwhile): stale. Anything else (a timeout or EAGAIN
+        # against a live server with a full backlog) means somebody is there.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         return
+    except OSError as e:
+        raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server (busy: "
+                                        f"{e.strerror or e})") from None
     finally:
         probe.close()
     raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")

@@ -1,0 +1,71 @@
+"""Who a client is, and how much each user may hold: shared by the socket node and the FUSE file.
+
+:class:`UidCounter` counts something per user (connections or open files, bytes of calls in
+flight, descriptors held) against one limit per non-root user. Root is exempt from the per-user
+limit, as it is from the kernel's per-user limits: what root holds still counts towards the
+totals the front ends keep. :func:`process_name` reads a process's name for the logs and for
+``driver.open_process``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["EXEMPT_UID", "UidCounter", "process_name"]
+
+EXEMPT_UID = 0  # root: counted, never refused by a per-user limit
+
+
+class UidCounter:
+    """How much of one thing each user holds, against ``limit`` per non-root user.
+
+    Plain bookkeeping on one thread (the front end's loop): :meth:`fits` says whether ``uid``
+    may take ``n`` more, :meth:`add` and :meth:`remove` move its count (a user whose count drops
+    to zero is forgotten, so the table holds only users that hold something)."""
+
+    __slots__ = ("_held", "limit", "total")
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("a per-user limit must be at least 1")
+        self.limit = limit
+        self.total = 0
+        self._held: dict[int, int] = {}
+
+    def __repr__(self) -> str:
+        return f"<UidCounter limit={self.limit} total={self.total} users={len(self._held)}>"
+
+    def held(self, uid: int) -> int:
+        return self._held.get(uid, 0)
+
+    def fits(self, uid: int, n: int = 1) -> bool:
+        """Whether ``uid`` may take ``n`` more (always, for root)."""
+        return uid == EXEMPT_UID or self._held.get(uid, 0) + n <= self.limit
+
+    def add(self, uid: int, n: int = 1) -> None:
+        if n:
+            self._held[uid] = self._held.get(uid, 0) + n
+            self.total += n
+
+    def remove(self, uid: int, n: int = 1) -> None:
+        if not n:
+            return
+        left = self._held.get(uid, 0) - n
+        self.total -= min(n, self._held.get(uid, 0))
+        if left > 0:
+            self._held[uid] = left
+        else:
+            self._held.pop(uid, None)
+
+    def users(self) -> dict[int, int]:
+        """A copy of what each user holds now."""
+        return dict(self._held)
+
+
+def process_name(pid: int) -> str:
+    """The name of process ``pid`` (``/proc/<pid>/comm``), or "" when it cannot be read."""
+    if pid <= 0:
+        return ""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read(64).decode(errors="replace").strip()
+    except OSError:
+        return ""
