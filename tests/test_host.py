@@ -804,26 +804,37 @@ def test_worker_threads_are_shared_fairly(sock_dir: str) -> None:
 
 
 def test_a_guest_may_keep_only_so_many_requests_waiting(sock_dir: str) -> None:
-    with Host(HostConfig(adapters=1, max_pending_calls=2)) as host:
+    config = HostConfig(adapters=1, max_pending_calls=3, max_pending_calls_per_process=2)
+    with Host(config) as host:
         g = RawGuest(host.listen(os.path.join(sock_dir, "p.sock")))
         try:
-            hp = g.create_process()
+            a, b = g.create_process(pid=1), g.create_process(pid=2)
             g.open_adapter(0)
-            dev = g.create_device(0, hp)
-            sleep = g.start_sleep(0, hp, dev)
-            queued = g.start_request(g.vch(0), g.escape_payload(0, hp, dev, Op.PING))
-            wait_until(lambda: host.census()["partitions"][0]["pending_calls"] == 2)
-            # A third long request is refused at once; quick commands still run.
-            refused = g.request(g.vch(0), g.escape_payload(0, hp, dev, Op.PING))
-            assert NtStatusReturn.unpack(refused).status == NTSTATUS.STATUS_NO_MEMORY
-            assert g.create_device(0, hp)
-            assert g.destroy_device(0, hp, dev) == OK
-            assert escape_status(sleep.result(TIMEOUT)).status == NTSTATUS.STATUS_CANCELLED
+            dev, dev_b = g.create_device(0, a), g.create_device(0, b)
+
+            def ping(hp: int, device: int) -> bytes:
+                return g.request(g.vch(0), g.escape_payload(0, hp, device, Op.PING))
+
+            sleep = g.start_sleep(0, a, dev)
+            queued = g.start_request(g.vch(0), g.escape_payload(0, a, dev, Op.PING))
+            wait_until(lambda: host_process(host, a)["pending_calls"] == 2)
+            # The process's share is taken: its next long request is refused at once...
+            assert NtStatusReturn.unpack(ping(a, dev)).status == NTSTATUS.STATUS_NO_MEMORY
+            # ... another process still has room, until the guest's is taken too.
+            sleep_b = g.start_sleep(0, b, dev_b)
+            wait_until(lambda: host.census()["partitions"][0]["pending_calls"] == 3)
+            assert NtStatusReturn.unpack(ping(b, dev_b)).status == NTSTATUS.STATUS_NO_MEMORY
+            assert g.create_device(0, a)  # quick commands still run
+            assert g.destroy_device(0, a, dev) == OK
+            assert g.destroy_device(0, b, dev_b) == OK
+            for long in (sleep, sleep_b):
+                assert escape_status(long.result(TIMEOUT)).status == NTSTATUS.STATUS_CANCELLED
             queued.result(TIMEOUT)
             wait_until(lambda: host.census()["partitions"][0]["pending_calls"] == 0)
             assert host.census()["partitions"][0]["pending_bytes"] == 0
-            dev = g.create_device(0, hp)
-            assert g.escape(0, hp, dev, Op.PING).status == OK
+            assert host_process(host, a)["pending_calls"] == 0
+            dev = g.create_device(0, a)
+            assert g.escape(0, a, dev, Op.PING).status == OK
         finally:
             g.close()
 

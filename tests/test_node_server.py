@@ -1196,6 +1196,45 @@ def test_request_bytes_held_by_calls_are_bounded_per_user(driver, node_dir):
         wait_until(lambda: n.rt.call(lambda: n.call_bytes.total) == 0)
 
 
+def test_what_calls_hold_is_bounded_for_everyone_together(driver, node_dir):
+    """Per-user limits do not bind root, nor a user with many uids (a rootless container's):
+    the node-wide totals of call bytes and descriptors do."""
+    from dxg.oslib.fds import send_with_fds
+
+    one = wire.HEADER_SIZE + wire.MAX_PAYLOAD
+    with SocketNode(driver, node_dir / "t.sock", max_call_bytes=one, max_call_bytes_per_uid=one,
+                    max_total_call_bytes=8 << 20, max_fds=16, max_fds_per_uid=16,
+                    max_total_fds=32) as n:
+        raws = [Raw(n.path) for _ in range(3)]
+        for seq, raw in enumerate(raws, 10):
+            raw.send(escape(seq, extra_in=3 << 20))
+        wait_until(lambda: len(driver.escapes()) == 2)  # 2 x 3 MiB of the 8: the third waits
+        assert 6 << 20 < n.rt.call(lambda: n.call_bytes.total) <= 8 << 20
+        driver.release_escapes()  # room again: the third gets in
+        wait_until(lambda: len(driver.escapes()) == 3)
+        driver.release_escapes()
+        for raw in raws:
+            assert all(r.ret == 0 for r in replies(raw, 1).values())
+        # descriptors: 16 each on two connections fill the 32; a third call is refused
+        driver.rt.call(lambda: setattr(driver, "escapes_open", False))  # they park again
+        efd = os.eventfd(0)
+        try:
+            for seq, raw in enumerate(raws, 20):
+                send_with_fds(raw.sock, escape(seq, fd_numbers=tuple(range(16))), [efd] * 16)
+            got = [replies(raw, 1) for raw in raws[2:]]
+            assert [r.ret for g in got for r in g.values()] == [-errno.EMFILE]
+            wait_until(lambda: len(driver.escapes()) == 5)
+            assert n.rt.call(lambda: n.call_fds.total) == 32
+            driver.release_escapes()
+            for raw in raws[:2]:
+                assert all(r.ret == 0 for r in replies(raw, 1).values())
+        finally:
+            os.close(efd)
+        wait_until(lambda: n.rt.call(lambda: (n.call_bytes.total, n.call_fds.total)) == (0, 0))
+        for raw in raws:
+            raw.close()
+
+
 def _fd_rets(path: Path) -> str:
     """As another user: escapes with 16 descriptors each on 3 connections, and a non-escape
     ioctl with one; returns each connection's results, read up to a sentinel."""

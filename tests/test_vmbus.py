@@ -400,6 +400,36 @@ def test_a_host_flooding_the_bus_with_control_messages_is_dropped(host_rt, guest
         wait_until(lambda: len(guest.drv.removed) == 3)
 
 
+def test_offers_are_bounded_at_once_and_over_a_connection(host_rt, guest_rt, tmp_path):
+    with linked("unix", host_rt, guest_rt, tmp_path, max_offers=4) as (host, guest):
+        bus = guest.bus
+        session = host.sessions[0]
+        # Three devices are held; a fourth offer fits, a fifth and sixth are ignored...
+        busy = guest.rt.call(asyncio.Event)
+
+        async def slow_work() -> None:
+            await busy.wait()
+
+        guest.rt.call(lambda: bus._work.put_nowait(slow_work))  # nothing is probed meanwhile
+        host_rt.call(lambda: [session.conn.send_control(Offer(relid, uuid.uuid4(), uuid.uuid4()))
+                              for relid in (10, 11, 12)])
+        wait_until(lambda: guest.rt.call(lambda: bus.ignored_offers) == 2)
+        guest.rt.call(busy.set)
+        # ... and the one of a type no driver takes is forgotten, not kept.
+        wait_until(lambda: guest.rt.call(lambda: (bus._work.qsize(), len(bus.devices())))
+                   == (0, 3))
+        # Offers that come and go are fine, but not without end: past 16 x max_offers in one
+        # connection, the host is dropped.
+        def churn() -> None:
+            with contextlib.suppress(ConnectionError):
+                for relid in range(100, 200):
+                    session.conn.send_control(Offer(relid, uuid.uuid4(), uuid.uuid4()))
+
+        host_rt.call(churn)
+        wait_until(lambda: len(guest.drv.removed) == 3)
+        assert not guest.rt.call(lambda: bus.up)
+
+
 def test_reconnect_after_host_restart(host_rt, guest_rt, tmp_path):
     addr = str(tmp_path / "h.sock")
     host = EchoHost(host_rt, addr, offers())

@@ -109,7 +109,8 @@ async def send(target: HostLink | GuestAdapter, command: GlobalCommand | VgpuCom
         except asyncio.CancelledError:
             # Cancelled just as the reply came: the channel handed it to us, so the undo is
             # ours to run (what the host made for a caller that gave up must not stay).
-            if pending.done() and not pending.cancelled():
+            if (pending.done() and not pending.cancelled()
+                    and pending.exception() is None):
                 late(pending.result())
             raise
     except ChannelClosed:

@@ -51,9 +51,10 @@ class HostConfig:
     # jobs wait their turn, so one guest (or process) cannot take every worker from the others.
     max_jobs_per_partition: int = 16
     max_jobs_per_process: int = 4
-    # Requests of one guest that may wait or run as tasks at once (long commands), and the
-    # bytes they hold; past either, a new one fails STATUS_NO_MEMORY at once.
+    # Requests of one guest (and of one process of it) that may wait or run as tasks at once
+    # (long commands), and the bytes they hold; past any, a new one fails STATUS_NO_MEMORY.
     max_pending_calls: int = 4096
+    max_pending_calls_per_process: int = 1024
     max_pending_bytes: int = 256 << 20
     # The longest message a guest may send or be sent (a bulk attachment beyond one packet).
     max_message_bytes: int = 64 << 20
@@ -83,8 +84,10 @@ class HostConfig:
             raise ValueError("backend_workers must be 1..1024")
         if not 1 <= self.max_jobs_per_process <= self.max_jobs_per_partition:
             raise ValueError("need 1 <= max_jobs_per_process <= max_jobs_per_partition")
-        if self.max_pending_calls < 1 or self.max_pending_bytes < 1:
-            raise ValueError("max_pending_calls and max_pending_bytes must be positive")
+        if not 1 <= self.max_pending_calls_per_process <= self.max_pending_calls:
+            raise ValueError("need 1 <= max_pending_calls_per_process <= max_pending_calls")
+        if self.max_pending_bytes < 1:
+            raise ValueError("max_pending_bytes must be positive")
         if not 1 << 17 <= self.max_message_bytes <= 1 << 32:
             raise ValueError("max_message_bytes must be 128 KiB..4 GiB")
         if not self.max_message_bytes < self.max_send_buffer <= self.max_total_send_buffer:

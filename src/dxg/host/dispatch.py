@@ -39,12 +39,14 @@ from dxg.protocol.errors import ProtocolError
 from dxg.protocol.framing import DXG_MAX_VM_BUS_PACKET_SIZE, FLAG_HAS_BULK
 from dxg.protocol.headers import decode_guest
 from dxg.protocol.table import COMMANDS, Route, fail_status
+from dxg.uapi.handles import HandleType
 from dxg.uapi.ntstatus import NTSTATUS
 from dxg.vmbus.channel import Channel, Packet
 
 if TYPE_CHECKING:
     from dxg.host.adapter import HostAdapter
     from dxg.host.partition import Partition
+    from dxg.host.process import HostProcess
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +79,11 @@ def _discard(result: Any) -> None:
         result.close()
 
 
-def _settle(p: Partition, size: int, _task: object) -> None:
+def _settle(p: Partition, process: HostProcess | None, size: int, _task: object) -> None:
     p.pending_calls -= 1
     p.pending_bytes -= size
+    if process is not None:
+        process.pending -= 1
 
 
 class Dispatcher:
@@ -161,8 +165,12 @@ class Dispatcher:
             return
         if inspect.isawaitable(result):
             size = len(packet.payload)
+            process = (p.handles.get(call.process_handle, HandleType.PROCESS)
+                       if call.process_handle else None)
             if (p.pending_calls >= p.config.max_pending_calls
-                    or p.pending_bytes + size > p.config.max_pending_bytes):
+                    or p.pending_bytes + size > p.config.max_pending_bytes
+                    or (process is not None
+                        and process.pending >= p.config.max_pending_calls_per_process)):
                 _discard(result)
                 p.logs.log(logging.WARNING, "pending", "partition %d: %d requests (%d bytes) "
                            "waiting already; %s refused", p.id, p.pending_calls,
@@ -179,7 +187,9 @@ class Dispatcher:
             # It counts against the partition's pending limits until it is done, however.
             p.pending_calls += 1
             p.pending_bytes += size
-            task.add_done_callback(functools.partial(_settle, p, size))
+            if process is not None:
+                process.pending += 1
+            task.add_done_callback(functools.partial(_settle, p, process, size))
             return
         self._send(channel, call, result)
 

@@ -11,6 +11,7 @@ with the private data overwritten; a pydxg op reports its own status in the head
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import struct
@@ -50,7 +51,9 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _RANGE = struct.Struct("<QQ")  # region, offset
 _PATTERN = bytes(range(251))
-_EVENTFD_MAX = 0xFFFF_FFFF_FFFF_FFFE  # the largest value an eventfd counter holds
+# What a failed eventfd write answers: no room in its counter, or too many writes in flight.
+_EVENTFD_STATUS = MappingProxyType({errno.EAGAIN: NTSTATUS.STATUS_DEVICE_BUSY,
+                                    errno.EBUSY: NTSTATUS.STATUS_DEVICE_BUSY})
 
 
 @dataclass(eq=False, slots=True)
@@ -88,41 +91,6 @@ def _region_of(process: HostProcess, data: bytes, length: int,
     if need_range and (offset > region.size or length > region.size - offset):
         raise _OpFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "range outside the region")
     return region, offset
-
-
-def _eventfd_count(fd: int) -> int | None:
-    """The counter of eventfd ``fd`` (from fdinfo: no syscall on the descriptor itself), or
-    None when ``fd`` is not an eventfd."""
-    try:
-        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]":
-            return None
-        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("eventfd-count:"):
-                    return int(line.split(":", 1)[1], 16)
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _signal_eventfd(fd: int, value: int, cancelled: threading.Event) -> int:
-    """Add ``value`` to the caller's eventfd, on a worker thread: the descriptor is the
-    caller's (blocking or not, as the caller set it), so the write must never run on the loop.
-    It cannot block here (the counter leaves room for the value, checked just before), except
-    when the caller races its own counter up to the top, which costs only the caller's own
-    worker slot until it reads the counter back."""
-    if cancelled.is_set():
-        return NTSTATUS.STATUS_CANCELLED
-    count = _eventfd_count(fd)
-    if count is None:
-        return NTSTATUS.STATUS_INVALID_PARAMETER
-    if count + value > _EVENTFD_MAX:
-        return NTSTATUS.STATUS_DEVICE_BUSY
-    try:
-        os.eventfd_write(fd, value)
-    except OSError:
-        return NTSTATUS.STATUS_INVALID_PARAMETER
-    return OK
 
 
 def _still_there(p: Partition, process: HostProcess, device: HostDevice | None) -> None:
@@ -204,11 +172,12 @@ async def _pydxg(p: Partition, call: Call, process: HostProcess, device: HostDev
             if not 0 < value <= MAX_EVENTFD_VALUE:
                 raise _OpFailed(NTSTATUS.STATUS_INVALID_PARAMETER,
                                 f"EVENTFD_SIGNAL adds 1..{MAX_EVENTFD_VALUE}")
-            fd = fds[0]
-            result = await p.run_blocking(
-                process, lambda cancelled: _signal_eventfd(fd, value, cancelled), device=device)
-            if result != OK:
-                raise _OpFailed(result, "not an eventfd, or its counter is full")
+            # The descriptor is the caller's: the write runs on a thread of its own, which
+            # owns the descriptor from here (dxg.oslib.eventfd).
+            result = await p.eventfd_writers.add(fds.pop(), value, process)
+            if result:
+                raise _OpFailed(_EVENTFD_STATUS.get(-result, NTSTATUS.STATUS_INVALID_PARAMETER),
+                                f"EVENTFD_SIGNAL failed: {os.strerror(-result)}")
         else:
             raise _OpFailed(NTSTATUS.STATUS_INVALID_PARAMETER, f"unknown pydxg escape op {op}")
         status = OK

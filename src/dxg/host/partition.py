@@ -32,6 +32,7 @@ from dxg.host.device import EXECUTION_STATES, HostDevice
 from dxg.host.dispatch import OBJECT_HANDLERS, Dispatcher, _merge
 from dxg.host.handles import HandleTable, HandleTableFull
 from dxg.host.process import HostProcess, drop_process
+from dxg.oslib.eventfd import EventfdWriters
 from dxg.protocol import messages as m
 from dxg.protocol.bus import DXGK_VMBUS_INTERFACE_VERSION, OpenChannel
 from dxg.protocol.commands import GlobalCommand, HostToVmCommand
@@ -124,6 +125,8 @@ class Partition:
         # Worker threads this guest may keep busy at once (HostConfig.max_jobs_per_partition).
         self.job_slots = asyncio.Semaphore(config.max_jobs_per_partition)
         self.running_jobs = 0
+        # Writes to eventfds its processes handed in (pydxg EVENTFD_SIGNAL), off the loop.
+        self.eventfd_writers = EventfdWriters(f"partition {partition_id}")
         self.pending_calls = 0  # requests running as tasks, and the bytes they hold
         self.pending_bytes = 0
         self.dispatcher = Dispatcher(self, ALL_HANDLERS)

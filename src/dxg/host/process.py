@@ -41,6 +41,7 @@ class HostProcess:
     # Backend work in flight for this process: set each event to cut it short.
     jobs: set[threading.Event] = field(default_factory=set)
     running: int = 0  # of those jobs, the ones on a worker thread now
+    pending: int = 0  # its requests running or queued as tasks (long commands)
     region_ids: int = 0
     objects: int = 0  # devices and contexts it holds (HostConfig.max_objects_per_process)
     pinned: int = 0  # bytes of memory it holds (HostConfig.max_process_bytes)
@@ -63,6 +64,7 @@ class HostProcess:
             "regions": len(self.regions),
             "jobs": len(self.jobs),
             "running_jobs": self.running,
+            "pending_calls": self.pending,
         }
 
 

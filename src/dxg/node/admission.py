@@ -15,18 +15,22 @@ EXEMPT_UID = 0  # root: counted, never refused by a per-user limit
 
 
 class UidCounter:
-    """How much of one thing each user holds, against ``limit`` per non-root user.
+    """How much of one thing each user holds, against ``limit`` per non-root user and, when
+    given, ``total_limit`` for everyone together (root included).
 
     Plain bookkeeping on one thread (the front end's loop): :meth:`fits` says whether ``uid``
     may take ``n`` more, :meth:`add` and :meth:`remove` move its count (a user whose count drops
     to zero is forgotten, so the table holds only users that hold something)."""
 
-    __slots__ = ("_held", "limit", "total")
+    __slots__ = ("_held", "limit", "total", "total_limit")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, total_limit: int | None = None) -> None:
         if limit < 1:
             raise ValueError("a per-user limit must be at least 1")
+        if total_limit is not None and total_limit < limit:
+            raise ValueError("the total limit must be at least the per-user limit")
         self.limit = limit
+        self.total_limit = total_limit
         self.total = 0
         self._held: dict[int, int] = {}
 
@@ -37,8 +41,13 @@ class UidCounter:
         return self._held.get(uid, 0)
 
     def fits(self, uid: int, n: int = 1) -> bool:
-        """Whether ``uid`` may take ``n`` more (always, for root)."""
+        """Whether ``uid`` may take ``n`` more (root: as long as the total allows)."""
+        if not self.total_fits(n):
+            return False
         return uid == EXEMPT_UID or self._held.get(uid, 0) + n <= self.limit
+
+    def total_fits(self, n: int = 1) -> bool:
+        return self.total_limit is None or self.total + n <= self.total_limit
 
     def add(self, uid: int, n: int = 1) -> None:
         if n:

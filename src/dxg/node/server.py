@@ -37,8 +37,9 @@ limits and the totals, never to a per-uid limit):
   the queue has drained to half (and the bytes to half of their limit). Nothing is refused.
 * Bytes: the requests a connection has running or queued hold at most ``max_call_bytes``
   (32 MiB) of frames, those of all connections of one uid at most ``max_call_bytes_per_uid``
-  (128 MiB); past either, requests wait as above (a connection waiting for its user's bytes
-  tries again as soon as any call of that user ends). A connection holding nothing is never
+  (128 MiB), those of everyone (root included) at most ``max_total_call_bytes`` (512 MiB);
+  past any, requests wait as above (a connection waiting for its user's bytes tries again as
+  soon as any call of that user ends; one waiting for the total, when any call ends). A connection holding nothing is never
   held back by its own limit, so one maximal request (4 MiB) always fits. An OUT-only region
   costs nothing until the driver writes into it (:mod:`dxg.node.usermem`).
 * A connection whose reading is paused (for room, or for a reply backlog) is still watched
@@ -46,10 +47,10 @@ limits and the totals, never to a per-uid limit):
   at once, its unread requests dropped.
 * Descriptors: only the ioctls named in :data:`FD_IOCTLS` take descriptors; any other request
   carrying some gets ``-EINVAL`` and they are closed. The calls of one connection hold at most
-  ``max_fds`` (64) descriptors, those of one uid at most ``max_fds_per_uid`` (256); a request
-  whose descriptors would pass either gets ``-EMFILE`` (they are closed). A reply whose
-  descriptors cannot be kept for a slow reader (the node is out of descriptors) is answered
-  ``-EMFILE``, and nothing leaks.
+  ``max_fds`` (64) descriptors, those of one uid at most ``max_fds_per_uid`` (256), those of
+  everyone at most ``max_total_fds`` (2048); a request whose descriptors would pass any gets
+  ``-EMFILE`` (they are closed). A reply whose descriptors cannot be kept for a slow reader
+  (the node is out of descriptors) is answered ``-EMFILE``, and nothing leaks.
 * Replies the client does not read: while more than ``pause_buffer`` (1 MiB) bytes wait for it,
   the node reads no new requests from it. At most ``max_buffer`` (9 MiB) bytes wait for one
   client (past it that client is dropped), ``max_buffer_per_uid`` (a quarter of the total, and
@@ -122,6 +123,8 @@ _MAX_CALL_BYTES = 32 * 1024 * 1024
 _MAX_CALL_BYTES_PER_UID = 128 * 1024 * 1024
 _MAX_FDS = 64
 _MAX_FDS_PER_UID = 256
+_MAX_TOTAL_CALL_BYTES = 512 * 1024 * 1024
+_MAX_TOTAL_FDS = 2048
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 _CALL_KINDS = frozenset({wire.Kind.IOCTL, wire.Kind.ADMIN})
@@ -337,7 +340,7 @@ class _Conn:
         if self.held_bytes and self.held_bytes + cost > limit:
             return False
         if not node.call_bytes.fits(self.uid, cost):
-            node._wait_for_uid(self)
+            node._wait_for_uid(self, cost)
             return False
         return True
 
@@ -671,6 +674,8 @@ class SocketNode:
         max_call_bytes_per_uid: int = _MAX_CALL_BYTES_PER_UID,
         max_fds: int = _MAX_FDS,
         max_fds_per_uid: int = _MAX_FDS_PER_UID,
+        max_total_call_bytes: int = _MAX_TOTAL_CALL_BYTES,
+        max_total_fds: int = _MAX_TOTAL_FDS,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -689,8 +694,10 @@ class SocketNode:
             raise ValueError("max_calls and max_queued must be at least 1")
         if not wire.HEADER_SIZE + wire.MAX_PAYLOAD <= max_call_bytes <= max_call_bytes_per_uid:
             raise ValueError("need one whole frame <= max_call_bytes <= max_call_bytes_per_uid")
-        if not wire.MAX_FDS <= max_fds <= max_fds_per_uid:
-            raise ValueError("need wire.MAX_FDS <= max_fds <= max_fds_per_uid")
+        if max_call_bytes_per_uid > max_total_call_bytes:
+            raise ValueError("need max_call_bytes_per_uid <= max_total_call_bytes")
+        if not wire.MAX_FDS <= max_fds <= max_fds_per_uid <= max_total_fds:
+            raise ValueError("need wire.MAX_FDS <= max_fds <= max_fds_per_uid <= max_total_fds")
         self.driver = driver
         self.rt: LoopThread = driver.rt
         self.loop = driver.rt.loop
@@ -719,9 +726,11 @@ class SocketNode:
         self.max_queued = max_queued
         self.max_call_bytes = max_call_bytes
         self.max_fds = max_fds
-        self.call_bytes = UidCounter(max_call_bytes_per_uid)  # frame bytes of calls, per uid
-        self.call_fds = UidCounter(max_fds_per_uid)  # descriptors calls hold, per uid
-        self._uid_waiters: dict[int, set[_Conn]] = {}  # waiting for their user's bytes
+        # Frame bytes of calls, and descriptors they hold: per uid, and in all (root too).
+        self.call_bytes = UidCounter(max_call_bytes_per_uid, max_total_call_bytes)
+        self.call_fds = UidCounter(max_fds_per_uid, max_total_fds)
+        # Connections waiting for their user's bytes (by uid), or for the total's (None).
+        self._uid_waiters: dict[int | None, set[_Conn]] = {}
         self._conns: set[_Conn] = set()
         self._per_uid = UidCounter(max_per_uid)  # connections per uid
         # Connections whose reading is paused, watched for a hang-up only (an epoll of its own,
@@ -1015,14 +1024,17 @@ class SocketNode:
             log.debug("pid %d (%s): hung up while its reading was paused", conn.pid, conn.name)
             conn.transport.close(None)
 
-    def _wait_for_uid(self, conn: _Conn) -> None:
-        self._uid_waiters.setdefault(conn.uid, set()).add(conn)
+    def _wait_for_uid(self, conn: _Conn, cost: int) -> None:
+        """``conn`` waits for its user's bytes, or (key None) for anyone's: the total's."""
+        key = conn.uid if self.call_bytes.total_fits(cost) else None
+        self._uid_waiters.setdefault(key, set()).add(conn)
 
     def _uid_released(self, uid: int) -> None:
-        """Calls of ``uid`` let bytes go: its connections waiting for room try again."""
-        waiters = self._uid_waiters.pop(uid, None)
-        for conn in waiters or ():
-            conn.wake()
+        """Calls of ``uid`` let bytes go: its connections waiting for room try again, and so do
+        those waiting for the total."""
+        for key in (uid, None):
+            for conn in self._uid_waiters.pop(key, None) or ():
+                conn.wake()
 
     # ---- introspection --------------------------------------------------------------------------
 

@@ -116,8 +116,12 @@ class TaskSet:
             return outer
         if waiting is not None and not asyncio.isfuture(waiting):
             # Not something asyncio waits on (a task would fail the same way): stop it.
-            coro.close()
-            outer.set_exception(RuntimeError(f"eager coroutine yielded {waiting!r}"))
+            error: BaseException = RuntimeError(f"eager coroutine yielded {waiting!r}")
+            try:
+                coro.close()
+            except BaseException as e:  # it would not stop (it awaited in a finally)
+                error = e
+            outer.set_exception(error)
             return outer
         self._suspended.add(_Suspended(self, coro, waiting, outer, name))
         return outer

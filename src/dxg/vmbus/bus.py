@@ -108,9 +108,10 @@ class GuestBus:
     is skipped, so a quick reconnect never mixes the old host's channels with the new one's. A
     rescind closes its channel at once, so a probe waiting on a request there fails immediately.
 
-    What a host sends is bounded: the bus keeps only the devices a driver took, and takes at
-    most `max_offers` offers per connection (more are ignored); a host whose control messages
-    pile up past `max_queued_work` before they can be handled is dropped.
+    What a host sends is bounded: the bus keeps only the devices a driver took, holds or
+    queues at most `max_offers` offers at once (more are ignored), and drops a host that sends
+    more than 16 times that many over one connection, or whose control messages pile up past
+    `max_queued_work` before they can be handled.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, dial: Dialer, name: str, *,
@@ -130,7 +131,9 @@ class GuestBus:
         self.max_message = max_message
         self.max_offers = max_offers
         self.max_queued_work = max_queued_work
-        self._offers_taken = 0  # offers of the current connection, kept or not
+        # Offers of the current connection held or waiting to be probed, and all it has sent.
+        self._offers_live = 0
+        self._offers_seen = 0
         self.ignored_offers = 0
         self.host_name = ""
         self.version = 0
@@ -204,7 +207,7 @@ class GuestBus:
         conn = BusConnection(self.loop, transport, self, f"guest<-{self.name}",
                              self.max_message)
         self._conn = conn
-        self._offers_taken = 0
+        self._offers_live = self._offers_seen = 0
         conn.start()
         try:
             conn.send_control(Hello(BUS_VERSIONS_SUPPORTED, "pydxg-guest"))
@@ -306,13 +309,19 @@ class GuestBus:
             if self._version is not None and not self._version.done():
                 self._version.set_result(msg)
         elif isinstance(msg, Offer):
-            self._offers_taken += 1
-            if self._offers_taken > self.max_offers:
-                self.ignored_offers += 1
-                if self._offers_taken == self.max_offers + 1:  # once per connection
-                    log.error("bus %s: the host offers more than %d devices; the rest are "
-                              "ignored", self.name, self.max_offers)
+            self._offers_seen += 1
+            if self._offers_seen > 16 * self.max_offers:
+                log.error("bus %s: the host sent %d offers on one connection; dropping it",
+                          self.name, self._offers_seen)
+                conn.close(ConnectionError(errno.EPROTO, "host churned offers without end"))
                 return
+            if self._offers_live >= self.max_offers:
+                self.ignored_offers += 1
+                conn.logs.log(logging.ERROR, "too many offers", "bus %s: the host offers more "
+                              "than %d devices at once; offer %d ignored", self.name,
+                              self.max_offers, msg.relid)
+                return
+            self._offers_live += 1
             self._queue(conn, lambda: self._probe(conn, msg))
         elif isinstance(msg, Rescind):
             ch = conn.detach(msg.relid)
@@ -354,6 +363,7 @@ class GuestBus:
         key = (id(conn), offer.relid)
         if key in self._devices:
             log.warning("bus %s: duplicate offer for relid %d ignored", self.name, offer.relid)
+            self._offer_gone(conn)
             return
         dev = BusDevice(self, conn, offer)
         self._devices[key] = dev
@@ -368,6 +378,7 @@ class GuestBus:
         # Nobody took it: forget it (a refused offer costs nothing to keep around).
         if self._devices.get(key) is dev:
             del self._devices[key]
+            self._offer_gone(conn)
             if dev.channel is not None:
                 dev.channel.close("refused")
                 conn.detach(offer.relid)
@@ -375,7 +386,12 @@ class GuestBus:
     async def _rescind(self, conn: BusConnection, relid: int) -> None:
         dev = self._devices.pop((id(conn), relid), None)
         if dev is not None:
+            self._offer_gone(conn)
             await self._teardown(dev, "rescinded")
+
+    def _offer_gone(self, conn: BusConnection) -> None:
+        if conn is self._conn:
+            self._offers_live -= 1
 
     async def _remove_all(self, conn: BusConnection) -> None:
         devs = [d for d in self._devices.values() if d.conn is conn]
