@@ -804,6 +804,61 @@ def test_apply_reply_checks_everything_before_touching_memory():
     os.close(efd)
 
 
+def test_router_one_whole_frame_per_read_routes_as_split_reads_do():
+    def replies(r: ReplyRouter) -> list[bytes]:
+        a = r.register(wire.Kind.IOCTL_REPLY)
+        b = r.register(wire.Kind.ADMIN_REPLY)
+        c = r.register(wire.Kind.IOCTL_REPLY)
+        d = r.register(wire.Kind.IOCTL_REPLY)
+        assert r.abandon(d)
+        return [wire.encode(wire.IoctlReply(1, b"aaaa"), a),
+                wire.encode(wire.IoctlReply(0, b""), b),  # the wrong kind: fails b alone
+                wire.encode(wire.ErrorReply(errno.EPERM, "no"), c),
+                wire.encode(wire.IoctlReply(2, b"dddd"), d)]  # abandoned: dropped
+
+    def summary(outs: list[Delivered | Failed]) -> list[tuple]:
+        return [(o.seq, o.message, o.fds) if isinstance(o, Delivered)
+                else (o.seq, type(o.failure()), str(o.failure())) for o in outs]
+
+    whole, split = ReplyRouter(), ReplyRouter()
+    got_whole = [o for data in replies(whole) for o in whole.feed(data)]
+    got_split = []
+    for data in replies(split):
+        got_split += split.feed(data[:5]) + split.feed(data[5:])
+    assert summary(got_whole) == summary(got_split) and len(got_whole) == 3
+    assert whole.in_flight == split.in_flight == 0 and not whole.abandoned
+    r = ReplyRouter()
+    a = r.register(wire.Kind.IOCTL_REPLY)
+    with pytest.raises(RouterBroken) as ei:
+        r.feed(wire.encode(wire.IoctlReply(0, b""), a + 1))  # a stranger
+    assert "not in flight" in str(ei.value.failure()) and r.broken
+    r = ReplyRouter()
+    a = r.register(wire.Kind.IOCTL_REPLY)
+    fix = (wire.FdFixup(wire.FD_IN_STRUCT, 0, 4),)
+    with pytest.raises(RouterBroken) as ei:
+        r.feed(wire.encode(wire.IoctlReply(0, b"xxxx", (), fix), a))  # its descriptor is missing
+    assert "did not arrive" in str(ei.value.failure()) and r.broken
+    with pytest.raises(RouterBroken):
+        r.feed(wire.encode(wire.IoctlReply(0, b"xxxx"), a))
+
+
+def test_apply_bare_reply_copies_the_struct_of_a_union_or_a_struct():
+    class Both(ctypes.Union):
+        _fields_ = (("n", ctypes.c_uint32), ("b", ctypes.c_uint8 * 6))
+
+    for args in (s.d3dkmt_enumadapters3(adapter_count=3), wddm.D3DKMT_ADAPTERTYPE(), Both(7)):
+        req = wire.IoctlRequest(QAI, bytes(args))
+        new = bytes(range(1, len(req.struct) + 1))
+        assert apply_ioctl_reply(req, wire.IoctlReply(-errno.EINTR, new), [], args,
+                                 lambda a, d: False) == -errno.EINTR
+        assert bytes(args) == new
+        with pytest.raises(NodeProtocolError, match="struct size"):
+            apply_ioctl_reply(req, wire.IoctlReply(0, new + b"x"), [], args, lambda a, d: False)
+        with pytest.raises(NodeProtocolError, match="wrongly"):
+            apply_ioctl_reply(req, wire.AdminReply({}), [], args, lambda a, d: False)
+        assert bytes(args) == new
+
+
 # ---- a fake driver: the Pythonic API and the diagnostic escapes -----------------------------------
 
 

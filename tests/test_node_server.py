@@ -1520,3 +1520,25 @@ def test_reply_descriptors_that_cannot_be_kept_answer_emfile_and_leak_nothing(no
     finally:
         drv.gate.set()
         drv.rt.close()
+
+
+def test_calls_that_end_at_once_give_back_all_they_held(driver, node):
+    """A bare call answered at once, one frame per read or many per read, leaves nothing held:
+    no bytes or descriptors on its connection or its user, no task, no entry by seq."""
+    raw = Raw(node.path)
+    body = bytes(s.d3dkmt_openadapterfromluid())
+    for _ in range(50):
+        reply = raw.ioctl(io.LX_DXOPENADAPTERFROMLUID, body)
+        assert isinstance(reply, wire.IoctlReply) and reply.ret == 0 and not reply.writes
+    raw.send(b"".join(wire.encode(wire.IoctlRequest(io.LX_DXOPENADAPTERFROMLUID, body), seq)
+                      for seq in range(100, 140)))
+    got = replies(raw, 40)
+    assert sorted(got) == list(range(100, 140))
+    info = conn_info(node)
+    assert info["held_bytes"] == 0 and info["held_fds"] == 0, info
+    assert info["calls"] == 0 and info["queued"] == 0, info
+    assert node.rt.call(lambda: (node.call_bytes.total, node.call_fds.total,
+                                 node.call_bytes.users())) == (0, 0, {})
+    (conn,) = node._conns
+    assert node.rt.call(lambda: len(conn.calls)) == 0
+    raw.close()

@@ -680,3 +680,73 @@ def test_union_pointer_skipped_when_flag_says_scalar():
 def test_ioctl_without_a_row_sends_nothing():
     args = s.d3dkmt_createdevice()
     assert userbufs.gather("LX_DXCREATEDEVICE", args, _reader(), 1 << 20) == ()
+
+
+# ---- fast paths: the same bytes and frames as the general ones ---------------------------------
+
+
+def test_encode_of_a_bare_struct_is_the_general_encoding():
+    for msg in (wire.IoctlRequest(io.LX_DXENUMADAPTERS3 & 0xFFFFFFFF, bytes(24)),
+                wire.IoctlRequest(0x1234, b""),
+                wire.IoctlReply(-errno.EINTR, b"x" * 40),
+                wire.IoctlReply(0x103, bytearray(b"abcd"))):
+        for seq in (0, 7, 0x1_0000_0005, -1):
+            kind, payload, nfds = wire._encode_payload(msg)
+            assert wire.encode(msg, seq) == wire.frame_bytes(kind, seq, payload, nfds)
+            want = (wire.IoctlReply(msg.ret, bytes(msg.struct))
+                    if isinstance(msg, wire.IoctlReply) else msg)
+            assert roundtrip(msg, seq & 0xFFFFFFFF) == want
+    for msg in (wire.IoctlRequest(1, bytes(wire.MAX_STRUCT + 1)),
+                wire.IoctlReply(0, bytes(wire.MAX_STRUCT + 1))):
+        with pytest.raises(ValueError, match="struct too large"):
+            wire.encode(msg, 1)
+    with pytest.raises(struct.error):
+        wire.encode(wire.IoctlReply(1 << 63, b""), 1)
+
+
+def test_take_whole_gives_the_frame_next_frame_would_or_takes_nothing():
+    a = wire.encode(wire.IoctlReply(3, b"abcd"), 9)
+    b = wire.encode(wire.Cancel(), 4)
+    dec = wire.FrameDecoder()
+    assert dec.take_whole(a) == frames_of(a)[0] and dec.buffered == 0
+    bad_magic = b"\0" + a[1:]
+    too_long = wire.FrameDecoder(4)
+    for data in (a[:10], a[:-1], a + b, a + a[:3], bad_magic, b""):
+        assert dec.take_whole(data) is None and dec.buffered == 0
+    assert too_long.take_whole(a) is None
+    dec.feed(b[:5])  # something buffered: a whole frame after it is not taken alone
+    assert dec.take_whole(a) is None and dec.buffered == 5
+    dec.feed(b[5:] + a)
+    assert dec.next_frame() == frames_of(b)[0] and dec.next_frame() == frames_of(a)[0]
+    dec.feed(bad_magic)
+    with pytest.raises(wire.WireError):
+        dec.next_frame()
+    assert dec.take_whole(a) is None  # broken: feed says so
+
+
+def test_bare_ioctl_tables_checked_as_before():
+    body = bytes(8)
+    assert wire.decode(frame(wire.Kind.IOCTL, ioctl_payload(5, body, [], b""))) == \
+        wire.IoctlRequest(5, body)
+    with pytest.raises(wire.MalformedMessage, match="carries 2 data bytes, its regions declare 0"):
+        wire.decode(frame(wire.Kind.IOCTL, ioctl_payload(5, body, [], b"zz")))
+    assert wire.decode(frame(wire.Kind.IOCTL_REPLY, reply_payload(body, []))) == \
+        wire.IoctlReply(0, body)
+    with pytest.raises(wire.MalformedMessage, match="trailing bytes"):
+        wire.decode(frame(wire.Kind.IOCTL_REPLY, reply_payload(body, []) + b"z"))
+    with pytest.raises(wire.MalformedMessage, match="carries 1 descriptors"):
+        wire.decode(frame(wire.Kind.IOCTL_REPLY, reply_payload(body, []), flags=1))
+
+
+def test_region_memory_without_regions_or_descriptors():
+    mem = RegionUserMemory()
+    with pytest.raises(UserMemoryFault):
+        mem.read(0x1000, 4)
+    with pytest.raises(UserMemoryFault):
+        mem.write(0x1000, b"x")
+    with pytest.raises(OSError):
+        mem.take_fd(3)
+    assert mem.reply_fds() == ([], ()) and mem.writes() == () and mem.written_bytes == 0
+    mem.close()
+    mem.close()
+    assert mem.read(0x1000, 0) == b""

@@ -139,3 +139,41 @@ def test_lanes_keep_one_key_in_order_and_let_others_pass():
         assert len(lanes) == 0
 
     run(main())
+
+
+def test_start_makes_no_future_for_a_call_that_returns_at_once():
+    async def main():
+        loop = asyncio.get_running_loop()
+        tasks = TaskSet("t", loop)
+        gate = loop.create_future()
+
+        async def quick():
+            return 42
+
+        async def fails():
+            raise ValueError("no")
+
+        async def cancelled():
+            raise asyncio.CancelledError
+
+        async def slow():
+            return await gate
+
+        assert tasks.start(quick()) is None and len(tasks) == 0
+        out = tasks.start(fails())
+        assert out is not None and out.done() and isinstance(out.exception(), ValueError)
+        out = tasks.start(cancelled())
+        assert out is not None and out.cancelled()
+        out = tasks.start(slow(), "slow")
+        assert out is not None and not out.done() and len(tasks) == 1
+        gate.set_result(7)
+        assert await out == 7
+        await asyncio.sleep(0)
+        assert len(tasks) == 0
+        tasks.cancel()
+        closed = quick()
+        out = tasks.start(closed)
+        assert out is not None and out.cancelled()
+        assert closed.cr_frame is None  # closed without running
+
+    run(main())

@@ -60,6 +60,10 @@ _IOCTL_HEAD = 16  # the IOCTL payload's fixed header
 _REGION_ENTRY = 16
 _FD_ENTRY = 8
 _REPLY_KINDS = frozenset({wire.Kind.IOCTL_REPLY, wire.Kind.ADMIN_REPLY, wire.Kind.HELLO_REPLY})
+_KIND_ERROR = int(wire.Kind.ERROR)
+_KIND_ADMIN_REPLY = int(wire.Kind.ADMIN_REPLY)
+_ARGS_TYPES = (ctypes.Structure, ctypes.Union)  # what an ioctl's arguments may be
+_EMPTY_TYPES = (tuple, list)  # descriptor sequences seen empty without walking them
 
 Failure = Callable[[], NodeError]
 """Makes the exception a waiter raises (one per waiter: threads must not share one object)."""
@@ -175,15 +179,17 @@ def build_ioctl(code: int, args: ctypes.Structure | ctypes.Union, read: Callable
     (what fits in ``max_payload``) and the numbers of the descriptors ``fds`` the caller hands
     over. Raises TypeError/ValueError for a bad call and OSError(EBADF) for a descriptor that is
     not open: nothing has been sent then."""
-    if not isinstance(args, ctypes.Structure | ctypes.Union):
+    if not isinstance(args, _ARGS_TYPES):
         raise TypeError("ioctl arguments are a ctypes struct")
-    numbers = tuple(int(fd) for fd in fds)
-    if len(numbers) > min(max_fds, wire.MAX_FDS):
-        raise ValueError(f"{len(numbers)} descriptors exceed the node's limit of {max_fds}")
-    if len(set(numbers)) != len(numbers) or any(n < 0 for n in numbers):
-        raise ValueError("descriptors must be distinct and >= 0")
-    for n in numbers:
-        os.fstat(n)  # OSError(EBADF) now rather than a failed sendmsg later
+    numbers: tuple[int, ...] = (
+        () if isinstance(fds, _EMPTY_TYPES) and not fds else tuple(int(fd) for fd in fds))
+    if numbers:
+        if len(numbers) > min(max_fds, wire.MAX_FDS):
+            raise ValueError(f"{len(numbers)} descriptors exceed the node's limit of {max_fds}")
+        if len(set(numbers)) != len(numbers) or any(n < 0 for n in numbers):
+            raise ValueError("descriptors must be distinct and >= 0")
+        for n in numbers:
+            os.fstat(n)  # OSError(EBADF) now rather than a failed sendmsg later
     code &= 0xFFFFFFFF
     raw = bytes(args)
     regions: tuple[wire.Region, ...] = ()
@@ -206,6 +212,11 @@ def apply_ioctl_reply(request: wire.IoctlRequest, reply: wire.Message, fds: list
     where its fixup says. Returns the ioctl's return value (-EFAULT if a write could not be
     stored). The descriptors are the caller's afterwards; a reply that breaks the rules raises
     :class:`NodeProtocolError` before anything is applied, with ``fds`` closed."""
+    if (type(reply) is wire.IoctlReply and not reply.writes and not reply.fixups and not fds
+            and len(reply.struct) == len(request.struct)):
+        # The common reply, a bare struct: nothing to check or apply but the struct itself.
+        memoryview(args).cast("B")[:] = reply.struct
+        return reply.ret
     try:
         if not isinstance(reply, wire.IoctlReply):
             raise NodeProtocolError(errno.EPROTO, "the dxg node answered an ioctl wrongly")
@@ -349,6 +360,22 @@ class ReplyRouter:
 
     def feed(self, data: bytes, fds: list[int] | None = None) -> list[Delivered | Failed]:
         """Route what one read returned. The descriptors are the router's from here on."""
+        if not fds and not self._batches and not self.broken:
+            # The common read: exactly one whole frame, nothing before it, no descriptors.
+            frame = self._decoder.take_whole(data)
+            if frame is not None:
+                start = self._fed
+                self._fed += len(data)
+                out: list[Delivered | Failed] = []
+                try:
+                    if frame.flags & wire.FLAG_FD_MASK:
+                        self._route(frame, start, out)  # (it claims descriptors: broken)
+                    else:
+                        self._route_frame(frame, [], out)
+                except RouterBroken:
+                    self._break(out)
+                    raise
+                return out
         fds = list(fds or ())
         if self.broken:
             close_all(fds)
@@ -361,7 +388,7 @@ class ReplyRouter:
                 self._break()
                 raise RouterBroken(self._protocol("descriptors arrived without data"))
             self._batches.append(_FdBatch(start, self._fed, fds))
-        out: list[Delivered | Failed] = []
+        out = []
         try:
             self._decoder.feed(data)
             while True:
@@ -429,23 +456,24 @@ class ReplyRouter:
 
     def _route_frame(self, frame: wire.Frame, fds: list[int],
                      out: list[Delivered | Failed]) -> None:
-        seq = frame.seq
+        seq, kind = frame.seq, frame.kind
         error: wire.Message | None = None
-        if frame.kind == wire.Kind.ERROR:
+        if kind == _KIND_ERROR:
             error = self._decode(frame)
             if isinstance(error, wire.ErrorReply) and error.fatal:
                 text = f"{self._where}: {error.message}"
                 err = error.errno
                 raise RouterBroken(lambda: NodeProtocolError(err, text))
-        elif frame.kind not in _REPLY_KINDS:
-            raise RouterBroken(self._protocol(f"a frame of kind {_kind_name(frame.kind)}"))
-        self._check_known(seq)
-        if seq in self._abandoned:
-            if not frame.more:
-                self._abandoned.discard(seq)
-            close_all(fds)
-            return
-        if frame.kind == wire.Kind.ADMIN_REPLY and (frame.more or seq in self._chunks):
+        elif kind not in _REPLY_KINDS:
+            raise RouterBroken(self._protocol(f"a frame of kind {_kind_name(kind)}"))
+        if seq not in self._pending:
+            self._check_known(seq)
+            if seq in self._abandoned:
+                if not frame.more:
+                    self._abandoned.discard(seq)
+                close_all(fds)
+                return
+        if kind == _KIND_ADMIN_REPLY and (frame.more or seq in self._chunks):
             if frame.flags & ~wire.FLAG_MORE:
                 raise RouterBroken(self._protocol("bad flags on an ADMIN_REPLY chunk"))
             size = self._chunk_bytes.get(seq, 0) + len(frame.payload)
@@ -460,14 +488,16 @@ class ReplyRouter:
             frame = wire.Frame(frame.kind, seq, payload, 0)
         msg = error if error is not None else self._decode(frame)
         expect = self._pending.pop(seq)
-        self._chunks.pop(seq, None)
-        self._chunk_bytes.pop(seq, None)
+        if self._chunks:
+            self._chunks.pop(seq, None)
+        if self._chunk_bytes:
+            self._chunk_bytes.pop(seq, None)
         if isinstance(msg, wire.ErrorReply):
             close_all(fds)
             text = f"{self._where}: {msg.message}"
             err = msg.errno
             out.append(Failed(seq, lambda: NodeProtocolError(err, text)))
-        elif frame.kind != expect:
+        elif kind != expect:
             close_all(fds)
             out.append(Failed(seq, self._protocol(
                 f"{_kind_name(frame.kind)} to a request that wants {expect.name}")))

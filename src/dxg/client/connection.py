@@ -62,6 +62,7 @@ _READ_CHUNK = 64 * 1024
 # An interrupted request up to this size is assumed whole on the wire (a Unix socket's buffer
 # takes it in one piece, so the send cannot stop half-way); a bigger one drops the stream.
 _ATOMIC_SEND = 64 * 1024
+_ARGS_TYPES = (ctypes.Structure, ctypes.Union)  # what an ioctl's arguments may be
 
 
 def _lost(message: str) -> Failure:
@@ -272,10 +273,14 @@ class NodeConnection:
                 sock = self._sock
                 if sock is None:
                     raise NodeUnavailable(f"the connection to the dxg node {self.path} is closed")
-                sent = send_with_fds(sock, data, fds) if fds else 0
-                started = True
-                if sent < len(data):
-                    sock.sendall(memoryview(data)[sent:])
+                if fds:
+                    sent = send_with_fds(sock, data, fds)
+                    started = True
+                    if sent < len(data):
+                        sock.sendall(memoryview(data)[sent:])
+                else:
+                    started = True
+                    sock.sendall(data)
         except NodeError:
             self._forget(waiter)
             raise
@@ -338,23 +343,26 @@ class NodeConnection:
             lead = not waiter.done
             if lead:
                 self._reader = waiter
+                sock, router = self._sock, self._router
+            else:
+                self._waiters.pop(waiter.seq, None)
         if lead:
-            try:
-                self._read_until(waiter)
-            finally:
-                with self._mu:
-                    if self._reader is waiter:
-                        self._reader = None
-                        orphans, self._orphans = self._orphans, []
-                        for orphan in orphans:
-                            orphan.close()
-                        self._promote()
-        with self._mu:
-            self._waiters.pop(waiter.seq, None)
+            self._lead(waiter, sock, router)
         if waiter.failure is not None:
             raise waiter.failure()
         assert waiter.message is not None
         return waiter.message, waiter.fds
+
+    def _retire(self, waiter: _Waiter) -> None:
+        """``waiter`` is done with: if it was the reader, close the sockets dropped while it
+        read and wake another waiter to take over (mutex held)."""
+        if self._reader is waiter:
+            self._reader = None
+            orphans, self._orphans = self._orphans, []
+            for orphan in orphans:
+                orphan.close()
+            if self._waiters:
+                self._promote()
 
     def _promote(self) -> None:
         """Wake one thread still waiting, to become the reader (mutex held)."""
@@ -363,47 +371,63 @@ class NodeConnection:
                 w.notify()
                 return
 
-    def _read_until(self, waiter: _Waiter) -> None:
-        """Read and route frames until ``waiter``'s reply has come."""
-        path = self.path
-        while True:
-            with self._mu:
-                if waiter.done:
-                    return
-                sock = self._sock
-                router = self._router
-            if sock is None:
-                return  # dropped: the waiter was failed with the reason
-            try:
-                want = min(max(router.header_needed(), _READ_CHUNK), _RECV_CHUNK)
-                # One blocking read. A signal while it blocks interrupts it before anything is
-                # taken (EINTR), so an exception from the handler consumes nothing.
-                data, fds = recv_with_fds(sock, memoryview(self._buf)[:want], wire.MAX_FDS)
-                if not data:
-                    raise ConnectionResetError(errno.ECONNRESET, "connection closed by the node")
-            except OSError as e:
-                with self._mu:
-                    self._drop_locked(sock, _lost(f"lost the dxg node {path}: {e}"))
-                return
-            with self._mu:
-                if sock is not self._sock:
-                    close_all(fds)
-                    continue
+    def _lead(self, waiter: _Waiter, sock: socket.socket | None, router: ReplyRouter) -> None:
+        """As the reader, read and route frames until ``waiter``'s reply has come or the stream
+        is dropped; then retire and take ``waiter`` out of the table. ``sock`` and ``router``
+        are the stream's, as the caller saw them under the mutex."""
+        mu = self._mu
+        view = memoryview(self._buf)
+        try:
+            while sock is not None:
                 try:
-                    outcomes = router.feed(data, fds)
-                except RouterBroken as e:
-                    self._drop_locked(sock, e.failure)
-                    return
-                for o in outcomes:
-                    w = self._waiters.get(o.seq)
-                    if w is None or w.done:  # cannot happen: the router knows the seqs in flight
-                        if isinstance(o, Delivered):
-                            close_all(o.fds)
-                        continue
-                    if isinstance(o, Delivered):
-                        w.finish(o.message, o.fds, None)
+                    need = router.header_needed()
+                    want = _READ_CHUNK if need <= _READ_CHUNK else min(need, _RECV_CHUNK)
+                    # One blocking read. A signal while it blocks interrupts it before anything
+                    # is taken (EINTR), so an exception from the handler consumes nothing.
+                    data, fds = recv_with_fds(sock, view[:want], wire.MAX_FDS)
+                    if not data:
+                        raise ConnectionResetError(errno.ECONNRESET,
+                                                   "connection closed by the node")
+                except OSError as e:
+                    with mu:
+                        self._drop_locked(sock, _lost(f"lost the dxg node {self.path}: {e}"))
+                    break
+                with mu:
+                    if sock is not self._sock:
+                        close_all(fds)
                     else:
-                        w.finish(None, [], o.failure)
+                        self._route(sock, router, data, fds)
+                    if waiter.done or self._sock is None:
+                        self._waiters.pop(waiter.seq, None)
+                        self._retire(waiter)
+                        return
+                    sock, router = self._sock, self._router
+        except BaseException:
+            with mu:
+                self._retire(waiter)
+            raise
+        with mu:  # dropped: the waiter has its failure
+            self._waiters.pop(waiter.seq, None)
+            self._retire(waiter)
+
+    def _route(self, sock: socket.socket, router: ReplyRouter, data: bytes,
+               fds: list[int]) -> None:
+        """Hand what one read brought to the waiters it answers (mutex held)."""
+        try:
+            outcomes = router.feed(data, fds)
+        except RouterBroken as e:
+            self._drop_locked(sock, e.failure)
+            return
+        for o in outcomes:
+            w = self._waiters.get(o.seq)
+            if w is None or w.done:  # cannot happen: the router knows the seqs in flight
+                if isinstance(o, Delivered):
+                    close_all(o.fds)
+                continue
+            if isinstance(o, Delivered):
+                w.finish(o.message, o.fds, None)
+            else:
+                w.finish(None, [], o.failure)
 
     # ---- ioctl ----------------------------------------------------------------------------------
 
@@ -415,9 +439,9 @@ class NodeConnection:
         ``fds`` are descriptors of this process the driver may take (their numbers are in the
         struct or a buffer: an eventfd, a shared object); they stay open here. Descriptors the
         driver hands back are this caller's: their numbers are where the driver stored them."""
-        if not isinstance(args, ctypes.Structure | ctypes.Union):
+        if not isinstance(args, _ARGS_TYPES):
             raise TypeError("ioctl arguments are a ctypes struct")
-        if self.forked:
+        if os.getpid() != self._pid:  # forked
             return -errno.ENOTTY  # as the kernel answers a child using its parent's file
         request = build_ioctl(code, args, self._mem.read, self.max_payload, fds, self.max_fds)
         reply, got = self._call(request, wire.Kind.IOCTL_REPLY, request.fd_numbers)

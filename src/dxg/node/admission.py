@@ -42,7 +42,7 @@ class UidCounter:
 
     def fits(self, uid: int, n: int = 1) -> bool:
         """Whether ``uid`` may take ``n`` more (root: as long as the total allows)."""
-        if not self.total_fits(n):
+        if self.total_limit is not None and self.total + n > self.total_limit:  # total_fits
             return False
         return uid == EXEMPT_UID or self._held.get(uid, 0) + n <= self.limit
 
@@ -57,8 +57,9 @@ class UidCounter:
     def remove(self, uid: int, n: int = 1) -> None:
         if not n:
             return
-        left = self._held.get(uid, 0) - n
-        self.total -= min(n, self._held.get(uid, 0))
+        held = self._held.get(uid, 0)
+        left = held - n
+        self.total -= min(n, held)
         if left > 0:
             self._held[uid] = left
         else:

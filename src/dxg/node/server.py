@@ -128,6 +128,8 @@ _MAX_TOTAL_FDS = 2048
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 _CALL_KINDS = frozenset({wire.Kind.IOCTL, wire.Kind.ADMIN})
+_FD_MASK = wire.FLAG_FD_MASK
+_STRUCT_TYPES = (bytes, bytearray)  # what a driver's ioctl may hand back as the struct
 
 
 class NodeDriver(Protocol):
@@ -183,7 +185,7 @@ class _Conn:
         self.transport.on_drained = self._pump
         self.decoder = wire.FrameDecoder(wire.MAX_HELLO_PAYLOAD)
         self.fds: deque[int] = deque()  # received, not yet claimed by a frame
-        self.calls = TaskSet(f"pid {pid}")
+        self.calls = TaskSet(f"pid {pid}", node.loop)
         self.running: dict[int, _Call] = {}  # seq -> call that has to wait (a task)
         self.queue: deque[_Call] = deque()  # calls waiting for a free slot, in order
         self.queued: dict[int, _Call] = {}  # the same, by seq
@@ -220,11 +222,13 @@ class _Conn:
             log.error("cannot encode a reply for pid %d: %s", self.pid, e)
             fds = None
             data = wire.encode(wire.ErrorReply(errno.EIO, "reply could not be encoded"), seq)
+        transport = self.transport
         try:
-            self.transport.write(data, fds or ())
+            transport.write(data, fds or ())
         except (TransportClosed, ValueError):
             return False
-        self._check_backlog()
+        if transport.buffered > self.node.pause_buffer:  # as _check_backlog
+            self._pause()
         return True
 
     def _check_backlog(self) -> None:
@@ -256,10 +260,11 @@ class _Conn:
         if self.gone or self.broken:
             close_all(fds)
             return
-        self.fds.extend(fds)
         try:
-            if len(self.fds) > 4 * wire.MAX_FDS:
-                raise wire.WireError(errno.EPROTO, "descriptors arrived that no frame claims")
+            if fds:
+                self.fds.extend(fds)
+                if len(self.fds) > 4 * wire.MAX_FDS:
+                    raise wire.WireError(errno.EPROTO, "descriptors arrived that no frame claims")
             self.decoder.feed(data)
         except wire.WireError as e:
             self._broken(e)
@@ -286,7 +291,8 @@ class _Conn:
         try:
             while not self.gone:
                 self._repump = False
-                self._start_queued()
+                if self.queue:
+                    self._start_queued()
                 self._take_frames()
                 if not self._repump:
                     break
@@ -299,9 +305,10 @@ class _Conn:
             return
         if self.waiting is not None or self.transport.buffered > self.node.pause_buffer:
             self._pause()
-        else:
+        elif self.paused:
             self._resume()
-        self._watch_partial()
+        if self._stall is not None or self.decoder.buffered:
+            self._watch_partial()  # (nothing to do otherwise)
 
     def _start_queued(self) -> None:
         while self.queue and len(self.running) < self.node.max_calls and not self.gone:
@@ -310,12 +317,13 @@ class _Conn:
             self._start(call)
 
     def _take_frames(self) -> None:
+        transport, node, decoder = self.transport, self.node, self.decoder
         while not self.gone:
-            if self.transport.buffered > self.node.pause_buffer:
+            if transport.buffered > node.pause_buffer:
                 return  # a backlog: nothing new until the client reads its replies
             frame, retry = self.waiting, True
             if frame is None:
-                frame, retry = self.decoder.next_frame(), False
+                frame, retry = decoder.next_frame(), False
                 if frame is None:
                     return
             self.waiting = None
@@ -324,11 +332,14 @@ class _Conn:
             if cost and not self._room(cost, retry):
                 self.waiting = frame
                 return
-            count = frame.fd_count
-            if count > len(self.fds):
-                raise wire.WireError(errno.EPROTO, "a frame claims descriptors that did not "
-                                                   "arrive")
-            self._handle(frame, [self.fds.popleft() for _ in range(count)], cost)
+            count = frame.flags & _FD_MASK
+            fds: list[int] = []
+            if count:
+                if count > len(self.fds):
+                    raise wire.WireError(errno.EPROTO, "a frame claims descriptors that did "
+                                                       "not arrive")
+                fds = [self.fds.popleft() for _ in range(count)]
+            self._handle(frame, fds, cost)
 
     def _room(self, cost: int, retry: bool) -> bool:
         """Whether a request of ``cost`` bytes may be admitted now (``retry``: one that found no
@@ -486,17 +497,15 @@ class _Conn:
         ret = 0
         if desc is None:
             ret = -errno.ENOTTY
-        elif len(req.struct) < desc.size:
-            ret = -errno.EFAULT
-        elif len(req.struct) > desc.size:
-            ret = -errno.EINVAL
+        elif (n := len(req.struct)) != desc.size:
+            ret = -errno.EFAULT if n < desc.size else -errno.EINVAL
         elif fds and desc.name not in FD_IOCTLS:
             ret = -errno.EINVAL  # this ioctl takes no descriptors: none is held for it
         if ret:
             close_all(fds)
             self.send(wire.IoctlReply(ret, req.struct), seq)
             return
-        if self._busy(seq):
+        if (seq in self.running or seq in self.queued) and self._busy(seq):
             close_all(fds)
             return
         node = self.node
@@ -514,11 +523,13 @@ class _Conn:
 
     def _admit(self, call: _Call) -> None:
         """Charge a checked request to its connection and user; start it, or queue it."""
+        node = self.node
         self.held_bytes += call.cost
-        self.held_fds += call.fds
-        self.node.call_bytes.add(self.uid, call.cost)
-        self.node.call_fds.add(self.uid, call.fds)
-        if not self.queue and len(self.running) < self.node.max_calls:
+        node.call_bytes.add(self.uid, call.cost)
+        if call.fds:
+            self.held_fds += call.fds
+            node.call_fds.add(self.uid, call.fds)
+        if not self.queue and len(self.running) < node.max_calls:
             self._start(call)
         else:
             self.queue.append(call)
@@ -532,7 +543,10 @@ class _Conn:
             coro = self._run_ioctl(call.seq, call.request, call.mem)
         else:
             coro = self._admin(call.seq, call.request)
-        future = self.calls.eager(coro, f"pid {self.pid} seq {call.seq}")
+        future = self.calls.start(coro, f"pid {self.pid} seq {call.seq}")
+        if future is None:  # it returned at once (nothing to log)
+            self._finish(call)
+            return
         if future.done():
             self._ended(future, call)
             return
@@ -555,12 +569,14 @@ class _Conn:
         """The call is over (answered, cancelled, or its process gone): give back what it held."""
         if call.mem is not None:
             call.mem.close()  # a call that never ran still closes its descriptors
+        node = self.node
         self.held_bytes -= call.cost
-        self.held_fds -= call.fds
-        self.node.call_bytes.remove(self.uid, call.cost)
-        self.node.call_fds.remove(self.uid, call.fds)
-        if call.cost:
-            self.node._uid_released(self.uid)
+        node.call_bytes.remove(self.uid, call.cost)
+        if call.fds:
+            self.held_fds -= call.fds
+            node.call_fds.remove(self.uid, call.fds)
+        if call.cost and node._uid_waiters:
+            node._uid_released(self.uid)  # (it wakes the connections waiting for room)
 
     def _cancel(self, seq: int) -> None:
         """CANCEL: interrupt the call if it runs; take it out of the queue if it waits there."""
@@ -593,7 +609,7 @@ class _Conn:
             if (
                 not isinstance(ret, int)
                 or not _I64_MIN <= ret <= _I64_MAX
-                or not isinstance(out, bytes | bytearray)
+                or not isinstance(out, _STRUCT_TYPES)
                 or len(out) != len(req.struct)
             ):
                 log.error("driver ioctl 0x%08x returned a malformed result", req.code)

@@ -118,6 +118,13 @@ class RegionUserMemory:
 
     def __init__(self, regions: Iterable[Region] = (), fds: Sequence[int] = (),
                  fd_numbers: Sequence[int] = ()) -> None:
+        self._out: list[int] = []
+        self._fixups: list[FdFixup] = []
+        if not regions and not fds and not fd_numbers:  # a bare struct: nothing to index
+            self._regions: list[_Backing] = []
+            self._starts: list[int] = []
+            self._in: dict[int, int] = {}
+            return
         self._regions = [_Backing(r) for r in regions]
         self._starts = [b.addr for b in self._regions]
         for prev, cur in zip(self._regions, self._regions[1:], strict=False):
@@ -126,8 +133,6 @@ class RegionUserMemory:
         if len(fds) != len(fd_numbers):
             raise ValueError("one number per descriptor")
         self._in = dict(zip(fd_numbers, fds, strict=True))  # caller's number -> our descriptor
-        self._out: list[int] = []
-        self._fixups: list[FdFixup] = []
 
     def _find(self, addr: int, size: int, what: str) -> _Backing:
         if addr <= 0 or size < 0:
@@ -179,17 +184,24 @@ class RegionUserMemory:
 
     def reply_fds(self) -> tuple[list[int], tuple[FdFixup, ...]]:
         """The descriptors for the reply and where the client stores their numbers."""
+        if not self._out:
+            return [], ()
         return list(self._out), tuple(self._fixups)
 
     def close(self) -> None:
-        close_all(self._in.values())
-        close_all(self._out)
-        self._in.clear()
-        self._out.clear()
+        """Close every descriptor the accessor still holds (closing again does nothing)."""
+        if self._in:
+            close_all(self._in.values())
+            self._in.clear()
+        if self._out:
+            close_all(self._out)
+            self._out.clear()
         self._fixups.clear()
 
     def writes(self) -> tuple[Write, ...]:
         """What the driver stored, as one write per touched region (in address order)."""
+        if not self._regions:
+            return ()
         out = []
         for b in self._regions:
             span = b.span()

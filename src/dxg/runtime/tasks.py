@@ -77,13 +77,25 @@ class _Suspended:
             self.waiting.cancel()
 
 
+def _settle(outer: asyncio.Future[Any], error: BaseException) -> None:
+    """``outer`` ends as a coroutine that raised ``error`` on its first step."""
+    if isinstance(error, asyncio.CancelledError):
+        outer.cancel()
+    else:
+        outer.set_exception(error)
+
+
 class TaskSet:
-    """The tasks one owner started; ``cancel()`` stops them all (on the loop's thread)."""
+    """The tasks one owner started; ``cancel()`` stops them all (on the loop's thread).
 
-    __slots__ = ("_closed", "_name", "_suspended", "_tasks")
+    ``loop``: the loop the set is used on, when the owner knows it (saves looking up the running
+    loop on every :meth:`eager` call); every method must still be called on that loop."""
 
-    def __init__(self, name: str = "") -> None:
+    __slots__ = ("_closed", "_loop", "_name", "_suspended", "_tasks")
+
+    def __init__(self, name: str = "", loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._name = name
+        self._loop = loop
         self._tasks: set[asyncio.Task[Any]] = set()
         self._suspended: set[_Suspended] = set()
         self._closed = False
@@ -97,8 +109,7 @@ class TaskSet:
         task and no trip round the loop. One that waits continues as a task of this set. Returns
         a future of its outcome (already done when it finished at once). Like a task, a
         coroutine run this way must not await a future it shares unshielded."""
-        loop = asyncio.get_running_loop()
-        outer: asyncio.Future[_T] = loop.create_future()
+        outer: asyncio.Future[_T] = (self._loop or asyncio.get_running_loop()).create_future()
         if self._closed:
             coro.close()
             outer.cancel()
@@ -108,12 +119,35 @@ class TaskSet:
         except StopIteration as e:
             outer.set_result(e.value)
             return outer
-        except asyncio.CancelledError:
-            outer.cancel()
-            return outer
         except BaseException as e:
-            outer.set_exception(e)
+            _settle(outer, e)
             return outer
+        self._park(coro, waiting, outer, name)
+        return outer
+
+    def start(self, coro: Coroutine[Any, Any, Any],
+              name: str | None = None) -> asyncio.Future[Any] | None:
+        """:meth:`eager` for a caller that does not want the result: None when ``coro``
+        returned at once (no future is made then), else the future of its outcome (done when
+        it raised at once or the set is closed)."""
+        if self._closed:
+            return self.eager(coro, name)
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return None
+        except BaseException as e:
+            outer = (self._loop or asyncio.get_running_loop()).create_future()
+            _settle(outer, e)
+            return outer
+        outer = (self._loop or asyncio.get_running_loop()).create_future()
+        self._park(coro, waiting, outer, name)
+        return outer
+
+    def _park(self, coro: Coroutine[Any, Any, Any], waiting: Any, outer: asyncio.Future[Any],
+              name: str | None) -> None:
+        """``coro`` yielded ``waiting`` on its first step: it goes on once that is done (or
+        fails ``outer`` at once if that is nothing asyncio waits on)."""
         if waiting is not None and not asyncio.isfuture(waiting):
             # Not something asyncio waits on (a task would fail the same way): stop it.
             error: BaseException = RuntimeError(f"eager coroutine yielded {waiting!r}")
@@ -122,9 +156,8 @@ class TaskSet:
             except BaseException as e:  # it would not stop (it awaited in a finally)
                 error = e
             outer.set_exception(error)
-            return outer
+            return
         self._suspended.add(_Suspended(self, coro, waiting, outer, name))
-        return outer
 
     @property
     def closed(self) -> bool:

@@ -198,6 +198,9 @@ _REPLY = struct.Struct("<qIIII")
 _WRITE = struct.Struct("<QII")
 _FIXUP = struct.Struct("<BBHIQ")
 _ERROR = struct.Struct("<iI")
+# A whole frame's header and its IOCTL / IOCTL_REPLY head in one pack (the common frames).
+_IOCTL_FRAME = struct.Struct("<IHHIIIIII")
+_REPLY_FRAME = struct.Struct("<IHHIIqIIII")
 
 
 class Kind(IntEnum):
@@ -212,6 +215,9 @@ class Kind(IntEnum):
 
 
 _KINDS = MappingProxyType({int(k): k for k in Kind})
+_KIND_IOCTL = int(Kind.IOCTL)
+_KIND_IOCTL_REPLY = int(Kind.IOCTL_REPLY)
+_KIND_ADMIN_REPLY = int(Kind.ADMIN_REPLY)
 # Kinds that may carry descriptors (the frame's fd bits); any other kind with fd bits is malformed.
 _FD_KINDS = frozenset({Kind.IOCTL, Kind.IOCTL_REPLY})
 
@@ -400,6 +406,18 @@ class FrameDecoder:
             self._pos = 0
         self._buf += data
 
+    def take_whole(self, data: bytes) -> Frame | None:
+        """``feed(data)`` then ``next_frame()`` in one step, for the common read: nothing
+        buffered and ``data`` exactly one whole frame that passes the checks. In any other case
+        None, with nothing taken (``feed`` it as usual)."""
+        size = len(data)
+        if self._pos != len(self._buf) or self._broken or size < HEADER_SIZE:
+            return None
+        magic, kind, flags, seq, length = _HEADER.unpack_from(data)
+        if magic != MAGIC or length > self._max or HEADER_SIZE + length != size:
+            return None
+        return Frame(kind, seq, data[HEADER_SIZE:], flags)
+
     def header_needed(self) -> int:
         """Bytes still missing before the next frame is complete (at least 1 when none is)."""
         have = len(self._buf) - self._pos
@@ -543,6 +561,19 @@ def encode(msg: Message, seq: int) -> bytes:
     """The whole frame (header + payload) for ``msg``. Raises ValueError if ``msg`` breaks a
     rule of the wire (the encoder never emits what :func:`decode` would reject). An ADMIN_REPLY
     larger than one frame must go through :func:`admin_reply_frames`."""
+    # The common frames (a bare struct, no tables) in one pack: the same bytes as below.
+    if type(msg) is IoctlReply and not msg.writes and not msg.fixups:
+        n = len(msg.struct)
+        if n > MAX_STRUCT:
+            raise ValueError("struct too large")
+        return _REPLY_FRAME.pack(MAGIC, _KIND_IOCTL_REPLY, 0, seq & 0xFFFFFFFF, _REPLY.size + n,
+                                 msg.ret, n, 0, 0, 0) + msg.struct
+    if type(msg) is IoctlRequest and not msg.regions and not msg.fd_numbers:
+        n = len(msg.struct)
+        if n > MAX_STRUCT:
+            raise ValueError("struct too large")
+        return _IOCTL_FRAME.pack(MAGIC, _KIND_IOCTL, 0, seq & 0xFFFFFFFF, _IOCTL.size + n,
+                                 msg.code, n, 0, 0) + msg.struct
     kind, payload, nfds = _encode_payload(msg)
     return frame_bytes(kind, seq, payload, nfds)
 
@@ -602,6 +633,10 @@ def _decode_ioctl(p: bytes) -> IoctlRequest:
     if data_at > n:
         raise _bad("IOCTL payload truncated before the end of its tables")
     body = p[_IOCTL.size : table]
+    if not count and not nfds:  # a bare struct: no tables to walk
+        if data_at != n:
+            raise _bad(f"IOCTL payload carries {n - data_at} data bytes, its regions declare 0")
+        return IoctlRequest(code, body)
     raw: list[tuple[int, int, int]] = []
     prev_end = 0
     total = 0
@@ -661,6 +696,10 @@ def _decode_ioctl_reply(p: bytes) -> IoctlReply:
     if data_at > n:
         raise _bad("IOCTL_REPLY payload truncated before the end of its tables")
     body = p[_REPLY.size : table]
+    if not count and not nfds:  # a bare struct: no tables to walk
+        if data_at != n:
+            raise _bad("IOCTL_REPLY payload has trailing bytes")
+        return IoctlReply(ret, body)
     writes = []
     at = data_at
     for i in range(count):
@@ -730,18 +769,20 @@ def decode(frame: Frame) -> Message:
     """The message in ``frame``; raises :class:`MalformedMessage` if it does not parse. The
     descriptors a frame carries are the transport's business: their count (the frame's fd bits)
     must agree with the payload's table."""
-    if frame.flags & ~_KNOWN_FLAGS:
-        raise _bad(f"frame flags 0x{frame.flags:x} are reserved")
+    flags = frame.flags
+    if flags & ~_KNOWN_FLAGS:
+        raise _bad(f"frame flags 0x{flags:x} are reserved")
     kind = _KINDS.get(frame.kind)
     if kind is None:
         raise _bad(f"unknown frame kind {frame.kind}", errno.EOPNOTSUPP)
-    if frame.more and kind != Kind.ADMIN_REPLY:
+    if flags & FLAG_MORE and kind != _KIND_ADMIN_REPLY:
         raise _bad("only ADMIN_REPLY frames may have the MORE flag")
-    if frame.fd_count and kind not in _FD_KINDS:
+    nfds = flags & FLAG_FD_MASK
+    if nfds and kind not in _FD_KINDS:
         raise _bad(f"{kind.name} frames carry no descriptors")
     msg = _DECODERS[kind](frame.payload)
-    declared = len(msg.fd_numbers) if isinstance(msg, IoctlRequest) else (
-        len(msg.fixups) if isinstance(msg, IoctlReply) else 0)
-    if declared != frame.fd_count:
-        raise _bad(f"frame carries {frame.fd_count} descriptors, its payload names {declared}")
+    declared = len(msg.fd_numbers) if type(msg) is IoctlRequest else (
+        len(msg.fixups) if type(msg) is IoctlReply else 0)
+    if declared != nfds:
+        raise _bad(f"frame carries {nfds} descriptors, its payload names {declared}")
     return msg

@@ -264,7 +264,7 @@ class SocketTransport(Transport):
         sent = 0
         if not self._out:
             try:
-                sent = send_with_fds(self.sock, data, fds)
+                sent = send_with_fds(self.sock, data, fds) if fds else self.sock.send(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as e:
