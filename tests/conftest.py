@@ -18,6 +18,7 @@ from dxg.guest.driver import GuestDriver
 from dxg.host.config import HostConfig
 from dxg.host.host import Host
 from dxg.node.server import SocketNode
+from dxg.oslib.procmem import Syscalls
 from dxg.runtime.loop import LoopThread
 
 CLIENTS = Path(__file__).parent / "clients"
@@ -33,6 +34,25 @@ def wait_until(pred: Callable[[], object], timeout: float = 10.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout}s")
         time.sleep(0.01)
+
+
+class CountingSyscalls(Syscalls):
+    """Syscalls that record the pid of every process_vm_readv/writev they make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+        for name in ("process_vm_readv", "process_vm_writev"):
+            real = getattr(self, name)
+
+            def counted(pid, *args, _real=real, _name=name):
+                self.calls.append((_name, pid))
+                return _real(pid, *args)
+
+            setattr(self, name, counted)
+
+    def touching(self, pid: int) -> list[tuple[str, int]]:
+        return [c for c in self.calls if c[1] == pid]
 
 
 @dataclass

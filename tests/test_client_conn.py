@@ -18,7 +18,6 @@ import signal
 import socket
 import struct
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from conftest import wait_until
 from dxg.client import (
     AsyncNode,
     AsyncNodeConnection,
@@ -54,15 +54,7 @@ QAI = io.LX_DXQUERYADAPTERINFO
 HOLD = 1000  # a QueryAdapterInfo whose ``type`` is >= HOLD is held until the test releases it
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = DEADLINE, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.002)
+wait_for = wait_until  # polls with a deadline
 
 
 # ---- the fake node --------------------------------------------------------------------------------
@@ -466,8 +458,10 @@ def test_admin_reply_in_chunks_with_ioctl_replies_between(fake):
     conn.close()
 
 
-def test_fatal_error_fails_every_waiter_and_drops_the_connection(fake):
-    conn = NodeConnection(fake.path)
+def held_calls(conn: NodeConnection, n: int,
+               first: int = 0) -> tuple[list[threading.Thread], list[BaseException]]:
+    """``n`` threads, each in a call the fake node holds (tags ``HOLD + first`` on); what each
+    raises lands in the list."""
     errors: list[BaseException] = []
 
     def worker(i: int) -> None:
@@ -476,9 +470,15 @@ def test_fatal_error_fails_every_waiter_and_drops_the_connection(fake):
         except BaseException as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(first, first + n)]
     for t in threads:
         t.start()
+    return threads, errors
+
+
+def test_fatal_error_fails_every_waiter_and_drops_the_connection(fake):
+    conn = NodeConnection(fake.path)
+    threads, errors = held_calls(conn, 4)
     held = fake.wait_held(4)
     held[0].conn.send(wire.encode(wire.ErrorReply(errno.EPROTO, "node going down", True), 0))
     for t in threads:
@@ -541,17 +541,7 @@ def test_protocol_violations_drop_the_connection(fake, bad):
 
 def test_lost_node_and_close_wake_every_waiter(fake):
     conn = NodeConnection(fake.path)
-    errors: list[BaseException] = []
-
-    def worker(i: int) -> None:
-        try:
-            conn.ioctl(QAI, qai(HOLD + i)[0])
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
+    threads, errors = held_calls(conn, 3)
     fake.wait_held(3)
     conn.close()  # a reader is blocked in recv: close must wake it
     for t in threads:
@@ -559,8 +549,7 @@ def test_lost_node_and_close_wake_every_waiter(fake):
     assert len(errors) == 3 and all(isinstance(e, NodeUnavailable) for e in errors)
 
     conn = NodeConnection(fake.path)
-    t = threading.Thread(target=worker, args=(9,))
-    t.start()
+    (t,), errors = held_calls(conn, 1, first=9)
     (req,) = [r for r in fake.wait_held(4) if r.tag == HOLD + 9]
     req.conn.sock.shutdown(socket.SHUT_RDWR)  # the node goes away
     t.join(DEADLINE)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_stack, wait_until
+from conftest import CountingSyscalls, make_stack, wait_until
 from dxg.guest.ioctl import HANDLERS
 from dxg.node import fuse_proto as fp
 from dxg.node.fuse import (
@@ -57,7 +57,7 @@ from dxg.node.support import (
     render_ioctls_doc,
     render_libdxg_table,
 )
-from dxg.oslib.procmem import Syscalls, UserMemoryFault
+from dxg.oslib.procmem import UserMemoryFault
 from dxg.uapi.ioctls import (
     IOCTLS,
     IOCTLS_BY_NAME,
@@ -924,25 +924,6 @@ class OutlivingDriver(Wrapped):
             self.cancelled.set()
             raise
         return 0, arg
-
-
-class CountingSyscalls(Syscalls):
-    """Records the target pid of every process_vm_readv/writev the node makes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, int]] = []
-        for name in ("process_vm_readv", "process_vm_writev"):
-            real = getattr(self, name)
-
-            def counted(pid, *args, _real=real, _name=name):
-                self.calls.append((_name, pid))
-                return _real(pid, *args)
-
-            setattr(self, name, counted)
-
-    def touching(self, pid: int) -> list[tuple[str, int]]:
-        return [c for c in self.calls if c[1] == pid]
 
 
 @needs_fuse

@@ -14,6 +14,7 @@ import threading
 
 import pytest
 
+from conftest import CountingSyscalls
 from dxg.guest.errors import IoctlError
 from dxg.guest.usermem import UserMemoryFault, copy_from_user, copy_to_user
 from dxg.oslib.procmem import (
@@ -230,22 +231,6 @@ def test_another_users_memory_as_root() -> None:
 
 
 # ---- pinned callers --------------------------------------------------------------------------
-
-
-class CountingSyscalls(Syscalls):
-    """Syscalls that record the pid of every process_vm_readv/writev they make."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, int]] = []
-        for name in ("process_vm_readv", "process_vm_writev"):
-            real = getattr(self, name)
-
-            def counted(pid, *args, _real=real, _name=name):
-                self.calls.append((_name, pid))
-                return _real(pid, *args)
-
-            setattr(self, name, counted)
 
 
 def _open_fds() -> int:

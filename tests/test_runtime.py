@@ -260,28 +260,26 @@ def _dxg(*args: str, **kw) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def _up_until_ready(node: Path, stop: str) -> None:
+    """`dxg up` at ``node`` until `dxg wait` sees its two adapters; then stop it with
+    ``stop`` ("kill" or "terminate")."""
+    up = _dxg("up", "--node", str(node))
+    try:
+        r = subprocess.run([sys.executable, "-m", "dxg.cli.main", "wait", "--node", str(node),
+                            "--adapters", "2", "--timeout", "60"], capture_output=True,
+                           text=True, timeout=90)
+        assert r.returncode == 0, r.stderr
+    finally:
+        getattr(up, stop)()
+        up.wait(timeout=30)
+
+
 def test_a_killed_dxg_up_leaves_no_host_socket_behind(tmp_path):
     node = tmp_path / "n" / "dxg.sock"
-    up = _dxg("up", "--node", str(node))
-    try:
-        r = subprocess.run([sys.executable, "-m", "dxg.cli.main", "wait", "--node", str(node),
-                            "--adapters", "2", "--timeout", "60"], capture_output=True,
-                           text=True, timeout=90)
-        assert r.returncode == 0, r.stderr
-    finally:
-        up.kill()
-        up.wait(timeout=30)
+    _up_until_ready(node, "kill")
     left = sorted(p.name for p in node.parent.iterdir())
     assert left == ["dxg.sock"], left  # the node's own socket (replaced by the next start)
-    up = _dxg("up", "--node", str(node))
-    try:
-        r = subprocess.run([sys.executable, "-m", "dxg.cli.main", "wait", "--node", str(node),
-                            "--adapters", "2", "--timeout", "60"], capture_output=True,
-                           text=True, timeout=90)
-        assert r.returncode == 0, r.stderr
-    finally:
-        up.terminate()
-        up.wait(timeout=30)
+    _up_until_ready(node, "terminate")
     assert not node.exists()
 
 

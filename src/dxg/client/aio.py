@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from dxg.client.calls import (
+    ARGS_TYPES,
+    RECV_CHUNK,
     Delivered,
     Failure,
     ReplyRouter,
@@ -40,6 +42,7 @@ from dxg.client.calls import (
     check_hello_reply,
     connect_error,
     connect_target,
+    lost,
     node_target,
 )
 from dxg.client.errors import NodeProtocolError, NodeUnavailable
@@ -48,11 +51,7 @@ from dxg.uapi import wire
 
 __all__ = ["AsyncNodeConnection"]
 
-_RECV_CHUNK = 256 * 1024
 
-
-def _lost(message: str) -> Failure:
-    return lambda: NodeUnavailable(message)
 
 
 class _Outgoing:
@@ -89,7 +88,7 @@ class AsyncNodeConnection:
         self._futures: dict[int, asyncio.Future[tuple[wire.Message, list[int]]]] = {}
         self._queue: deque[_Outgoing] = deque()
         self._writing = False
-        self._buf = bytearray(_RECV_CHUNK)
+        self._buf = bytearray(RECV_CHUNK)
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str] | None = None,
@@ -198,7 +197,7 @@ class AsyncNodeConnection:
         if sock is None:
             return
         if failure is None:
-            failure = _lost(f"the connection to the dxg node {self.path} is closed")
+            failure = lost(f"the connection to the dxg node {self.path} is closed")
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.remove_reader(sock.fileno())
@@ -226,11 +225,11 @@ class AsyncNodeConnection:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self._drop(_lost(f"lost the dxg node {self.path}: {e}"))
+            self._drop(lost(f"lost the dxg node {self.path}: {e}"))
             return
         if not data:
             close_all(fds)
-            self._drop(_lost(f"lost the dxg node {self.path}: connection closed by the node"))
+            self._drop(lost(f"lost the dxg node {self.path}: connection closed by the node"))
             return
         try:
             outcomes = self._router.feed(data, fds)
@@ -282,7 +281,7 @@ class AsyncNodeConnection:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                self._drop(_lost(f"lost the dxg node {self.path}: {e}"))
+                self._drop(lost(f"lost the dxg node {self.path}: {e}"))
                 return
             if sent and item.fds:
                 close_all(item.fds)
@@ -320,7 +319,7 @@ class AsyncNodeConnection:
             if fds and e.errno == errno.EBADF:
                 raise  # one of the caller's descriptors was closed: nothing went
             message = f"lost the dxg node {self.path}: {e}"
-            self._drop(_lost(message))
+            self._drop(lost(message))
             raise NodeUnavailable(message) from None
         try:
             return await fut
@@ -338,14 +337,14 @@ class AsyncNodeConnection:
             try:
                 self._write(wire.encode(wire.Cancel(), seq))
             except OSError as e:
-                self._drop(_lost(f"lost the dxg node {self.path}: {e}"))
+                self._drop(lost(f"lost the dxg node {self.path}: {e}"))
 
     # ---- ioctl and admin ------------------------------------------------------------------------
 
     async def ioctl(self, code: int, args: ctypes.Structure | ctypes.Union,
                     fds: Sequence[int] = ()) -> int:
         """As :meth:`NodeConnection.ioctl <dxg.client.connection.NodeConnection.ioctl>`."""
-        if not isinstance(args, ctypes.Structure | ctypes.Union):
+        if not isinstance(args, ARGS_TYPES):
             raise TypeError("ioctl arguments are a ctypes struct")
         if self.forked:
             return -errno.ENOTTY

@@ -40,7 +40,9 @@ from dxg.uapi.nodepath import (
 )
 
 __all__ = [
+    "ARGS_TYPES",
     "MAX_ADMIN_REPLY",
+    "RECV_CHUNK",
     "Delivered",
     "Failed",
     "Failure",
@@ -52,6 +54,7 @@ __all__ = [
     "check_hello_reply",
     "connect_error",
     "connect_target",
+    "lost",
     "node_target",
 ]
 
@@ -62,11 +65,17 @@ _FD_ENTRY = 8
 _REPLY_KINDS = frozenset({wire.Kind.IOCTL_REPLY, wire.Kind.ADMIN_REPLY, wire.Kind.HELLO_REPLY})
 _KIND_ERROR = int(wire.Kind.ERROR)
 _KIND_ADMIN_REPLY = int(wire.Kind.ADMIN_REPLY)
-_ARGS_TYPES = (ctypes.Structure, ctypes.Union)  # what an ioctl's arguments may be
+ARGS_TYPES = (ctypes.Structure, ctypes.Union)  # what an ioctl's arguments may be
+RECV_CHUNK = 256 * 1024  # the most a client reads at once
 _EMPTY_TYPES = (tuple, list)  # descriptor sequences seen empty without walking them
 
 Failure = Callable[[], NodeError]
 """Makes the exception a waiter raises (one per waiter: threads must not share one object)."""
+
+
+def lost(message: str) -> Failure:
+    """The failure of every waiter of a connection that was lost."""
+    return lambda: NodeUnavailable(message)
 
 
 # ---- this process's memory ----------------------------------------------------------------------
@@ -178,9 +187,8 @@ def build_ioctl(code: int, args: ctypes.Structure | ctypes.Union, read: Callable
     """The IOCTL request for ``ioctl(code, &args)``, with the user buffers the struct points at
     (what fits in ``max_payload``) and the numbers of the descriptors ``fds`` the caller hands
     over. Raises TypeError/ValueError for a bad call and OSError(EBADF) for a descriptor that is
-    not open: nothing has been sent then."""
-    if not isinstance(args, _ARGS_TYPES):
-        raise TypeError("ioctl arguments are a ctypes struct")
+    not open: nothing has been sent then. The caller checked that ``args`` is one of
+    ARGS_TYPES."""
     numbers: tuple[int, ...] = (
         () if isinstance(fds, _EMPTY_TYPES) and not fds else tuple(int(fd) for fd in fds))
     if numbers:

@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from dxg.client.calls import (
+    ARGS_TYPES,
+    RECV_CHUNK,
     Delivered,
     Failure,
     ReplyRouter,
@@ -49,6 +51,7 @@ from dxg.client.calls import (
     check_hello_reply,
     connect_error,
     connect_target,
+    lost,
     node_target,
 )
 from dxg.client.errors import NodeError, NodeProtocolError, NodeUnavailable
@@ -57,16 +60,11 @@ from dxg.uapi import wire
 
 __all__ = ["NodeConnection"]
 
-_RECV_CHUNK = 256 * 1024
 _READ_CHUNK = 64 * 1024
 # An interrupted request up to this size is assumed whole on the wire (a Unix socket's buffer
 # takes it in one piece, so the send cannot stop half-way); a bigger one drops the stream.
 _ATOMIC_SEND = 64 * 1024
-_ARGS_TYPES = (ctypes.Structure, ctypes.Union)  # what an ioctl's arguments may be
 
-
-def _lost(message: str) -> Failure:
-    return lambda: NodeUnavailable(message)
 
 
 class _Waiter:
@@ -135,7 +133,7 @@ class NodeConnection:
         self._waiters: dict[int, _Waiter] = {}
         self._reader: _Waiter | None = None
         self._orphans: list[socket.socket] = []  # dropped while a reader was in recv
-        self._buf = bytearray(_RECV_CHUNK)  # the reader's (one reader at a time)
+        self._buf = bytearray(RECV_CHUNK)  # the reader's (one reader at a time)
 
     # ---- connecting -----------------------------------------------------------------------------
 
@@ -195,7 +193,7 @@ class NodeConnection:
     def _drop(self, failure: Failure | None = None) -> None:
         """Close the stream and fail every request in flight."""
         if failure is None:
-            failure = _lost(f"the connection to the dxg node {self.path} is closed")
+            failure = lost(f"the connection to the dxg node {self.path} is closed")
         with self._mu:
             self._drop_locked(self._sock, failure)
 
@@ -289,7 +287,7 @@ class NodeConnection:
                 self._forget(waiter)  # one of the caller's descriptors was closed: nothing went
                 raise
             message = f"lost the dxg node {self.path}: {e}"
-            self._drop(_lost(message))
+            self._drop(lost(message))
             raise NodeUnavailable(message) from None
         except BaseException:
             # Interrupted. Nothing sent: no reply will come. A whole request is answered and
@@ -381,7 +379,7 @@ class NodeConnection:
             while sock is not None:
                 try:
                     need = router.header_needed()
-                    want = _READ_CHUNK if need <= _READ_CHUNK else min(need, _RECV_CHUNK)
+                    want = _READ_CHUNK if need <= _READ_CHUNK else min(need, RECV_CHUNK)
                     # One blocking read. A signal while it blocks interrupts it before anything
                     # is taken (EINTR), so an exception from the handler consumes nothing.
                     data, fds = recv_with_fds(sock, view[:want], wire.MAX_FDS)
@@ -390,7 +388,7 @@ class NodeConnection:
                                                    "connection closed by the node")
                 except OSError as e:
                     with mu:
-                        self._drop_locked(sock, _lost(f"lost the dxg node {self.path}: {e}"))
+                        self._drop_locked(sock, lost(f"lost the dxg node {self.path}: {e}"))
                     break
                 with mu:
                     if sock is not self._sock:
@@ -439,7 +437,7 @@ class NodeConnection:
         ``fds`` are descriptors of this process the driver may take (their numbers are in the
         struct or a buffer: an eventfd, a shared object); they stay open here. Descriptors the
         driver hands back are this caller's: their numbers are where the driver stored them."""
-        if not isinstance(args, _ARGS_TYPES):
+        if not isinstance(args, ARGS_TYPES):
             raise TypeError("ioctl arguments are a ctypes struct")
         if os.getpid() != self._pid:  # forked
             return -errno.ENOTTY  # as the kernel answers a child using its parent's file

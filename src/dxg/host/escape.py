@@ -103,7 +103,6 @@ def _still_there(p: Partition, process: HostProcess, device: HostDevice | None) 
 
 async def _pydxg(p: Partition, call: Call, process: HostProcess, device: HostDevice | None,
                  body: m.Escape) -> m.Escape:
-    _still_there(p, process, device)
     data = bytearray(body.priv_drv_data)
     head = EscapeHeader.unpack(bytes(data))
     flags = EscapeFlags(head.flags & ~(EscapeFlags.FD_OUT | EscapeFlags.DATA_AS_FD))
@@ -198,7 +197,6 @@ async def _pydxg(p: Partition, call: Call, process: HostProcess, device: HostDev
 async def _backend(p: Partition, call: Call, process: HostProcess, device: HostDevice | None,
                    body: m.Escape) -> m.Escape:
     close_all(call.take_fds())
-    _still_there(p, process, device)
     assert call.adapter is not None
     index = call.adapter.index
     backend = p.config.backend
@@ -240,12 +238,11 @@ def escape(p: Partition, call: Call, body: m.Escape):  # type: ignore[no-untyped
         raise CommandFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "a context needs its device")
     if body.attachment:
         raise CommandFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "requests carry no attachment")
-    if is_pydxg_escape(body.priv_drv_data):
-        def run() -> Awaitable[m.Escape]:
-            return _pydxg(p, call, process, device, body)
-    else:
-        def run() -> Awaitable[m.Escape]:
-            return _backend(p, call, process, device, body)
+    serve = _pydxg if is_pydxg_escape(body.priv_drv_data) else _backend
+
+    def run() -> Awaitable[m.Escape]:
+        _still_there(p, process, device)  # its turn may come after its process went
+        return serve(p, call, process, device, body)
     if lane is None:
         return run()
     return p.lanes.run(lane, run)

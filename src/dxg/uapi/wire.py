@@ -616,17 +616,22 @@ def _decode_hello_reply(p: bytes) -> HelloReply:
     return HelloReply(version, max_payload, max_regions, max_fds, name)
 
 
+def _check_tables(struct_len: int, count: int, entries: str, nfds: int) -> None:
+    """The sizes an IOCTL or IOCTL_REPLY header declares, against the wire's limits."""
+    if struct_len > MAX_STRUCT:
+        raise _bad(f"struct length {struct_len} exceeds {MAX_STRUCT}")
+    if count > MAX_REGIONS:
+        raise _bad(f"{count} {entries} exceed the limit of {MAX_REGIONS}", errno.E2BIG)
+    if nfds > MAX_FDS:
+        raise _bad(f"{nfds} descriptors exceed the limit of {MAX_FDS}", errno.E2BIG)
+
+
 def _decode_ioctl(p: bytes) -> IoctlRequest:
     n = len(p)
     if n < _IOCTL.size:
         raise _bad("IOCTL payload shorter than its header")
     code, struct_len, count, nfds = _IOCTL.unpack_from(p)
-    if struct_len > MAX_STRUCT:
-        raise _bad(f"struct length {struct_len} exceeds {MAX_STRUCT}")
-    if count > MAX_REGIONS:
-        raise _bad(f"{count} regions exceed the limit of {MAX_REGIONS}", errno.E2BIG)
-    if nfds > MAX_FDS:
-        raise _bad(f"{nfds} descriptors exceed the limit of {MAX_FDS}", errno.E2BIG)
+    _check_tables(struct_len, count, "regions", nfds)
     table = _IOCTL.size + struct_len
     fd_table = table + _REGION.size * count
     data_at = fd_table + _FD_NUMBER.size * nfds
@@ -684,12 +689,7 @@ def _decode_ioctl_reply(p: bytes) -> IoctlReply:
     ret, struct_len, count, nfds, reserved = _REPLY.unpack_from(p)
     if reserved:
         raise _bad("IOCTL_REPLY reserved field is not zero")
-    if struct_len > MAX_STRUCT:
-        raise _bad(f"struct length {struct_len} exceeds {MAX_STRUCT}")
-    if count > MAX_REGIONS:
-        raise _bad(f"{count} writes exceed the limit of {MAX_REGIONS}", errno.E2BIG)
-    if nfds > MAX_FDS:
-        raise _bad(f"{nfds} descriptors exceed the limit of {MAX_FDS}", errno.E2BIG)
+    _check_tables(struct_len, count, "writes", nfds)
     table = _REPLY.size + struct_len
     fixups_at = table + _WRITE.size * count
     data_at = fixups_at + _FIXUP.size * nfds
