@@ -243,3 +243,85 @@ def test_host_and_guest_apart_over_tcp_with_two_hosts(tmp_path):
             p.terminate()
         for p in procs:
             assert p.wait(timeout=30) == 0, p.stderr.read()
+
+
+_HOLD_MEMORY = r"""
+import json, os, sys
+from dxg.client import open_node
+node = open_node(sys.argv[1])
+dev = node.adapters()[0].create_device()
+local = dev.allocate(3 << 20)
+far = dev.allocate(1 << 20, non_local=True)
+print(json.dumps({"pid": os.getpid()}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_ls_and_ps_show_memory(stack):
+    """`dxg ls`: used/total per adapter (local and non-local); `dxg ps`: bytes per process."""
+    env = {"DXG_NODE": stack.node_path}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_MEMORY, stack.node_path],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        pid = read_json_line(holder)["pid"]
+        rows = json.loads(dxg("ls", "--json", env=env).stdout)["adapters"]
+        mem = [row["memory"] for row in rows]
+        assert mem[0]["local"] == {"used": 3 << 20, "total": 1 << 30}
+        assert mem[0]["nonlocal"] == {"used": 1 << 20, "total": 4 << 30}
+        assert mem[1]["local"]["used"] == 0 and mem[1]["nonlocal"]["used"] == 0
+        table = dxg("ls", env=env)
+        assert table.returncode == 0, table.stderr
+        assert "3.0M/1.0G" in table.stdout and "1.0M/4.0G" in table.stdout
+        assert "0/1.0G" in table.stdout
+
+        data = json.loads(dxg("ps", "--json", env=env).stdout)
+        mine = next(p for p in data["snapshot"]["processes"] if p["pid"] == pid)
+        assert mine["memory"] == 4 << 20 and isinstance(mine["memory"], int)
+        assert mine["allocations"] == 2
+        per_adapter = {link["adapter"]: link["memory"] for link in mine["adapters"]}
+        assert per_adapter[0] == 4 << 20 and per_adapter.get(1, 0) == 0
+        text = dxg("ps", env=env).stdout
+        line = next(ln for ln in text.splitlines() if str(pid) in ln)
+        assert "4.0M" in line
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    # gone with the process
+    wait_until(lambda: json.loads(dxg("ls", "--json", env=env).stdout)["adapters"][0]
+               ["memory"]["local"]["used"] == 0, 10, "the holder's memory back")
+
+
+def test_memory_columns_without_the_census_figures():
+    """A host whose census has no memory figures (an older host): "-", and None in JSON."""
+    from dxg.cli.commands import adapter_memory, human_bytes, join_memory, match_adapters
+
+    snap = {"adapters": [{"index": 0, "luid": "0x10", "host": 0},
+                         {"index": 1, "luid": "0x20", "host": 0}],
+            "processes": [{"pid": 7, "name": "app", "adapters": [
+                {"adapter": 1, "devices": 1, "contexts": 0}]}]}
+    old = {"hosts": [{"index": 0, "census": {
+        "adapters": [{"index": 0, "handle": 1, "opens": 1}, {"index": 1, "handle": 2, "opens": 1}],
+        "processes": [{"pid": 7}]}}]}
+    assert adapter_memory(match_adapters(snap, old)[1]) == {
+        "local": {"used": None, "total": None}, "nonlocal": {"used": None, "total": None}}
+    data = join_memory({"snapshot": snap, "census": old})
+    proc = data["snapshot"]["processes"][0]
+    assert proc["memory"] is None and proc["allocations"] is None
+    assert proc["adapters"][0]["memory"] is None
+    assert human_bytes(None) == "-" and human_bytes(0) == "0" and human_bytes(1536) == "1.5K"
+    assert human_bytes(12 << 20) == "12.0M" and human_bytes(1 << 30) == "1.0G"
+    # with the figures, matched by LUID when the census gives one (here in reverse order)
+    new = {"hosts": [{"index": 0, "census": {
+        "adapters": [{"index": 1, "luid": "0x10", "memory": {"local": {"total": 8, "used": 2}}},
+                     {"index": 0, "luid": "0x20"}],
+        "processes": [{"pid": 7, "allocations": 3, "memory": [
+            {"adapter": 0, "local": 5, "nonlocal": 1}, {"adapter": 1, "local": 4}]}]}}]}
+    assert adapter_memory(match_adapters(snap, new)[0])["local"] == {"used": 2, "total": 8}
+    data = join_memory({"snapshot": snap, "census": new})
+    proc = data["snapshot"]["processes"][0]
+    assert proc["memory"] == 10 and proc["allocations"] == 3
+    assert proc["adapters"][0]["memory"] == 6  # guest adapter 1 is the host's adapter 0
+    # no census at all (the host did not answer)
+    gone = join_memory({"snapshot": snap, "census": {"hosts": [{"index": 0, "error": "x"}]}})
+    assert gone["snapshot"]["processes"][0]["memory"] is None

@@ -161,7 +161,7 @@ class FakeNode:
     def _received(self, conn: FakeConn, frame: wire.Frame, msg: wire.Message,
                   fds: list[int]) -> None:
         if isinstance(msg, wire.Hello):
-            conn.send(wire.encode(wire.HelloReply(2, node_name=self.name, max_fds=8), frame.seq))
+            conn.send(wire.encode(wire.HelloReply(wire.MAX_WIRE_VERSION, node_name=self.name, max_fds=8), frame.seq))
             return
         if isinstance(msg, wire.Cancel):
             with self.cond:
@@ -257,7 +257,7 @@ def qai(tag: int, data: bytes = b"") -> tuple[s.d3dkmt_queryadapterinfo, Any]:
 
 def test_hello_and_a_round_trip_apply_writes_and_struct(fake):
     with NodeConnection(fake.path) as conn:
-        assert (conn.version, conn.node_name, conn.max_fds) == (2, "fake", 8)
+        assert (conn.version, conn.node_name, conn.max_fds) == (wire.MAX_WIRE_VERSION, "fake", 8)
         args, buf = qai(7, b"abcdef")
         threads_before = threading.active_count()
         assert conn.ioctl(QAI, args) == 7

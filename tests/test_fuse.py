@@ -690,6 +690,42 @@ def test_c_program_exercises_every_implemented_ioctl(stack, dev: FuseNode,
         pytest.skip(f"!!! implemented but not exercised by tests/c/dxg_test.c: {missing} !!!")
 
 
+MEMORY_IOCTLS = (
+    "LX_DXCREATEALLOCATION", "LX_DXDESTROYALLOCATION2", "LX_DXLOCK2", "LX_DXUNLOCK2",
+    "LX_DXCREATEPAGINGQUEUE", "LX_DXDESTROYPAGINGQUEUE", "LX_DXMAKERESIDENT", "LX_DXEVICT",
+    "LX_DXQUERYALLOCATIONRESIDENCY", "LX_DXSETALLOCATIONPRIORITY", "LX_DXGETALLOCATIONPRIORITY",
+    "LX_DXOFFERALLOCATIONS", "LX_DXRECLAIMALLOCATIONS2", "LX_DXUPDATEALLOCPROPERTY",
+    "LX_DXFLUSHHEAPTRANSITIONS", "LX_DXQUERYVIDEOMEMORYINFO",
+    "LX_DXCHANGEVIDEOMEMORYRESERVATION", "LX_DXRESERVEGPUVIRTUALADDRESS",
+    "LX_DXMAPGPUVIRTUALADDRESS", "LX_DXFREEGPUVIRTUALADDRESS", "LX_DXUPDATEGPUVIRTUALADDRESS",
+)
+
+
+@needs_fuse
+@needs_gcc
+def test_c_program_device_memory(stack, dev: FuseNode, dxg_test: Path) -> None:
+    """The memory ioctls from C through the file: allocations (standalone, a resource of three,
+    a standard one), Lock2 refused with EOPNOTSUPP (a file cannot map into its caller), budgets
+    and reservations, a paging queue without a fence mapping, GPU virtual addresses, residency,
+    priorities, offers, and the error paths of each family; everything is gone afterwards."""
+    out = run_c(dxg_test, dev.path, "memory").stdout
+    exercised = set(re.findall(r"^ok +(LX_\w+) ", out, re.M))
+    missing = [name for name in MEMORY_IOCTLS if name not in exercised]
+    assert not missing, f"not exercised: {missing}"
+    for line in ("ok   LX_DXLOCK2 (through the file (cannot map into the caller)) -> -EOPNOTSUPP",
+                 "ok   LX_DXUNLOCK2 (an allocation not locked) -> -EINVAL",
+                 "ok   LX_DXCREATEALLOCATION (alloc_count 1025) -> -EINVAL",
+                 "ok   LX_DXQUERYVIDEOMEMORYINFO (segment group 2) -> -EINVAL",
+                 "ok   LX_DXRESERVEGPUVIRTUALADDRESS (misaligned base) -> -EINVAL",
+                 "ok   LX_DXUPDATEGPUVIRTUALADDRESS (UNMAP the mapping) -> 0",
+                 "ok   LX_DXFREEGPUVIRTUALADDRESS (the reservation) -> 0",
+                 "ok   LX_DXDESTROYALLOCATION2 (bad allocation handle) -> -EBADF"):
+        assert line in out, line
+    assert "(the memory is given back)" in out
+    assert "(DestroyDevice gave the memory back)" in out
+    wait_until(lambda: _settled(stack, dev), what="the C program's process torn down")
+
+
 @needs_fuse
 @needs_gcc
 def test_c_program_threads_and_processes_at_once(stack, dev: FuseNode, dxg_test: Path) -> None:

@@ -1,4 +1,4 @@
-"""The client <-> node wire, version 2 (dxg.uapi.wire), the region-backed user memory and the
+"""The client <-> node wire, version 3 (dxg.uapi.wire), the region-backed user memory and the
 client's user-buffer table: bytes only, no sockets."""
 
 import ctypes
@@ -63,7 +63,7 @@ def test_hello_roundtrip_and_negotiation():
     assert wire.negotiate(wire.Hello(0, 0)) is None
     r = wire.HelloReply(2, wire.MAX_PAYLOAD, wire.MAX_REGIONS, 8, "node-x")
     assert roundtrip(r) == r
-    assert wire.MIN_WIRE_VERSION == wire.MAX_WIRE_VERSION == 2
+    assert wire.MIN_WIRE_VERSION == wire.MAX_WIRE_VERSION == 3
 
 
 def test_ioctl_request_roundtrip():
@@ -750,3 +750,77 @@ def test_region_memory_without_regions_or_descriptors():
     mem.close()
     mem.close()
     assert mem.read(0x1000, 0) == b""
+
+
+# ---- block maps (wire 3) ------------------------------------------------------------------------
+
+MAP_ENTRY = struct.Struct("<BBBBIQQQQ")
+
+
+def test_block_maps_roundtrip_and_count_their_descriptors():
+    maps = (wire.BlockMap(wire.MAP, 7, 1 << 20, 4096, 16, flags=wire.MAP_WITH_FD),
+            wire.BlockMap(wire.MAP, 8, 65536, 8, 0x7000, wire.FD_IN_USER, wire.MAP_READONLY),
+            wire.BlockMap(wire.UNMAP, 3, width=0))
+    reply = wire.IoctlReply(0, bytes(24), (wire.Write(0x7000, b"x" * 8),),
+                            (wire.FdFixup(wire.FD_IN_STRUCT, 0, 4),), maps)
+    data = wire.encode(reply, 5)
+    (f,) = frames_of(data)
+    assert f.fd_count == 2  # one fixup, one MAP_WITH_FD
+    assert wire.decode(f) == reply
+    assert reply.fd_count == 2
+
+
+@pytest.mark.parametrize("entry", [
+    (wire.MAP, 0, 0, 8, 0, 1, 4096, 4096, 0),  # offset outside the block
+    (wire.MAP, 0, 0, 8, 0, 1, 0, 0, 0),  # empty block
+    (wire.MAP, 0, 0, 4, 0, 1, 4096, 0, 0),  # width 4
+    (wire.MAP, 0, 0, 8, 0, 1, 4096, 0, 20),  # address past the 24-byte struct
+    (wire.MAP, 1, 0, 8, 0, 1, 4096, 0, 0),  # user address 0
+    (wire.MAP, 0, 8, 8, 0, 1, 4096, 0, 0),  # unknown flag
+    (wire.MAP, 0, 0, 8, 1, 1, 4096, 0, 0),  # reserved set
+    (wire.UNMAP, 0, 0, 8, 0, 1, 0, 0, 0),  # an UNMAP with a width
+    (9, 0, 0, 8, 0, 1, 4096, 0, 0),  # unknown op
+])
+def test_malformed_block_maps(entry):
+    p = struct.pack("<qIIII", 0, 24, 0, 0, 1) + bytes(24) + MAP_ENTRY.pack(*entry)
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.IOCTL_REPLY, p, flags=entry[2] & wire.MAP_WITH_FD))
+
+
+def test_block_map_descriptor_count_must_match_the_frame():
+    p = struct.pack("<qIIII", 0, 24, 0, 0, 1) + bytes(24) + MAP_ENTRY.pack(
+        wire.MAP, 0, wire.MAP_WITH_FD, 8, 0, 1, 4096, 0, 0)
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.IOCTL_REPLY, p, flags=0))
+    assert wire.decode(frame(wire.Kind.IOCTL_REPLY, p, flags=1)).maps[0].with_fd
+
+
+def test_too_many_block_maps_are_refused_both_ways():
+    many = tuple(wire.BlockMap(wire.UNMAP, i, width=0) for i in range(wire.MAX_MAPS + 1))
+    with pytest.raises(ValueError):
+        wire.encode(wire.IoctlReply(0, b"", maps=many), 1)
+    p = struct.pack("<qIIII", 0, 0, 0, 0, wire.MAX_MAPS + 1)
+    with pytest.raises(wire.MalformedMessage):
+        wire.decode(frame(wire.Kind.IOCTL_REPLY, p))
+
+
+def test_region_memory_collects_block_maps_and_closes_their_descriptors():
+    import os
+
+    mem = RegionUserMemory([wire.Region(0x1000, 8, wire.REGION_OUT)])
+    r, w = os.pipe()
+    try:
+        mem.map_block(1, 8192, 4096, 16, fd=w)
+        mem.map_block(1, 8192, 0, 0x1000, in_struct=False, readonly=True)
+        with pytest.raises(UserMemoryFault):
+            mem.map_block(2, 8192, 0, 0x2000, in_struct=False)  # not in a writable region
+        assert mem.unmap_block(9)
+        maps, fds = mem.reply_maps()
+        assert [m.op for m in maps] == [wire.MAP, wire.MAP, wire.UNMAP]
+        assert maps[1].target == wire.FD_IN_USER and maps[1].flags == wire.MAP_READONLY
+        assert fds == [w]
+        mem.close()
+        with pytest.raises(OSError):
+            os.fstat(w)  # closed with the accessor
+    finally:
+        os.close(r)

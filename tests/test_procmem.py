@@ -197,7 +197,8 @@ def test_what_a_file_server_cannot_do_says_so() -> None:
     with pytest.raises(OSError):
         os.fstat(fd)  # handed over, so closed
     with pytest.raises(FrontEndLimit):
-        mem.map_into_caller(0, 0, 4096)
+        mem.map_block(1, 4096, 0, 16, fd=os.dup(0))
+    assert mem.unmap_block(1)  # nothing was ever mapped: nothing to say
 
 
 def test_thread_group_of_threads_and_processes() -> None:

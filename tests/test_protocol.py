@@ -324,6 +324,20 @@ VALID: dict[type, st.SearchStrategy] = {
     m.QueryClockCalibrationReturn: st.builds(m.QueryClockCalibrationReturn, u32,
                                              st.binary(min_size=28, max_size=28)),
     m.Escape: st.builds(m.Escape, u32, u32, u32, u32, u32, blob, blob),
+    m.IoctlArgs: st.builds(m.IoctlArgs, blob, blob),
+    m.IoctlArgsReturn: st.builds(m.IoctlArgsReturn, u32, blob, blob),
+    m.CreateAllocation: st.builds(
+        m.CreateAllocation, u32, u32, u32, u64, blob, blob,
+        st.lists(st.builds(m.NewAllocation, u32, u32, blob), max_size=4).map(tuple)),
+    m.CreateAllocationReturn: st.builds(
+        m.CreateAllocationReturn, u32, u32,
+        st.lists(st.builds(m.AllocationInfo, u32, u32, u32, u64, u64, u64, u64, blob),
+                 max_size=4).map(tuple)),
+    m.DestroyAllocation: st.builds(m.DestroyAllocation, u32, u32, u32,
+                                   st.lists(u32, max_size=20).map(tuple)),
+    m.Lock2: st.builds(m.Lock2, u32, u32, u32, u32, u64, u64),
+    m.Lock2Return: st.builds(m.Lock2Return, u32, u64, u64, u64, u64, blob),
+    m.Unlock2: st.builds(m.Unlock2, u32, u32, u64, blob),
 }
 
 SPECS = sorted(COMMANDS.values(), key=lambda s: int(s.command))
@@ -343,7 +357,7 @@ def test_the_table_is_complete_and_consistent():
             assert t in VALID, f"{spec.name}: add a strategy for {t.__name__}"
             assert callable(t.unpack) and callable(getattr(t, "pack", None))
     assert spec_of(9999) is None
-    assert spec_of(int(VgpuCommand.CREATEALLOCATION)) is None  # not spoken: NOT_IMPLEMENTED
+    assert spec_of(int(VgpuCommand.SUBMITCOMMAND)) is None  # not spoken: NOT_IMPLEMENTED
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -466,6 +480,12 @@ SAMPLE: dict[type, object] = {
     m.IsFeatureEnabled: m.IsFeatureEnabled(0),
     m.QueryClockCalibration: m.QueryClockCalibration(bytes(40)),
     m.Escape: m.Escape(0x40000FC0, 0, 0, 0, 0, bytes(8)),
+    m.IoctlArgs: m.IoctlArgs(bytes(56), bytes(8)),
+    m.CreateAllocation: m.CreateAllocation(0x40000FC0, 0, 0, 0, b"", b"", (
+        m.NewAllocation(0, 0, bytes(16)),)),
+    m.DestroyAllocation: m.DestroyAllocation(0x40000FC0, 0, 0, (0x40000FC0,)),
+    m.Lock2: m.Lock2(0x40000FC0, 0x40000FC0, 0, 1, 0, 0),
+    m.Unlock2: m.Unlock2(0x40000FC0, 0x40000FC0, 0, b"x"),
 }
 
 

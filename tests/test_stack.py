@@ -238,8 +238,10 @@ def test_bad_handles_get_the_invalid_handle_error(stack):
 
 def test_unimplemented_and_unhandled_ioctls_answer_clearly(stack):
     with NodeConnection(stack.node_path) as conn:
-        # CreateAllocation is in the ABI but not implemented yet: ENOSYS, never a hang
-        ret = conn.ioctl(uapi.LX_DXCREATEALLOCATION, uapi.d3dkmt_createallocation())
+        # CreateSynchronizationObject2 is in the ABI but not implemented yet: ENOSYS, never a
+        # hang
+        ret = conn.ioctl(uapi.LX_DXCREATESYNCHRONIZATIONOBJECT,
+                         uapi.d3dkmt_createsynchronizationobject2())
         assert ret == -38
         # 0x2d (Render) has no handler in the real driver either: ENOTTY
         code = uapi.IOCTLS[0x2D].code

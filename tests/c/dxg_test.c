@@ -10,7 +10,10 @@
  *   dxg_test [-q] [-a ADAPTERS] [-t THREADS] [-n ITERATIONS] PATH MODE
  *
  * MODE:
- *   all      every implemented ioctl and the error paths, once
+ *   all      every implemented ioctl and the error paths, once (device memory included)
+ *   memory   device memory only: allocations (standalone, a resource, a standard one), Lock2
+ *            (EOPNOTSUPP through a file), budgets and reservations, a paging queue, GPU
+ *            virtual addresses, residency, priorities, offers, and their error paths
  *   threads  the full sequence from THREADS pthreads at once on one shared descriptor,
  *            ITERATIONS times each
  *   fork     a forked child using the parent's descriptor gets ENOTTY; it reopens and works
@@ -80,6 +83,12 @@ static const char *errname(int ret)
 	case ENOTCONN: return "-ENOTCONN";
 	case EINTR: return "-EINTR";
 	case EOPNOTSUPP: return "-EOPNOTSUPP";
+	case EEXIST: return "-EEXIST";
+	case EBUSY: return "-EBUSY";
+	case ENOMEM: return "-ENOMEM";
+	case EPROTO: return "-EPROTO";
+	case EAGAIN: return "-EAGAIN";
+	case EIO: return "-EIO";
 	default: break;
 	}
 	snprintf(buf, sizeof(buf), "%d", ret);
@@ -528,6 +537,964 @@ static void error_paths(struct run *r, int fd, struct d3dkmthandle adapter)
 	EXPECT(r, mmap, "of the device, shared", ret, -ENODEV, NULL);
 }
 
+/*
+ * Device memory (the soft adapter's allocations, GPU virtual addresses, paging queues,
+ * residency, offers and budgets). An allocation's size is in its private data: pydxg's soft
+ * adapters read a 16-byte head there (dxg/uapi/memory.py): u32 magic "PDXA", u16 version 1,
+ * u16 flags, u64 size in bytes (rounded up to whole pages).
+ */
+#define PYDXG_ALLOC_MAGIC 0x41584450u
+#define PYDXG_PAGE 4096ull
+#define PYDXG_ROUND(n) (((n) + PYDXG_PAGE - 1) & ~(PYDXG_PAGE - 1))
+#define NT_STATUS_PENDING 259 /* STATUS_PENDING: a positive return, the call was queued */
+#define MEM_RESOURCE_ALLOCS 3
+#define MEM_STANDALONE_SIZE (64u << 10)
+#define MEM_STANDARD_SIZE 8192u
+#define MEM_VA_SIZE (1ull << 20)
+#define MEM_PRIORITY 0x50000000u /* D3DDDI_ALLOCATIONPRIORITY_HIGH */
+
+struct pydxg_alloc_desc {
+	__u32 magic;
+	__u16 version;
+	__u16 flags;
+	__u64 size;
+};
+_Static_assert(sizeof(struct pydxg_alloc_desc) == 16, "the soft adapter's head is 16 bytes");
+
+/* Sizes of the resource's allocations: two not whole pages, to see them rounded. */
+static const __u64 mem_resource_sizes[MEM_RESOURCE_ALLOCS] = { 5000, 16384, 1 };
+
+struct memtest {
+	struct run *r;
+	int fd;
+	struct d3dkmthandle adapter, device, queue, sync, resource;
+	struct d3dkmthandle alloc;                         /* standalone, 64 KiB */
+	struct d3dkmthandle res_allocs[MEM_RESOURCE_ALLOCS];
+	struct d3dkmthandle std_alloc;                     /* standard allocation, 8 KiB */
+	__u64 bytes;                                       /* page-rounded sum of all of them */
+	__u64 va;                                          /* the reserved GPU VA range */
+};
+
+static const struct d3dkmthandle mem_bogus = { .v = 0x7ffff00 };
+
+static void alloc_desc(struct pydxg_alloc_desc *d, __u64 size)
+{
+	memset(d, 0, sizeof(*d));
+	d->magic = PYDXG_ALLOC_MAGIC;
+	d->version = 1;
+	d->flags = 0;
+	d->size = size;
+}
+
+/* CreateAllocation of `n` allocations, each with its own 16-byte head. */
+static int create_allocations(int fd, struct d3dkmthandle device, struct d3dkmthandle resource,
+			      int create_resource, const __u64 *sizes, unsigned int n,
+			      struct d3dddi_allocationinfo2 *infos, struct pydxg_alloc_desc *descs,
+			      struct d3dkmt_createallocation *ca)
+{
+	unsigned int i;
+
+	memset(infos, 0, n * sizeof(*infos));
+	for (i = 0; i < n; i++) {
+		alloc_desc(&descs[i], sizes[i]);
+		infos[i].priv_drv_data = (void *)&descs[i];
+		infos[i].priv_drv_data_size = sizeof(descs[i]);
+	}
+	memset(ca, 0, sizeof(*ca));
+	ca->device = device;
+	ca->resource = resource;
+	ca->alloc_count = n;
+	ca->allocation_info = (void *)infos;
+	ca->flags.create_resource = create_resource ? 1 : 0;
+	return dx(fd, LX_DXCREATEALLOCATION, ca);
+}
+
+static int query_vidmem(int fd, struct d3dkmthandle adapter, unsigned int group,
+			struct d3dkmt_queryvideomemoryinfo *q)
+{
+	memset(q, 0, sizeof(*q));
+	q->adapter = adapter;
+	q->memory_segment_group = group;
+	return dx(fd, LX_DXQUERYVIDEOMEMORYINFO, q);
+}
+
+static int change_reservation(int fd, struct d3dkmthandle adapter, unsigned int group,
+			      __u64 bytes)
+{
+	struct d3dkmt_changevideomemoryreservation c;
+
+	memset(&c, 0, sizeof(c));
+	c.adapter = adapter;
+	c.memory_segment_group = group;
+	c.reservation = bytes;
+	return dx(fd, LX_DXCHANGEVIDEOMEMORYRESERVATION, &c);
+}
+
+static int lock2(int fd, struct d3dkmthandle device, struct d3dkmthandle alloc, void **data)
+{
+	struct d3dkmt_lock2 l;
+	int ret;
+
+	memset(&l, 0, sizeof(l));
+	l.device = device;
+	l.allocation = alloc;
+	ret = dx(fd, LX_DXLOCK2, &l);
+	*data = (void *)l.data;
+	return ret;
+}
+
+static int unlock2(int fd, struct d3dkmthandle device, struct d3dkmthandle alloc)
+{
+	struct d3dkmt_unlock2 u;
+
+	memset(&u, 0, sizeof(u));
+	u.device = device;
+	u.allocation = alloc;
+	return dx(fd, LX_DXUNLOCK2, &u);
+}
+
+static int reserve_va(int fd, struct d3dkmthandle adapter, __u64 base, __u64 size, __u64 *va)
+{
+	struct d3dddi_reservegpuvirtualaddress rv;
+	int ret;
+
+	memset(&rv, 0, sizeof(rv));
+	rv.adapter = adapter;
+	rv.base_address = base;
+	rv.size = size;
+	rv.reservation_type = _D3DDDIGPUVA_RESERVE_NO_ACCESS;
+	ret = dx(fd, LX_DXRESERVEGPUVIRTUALADDRESS, &rv);
+	*va = rv.virtual_address;
+	return ret;
+}
+
+static int free_va(int fd, struct d3dkmthandle adapter, __u64 base, __u64 size)
+{
+	struct d3dkmt_freegpuvirtualaddress fv;
+
+	memset(&fv, 0, sizeof(fv));
+	fv.adapter = adapter;
+	fv.base_address = base;
+	fv.size = size;
+	return dx(fd, LX_DXFREEGPUVIRTUALADDRESS, &fv);
+}
+
+static int update_va(int fd, struct d3dkmthandle device,
+		     struct d3dddi_updategpuvirtualaddress_operation *ops, unsigned int n)
+{
+	struct d3dkmt_updategpuvirtualaddress u;
+
+	memset(&u, 0, sizeof(u));
+	u.device = device;
+	u.num_operations = n;
+	u.operations = (void *)ops;
+	return dx(fd, LX_DXUPDATEGPUVIRTUALADDRESS, &u);
+}
+
+static int destroy_allocations(int fd, struct d3dkmthandle device, struct d3dkmthandle resource,
+			       const struct d3dkmthandle *allocs, unsigned int n)
+{
+	struct d3dkmt_destroyallocation2 d;
+
+	memset(&d, 0, sizeof(d));
+	d.device = device;
+	d.resource = resource;
+	d.allocations = (void *)allocs;
+	d.alloc_count = n;
+	return dx(fd, LX_DXDESTROYALLOCATION2, &d);
+}
+
+static int query_residency(int fd, struct d3dkmthandle device, struct d3dkmthandle resource,
+			   const struct d3dkmthandle *allocs, unsigned int n, __u32 *status)
+{
+	struct d3dkmt_queryallocationresidency q;
+
+	memset(&q, 0, sizeof(q));
+	q.device = device;
+	q.resource = resource;
+	q.allocations = (void *)allocs;
+	q.allocation_count = n;
+	q.residency_status = (void *)status;
+	return dx(fd, LX_DXQUERYALLOCATIONRESIDENCY, &q);
+}
+
+/* 1. CreateAllocation: a standalone allocation, a resource of three, a standard allocation. */
+static void mem_create(struct memtest *t)
+{
+	struct run *r = t->r;
+	struct d3dkmt_createallocation ca;
+	struct d3dkmt_createstandardallocation std;
+	struct d3dddi_allocationinfo2 infos[MEM_RESOURCE_ALLOCS];
+	struct pydxg_alloc_desc descs[MEM_RESOURCE_ALLOCS];
+	__u64 size = MEM_STANDALONE_SIZE;
+	unsigned int i;
+	int ret, distinct;
+
+	ret = create_allocations(t->fd, t->device, (struct d3dkmthandle){ 0 }, 0, &size, 1, infos,
+				 descs, &ca);
+	t->alloc = infos[0].allocation;
+	EXPECT(r, LX_DXCREATEALLOCATION, "standalone, 64 KiB", ret, 0, "allocation 0x%x",
+	       t->alloc.v);
+	note(r, ret == 0 && t->alloc.v != 0 && ca.resource.v == 0, "LX_DXCREATEALLOCATION",
+	     "standalone allocation handle, no resource", (int)t->alloc.v,
+	     "a non-zero handle and resource 0", NULL);
+	note(r, descs[0].magic == PYDXG_ALLOC_MAGIC && descs[0].size == MEM_STANDALONE_SIZE,
+	     "LX_DXCREATEALLOCATION", "private data handed back unchanged", (int)descs[0].magic,
+	     "the 16-byte head as sent", NULL);
+	if (ret == 0)
+		t->bytes += PYDXG_ROUND(size);
+
+	ret = create_allocations(t->fd, t->device, (struct d3dkmthandle){ 0 }, 1,
+				 mem_resource_sizes, MEM_RESOURCE_ALLOCS, infos, descs, &ca);
+	t->resource = ca.resource;
+	for (i = 0; i < MEM_RESOURCE_ALLOCS; i++)
+		t->res_allocs[i] = infos[i].allocation;
+	EXPECT(r, LX_DXCREATEALLOCATION, "create_resource with 3 allocations", ret, 0,
+	       "resource 0x%x allocations 0x%x 0x%x 0x%x", ca.resource.v, infos[0].allocation.v,
+	       infos[1].allocation.v, infos[2].allocation.v);
+	distinct = t->res_allocs[0].v != t->res_allocs[1].v &&
+		   t->res_allocs[1].v != t->res_allocs[2].v &&
+		   t->res_allocs[0].v != t->res_allocs[2].v;
+	for (i = 0; i < MEM_RESOURCE_ALLOCS; i++)
+		distinct = distinct && t->res_allocs[i].v != 0 && t->res_allocs[i].v != t->alloc.v;
+	note(r, ret == 0 && t->resource.v != 0 && distinct, "LX_DXCREATEALLOCATION",
+	     "resource and its 3 allocation handles", (int)t->resource.v,
+	     "non-zero, distinct handles", NULL);
+	if (ret == 0)
+		for (i = 0; i < MEM_RESOURCE_ALLOCS; i++)
+			t->bytes += PYDXG_ROUND(mem_resource_sizes[i]);
+
+	memset(&std, 0, sizeof(std));
+	std.type = _D3DKMT_STANDARDALLOCATIONTYPE_EXISTINGHEAP;
+	std.existing_heap_data.size = MEM_STANDARD_SIZE;
+	memset(infos, 0, sizeof(infos));
+	memset(&ca, 0, sizeof(ca));
+	ca.device = t->device;
+	ca.standard_allocation = (void *)&std;
+	ca.priv_drv_data_size = 0;
+	ca.alloc_count = 1;
+	ca.allocation_info = (void *)infos;
+	ca.flags.standard_allocation = 1;
+	ret = dx(t->fd, LX_DXCREATEALLOCATION, &ca);
+	t->std_alloc = infos[0].allocation;
+	EXPECT(r, LX_DXCREATEALLOCATION, "standard allocation, EXISTINGHEAP 8 KiB", ret, 0,
+	       "allocation 0x%x", t->std_alloc.v);
+	note(r, ret == 0 && t->std_alloc.v != 0, "LX_DXCREATEALLOCATION",
+	     "standard allocation handle", (int)t->std_alloc.v, "a non-zero handle", NULL);
+	if (ret == 0)
+		t->bytes += MEM_STANDARD_SIZE;
+
+	/* The same heap size, not whole pages: refused. */
+	std.existing_heap_data.size = MEM_STANDARD_SIZE + 1;
+	memset(infos, 0, sizeof(infos));
+	ret = dx(t->fd, LX_DXCREATEALLOCATION, &ca);
+	EXPECT(r, LX_DXCREATEALLOCATION, "standard allocation of 8193 bytes", ret, -EINVAL, NULL);
+}
+
+/* Counts, bad handles and bad private data for CreateAllocation. */
+static void mem_create_errors(struct memtest *t)
+{
+	struct run *r = t->r;
+	struct d3dkmt_createallocation ca;
+	struct d3dddi_allocationinfo2 infos[1];
+	struct pydxg_alloc_desc descs[1];
+	__u64 size = PYDXG_PAGE;
+	int ret;
+
+	ret = create_allocations(t->fd, mem_bogus, (struct d3dkmthandle){ 0 }, 0, &size, 1, infos,
+				 descs, &ca);
+	EXPECT(r, LX_DXCREATEALLOCATION, "bad device handle", ret, -EBADF, NULL);
+	ret = create_allocations(t->fd, t->device, mem_bogus, 0, &size, 1, infos, descs, &ca);
+	EXPECT(r, LX_DXCREATEALLOCATION, "bad resource handle", ret, -EBADF, NULL);
+	ca.resource.v = 0; /* from here on a valid request but for what each check changes */
+	ca.alloc_count = 0;
+	ret = dx(t->fd, LX_DXCREATEALLOCATION, &ca);
+	EXPECT(r, LX_DXCREATEALLOCATION, "alloc_count 0", ret, -EINVAL, NULL);
+	ca.alloc_count = D3DKMT_CREATEALLOCATION_MAX + 1;
+	ret = dx(t->fd, LX_DXCREATEALLOCATION, &ca);
+	EXPECT(r, LX_DXCREATEALLOCATION, "alloc_count 1025", ret, -EINVAL, NULL);
+
+	alloc_desc(&descs[0], PYDXG_PAGE);
+	descs[0].magic = 0x12345678;
+	ca.alloc_count = 1;
+	memset(infos, 0, sizeof(infos));
+	infos[0].priv_drv_data = (void *)&descs[0];
+	infos[0].priv_drv_data_size = sizeof(descs[0]);
+	ret = dx(t->fd, LX_DXCREATEALLOCATION, &ca);
+	EXPECT(r, LX_DXCREATEALLOCATION, "private data with a wrong magic", ret, -EINVAL, NULL);
+	alloc_desc(&descs[0], 0);
+	ret = dx(t->fd, LX_DXCREATEALLOCATION, &ca);
+	EXPECT(r, LX_DXCREATEALLOCATION, "private data of size 0", ret, -EINVAL, NULL);
+}
+
+/* 2. Lock2 cannot map through a file; Unlock2 of what is not locked. */
+static void mem_lock(struct memtest *t)
+{
+	struct run *r = t->r;
+	void *data = NULL;
+	int ret;
+
+	ret = lock2(t->fd, t->device, t->alloc, &data);
+	EXPECT(r, LX_DXLOCK2, "through the file (cannot map into the caller)", ret, -EOPNOTSUPP,
+	       NULL);
+	ret = lock2(t->fd, t->device, t->alloc, &data);
+	EXPECT(r, LX_DXLOCK2, "again", ret, -EOPNOTSUPP, NULL);
+	ret = lock2(t->fd, t->device, mem_bogus, &data);
+	EXPECT(r, LX_DXLOCK2, "bad allocation handle", ret, -EBADF, NULL);
+	ret = lock2(t->fd, mem_bogus, t->alloc, &data);
+	EXPECT(r, LX_DXLOCK2, "bad device handle", ret, -EBADF, NULL);
+	ret = unlock2(t->fd, t->device, t->alloc);
+	EXPECT(r, LX_DXUNLOCK2, "an allocation not locked", ret, -EINVAL, NULL);
+	ret = unlock2(t->fd, t->device, mem_bogus);
+	EXPECT(r, LX_DXUNLOCK2, "bad allocation handle", ret, -EBADF, NULL);
+}
+
+/* 3. Budgets and reservations. `before` is the usage before anything was allocated. */
+static void mem_budget(struct memtest *t, __u64 before)
+{
+	struct run *r = t->r;
+	struct d3dkmt_queryvideomemoryinfo q;
+	struct d3dkmt_changevideomemoryreservation c;
+	int ret;
+
+	ret = query_vidmem(t->fd, t->adapter, _D3DKMT_MEMORY_SEGMENT_GROUP_LOCAL, &q);
+	EXPECT(r, LX_DXQUERYVIDEOMEMORYINFO, "local group", ret, 0,
+	       "budget %llu usage %llu reservation %llu available %llu",
+	       (unsigned long long)q.budget, (unsigned long long)q.current_usage,
+	       (unsigned long long)q.current_reservation,
+	       (unsigned long long)q.available_for_reservation);
+	note(r, ret == 0 && q.budget > 0, "LX_DXQUERYVIDEOMEMORYINFO", "budget", ret,
+	     "budget > 0", NULL);
+	note(r, ret == 0 && q.current_usage >= before + t->bytes, "LX_DXQUERYVIDEOMEMORYINFO",
+	     "usage counts the allocations, page-rounded", (int)q.current_usage,
+	     "usage >= what was allocated", "usage %llu, %llu before, %llu allocated",
+	     (unsigned long long)q.current_usage, (unsigned long long)before,
+	     (unsigned long long)t->bytes);
+	note(r, ret == 0 && q.available_for_reservation >= MEM_VA_SIZE,
+	     "LX_DXQUERYVIDEOMEMORYINFO", "room for a 1 MiB reservation",
+	     (int)(q.available_for_reservation >> 20), "available_for_reservation >= 1 MiB",
+	     NULL);
+
+	ret = query_vidmem(t->fd, t->adapter, _D3DKMT_MEMORY_SEGMENT_GROUP_NON_LOCAL, &q);
+	EXPECT(r, LX_DXQUERYVIDEOMEMORYINFO, "non-local group", ret, 0,
+	       "budget %llu usage %llu", (unsigned long long)q.budget,
+	       (unsigned long long)q.current_usage);
+
+	ret = change_reservation(t->fd, t->adapter, _D3DKMT_MEMORY_SEGMENT_GROUP_LOCAL,
+				 MEM_VA_SIZE);
+	EXPECT(r, LX_DXCHANGEVIDEOMEMORYRESERVATION, "1 MiB in the local group", ret, 0, NULL);
+	ret = query_vidmem(t->fd, t->adapter, _D3DKMT_MEMORY_SEGMENT_GROUP_LOCAL, &q);
+	EXPECT(r, LX_DXQUERYVIDEOMEMORYINFO, "after the reservation", ret, 0,
+	       "reservation %llu", (unsigned long long)q.current_reservation);
+	note(r, ret == 0 && q.current_reservation == MEM_VA_SIZE, "LX_DXQUERYVIDEOMEMORYINFO",
+	     "current_reservation is 1 MiB", (int)q.current_reservation, "1048576", NULL);
+	if (ret == 0) {
+		ret = change_reservation(t->fd, t->adapter, _D3DKMT_MEMORY_SEGMENT_GROUP_LOCAL,
+					 q.available_for_reservation + (64ull << 20));
+		note(r, ret < 0, "LX_DXCHANGEVIDEOMEMORYRESERVATION",
+		     "more than available_for_reservation", ret, "an error", NULL);
+	}
+	ret = change_reservation(t->fd, t->adapter, _D3DKMT_MEMORY_SEGMENT_GROUP_LOCAL, 0);
+	EXPECT(r, LX_DXCHANGEVIDEOMEMORYRESERVATION, "back to 0", ret, 0, NULL);
+	ret = query_vidmem(t->fd, t->adapter, _D3DKMT_MEMORY_SEGMENT_GROUP_LOCAL, &q);
+	note(r, ret == 0 && q.current_reservation == 0, "LX_DXQUERYVIDEOMEMORYINFO",
+	     "current_reservation back to 0", (int)q.current_reservation, "0", NULL);
+
+	ret = query_vidmem(t->fd, t->adapter, 2, &q);
+	EXPECT(r, LX_DXQUERYVIDEOMEMORYINFO, "segment group 2", ret, -EINVAL, NULL);
+	ret = change_reservation(t->fd, t->adapter, 2, MEM_VA_SIZE);
+	EXPECT(r, LX_DXCHANGEVIDEOMEMORYRESERVATION, "segment group 2", ret, -EINVAL, NULL);
+	ret = query_vidmem(t->fd, mem_bogus, _D3DKMT_MEMORY_SEGMENT_GROUP_LOCAL, &q);
+	EXPECT(r, LX_DXQUERYVIDEOMEMORYINFO, "bad adapter handle", ret, -EBADF, NULL);
+	ret = change_reservation(t->fd, mem_bogus, _D3DKMT_MEMORY_SEGMENT_GROUP_LOCAL, 0);
+	EXPECT(r, LX_DXCHANGEVIDEOMEMORYRESERVATION, "bad adapter handle", ret, -EBADF, NULL);
+	memset(&q, 0, sizeof(q));
+	q.adapter = t->adapter;
+	q.process = 1;
+	ret = dx(t->fd, LX_DXQUERYVIDEOMEMORYINFO, &q);
+	EXPECT(r, LX_DXQUERYVIDEOMEMORYINFO, "another process", ret, -EINVAL, NULL);
+	memset(&c, 0, sizeof(c));
+	c.adapter = t->adapter;
+	c.process = 1;
+	ret = dx(t->fd, LX_DXCHANGEVIDEOMEMORYRESERVATION, &c);
+	EXPECT(r, LX_DXCHANGEVIDEOMEMORYRESERVATION, "another process", ret, -EINVAL, NULL);
+}
+
+/* 4. A paging queue (its fence page cannot be mapped through the file). */
+static void mem_paging_queue(struct memtest *t)
+{
+	struct run *r = t->r;
+	struct d3dkmt_createpagingqueue pq;
+	int ret;
+
+	memset(&pq, 0, sizeof(pq));
+	pq.device = t->device;
+	pq.priority = _D3DDDI_PAGINGQUEUE_PRIORITY_NORMAL;
+	ret = dx(t->fd, LX_DXCREATEPAGINGQUEUE, &pq);
+	t->queue = pq.paging_queue;
+	t->sync = pq.sync_object;
+	EXPECT(r, LX_DXCREATEPAGINGQUEUE, "normal priority", ret, 0,
+	       "queue 0x%x sync object 0x%x fence at %p", pq.paging_queue.v, pq.sync_object.v,
+	       (void *)pq.fence_cpu_virtual_address);
+	note(r, ret == 0 && pq.paging_queue.v != 0 && pq.sync_object.v != 0 &&
+		     pq.paging_queue.v != pq.sync_object.v, "LX_DXCREATEPAGINGQUEUE",
+	     "queue and sync object handles", ret, "two distinct non-zero handles", NULL);
+	note(r, pq.fence_cpu_virtual_address == NULL, "LX_DXCREATEPAGINGQUEUE",
+	     "no fence mapping through the file", 0, "fence_cpu_virtual_address NULL", NULL);
+
+	memset(&pq, 0, sizeof(pq));
+	pq.device = mem_bogus;
+	ret = dx(t->fd, LX_DXCREATEPAGINGQUEUE, &pq);
+	EXPECT(r, LX_DXCREATEPAGINGQUEUE, "bad device handle", ret, -EBADF, NULL);
+	memset(&pq, 0, sizeof(pq));
+	pq.device = t->device;
+	pq.physical_adapter_index = 1;
+	ret = dx(t->fd, LX_DXCREATEPAGINGQUEUE, &pq);
+	EXPECT(r, LX_DXCREATEPAGINGQUEUE, "physical adapter 1", ret, -EINVAL, NULL);
+}
+
+/* 4. Reserve, map, unmap and free GPU virtual addresses. */
+static void mem_va(struct memtest *t)
+{
+	struct run *r = t->r;
+	struct d3dddi_mapgpuvirtualaddress mg;
+	struct d3dddi_updategpuvirtualaddress_operation op;
+	__u64 va = 0, other = 0;
+	int ret;
+
+	ret = reserve_va(t->fd, t->adapter, 0, MEM_VA_SIZE, &va);
+	EXPECT2(r, LX_DXRESERVEGPUVIRTUALADDRESS, "1 MiB anywhere", ret, 0, NT_STATUS_PENDING,
+		"va 0x%llx", (unsigned long long)va);
+	note(r, ret >= 0 && va != 0 && va % PYDXG_PAGE == 0, "LX_DXRESERVEGPUVIRTUALADDRESS",
+	     "a page-aligned VA", (int)(va & 0xfff), "non-zero and page-aligned",
+	     "va 0x%llx", (unsigned long long)va);
+	if (ret < 0 || va == 0)
+		return;
+	t->va = va;
+
+	ret = reserve_va(t->fd, t->adapter, va, MEM_VA_SIZE, &other);
+	note(r, ret < 0, "LX_DXRESERVEGPUVIRTUALADDRESS", "the same range again", ret,
+	     "an error", "va 0x%llx", (unsigned long long)other);
+	ret = reserve_va(t->fd, t->adapter, va + 1, MEM_VA_SIZE, &other);
+	EXPECT(r, LX_DXRESERVEGPUVIRTUALADDRESS, "misaligned base", ret, -EINVAL, NULL);
+	ret = reserve_va(t->fd, mem_bogus, 0, MEM_VA_SIZE, &other);
+	EXPECT(r, LX_DXRESERVEGPUVIRTUALADDRESS, "bad adapter handle", ret, -EBADF, NULL);
+
+	memset(&mg, 0, sizeof(mg));
+	mg.paging_queue = t->queue;
+	mg.base_address = va;
+	mg.allocation = t->alloc;
+	mg.offset_in_pages = 0;
+	mg.size_in_pages = MEM_STANDALONE_SIZE / PYDXG_PAGE;
+	mg.protection.write = 1;
+	ret = dx(t->fd, LX_DXMAPGPUVIRTUALADDRESS, &mg);
+	EXPECT2(r, LX_DXMAPGPUVIRTUALADDRESS, "the allocation at the reserved VA", ret, 0,
+		NT_STATUS_PENDING, "va 0x%llx fence %llu",
+		(unsigned long long)mg.virtual_address, (unsigned long long)mg.paging_fence_value);
+	note(r, ret >= 0 && mg.virtual_address == va, "LX_DXMAPGPUVIRTUALADDRESS",
+	     "mapped where asked", ret, "virtual_address == the reserved VA", NULL);
+	mg.allocation = mem_bogus;
+	ret = dx(t->fd, LX_DXMAPGPUVIRTUALADDRESS, &mg);
+	EXPECT(r, LX_DXMAPGPUVIRTUALADDRESS, "bad allocation handle", ret, -EBADF, NULL);
+	mg.allocation = t->alloc;
+	mg.paging_queue = mem_bogus;
+	ret = dx(t->fd, LX_DXMAPGPUVIRTUALADDRESS, &mg);
+	EXPECT(r, LX_DXMAPGPUVIRTUALADDRESS, "bad paging queue handle", ret, -EBADF, NULL);
+
+	memset(&op, 0, sizeof(op));
+	op.operation = _D3DDDI_UPDATEGPUVIRTUALADDRESS_UNMAP;
+	op.unmap.base_address = va;
+	op.unmap.size = MEM_STANDALONE_SIZE;
+	ret = update_va(t->fd, t->device, &op, 1);
+	EXPECT(r, LX_DXUPDATEGPUVIRTUALADDRESS, "UNMAP the mapping", ret, 0, NULL);
+	ret = update_va(t->fd, t->device, &op, 0);
+	EXPECT(r, LX_DXUPDATEGPUVIRTUALADDRESS, "no operations", ret, -EINVAL, NULL);
+	ret = update_va(t->fd, mem_bogus, &op, 1);
+	EXPECT(r, LX_DXUPDATEGPUVIRTUALADDRESS, "bad device handle", ret, -EBADF, NULL);
+	memset(&op, 0, sizeof(op));
+	op.operation = _D3DDDI_UPDATEGPUVIRTUALADDRESS_MAP;
+	op.map.base_address = va;
+	op.map.size = MEM_STANDALONE_SIZE;
+	op.map.allocation = mem_bogus;
+	op.map.allocation_size = MEM_STANDALONE_SIZE;
+	ret = update_va(t->fd, t->device, &op, 1);
+	EXPECT(r, LX_DXUPDATEGPUVIRTUALADDRESS, "MAP of a bad allocation handle", ret, -EBADF,
+	       NULL);
+	op.operation = 7;
+	ret = update_va(t->fd, t->device, &op, 1);
+	EXPECT(r, LX_DXUPDATEGPUVIRTUALADDRESS, "operation 7", ret, -EINVAL, NULL);
+
+	ret = free_va(t->fd, t->adapter, va, MEM_VA_SIZE);
+	EXPECT(r, LX_DXFREEGPUVIRTUALADDRESS, "the reservation", ret, 0, NULL);
+	ret = free_va(t->fd, t->adapter, va, MEM_VA_SIZE);
+	EXPECT(r, LX_DXFREEGPUVIRTUALADDRESS, "again (nothing reserved)", ret, -EINVAL, NULL);
+	ret = free_va(t->fd, mem_bogus, va, MEM_VA_SIZE);
+	EXPECT(r, LX_DXFREEGPUVIRTUALADDRESS, "bad adapter handle", ret, -EBADF, NULL);
+	t->va = 0;
+}
+
+static int residency_ok(const __u32 *status, unsigned int n, int resident)
+{
+	unsigned int i;
+
+	for (i = 0; i < n; i++) {
+		if (resident && status[i] != _D3DKMT_ALLOCATIONRESIDENCYSTATUS_RESIDENTINGPUMEMORY &&
+		    status[i] != _D3DKMT_ALLOCATIONRESIDENCYSTATUS_RESIDENTINSHAREDMEMORY)
+			return 0;
+		if (!resident && status[i] != _D3DKMT_ALLOCATIONRESIDENCYSTATUS_NOTRESIDENT)
+			return 0;
+	}
+	return 1;
+}
+
+/* 5. Residency: evict, query, make resident, query. */
+static void mem_residency(struct memtest *t)
+{
+	struct run *r = t->r;
+	struct d3dkmthandle list[2] = { t->alloc, t->std_alloc };
+	struct d3dddi_makeresident mr;
+	struct d3dkmt_evict ev;
+	__u32 status[MEM_RESOURCE_ALLOCS];
+	int ret;
+
+	memset(status, 0xff, sizeof(status));
+	ret = query_residency(t->fd, t->device, (struct d3dkmthandle){ 0 }, list, 2, status);
+	EXPECT(r, LX_DXQUERYALLOCATIONRESIDENCY, "two new allocations", ret, 0,
+	       "status %u %u", status[0], status[1]);
+	note(r, ret == 0 && residency_ok(status, 2, 1), "LX_DXQUERYALLOCATIONRESIDENCY",
+	     "new allocations are resident", (int)status[0], "RESIDENTIN*MEMORY", NULL);
+
+	memset(&ev, 0, sizeof(ev));
+	ev.device = t->device;
+	ev.alloc_count = 2;
+	ev.allocations = (void *)list;
+	ret = dx(t->fd, LX_DXEVICT, &ev);
+	EXPECT(r, LX_DXEVICT, "two allocations", ret, 0, "bytes to trim %llu",
+	       (unsigned long long)ev.num_bytes_to_trim);
+	memset(status, 0xff, sizeof(status));
+	ret = query_residency(t->fd, t->device, (struct d3dkmthandle){ 0 }, list, 2, status);
+	EXPECT(r, LX_DXQUERYALLOCATIONRESIDENCY, "after Evict", ret, 0, "status %u %u",
+	       status[0], status[1]);
+	note(r, ret == 0 && residency_ok(status, 2, 0), "LX_DXQUERYALLOCATIONRESIDENCY",
+	     "evicted allocations are not resident", (int)status[0], "NOTRESIDENT", NULL);
+
+	memset(&mr, 0, sizeof(mr));
+	mr.paging_queue = t->queue;
+	mr.alloc_count = 2;
+	mr.allocation_list = (void *)list;
+	ret = dx(t->fd, LX_DXMAKERESIDENT, &mr);
+	EXPECT2(r, LX_DXMAKERESIDENT, "two allocations", ret, 0, NT_STATUS_PENDING,
+		"paging fence %llu, bytes to trim %llu", (unsigned long long)mr.paging_fence_value,
+		(unsigned long long)mr.num_bytes_to_trim);
+	memset(status, 0xff, sizeof(status));
+	ret = query_residency(t->fd, t->device, (struct d3dkmthandle){ 0 }, list, 2, status);
+	EXPECT(r, LX_DXQUERYALLOCATIONRESIDENCY, "after MakeResident", ret, 0, "status %u %u",
+	       status[0], status[1]);
+	note(r, ret == 0 && residency_ok(status, 2, 1), "LX_DXQUERYALLOCATIONRESIDENCY",
+	     "resident again", (int)status[0], "RESIDENTIN*MEMORY", NULL);
+
+	/* By resource (allocation_count 0): the real driver writes one status, the resource's as
+	 * a whole (dxgvmb_send_query_alloc_residency); pydxg writes one per allocation of the
+	 * resource. The array has room for either; the first must say resident. */
+	memset(status, 0xff, sizeof(status));
+	ret = query_residency(t->fd, t->device, t->resource, NULL, 0, status);
+	EXPECT(r, LX_DXQUERYALLOCATIONRESIDENCY, "the resource", ret, 0, "status %u", status[0]);
+	note(r, ret == 0 && residency_ok(status, 1, 1), "LX_DXQUERYALLOCATIONRESIDENCY",
+	     "the resource as a whole is resident", ret, "RESIDENTIN*MEMORY", "status %u",
+	     status[0]);
+	ret = query_residency(t->fd, t->device, t->resource, t->res_allocs, MEM_RESOURCE_ALLOCS,
+			      status);
+	EXPECT(r, LX_DXQUERYALLOCATIONRESIDENCY, "a resource and allocations", ret, -EINVAL, NULL);
+
+	/* Errors: counts and handles. */
+	mr.alloc_count = 0;
+	ret = dx(t->fd, LX_DXMAKERESIDENT, &mr);
+	EXPECT(r, LX_DXMAKERESIDENT, "alloc_count 0", ret, -EINVAL, NULL);
+	mr.alloc_count = D3DKMT_MAKERESIDENT_ALLOC_MAX + 1;
+	ret = dx(t->fd, LX_DXMAKERESIDENT, &mr);
+	EXPECT(r, LX_DXMAKERESIDENT, "alloc_count 10241", ret, -EINVAL, NULL);
+	mr.alloc_count = 2;
+	mr.paging_queue = mem_bogus;
+	ret = dx(t->fd, LX_DXMAKERESIDENT, &mr);
+	EXPECT(r, LX_DXMAKERESIDENT, "bad paging queue handle", ret, -EBADF, NULL);
+	list[1] = mem_bogus;
+	mr.paging_queue = t->queue;
+	ret = dx(t->fd, LX_DXMAKERESIDENT, &mr);
+	EXPECT(r, LX_DXMAKERESIDENT, "bad allocation handle in the list", ret, -EBADF, NULL);
+	ret = dx(t->fd, LX_DXEVICT, &ev);
+	EXPECT(r, LX_DXEVICT, "bad allocation handle in the list", ret, -EBADF, NULL);
+	ev.alloc_count = 0;
+	ret = dx(t->fd, LX_DXEVICT, &ev);
+	EXPECT(r, LX_DXEVICT, "alloc_count 0", ret, -EINVAL, NULL);
+	ev.alloc_count = 1;
+	ev.device = mem_bogus;
+	ret = dx(t->fd, LX_DXEVICT, &ev);
+	EXPECT(r, LX_DXEVICT, "bad device handle", ret, -EBADF, NULL);
+	ret = query_residency(t->fd, t->device, (struct d3dkmthandle){ 0 }, list, 2, status);
+	EXPECT(r, LX_DXQUERYALLOCATIONRESIDENCY, "bad allocation handle in the list", ret, -EBADF,
+	       NULL);
+	ret = query_residency(t->fd, t->device, (struct d3dkmthandle){ 0 }, list, 0, status);
+	EXPECT(r, LX_DXQUERYALLOCATIONRESIDENCY, "allocation_count 0", ret, -EINVAL, NULL);
+	ret = query_residency(t->fd, t->device, mem_bogus, NULL, 0, status);
+	EXPECT(r, LX_DXQUERYALLOCATIONRESIDENCY, "bad resource handle", ret, -EBADF, NULL);
+}
+
+/* 5. Priorities: set, get back; per allocation and per resource. */
+static void mem_priority(struct memtest *t)
+{
+	struct run *r = t->r;
+	struct d3dkmthandle list[2] = { t->alloc, t->std_alloc };
+	struct d3dkmt_setallocationpriority sp;
+	struct d3dkmt_getallocationpriority gp;
+	__u32 set[2] = { MEM_PRIORITY, MEM_PRIORITY + 1 }, got[2] = { 0, 0 };
+	__u32 rset = MEM_PRIORITY + 2, rgot = 0;
+	int ret;
+
+	memset(&sp, 0, sizeof(sp));
+	sp.device = t->device;
+	sp.allocation_list = (void *)list;
+	sp.allocation_count = 2;
+	sp.priorities = (void *)set;
+	ret = dx(t->fd, LX_DXSETALLOCATIONPRIORITY, &sp);
+	EXPECT(r, LX_DXSETALLOCATIONPRIORITY, "two allocations", ret, 0, "0x%x 0x%x", set[0],
+	       set[1]);
+	memset(&gp, 0, sizeof(gp));
+	gp.device = t->device;
+	gp.allocation_list = (void *)list;
+	gp.allocation_count = 2;
+	gp.priorities = (void *)got;
+	ret = dx(t->fd, LX_DXGETALLOCATIONPRIORITY, &gp);
+	EXPECT(r, LX_DXGETALLOCATIONPRIORITY, "two allocations", ret, 0, "0x%x 0x%x", got[0],
+	       got[1]);
+	note(r, ret == 0 && got[0] == set[0] && got[1] == set[1], "LX_DXGETALLOCATIONPRIORITY",
+	     "the priorities set", (int)got[0], "what SetAllocationPriority set", NULL);
+
+	memset(&sp, 0, sizeof(sp));
+	sp.device = t->device;
+	sp.resource = t->resource;
+	sp.priorities = (void *)&rset;
+	ret = dx(t->fd, LX_DXSETALLOCATIONPRIORITY, &sp);
+	EXPECT(r, LX_DXSETALLOCATIONPRIORITY, "the resource", ret, 0, "0x%x", rset);
+	memset(&gp, 0, sizeof(gp));
+	gp.device = t->device;
+	gp.resource = t->resource;
+	gp.priorities = (void *)&rgot;
+	ret = dx(t->fd, LX_DXGETALLOCATIONPRIORITY, &gp);
+	EXPECT(r, LX_DXGETALLOCATIONPRIORITY, "the resource", ret, 0, "0x%x", rgot);
+	note(r, ret == 0 && rgot == rset, "LX_DXGETALLOCATIONPRIORITY",
+	     "the resource's priority set", (int)rgot, "what SetAllocationPriority set", NULL);
+
+	list[1] = mem_bogus;
+	memset(&sp, 0, sizeof(sp));
+	sp.device = t->device;
+	sp.allocation_list = (void *)list;
+	sp.allocation_count = 2;
+	sp.priorities = (void *)set;
+	ret = dx(t->fd, LX_DXSETALLOCATIONPRIORITY, &sp);
+	EXPECT(r, LX_DXSETALLOCATIONPRIORITY, "bad allocation handle", ret, -EBADF, NULL);
+	sp.allocation_count = 0;
+	ret = dx(t->fd, LX_DXSETALLOCATIONPRIORITY, &sp);
+	EXPECT(r, LX_DXSETALLOCATIONPRIORITY, "allocation_count 0", ret, -EINVAL, NULL);
+	gp.resource = mem_bogus;
+	ret = dx(t->fd, LX_DXGETALLOCATIONPRIORITY, &gp);
+	EXPECT(r, LX_DXGETALLOCATIONPRIORITY, "bad resource handle", ret, -EBADF, NULL);
+}
+
+/* 5. Offer the standard allocation and the resource, reclaim them. */
+static void mem_offer(struct memtest *t)
+{
+	struct run *r = t->r;
+	struct d3dkmt_offerallocations of;
+	struct d3dkmt_reclaimallocations2 rc;
+	struct d3dkmthandle bad = mem_bogus;
+	__u32 results[1];
+	void *data = NULL;
+	int ret;
+
+	memset(&of, 0, sizeof(of));
+	of.device = t->device;
+	of.allocations = (void *)&t->std_alloc;
+	of.allocation_count = 1;
+	of.priority = _D3DKMT_OFFER_PRIORITY_NORMAL;
+	ret = dx(t->fd, LX_DXOFFERALLOCATIONS, &of);
+	EXPECT(r, LX_DXOFFERALLOCATIONS, "the standard allocation", ret, 0, NULL);
+	ret = lock2(t->fd, t->device, t->std_alloc, &data);
+	EXPECT(r, LX_DXLOCK2, "an offered allocation", ret, -EINVAL, NULL);
+
+	memset(&of, 0, sizeof(of));
+	of.device = t->device;
+	of.resources = (void *)&t->resource;
+	of.allocation_count = 1;
+	of.priority = _D3DKMT_OFFER_PRIORITY_LOW;
+	ret = dx(t->fd, LX_DXOFFERALLOCATIONS, &of);
+	EXPECT(r, LX_DXOFFERALLOCATIONS, "the resource", ret, 0, NULL);
+
+	memset(&rc, 0, sizeof(rc));
+	rc.paging_queue = t->queue;
+	rc.allocation_count = 1;
+	rc.allocations = (void *)&t->std_alloc;
+	results[0] = 0xffffffffu;
+	rc.results = (void *)results;
+	ret = dx(t->fd, LX_DXRECLAIMALLOCATIONS2, &rc);
+	EXPECT2(r, LX_DXRECLAIMALLOCATIONS2, "the standard allocation", ret, 0,
+		NT_STATUS_PENDING, "result %u, paging fence %llu", results[0],
+		(unsigned long long)rc.paging_fence_value);
+	note(r, ret >= 0 && (results[0] == _D3DDDI_RECLAIM_RESULT_OK ||
+			     results[0] == _D3DDDI_RECLAIM_RESULT_DISCARDED),
+	     "LX_DXRECLAIMALLOCATIONS2", "result of the allocation", (int)results[0],
+	     "_D3DDDI_RECLAIM_RESULT_OK or _DISCARDED", NULL);
+
+	memset(&rc, 0, sizeof(rc));
+	rc.paging_queue = t->queue;
+	rc.allocation_count = 1;
+	rc.resources = (void *)&t->resource;
+	results[0] = 0xffffffffu;
+	rc.results = (void *)results;
+	ret = dx(t->fd, LX_DXRECLAIMALLOCATIONS2, &rc);
+	EXPECT2(r, LX_DXRECLAIMALLOCATIONS2, "the resource", ret, 0, NT_STATUS_PENDING,
+		"result %u", results[0]);
+	note(r, ret >= 0 && (results[0] == _D3DDDI_RECLAIM_RESULT_OK ||
+			     results[0] == _D3DDDI_RECLAIM_RESULT_DISCARDED),
+	     "LX_DXRECLAIMALLOCATIONS2", "result of the resource", (int)results[0],
+	     "_D3DDDI_RECLAIM_RESULT_OK or _DISCARDED", NULL);
+
+	/* Errors. */
+	memset(&of, 0, sizeof(of));
+	of.device = t->device;
+	of.allocations = (void *)&t->std_alloc;
+	of.resources = (void *)&t->resource;
+	of.allocation_count = 1;
+	of.priority = _D3DKMT_OFFER_PRIORITY_NORMAL;
+	ret = dx(t->fd, LX_DXOFFERALLOCATIONS, &of);
+	EXPECT(r, LX_DXOFFERALLOCATIONS, "resources and allocations at once", ret, -EINVAL, NULL);
+	of.resources = NULL;
+	of.allocation_count = 0;
+	ret = dx(t->fd, LX_DXOFFERALLOCATIONS, &of);
+	EXPECT(r, LX_DXOFFERALLOCATIONS, "allocation_count 0", ret, -EINVAL, NULL);
+	of.allocation_count = 1;
+	of.allocations = (void *)&bad;
+	ret = dx(t->fd, LX_DXOFFERALLOCATIONS, &of);
+	EXPECT(r, LX_DXOFFERALLOCATIONS, "bad allocation handle", ret, -EBADF, NULL);
+	of.allocations = (void *)&t->std_alloc;
+	of.device = mem_bogus;
+	ret = dx(t->fd, LX_DXOFFERALLOCATIONS, &of);
+	EXPECT(r, LX_DXOFFERALLOCATIONS, "bad device handle", ret, -EBADF, NULL);
+	memset(&rc, 0, sizeof(rc));
+	rc.paging_queue = mem_bogus;
+	rc.allocation_count = 1;
+	rc.allocations = (void *)&t->std_alloc;
+	rc.results = (void *)results;
+	ret = dx(t->fd, LX_DXRECLAIMALLOCATIONS2, &rc);
+	EXPECT(r, LX_DXRECLAIMALLOCATIONS2, "bad paging queue handle", ret, -EBADF, NULL);
+	rc.paging_queue = t->queue;
+	rc.allocations = (void *)&bad;
+	ret = dx(t->fd, LX_DXRECLAIMALLOCATIONS2, &rc);
+	EXPECT(r, LX_DXRECLAIMALLOCATIONS2, "bad allocation handle", ret, -EBADF, NULL);
+}
+
+/* 5. UpdateAllocProperty and FlushHeapTransitions. */
+static void mem_properties(struct memtest *t)
+{
+	struct run *r = t->r;
+	struct d3dddi_updateallocproperty up;
+	struct d3dkmt_flushheaptransitions fh;
+	int ret;
+
+	memset(&up, 0, sizeof(up));
+	up.paging_queue = t->queue;
+	up.allocation = t->alloc;
+	up.set_accessed_physically = 1;
+	up.flags.accessed_physically = 1;
+	ret = dx(t->fd, LX_DXUPDATEALLOCPROPERTY, &up);
+	EXPECT2(r, LX_DXUPDATEALLOCPROPERTY, "accessed_physically", ret, 0, NT_STATUS_PENDING,
+		"paging fence %llu", (unsigned long long)up.paging_fence_value);
+	up.allocation = mem_bogus;
+	ret = dx(t->fd, LX_DXUPDATEALLOCPROPERTY, &up);
+	EXPECT(r, LX_DXUPDATEALLOCPROPERTY, "bad allocation handle", ret, -EBADF, NULL);
+	up.allocation = t->alloc;
+	up.paging_queue = mem_bogus;
+	ret = dx(t->fd, LX_DXUPDATEALLOCPROPERTY, &up);
+	EXPECT(r, LX_DXUPDATEALLOCPROPERTY, "bad paging queue handle", ret, -EBADF, NULL);
+
+	memset(&fh, 0, sizeof(fh));
+	fh.adapter = t->adapter;
+	ret = dx(t->fd, LX_DXFLUSHHEAPTRANSITIONS, &fh);
+	EXPECT(r, LX_DXFLUSHHEAPTRANSITIONS, "the adapter", ret, 0, NULL);
+	fh.adapter = mem_bogus;
+	ret = dx(t->fd, LX_DXFLUSHHEAPTRANSITIONS, &fh);
+	EXPECT(r, LX_DXFLUSHHEAPTRANSITIONS, "bad adapter handle", ret, -EBADF, NULL);
+}
+
+/* 5. DestroyPagingQueue, DestroyAllocation2 (the list, then the resource). */
+static void mem_destroy(struct memtest *t)
+{
+	struct run *r = t->r;
+	struct d3dddi_destroypagingqueue dq;
+	struct d3dkmthandle none = { 0 };
+	struct d3dkmthandle list[2] = { t->alloc, t->std_alloc };
+	struct d3dkmthandle dup[2] = { t->alloc, t->alloc };
+	int ret;
+
+	memset(&dq, 0, sizeof(dq));
+	dq.paging_queue = t->queue;
+	ret = dx(t->fd, LX_DXDESTROYPAGINGQUEUE, &dq);
+	EXPECT(r, LX_DXDESTROYPAGINGQUEUE, "the queue", ret, 0, NULL);
+	ret = dx(t->fd, LX_DXDESTROYPAGINGQUEUE, &dq);
+	EXPECT(r, LX_DXDESTROYPAGINGQUEUE, "again (stale handle)", ret, -EBADF, NULL);
+
+	ret = destroy_allocations(t->fd, t->device, none, NULL, 0);
+	EXPECT(r, LX_DXDESTROYALLOCATION2, "neither resource nor allocations", ret, -EINVAL,
+	       NULL);
+	ret = destroy_allocations(t->fd, t->device, t->resource, list, 2);
+	EXPECT(r, LX_DXDESTROYALLOCATION2, "a resource and allocations", ret, -EINVAL, NULL);
+	ret = destroy_allocations(t->fd, t->device, none, list, D3DKMT_CREATEALLOCATION_MAX + 1);
+	EXPECT(r, LX_DXDESTROYALLOCATION2, "alloc_count 1025", ret, -EINVAL, NULL);
+	ret = destroy_allocations(t->fd, t->device, none, dup, 2);
+	EXPECT(r, LX_DXDESTROYALLOCATION2, "one allocation twice", ret, -EINVAL, NULL);
+	ret = destroy_allocations(t->fd, t->device, none, &t->res_allocs[0], 1);
+	EXPECT(r, LX_DXDESTROYALLOCATION2, "an allocation of a resource alone", ret, -EINVAL,
+	       NULL);
+	ret = destroy_allocations(t->fd, t->device, none, &mem_bogus, 1);
+	EXPECT(r, LX_DXDESTROYALLOCATION2, "bad allocation handle", ret, -EBADF, NULL);
+	ret = destroy_allocations(t->fd, mem_bogus, none, list, 2);
+	EXPECT(r, LX_DXDESTROYALLOCATION2, "bad device handle", ret, -EBADF, NULL);
+
+	ret = destroy_allocations(t->fd, t->device, none, list, 2);
+	EXPECT(r, LX_DXDESTROYALLOCATION2, "the standalone and the standard allocation", ret, 0,
+	       NULL);
+	ret = destroy_allocations(t->fd, t->device, none, list, 1);
+	EXPECT(r, LX_DXDESTROYALLOCATION2, "again (stale handle)", ret, -EBADF, NULL);
+	ret = destroy_allocations(t->fd, t->device, t->resource, NULL, 0);
+	EXPECT(r, LX_DXDESTROYALLOCATION2, "the resource", ret, 0, NULL);
+	ret = destroy_allocations(t->fd, t->device, t->resource, NULL, 0);
+	EXPECT(r, LX_DXDESTROYALLOCATION2, "the resource again (stale handle)", ret, -EBADF,
+	       NULL);
+	ret = destroy_allocations(t->fd, t->device, none, &t->res_allocs[1], 1);
+	EXPECT(r, LX_DXDESTROYALLOCATION2, "an allocation of the destroyed resource", ret,
+	       -EBADF, NULL);
+}
+
+/* The whole memory test on one adapter: a device, its memory, and everything gone again. */
+static void memory(struct run *r, int fd, struct d3dkmthandle adapter)
+{
+	struct memtest t;
+	struct d3dkmt_createdevice cd;
+	struct d3dkmt_destroydevice dd;
+	struct d3dkmt_queryvideomemoryinfo q;
+	__u64 before = 0;
+	int ret;
+
+	memset(&t, 0, sizeof(t));
+	t.r = r;
+	t.fd = fd;
+	t.adapter = adapter;
+	ret = query_vidmem(fd, adapter, _D3DKMT_MEMORY_SEGMENT_GROUP_LOCAL, &q);
+	EXPECT(r, LX_DXQUERYVIDEOMEMORYINFO, "before any allocation", ret, 0, "usage %llu",
+	       (unsigned long long)q.current_usage);
+	if (ret == 0)
+		before = q.current_usage;
+
+	memset(&cd, 0, sizeof(cd));
+	cd.adapter = adapter;
+	ret = dx(fd, LX_DXCREATEDEVICE, &cd);
+	EXPECT(r, LX_DXCREATEDEVICE, "for device memory", ret, 0, "device 0x%x", cd.device.v);
+	if (ret != 0)
+		return;
+	t.device = cd.device;
+
+	mem_create(&t);
+	mem_create_errors(&t);
+	mem_lock(&t);
+	mem_budget(&t, before);
+	mem_paging_queue(&t);
+	mem_va(&t);
+	mem_residency(&t);
+	mem_priority(&t);
+	mem_offer(&t);
+	mem_properties(&t);
+	mem_destroy(&t);
+
+	ret = query_vidmem(fd, adapter, _D3DKMT_MEMORY_SEGMENT_GROUP_LOCAL, &q);
+	EXPECT(r, LX_DXQUERYVIDEOMEMORYINFO, "after DestroyAllocation2", ret, 0, "usage %llu",
+	       (unsigned long long)q.current_usage);
+	note(r, ret == 0 && q.current_usage == before, "LX_DXQUERYVIDEOMEMORYINFO",
+	     "the memory is given back", (int)q.current_usage, "the usage from before",
+	     "usage %llu, %llu before", (unsigned long long)q.current_usage,
+	     (unsigned long long)before);
+
+	memset(&dd, 0, sizeof(dd));
+	dd.device = t.device;
+	ret = dx(fd, LX_DXDESTROYDEVICE, &dd);
+	EXPECT(r, LX_DXDESTROYDEVICE, "the device with memory", ret, 0, NULL);
+}
+
+/* A device left with allocations, a resource and a paging queue: DestroyDevice takes them. */
+static void memory_left_to_the_device(struct run *r, int fd, struct d3dkmthandle adapter)
+{
+	struct d3dkmt_createdevice cd;
+	struct d3dkmt_destroydevice dd;
+	struct d3dkmt_createallocation ca;
+	struct d3dkmt_createpagingqueue pq;
+	struct d3dkmt_queryvideomemoryinfo q;
+	struct d3dddi_allocationinfo2 infos[MEM_RESOURCE_ALLOCS];
+	struct pydxg_alloc_desc descs[MEM_RESOURCE_ALLOCS];
+	__u64 before = 0;
+	int ret;
+
+	ret = query_vidmem(fd, adapter, _D3DKMT_MEMORY_SEGMENT_GROUP_LOCAL, &q);
+	if (ret == 0)
+		before = q.current_usage;
+	memset(&cd, 0, sizeof(cd));
+	cd.adapter = adapter;
+	ret = dx(fd, LX_DXCREATEDEVICE, &cd);
+	EXPECT(r, LX_DXCREATEDEVICE, "left with memory", ret, 0, NULL);
+	if (ret != 0)
+		return;
+	ret = create_allocations(fd, cd.device, (struct d3dkmthandle){ 0 }, 1, mem_resource_sizes,
+				 MEM_RESOURCE_ALLOCS, infos, descs, &ca);
+	EXPECT(r, LX_DXCREATEALLOCATION, "a resource left to DestroyDevice", ret, 0, NULL);
+	ret = create_allocations(fd, cd.device, (struct d3dkmthandle){ 0 }, 0, mem_resource_sizes,
+				 2, infos, descs, &ca);
+	EXPECT(r, LX_DXCREATEALLOCATION, "allocations left to DestroyDevice", ret, 0, NULL);
+	memset(&pq, 0, sizeof(pq));
+	pq.device = cd.device;
+	ret = dx(fd, LX_DXCREATEPAGINGQUEUE, &pq);
+	EXPECT(r, LX_DXCREATEPAGINGQUEUE, "a queue left to DestroyDevice", ret, 0, NULL);
+	memset(&dd, 0, sizeof(dd));
+	dd.device = cd.device;
+	ret = dx(fd, LX_DXDESTROYDEVICE, &dd);
+	EXPECT(r, LX_DXDESTROYDEVICE, "with its memory still there", ret, 0, NULL);
+	ret = destroy_allocations(fd, cd.device, (struct d3dkmthandle){ 0 }, &infos[0].allocation,
+				  1);
+	EXPECT(r, LX_DXDESTROYALLOCATION2, "an allocation of the destroyed device", ret, -EBADF,
+	       NULL);
+	ret = query_vidmem(fd, adapter, _D3DKMT_MEMORY_SEGMENT_GROUP_LOCAL, &q);
+	note(r, ret == 0 && q.current_usage == before, "LX_DXQUERYVIDEOMEMORYINFO",
+	     "DestroyDevice gave the memory back", (int)q.current_usage, "the usage from before",
+	     "usage %llu, %llu before", (unsigned long long)q.current_usage,
+	     (unsigned long long)before);
+}
+
+/* Enumerate, run the memory test on the first adapter, close the adapters. */
+static void memory_session(struct run *r, int fd)
+{
+	struct d3dkmt_adapterinfo infos[MAX_ADAPTERS];
+	int n, i;
+
+	memset(infos, 0, sizeof(infos));
+	n = enum_adapters3(r, fd, infos);
+	if (n < 0)
+		return;
+	memory(r, fd, infos[0].adapter_handle);
+	memory_left_to_the_device(r, fd, infos[0].adapter_handle);
+	for (i = 0; i < n; i++) {
+		int rc = close_adapter(fd, infos[i].adapter_handle);
+
+		EXPECT(r, LX_DXCLOSEADAPTER, "EnumAdapters3 handle", rc, 0, "handle 0x%x",
+		       infos[i].adapter_handle.v);
+	}
+}
+
 /* One complete client session on `fd`. */
 static void session(struct run *r, int fd, int with_errors)
 {
@@ -559,6 +1526,18 @@ static int mode_all(struct run *r)
 	if (fd < 0)
 		return 1;
 	session(r, fd, 1);
+	memory_session(r, fd);
+	close(fd);
+	return 0;
+}
+
+static int mode_memory(struct run *r)
+{
+	int fd = open_dev(r);
+
+	if (fd < 0)
+		return 1;
+	memory_session(r, fd);
 	close(fd);
 	return 0;
 }
@@ -833,7 +1812,7 @@ static int mode_bench(struct run *r, int iterations)
 static int usage(void)
 {
 	fprintf(stderr, "usage: dxg_test [-q] [-a ADAPTERS] [-t THREADS] [-n ITERATIONS] PATH "
-		"all|threads|fork|hold|bench|sleep\n");
+		"all|memory|threads|fork|hold|bench|sleep\n");
 	return 2;
 }
 
@@ -859,6 +1838,8 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (!strcmp(mode, "all"))
 		rc = mode_all(&r);
+	else if (!strcmp(mode, "memory"))
+		rc = mode_memory(&r);
 	else if (!strcmp(mode, "threads"))
 		rc = mode_threads(&r, threads, iterations);
 	else if (!strcmp(mode, "fork"))

@@ -204,7 +204,137 @@ def adapter_flags(adapter: Any) -> list[str]:
     return [name for name in _FLAG_NAMES if getattr(t, name)]
 
 
+# ---- memory figures from the host census -------------------------------------------------------
+#
+# Each host's census (node.admin({"op": "census"}): one entry per bound host, its partition's
+# census inside) reports per adapter {"memory": {"local": {"total", "used"}, "nonlocal": ...}}
+# (host-wide segment use) and per process {"memory": [{"adapter", "local", "nonlocal"}],
+# "allocations"}, adapters by the host's own index. The guest snapshot numbers adapters across
+# all hosts and says which host link each is on. A census without these figures (an older host)
+# leaves them None, shown as "-".
+
+_GROUPS = ("local", "nonlocal")
+
+
+def human_bytes(n: int | None) -> str:
+    """``12.0M``, ``1.0G``, ``512``; None (unknown) is ``-``."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            return f"{int(value)}" if not unit else f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _luid_int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value, 0)
+        except ValueError:
+            return None
+    return None
+
+
+def _host_censuses(census: dict[str, Any]) -> dict[Any, dict[str, Any]]:
+    """Host link index -> that host's census (hosts that answered)."""
+    out = {}
+    for host in census.get("hosts") or []:
+        c = host.get("census") if isinstance(host, dict) else None
+        if isinstance(c, dict):
+            out[host.get("index")] = c
+    return out
+
+
+def match_adapters(snapshot: dict[str, Any], census: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Guest adapter index -> its entry in its host's census ("index" is the host's number).
+    By LUID where the census gives one, else by position: a host's adapters reach the guest in
+    the host's order (vGPU channel relid = first relid + host index)."""
+    hosts = _host_censuses(census)
+    by_link: dict[Any, list[dict[str, Any]]] = {}
+    for ad in snapshot.get("adapters") or []:
+        by_link.setdefault(ad.get("host"), []).append(ad)
+    out: dict[int, dict[str, Any]] = {}
+    for link, ads in by_link.items():
+        c = hosts.get(link)
+        if c is None:
+            continue
+        entries = sorted((e for e in c.get("adapters") or [] if isinstance(e, dict)),
+                         key=lambda e: e.get("index", 0))
+        by_luid = {_luid_int(e.get(k)): e for e in entries for k in ("luid", "guest_luid")
+                   if e.get(k) is not None}
+        positional = len(entries) == len(ads)
+        for pos, ad in enumerate(sorted(ads, key=lambda a: a["index"])):
+            entry = by_luid.get(_luid_int(ad.get("luid")))
+            if entry is None and positional:
+                entry = entries[pos]
+            if entry is not None:
+                out[ad["index"]] = entry
+    return out
+
+
+def adapter_memory(entry: dict[str, Any] | None) -> dict[str, dict[str, int | None]]:
+    """{"local": {"used", "total"}, "nonlocal": {...}} of a census adapter entry (None where
+    the census does not say)."""
+    mem = entry.get("memory") if isinstance(entry, dict) else None
+    out: dict[str, dict[str, int | None]] = {}
+    for group in _GROUPS:
+        g = mem.get(group) if isinstance(mem, dict) else None
+        g = g if isinstance(g, dict) else {}
+        out[group] = {"used": _int_or_none(g.get("used")), "total": _int_or_none(g.get("total"))}
+    return out
+
+
+def _process_bytes(proc: dict[str, Any], host_adapter: int | None = None) -> int | None:
+    """local + non-local bytes of a census process (on one host adapter, or on all)."""
+    usages = proc.get("memory")
+    if not isinstance(usages, list):
+        return None
+    total = 0
+    for u in usages:
+        if isinstance(u, dict) and (host_adapter is None or u.get("adapter") == host_adapter):
+            total += sum(_int_or_none(u.get(g)) or 0 for g in _GROUPS)
+    return total
+
+
+def join_memory(data: dict[str, Any]) -> dict[str, Any]:
+    """Add the census's memory figures to the snapshot's processes, in place: per process
+    ``memory`` (bytes over all adapters, local + non-local) and ``allocations``, per adapter link
+    ``memory`` (bytes on that adapter); None where the census does not say."""
+    snap, census = data["snapshot"], data.get("census") or {}
+    hosts = _host_censuses(census)
+    matched = match_adapters(snap, census)
+    links = {ad["index"]: ad.get("host") for ad in snap.get("adapters") or []}
+    for p in snap.get("processes") or []:
+        theirs = [(link, cp) for link, c in hosts.items() for cp in c.get("processes") or []
+                  if isinstance(cp, dict) and cp.get("pid") == p["pid"]]
+        sums = [_process_bytes(cp) for _, cp in theirs]
+        known = [n for n in sums if n is not None]
+        p["memory"] = sum(known) if known else None
+        counts = [_int_or_none(cp.get("allocations")) for _, cp in theirs]
+        p["allocations"] = sum(n for n in counts if n is not None) \
+            if any(n is not None for n in counts) else None
+        for link in p.get("adapters") or []:
+            entry = matched.get(link.get("adapter"))
+            host_index = entry.get("index") if entry is not None else None
+            per = [_process_bytes(cp, host_index) for lk, cp in theirs
+                   if lk == links.get(link.get("adapter"))] if host_index is not None else []
+            known = [n for n in per if n is not None]
+            link["memory"] = sum(known) if known else None
+    return data
+
+
 def _adapter_rows(node: Any) -> list[dict[str, Any]]:
+    snap, census = _census_and_snapshot(node)
+    matched = match_adapters(snap, census)
+    guest_index = {_luid_int(ad.get("luid")): ad["index"] for ad in snap.get("adapters") or []}
     rows = []
     for i, ad in enumerate(node.adapters()):
         rows.append({
@@ -215,8 +345,29 @@ def _adapter_rows(node: Any) -> list[dict[str, Any]]:
             "device_id": f"0x{ad.device_id:04x}",
             "description": ad.description,
             "flags": adapter_flags(ad),
+            "memory": adapter_memory(matched.get(guest_index.get(ad.luid, -1))),
         })
     return rows
+
+
+def _census_and_snapshot(node: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The guest snapshot and the host census; empty ones where the node could not say."""
+    from dxg.client import DxgError
+
+    out = []
+    for op in ("snapshot", "census"):
+        try:
+            reply = node.admin({"op": op})
+        except DxgError:
+            reply = {}
+        out.append(reply if isinstance(reply, dict) else {})
+    return out[0], out[1]
+
+
+def _used_total(group: dict[str, int | None]) -> str:
+    if group["used"] is None and group["total"] is None:
+        return "-"
+    return f"{human_bytes(group['used'])}/{human_bytes(group['total'])}"
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -230,9 +381,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     t = Table(title=f"adapters on {_node_path(args)}")
     for col in ("#", "handle", "LUID", "vendor", "device", "description", "flags"):
         t.add_column(col)
+    t.add_column("local", justify="right", no_wrap=True)
+    t.add_column("non-local", justify="right", no_wrap=True)
     for r in rows:
         t.add_row(str(r["index"]), r["handle"], r["luid"], r["vendor_id"], r["device_id"],
-                  r["description"], ", ".join(r["flags"]))
+                  r["description"], ", ".join(r["flags"]), _used_total(r["memory"]["local"]),
+                  _used_total(r["memory"]["nonlocal"]))
     console().print(t)
     if not rows:
         print("no adapters (is a host bound to this guest?)")
@@ -242,7 +396,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def _ps_data(node: Any) -> dict[str, Any]:
     snap = node.admin({"op": "snapshot"})
     census = node.admin({"op": "census"})
-    return {"snapshot": snap, "census": census}
+    return join_memory({"snapshot": snap, "census": census})
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -259,12 +413,13 @@ def cmd_ps(args: argparse.Namespace) -> int:
 def print_ps(data: dict[str, Any], exclude_pid: int | None = None) -> None:
     from rich.table import Table
 
-    snap = data["snapshot"]
+    snap = join_memory(data)["snapshot"]
     out = console()
     for ad in snap["adapters"]:
         t = Table(title=f"adapter {ad['index']} {ad['luid']} {ad['description']} [{ad['state']}]")
         for col in ("pid", "name", "devices", "contexts"):
             t.add_column(col)
+        t.add_column("memory", justify="right")
         n = 0
         for p in snap["processes"]:
             if p["pid"] == exclude_pid:
@@ -272,7 +427,7 @@ def print_ps(data: dict[str, Any], exclude_pid: int | None = None) -> None:
             for link in p["adapters"]:
                 if link["adapter"] == ad["index"]:
                     t.add_row(str(p["pid"]), p["name"], str(link["devices"]),
-                              str(link["contexts"]))
+                              str(link["contexts"]), human_bytes(link.get("memory")))
                     n += 1
         if n:
             out.print(t)

@@ -2,6 +2,8 @@
 
 * :func:`open_node` and the objects of :mod:`dxg.client.api` (Node, Adapter, Device, Context),
   and their asyncio twins (:func:`open_node_async`, AsyncNode, AsyncAdapter, ...);
+* :mod:`dxg.client.memory`: device memory -- Allocation, DeviceArray (``device.allocate``,
+  ``device.empty``, ``device.array``), PagingQueue, GPU virtual addresses, video memory budgets;
 * :mod:`dxg.client.thunks`: ``D3DKMTxxx(conn, args) -> NTSTATUS``, one per ioctl (awaitable on
   an async connection);
 * :mod:`dxg.client.diag`: pydxg's diagnostic escapes (ping, sleep, shared memory, eventfd);
@@ -34,21 +36,47 @@ from dxg.client.errors import (
     NodeProtocolError,
     NodeUnavailable,
 )
+from dxg.client.memory import (
+    Allocation,
+    AsyncAllocation,
+    AsyncDeviceArray,
+    AsyncGpuMapping,
+    AsyncGpuVaRange,
+    AsyncPagingQueue,
+    DeviceArray,
+    GpuMapping,
+    GpuVaRange,
+    OfferPriority,
+    PagingQueue,
+    PagingTimeout,
+    ReclaimResult,
+    Residency,
+    VideoMemoryInfo,
+)
 
 __all__ = [
     "Adapter",
     "AdapterType",
+    "Allocation",
     "AsyncAdapter",
+    "AsyncAllocation",
     "AsyncContext",
     "AsyncDevice",
+    "AsyncDeviceArray",
+    "AsyncGpuMapping",
+    "AsyncGpuVaRange",
     "AsyncNode",
     "AsyncNodeConnection",
+    "AsyncPagingQueue",
     "ClockCalibration",
     "Context",
     "Device",
+    "DeviceArray",
     "DeviceIds",
     "DxgError",
     "FeatureState",
+    "GpuMapping",
+    "GpuVaRange",
     "Node",
     "NodeConnection",
     "NodeError",
@@ -56,6 +84,12 @@ __all__ = [
     "NodePermissionDenied",
     "NodeProtocolError",
     "NodeUnavailable",
+    "OfferPriority",
+    "PagingQueue",
+    "PagingTimeout",
+    "ReclaimResult",
+    "Residency",
+    "VideoMemoryInfo",
     "open_node",
     "open_node_async",
 ]

@@ -350,7 +350,8 @@ class AsyncNodeConnection:
             return -errno.ENOTTY
         request = build_ioctl(code, args, self._mem.read, self.max_payload, fds, self.max_fds)
         reply, got = await self._call(request, wire.Kind.IOCTL_REPLY, request.fd_numbers)
-        return apply_ioctl_reply(request, reply, got, args, self._mem.write)
+        return apply_ioctl_reply(request, reply, got, args, self._mem.write,
+                                 self._router.blocks)
 
     async def admin(self, request: dict[str, Any]) -> dict[str, Any]:
         """An introspection request (``{"op": "snapshot"}``, ``{"op": "census"}``)."""

@@ -27,8 +27,13 @@ run to completion and :class:`AsyncNode`/:class:`AsyncAdapter`/:class:`AsyncDevi
 it may need the node (``await adapter.description()``). Plain attributes (``handle``, ``luid``,
 ``luid_parts``, ``closed``) are the same on both.
 
+Device memory (allocations, device arrays, paging queues, GPU virtual addresses, video memory
+budgets) lives in :mod:`dxg.client.memory`; ``device.allocate``/``empty``/``array``/
+``paging_queue``... and ``adapter.video_memory_info``/``reserve_gpu_va``... are its entry points.
+
 Every object is a context manager (``with`` / ``async with``) whose ``close()`` is idempotent,
-and closing a parent closes its children first (Node > Adapter > Device > Context). A failed call
+and closing a parent closes its children first (Node > Adapter > Device > Context, Allocation,
+PagingQueue; an Adapter's GPU virtual address ranges after its devices). A failed call
 raises :class:`~dxg.client.errors.DxgError` whose ``.status`` is the NTSTATUS. The sync objects
 are thread-safe; the async ones belong to the loop of their connection.
 """
@@ -174,6 +179,13 @@ def _enum_processes(luid: int | tuple[int, int]) -> Op[list[int]]:
         args.buffer_count = count
         status = yield call(t.D3DKMTEnumProcesses, args)
     raise DxgError(NTSTATUS.STATUS_BUFFER_TOO_SMALL, "EnumProcesses: process count unstable")
+
+
+def _memory() -> Any:
+    """:mod:`dxg.client.memory`, which builds on this module (so it is imported when used)."""
+    from dxg.client import memory
+
+    return memory
 
 
 def _close_children(children: list[Any]) -> Op[BaseException | None]:
@@ -323,6 +335,7 @@ class _AdapterOps(_Object):
         self.handle = handle
         self.luid = luid
         self._devices: list[_DeviceOps] = []
+        self._va_ranges: list[Any] = []  # memory.GpuVaRange
         self._cache: dict[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -465,21 +478,61 @@ class _AdapterOps(_Object):
         ``fds``: descriptors of ours whose numbers ``data`` holds (see :mod:`dxg.client.diag`)."""
         return (yield from diag.escape_op(self.handle, 0, data, fds, flags))
 
-    def _untrack(self, dev: _DeviceOps) -> None:
+    # -- memory (dxg.client.memory) --
+
+    @op
+    def video_memory_info(self, group: int = 0) -> Op[Any]:
+        """QueryVideoMemoryInfo of this process: a ``memory.VideoMemoryInfo`` (budget,
+        current_usage, current_reservation, available_for_reservation) of segment ``group``
+        (0 local, 1 non-local)."""
+        return (yield from _memory().video_memory_info(self, group))
+
+    @op
+    def reserve_video_memory(self, nbytes: int, group: int = 0) -> Op[None]:
+        """ChangeVideoMemoryReservation: this process's reservation in ``group`` becomes
+        ``nbytes``."""
+        return (yield from _memory().reserve_video_memory(self, nbytes, group))
+
+    @op
+    def reserve_gpu_va(self, size: int, base: int = 0, minimum: int = 0,
+                       maximum: int = 0) -> Op[Any]:
+        """ReserveGpuVirtualAddress: a ``memory.GpuVaRange`` (``.va``, ``.size``; ``close()``
+        frees it) of ``size`` bytes at ``base`` (0: where the adapter chooses)."""
+        return (yield from _memory().reserve_gpu_va(self, size, base, minimum, maximum))
+
+    @op
+    def flush_heap_transitions(self) -> Op[None]:
+        return (yield from _memory().flush_heap_transitions(self))
+
+    def _track_va(self, va_range: Any) -> Any:
         with self._lock:
-            if dev in self._devices:
-                self._devices.remove(dev)
+            self._va_ranges.append(va_range)
+        return va_range
+
+    def _va_range_at(self, va: int) -> Any:
+        """The open GPU VA range reserved through this adapter that holds ``va``, or None."""
+        with self._lock:
+            return next((r for r in self._va_ranges if va in r), None)
+
+    def _untrack(self, child: Any) -> None:
+        with self._lock:
+            for children in (self._devices, self._va_ranges):
+                if child in children:
+                    children.remove(child)
 
     def _close(self) -> Op[None]:
-        """Destroy this adapter's devices, then CloseAdapter."""
+        """Destroy this adapter's devices, free its GPU VA ranges, then CloseAdapter."""
         if not self._mark_closed():
             return
         with self._lock:
             devices, self._devices = self._devices, []
+            va_ranges, self._va_ranges = self._va_ranges, []
         self.node._untrack(self)
         if self.conn.closed:
             return
         pending = yield from _close_children(devices)
+        if pending is None:
+            pending = yield from _close_children(va_ranges)
         args = s.d3dkmt_closeadapter()
         args.adapter_handle.v = self.handle
         try:
@@ -499,6 +552,11 @@ class _DeviceOps(_Object):
         self.adapter = adapter
         self.handle = handle
         self._contexts: list[_ContextOps] = []
+        # memory.Allocation (and DeviceArray), memory.PagingQueue: ordered sets (a device may
+        # hold many allocations, each closed on its own)
+        self._allocations: dict[Any, None] = {}
+        self._queues: dict[Any, None] = {}
+        self._own_queue: Any = None  # the paging queue of make_resident/reclaim/map_gpu
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} handle=0x{self.handle:08x}>"
@@ -549,21 +607,127 @@ class _DeviceOps(_Object):
         """D3DKMTEscape (driver-private) on this device: the private data after the call."""
         return (yield from diag.escape_op(self.adapter.handle, self.handle, data, fds, flags))
 
-    def _untrack(self, ctx: _ContextOps) -> None:
+    # -- memory (dxg.client.memory) --
+
+    @op
+    def allocate(self, nbytes: int, *, non_local: bool = False, cached: bool = False,
+                 standard: bool = False) -> Op[Any]:
+        """CreateAllocation: a ``memory.Allocation`` of at least ``nbytes`` bytes (whole pages),
+        in the local segment group or, with ``non_local``, the non-local one; ``standard``: a
+        standard EXISTINGHEAP allocation (no private data)."""
+        return (yield from _memory().allocate(self, nbytes, non_local=non_local, cached=cached,
+                                              standard=standard))
+
+    @op
+    def allocate_many(self, sizes: Sequence[int], *, non_local: bool = False,
+                      cached: bool = False) -> Op[list[Any]]:
+        """One CreateAllocation for several allocations: a list of ``memory.Allocation``."""
+        return (yield from _memory().allocate_many(self, sizes, non_local=non_local,
+                                                   cached=cached))
+
+    @op
+    def empty(self, shape: int | Sequence[int], dtype: Any = None, *,
+              non_local: bool = False) -> Op[Any]:
+        """A ``memory.DeviceArray`` of ``shape`` and ``dtype`` (default float64); contents
+        undefined."""
+        return (yield from _memory().empty(self, shape, dtype, non_local=non_local))
+
+    @op
+    def zeros(self, shape: int | Sequence[int], dtype: Any = None, *,
+              non_local: bool = False) -> Op[Any]:
+        return (yield from _memory().zeros(self, shape, dtype, non_local=non_local))
+
+    @op
+    def array(self, data: Any, dtype: Any = None, *, non_local: bool = False) -> Op[Any]:
+        """A ``memory.DeviceArray`` holding a copy of ``data`` (an ndarray or array-like)."""
+        return (yield from _memory().array(self, data, dtype, non_local=non_local))
+
+    from_numpy = array
+
+    @op
+    def paging_queue(self, priority: int = 0) -> Op[Any]:
+        """CreatePagingQueue: a ``memory.PagingQueue`` (``make_resident``, ``fence_value``)."""
+        return (yield from _memory().paging_queue(self, priority))
+
+    @op
+    def make_resident(self, allocs: Sequence[Any], wait: bool = True,
+                      timeout: float | None = 30.0) -> Op[int]:
+        """MakeResident through this device's own paging queue; the paging fence value."""
+        return (yield from _memory().make_resident(self, allocs, wait, timeout))
+
+    @op
+    def evict(self, allocs: Sequence[Any], only_if_necessary: bool = False) -> Op[int]:
+        """Evict; the bytes the adapter says are left to trim."""
+        return (yield from _memory().evict(self, allocs, only_if_necessary))
+
+    @op
+    def residency(self, allocs: Sequence[Any]) -> Op[list[Any]]:
+        """QueryAllocationResidency: a ``memory.Residency`` per allocation."""
+        return (yield from _memory().residency(self, allocs))
+
+    @op
+    def set_priority(self, allocs: Sequence[Any], priority: int) -> Op[None]:
+        """SetAllocationPriority of each allocation."""
+        return (yield from _memory().set_priority(self, allocs, priority))
+
+    @op
+    def offer(self, allocs: Sequence[Any], priority: int = 2) -> Op[None]:
+        """OfferAllocations (``memory.OfferPriority``, default NORMAL)."""
+        return (yield from _memory().offer(self, allocs, priority))
+
+    @op
+    def reclaim(self, allocs: Sequence[Any], queue: Any = None, wait: bool = True,
+                timeout: float | None = 30.0) -> Op[list[Any]]:
+        """ReclaimAllocations2: a ``memory.ReclaimResult`` per allocation (OK, DISCARDED,
+        NOT_COMMITTED)."""
+        return (yield from _memory().reclaim(self, allocs, queue, wait, timeout))
+
+    def _default_queue(self) -> Op[Any]:
+        """This device's own paging queue, made when first needed."""
+        if self._own_queue is None:
+            queue = yield from _memory().paging_queue(self)
+            with self._lock:
+                if self._own_queue is None:
+                    self._own_queue = queue
+        return self._own_queue
+
+    def _track_allocation(self, alloc: Any) -> Any:
         with self._lock:
-            if ctx in self._contexts:
-                self._contexts.remove(ctx)
+            self._allocations[alloc] = None
+        return alloc
+
+    def _track_queue(self, queue: Any) -> Any:
+        with self._lock:
+            self._queues[queue] = None
+        return queue
+
+    def _untrack(self, child: Any) -> None:
+        with self._lock:
+            if child in self._contexts:
+                self._contexts.remove(child)
+            self._allocations.pop(child, None)
+            self._queues.pop(child, None)
+            if child is self._own_queue:
+                self._own_queue = None
 
     def _close(self) -> Op[None]:
-        """Destroy this device's contexts, then DestroyDevice."""
+        """Destroy this device's contexts, its allocations (one DestroyAllocation2), its paging
+        queues, then DestroyDevice."""
         if not self._mark_closed():
             return
         with self._lock:
             contexts, self._contexts = self._contexts, []
+            allocations, self._allocations = list(self._allocations), {}
+            queues, self._queues = list(self._queues), {}
+            self._own_queue = None
         self.adapter._untrack(self)
         if self.conn.closed:
             return
         pending = yield from _close_children(contexts)
+        if pending is None:
+            pending = yield from _memory().close_allocations(allocations)
+        if pending is None:
+            pending = yield from _close_children(queues)
         args = s.d3dkmt_destroydevice()
         args.device.v = self.handle
         try:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dxg.client.blockmap import BlockMaps
 from dxg.client.errors import (
     NodeError,
     NodeNotFound,
@@ -64,6 +65,7 @@ _REGION_ENTRY = 16
 _FD_ENTRY = 8
 _REPLY_KINDS = frozenset({wire.Kind.IOCTL_REPLY, wire.Kind.ADMIN_REPLY, wire.Kind.HELLO_REPLY})
 _KIND_ERROR = int(wire.Kind.ERROR)
+_KIND_IOCTL_REPLY = int(wire.Kind.IOCTL_REPLY)
 _KIND_ADMIN_REPLY = int(wire.Kind.ADMIN_REPLY)
 ARGS_TYPES = (ctypes.Structure, ctypes.Union)  # what an ioctl's arguments may be
 RECV_CHUNK = 256 * 1024  # the most a client reads at once
@@ -214,14 +216,17 @@ def _inside_writable(regions: Iterable[wire.Region], addr: int, size: int) -> bo
 
 def apply_ioctl_reply(request: wire.IoctlRequest, reply: wire.Message, fds: list[int],
                       args: ctypes.Structure | ctypes.Union,
-                      write: Callable[[int, bytes], bool]) -> int:
+                      write: Callable[[int, bytes], bool],
+                      blocks: BlockMaps | None = None) -> int:
     """Put ``reply`` into this process, in the wire's order: the writes (each inside a region
     the request let the driver write), the struct, then the number of each received descriptor
     where its fixup says. Returns the ioctl's return value (-EFAULT if a write could not be
     stored). The descriptors are the caller's afterwards; a reply that breaks the rules raises
-    :class:`NodeProtocolError` before anything is applied, with ``fds`` closed."""
+    :class:`NodeProtocolError` before anything is applied, with ``fds`` closed. The reply's
+    block maps were taken in by the reader (:class:`ReplyRouter`); here each MAP's address is
+    stored where it says (-EFAULT when the block is not mapped in this process)."""
     if (type(reply) is wire.IoctlReply and not reply.writes and not reply.fixups and not fds
-            and len(reply.struct) == len(request.struct)):
+            and not reply.maps and len(reply.struct) == len(request.struct)):
         # The common reply, a bare struct: nothing to check or apply but the struct itself.
         memoryview(args).cast("B")[:] = reply.struct
         return reply.ret
@@ -236,7 +241,7 @@ def apply_ioctl_reply(request: wire.IoctlRequest, reply: wire.Message, fds: list
             if not _inside_writable(request.regions, w.addr, len(w.data)):
                 raise NodeProtocolError(
                     errno.EPROTO, f"the dxg node wrote outside the buffers sent (0x{w.addr:x})")
-        for f in reply.fixups:
+        for f in (*reply.fixups, *(m for m in reply.maps if m.op == wire.MAP)):
             inside = (f.where + f.width <= len(request.struct) if f.target == wire.FD_IN_STRUCT
                       else _inside_writable(request.regions, f.where, f.width))
             if not inside:
@@ -254,6 +259,23 @@ def apply_ioctl_reply(request: wire.IoctlRequest, reply: wire.Message, fds: list
     for f, fd in zip(reply.fixups, fds, strict=True):
         if f.target == wire.FD_IN_STRUCT:
             body[f.where : f.where + f.width] = fd.to_bytes(f.width, "little", signed=True)
+    user_maps: list[tuple[int, bytes]] = []
+    for m in reply.maps:
+        if m.op != wire.MAP:
+            continue
+        addr = None if blocks is None else blocks.address(m.block, m.offset, m.block_size)
+        if addr is None:
+            if ret >= 0:
+                ret = -errno.EFAULT  # the block never reached this process
+            addr = 0
+        raw = addr.to_bytes(8, "little")
+        if m.target == wire.FD_IN_STRUCT:
+            body[m.where : m.where + 8] = raw
+        else:
+            user_maps.append((m.where, raw))
+    for where, raw in user_maps:
+        if not write(where, raw) and ret >= 0:
+            ret = -errno.EFAULT
     ctypes.memmove(ctypes.addressof(args), bytes(body), len(body))
     for f, fd in zip(reply.fixups, fds, strict=True):
         if f.target == wire.FD_IN_USER and not write(
@@ -316,6 +338,7 @@ class ReplyRouter:
 
     def __init__(self, where: str = "the dxg node") -> None:
         self._where = where
+        self.blocks = BlockMaps()
         self._decoder = wire.FrameDecoder()
         self._fed = 0
         self._batches: deque[_FdBatch] = deque()
@@ -416,8 +439,9 @@ class ReplyRouter:
         return out
 
     def close(self) -> None:
-        """Close every descriptor not yet handed to a caller."""
+        """Close every descriptor not yet handed to a caller, and unmap every block."""
         self._break()
+        self.blocks.close()
 
     # -- internals --
 
@@ -474,6 +498,15 @@ class ReplyRouter:
                 raise RouterBroken(lambda: NodeProtocolError(err, text))
         elif kind not in _REPLY_KINDS:
             raise RouterBroken(self._protocol(f"a frame of kind {_kind_name(kind)}"))
+        decoded: wire.Message | None = None
+        if kind == _KIND_IOCTL_REPLY and _has_maps(frame.payload):
+            # Block maps first, whoever waits for the reply (or nobody: it gave up).
+            self._check_known(seq)
+            decoded = self._decode(frame)
+            if isinstance(decoded, wire.IoctlReply) and decoded.maps:
+                n = len(decoded.fixups)
+                self.blocks.receive(decoded.maps, fds[n:])
+                del fds[n:]
         if seq not in self._pending:
             self._check_known(seq)
             if seq in self._abandoned:
@@ -494,7 +527,8 @@ class ReplyRouter:
             payload = b"".join(self._chunks.pop(seq))
             self._chunk_bytes.pop(seq, None)
             frame = wire.Frame(frame.kind, seq, payload, 0)
-        msg = error if error is not None else self._decode(frame)
+        msg = error if error is not None else (
+            decoded if decoded is not None else self._decode(frame))
         expect = self._pending.pop(seq)
         if self._chunks:
             self._chunks.pop(seq, None)
@@ -521,6 +555,11 @@ class ReplyRouter:
     def _check_known(self, seq: int) -> None:
         if seq not in self._pending and seq not in self._abandoned:
             raise RouterBroken(self._protocol(f"a reply to seq {seq}, which is not in flight"))
+
+
+def _has_maps(payload: bytes) -> bool:
+    """Whether an IOCTL_REPLY payload declares block maps (its map_count, at byte 20)."""
+    return len(payload) >= 24 and payload[20:24] != b"\0\0\0\0"
 
 
 def _kind_name(kind: int) -> str:

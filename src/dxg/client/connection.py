@@ -443,7 +443,8 @@ class NodeConnection:
             return -errno.ENOTTY  # as the kernel answers a child using its parent's file
         request = build_ioctl(code, args, self._mem.read, self.max_payload, fds, self.max_fds)
         reply, got = self._call(request, wire.Kind.IOCTL_REPLY, request.fd_numbers)
-        return apply_ioctl_reply(request, reply, got, args, self._mem.write)
+        return apply_ioctl_reply(request, reply, got, args, self._mem.write,
+                                 self._router.blocks)
 
     # ---- admin ----------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""A device: created on the host under an adapter; owns contexts (and later memory, queues)."""
+"""A device: created on the host under an adapter; owns contexts, allocations, resources and
+paging queues."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dxg.guest.handles import HandleType
 
 if TYPE_CHECKING:
     from dxg.guest.adapter import GuestAdapter
+    from dxg.guest.allocation import GuestAllocation, GuestPagingQueue, GuestResource
     from dxg.guest.context import GuestContext
     from dxg.guest.process import GuestProcess, ProcessAdapter
 
@@ -33,6 +35,9 @@ class GuestDevice:
         self.handle = 0
         self.state = ObjectState.CREATED
         self.contexts: list[GuestContext] = []
+        self.allocations: list[GuestAllocation] = []  # standalone ones
+        self.resources: list[GuestResource] = []
+        self.paging_queues: list[GuestPagingQueue] = []
         self.execution_state = DEVICEEXECUTION_ACTIVE
         self.execution_state_counter = 0
 
@@ -76,17 +81,20 @@ async def create_device(proc: GuestProcess, pa: ProcessAdapter, flags: int) -> G
 
 
 async def destroy_device(proc: GuestProcess, dev: GuestDevice, flush: bool = False) -> int:
-    """Guest handles go first (contexts, then the device), then the host object."""
+    """Guest handles go first (memory, contexts, then the device), then the host object (which
+    takes its allocations, resources and paging queues with it)."""
+    from dxg.guest.allocation import release_device_memory
     from dxg.guest.process import existing_host_process
 
     if dev.state == ObjectState.DESTROYED:
         return 0
     dev.state = ObjectState.DESTROYED
+    released = release_device_memory(proc, dev)
     for ctx in dev.contexts:
         ctx.destroyed = True
         proc.handles.free(ctx.handle, HandleType.CONTEXT)
     if not proc.closed:  # process exit releases the whole share at once
-        proc.release_objects(1 + len(dev.contexts))
+        proc.release_objects(1 + len(dev.contexts) + released)
     dev.contexts.clear()
     proc.handles.free(dev.handle, HandleType.DEVICE)
     pa = dev.process_adapter

@@ -413,9 +413,17 @@ class GuestDriver:
                     "handles": pa.refcount,
                     "devices": len(pa.devices),
                     "contexts": sum(len(d.contexts) for d in pa.devices),
+                    "allocations": sum(len(d.allocations) + sum(
+                        len(r.allocations) for r in d.resources) for d in pa.devices),
+                    "allocation_bytes": sum(
+                        sum(a.size for a in d.allocations) + sum(
+                            a.size for r in d.resources for a in r.allocations)
+                        for d in pa.devices),
+                    "paging_queues": sum(len(d.paging_queues) for d in pa.devices),
                 })
             procs.append({"pid": p.pid, "uid": p.uid, "name": p.name, "adapters": links,
-                          "handles": len(p.handles)})
+                          "handles": len(p.handles), "blocks": len(p.memory.blocks),
+                          "block_fds": p.memory.fds, "shadows": p.memory.shadows})
         return {
             "driver": self.name,
             "pid": os.getpid(),

@@ -24,16 +24,25 @@ from typing import TYPE_CHECKING, Any
 
 from dxg import uapi
 from dxg.guest import vmbus
-from dxg.guest.context import GuestContext, create_context, destroy_context
+from dxg.guest.context import create_context, destroy_context
 from dxg.guest.device import (
     DEVICEEXECUTION_ACTIVE,
-    GuestDevice,
     ObjectState,
     create_device,
     destroy_device,
 )
 from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleType
+from dxg.guest.ioctl_memory import HANDLERS as MEMORY_HANDLERS
+from dxg.guest.lookup import (
+    PRIVATE_DATA_MAX,
+    _adapter,
+    _context,
+    _device,
+    _errno_of,
+    _h,
+    _host_result,
+)
 from dxg.guest.process import (
     GuestProcess,
     ProcessAdapter,
@@ -54,11 +63,10 @@ from dxg.oslib.fds import close_all
 from dxg.oslib.memfd import memfd_from_bytes
 from dxg.protocol import messages as m
 from dxg.protocol.errors import ProtocolError
-from dxg.protocol.framing import DXG_MAX_VM_BUS_PACKET_SIZE
 from dxg.protocol.guids import luid_parts, luid_to_int
 from dxg.uapi import wddm
 from dxg.uapi.escape import FD_OFFSET, EscapeFlags, EscapeHeader, is_pydxg_escape
-from dxg.uapi.ntstatus import NTSTATUS, nt_success, ntstatus_to_errno
+from dxg.uapi.ntstatus import NTSTATUS, nt_success
 
 if TYPE_CHECKING:
     from dxg.guest.adapter import GuestAdapter
@@ -70,63 +78,12 @@ Handler = Callable[["GuestDriver", GuestProcess, Any, UserMemory], Awaitable[int
 
 # EnumAdapters3 accepts at most this many entries (the real driver's bound).
 ENUMADAPTERS3_MAX = 0xFFFF
-# Private data must fit in one bus packet with its headers.
-PRIVATE_DATA_MAX = DXG_MAX_VM_BUS_PACKET_SIZE - 128
 # pydxg escapes may carry more (a bulk attachment on the bus): up to this much.
 PYDXG_ESCAPE_MAX = 16 << 20
-# The success codes a host may hand back as a call's return value; any other success code from
-# a host is not one the driver knows, and fails the call (-EPROTO) instead of reaching a client.
-_PASSED_SUCCESS = frozenset({int(NTSTATUS.STATUS_SUCCESS), int(NTSTATUS.STATUS_PENDING),
-                             int(NTSTATUS.STATUS_TIMEOUT)})
 # enum d3dddi_knownescapetype of the real driver (first u32 of a driver_known_escape's data).
 _KNOWN_ESCAPE_TRANSLATEALLOCATIONHANDLE = 0
 _KNOWN_ESCAPE_TRANSLATERESOURCEHANDLE = 1
 _KNOWN_ESCAPE_BUILDTESTCOMMANDBUFFER = 3
-
-
-def _errno_of(status: int) -> int:
-    return ntstatus_to_errno(status)
-
-
-def _host_result(status: int) -> int:
-    """A host's NTSTATUS as the ioctl's return: failures become -errno; success codes pass only
-    if the driver knows them."""
-    status &= 0xFFFFFFFF
-    if not nt_success(status):
-        return _errno_of(status)
-    if status not in _PASSED_SUCCESS:
-        log.warning("host answered the unknown success status 0x%08x; failing the call", status)
-        return -errno.EPROTO
-    return status
-
-
-def _h(handle: Any) -> int:
-    return int(handle.v)
-
-
-def _adapter(proc: GuestProcess, handle: Any) -> ProcessAdapter:
-    pa = proc.handles.get(_h(handle), HandleType.ADAPTER)
-    if pa is None:
-        raise IoctlError(errno.EBADF, "invalid adapter handle")
-    if not pa.adapter.active:
-        raise IoctlError(errno.ENODEV, "adapter was removed")
-    return pa
-
-
-def _device(proc: GuestProcess, handle: Any) -> GuestDevice:
-    dev = proc.handles.get(_h(handle), HandleType.DEVICE)
-    if dev is None or dev.state != ObjectState.ACTIVE:
-        raise IoctlError(errno.EBADF, "invalid device handle")
-    if not dev.adapter.active:
-        raise IoctlError(errno.ENODEV, "adapter was removed")
-    return dev
-
-
-def _context(proc: GuestProcess, handle: Any) -> GuestContext:
-    ctx = proc.handles.get(_h(handle), HandleType.CONTEXT)
-    if ctx is None:
-        raise IoctlError(errno.EBADF, "invalid context handle")
-    return ctx
 
 
 # ---- enumeration and open (local) ----------------------------------------------------------------
@@ -467,6 +424,7 @@ HANDLERS: MappingProxyType[str, Handler] = MappingProxyType({
     "LX_DXENUMADAPTERS3": enum_adapters3,
     "LX_DXENUMPROCESSES": enum_processes,
     "LX_ISFEATUREENABLED": is_feature_enabled,
+    **MEMORY_HANDLERS,
 })
 # The same table by ioctl number, for dispatch (derived: the names above are the source).
 _BY_NR: MappingProxyType[int, Handler] = MappingProxyType(
@@ -500,7 +458,21 @@ async def dispatch(drv: GuestDriver, proc: GuestProcess, code: int, arg: bytes,
         return -errno.EPROTO, arg
     except MemoryError:
         return -errno.ENOMEM, arg
+    finally:
+        if proc.memory.unmaps:
+            _deliver_unmaps(proc, mem)
     return ret, bytes(args)
+
+
+def _deliver_unmaps(proc: GuestProcess, mem: UserMemory) -> None:
+    """Blocks the process lost since its last call: its client unmaps them with this reply."""
+    unmaps = proc.memory.unmaps
+    done = 0
+    for block in unmaps:
+        if not mem.unmap_block(block):
+            break
+        done += 1
+    del unmaps[:done]
 
 
 def implemented(name: str) -> bool:

@@ -9,6 +9,7 @@ import errno
 import logging
 from typing import TYPE_CHECKING
 
+from dxg.guest.allocation import ProcessMemory
 from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleSpace, HandleTable, HandleType
 from dxg.guest.quota import GuestLimits, Quota, charge_object
@@ -55,6 +56,7 @@ class GuestProcess:
         self.adapters: dict[int, ProcessAdapter] = {}  # id(adapter) -> link
         # host link -> (link generation, the host process handle, or its CREATEPROCESS)
         self.host_processes: dict[HostLink, tuple[int, asyncio.Future[int]]] = {}
+        self.memory = ProcessMemory()  # blocks of shared memory, and unmaps the client is due
         self.closed = False
 
     def __repr__(self) -> str:
@@ -192,6 +194,7 @@ async def process_exit(proc: GuestProcess) -> None:
             for dev in list(pa.devices):
                 await destroy_device_quietly(proc, dev)
     finally:
+        proc.memory.close()
         # DESTROYPROCESS drops whatever the host still holds for the process, whatever failed.
         hosts = list(proc.host_processes.items())
         proc.host_processes.clear()

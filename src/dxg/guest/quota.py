@@ -3,8 +3,9 @@ driver's index space, objects on the hosts) is bounded per process and per user,
 or one user can never use up what every user shares. Root is bounded per process only.
 
 The defaults keep a margin: the handle space (2**24) takes 64 users at their cap, and a host's
-per-guest budget (HostConfig.max_partition_bytes, 256 MiB: about 500,000 objects) takes 32 users
-at theirs; the host also caps each of its processes (HostConfig.max_objects_per_process).
+per-guest budget (HostConfig.max_partition_bytes, 256 MiB: about a million objects of 256 bytes)
+takes 8 users at theirs; the host also caps each of its processes
+(HostConfig.max_objects_per_process). Memory itself is bounded by the adapters' segments.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ class QuotaExceeded(MemoryError):
 class GuestLimits:
     handles_per_process: int = 1 << 16
     handles_per_uid: int = 1 << 18
-    objects_per_process: int = 1 << 12  # devices, contexts (and later memory, queues, fences)
-    objects_per_uid: int = 1 << 14
+    objects_per_process: int = 1 << 15  # devices, contexts, allocations, queues, fences
+    objects_per_uid: int = 1 << 17
 
     def __post_init__(self) -> None:
         for name in ("handles_per_process", "handles_per_uid", "objects_per_process",

@@ -17,7 +17,7 @@ from dxg.guest.errors import IoctlError
 from dxg.oslib.procmem import FrontEndLimit, UserMemoryFault
 
 __all__ = ["FrontEndLimit", "UserMemory", "UserMemoryFault", "copy_from_user", "copy_to_user",
-           "give_fd", "take_fd"]
+           "give_fd", "map_block", "take_fd"]
 
 
 class UserMemory(Protocol):
@@ -34,6 +34,18 @@ class UserMemory(Protocol):
     def give_fd_to_user(self, fd: int, addr: int, width: int = 8) -> None:
         """Hand ``fd`` to the caller (the accessor owns it from now on, whatever happens) and
         store its number there at user address ``addr``. FrontEndLimit where impossible."""
+        ...
+
+    def map_block(self, block: int, block_size: int, offset: int, where: int,
+                  fd: int | None = None, readonly: bool = False, in_struct: bool = True) -> None:
+        """Map shared memory block ``block`` (``block_size`` bytes; ``fd``, owned by the
+        accessor from now on, when the caller does not have it yet) into the caller, and store
+        the address of its byte ``offset`` at ``where`` (an offset into the ioctl's struct, or
+        a user address). FrontEndLimit where impossible (a file cannot map into its caller)."""
+        ...
+
+    def unmap_block(self, block: int) -> bool:
+        """Tell the caller ``block`` is gone (it unmaps it); False when no room is left."""
         ...
 
 
@@ -76,6 +88,18 @@ def take_fd(mem: UserMemory, number: int) -> int:
         raise IoctlError(errno.EOPNOTSUPP, str(e)) from None
     except OSError as e:
         raise IoctlError(e.errno or errno.EBADF, str(e)) from None
+
+
+def map_block(mem: UserMemory, block: int, block_size: int, offset: int, where: int,
+              fd: int | None = None, readonly: bool = False, in_struct: bool = True) -> None:
+    """Map ``block`` into the caller (see UserMemory.map_block); -EOPNOTSUPP where the front
+    end cannot map memory into its caller (the FUSE file)."""
+    try:
+        mem.map_block(block, block_size, offset, where, fd, readonly, in_struct)
+    except FrontEndLimit as e:
+        raise IoctlError(errno.EOPNOTSUPP, str(e)) from None
+    except UserMemoryFault as e:
+        raise IoctlError(errno.EFAULT, str(e) or "bad user address") from None
 
 
 def give_fd(mem: UserMemory, fd: int, addr: int, width: int = 8) -> None:

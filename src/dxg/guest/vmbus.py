@@ -138,6 +138,12 @@ def _spawn_undo(link: HostLink, coro: Any) -> None:
         coro.close()
 
 
+def spawn_quietly(link: HostLink, coro: Any) -> None:
+    """Run ``coro`` (an undo or a teardown no caller waits for) as a task of the link; its
+    failures are logged, not raised."""
+    _spawn_undo(link, _quietly(coro))
+
+
 async def _quietly(coro: Any) -> None:
     try:
         await coro

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from dxg.backends import AdapterDescription
 from dxg.host.call import Call, CommandFailed, Handler
 from dxg.host.config import AdapterIdentity
+from dxg.host.memory import Segments
 from dxg.protocol import messages as m
 from dxg.protocol.bus import (
     DXGK_VMBUS_INTERFACE_VERSION,
@@ -150,6 +151,10 @@ class HostAdapter:
         # Set once by Host.remove_adapter; read without a lock: a command racing the removal
         # either runs before it or gets STATUS_DEVICE_REMOVED.
         self.removed = False
+        # Its memory, shared by every guest: local = dedicated video memory, non-local = shared
+        # system memory, as GETSEGMENTSIZE reports them (dxg.host.memory).
+        self.segments = Segments(description.dedicated_video_memory,
+                                 description.shared_system_memory)
         self._qai: MappingProxyType[int, Callable[[bytearray], int]] = MappingProxyType({
             Q.KMTQAITYPE_UMDRIVERPRIVATE: self._qai_umd_private,
             Q.KMTQAITYPE_GETSEGMENTSIZE: self._qai_segment_size,
@@ -254,6 +259,7 @@ class HostAdapter:
             "command_formats": list(d.command_formats),
             "dedicated_video_memory": d.dedicated_video_memory,
             "engine": d.engine,
+            "memory": self.segments.census(),
         }
 
     # ---- QUERYADAPTERINFO ----------------------------------------------------------------------
@@ -345,8 +351,10 @@ class AdapterOpen:
 
 
 def drop_open(p: Partition, adapter_index: int) -> None:
-    """The partition's open of an adapter goes, and every device any process has on it."""
+    """The partition's open of an adapter goes, and every device any process has on it, with
+    the processes' GPU VA spaces and memory on it."""
     from dxg.host.device import drop_device
+    from dxg.host.vaspace import drop_vaspace
 
     opened = p.opens.pop(adapter_index, None)
     if opened is None:
@@ -355,6 +363,8 @@ def drop_open(p: Partition, adapter_index: int) -> None:
         for device in list(process.devices.values()):
             if device.adapter is opened.adapter:
                 drop_device(p, device)
+        drop_vaspace(p, process, adapter_index)
+        process.memory.drop_adapter(adapter_index)
     p.free(opened.handle, HandleType.ADAPTER)
 
 

@@ -31,8 +31,19 @@ class HostConfig:
     max_partition_bytes: int = 256 << 20
     # What one process of a guest may hold of that: objects, and bytes of memory. A guest
     # bounds its users' shares too (dxg.guest.quota); these hold even for a guest that does not.
-    max_objects_per_process: int = 1 << 14
+    max_objects_per_process: int = 1 << 15
     max_process_bytes: int = 64 << 20
+    # Device memory (dxg.host.memory). Allocations up to arena_max_allocation bytes are carved
+    # from per-process arenas (the first arena_min_bytes, each next one twice the largest, up to
+    # arena_max_bytes); larger ones get a shared-memory block of their own. A process may hold
+    # max_blocks_per_process blocks (arenas, dedicated blocks, fence blocks: one descriptor each
+    # on the host) and, per adapter, max_va_entries GPU VA reservations and mappings together
+    # (each also charged VA_ENTRY_BYTES against the memory budget above).
+    arena_max_allocation: int = 1 << 20
+    arena_min_bytes: int = 4 << 20
+    arena_max_bytes: int = 64 << 20
+    max_blocks_per_process: int = 1024
+    max_va_entries: int = 1 << 16
     max_guests: int = 64  # guests connected at once; further connections are refused
     # A guest must complete the bus handshake (an accepted HELLO) this many seconds after it
     # connects, or it is dropped with its partition.
@@ -94,6 +105,13 @@ class HostConfig:
             raise ValueError("need max_message_bytes < max_send_buffer <= max_total_send_buffer")
         if self.max_region_bytes < 1:
             raise ValueError("max_region_bytes must be positive")
+        page = 4096
+        if not (0 < self.arena_max_allocation <= self.arena_min_bytes <= self.arena_max_bytes
+                and self.arena_min_bytes % page == 0 and self.arena_max_bytes % page == 0):
+            raise ValueError("need 0 < arena_max_allocation <= arena_min_bytes <= "
+                             "arena_max_bytes, the arena sizes whole pages")
+        if self.max_blocks_per_process < 1 or self.max_va_entries < 1:
+            raise ValueError("max_blocks_per_process and max_va_entries must be positive")
 
 
 @dataclass(frozen=True, slots=True)

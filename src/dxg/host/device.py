@@ -20,7 +20,9 @@ from dxg.uapi.structs import (
 
 if TYPE_CHECKING:
     from dxg.host.adapter import HostAdapter
+    from dxg.host.allocation import Allocation, Resource
     from dxg.host.context import HostContext
+    from dxg.host.pagingqueue import PagingQueue
     from dxg.host.partition import Partition
     from dxg.host.process import HostProcess
 
@@ -52,6 +54,11 @@ class HostDevice:
     error_code: int
     execution_state: int = EXECUTION_ACTIVE
     contexts: dict[int, HostContext] = field(default_factory=dict)
+    # Device memory (dxg.host.allocation): every allocation (a resource's too), the resources,
+    # the paging queues.
+    allocations: dict[int, Allocation] = field(default_factory=dict)
+    resources: dict[int, Resource] = field(default_factory=dict)
+    paging_queues: dict[int, PagingQueue] = field(default_factory=dict)
     flushes: int = 0
     # Backend work in flight for this device: set each event to cut it short.
     jobs: set[threading.Event] = field(default_factory=set)
@@ -63,17 +70,23 @@ class HostDevice:
             "flags": self.flags,
             "execution_state": self.execution_state,
             "contexts": [c.census() for c in self.contexts.values()],
+            "allocations": len(self.allocations),
+            "resources": len(self.resources),
+            "paging_queues": [q.census() for q in self.paging_queues.values()],
         }
 
 
 def drop_device(p: Partition, device: HostDevice) -> None:
-    """The device goes, with its contexts; work it has in flight is told to stop."""
+    """The device goes, with its contexts, paging queues, resources and allocations; work it
+    has in flight is told to stop."""
+    from dxg.host.allocation import drop_device_memory
     from dxg.host.context import drop_context
 
     for job in list(device.jobs):
         job.set()
     for context in list(device.contexts.values()):
         drop_context(p, context)
+    drop_device_memory(p, device)
     device.process.devices.pop(device.handle, None)
     p.free(device.handle, HandleType.DEVICE, device.process)
 

@@ -28,10 +28,14 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from dxg.host import adapter as adapter_mod
+from dxg.host import allocation as allocation_mod
 from dxg.host import context as context_mod
 from dxg.host import device as device_mod
 from dxg.host import escape as escape_mod
+from dxg.host import pagingqueue as pagingqueue_mod
 from dxg.host import process as process_mod
+from dxg.host import residency as residency_mod
+from dxg.host import vaspace as vaspace_mod
 from dxg.host.call import Call, CommandFailed, Handler
 from dxg.oslib.fds import close_all
 from dxg.protocol.commands import GlobalCommand, VgpuCommand
@@ -52,7 +56,8 @@ log = logging.getLogger(__name__)
 
 # Teardown commands still run on a removed adapter, so a guest can always release what it holds.
 _TEARDOWN = frozenset({VgpuCommand.DESTROYDEVICE, VgpuCommand.DESTROYCONTEXT,
-                       VgpuCommand.CLOSEADAPTER})
+                       VgpuCommand.CLOSEADAPTER, VgpuCommand.DESTROYALLOCATION,
+                       VgpuCommand.DESTROYPAGINGQUEUE})
 
 
 def _merge(*tables: Mapping[Any, Handler]) -> MappingProxyType[Any, Handler]:
@@ -70,7 +75,8 @@ def _merge(*tables: Mapping[Any, Handler]) -> MappingProxyType[Any, Handler]:
 # Every command the host serves, from the module of the object kind it acts on; the partition
 # module adds the VM-level ones (SETIOSPACEREGION, the census).
 OBJECT_HANDLERS = _merge(adapter_mod.HANDLERS, process_mod.HANDLERS, device_mod.HANDLERS,
-                         context_mod.HANDLERS, escape_mod.HANDLERS)
+                         context_mod.HANDLERS, escape_mod.HANDLERS, allocation_mod.HANDLERS,
+                         residency_mod.HANDLERS, vaspace_mod.HANDLERS, pagingqueue_mod.HANDLERS)
 
 
 def _discard(result: Any) -> None:

@@ -67,6 +67,10 @@ OBJECT_BYTES: Mapping[HandleType, int] = MappingProxyType({
     HandleType.PROCESS: 2048,
     HandleType.DEVICE: 512,
     HandleType.CONTEXT: 512,
+    HandleType.ALLOCATION: 256,
+    HandleType.RESOURCE: 256,
+    HandleType.PAGINGQUEUE: 512,
+    HandleType.MONITOREDFENCE: 128,
 })
 
 
@@ -393,10 +397,15 @@ class Partition:
                 "vgpu": sorted(self.vgpu_channels),
             },
             "adapters": [
-                {"index": o.adapter.index, "handle": o.handle, "opens": o.opens}
+                {"index": o.adapter.index, "handle": o.handle, "opens": o.opens,
+                 "memory": o.adapter.segments.census()}
                 for o in self.opens.values()
             ],
             "processes": processes,
+            # Device memory of all its processes (host-wide segment use: "adapters").
+            "memory": {key: sum(p[key] for p in processes)
+                       for key in ("allocations", "resources", "paging_queues", "blocks",
+                                   "block_bytes")},
             "totals": {
                 "processes": len(processes),
                 "devices": sum(p["device_count"] for p in processes),

@@ -1,7 +1,8 @@
 """Host processes: one per CREATEPROCESS, the owner of everything a guest process creates.
 
 Also where a process's life ends on the host: DESTROYPROCESS (or the guest going away) drops its
-devices (and their contexts), its escape regions, and cancels the backend work it has in flight.
+devices (and their contexts, allocations and paging queues), its GPU VA spaces and memory blocks,
+its escape regions, and cancels the backend work it has in flight.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from dxg.host.call import Call, Handler
+from dxg.host.memory import ProcessMemory
 from dxg.protocol import messages as m
 from dxg.protocol.commands import GlobalCommand
 from dxg.uapi.handles import HandleType
@@ -38,6 +40,8 @@ class HostProcess:
     job_slots: asyncio.Semaphore
     devices: dict[int, HostDevice] = field(default_factory=dict)
     regions: dict[int, Region] = field(default_factory=dict)  # pydxg escape regions
+    # Its device memory: blocks, usage per adapter, GPU VA spaces (dxg.host.memory).
+    memory: ProcessMemory = field(default_factory=ProcessMemory)
     # Backend work in flight for this process: set each event to cut it short.
     jobs: set[threading.Event] = field(default_factory=set)
     running: int = 0  # of those jobs, the ones on a worker thread now
@@ -52,6 +56,7 @@ class HostProcess:
         return sum(len(d.contexts) for d in self.devices.values())
 
     def census(self) -> dict[str, Any]:
+        devices = self.devices.values()
         return {
             "handle": self.handle,
             "pid": self.pid,
@@ -65,6 +70,11 @@ class HostProcess:
             "jobs": len(self.jobs),
             "running_jobs": self.running,
             "pending_calls": self.pending,
+            **self.memory.census(),  # memory (per adapter), blocks, block_bytes
+            "allocations": sum(len(d.allocations) for d in devices),
+            "resources": sum(len(d.resources) for d in devices),
+            "paging_queues": sum(len(d.paging_queues) for d in devices),
+            "gpu_va": [v.census() for v in self.memory.vaspaces.values()],
         }
 
 
@@ -73,12 +83,16 @@ def drop_process(p: Partition, process: HostProcess) -> None:
     requests still waiting to run find it gone (`alive`)."""
     from dxg.host.device import drop_device
     from dxg.host.escape import drop_region
+    from dxg.host.vaspace import drop_vaspace
 
     process.alive = False
     for job in list(process.jobs):
         job.set()
     for device in list(process.devices.values()):
         drop_device(p, device)
+    for adapter_index in list(process.memory.vaspaces):
+        drop_vaspace(p, process, adapter_index)
+    process.memory.drop()
     for region in list(process.regions.values()):
         drop_region(p, process, region)
     p.processes.pop(process.handle, None)

@@ -293,6 +293,12 @@ class _NullMemory:
         os.close(fd)
         raise UserMemoryFault(self.why)
 
+    def map_block(self, block: int, block_size: int, offset: int, where: int,
+                  fd: int | None = None, readonly: bool = False, in_struct: bool = True) -> None:
+        if fd is not None:
+            os.close(fd)
+        raise UserMemoryFault(self.why)
+
     def alive(self) -> bool:
         return True
 

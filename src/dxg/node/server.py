@@ -618,8 +618,10 @@ class _Conn:
             fds, fixups = mem.reply_fds()
             if ret < 0:
                 fds, fixups = [], ()
+            maps, map_fds = mem.reply_maps()  # (these go whatever ret: the driver's state says so)
             try:
-                self.send(wire.IoctlReply(ret, bytes(out), mem.writes(), fixups), seq, fds)
+                self.send(wire.IoctlReply(ret, bytes(out), mem.writes(), fixups, maps), seq,
+                          fds + map_fds)
             except OSError as e:
                 # the reply's descriptors could not be kept for the client (out of
                 # descriptors): it gets -EMFILE, as from a kernel that cannot install them

@@ -31,7 +31,20 @@ from collections.abc import Iterable, Sequence
 
 from dxg.oslib.fds import close_all
 from dxg.oslib.procmem import UserMemoryFault
-from dxg.uapi.wire import FD_IN_USER, MAX_FDS, FdFixup, Region, Write
+from dxg.uapi.wire import (
+    FD_IN_STRUCT,
+    FD_IN_USER,
+    MAP,
+    MAP_READONLY,
+    MAP_WITH_FD,
+    MAX_FDS,
+    MAX_MAPS,
+    UNMAP,
+    BlockMap,
+    FdFixup,
+    Region,
+    Write,
+)
 
 __all__ = ["RegionUserMemory"]
 
@@ -120,6 +133,8 @@ class RegionUserMemory:
                  fd_numbers: Sequence[int] = ()) -> None:
         self._out: list[int] = []
         self._fixups: list[FdFixup] = []
+        self._maps: list[BlockMap] = []
+        self._map_fds: list[int] = []
         if not regions and not fds and not fd_numbers:  # a bare struct: nothing to index
             self._regions: list[_Backing] = []
             self._starts: list[int] = []
@@ -188,6 +203,42 @@ class RegionUserMemory:
             return [], ()
         return list(self._out), tuple(self._fixups)
 
+    # ---- block maps -----------------------------------------------------------------------------
+
+    def map_block(self, block: int, block_size: int, offset: int, where: int,
+                  fd: int | None = None, readonly: bool = False, in_struct: bool = True) -> None:
+        """Map ``block`` into the caller (with ``fd`` the first time; the accessor owns it from
+        here) and store the address of its byte ``offset`` at ``where`` (a struct offset, or a
+        user address in a writable region)."""
+        try:
+            if not in_struct:
+                b = self._find(where, 8, "address slot")
+                if not b.writable:
+                    raise UserMemoryFault(f"user buffer at 0x{b.addr:x} is not writable")
+            if len(self._maps) >= MAX_MAPS or (
+                    fd is not None and len(self._out) + len(self._map_fds) >= MAX_FDS):
+                raise UserMemoryFault("too many maps in one reply")
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        flags = (MAP_WITH_FD if fd is not None else 0) | (MAP_READONLY if readonly else 0)
+        self._maps.append(BlockMap(MAP, block, block_size, offset, where,
+                                   FD_IN_STRUCT if in_struct else FD_IN_USER, flags))
+        if fd is not None:
+            self._map_fds.append(fd)
+
+    def unmap_block(self, block: int) -> bool:
+        """Tell the caller ``block`` is gone; False when this reply has no room left."""
+        if len(self._maps) >= MAX_MAPS:
+            return False
+        self._maps.append(BlockMap(UNMAP, block, 0, 0, 0, FD_IN_STRUCT, 0, 0))
+        return True
+
+    def reply_maps(self) -> tuple[tuple[BlockMap, ...], list[int]]:
+        """The block maps for the reply and the descriptors of those that bring one."""
+        return tuple(self._maps), list(self._map_fds)
+
     def close(self) -> None:
         """Close every descriptor the accessor still holds (closing again does nothing)."""
         if self._in:
@@ -197,6 +248,10 @@ class RegionUserMemory:
             close_all(self._out)
             self._out.clear()
         self._fixups.clear()
+        if self._map_fds:
+            close_all(self._map_fds)
+            self._map_fds.clear()
+        self._maps.clear()
 
     def writes(self) -> tuple[Write, ...]:
         """What the driver stored, as one write per touched region (in address order)."""

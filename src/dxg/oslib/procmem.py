@@ -182,9 +182,16 @@ class ProcessVmUserMemory:
         os.close(fd)
         raise FrontEndLimit("returning a file descriptor to the caller")
 
-    def map_into_caller(self, fd: int, offset: int, size: int) -> int:
-        """Map ``size`` bytes of ``fd`` into the caller (Lock2, fence pages): impossible here."""
+    def map_block(self, block: int, block_size: int, offset: int, where: int,
+                  fd: int | None = None, readonly: bool = False, in_struct: bool = True) -> None:
+        """Map shared memory into the caller (Lock2, fence pages): impossible from here (a
+        file cannot change another process's address space). ``fd`` is closed."""
+        if fd is not None:
+            os.close(fd)
         raise FrontEndLimit("mapping memory into the caller")
+
+    def unmap_block(self, block: int) -> bool:
+        return True  # nothing was ever mapped into this caller
 
 
 class PinnedProcessMemory(ProcessVmUserMemory):

@@ -415,6 +415,264 @@ class JsonReply:
         return cls(body)
 
 
+# ---- device memory (pydxg layouts: docs/memory.md) ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IoctlArgs:
+    """The body of most memory commands: the ioctl's struct as the caller passed it, with every
+    guest handle replaced by the host's and every user pointer zeroed, then the array(s) the
+    struct points at, concatenated in the struct's field order (handles as host handles)."""
+
+    args: bytes
+    extra: bytes = b""
+    _S: ClassVar[struct.Struct] = struct.Struct("<II")
+
+    def pack(self) -> bytes:
+        return self._S.pack(len(self.args), len(self.extra)) + self.args + self.extra
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "IoctlArgs":
+        _atleast(body, cls._S.size, "IoctlArgs")
+        n, extra = cls._S.unpack_from(body)
+        _exact(body, cls._S.size + n + extra, "IoctlArgs")
+        at = cls._S.size + n
+        return cls(body[cls._S.size : at], body[at:])
+
+
+@dataclass(frozen=True, slots=True)
+class IoctlArgsReturn:
+    """The reply of an IoctlArgs command: an NTSTATUS, the struct after the call (same size as
+    sent) and what the call returns beside it (output arrays, block references)."""
+
+    status: int
+    args: bytes
+    extra: bytes = b""
+    _S: ClassVar[struct.Struct] = struct.Struct("<III")
+
+    def pack(self) -> bytes:
+        return self._S.pack(self.status, len(self.args), len(self.extra)) + self.args + self.extra
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "IoctlArgsReturn":
+        _atleast(body, cls._S.size, "IoctlArgsReturn")
+        status, n, extra = cls._S.unpack_from(body)
+        _exact(body, cls._S.size + n + extra, "IoctlArgsReturn")
+        at = cls._S.size + n
+        return cls(status, body[cls._S.size : at], body[at:])
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRef(_Fixed):
+    """Where host memory is: ``offset`` bytes into the host's block ``block`` (a shared memory
+    object of ``block_size`` bytes, never reused within a process)."""
+
+    block: int
+    block_size: int
+    offset: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<QQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class NewAllocation:
+    """One allocation in a request: flags and priority of its d3dddi_allocationinfo2, and its
+    private driver data."""
+
+    flags: int
+    priority: int
+    priv_drv_data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CreateAllocation:
+    """CREATEALLOCATION: device u32, resource u32 (host handle of a resource to add to; 0 =
+    none), flags u32 (d3dkmt_createallocationflags), alloc_count u32, standard_size u64 (the heap
+    size of a standard EXISTINGHEAP allocation; 0 otherwise), runtime data size u32, global
+    private data size u32, the runtime data, the global private data, then alloc_count x
+    {flags u32, priority u32, private data size u32, reserved u32}, then each allocation's
+    private data."""
+
+    device: int
+    resource: int
+    flags: int
+    standard_size: int
+    runtime_data: bytes
+    priv_drv_data: bytes
+    allocations: tuple[NewAllocation, ...]
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIIIQII")
+    _A: ClassVar[struct.Struct] = struct.Struct("<IIII")
+
+    def pack(self) -> bytes:
+        parts = [self._S.pack(self.device, self.resource, self.flags, len(self.allocations),
+                              self.standard_size, len(self.runtime_data),
+                              len(self.priv_drv_data)), self.runtime_data, self.priv_drv_data]
+        parts += [self._A.pack(a.flags, a.priority, len(a.priv_drv_data), 0)
+                  for a in self.allocations]
+        parts += [a.priv_drv_data for a in self.allocations]
+        return b"".join(parts)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "CreateAllocation":
+        _atleast(body, cls._S.size, "CreateAllocation")
+        device, resource, flags, count, standard, nrt, npriv = cls._S.unpack_from(body)
+        at = cls._S.size
+        need = at + nrt + npriv + count * cls._A.size
+        _atleast(body, need, "CreateAllocation")
+        runtime = body[at : at + nrt]
+        at += nrt
+        priv = body[at : at + npriv]
+        at += npriv
+        heads = [cls._A.unpack_from(body, at + i * cls._A.size) for i in range(count)]
+        at += count * cls._A.size
+        _exact(body, at + sum(h[2] for h in heads), "CreateAllocation")
+        allocs = []
+        for aflags, priority, size, reserved in heads:
+            if reserved:
+                raise ProtocolError("CreateAllocation: reserved field set")
+            allocs.append(NewAllocation(aflags, priority, body[at : at + size]))
+            at += size
+        return cls(device, resource, flags, standard, runtime, priv, tuple(allocs))
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationInfo:
+    """One allocation the host made: its handle, segment group, ALLOC_* flags, where its memory
+    is (block, offset), its size in bytes (whole pages) and its private data after the call."""
+
+    handle: int
+    group: int
+    flags: int
+    block: int
+    block_size: int
+    offset: int
+    size: int
+    priv_drv_data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CreateAllocationReturn:
+    """CREATEALLOCATION's reply: status u32, resource u32, alloc_count u32, reserved u32, then
+    alloc_count x {handle u32, group u32, flags u32, private data size u32, block u64, block size
+    u64, offset u64, size u64}, then each allocation's private data."""
+
+    status: int
+    resource: int
+    allocations: tuple[AllocationInfo, ...] = ()
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIII")
+    _A: ClassVar[struct.Struct] = struct.Struct("<IIIIQQQQ")
+
+    def pack(self) -> bytes:
+        parts = [self._S.pack(self.status, self.resource, len(self.allocations), 0)]
+        parts += [self._A.pack(a.handle, a.group, a.flags, len(a.priv_drv_data), a.block,
+                               a.block_size, a.offset, a.size) for a in self.allocations]
+        parts += [a.priv_drv_data for a in self.allocations]
+        return b"".join(parts)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "CreateAllocationReturn":
+        _atleast(body, cls._S.size, "CreateAllocationReturn")
+        status, resource, count, _ = cls._S.unpack_from(body)
+        at = cls._S.size
+        _atleast(body, at + count * cls._A.size, "CreateAllocationReturn")
+        heads = [cls._A.unpack_from(body, at + i * cls._A.size) for i in range(count)]
+        at += count * cls._A.size
+        _exact(body, at + sum(h[3] for h in heads), "CreateAllocationReturn")
+        out = []
+        for handle, group, flags, size, block, block_size, offset, nbytes in heads:
+            out.append(AllocationInfo(handle, group, flags, block, block_size, offset, nbytes,
+                                      body[at : at + size]))
+            at += size
+        return cls(status, resource, tuple(out))
+
+
+@dataclass(frozen=True, slots=True)
+class DestroyAllocation:
+    """DESTROYALLOCATION: device u32, resource u32 (host handle; 0 = none), flags u32
+    (d3dddicb_destroyallocation2flags), count u32, then count x allocation handle u32."""
+
+    device: int
+    resource: int
+    flags: int
+    allocations: tuple[int, ...]
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIII")
+
+    def pack(self) -> bytes:
+        n = len(self.allocations)
+        return self._S.pack(self.device, self.resource, self.flags, n) + struct.pack(
+            f"<{n}I", *self.allocations)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "DestroyAllocation":
+        _atleast(body, cls._S.size, "DestroyAllocation")
+        device, resource, flags, n = cls._S.unpack_from(body)
+        _exact(body, cls._S.size + 4 * n, "DestroyAllocation")
+        return cls(device, resource, flags, struct.unpack_from(f"<{n}I", body, cls._S.size))
+
+
+LOCK2_FD = 1  # send the descriptor of the allocation's block (a local link)
+LOCK2_COPY = 2  # send the bytes offset..offset+length of the allocation (a link without fds)
+
+
+@dataclass(frozen=True, slots=True)
+class Lock2(_Fixed):
+    """LOCK2: device u32, allocation u32, lock flags u32, mode u32 (LOCK2_FD | LOCK2_COPY), then
+    offset u64 and length u64 inside the allocation (for LOCK2_COPY)."""
+
+    device: int
+    allocation: int
+    flags: int
+    mode: int
+    offset: int
+    length: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIIIQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class Lock2Return:
+    """LOCK2's reply: status u32, reserved u32, where the allocation is (a BlockRef: block,
+    block size, offset), its size u64, then the bytes asked for with LOCK2_COPY. With LOCK2_FD
+    the block's descriptor travels beside it."""
+
+    status: int
+    block: int = 0
+    block_size: int = 0
+    offset: int = 0
+    size: int = 0
+    data: bytes = b""
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIQQQQ")
+
+    def pack(self) -> bytes:
+        return self._S.pack(self.status, 0, self.block, self.block_size, self.offset,
+                            self.size) + self.data
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "Lock2Return":
+        _atleast(body, cls._S.size, "Lock2Return")
+        status, _, block, block_size, offset, size = cls._S.unpack_from(body)
+        return cls(status, block, block_size, offset, size, body[cls._S.size :])
+
+
+@dataclass(frozen=True, slots=True)
+class Unlock2:
+    """UNLOCK2 (links without descriptors): device u32, allocation u32, offset u64 inside the
+    allocation, then the bytes to write back there (none: nothing to write)."""
+
+    device: int
+    allocation: int
+    offset: int
+    data: bytes = b""
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIQ")
+
+    def pack(self) -> bytes:
+        return self._S.pack(self.device, self.allocation, self.offset) + self.data
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "Unlock2":
+        _atleast(body, cls._S.size, "Unlock2")
+        device, allocation, offset = cls._S.unpack_from(body)
+        return cls(device, allocation, offset, body[cls._S.size :])
+
+
 # ---- host -> VM notifications ----------------------------------------------------------------
 
 

@@ -100,6 +100,22 @@ def _fail_clock(status: int, body: bytes) -> bytes:
                                          bytes(m.GPUCLOCKDATA_SIZE)).pack()
 
 
+def _fail_create_allocation(status: int, body: bytes) -> bytes:
+    return m.CreateAllocationReturn(int(status) & 0xFFFFFFFF, 0).pack()
+
+
+def _fail_lock2(status: int, body: bytes) -> bytes:
+    return m.Lock2Return(int(status) & 0xFFFFFFFF).pack()
+
+
+def _fail_ioctl_args(status: int, body: bytes) -> bytes:
+    try:
+        args = m.IoctlArgs.unpack(body).args
+    except ProtocolError:
+        return fail_status(status, body)
+    return m.IoctlArgsReturn(int(status) & 0xFFFFFFFF, args).pack()
+
+
 # ---- the table -------------------------------------------------------------------------------
 
 
@@ -173,6 +189,43 @@ _SPECS = (
        note="adapter, device, type, flags, priv size, context u32, attachment size u64, "
             "priv data, attachment; echoed with the priv data overwritten (the attachment: a "
             "region copied where no descriptor can go)"),
+)
+
+_MEMORY_NOTE = "IoctlArgs: the ioctl struct (host handles, no pointers) + its arrays"
+
+
+def _mem(command: VgpuCommand, note: str = _MEMORY_NOTE, **kw: Any) -> CommandSpec:
+    """A memory command in the IoctlArgs layout (dxg.protocol.messages.IoctlArgs)."""
+    return CommandSpec(command, m.IoctlArgs, m.IoctlArgsReturn, _fail_ioctl_args, Route.VGPU,
+                       note=note, **kw)
+
+
+_SPECS += (
+    _v(V.CREATEALLOCATION, m.CreateAllocation, m.CreateAllocationReturn,
+       _fail_create_allocation, note="allocations and where their memory is (block, offset)"),
+    _v(V.DESTROYALLOCATION, m.DestroyAllocation, m.NtStatusReturn, fail_status),
+    _v(V.LOCK2, m.Lock2, m.Lock2Return, _fail_lock2, large=True, fds=True,
+       note="the block's descriptor (LOCK2_FD) or the bytes (LOCK2_COPY)"),
+    _v(V.UNLOCK2, m.Unlock2, m.NtStatusReturn, fail_status, large=True,
+       note="write-back of a copy (links without descriptors)"),
+    _mem(V.RESERVEGPUVIRTUALADDRESS),
+    _mem(V.MAPGPUVIRTUALADDRESS),
+    _mem(V.FREEGPUVIRTUALADDRESS),
+    _mem(V.UPDATEGPUVIRTUALADDRESS),
+    _mem(V.CREATEPAGINGQUEUE, fds=True,
+         note="IoctlArgs; the reply's extra is the fence's BlockRef, its descriptor beside it"),
+    _mem(V.DESTROYPAGINGQUEUE),
+    _mem(V.MAKERESIDENT),
+    _mem(V.EVICT),
+    _mem(V.QUERYALLOCATIONRESIDENCY),
+    _mem(V.SETALLOCATIONPRIORITY),
+    _mem(V.GETALLOCATIONPRIORITY),
+    _mem(V.OFFERALLOCATIONS),
+    _mem(V.RECLAIMALLOCATIONS),
+    _mem(V.UPDATEALLOCATIONPROPERTY),
+    _mem(V.FLUSHHEAPTRANSITIONS),
+    _mem(V.QUERYVIDEOMEMORYINFO),
+    _mem(V.CHANGEVIDEOMEMORYRESERVATION),
 )
 
 COMMANDS: MappingProxyType[Command, CommandSpec] = MappingProxyType(

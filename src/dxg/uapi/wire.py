@@ -6,7 +6,7 @@ as an open ``/dev/dxg`` file is in the kernel. This module knows nothing of sock
 into a message, and :func:`encode` does the reverse. Anyone can test it with bytes alone. It lives
 in the contract layer because the client and the node both speak it.
 
-Wire version 2. All integers little-endian.
+Wire version 3 (2 plus block maps in IOCTL_REPLY). All integers little-endian.
 
 Frame (every message)::
 
@@ -74,12 +74,17 @@ Kinds and payloads:
     i64 ret           0, a positive NTSTATUS success code, or a negative errno
     u32 struct_len    the struct after the call (same length as sent)
     u32 write_count
-    u32 fd_count      descriptors the driver hands to the caller (must equal the frame's bits)
-    u32 reserved      0
+    u32 fd_count      descriptor fixups (below)
+    u32 map_count     block maps (below), at most MAX_MAPS
     struct bytes
     write_count x { u64 addr, u32 length, u32 reserved (0) }
     fd_count x { u8 target, u8 width, u16 reserved, u32 reserved, u64 where }
+    map_count x { u8 op, u8 target, u8 flags, u8 width, u32 reserved (0),
+                  u64 block, u64 block_size, u64 offset, u64 where }
     the data of each write, in table order, concatenated
+
+    The frame carries fd_count descriptors for the fixups, then one for each MAP entry with
+    MAP_WITH_FD, in table order.
 
     Writes are what the driver stored into user memory: at most one per OUT region of the
     request, covering the span from the first to the last byte the driver wrote there. Inside
@@ -92,6 +97,17 @@ Kinds and payloads:
     ``where`` of the struct, FD_IN_USER (1) at user address ``where`` (inside an OUT region of
     the request), as a ``width``-byte (4 or 8) little-endian integer. The client applies these
     last. The descriptors are the caller's from then on.
+
+    Block maps put shared memory into the caller, the way the kernel maps pages into it: a
+    *block* is a shared memory object of ``block_size`` bytes that the node names by a number
+    unique within the connection (never reused). ``MAP`` (1): the caller maps the block (it
+    arrives as a descriptor with MAP_WITH_FD (1), the first time; later maps of the same block
+    reuse the caller's mapping), read-only with MAP_READONLY (2), and stores the address of byte
+    ``offset`` of it as a ``width``-byte (8) integer at ``where`` (target as for descriptors).
+    ``UNMAP`` (2): the block is gone; the caller unmaps it (target, flags, width, offset and
+    where are 0). The client handles the maps of every reply it reads, even one to a request
+    it gave up on, in the order the replies arrive, before anything else of the reply, so a
+    later reply can name a block an earlier one brought.
 
 ``ADMIN`` (5, client -> node): one JSON object, UTF-8.
 
@@ -130,9 +146,13 @@ __all__ = [
     "FLAG_MORE",
     "HEADER_SIZE",
     "MAGIC",
+    "MAP",
+    "MAP_READONLY",
+    "MAP_WITH_FD",
     "MAX_ERROR_TEXT",
     "MAX_FDS",
     "MAX_HELLO_PAYLOAD",
+    "MAX_MAPS",
     "MAX_NODE_NAME",
     "MAX_PAYLOAD",
     "MAX_REGIONS",
@@ -141,8 +161,10 @@ __all__ = [
     "MIN_WIRE_VERSION",
     "REGION_IN",
     "REGION_OUT",
+    "UNMAP",
     "AdminReply",
     "AdminRequest",
+    "BlockMap",
     "Cancel",
     "ErrorReply",
     "FdFixup",
@@ -166,12 +188,13 @@ __all__ = [
 ]
 
 MAGIC = 0x4E475844
-MIN_WIRE_VERSION = 2
-MAX_WIRE_VERSION = 2
+MIN_WIRE_VERSION = 3
+MAX_WIRE_VERSION = 3
 MAX_PAYLOAD = 4 * 1024 * 1024
 MAX_HELLO_PAYLOAD = 64  # what a node reads before the handshake (a HELLO is 8 bytes)
 MAX_REGIONS = 4096
 MAX_FDS = 16  # descriptors one frame may carry
+MAX_MAPS = 1024  # block maps one reply may carry
 MAX_STRUCT = 0x3FFF  # _IOC_SIZE is 14 bits wide
 MAX_ERROR_TEXT = 1024
 MAX_NODE_NAME = 256
@@ -180,6 +203,11 @@ REGION_IN = 1
 REGION_OUT = 2
 FD_IN_STRUCT = 0
 FD_IN_USER = 1
+MAP = 1
+UNMAP = 2
+MAP_WITH_FD = 1
+MAP_READONLY = 2
+_MAP_FLAGS = MAP_WITH_FD | MAP_READONLY
 FLAG_FD_MASK = 0xFF
 FLAG_MORE = 0x100
 _KNOWN_FLAGS = FLAG_FD_MASK | FLAG_MORE
@@ -197,6 +225,7 @@ _FD_NUMBER = struct.Struct("<iI")
 _REPLY = struct.Struct("<qIIII")
 _WRITE = struct.Struct("<QII")
 _FIXUP = struct.Struct("<BBHIQ")
+_MAP_ENTRY = struct.Struct("<BBBBIQQQQ")
 _ERROR = struct.Struct("<iI")
 # A whole frame's header and its IOCTL / IOCTL_REPLY head in one pack (the common frames).
 _IOCTL_FRAME = struct.Struct("<IHHIIIIII")
@@ -319,11 +348,34 @@ class FdFixup:
 
 
 @dataclass(frozen=True, slots=True)
+class BlockMap:
+    """Map a block into the caller (MAP) or unmap it (UNMAP); see IOCTL_REPLY."""
+
+    op: int  # MAP or UNMAP
+    block: int
+    block_size: int = 0
+    offset: int = 0
+    where: int = 0
+    target: int = FD_IN_STRUCT
+    flags: int = 0  # MAP_WITH_FD, MAP_READONLY
+    width: int = 8
+
+    @property
+    def with_fd(self) -> bool:
+        return bool(self.flags & MAP_WITH_FD)
+
+
+@dataclass(frozen=True, slots=True)
 class IoctlReply:
     ret: int
     struct: bytes
     writes: tuple[Write, ...] = ()
-    fixups: tuple[FdFixup, ...] = ()  # one per descriptor that travels with the reply
+    fixups: tuple[FdFixup, ...] = ()  # one per descriptor fixup
+    maps: tuple[BlockMap, ...] = ()  # the MAPs with MAP_WITH_FD bring one descriptor each
+
+    @property
+    def fd_count(self) -> int:
+        return len(self.fixups) + sum(1 for m in self.maps if m.flags & MAP_WITH_FD)
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,6 +555,26 @@ def _check_fixups(fixups: tuple[FdFixup, ...]) -> None:
             raise ValueError(f"bad descriptor fixup place 0x{f.where:x}")
 
 
+def _check_maps(maps: tuple[BlockMap, ...], struct_len: int) -> None:
+    if len(maps) > MAX_MAPS:
+        raise ValueError(f"{len(maps)} block maps exceed MAX_MAPS ({MAX_MAPS})")
+    for b in maps:
+        if not _map_ok(b.op, b.target, b.flags, b.width, b.block, b.block_size, b.offset,
+                       b.where, struct_len):
+            raise ValueError(f"bad block map {b}")
+
+
+def _map_ok(op: int, target: int, flags: int, width: int, block: int, size: int, offset: int,
+            where: int, struct_len: int) -> bool:
+    if op == UNMAP:
+        return not (target or flags or width or size or offset or where)
+    if op != MAP or flags & ~_MAP_FLAGS or width != 8 or size <= 0 or offset >= size:
+        return False
+    if target == FD_IN_STRUCT:
+        return where + width <= struct_len
+    return target == FD_IN_USER and 0 < where and where + width <= _U64_END
+
+
 def _encode_payload(msg: Message) -> tuple[Kind, bytes, int]:
     """(kind, payload, fd count) of ``msg``."""
     if isinstance(msg, IoctlRequest):
@@ -527,12 +599,17 @@ def _encode_payload(msg: Message) -> tuple[Kind, bytes, int]:
             if w.addr <= 0 or not w.data or w.addr + len(w.data) > _U64_END:
                 raise ValueError(f"bad write 0x{w.addr:x}+{len(w.data)}")
         _check_fixups(msg.fixups)
-        parts = [_REPLY.pack(msg.ret, len(msg.struct), len(msg.writes), len(msg.fixups), 0),
-                 msg.struct]
+        _check_maps(msg.maps, len(msg.struct))
+        if msg.fd_count > MAX_FDS:
+            raise ValueError(f"{msg.fd_count} descriptors exceed MAX_FDS ({MAX_FDS})")
+        parts = [_REPLY.pack(msg.ret, len(msg.struct), len(msg.writes), len(msg.fixups),
+                             len(msg.maps)), msg.struct]
         parts += [_WRITE.pack(w.addr, len(w.data), 0) for w in msg.writes]
         parts += [_FIXUP.pack(f.target, f.width, 0, 0, f.where) for f in msg.fixups]
+        parts += [_MAP_ENTRY.pack(b.op, b.target, b.flags, b.width, 0, b.block, b.block_size,
+                                  b.offset, b.where) for b in msg.maps]
         parts += [w.data for w in msg.writes]
-        return Kind.IOCTL_REPLY, b"".join(parts), len(msg.fixups)
+        return Kind.IOCTL_REPLY, b"".join(parts), msg.fd_count
     if isinstance(msg, Hello):
         return Kind.HELLO, _HELLO.pack(msg.min_version, msg.max_version, 0), 0
     if isinstance(msg, HelloReply):
@@ -562,7 +639,7 @@ def encode(msg: Message, seq: int) -> bytes:
     rule of the wire (the encoder never emits what :func:`decode` would reject). An ADMIN_REPLY
     larger than one frame must go through :func:`admin_reply_frames`."""
     # The common frames (a bare struct, no tables) in one pack: the same bytes as below.
-    if type(msg) is IoctlReply and not msg.writes and not msg.fixups:
+    if type(msg) is IoctlReply and not msg.writes and not msg.fixups and not msg.maps:
         n = len(msg.struct)
         if n > MAX_STRUCT:
             raise ValueError("struct too large")
@@ -686,17 +763,18 @@ def _decode_ioctl_reply(p: bytes) -> IoctlReply:
     n = len(p)
     if n < _REPLY.size:
         raise _bad("IOCTL_REPLY payload shorter than its header")
-    ret, struct_len, count, nfds, reserved = _REPLY.unpack_from(p)
-    if reserved:
-        raise _bad("IOCTL_REPLY reserved field is not zero")
+    ret, struct_len, count, nfds, nmaps = _REPLY.unpack_from(p)
     _check_tables(struct_len, count, "writes", nfds)
+    if nmaps > MAX_MAPS:
+        raise _bad(f"{nmaps} block maps exceed the limit of {MAX_MAPS}", errno.E2BIG)
     table = _REPLY.size + struct_len
     fixups_at = table + _WRITE.size * count
-    data_at = fixups_at + _FIXUP.size * nfds
+    maps_at = fixups_at + _FIXUP.size * nfds
+    data_at = maps_at + _MAP_ENTRY.size * nmaps
     if data_at > n:
         raise _bad("IOCTL_REPLY payload truncated before the end of its tables")
     body = p[_REPLY.size : table]
-    if not count and not nfds:  # a bare struct: no tables to walk
+    if not count and not nfds and not nmaps:  # a bare struct: no tables to walk
         if data_at != n:
             raise _bad("IOCTL_REPLY payload has trailing bytes")
         return IoctlReply(ret, body)
@@ -722,7 +800,17 @@ def _decode_ioctl_reply(p: bytes) -> IoctlReply:
         if target == FD_IN_USER and (where == 0 or where + width > _U64_END):
             raise _bad(f"descriptor {i}: bad user address")
         fixups.append(FdFixup(target, where, width))
-    return IoctlReply(ret, body, tuple(writes), tuple(fixups))
+    maps = []
+    for i in range(nmaps):
+        op, target, flags, width, r0, block, size, offset, where = _MAP_ENTRY.unpack_from(
+            p, maps_at + i * _MAP_ENTRY.size)
+        if r0 or not _map_ok(op, target, flags, width, block, size, offset, where, struct_len):
+            raise _bad(f"block map {i}: bad entry")
+        maps.append(BlockMap(op, block, size, offset, where, target, flags, width))
+    msg = IoctlReply(ret, body, tuple(writes), tuple(fixups), tuple(maps))
+    if msg.fd_count > MAX_FDS:
+        raise _bad(f"{msg.fd_count} descriptors exceed the limit of {MAX_FDS}", errno.E2BIG)
+    return msg
 
 
 def _decode_json(p: bytes) -> dict[str, Any]:
@@ -782,7 +870,7 @@ def decode(frame: Frame) -> Message:
         raise _bad(f"{kind.name} frames carry no descriptors")
     msg = _DECODERS[kind](frame.payload)
     declared = len(msg.fd_numbers) if type(msg) is IoctlRequest else (
-        len(msg.fixups) if type(msg) is IoctlReply else 0)
+        msg.fd_count if type(msg) is IoctlReply else 0)
     if declared != nfds:
         raise _bad(f"frame carries {nfds} descriptors, its payload names {declared}")
     return msg

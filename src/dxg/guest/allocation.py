@@ -1,0 +1,255 @@
+"""Device memory as the guest keeps it: allocations, resources, paging queues, and the blocks of
+host shared memory their bytes live in.
+
+The host carves allocations out of *blocks* (shared memory objects; small allocations share one,
+large ones have their own) and says, for each allocation, which block and where. The guest keeps,
+per process, one record per host block it knows: the descriptor once a Lock2 needed it (fetched
+once with LOCK2_FD, then every Lock2 in that block is answered here with no host call), how many
+of the process's allocations and fences live in it, and whether the client has mapped it. When
+the last of them goes the guest forgets the block (closes its descriptor) and tells the client to
+unmap it with the reply of the next call (UNMAP). A record that outlives the host's block by a
+race costs an open descriptor until the process exits, never memory: freed host memory is
+punched out of the block.
+
+On a link that cannot carry descriptors (TCP), a Lock2 makes a *shadow*: a block of the guest's
+own that holds a copy fetched from the host (LOCK2_COPY, in chunks), mapped into the client like
+any block and written back at the last Unlock2 (UNLOCK2). Paging fences get a guest page there,
+updated with the values the host reports.
+
+Everything here is touched only on the driver's event loop.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from dxg.guest.handles import HandleType
+from dxg.oslib.fds import close_all
+from dxg.oslib.memfd import SharedMemory
+
+if TYPE_CHECKING:
+    from dxg.guest.device import GuestDevice
+    from dxg.guest.hostlink import HostLink
+    from dxg.guest.process import GuestProcess
+
+# A block of host memory as the guest names it: (host link, host process, host block number).
+BlockKey = tuple[int, int, int]
+FENCE_PAGE = 4096
+
+
+class GuestBlock:
+    """One block of host (or, for a shadow, guest) shared memory this process uses."""
+
+    __slots__ = ("fd", "id", "key", "mapped", "readonly", "size", "users")
+
+    def __init__(self, key: BlockKey | None, block_id: int, size: int,
+                 readonly: bool = False) -> None:
+        self.key = key  # None: a guest-made block (shadow copy, fence page)
+        self.id = block_id  # the number the client knows it by (unique in the process)
+        self.size = size
+        self.fd = -1
+        self.users = 0
+        self.mapped = False  # the client has it (it got the descriptor)
+        self.readonly = readonly
+
+
+class GuestAllocation:
+    __slots__ = ("block", "device", "flags", "group", "handle", "host_handle", "lock_count",
+                 "offered", "offset", "resource", "shadow", "size")
+
+    def __init__(self, device: GuestDevice, host_handle: int, block: GuestBlock, offset: int,
+                 size: int, group: int, flags: int,
+                 resource: GuestResource | None = None) -> None:
+        self.device = device
+        self.host_handle = host_handle
+        self.handle = 0
+        self.block = block
+        self.offset = offset
+        self.size = size
+        self.group = group
+        self.flags = flags
+        self.resource = resource
+        self.lock_count = 0
+        self.offered = False
+        self.shadow: Shadow | None = None
+
+
+class GuestResource:
+    __slots__ = ("allocations", "device", "handle", "host_handle")
+
+    def __init__(self, device: GuestDevice, host_handle: int) -> None:
+        self.device = device
+        self.host_handle = host_handle
+        self.handle = 0
+        self.allocations: list[GuestAllocation] = []
+
+
+class GuestPagingQueue:
+    __slots__ = ("block", "device", "fence_handle", "fence_offset", "handle", "host_fence",
+                 "host_handle", "shadow")
+
+    def __init__(self, device: GuestDevice, host_handle: int, host_fence: int,
+                 block: GuestBlock, fence_offset: int) -> None:
+        self.device = device
+        self.host_handle = host_handle
+        self.host_fence = host_fence  # the host's handle of the queue's monitored fence
+        self.handle = 0
+        self.fence_handle = 0
+        self.block = block
+        self.fence_offset = fence_offset
+        self.shadow: Shadow | None = None  # the guest's fence page (links without descriptors)
+
+    def reached(self, value: int) -> None:
+        """The host says the fence reached ``value`` (mirrored where the client reads it)."""
+        if self.shadow is not None and value:
+            old = int.from_bytes(self.shadow.mem.read(0, 8), "little")
+            if value > old:
+                self.shadow.mem.write(0, value.to_bytes(8, "little"))
+
+
+class Shadow:
+    """A guest-made block: a copy of an allocation (or a fence page) mapped into the client."""
+
+    __slots__ = ("block", "mem")
+
+    def __init__(self, block: GuestBlock, mem: SharedMemory) -> None:
+        self.block = block
+        self.mem = mem
+
+
+class ProcessMemory:
+    """A process's blocks, and what the client must be told to unmap."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[BlockKey, GuestBlock] = {}
+        self.next_id = 0
+        self.unmaps: list[int] = []
+        self.shadows = 0
+
+    def _new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    def use(self, key: BlockKey, size: int, readonly: bool = False) -> GuestBlock:
+        """The block ``key`` with one more user (recorded the first time)."""
+        block = self.blocks.get(key)
+        if block is None or block.size != size:
+            if block is not None:
+                self._forget(block)  # a host that reuses numbers: it is another block now
+            block = self.blocks[key] = GuestBlock(key, self._new_id(), size, readonly)
+        block.users += 1
+        return block
+
+    def release(self, block: GuestBlock) -> None:
+        block.users -= 1
+        if block.users <= 0:
+            if block.key is not None and self.blocks.get(block.key) is block:
+                del self.blocks[block.key]
+            self._forget(block)
+
+    def _forget(self, block: GuestBlock) -> None:
+        if block.fd >= 0:
+            close_all((block.fd,))
+            block.fd = -1
+        if block.mapped:
+            block.mapped = False
+            self.unmaps.append(block.id)
+
+    def shadow(self, size: int, readonly: bool = False) -> Shadow:
+        """A new guest-made block of ``size`` bytes (zero-filled)."""
+        mem = SharedMemory(size, "pydxg-shadow")
+        block = GuestBlock(None, self._new_id(), size, readonly)
+        block.fd = mem.fd
+        block.users = 1
+        self.shadows += 1
+        return Shadow(block, mem)
+
+    def drop_shadow(self, shadow: Shadow) -> None:
+        shadow.block.fd = -1  # (the SharedMemory owns it)
+        shadow.block.users = 0
+        if shadow.block.mapped:
+            shadow.block.mapped = False
+            self.unmaps.append(shadow.block.id)
+        shadow.mem.close()
+        self.shadows -= 1
+
+    def give(self, block: GuestBlock) -> int | None:
+        """A descriptor for the client when it does not have ``block`` yet (None when it does);
+        the caller passes it on (map_block owns it from there)."""
+        if block.mapped:
+            return None
+        return os.dup(block.fd)
+
+    def close(self) -> None:
+        for block in list(self.blocks.values()):
+            if block.fd >= 0:
+                close_all((block.fd,))
+                block.fd = -1
+        self.blocks.clear()
+        self.unmaps.clear()
+
+    @property
+    def fds(self) -> int:
+        return sum(1 for b in self.blocks.values() if b.fd >= 0)
+
+
+def link_key(link: HostLink, hprocess: int, block: int) -> BlockKey:
+    return (link.index, hprocess, block)
+
+
+def release_allocation(proc: GuestProcess, alloc: GuestAllocation) -> None:
+    """The allocation is gone from the guest: its handle (if still there), its lock state and
+    its block reference."""
+    if alloc.handle:
+        proc.handles.free(alloc.handle, HandleType.ALLOCATION)
+        alloc.handle = 0
+    if alloc.shadow is not None:
+        proc.memory.drop_shadow(alloc.shadow)
+        alloc.shadow = None
+    alloc.lock_count = 0
+    proc.memory.release(alloc.block)
+
+
+def release_device_memory(proc: GuestProcess, dev: GuestDevice) -> int:
+    """Everything memory of a device goes from the guest (DestroyDevice); returns the number of
+    objects released (for the process's object share)."""
+    n = 0
+    for alloc in dev.allocations:
+        release_allocation(proc, alloc)
+        n += 1
+    dev.allocations.clear()
+    for res in dev.resources:
+        for alloc in res.allocations:
+            release_allocation(proc, alloc)
+            n += 1
+        res.allocations.clear()
+        if res.handle:
+            proc.handles.free(res.handle, HandleType.RESOURCE)
+            res.handle = 0
+        n += 1
+    dev.resources.clear()
+    for queue in dev.paging_queues:
+        release_paging_queue(proc, queue)
+        n += 1
+    dev.paging_queues.clear()
+    return n
+
+
+def release_paging_queue(proc: GuestProcess, queue: GuestPagingQueue) -> None:
+    if queue.handle:
+        proc.handles.free(queue.handle, HandleType.PAGINGQUEUE)
+        queue.handle = 0
+    if queue.fence_handle:
+        proc.handles.free(queue.fence_handle, HandleType.MONITOREDFENCE)
+        queue.fence_handle = 0
+    if queue.shadow is not None:
+        proc.memory.drop_shadow(queue.shadow)
+        queue.shadow = None
+    else:
+        proc.memory.release(queue.block)
+
+
+__all__ = ["FENCE_PAGE", "BlockKey", "GuestAllocation", "GuestBlock", "GuestPagingQueue",
+           "GuestResource", "ProcessMemory", "Shadow", "link_key", "release_allocation",
+           "release_device_memory", "release_paging_queue"]

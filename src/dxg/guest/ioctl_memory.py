@@ -1,0 +1,937 @@
+"""The device-memory ioctls: allocations, Lock2/Unlock2, GPU virtual addresses, paging queues,
+residency, offers and budgets (the memory half of the real driver's ioctl.c).
+
+Every handle in a struct or in an array it points at is checked against the caller's table and
+replaced by the host's before anything is sent; counts and sizes are checked against the real
+driver's limits before any user memory is read. Most commands travel as IoctlArgs (the struct
+with host handles and no pointers, then its arrays); the guest copies back only the output
+fields, never the host's handles. See docs/memory.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from dxg.guest import vmbus
+from dxg.guest.allocation import (
+    FENCE_PAGE,
+    GuestAllocation,
+    GuestPagingQueue,
+    GuestResource,
+    link_key,
+    release_allocation,
+    release_paging_queue,
+)
+from dxg.guest.device import ObjectState
+from dxg.guest.errors import IoctlError
+from dxg.guest.handles import HandleType
+from dxg.guest.lookup import PRIVATE_DATA_MAX, _adapter, _device, _h, _host_result
+from dxg.guest.process import GuestProcess, host_process
+from dxg.guest.usermem import UserMemory, copy_from_user, copy_to_user, map_block
+from dxg.oslib.fds import close_all
+from dxg.protocol import messages as m
+from dxg.protocol.commands import VgpuCommand
+from dxg.uapi import memory as mm
+from dxg.uapi import structs as s
+from dxg.uapi.ntstatus import nt_success
+
+if TYPE_CHECKING:
+    from dxg.guest.adapter import GuestAdapter
+    from dxg.guest.device import GuestDevice
+    from dxg.guest.driver import GuestDriver
+
+V = VgpuCommand
+_ALLOCINFO = ctypes.sizeof(s.d3dddi_allocationinfo2)
+_UPDATEVA_OP = ctypes.sizeof(s.d3dddi_updategpuvirtualaddress_operation)
+_STDALLOC = ctypes.sizeof(s.d3dkmt_createstandardallocation)
+_EXISTINGHEAP = 1  # _D3DKMT_STANDARDALLOCATIONTYPE_EXISTINGHEAP
+_LOCK2_DATA = s.d3dkmt_lock2.data.offset
+_PQ_FENCE = s.d3dkmt_createpagingqueue.fence_cpu_virtual_address.offset
+# UpdateGpuVirtualAddress operations that name an allocation (MAP, MAP_PROTECT).
+_OPS_WITH_ALLOCATION = frozenset({0, 3})
+_OP_ALLOCATION = 8 + 16  # byte offset of the allocation handle inside one operation
+# A copy over a link without descriptors goes in pieces of at most this many bytes.
+COPY_CHUNK = 16 << 20
+_U32 = struct.Struct("<I")
+
+
+def _u32s(data: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(data) // 4}I", data))
+
+
+def _pack_u32s(values: list[int]) -> bytes:
+    return struct.pack(f"<{len(values)}I", *values)
+
+
+# ---- lookups -------------------------------------------------------------------------------------
+
+
+def _allocation(proc: GuestProcess, handle: int, dev: GuestDevice) -> GuestAllocation:
+    alloc = proc.handles.get(handle, HandleType.ALLOCATION)
+    if alloc is None or alloc.device is not dev:
+        raise IoctlError(errno.EBADF, f"0x{handle:08x} is not an allocation of this device")
+    return alloc
+
+
+def _resource(proc: GuestProcess, handle: int, dev: GuestDevice) -> GuestResource:
+    res = proc.handles.get(handle, HandleType.RESOURCE)
+    if res is None or res.device is not dev:
+        raise IoctlError(errno.EBADF, f"0x{handle:08x} is not a resource of this device")
+    return res
+
+
+def _queue(proc: GuestProcess, handle: Any) -> GuestPagingQueue:
+    queue = proc.handles.get(_h(handle), HandleType.PAGINGQUEUE)
+    if queue is None:
+        raise IoctlError(errno.EBADF, "invalid paging queue handle")
+    if not queue.device.adapter.active:
+        raise IoctlError(errno.ENODEV, "adapter was removed")
+    return queue
+
+
+def _read_handles(mem: UserMemory, addr: int, count: int, limit: int) -> list[int]:
+    if not 0 < count <= limit:
+        raise IoctlError(errno.EINVAL, f"{count} objects (1..{limit})")
+    return _u32s(copy_from_user(mem, addr, 4 * count, 4 * limit))
+
+
+def _host_allocations(proc: GuestProcess, dev: GuestDevice, handles: list[int]) -> list[int]:
+    return [_allocation(proc, h, dev).host_handle for h in handles]
+
+
+async def _send_args(proc: GuestProcess, adapter: GuestAdapter, command: VgpuCommand,
+                     args: ctypes.Structure, extra: bytes = b"",
+                     want_fds: bool = False) -> Any:
+    """Send an IoctlArgs command; returns (status, struct after the call, extra[, fds])."""
+    hprocess = await host_process(proc, adapter.link)
+    out = await vmbus.send(adapter, command, hprocess, m.IoctlArgs(bytes(args), extra),
+                           want_fds=want_fds)
+    reply, got = out if want_fds else (out, [])
+    if len(reply.args) != ctypes.sizeof(args):
+        close_all(got)
+        raise IoctlError(errno.EPROTO, f"host changed the {command.name} struct size")
+    after = type(args).from_buffer_copy(reply.args)
+    if want_fds:
+        return reply.status, after, reply.extra, got
+    return reply.status, after, reply.extra
+
+
+def _no_extra(extra: bytes, command: str) -> None:
+    if extra:
+        raise IoctlError(errno.EPROTO, f"host sent unexpected data with {command}")
+
+
+# ---- create / destroy --------------------------------------------------------------------------
+
+
+async def create_allocation(drv: GuestDriver, proc: GuestProcess, args: Any,
+                            mem: UserMemory) -> int:
+    """CreateAllocation: standalone allocations, or a resource with 1..N allocations. The host
+    places each in a block; nothing is mapped until a Lock2."""
+    dev = _device(proc, args.device)
+    flags = args.flags
+    count = int(args.alloc_count)
+    if flags.create_protected or flags.existing_section:
+        return -errno.EINVAL
+    if flags.existing_sysmem:
+        # pydxg cannot give the host a caller's own pages without copying them (docs/memory.md)
+        return -errno.EOPNOTSUPP
+    if flags.create_shared:
+        return -errno.EOPNOTSUPP  # sharing by NT handle: not yet
+    if not 0 < count <= mm.CREATEALLOCATION_MAX:
+        return -errno.EINVAL
+    runtime = copy_from_user(mem, args.private_runtime_data, args.private_runtime_data_size,
+                             PRIVATE_DATA_MAX)
+    standard_size = 0
+    global_priv = b""
+    if flags.standard_allocation:
+        if count != 1 or args.priv_drv_data_size:
+            return -errno.EINVAL
+        std = s.d3dkmt_createstandardallocation.from_buffer_copy(
+            copy_from_user(mem, args.standard_allocation, _STDALLOC, _STDALLOC))
+        standard_size = int(std.existing_heap_data.size)
+        if (std.type != _EXISTINGHEAP or standard_size <= 0
+                or standard_size % mm.PAGE_SIZE):
+            return -errno.EINVAL
+    else:
+        global_priv = copy_from_user(mem, args.priv_drv_data, args.priv_drv_data_size,
+                                     PRIVATE_DATA_MAX)
+    raw = copy_from_user(mem, args.allocation_info, count * _ALLOCINFO,
+                         mm.CREATEALLOCATION_MAX * _ALLOCINFO)
+    infos = (s.d3dddi_allocationinfo2 * count).from_buffer_copy(raw)
+    new: list[m.NewAllocation] = []
+    total = len(runtime) + len(global_priv)
+    for info in infos:
+        if info.sysmem:
+            return -errno.EINVAL  # a sysmem pointer without existing_sysmem
+        if flags.standard_allocation and info.priv_drv_data_size:
+            return -errno.EINVAL
+        priv = copy_from_user(mem, info.priv_drv_data, info.priv_drv_data_size, PRIVATE_DATA_MAX)
+        total += len(priv) + 16
+        if total > PRIVATE_DATA_MAX:
+            return -errno.EINVAL  # the whole request must fit one bus packet
+        new.append(m.NewAllocation(int(info.flags.value), int(info.priority), priv))
+    resource: GuestResource | None = None
+    if _h(args.resource):
+        resource = _resource(proc, _h(args.resource), dev)
+    adapter = dev.adapter
+    charged = count + (1 if resource is None and flags.create_resource else 0)
+    for i in range(charged):
+        try:
+            proc.charge_object()
+        except BaseException:
+            proc.release_objects(i)
+            raise
+    try:
+        hprocess = await host_process(proc, adapter.link)
+
+        def undo(reply: m.CreateAllocationReturn) -> None:
+            _undo_create(adapter, hprocess, dev.host_handle, reply, resource is None)
+
+        reply = await vmbus.send(adapter, V.CREATEALLOCATION, hprocess, m.CreateAllocation(
+            dev.host_handle, resource.host_handle if resource else 0, int(flags.value),
+            standard_size, runtime, global_priv, tuple(new)), undo=undo)
+    except BaseException:
+        if not proc.closed:
+            proc.release_objects(charged)
+        raise
+    ret = _host_result(reply.status)
+    if ret < 0:
+        if not proc.closed:
+            proc.release_objects(charged)
+        return ret
+    try:
+        allocs, res = _adopt(proc, dev, hprocess, reply, new, resource, flags.create_resource)
+    except BaseException:
+        if not proc.closed:
+            proc.release_objects(charged)
+        undo(reply)
+        raise
+    try:
+        for info, alloc, made in zip(infos, allocs, reply.allocations, strict=True):
+            info.allocation.v = alloc.handle
+            if made.priv_drv_data:
+                copy_to_user(mem, info.priv_drv_data, made.priv_drv_data)
+        copy_to_user(mem, args.allocation_info, bytes(infos))
+    except BaseException:
+        _forget_created(proc, dev, allocs, res if res is not resource else None)
+        if not proc.closed:
+            proc.release_objects(charged)
+        undo(reply)
+        raise
+    if res is not None:
+        args.resource.v = res.handle
+    return 0
+
+
+def _adopt(proc: GuestProcess, dev: GuestDevice, hprocess: int,
+           reply: m.CreateAllocationReturn, sent: list[m.NewAllocation],
+           resource: GuestResource | None,
+           create_resource: int) -> tuple[list[GuestAllocation], GuestResource | None]:
+    """The guest's objects for what the host made, after checking the reply."""
+    if proc.closed or dev.state != ObjectState.ACTIVE:
+        raise IoctlError(errno.ENODEV, "the device went while the host made its memory")
+    if len(reply.allocations) != len(sent):
+        raise IoctlError(errno.EPROTO, "host made another number of allocations")
+    if resource is None and bool(create_resource) != bool(reply.resource):
+        raise IoctlError(errno.EPROTO, "host answered the resource wrongly")
+    for a, n in zip(reply.allocations, sent, strict=True):
+        if (a.size <= 0 or a.size % mm.PAGE_SIZE or a.block_size <= 0
+                or a.offset % mm.PAGE_SIZE or a.offset + a.size > a.block_size
+                or a.group not in (mm.GROUP_LOCAL, mm.GROUP_NONLOCAL)
+                or len(a.priv_drv_data) != len(n.priv_drv_data) or not a.handle):
+            raise IoctlError(errno.EPROTO, "host described an allocation wrongly")
+    link = dev.adapter.link
+    res = resource
+    made: list[GuestAllocation] = []
+    try:
+        if resource is None and create_resource:
+            res = GuestResource(dev, reply.resource)
+            res.handle = proc.handles.alloc(HandleType.RESOURCE, res)
+        for a in reply.allocations:
+            block = proc.memory.use(link_key(link, hprocess, a.block), a.block_size)
+            alloc = GuestAllocation(dev, a.handle, block, a.offset, a.size, a.group, a.flags,
+                                    res)
+            made.append(alloc)
+            alloc.handle = proc.handles.alloc(HandleType.ALLOCATION, alloc)
+    except BaseException:
+        _forget_created(proc, dev, made, res if res is not resource else None, linked=False)
+        raise
+    if res is not None:
+        res.allocations.extend(made)
+        if res is not resource:
+            dev.resources.append(res)
+    else:
+        dev.allocations.extend(made)
+    return made, res
+
+
+def _forget_created(proc: GuestProcess, dev: GuestDevice, allocs: list[GuestAllocation],
+                    new_res: GuestResource | None, linked: bool = True) -> None:
+    for alloc in allocs:
+        release_allocation(proc, alloc)
+        if linked:
+            owner = alloc.resource.allocations if alloc.resource else dev.allocations
+            if alloc in owner:
+                owner.remove(alloc)
+    if new_res is not None:
+        if new_res.handle:
+            proc.handles.free(new_res.handle, HandleType.RESOURCE)
+            new_res.handle = 0
+        if new_res in dev.resources:
+            dev.resources.remove(new_res)
+
+
+def _undo_create(adapter: GuestAdapter, hprocess: int, device: int,
+                 reply: m.CreateAllocationReturn, new_resource: bool) -> None:
+    """The caller is gone (or could not be told): what the host made is destroyed again."""
+    if not nt_success(reply.status) or not reply.allocations:
+        return
+    if new_resource and reply.resource:
+        msg = m.DestroyAllocation(device, reply.resource, 1, ())
+    else:
+        msg = m.DestroyAllocation(device, 0, 1, tuple(a.handle for a in reply.allocations))
+    vmbus.spawn_quietly(adapter.link, vmbus.send(adapter, V.DESTROYALLOCATION, hprocess, msg))
+
+
+async def destroy_allocation2(drv: GuestDriver, proc: GuestProcess, args: Any,
+                              mem: UserMemory) -> int:
+    """DestroyAllocation2: a resource (with its allocations) or a list of standalone ones.
+    Every handle is checked first; the guest's handles go before the host's objects."""
+    dev = _device(proc, args.device)
+    count = int(args.alloc_count)
+    res_handle = _h(args.resource)
+    if bool(count) == bool(res_handle):
+        return -errno.EINVAL  # exactly one of them
+    if res_handle:
+        res = _resource(proc, res_handle, dev)
+        gone = list(res.allocations)
+        msg = m.DestroyAllocation(dev.host_handle, res.host_handle, int(args.flags.value), ())
+        proc.handles.free(res.handle, HandleType.RESOURCE)
+        res.handle = 0
+        dev.resources.remove(res)
+        objects = len(gone) + 1
+    else:
+        handles = _read_handles(mem, args.allocations, count, mm.CREATEALLOCATION_MAX)
+        if len(set(handles)) != len(handles):
+            return -errno.EINVAL
+        gone = [_allocation(proc, h, dev) for h in handles]
+        if any(a.resource is not None for a in gone):
+            return -errno.EINVAL  # a resource's allocations go with the resource
+        msg = m.DestroyAllocation(dev.host_handle, 0, int(args.flags.value),
+                                  tuple(a.host_handle for a in gone))
+        for a in gone:
+            dev.allocations.remove(a)
+        objects = len(gone)
+    for a in gone:
+        release_allocation(proc, a)
+    proc.release_objects(objects)
+    adapter = dev.adapter
+    if not adapter.active or not adapter.link.up:
+        return 0
+    hprocess = await host_process(proc, adapter.link)
+    reply = await vmbus.send(adapter, V.DESTROYALLOCATION, hprocess, msg)
+    return _host_result(reply.status)
+
+
+# ---- CPU access ----------------------------------------------------------------------------------
+
+
+async def lock2(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemory) -> int:
+    """Lock2: the allocation's bytes in the caller. On a local link the caller maps the block
+    (once: later locks of anything in it reuse the mapping) and no host call is made once the
+    guest has the block's descriptor; elsewhere a shadow copy is fetched (docs/memory.md)."""
+    dev = _device(proc, args.device)
+    alloc = _allocation(proc, _h(args.allocation), dev)
+    if alloc.offered:
+        return -errno.EINVAL  # reclaim it first
+    adapter = dev.adapter
+    channel = adapter.route()
+    if channel is None or channel.closed:
+        return -errno.ENODEV
+    if not channel.can_pass_fds:
+        return await _lock_copy(proc, dev, alloc, args, mem)
+    block = alloc.block
+    if block.fd < 0:
+        hprocess = await host_process(proc, adapter.link)
+        reply, got = await vmbus.send(adapter, V.LOCK2, hprocess, m.Lock2(
+            dev.host_handle, alloc.host_handle, int(args.flags.value), m.LOCK2_FD, 0, 0),
+            want_fds=True)
+        try:
+            ret = _host_result(reply.status)
+            if ret < 0:
+                return ret
+            if (len(got) != 1 or link_key(adapter.link, hprocess, reply.block) != block.key
+                    or reply.block_size != block.size or reply.offset != alloc.offset
+                    or reply.size != alloc.size):
+                raise IoctlError(errno.EPROTO, "host answered LOCK2 for another block")
+            if os.fstat(got[0]).st_size < block.size:
+                raise IoctlError(errno.EPROTO, "host sent a block smaller than it said")
+            if block.fd < 0 and proc.memory.blocks.get(block.key) is block:
+                block.fd = got.pop()
+        finally:
+            close_all(got)
+        if block.fd < 0:
+            return -errno.EAGAIN  # the block went while its descriptor came
+    if alloc.handle == 0:
+        return -errno.EBADF  # destroyed meanwhile
+    map_block(mem, block.id, block.size, alloc.offset, _LOCK2_DATA, proc.memory.give(block))
+    block.mapped = True
+    alloc.lock_count += 1
+    return 0
+
+
+async def _lock_copy(proc: GuestProcess, dev: GuestDevice, alloc: GuestAllocation, args: Any,
+                     mem: UserMemory) -> int:
+    if alloc.shadow is None:
+        shadow = proc.memory.shadow(alloc.size)
+        try:
+            await _fetch(proc, dev, alloc, shadow.mem, int(args.flags.value))
+        except BaseException:
+            proc.memory.drop_shadow(shadow)
+            raise
+        if alloc.handle == 0 or alloc.shadow is not None:  # destroyed, or another lock won
+            proc.memory.drop_shadow(shadow)
+            if alloc.handle == 0:
+                return -errno.EBADF
+        else:
+            alloc.shadow = shadow
+    assert alloc.shadow is not None
+    block = alloc.shadow.block
+    map_block(mem, block.id, block.size, 0, _LOCK2_DATA, proc.memory.give(block))
+    block.mapped = True
+    alloc.lock_count += 1
+    return 0
+
+
+async def _fetch(proc: GuestProcess, dev: GuestDevice, alloc: GuestAllocation, into: Any,
+                 flags: int) -> None:
+    adapter = dev.adapter
+    hprocess = await host_process(proc, adapter.link)
+    done = 0
+    while done < alloc.size:
+        n = min(COPY_CHUNK, alloc.size - done)
+        reply = await vmbus.send(adapter, V.LOCK2, hprocess, m.Lock2(
+            dev.host_handle, alloc.host_handle, flags, m.LOCK2_COPY, done, n))
+        ret = _host_result(reply.status)
+        if ret < 0:
+            raise IoctlError(-ret, "LOCK2 copy failed")
+        if len(reply.data) != n:
+            raise IoctlError(errno.EPROTO, "host sent another number of bytes")
+        into.write(done, reply.data)
+        done += n
+
+
+async def unlock2(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemory) -> int:
+    """Unlock2: one lock fewer; the last one writes a shadow copy back to the host."""
+    dev = _device(proc, args.device)
+    alloc = _allocation(proc, _h(args.allocation), dev)
+    if alloc.lock_count <= 0:
+        return -errno.EINVAL
+    alloc.lock_count -= 1
+    shadow = alloc.shadow
+    if alloc.lock_count or shadow is None:
+        return 0
+    alloc.shadow = None
+    try:
+        adapter = dev.adapter
+        hprocess = await host_process(proc, adapter.link)
+        done = 0
+        while done < alloc.size:
+            n = min(COPY_CHUNK, alloc.size - done)
+            reply = await vmbus.send(adapter, V.UNLOCK2, hprocess, m.Unlock2(
+                dev.host_handle, alloc.host_handle, done, shadow.mem.read(done, n)))
+            ret = _host_result(reply.status)
+            if ret < 0:
+                return ret
+            done += n
+    finally:
+        proc.memory.drop_shadow(shadow)
+    return 0
+
+
+# ---- paging queues -----------------------------------------------------------------------------
+
+
+async def create_paging_queue(drv: GuestDriver, proc: GuestProcess, args: Any,
+                              mem: UserMemory) -> int:
+    """CreatePagingQueue: the queue and its monitored fence, whose value the caller reads from
+    a read-only page mapped into it (through the FUSE file, which cannot map, the address is 0
+    and the value is read with a query)."""
+    dev = _device(proc, args.device)
+    adapter = dev.adapter
+    if args.physical_adapter_index:
+        return -errno.EINVAL
+    hargs = s.d3dkmt_createpagingqueue.from_buffer_copy(bytes(args))
+    hargs.device.v = dev.host_handle
+    hargs.fence_cpu_virtual_address = 0
+    proc.charge_object()
+    try:
+        status, out, extra, got = await _send_args(proc, adapter, V.CREATEPAGINGQUEUE, hargs,
+                                                   want_fds=True)
+    except BaseException:
+        if not proc.closed:
+            proc.release_objects()
+        raise
+    hprocess = await host_process(proc, adapter.link)
+    try:
+        ret = _host_result(status)
+        if ret < 0:
+            proc.release_objects()
+            return ret
+        queue = _adopt_queue(proc, dev, hprocess, out, extra, got)
+    except BaseException:
+        if not proc.closed:
+            proc.release_objects()
+        if nt_success(status) and _h(out.paging_queue):
+            _undo_queue(adapter, hprocess, out.paging_queue.v)
+        raise
+    finally:
+        close_all(got)
+    block = queue.block
+    try:
+        map_block(mem, block.id, block.size, queue.fence_offset, _PQ_FENCE,
+                  proc.memory.give(block), readonly=True)
+        block.mapped = True
+    except IoctlError as e:
+        if e.errno != errno.EOPNOTSUPP:
+            _drop_queue(proc, dev, queue)
+            _undo_queue(adapter, hprocess, queue.host_handle)
+            raise
+        args.fence_cpu_virtual_address = 0  # a front end that cannot map (the FUSE file)
+    args.paging_queue.v = queue.handle
+    args.sync_object.v = queue.fence_handle
+    return ret
+
+
+def _adopt_queue(proc: GuestProcess, dev: GuestDevice, hprocess: int, out: Any, extra: bytes,
+                 got: list[int]) -> GuestPagingQueue:
+    if proc.closed or dev.state != ObjectState.ACTIVE:
+        raise IoctlError(errno.ENODEV, "the device went while the host made the queue")
+    if len(extra) != m.BlockRef._S.size or not _h(out.paging_queue) or not _h(out.sync_object):
+        raise IoctlError(errno.EPROTO, "host answered CREATEPAGINGQUEUE wrongly")
+    ref = m.BlockRef.unpack(extra)
+    if ref.block_size <= 0 or ref.offset % 8 or ref.offset + 8 > ref.block_size:
+        raise IoctlError(errno.EPROTO, "host placed the fence outside its block")
+    link = dev.adapter.link
+    channel = dev.adapter.route()
+    local = channel is not None and channel.can_pass_fds
+    if local and (len(got) != 1 or os.fstat(got[0]).st_size < ref.block_size):
+        raise IoctlError(errno.EPROTO, "host sent no usable fence block")
+    if not local and got:
+        raise IoctlError(errno.EPROTO, "host sent a descriptor over a link without them")
+    if local:
+        block = proc.memory.use(link_key(link, hprocess, ref.block), ref.block_size,
+                                readonly=True)
+        if block.fd < 0:
+            block.fd = got.pop()
+        queue = GuestPagingQueue(dev, _h(out.paging_queue), _h(out.sync_object), block,
+                                 ref.offset)
+    else:
+        shadow = proc.memory.shadow(FENCE_PAGE, readonly=True)
+        queue = GuestPagingQueue(dev, _h(out.paging_queue), _h(out.sync_object), shadow.block,
+                                 0)
+        queue.shadow = shadow
+    try:
+        queue.handle = proc.handles.alloc(HandleType.PAGINGQUEUE, queue)
+        queue.fence_handle = proc.handles.alloc(HandleType.MONITOREDFENCE, queue)
+    except BaseException:
+        release_paging_queue(proc, queue)
+        raise
+    dev.paging_queues.append(queue)
+    return queue
+
+
+def _drop_queue(proc: GuestProcess, dev: GuestDevice, queue: GuestPagingQueue) -> None:
+    release_paging_queue(proc, queue)
+    if queue in dev.paging_queues:
+        dev.paging_queues.remove(queue)
+    if not proc.closed:
+        proc.release_objects()
+
+
+def _undo_queue(adapter: GuestAdapter, hprocess: int, host_queue: int) -> None:
+    args = s.d3dddi_destroypagingqueue()
+    args.paging_queue.v = host_queue
+    vmbus.spawn_quietly(adapter.link, vmbus.send(adapter, V.DESTROYPAGINGQUEUE, hprocess,
+                                                 m.IoctlArgs(bytes(args))))
+
+
+async def destroy_paging_queue(drv: GuestDriver, proc: GuestProcess, args: Any,
+                               mem: UserMemory) -> int:
+    queue = _queue(proc, args.paging_queue)
+    dev = queue.device
+    host_args = s.d3dddi_destroypagingqueue()
+    host_args.paging_queue.v = queue.host_handle
+    _drop_queue(proc, dev, queue)
+    status, _, _extra = await _send_args(proc, dev.adapter, V.DESTROYPAGINGQUEUE, host_args)
+    return _host_result(status)
+
+
+# ---- residency, priorities, offers -----------------------------------------------------------------
+
+
+async def make_resident(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemory) -> int:
+    """MakeResident: STATUS_PENDING with the paging fence value to wait for, as the real
+    driver; the fence's page shows when it is reached."""
+    queue = _queue(proc, args.paging_queue)
+    dev = queue.device
+    handles = _read_handles(mem, args.allocation_list, int(args.alloc_count),
+                            mm.MAKERESIDENT_ALLOC_MAX)
+    hargs = s.d3dddi_makeresident.from_buffer_copy(bytes(args))
+    hargs.paging_queue.v = queue.host_handle
+    hargs.allocation_list = 1
+    hargs.priority_list = 0
+    status, out, extra = await _send_args(proc, dev.adapter, V.MAKERESIDENT, hargs,
+                                          _pack_u32s(_host_allocations(proc, dev, handles)))
+    _no_extra(extra, "MAKERESIDENT")
+    ret = _host_result(status)
+    if ret < 0:
+        return ret
+    args.paging_fence_value = out.paging_fence_value
+    args.num_bytes_to_trim = out.num_bytes_to_trim
+    if ret == 0:
+        queue.reached(int(out.paging_fence_value))
+    return ret
+
+
+async def evict(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemory) -> int:
+    dev = _device(proc, args.device)
+    handles = _read_handles(mem, args.allocations, int(args.alloc_count),
+                            mm.MAKERESIDENT_ALLOC_MAX)
+    hargs = s.d3dkmt_evict.from_buffer_copy(bytes(args))
+    hargs.device.v = dev.host_handle
+    hargs.allocations = 1
+    status, out, extra = await _send_args(proc, dev.adapter, V.EVICT, hargs,
+                                          _pack_u32s(_host_allocations(proc, dev, handles)))
+    _no_extra(extra, "EVICT")
+    ret = _host_result(status)
+    if ret >= 0:
+        args.num_bytes_to_trim = out.num_bytes_to_trim
+    return ret
+
+
+def _resource_or_list(proc: GuestProcess, dev: GuestDevice, args: Any, mem: UserMemory,
+                      list_field: str, count: int) -> tuple[GuestResource | None, list[int], int]:
+    """(resource, host handles of the listed allocations, how many allocations the call names)."""
+    res_handle = _h(args.resource)
+    if res_handle:
+        res = _resource(proc, res_handle, dev)
+        return res, [], len(res.allocations)
+    handles = _read_handles(mem, getattr(args, list_field), count, mm.MAKERESIDENT_ALLOC_MAX)
+    return None, _host_allocations(proc, dev, handles), count
+
+
+async def query_allocation_residency(drv: GuestDriver, proc: GuestProcess, args: Any,
+                                     mem: UserMemory) -> int:
+    dev = _device(proc, args.device)
+    res, hosts, n = _resource_or_list(proc, dev, args, mem, "allocations",
+                                      int(args.allocation_count))
+    if n == 0 or not args.residency_status:
+        return -errno.EINVAL
+    if res is not None:
+        n = 1  # one status for the resource as a whole, as the real driver writes
+    hargs = s.d3dkmt_queryallocationresidency.from_buffer_copy(bytes(args))
+    hargs.device.v = dev.host_handle
+    hargs.resource.v = res.host_handle if res else 0
+    hargs.allocations = 1 if hosts else 0
+    hargs.residency_status = 1
+    status, _, extra = await _send_args(proc, dev.adapter, V.QUERYALLOCATIONRESIDENCY, hargs,
+                                        _pack_u32s(hosts))
+    ret = _host_result(status)
+    if ret < 0:
+        return ret
+    if len(extra) != 4 * n:
+        raise IoctlError(errno.EPROTO, "host answered another number of residency states")
+    copy_to_user(mem, args.residency_status, extra)
+    return ret
+
+
+async def set_allocation_priority(drv: GuestDriver, proc: GuestProcess, args: Any,
+                                  mem: UserMemory) -> int:
+    dev = _device(proc, args.device)
+    res, hosts, n = _resource_or_list(proc, dev, args, mem, "allocation_list",
+                                      int(args.allocation_count))
+    nprio = 1 if res else n
+    priorities = copy_from_user(mem, args.priorities, 4 * nprio, 4 * mm.MAKERESIDENT_ALLOC_MAX)
+    hargs = s.d3dkmt_setallocationpriority.from_buffer_copy(bytes(args))
+    hargs.device.v = dev.host_handle
+    hargs.resource.v = res.host_handle if res else 0
+    hargs.allocation_list = 1 if hosts else 0
+    hargs.priorities = 1
+    status, _, extra = await _send_args(proc, dev.adapter, V.SETALLOCATIONPRIORITY, hargs,
+                                        _pack_u32s(hosts) + priorities)
+    _no_extra(extra, "SETALLOCATIONPRIORITY")
+    return _host_result(status)
+
+
+async def get_allocation_priority(drv: GuestDriver, proc: GuestProcess, args: Any,
+                                  mem: UserMemory) -> int:
+    dev = _device(proc, args.device)
+    res, hosts, n = _resource_or_list(proc, dev, args, mem, "allocation_list",
+                                      int(args.allocation_count))
+    nprio = 1 if res else n
+    if not args.priorities:
+        return -errno.EINVAL
+    hargs = s.d3dkmt_getallocationpriority.from_buffer_copy(bytes(args))
+    hargs.device.v = dev.host_handle
+    hargs.resource.v = res.host_handle if res else 0
+    hargs.allocation_list = 1 if hosts else 0
+    hargs.priorities = 1
+    status, _, extra = await _send_args(proc, dev.adapter, V.GETALLOCATIONPRIORITY, hargs,
+                                        _pack_u32s(hosts))
+    ret = _host_result(status)
+    if ret < 0:
+        return ret
+    if len(extra) != 4 * nprio:
+        raise IoctlError(errno.EPROTO, "host answered another number of priorities")
+    copy_to_user(mem, args.priorities, extra)
+    return ret
+
+
+def _offer_targets(proc: GuestProcess, dev: GuestDevice, args: Any, mem: UserMemory,
+                   count: int) -> tuple[bool, list[int], list[GuestAllocation]]:
+    """(by resource?, host handles, the guest allocations concerned) of an offer or reclaim."""
+    if bool(args.resources) == bool(args.allocations):
+        raise IoctlError(errno.EINVAL, "give resources or allocations, not both")
+    if args.resources:
+        handles = _read_handles(mem, args.resources, count, mm.MAKERESIDENT_ALLOC_MAX)
+        resources = [_resource(proc, h, dev) for h in handles]
+        return True, [r.host_handle for r in resources], [
+            a for r in resources for a in r.allocations]
+    handles = _read_handles(mem, args.allocations, count, mm.MAKERESIDENT_ALLOC_MAX)
+    allocs = [_allocation(proc, h, dev) for h in handles]
+    return False, [a.host_handle for a in allocs], allocs
+
+
+async def offer_allocations(drv: GuestDriver, proc: GuestProcess, args: Any,
+                            mem: UserMemory) -> int:
+    """OfferAllocations: the host may discard their contents when it needs the memory."""
+    dev = _device(proc, args.device)
+    by_resource, hosts, allocs = _offer_targets(proc, dev, args, mem, int(args.allocation_count))
+    if any(a.lock_count for a in allocs):
+        return -errno.EBUSY  # locked memory cannot be offered
+    hargs = s.d3dkmt_offerallocations.from_buffer_copy(bytes(args))
+    hargs.device.v = dev.host_handle
+    hargs.resources = 1 if by_resource else 0
+    hargs.allocations = 0 if by_resource else 1
+    status, _, extra = await _send_args(proc, dev.adapter, V.OFFERALLOCATIONS, hargs,
+                                        _pack_u32s(hosts))
+    _no_extra(extra, "OFFERALLOCATIONS")
+    ret = _host_result(status)
+    if ret >= 0:
+        for a in allocs:
+            a.offered = True
+    return ret
+
+
+async def reclaim_allocations2(drv: GuestDriver, proc: GuestProcess, args: Any,
+                               mem: UserMemory) -> int:
+    """ReclaimAllocations2: per allocation OK (contents kept), DISCARDED (contents lost; the
+    memory is back, zero-filled) or NOT_COMMITTED (no memory for it yet: still offered)."""
+    queue = _queue(proc, args.paging_queue)
+    dev = queue.device
+    count = int(args.allocation_count)
+    by_resource, hosts, allocs = _offer_targets(proc, dev, args, mem, count)
+    hargs = s.d3dkmt_reclaimallocations2.from_buffer_copy(bytes(args))
+    hargs.paging_queue.v = queue.host_handle
+    hargs.resources = 1 if by_resource else 0
+    hargs.allocations = 0 if by_resource else 1
+    hargs.results = 1 if args.results else 0
+    status, out, extra = await _send_args(proc, dev.adapter, V.RECLAIMALLOCATIONS, hargs,
+                                          _pack_u32s(hosts))
+    ret = _host_result(status)
+    if ret < 0:
+        return ret
+    if len(extra) != 4 * count:
+        raise IoctlError(errno.EPROTO, "host answered another number of reclaim results")
+    results = _u32s(extra)
+    per_alloc = results if not by_resource else None
+    if per_alloc is not None:
+        for a, r in zip(allocs, per_alloc, strict=True):
+            if r != 2:  # _D3DDDI_RECLAIM_RESULT_NOT_COMMITTED
+                a.offered = False
+    else:
+        resources_ok = {h for h, r in zip(hosts, results, strict=True) if r != 2}
+        for a in allocs:
+            if a.resource is not None and a.resource.host_handle in resources_ok:
+                a.offered = False
+    if args.results:
+        copy_to_user(mem, args.results, extra)
+    args.paging_fence_value = out.paging_fence_value
+    queue.reached(int(out.paging_fence_value))
+    return ret
+
+
+async def update_alloc_property(drv: GuestDriver, proc: GuestProcess, args: Any,
+                                mem: UserMemory) -> int:
+    queue = _queue(proc, args.paging_queue)
+    dev = queue.device
+    alloc = _allocation(proc, _h(args.allocation), dev)
+    hargs = s.d3dddi_updateallocproperty.from_buffer_copy(bytes(args))
+    hargs.paging_queue.v = queue.host_handle
+    hargs.allocation.v = alloc.host_handle
+    status, out, extra = await _send_args(proc, dev.adapter, V.UPDATEALLOCATIONPROPERTY, hargs)
+    _no_extra(extra, "UPDATEALLOCATIONPROPERTY")
+    ret = _host_result(status)
+    if ret >= 0:
+        args.paging_fence_value = out.paging_fence_value
+        if ret == 0:
+            queue.reached(int(out.paging_fence_value))
+    return ret
+
+
+async def flush_heap_transitions(drv: GuestDriver, proc: GuestProcess, args: Any,
+                                 mem: UserMemory) -> int:
+    pa = _adapter(proc, args.adapter)
+    hargs = s.d3dkmt_flushheaptransitions()
+    hargs.adapter.v = pa.adapter.host_handle
+    status, _, _extra = await _send_args(proc, pa.adapter, V.FLUSHHEAPTRANSITIONS, hargs)
+    return _host_result(status)
+
+
+# ---- budgets -------------------------------------------------------------------------------------
+
+
+async def query_video_memory_info(drv: GuestDriver, proc: GuestProcess, args: Any,
+                                  mem: UserMemory) -> int:
+    """QueryVideoMemoryInfo: the caller's budget, usage and reservation in a segment group (the
+    same numbers `dxg ps` and the host's census show)."""
+    if args.process:
+        return -errno.EINVAL  # only the calling process, as the real driver
+    pa = _adapter(proc, args.adapter)
+    hargs = s.d3dkmt_queryvideomemoryinfo.from_buffer_copy(bytes(args))
+    hargs.adapter.v = pa.adapter.host_handle
+    status, out, extra = await _send_args(proc, pa.adapter, V.QUERYVIDEOMEMORYINFO, hargs)
+    _no_extra(extra, "QUERYVIDEOMEMORYINFO")
+    ret = _host_result(status)
+    if ret >= 0:
+        args.budget = out.budget
+        args.current_usage = out.current_usage
+        args.current_reservation = out.current_reservation
+        args.available_for_reservation = out.available_for_reservation
+    return ret
+
+
+async def change_video_memory_reservation(drv: GuestDriver, proc: GuestProcess, args: Any,
+                                          mem: UserMemory) -> int:
+    if args.process:
+        return -errno.EINVAL
+    pa = _adapter(proc, args.adapter)
+    hargs = s.d3dkmt_changevideomemoryreservation.from_buffer_copy(bytes(args))
+    hargs.adapter.v = pa.adapter.host_handle
+    status, _, _extra = await _send_args(proc, pa.adapter, V.CHANGEVIDEOMEMORYRESERVATION, hargs)
+    return _host_result(status)
+
+
+# ---- GPU virtual addresses ---------------------------------------------------------------------
+
+
+async def reserve_gpu_va(drv: GuestDriver, proc: GuestProcess, args: Any,
+                         mem: UserMemory) -> int:
+    pa = _adapter(proc, args.adapter)
+    hargs = s.d3dddi_reservegpuvirtualaddress.from_buffer_copy(bytes(args))
+    hargs.adapter.v = pa.adapter.host_handle
+    status, out, _extra = await _send_args(proc, pa.adapter, V.RESERVEGPUVIRTUALADDRESS, hargs)
+    ret = _host_result(status)
+    if ret >= 0:
+        args.virtual_address = out.virtual_address
+        args.paging_fence_value = out.paging_fence_value
+    return ret
+
+
+async def map_gpu_va(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemory) -> int:
+    queue = _queue(proc, args.paging_queue)
+    dev = queue.device
+    alloc = _allocation(proc, _h(args.allocation), dev)
+    hargs = s.d3dddi_mapgpuvirtualaddress.from_buffer_copy(bytes(args))
+    hargs.paging_queue.v = queue.host_handle
+    hargs.allocation.v = alloc.host_handle
+    status, out, _extra = await _send_args(proc, dev.adapter, V.MAPGPUVIRTUALADDRESS, hargs)
+    ret = _host_result(status)
+    if ret >= 0:
+        args.virtual_address = out.virtual_address
+        args.paging_fence_value = out.paging_fence_value
+        if ret == 0:
+            queue.reached(int(out.paging_fence_value))
+    return ret
+
+
+async def free_gpu_va(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemory) -> int:
+    pa = _adapter(proc, args.adapter)
+    hargs = s.d3dkmt_freegpuvirtualaddress.from_buffer_copy(bytes(args))
+    hargs.adapter.v = pa.adapter.host_handle
+    status, _, _extra = await _send_args(proc, pa.adapter, V.FREEGPUVIRTUALADDRESS, hargs)
+    return _host_result(status)
+
+
+# Operations per UpdateGpuVirtualAddress: what fits one bus packet.
+UPDATEVA_MAX_OPS = (PRIVATE_DATA_MAX - 64) // _UPDATEVA_OP
+
+
+async def update_gpu_va(drv: GuestDriver, proc: GuestProcess, args: Any,
+                        mem: UserMemory) -> int:
+    """UpdateGpuVirtualAddress: map, unmap, copy and protect operations, applied together."""
+    dev = _device(proc, args.device)
+    count = int(args.num_operations)
+    if not 0 < count <= UPDATEVA_MAX_OPS:
+        return -errno.EINVAL
+    raw = bytearray(copy_from_user(mem, args.operations, count * _UPDATEVA_OP,
+                                   UPDATEVA_MAX_OPS * _UPDATEVA_OP))
+    for i in range(count):
+        at = i * _UPDATEVA_OP
+        op = _U32.unpack_from(raw, at)[0]
+        if op in _OPS_WITH_ALLOCATION:
+            handle = _U32.unpack_from(raw, at + _OP_ALLOCATION)[0]
+            _U32.pack_into(raw, at + _OP_ALLOCATION, _allocation(proc, handle, dev).host_handle)
+        elif op not in (1, 2):
+            return -errno.EINVAL
+    hargs = s.d3dkmt_updategpuvirtualaddress.from_buffer_copy(bytes(args))
+    hargs.device.v = dev.host_handle
+    if _h(args.context):
+        ctx = proc.handles.get(_h(args.context), HandleType.CONTEXT)
+        if ctx is None or ctx.device is not dev:
+            return -errno.EBADF
+        hargs.context.v = ctx.host_handle
+    if _h(args.fence_object):
+        queue = proc.handles.get(_h(args.fence_object), HandleType.MONITOREDFENCE)
+        if queue is None or queue.device is not dev:
+            return -errno.EBADF
+        hargs.fence_object.v = queue.host_fence
+    hargs.operations = 1
+    status, _, extra = await _send_args(proc, dev.adapter, V.UPDATEGPUVIRTUALADDRESS, hargs,
+                                        bytes(raw))
+    _no_extra(extra, "UPDATEGPUVIRTUALADDRESS")
+    return _host_result(status)
+
+
+HANDLERS: MappingProxyType[str, Any] = MappingProxyType({
+    "LX_DXCREATEALLOCATION": create_allocation,
+    "LX_DXDESTROYALLOCATION2": destroy_allocation2,
+    "LX_DXLOCK2": lock2,
+    "LX_DXUNLOCK2": unlock2,
+    "LX_DXCREATEPAGINGQUEUE": create_paging_queue,
+    "LX_DXDESTROYPAGINGQUEUE": destroy_paging_queue,
+    "LX_DXMAKERESIDENT": make_resident,
+    "LX_DXEVICT": evict,
+    "LX_DXQUERYALLOCATIONRESIDENCY": query_allocation_residency,
+    "LX_DXSETALLOCATIONPRIORITY": set_allocation_priority,
+    "LX_DXGETALLOCATIONPRIORITY": get_allocation_priority,
+    "LX_DXOFFERALLOCATIONS": offer_allocations,
+    "LX_DXRECLAIMALLOCATIONS2": reclaim_allocations2,
+    "LX_DXUPDATEALLOCPROPERTY": update_alloc_property,
+    "LX_DXFLUSHHEAPTRANSITIONS": flush_heap_transitions,
+    "LX_DXQUERYVIDEOMEMORYINFO": query_video_memory_info,
+    "LX_DXCHANGEVIDEOMEMORYRESERVATION": change_video_memory_reservation,
+    "LX_DXRESERVEGPUVIRTUALADDRESS": reserve_gpu_va,
+    "LX_DXMAPGPUVIRTUALADDRESS": map_gpu_va,
+    "LX_DXFREEGPUVIRTUALADDRESS": free_gpu_va,
+    "LX_DXUPDATEGPUVIRTUALADDRESS": update_gpu_va,
+})
+
+__all__ = ["COPY_CHUNK", "HANDLERS", "UPDATEVA_MAX_OPS"]

@@ -1,0 +1,151 @@
+"""Paging queues: one per CREATEPAGINGQUEUE, owned by a device, each with a monitored fence.
+
+The fence's value lives in an 8-byte slot of one of the process's fence blocks
+(dxg.host.memory.FenceBlock), so clients read it without a call: CREATEPAGINGQUEUE answers the
+slot's BlockRef in its extra and, on a link that carries descriptors, the fence block's
+descriptor beside it (on every create; the guest keeps one mapping per block id). The host keeps
+its own record of the value (`Fence.value`) and is the only writer of the slot.
+
+Work that pages memory in (MAKERESIDENT of an evicted allocation) is answered STATUS_PENDING with
+the value the queue's fence will reach; the fence reaches it from a task right after the reply.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from dxg.host.call import Call, CommandFailed, Handler
+from dxg.host.memory import FENCE_SLOT_BYTES, FenceBlock, expect_extra, ioctl_args, ioctl_reply
+from dxg.protocol import messages as m
+from dxg.protocol.commands import VgpuCommand
+from dxg.uapi.handles import HandleType
+from dxg.uapi.ntstatus import NTSTATUS
+from dxg.uapi.structs import (
+    d3dddi_destroypagingqueue,
+    d3dddi_pagingqueue_priority,
+    d3dkmt_createpagingqueue,
+)
+
+if TYPE_CHECKING:
+    from dxg.host.adapter import HostAdapter
+    from dxg.host.device import HostDevice
+    from dxg.host.partition import Partition
+    from dxg.host.process import HostProcess
+
+__all__ = ["HANDLERS", "Fence", "PagingQueue", "drop_paging_queue", "queue_of"]
+
+INVALID = NTSTATUS.STATUS_INVALID_PARAMETER
+_PRIORITIES = frozenset(int(v) for v in d3dddi_pagingqueue_priority)
+
+
+@dataclass(eq=False, slots=True)
+class Fence:
+    """A monitored fence whose value is in a shared slot (HandleType.MONITOREDFENCE)."""
+
+    handle: int
+    queue: PagingQueue
+    block: FenceBlock | None  # None once freed
+    index: int
+    value: int = 0
+
+    def signal(self, value: int) -> None:
+        """The fence reaches ``value`` (values never go back)."""
+        if value > self.value and self.block is not None:
+            self.value = value
+            self.block.write(self.index, value)
+
+    def ref(self) -> m.BlockRef:
+        assert self.block is not None
+        return self.block.block.ref(self.index * FENCE_SLOT_BYTES)
+
+
+@dataclass(eq=False, slots=True)
+class PagingQueue:
+    handle: int
+    device: HostDevice
+    priority: int
+    fence: Fence
+    fence_target: int = 0  # the last value handed out for paging work
+
+    def next_value(self) -> int:
+        self.fence_target = max(self.fence_target, self.fence.value) + 1
+        return self.fence_target
+
+    def census(self) -> dict[str, int]:
+        return {"handle": self.handle, "fence": self.fence.handle, "priority": self.priority,
+                "fence_value": self.fence.value}
+
+
+def queue_of(p: Partition, process: HostProcess, handle: int,
+             adapter: HostAdapter | None) -> PagingQueue:
+    """The paging queue ``handle`` of ``process`` on ``adapter``, or INVALID_HANDLE."""
+    queue = p.handles.get(handle, HandleType.PAGINGQUEUE)
+    if queue is None or queue.device.process is not process or queue.device.adapter is not adapter:
+        raise CommandFailed(NTSTATUS.STATUS_INVALID_HANDLE,
+                            f"paging queue 0x{handle:08x} is not this process's")
+    return queue
+
+
+def drop_paging_queue(p: Partition, queue: PagingQueue) -> None:
+    device = queue.device
+    process = device.process
+    if device.paging_queues.pop(queue.handle, None) is None:
+        return
+    fence = queue.fence
+    if fence.block is not None:
+        process.memory.free_fence_slot(fence.block, fence.index)
+        fence.block = None
+    p.free(fence.handle, HandleType.MONITOREDFENCE, process)
+    p.free(queue.handle, HandleType.PAGINGQUEUE, process)
+
+
+def create_paging_queue(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsReturn:
+    from dxg.host.device import device_of
+
+    args = ioctl_args(body, d3dkmt_createpagingqueue)
+    expect_extra(body.extra, 0, "CREATEPAGINGQUEUE")
+    process = p.process(call)
+    device = device_of(p, process, args.device.v, call.adapter)
+    if args.priority not in _PRIORITIES or args.physical_adapter_index != 0:
+        raise CommandFailed(INVALID, "bad priority or physical adapter index")
+    memory = process.memory
+    block, index = memory.fence_slot(p.config, device.adapter.index)
+    fence = Fence(0, None, block, index)  # type: ignore[arg-type]  # the queue comes next
+    queue = PagingQueue(0, device, args.priority, fence)
+    fence.queue = queue
+    try:
+        queue.handle = p.alloc(HandleType.PAGINGQUEUE, queue, process)
+        fence.handle = p.alloc(HandleType.MONITOREDFENCE, fence, process)
+        if call.can_pass_fds:
+            try:
+                call.reply_fds.append(os.dup(block.block.fd))
+            except OSError as e:
+                raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, f"no descriptor: {e}") from None
+    except BaseException:
+        if fence.handle:
+            p.free(fence.handle, HandleType.MONITOREDFENCE, process)
+        if queue.handle:
+            p.free(queue.handle, HandleType.PAGINGQUEUE, process)
+        memory.free_fence_slot(block, index)
+        raise
+    device.paging_queues[queue.handle] = queue
+    args.paging_queue.v = queue.handle
+    args.sync_object.v = fence.handle
+    args.fence_cpu_virtual_address = 0
+    return ioctl_reply(args, fence.ref().pack())
+
+
+def destroy_paging_queue(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsReturn:
+    args = ioctl_args(body, d3dddi_destroypagingqueue)
+    expect_extra(body.extra, 0, "DESTROYPAGINGQUEUE")
+    drop_paging_queue(p, queue_of(p, p.process(call), args.paging_queue.v, call.adapter))
+    return ioctl_reply(args)
+
+
+HANDLERS: MappingProxyType[VgpuCommand, Handler] = MappingProxyType({
+    VgpuCommand.CREATEPAGINGQUEUE: create_paging_queue,
+    VgpuCommand.DESTROYPAGINGQUEUE: destroy_paging_queue,
+})
