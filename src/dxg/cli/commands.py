@@ -120,7 +120,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     # in-process link: a call crosses no thread and no extra socket, and no socket file is left
     # behind if the process is killed.
     rt = LoopThread("dxg-up")
-    host = Host(HostConfig(adapters=args.adapters, name="pydxg-embedded-host"), loop=rt)
+    host = Host(HostConfig(adapters=args.adapters, name="pydxg-embedded-host",
+                           dedicated_memory_mb=args.dedicated_memory,
+                           shared_memory_mb=args.shared_memory), loop=rt)
     closers: list[Any] = []
     drv = GuestDriver(loop=rt)
     try:
@@ -149,7 +151,9 @@ def cmd_host(args: argparse.Namespace) -> int:
     _hold_stop_signals()
     raise_fd_limit()
     raise_priority(args.priority)
-    cfg = HostConfig(adapters=args.adapters, host_id=args.host_id, offer_order=args.offer_order)
+    cfg = HostConfig(adapters=args.adapters, host_id=args.host_id, offer_order=args.offer_order,
+                     dedicated_memory_mb=args.dedicated_memory,
+                     shared_memory_mb=args.shared_memory)
     if args.name:
         cfg.name = args.name
     host = Host(cfg)

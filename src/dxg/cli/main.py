@@ -42,6 +42,13 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                         "maximum)")
 
 
+def _add_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dedicated-memory", type=int, default=1024, metavar="MIB",
+                   help="each adapter's local segment (its video memory), MiB (default 1024)")
+    p.add_argument("--shared-memory", type=int, default=4096, metavar="MIB",
+                   help="each adapter's non-local segment, MiB (default 4096)")
+
+
 def _add_priority(p: argparse.ArgumentParser) -> None:
     p.add_argument("--priority", type=int, default=-10, metavar="NICE",
                    help="scheduling priority of the daemon (nice value; default -10, applied "
@@ -59,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", type=int, default=2, help="CPU soft adapters (default 2)")
     p.add_argument("--host-listen", metavar="ADDR",
                    help="also let other guests connect to the embedded host at ADDR")
+    _add_memory(p)
     _add_priority(p)
     p.set_defaults(func=commands.cmd_up)
 
@@ -70,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offer-order", choices=("global-first", "vgpu-first"),
                    default="global-first", help="order of channel offers (for testing)")
     p.add_argument("--name", default=None, help="host name shown to guests")
+    _add_memory(p)
     _add_priority(p)
     p.set_defaults(func=commands.cmd_host)
 

@@ -252,6 +252,8 @@ class _AllocationOps(_Object):
         if not args.data:
             raise DxgError(NTSTATUS.STATUS_UNSUCCESSFUL, "Lock2 returned no address")
         with self._lock:
+            if self._closed:  # closed by another thread while Lock2 ran: the memory is gone
+                raise DxgError(NTSTATUS.STATUS_INVALID_HANDLE, f"Lock2: {self!r} was closed")
             # Two first maps racing both lock; the last release unlocks as often as was locked.
             self._locks += 1
             self._maps += 1

@@ -21,9 +21,11 @@ Everything here is touched only on the driver's event loop.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import TYPE_CHECKING
 
+from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleType
 from dxg.oslib.fds import close_all
 from dxg.oslib.memfd import SharedMemory
@@ -33,8 +35,9 @@ if TYPE_CHECKING:
     from dxg.guest.hostlink import HostLink
     from dxg.guest.process import GuestProcess
 
-# A block of host memory as the guest names it: (host link, host process, host block number).
-BlockKey = tuple[int, int, int]
+# A block of host memory as the guest names it: (host link, the link's generation (a host that
+# came back numbers its blocks anew), host process, host block number).
+BlockKey = tuple[int, int, int, int]
 FENCE_PAGE = 4096
 
 
@@ -56,7 +59,7 @@ class GuestBlock:
 
 class GuestAllocation:
     __slots__ = ("block", "device", "flags", "group", "handle", "host_handle", "lock_count",
-                 "offered", "offset", "resource", "shadow", "size")
+                 "offered", "offering", "offset", "resource", "shadow", "size")
 
     def __init__(self, device: GuestDevice, host_handle: int, block: GuestBlock, offset: int,
                  size: int, group: int, flags: int,
@@ -72,6 +75,7 @@ class GuestAllocation:
         self.resource = resource
         self.lock_count = 0
         self.offered = False
+        self.offering = 0  # offers of it on their way to the host
         self.shadow: Shadow | None = None
 
 
@@ -134,12 +138,20 @@ class ProcessMemory:
     def use(self, key: BlockKey, size: int, readonly: bool = False) -> GuestBlock:
         """The block ``key`` with one more user (recorded the first time)."""
         block = self.blocks.get(key)
-        if block is None or block.size != size:
-            if block is not None:
-                self._forget(block)  # a host that reuses numbers: it is another block now
+        if block is None:
             block = self.blocks[key] = GuestBlock(key, self._new_id(), size, readonly)
+        elif block.size != size or block.readonly != readonly:
+            # A host that restates a live block: its memory is not ours to guess at.
+            raise IoctlError(errno.EPROTO, "host changed the size of a block in use")
         block.users += 1
         return block
+
+    def not_mapped(self, ids: list[int]) -> None:
+        """These blocks' maps never reached the client: it gets their descriptors again."""
+        wanted = set(ids)
+        for block in self.blocks.values():
+            if block.id in wanted:
+                block.mapped = False
 
     def release(self, block: GuestBlock) -> None:
         block.users -= 1
@@ -195,7 +207,7 @@ class ProcessMemory:
 
 
 def link_key(link: HostLink, hprocess: int, block: int) -> BlockKey:
-    return (link.index, hprocess, block)
+    return (link.index, link.generation, hprocess, block)
 
 
 def release_allocation(proc: GuestProcess, alloc: GuestAllocation) -> None:

@@ -389,6 +389,11 @@ class GuestDriver:
             return -9, arg  # EBADF
         return await dispatch(self, proc, code, arg, mem)
 
+    def maps_lost(self, proc: GuestProcess, blocks: list[int]) -> None:
+        """A front end could not deliver these blocks' maps to the client: hand their
+        descriptors again the next time (on the loop)."""
+        proc.memory.not_mapped(blocks)
+
     # ---- introspection -------------------------------------------------------------------------
 
     async def admin(self, request: dict[str, Any]) -> dict[str, Any]:

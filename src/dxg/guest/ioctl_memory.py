@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import stat
 import struct
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -55,6 +57,11 @@ _PQ_FENCE = s.d3dkmt_createpagingqueue.fence_cpu_virtual_address.offset
 # UpdateGpuVirtualAddress operations that name an allocation (MAP, MAP_PROTECT).
 _OPS_WITH_ALLOCATION = frozenset({0, 3})
 _OP_ALLOCATION = 8 + 16  # byte offset of the allocation handle inside one operation
+# DestroyAllocation flags: assume_not_in_use, and system_use_only (bit 31): the guest undoing
+# what a caller abandoned (the only case where a resource's allocations may go alone). A
+# caller's own flags never carry bit 31.
+DESTROY_UNDO = 1 | (1 << 31)
+_SYSTEM_USE_ONLY = 1 << 31
 # A copy over a link without descriptors goes in pieces of at most this many bytes.
 COPY_CHUNK = 16 << 20
 _U32 = struct.Struct("<I")
@@ -85,11 +92,19 @@ def _resource(proc: GuestProcess, handle: int, dev: GuestDevice) -> GuestResourc
     return res
 
 
-def _queue(proc: GuestProcess, handle: Any) -> GuestPagingQueue:
+def _device_any(proc: GuestProcess, handle: Any) -> GuestDevice:
+    """A device of the caller, its adapter removed or not (for calls that release things)."""
+    dev = proc.handles.get(_h(handle), HandleType.DEVICE)
+    if dev is None or dev.state != ObjectState.ACTIVE:
+        raise IoctlError(errno.EBADF, "invalid device handle")
+    return dev
+
+
+def _queue(proc: GuestProcess, handle: Any, removed_ok: bool = False) -> GuestPagingQueue:
     queue = proc.handles.get(_h(handle), HandleType.PAGINGQUEUE)
     if queue is None:
         raise IoctlError(errno.EBADF, "invalid paging queue handle")
-    if not queue.device.adapter.active:
+    if not queue.device.adapter.active and not removed_ok:
         raise IoctlError(errno.ENODEV, "adapter was removed")
     return queue
 
@@ -106,11 +121,13 @@ def _host_allocations(proc: GuestProcess, dev: GuestDevice, handles: list[int]) 
 
 async def _send_args(proc: GuestProcess, adapter: GuestAdapter, command: VgpuCommand,
                      args: ctypes.Structure, extra: bytes = b"",
-                     want_fds: bool = False) -> Any:
-    """Send an IoctlArgs command; returns (status, struct after the call, extra[, fds])."""
+                     want_fds: bool = False, undo: Any = None) -> Any:
+    """Send an IoctlArgs command; returns (status, struct after the call, extra[, fds]).
+    ``undo(hprocess, reply)`` runs when the reply comes after the caller gave up."""
     hprocess = await host_process(proc, adapter.link)
     out = await vmbus.send(adapter, command, hprocess, m.IoctlArgs(bytes(args), extra),
-                           want_fds=want_fds)
+                           want_fds=want_fds,
+                           undo=None if undo is None else lambda r: undo(hprocess, r))
     reply, got = out if want_fds else (out, [])
     if len(reply.args) != ctypes.sizeof(args):
         close_all(got)
@@ -119,6 +136,21 @@ async def _send_args(proc: GuestProcess, adapter: GuestAdapter, command: VgpuCom
     if want_fds:
         return reply.status, after, reply.extra, got
     return reply.status, after, reply.extra
+
+
+def _check_block_fd(fd: int, size: int) -> None:
+    """A descriptor a host sent for a block must be what every mapper can trust: a regular
+    file of at least ``size`` bytes, sealed so nobody can shrink it (a mapping past a file's end
+    faults: a host must not be able to crash a client that way)."""
+    st = os.fstat(fd)
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+    need = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+    if not stat.S_ISREG(st.st_mode) or st.st_size < size or seals & need != need:
+        raise IoctlError(errno.EPROTO, "host sent a block that is not sealed shared memory of "
+                         "its size")
 
 
 def _no_extra(extra: bytes, command: str) -> None:
@@ -293,17 +325,19 @@ def _undo_create(adapter: GuestAdapter, hprocess: int, device: int,
     if not nt_success(reply.status) or not reply.allocations:
         return
     if new_resource and reply.resource:
-        msg = m.DestroyAllocation(device, reply.resource, 1, ())
-    else:
-        msg = m.DestroyAllocation(device, 0, 1, tuple(a.handle for a in reply.allocations))
+        msg = m.DestroyAllocation(device, reply.resource, DESTROY_UNDO, ())
+    else:  # (allocations added to an existing resource may go alone only in an undo)
+        msg = m.DestroyAllocation(device, 0, DESTROY_UNDO,
+                                  tuple(a.handle for a in reply.allocations))
     vmbus.spawn_quietly(adapter.link, vmbus.send(adapter, V.DESTROYALLOCATION, hprocess, msg))
 
 
 async def destroy_allocation2(drv: GuestDriver, proc: GuestProcess, args: Any,
                               mem: UserMemory) -> int:
     """DestroyAllocation2: a resource (with its allocations) or a list of standalone ones.
-    Every handle is checked first; the guest's handles go before the host's objects."""
-    dev = _device(proc, args.device)
+    Every handle is checked first; the guest's handles go before the host's objects. Works on
+    a removed adapter too (what the guest holds is released)."""
+    dev = _device_any(proc, args.device)
     count = int(args.alloc_count)
     res_handle = _h(args.resource)
     if bool(count) == bool(res_handle):
@@ -311,7 +345,8 @@ async def destroy_allocation2(drv: GuestDriver, proc: GuestProcess, args: Any,
     if res_handle:
         res = _resource(proc, res_handle, dev)
         gone = list(res.allocations)
-        msg = m.DestroyAllocation(dev.host_handle, res.host_handle, int(args.flags.value), ())
+        msg = m.DestroyAllocation(dev.host_handle, res.host_handle,
+                                  int(args.flags.value) & ~_SYSTEM_USE_ONLY, ())
         proc.handles.free(res.handle, HandleType.RESOURCE)
         res.handle = 0
         dev.resources.remove(res)
@@ -323,7 +358,7 @@ async def destroy_allocation2(drv: GuestDriver, proc: GuestProcess, args: Any,
         gone = [_allocation(proc, h, dev) for h in handles]
         if any(a.resource is not None for a in gone):
             return -errno.EINVAL  # a resource's allocations go with the resource
-        msg = m.DestroyAllocation(dev.host_handle, 0, int(args.flags.value),
+        msg = m.DestroyAllocation(dev.host_handle, 0, int(args.flags.value) & ~_SYSTEM_USE_ONLY,
                                   tuple(a.host_handle for a in gone))
         for a in gone:
             dev.allocations.remove(a)
@@ -348,7 +383,7 @@ async def lock2(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemory
     guest has the block's descriptor; elsewhere a shadow copy is fetched (docs/memory.md)."""
     dev = _device(proc, args.device)
     alloc = _allocation(proc, _h(args.allocation), dev)
-    if alloc.offered:
+    if alloc.offered or alloc.offering:
         return -errno.EINVAL  # reclaim it first
     adapter = dev.adapter
     channel = adapter.route()
@@ -370,8 +405,7 @@ async def lock2(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemory
                     or reply.block_size != block.size or reply.offset != alloc.offset
                     or reply.size != alloc.size):
                 raise IoctlError(errno.EPROTO, "host answered LOCK2 for another block")
-            if os.fstat(got[0]).st_size < block.size:
-                raise IoctlError(errno.EPROTO, "host sent a block smaller than it said")
+            _check_block_fd(got[0], block.size)
             if block.fd < 0 and proc.memory.blocks.get(block.key) is block:
                 block.fd = got.pop()
         finally:
@@ -380,6 +414,8 @@ async def lock2(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemory
             return -errno.EAGAIN  # the block went while its descriptor came
     if alloc.handle == 0:
         return -errno.EBADF  # destroyed meanwhile
+    if alloc.offered or alloc.offering:
+        return -errno.EINVAL  # offered while its block's descriptor came
     map_block(mem, block.id, block.size, alloc.offset, _LOCK2_DATA, proc.memory.give(block))
     block.mapped = True
     alloc.lock_count += 1
@@ -472,8 +508,9 @@ async def create_paging_queue(drv: GuestDriver, proc: GuestProcess, args: Any,
     hargs.fence_cpu_virtual_address = 0
     proc.charge_object()
     try:
-        status, out, extra, got = await _send_args(proc, adapter, V.CREATEPAGINGQUEUE, hargs,
-                                                   want_fds=True)
+        status, out, extra, got = await _send_args(
+            proc, adapter, V.CREATEPAGINGQUEUE, hargs, want_fds=True,
+            undo=lambda hp, r: _undo_queue(adapter, hp, _queue_of_reply(r)))
     except BaseException:
         if not proc.closed:
             proc.release_objects()
@@ -521,8 +558,10 @@ def _adopt_queue(proc: GuestProcess, dev: GuestDevice, hprocess: int, out: Any, 
     link = dev.adapter.link
     channel = dev.adapter.route()
     local = channel is not None and channel.can_pass_fds
-    if local and (len(got) != 1 or os.fstat(got[0]).st_size < ref.block_size):
-        raise IoctlError(errno.EPROTO, "host sent no usable fence block")
+    if local:
+        if len(got) != 1:
+            raise IoctlError(errno.EPROTO, "host sent no fence block")
+        _check_block_fd(got[0], ref.block_size)
     if not local and got:
         raise IoctlError(errno.EPROTO, "host sent a descriptor over a link without them")
     if local:
@@ -555,7 +594,16 @@ def _drop_queue(proc: GuestProcess, dev: GuestDevice, queue: GuestPagingQueue) -
         proc.release_objects()
 
 
+def _queue_of_reply(reply: m.IoctlArgsReturn) -> int:
+    if not nt_success(reply.status) or len(reply.args) != ctypes.sizeof(
+            s.d3dkmt_createpagingqueue):
+        return 0
+    return int(s.d3dkmt_createpagingqueue.from_buffer_copy(reply.args).paging_queue.v)
+
+
 def _undo_queue(adapter: GuestAdapter, hprocess: int, host_queue: int) -> None:
+    if not host_queue:
+        return
     args = s.d3dddi_destroypagingqueue()
     args.paging_queue.v = host_queue
     vmbus.spawn_quietly(adapter.link, vmbus.send(adapter, V.DESTROYPAGINGQUEUE, hprocess,
@@ -564,11 +612,13 @@ def _undo_queue(adapter: GuestAdapter, hprocess: int, host_queue: int) -> None:
 
 async def destroy_paging_queue(drv: GuestDriver, proc: GuestProcess, args: Any,
                                mem: UserMemory) -> int:
-    queue = _queue(proc, args.paging_queue)
+    queue = _queue(proc, args.paging_queue, removed_ok=True)
     dev = queue.device
     host_args = s.d3dddi_destroypagingqueue()
     host_args.paging_queue.v = queue.host_handle
     _drop_queue(proc, dev, queue)
+    if not dev.adapter.active or not dev.adapter.link.up:
+        return 0  # the host (and the queue there) is gone
     status, _, _extra = await _send_args(proc, dev.adapter, V.DESTROYPAGINGQUEUE, host_args)
     return _host_result(status)
 
@@ -720,8 +770,14 @@ async def offer_allocations(drv: GuestDriver, proc: GuestProcess, args: Any,
     hargs.device.v = dev.host_handle
     hargs.resources = 1 if by_resource else 0
     hargs.allocations = 0 if by_resource else 1
-    status, _, extra = await _send_args(proc, dev.adapter, V.OFFERALLOCATIONS, hargs,
-                                        _pack_u32s(hosts))
+    for a in allocs:
+        a.offering += 1  # no Lock2 starts while the offer travels
+    try:
+        status, _, extra = await _send_args(proc, dev.adapter, V.OFFERALLOCATIONS, hargs,
+                                            _pack_u32s(hosts))
+    finally:
+        for a in allocs:
+            a.offering -= 1
     _no_extra(extra, "OFFERALLOCATIONS")
     ret = _host_result(status)
     if ret >= 0:

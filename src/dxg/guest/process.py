@@ -164,6 +164,22 @@ async def close_adapter(proc: GuestProcess, handle: int) -> None:
         pa.adapter.process_adapters.remove(pa)
     for dev in devices:
         await destroy_device_quietly(proc, dev)
+    await _close_on_host(proc, pa.adapter)
+
+
+async def _close_on_host(proc: GuestProcess, adapter: GuestAdapter) -> None:
+    """What the process still holds on the adapter's host without a device (GPU VA
+    reservations, video memory reservations, memory blocks) goes with its last handle."""
+    from dxg.guest import vmbus
+    from dxg.protocol.commands import VgpuCommand
+
+    hprocess = existing_host_process(proc, adapter.link)
+    if hprocess is None or not adapter.active or not adapter.link.up:
+        return
+    try:
+        await vmbus.send(adapter, VgpuCommand.PYDXG_CLOSEPROCESSADAPTER, hprocess)
+    except (IoctlError, vmbus.HostStatus) as e:
+        log.warning("pid %d: releasing adapter memory on the host failed: %s", proc.pid, e)
 
 
 async def destroy_device_quietly(proc: GuestProcess, dev: GuestDevice) -> None:

@@ -368,6 +368,21 @@ def drop_open(p: Partition, adapter_index: int) -> None:
     p.free(opened.handle, HandleType.ADAPTER)
 
 
+def close_process_adapter(p: Partition, call: Call, body: m.Empty) -> m.NtStatusReturn:
+    """PYDXG_CLOSEPROCESSADAPTER: the process is done with this adapter (its devices went
+    before): its GPU VA space, reservations and memory blocks there go too."""
+    from dxg.host.vaspace import drop_vaspace
+
+    adapter = _adapter(call)
+    process = p.process(call)
+    for device in list(process.devices.values()):
+        if device.adapter is adapter:
+            raise CommandFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "devices still open on it")
+    drop_vaspace(p, process, adapter.index)
+    process.memory.drop_adapter(adapter.index)
+    return m.NtStatusReturn(NTSTATUS.STATUS_SUCCESS)
+
+
 def open_of(p: Partition, adapter: HostAdapter) -> AdapterOpen:
     opened = p.opens.get(adapter.index)
     if opened is None:
@@ -458,6 +473,7 @@ HANDLERS: MappingProxyType[VgpuCommand, Handler] = MappingProxyType({
     VgpuCommand.QUERYADAPTERINFO: query_adapter_info,
     VgpuCommand.ISFEATUREENABLED: is_feature_enabled,
     VgpuCommand.QUERYCLOCKCALIBRATION: query_clock_calibration,
+    VgpuCommand.PYDXG_CLOSEPROCESSADAPTER: close_process_adapter,
 })
 
 __all__ = ["HANDLERS", "AdapterOpen", "HostAdapter", "drop_open", "open_of",

@@ -290,6 +290,9 @@ def create_allocation(p: Partition, call: Call,
     return m.CreateAllocationReturn(OK, resource.handle if resource is not None else 0, infos)
 
 
+_SYSTEM_USE_ONLY = 1 << 31  # d3dddicb_destroyallocation2flags.system_use_only
+
+
 def destroy_allocation(p: Partition, call: Call, body: m.DestroyAllocation) -> m.NtStatusReturn:
     from dxg.host.device import device_of
 
@@ -305,7 +308,11 @@ def destroy_allocation(p: Partition, call: Call, body: m.DestroyAllocation) -> m
     victims: dict[int, Allocation] = {}
     for handle in body.allocations:
         victims[handle] = allocation_of(p, process, handle, device)
-    if any(a.resource is not None for a in victims.values()):
+    # A resource's allocations go with it, except when the guest undoes allocations it added
+    # to a resource for a caller that gave up (system_use_only, bit 31: guests set it only
+    # then; a guest breaking that rule only removes its own process's allocations).
+    if not body.flags & _SYSTEM_USE_ONLY and any(a.resource is not None
+                                                   for a in victims.values()):
         raise CommandFailed(INVALID, "an allocation of a resource goes with its resource")
     for a in victims.values():
         drop_allocation(p, a)

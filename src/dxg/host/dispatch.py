@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 # Teardown commands still run on a removed adapter, so a guest can always release what it holds.
 _TEARDOWN = frozenset({VgpuCommand.DESTROYDEVICE, VgpuCommand.DESTROYCONTEXT,
                        VgpuCommand.CLOSEADAPTER, VgpuCommand.DESTROYALLOCATION,
-                       VgpuCommand.DESTROYPAGINGQUEUE})
+                       VgpuCommand.DESTROYPAGINGQUEUE,
+                       VgpuCommand.PYDXG_CLOSEPROCESSADAPTER})
 
 
 def _merge(*tables: Mapping[Any, Handler]) -> MappingProxyType[Any, Handler]:

@@ -601,7 +601,7 @@ class _Conn:
                 ret, out = await self.node.driver.ioctl(self.proc, req.code, req.struct, mem)
             except asyncio.CancelledError:
                 if not self.gone:  # cancelled by the client (CANCEL): its call was interrupted
-                    self.send(wire.IoctlReply(-errno.EINTR, req.struct), seq)
+                    self._fail_with_maps(seq, -errno.EINTR, req.struct, mem)
                 raise
             except Exception:
                 log.exception("driver ioctl 0x%08x from pid %d raised", req.code, self.pid)
@@ -613,7 +613,7 @@ class _Conn:
                 or len(out) != len(req.struct)
             ):
                 log.error("driver ioctl 0x%08x returned a malformed result", req.code)
-                self.send(wire.IoctlReply(-errno.EIO, req.struct), seq)
+                self._fail_with_maps(seq, -errno.EIO, req.struct, mem)
                 return
             fds, fixups = mem.reply_fds()
             if ret < 0:
@@ -626,9 +626,20 @@ class _Conn:
                 # the reply's descriptors could not be kept for the client (out of
                 # descriptors): it gets -EMFILE, as from a kernel that cannot install them
                 log.warning("pid %d: reply descriptors dropped: %s", self.pid, e)
-                self.send(wire.IoctlReply(-(e.errno or errno.EMFILE), req.struct), seq)
+                self._fail_with_maps(seq, -(e.errno or errno.EMFILE), req.struct, mem)
         finally:
             mem.close()
+
+    def _fail_with_maps(self, seq: int, ret: int, struct: bytes, mem: RegionUserMemory) -> None:
+        """Answer a call that failed after the driver changed what the client maps: the unmaps
+        still go (the blocks are gone), and the driver learns which maps never reached the
+        client (it sends their descriptors again next time)."""
+        maps, _ = mem.reply_maps()
+        unmaps = tuple(m for m in maps if m.op == wire.UNMAP)
+        lost = [m.block for m in maps if m.op == wire.MAP and m.with_fd]
+        if lost:
+            self.node.driver.maps_lost(self.proc, lost)
+        self.send(wire.IoctlReply(ret, struct, maps=unmaps), seq)
 
     async def _admin(self, seq: int, msg: wire.AdminRequest) -> None:
         try:

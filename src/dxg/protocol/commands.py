@@ -102,6 +102,10 @@ class VgpuCommand(IntEnum):
     SETEXISTINGSYSMEMPAGES = 66
     INVALIDATECACHE = 67
     ISFEATUREENABLED = 68
+    # pydxg extension (not in the real driver): the process closed its last handle of the
+    # adapter; the host drops what the process still holds there (reservations, GPU VA space,
+    # memory blocks), as the real driver's dxgprocess_adapter teardown does in one kernel.
+    PYDXG_CLOSEPROCESSADAPTER = 2001
 
 
 class HostToVmCommand(IntEnum):

@@ -226,6 +226,8 @@ _SPECS += (
     _mem(V.FLUSHHEAPTRANSITIONS),
     _mem(V.QUERYVIDEOMEMORYINFO),
     _mem(V.CHANGEVIDEOMEMORYRESERVATION),
+    _v(V.PYDXG_CLOSEPROCESSADAPTER, m.Empty, m.NtStatusReturn, fail_status,
+       note="pydxg extension: the process's last handle of the adapter closed"),
 )
 
 COMMANDS: MappingProxyType[Command, CommandSpec] = MappingProxyType(
