@@ -139,6 +139,205 @@ def test_frame_reader_never_crashes(data):
         pass
 
 
+# ---- messages: bulk attachments announced, assembled once, read in place ------------------------
+
+MAX = framing.DXG_MAX_VM_BUS_PACKET_SIZE
+
+
+def _stream(*messages: list) -> bytes:
+    return b"".join(bytes(b) for msg in messages for b in msg)
+
+
+def _read(reader: framing.MessageReader, stream: bytes, seed: int,
+          direct: bool = True) -> list[framing.Frame]:
+    """``stream`` into ``reader`` in random pieces: straight into the buffers it names when
+    ``direct`` (as SocketTransport reads over TCP), through frames_of otherwise."""
+    rng = random.Random(seed)
+    out: list[framing.Frame] = []
+    pos = 0
+    while pos < len(stream):
+        want = rng.choice([1, 23, 24, 25, 4096, MAX - 1, MAX + 24, 3 * MAX])
+        buffers = reader.buffers() if direct else None
+        if buffers:
+            n = min(want, sum(len(b) for b in buffers), len(stream) - pos)
+            left, at = n, pos
+            for b in buffers:
+                k = min(len(b), left)
+                b[:k] = stream[at : at + k]
+                at += k
+                left -= k
+            out += reader.filled(n)
+        else:
+            n = min(want, len(stream) - pos)
+            out += reader.frames_of(stream[pos : pos + n])
+        pos += n
+    return out
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("size", [0, 1, MAX, MAX + 1, 5 << 17 | 3, 3 << 20])
+def test_messages_come_whole_in_one_buffer_however_their_bytes_arrive(size, direct):
+    data = random.Random(size).randbytes(size)
+    msg = framing.encode_message(4, framing.VM_PKT_COMP, framing.Gather(
+        (data[:10], memoryview(data)[10:])), 9, framing.frame_flags(True))
+    after = framing.encode_message(4, framing.VM_PKT_DATA_INBAND, b"next", 10)
+    r = framing.MessageReader(64 << 20)
+    first, second = _read(r, _stream(msg, after), size, direct)
+    assert first.payload == data and (first.trans_id, second.trans_id) == (9, 10)
+    assert first.wants_completion and first.has_bulk == (size > MAX) and not first.placed
+    assert type(first.payload) is (bytearray if size > MAX else bytes)
+    assert second.payload == b"next" and r.pending_bytes == 0
+
+
+def test_bulk_chunks_announce_their_attachment_and_payloads_go_as_views():
+    data = bytearray(random.Random(1).randbytes(3 * MAX + 5))
+    msg = framing.encode_message(4, framing.VM_PKT_COMP, data, 0x1_2345_6789)
+    heads = [framing.FRAME_HEADER.unpack(b) for b in msg if isinstance(b, bytes)]
+    word = framing.bulk_announcement(2 * MAX + 5, 0x2345_6789)
+    assert word == (0x2345_6789 << 32) | (2 * MAX + 5)
+    assert [h[1:] for h in heads] == [
+        (MAX, 4, framing.VM_PKT_BULK, 0, word), (MAX, 4, framing.VM_PKT_BULK, 0, word),
+        (5, 4, framing.VM_PKT_BULK, 0, word),
+        (MAX, 4, framing.VM_PKT_COMP, framing.FLAG_HAS_BULK, 0x1_2345_6789)]
+    views = [b for b in msg if not isinstance(b, bytes)]
+    assert all(isinstance(v, memoryview) and v.obj is data for v in views)  # nothing copied
+    assert _stream(msg).endswith(data[:MAX])
+    assert framing.bulk_announcement(0) == framing.bulk_announcement(1 << 32) == 0
+
+
+def test_an_attachment_is_placed_where_its_owner_names():
+    data = random.Random(2).randbytes(2 << 20)
+    stream = _stream(framing.encode_message(3, framing.VM_PKT_COMP, data, 77))
+    for direct in (False, True):
+        where = bytearray(len(data) - MAX)
+        asked = []
+
+        def place(relid, owner, length, where=where, asked=asked):
+            asked.append((relid, owner, length))
+            return memoryview(where)
+
+        (f,) = _read(framing.MessageReader(64 << 20, place), stream, 3, direct)
+        assert asked == [(3, 77, len(where))]
+        assert f.placed == len(where) and f.payload == data[:MAX] and where == data[MAX:]
+    # memory of another length (or read-only) is not used: the message comes whole
+    for wrong in (memoryview(bytearray(5)), memoryview(bytes(len(data) - MAX))):
+        (f,) = _read(framing.MessageReader(64 << 20, lambda *a, w=wrong: w), stream, 4)
+        assert f.placed == 0 and f.payload == data
+
+
+def test_attachments_of_older_senders_still_come_whole():
+    """Chunks that announce nothing (trans_id 0) are collected as they come."""
+    data = random.Random(5).randbytes(3 * MAX + 7)
+    bulk = memoryview(data)[MAX:]
+    stream = b"".join(framing.FRAME_HEADER.pack(framing.MAGIC, len(c), 2, framing.VM_PKT_BULK,
+                                                0, 0) + bytes(c)
+                      for c in (bulk[i : i + MAX] for i in range(0, len(bulk), MAX)))
+    stream += framing.encode_frame(2, framing.VM_PKT_DATA_INBAND, data[:MAX], 3,
+                                   framing.FLAG_HAS_BULK)
+    for direct in (False, True):
+        (f,) = _read(framing.MessageReader(64 << 20), stream, 6, direct)
+        assert f.payload == data and f.has_bulk
+    with pytest.raises(ProtocolError, match="longer"):
+        framing.MessageReader(2 * MAX).frames_of(stream)
+
+
+def test_a_message_buffer_is_used_again_only_once_nothing_refers_to_it():
+    r = framing.MessageReader(64 << 20)
+
+    def message(fill: int) -> bytearray:
+        (frame,) = r.frames_of(_stream(framing.encode_message(
+            2, framing.VM_PKT_COMP, bytes([fill]) * (MAX + 999))))
+        assert isinstance(frame.payload, bytearray)
+        return frame.payload
+
+    first = message(1)
+    held = memoryview(first)[MAX:]  # a view of it still held: it is not used again
+    del first
+    second = message(2)
+    assert set(held.tobytes()) == {1} and set(second) == {2}
+    assert second is r._spare
+    spare = id(second)
+    del second, held
+    third = message(3)  # nothing refers to the second now: it is used again
+    assert id(third) == spare and set(third) == {3}
+    del third
+    for _ in range(framing.SPARE_IDLE):  # messages without attachments: the spare goes
+        r.frames_of(framing.encode_frame(2, framing.VM_PKT_COMP, b"small"))
+    assert r._spare is None
+
+
+def _h(length: int, relid: int, ptype: int, flags: int = 0, trans: int = 0) -> bytes:
+    return framing.FRAME_HEADER.pack(framing.MAGIC, length, relid, ptype, flags, trans)
+
+
+_B = framing.VM_PKT_BULK
+_P = framing.VM_PKT_DATA_INBAND
+_HB = framing.FLAG_HAS_BULK
+
+
+def _ann(n: int) -> int:
+    return framing.bulk_announcement(n)
+
+
+BAD_MESSAGES = {
+    "more than announced": _h(8, 2, _B, 0, _ann(4)) + bytes(8),
+    "chunks disagree": _h(2, 2, _B, 0, _ann(4)) + b"ab" + _h(2, 2, _B, 0, _ann(5)) + b"cd",
+    "chunks of two channels": _h(2, 2, _B, 0, _ann(4)) + b"ab" + _h(2, 3, _B, 0, _ann(4)) + b"cd",
+    "announced past max_message": _h(1, 2, _B, 0, _ann((1 << 20) - MAX + 1)) + b"x",
+    "claimed before it all came": _h(2, 2, _B, 0, _ann(4)) + b"ab" + _h(1, 2, _P, _HB) + b"x",
+    "claimed on another channel": _h(4, 2, _B, 0, _ann(4)) + b"abcd" + _h(1, 3, _P, _HB) + b"x",
+    "claimed by no packet": _h(4, 2, _B, 0, _ann(4)) + b"abcd" + _h(1, 2, _P) + b"x",
+    "unannounced, claimed by no packet": _h(4, 2, _B) + b"abcd" + _h(1, 2, _P) + b"x",
+    "a chunk with descriptors": _h(4, 2, _B, 1 << 8, _ann(4)) + b"abcd",
+    "a chunk on the control channel": _h(4, 0, _B, 0, _ann(4)) + b"abcd",
+    "announced, then not": _h(2, 2, _B, 0, _ann(4)) + b"ab" + _h(2, 2, _B) + b"cd",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MESSAGES))
+def test_messages_that_break_their_word_are_refused(case):
+    for direct in (False, True):
+        with pytest.raises(ProtocolError):
+            _read(framing.MessageReader(1 << 20), BAD_MESSAGES[case], 7, direct)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 2**64 - 1))
+def test_message_reader_never_crashes(data, word):
+    r = framing.MessageReader(1 << 20, lambda *a: None)
+    try:
+        r.frames_of(_h(len(data) % 64, 2, _B, 0, word) + data)
+        r.frames_of(data)
+    except ProtocolError:
+        pass
+
+
+def test_large_bodies_are_packed_as_views_and_parsed_without_copies():
+    data = bytearray(random.Random(8).randbytes(1 << 20))
+    body = m.Unlock2(1, 2, 3, memoryview(data)).pack()
+    assert isinstance(body, framing.Gather) and len(body) == 16 + len(data)
+    assert any(isinstance(p, memoryview) and p.obj is data for p in body.parts)
+    payload = headers.encode_vgpu(VgpuCommand.UNLOCK2, 5, 6, body)
+    assert isinstance(payload, framing.Gather) and len(payload) == 40 + len(body)
+    received = bytearray(bytes(payload))  # how a large message arrives: a bytearray
+    msg = headers.decode_guest(received)
+    assert isinstance(msg.body, memoryview) and msg.body.obj is received
+    got = m.Unlock2.unpack(msg.body)
+    assert got.data.obj is received and got.data == data and got.offset == 3
+    assert m.Unlock2.unpack(body) == m.Unlock2(1, 2, 3, bytes(data))  # a Gather parses too
+    reply = m.Lock2Return(0, 1, 2, 3, 4, memoryview(data)).pack()
+    assert isinstance(reply, framing.Gather)
+    assert m.Lock2Return.unpack(bytearray(bytes(reply))).data == data
+    esc = m.Escape(1, 2, 0, 0, 0, b"priv", memoryview(data)).pack()
+    parsed = m.Escape.unpack(bytearray(bytes(esc)))
+    assert type(parsed.priv_drv_data) is bytes and parsed.attachment == data
+    # small ones stay bytes, and so do the bodies of other commands, however they came
+    assert isinstance(m.Unlock2(1, 2, 3, b"x").pack(), bytes)
+    other = headers.decode_guest(bytearray(headers.encode_vgpu(
+        VgpuCommand.CREATEDEVICE, 1, 2, m.CreateDevice(0, 0, 1).pack())))
+    assert type(other.body) is bytes
+
+
 # ---- bus messages ------------------------------------------------------------------------------
 
 

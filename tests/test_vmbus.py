@@ -42,6 +42,8 @@ from dxg.protocol.framing import (
     VM_PKT_COMP,
     VM_PKT_DATA_INBAND,
     FrameReader,
+    Gather,
+    bulk_announcement,
     encode_frame,
     frame_flags,
 )
@@ -596,6 +598,117 @@ def test_bulk_attachments_both_ways(host_rt, guest_rt, tmp_path, kind):
                 os.close(fd)
 
 
+@pytest.mark.parametrize("kind", LINKS)
+def test_a_reply_is_read_into_the_memory_its_request_names(host_rt, guest_rt, tmp_path, kind):
+    """``request(into=...)``: the reply's attachment (its bytes after the first packet's) goes
+    straight to that memory when it has exactly its length; the Packet says how much went."""
+    with linked(kind, host_rt, guest_rt, tmp_path) as (_host, guest):
+        ch = guest.channel(2)
+        big = os.urandom((5 << 20) + 3)
+        reply = b"echo:" + big
+        where = bytearray(len(reply) - DXG_MAX_VM_BUS_PACKET_SIZE)
+
+        async def go(into: memoryview) -> Packet:
+            return await ch.request(Gather((big[:7], memoryview(big)[7:])), into=into)
+
+        packet = guest.rt.run(go(memoryview(where)), TIMEOUT)
+        assert packet.placed == len(where)
+        assert packet.payload == reply[:DXG_MAX_VM_BUS_PACKET_SIZE]
+        assert where == reply[DXG_MAX_VM_BUS_PACKET_SIZE:]
+        # memory of another length is not used: the reply comes whole
+        other = bytearray(len(where) - 1)
+        packet = guest.rt.run(go(memoryview(other)), TIMEOUT)
+        assert packet.placed == 0 and packet.payload == reply and not any(other)
+        # several on their way at once, each to its own memory
+        wheres = [bytearray(len(where)) for _ in range(4)]
+
+        async def many() -> list[Packet]:
+            return list(await asyncio.gather(*(
+                ch.request(big, into=memoryview(w)) for w in wheres)))
+
+        for packet, w in zip(guest.rt.run(many(), TIMEOUT), wheres, strict=True):
+            assert packet.placed == len(w) and w == reply[DXG_MAX_VM_BUS_PACKET_SIZE:]
+        assert guest.rt.call(lambda: ch._into) == {}
+
+
+def test_a_socket_reads_a_large_payload_straight_into_its_receivers_buffers(host_rt):
+    """A receiver that names buffers (recv_buffers) gets the bytes there, read by the kernel,
+    in the order named; one that names none gets data_received as usual."""
+    lsock = socket.create_server(("127.0.0.1", 0))  # (TCP: no descriptors, reads go direct)
+    a = socket.create_connection(lsock.getsockname())
+    b, _ = lsock.accept()
+    lsock.close()
+    target = bytearray(1 << 20)
+    head = bytearray(24)
+    got: list[object] = []
+
+    class Direct:
+        def __init__(self) -> None:
+            self.filled = 0
+
+        def recv_buffers(self) -> list[memoryview] | None:
+            if self.filled >= len(target) + len(head):
+                return None
+            at = self.filled
+            if at < len(target):
+                return [memoryview(target)[at:], memoryview(head)]
+            return [memoryview(head)[at - len(target) :]]
+
+        def buffers_filled(self, n: int) -> None:
+            self.filled += n
+
+        def data_received(self, data: bytes, fds: list[int]) -> None:
+            got.append(bytes(data))
+
+        def connection_lost(self, error: BaseException | None) -> None:
+            got.append(None)
+
+    receiver = Direct()
+    transport = host_rt.call(lambda: SocketTransport(host_rt.loop, b, "direct"))
+    try:
+        host_rt.call(transport.start, receiver)
+        payload = os.urandom(len(target) + len(head)) + b"after"
+        a.sendall(payload)
+        wait_until(lambda: b"".join(x for x in got if x) == b"after")
+        assert target == payload[: len(target)] and head == payload[len(target) : -5]
+    finally:
+        host_rt.call(transport.close)
+        a.close()
+
+
+def test_large_writes_wait_as_views_of_the_callers_buffers(host_rt):
+    """writev sends the caller's buffers as they are: what the peer has not taken yet waits as
+    views of them (nothing is joined), in order, with a bounded queue as write does."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    data = bytearray(os.urandom(8 << 20))
+    transport = host_rt.call(lambda: SocketTransport(host_rt.loop, a, "views"))
+
+    class Quiet:
+        def data_received(self, data: bytes, fds: list[int]) -> None:
+            pass
+
+        def connection_lost(self, error: BaseException | None) -> None:
+            pass
+
+    try:
+        host_rt.call(transport.start, Quiet())
+        parts = [b"head", memoryview(data)[: 3 << 20], memoryview(data)[3 << 20 :], b"tail"]
+        host_rt.call(transport.writev, parts)
+        queued = host_rt.call(lambda: transport.buffered)
+        assert 0 < queued <= len(data) + 8
+        data[-1] ^= 0xFF  # not taken yet: the peer gets the buffer as it is when taken
+        want = b"head" + bytes(data) + b"tail"
+        b.settimeout(TIMEOUT)
+        got = bytearray()
+        while len(got) < len(want):
+            got += b.recv(1 << 20)
+        assert got == want
+        wait_until(lambda: host_rt.call(lambda: transport.buffered) == 0)
+    finally:
+        host_rt.call(transport.close)
+        b.close()
+
+
 def test_a_message_over_max_message_is_refused_by_the_sender(host_rt, guest_rt, tmp_path):
     with linked("unix", host_rt, guest_rt, tmp_path, max_message=1 << 20) as (_host, guest):
         ch = guest.channel(2)
@@ -658,6 +771,26 @@ HOSTILE = {
     "undecodable control message": (
         _hdr(5, CONTROL_RELID, VM_PKT_DATA_INBAND) + b"\xff\xff\xff\xff!", 0),
     "more descriptors than a read may bring": (b"\0", 65),
+    # bulk chunks say how long their attachment is: they must keep their word
+    "bulk chunks that bring more than they announce": (
+        _hdr(8, 2, VM_PKT_BULK, trans=bulk_announcement(4)) + b"bulkbulk", 0),
+    "bulk chunks that disagree on their attachment": (
+        _hdr(2, 2, VM_PKT_BULK, trans=bulk_announcement(4)) + b"bu"
+        + _hdr(2, 2, VM_PKT_BULK, trans=bulk_announcement(5)) + b"lk", 0),
+    "bulk chunks of two channels": (
+        _hdr(2, 2, VM_PKT_BULK, trans=bulk_announcement(4)) + b"bu"
+        + _hdr(2, 3, VM_PKT_BULK, trans=bulk_announcement(4)) + b"lk", 0),
+    "an attachment announced longer than max_message": (
+        _hdr(4, 2, VM_PKT_BULK, trans=bulk_announcement(MAX_MESSAGE)) + b"bulk", 0),
+    "a packet that claims an attachment before all of it came": (
+        _hdr(2, 2, VM_PKT_BULK, trans=bulk_announcement(4)) + b"bu"
+        + _hdr(1, 2, VM_PKT_DATA_INBAND, FLAG_HAS_BULK | 1, 1) + b"x", 0),
+    "a packet that claims the attachment of another channel": (
+        _hdr(4, 2, VM_PKT_BULK, trans=bulk_announcement(4)) + b"bulk"
+        + _hdr(1, 3, VM_PKT_DATA_INBAND, FLAG_HAS_BULK | 1, 1) + b"x", 0),
+    "announced bulk that no packet claims": (
+        _hdr(4, 2, VM_PKT_BULK, trans=bulk_announcement(4)) + b"bulk"
+        + _hdr(1, 2, VM_PKT_DATA_INBAND) + b"x", 0),
 }
 
 

@@ -204,6 +204,21 @@ def _close_children(children: list[Any]) -> Op[BaseException | None]:
     return None
 
 
+def close_child(obj: Any, thunk: Any, args: Any, what: str) -> Op[None]:
+    """Close ``obj``, a child of a device with no children of its own: untracked from the
+    device, then destroyed with ``thunk(args)`` (nothing to do once the node is gone)."""
+    if not obj._mark_closed():
+        return
+    obj.device._untrack(obj)
+    if obj.conn.closed:
+        return
+    try:
+        status = yield call(thunk, args)
+    except NodeError:
+        return
+    _check(status, what)
+
+
 # ---- the objects, written once -------------------------------------------------------------------
 
 
@@ -756,18 +771,9 @@ class _ContextOps(_Object):
         return self.device.conn
 
     def _close(self) -> Op[None]:
-        if not self._mark_closed():
-            return
-        self.device._untrack(self)
-        if self.conn.closed:
-            return
         args = s.d3dkmt_destroycontext()
         args.context.v = self.handle
-        try:
-            status = yield call(t.D3DKMTDestroyContext, args)
-        except NodeError:
-            return
-        _check(status, "DestroyContext")
+        yield from close_child(self, t.D3DKMTDestroyContext, args, "DestroyContext")
 
 
 # ---- the two flavors ------------------------------------------------------------------------------

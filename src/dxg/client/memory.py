@@ -59,7 +59,7 @@ from typing import Any, TypeVar
 
 from dxg.client import thunks as t
 from dxg.client.aio import AsyncNodeConnection
-from dxg.client.api import _Async, _Object, _Sync
+from dxg.client.api import _Async, _Object, _Sync, close_child
 from dxg.client.drive import AsyncRunner, Op, Step, call, op
 from dxg.client.errors import DxgError, NodeError, check_status
 from dxg.uapi import memory as um
@@ -641,18 +641,9 @@ class _PagingQueueOps(_Object):
         return (yield from _reclaim(self, allocs, wait, timeout))
 
     def _close(self) -> Op[None]:
-        if not self._mark_closed():
-            return
-        self.device._untrack(self)
-        if self.conn.closed:
-            return
         args = s.d3dddi_destroypagingqueue()
         args.paging_queue.v = self.handle
-        try:
-            status = yield call(t.D3DKMTDestroyPagingQueue, args)
-        except NodeError:
-            return
-        _check(status, "DestroyPagingQueue")
+        yield from close_child(self, t.D3DKMTDestroyPagingQueue, args, "DestroyPagingQueue")
 
 
 # ---- GPU virtual addresses -----------------------------------------------------------------------

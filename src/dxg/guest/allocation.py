@@ -13,8 +13,12 @@ punched out of the block.
 
 On a link that cannot carry descriptors (TCP), a Lock2 makes a *shadow*: a block of the guest's
 own that holds a copy fetched from the host (LOCK2_COPY, in chunks), mapped into the client like
-any block and written back at the last Unlock2 (UNLOCK2). Paging fences get a guest page there,
-updated with the values the host reports.
+any block and written back at the last Unlock2 (UNLOCK2). After that last Unlock2 the shadow (and
+the client's mapping of it) is kept for the allocation's next Lock2, which fetches the bytes again
+into it: a process keeps at most ``KEPT_SHADOW_BYTES`` of such unlocked shadows, the least
+recently used going first (unmapped from the client like any block that goes), and they go with
+their allocation, its device or the process. Paging fences get a guest page there, updated with
+the values the host reports.
 
 Everything here is touched only on the driver's event loop.
 """
@@ -31,6 +35,8 @@ from dxg.oslib.fds import close_all
 from dxg.oslib.memfd import SharedMemory
 
 if TYPE_CHECKING:
+    import asyncio
+
     from dxg.guest.device import GuestDevice
     from dxg.guest.hostlink import HostLink
     from dxg.guest.process import GuestProcess
@@ -39,6 +45,11 @@ if TYPE_CHECKING:
 # came back numbers its blocks anew), host process, host block number).
 BlockKey = tuple[int, int, int, int]
 FENCE_PAGE = 4096
+# Shadows of unlocked allocations a process keeps for their next Lock2, in bytes at most.
+KEPT_SHADOW_BYTES = 64 << 20
+# What one process may have in shadows at once (kept ones included): the guest's memory a
+# client can make it hold by locking over a link without descriptors.
+MAX_SHADOW_BYTES = 1 << 30
 
 
 class GuestBlock:
@@ -115,25 +126,42 @@ class GuestPagingQueue:
 class Shadow:
     """A guest-made block: a copy of an allocation (or a fence page) mapped into the client."""
 
-    __slots__ = ("block", "mem")
+    __slots__ = ("block", "busy", "dropped", "kept", "mem", "owner")
 
     def __init__(self, block: GuestBlock, mem: SharedMemory) -> None:
         self.block = block
         self.mem = mem
+        self.owner: GuestAllocation | None = None  # whose copy it is (alloc.shadow is it)
+        self.busy: asyncio.Future[None] | None = None  # a fetch or write-back under way
+        self.kept = False  # unlocked, kept for the next Lock2 (ProcessMemory's LRU)
+        self.dropped = False
+
+    def view(self) -> memoryview:
+        """A writable view of all its bytes (it keeps the mapping alive while it lives)."""
+        return self.mem.view()
 
 
 class ProcessMemory:
     """A process's blocks, and what the client must be told to unmap."""
 
-    def __init__(self) -> None:
+    def __init__(self, kept_limit: int = KEPT_SHADOW_BYTES) -> None:
         self.blocks: dict[BlockKey, GuestBlock] = {}
         self.next_id = 0
         self.unmaps: list[int] = []
-        self.shadows = 0
+        self.shadows = 0  # shadows in use (locked, being fetched or written back, fences)
+        self.kept_limit = kept_limit
+        self.kept_bytes = 0
+        self._kept: dict[Shadow, None] = {}  # unlocked shadows kept, least recently used first
+        self._live: dict[int, Shadow] = {}  # every shadow, by block id
 
     def _new_id(self) -> int:
         self.next_id += 1
         return self.next_id
+
+    @property
+    def shadow_bytes(self) -> int:
+        """Bytes of every shadow this process has (in use and kept)."""
+        return sum(s.block.size for s in self._live.values())
 
     def use(self, key: BlockKey, size: int, readonly: bool = False) -> GuestBlock:
         """The block ``key`` with one more user (recorded the first time)."""
@@ -152,6 +180,10 @@ class ProcessMemory:
         for block in self.blocks.values():
             if block.id in wanted:
                 block.mapped = False
+        for block_id in wanted:
+            shadow = self._live.get(block_id)
+            if shadow is not None:
+                shadow.block.mapped = False
 
     def release(self, block: GuestBlock) -> None:
         block.users -= 1
@@ -169,15 +201,32 @@ class ProcessMemory:
             self.unmaps.append(block.id)
 
     def shadow(self, size: int, readonly: bool = False) -> Shadow:
-        """A new guest-made block of ``size`` bytes (zero-filled)."""
+        """A new guest-made block of ``size`` bytes (zero-filled); -ENOMEM past the process's
+        share of the guest's memory for copies (``MAX_SHADOW_BYTES`` in use at once)."""
+        while self._kept and self.shadow_bytes + size > MAX_SHADOW_BYTES:
+            self.drop_shadow(next(iter(self._kept)))  # kept ones make room first
+        if self.shadow_bytes + size > MAX_SHADOW_BYTES:
+            raise IoctlError(errno.ENOMEM, f"copies of more than {MAX_SHADOW_BYTES} bytes "
+                             "locked at once over this link")
         mem = SharedMemory(size, "pydxg-shadow")
         block = GuestBlock(None, self._new_id(), size, readonly)
         block.fd = mem.fd
         block.users = 1
         self.shadows += 1
-        return Shadow(block, mem)
+        shadow = self._live[block.id] = Shadow(block, mem)
+        return shadow
 
     def drop_shadow(self, shadow: Shadow) -> None:
+        """The shadow goes (its owner forgets it; the client unmaps it). Idempotent. Views of
+        it still held (bytes on their way) keep its memory until they are released."""
+        if shadow.dropped:
+            return
+        self.take(shadow)
+        shadow.dropped = True
+        owner = shadow.owner
+        if owner is not None and owner.shadow is shadow:
+            owner.shadow = None
+        self._live.pop(shadow.block.id, None)
         shadow.block.fd = -1  # (the SharedMemory owns it)
         shadow.block.users = 0
         if shadow.block.mapped:
@@ -185,6 +234,35 @@ class ProcessMemory:
             self.unmaps.append(shadow.block.id)
         shadow.mem.close()
         self.shadows -= 1
+
+    def keep(self, shadow: Shadow) -> None:
+        """An allocation's shadow, unlocked now, is kept (mapped in the client) for its next
+        Lock2; the least recently used kept ones go to stay within ``kept_limit`` (one larger
+        than that goes at once)."""
+        if shadow.dropped or shadow.kept:
+            return
+        if shadow.block.size > self.kept_limit:
+            self.drop_shadow(shadow)
+            return
+        shadow.kept = True
+        self._kept[shadow] = None
+        self.kept_bytes += shadow.block.size
+        self.shadows -= 1
+        while self.kept_bytes > self.kept_limit:
+            self.drop_shadow(next(iter(self._kept)))
+
+    def take(self, shadow: Shadow) -> None:
+        """A kept shadow is in use again (no longer one the limit may drop)."""
+        if shadow.kept:
+            shadow.kept = False
+            del self._kept[shadow]
+            self.kept_bytes -= shadow.block.size
+            self.shadows += 1
+
+    @property
+    def kept(self) -> int:
+        """How many unlocked shadows are kept."""
+        return len(self._kept)
 
     def give(self, block: GuestBlock) -> int | None:
         """A descriptor for the client when it does not have ``block`` yet (None when it does);
@@ -194,6 +272,8 @@ class ProcessMemory:
         return os.dup(block.fd)
 
     def close(self) -> None:
+        for shadow in list(self._kept):
+            self.drop_shadow(shadow)
         for block in list(self.blocks.values()):
             if block.fd >= 0:
                 close_all((block.fd,))
@@ -262,6 +342,6 @@ def release_paging_queue(proc: GuestProcess, queue: GuestPagingQueue) -> None:
         proc.memory.release(queue.block)
 
 
-__all__ = ["FENCE_PAGE", "BlockKey", "GuestAllocation", "GuestBlock", "GuestPagingQueue",
-           "GuestResource", "ProcessMemory", "Shadow", "link_key", "release_allocation",
-           "release_device_memory", "release_paging_queue"]
+__all__ = ["FENCE_PAGE", "KEPT_SHADOW_BYTES", "MAX_SHADOW_BYTES", "BlockKey", "GuestAllocation", "GuestBlock",
+           "GuestPagingQueue", "GuestResource", "ProcessMemory", "Shadow", "link_key",
+           "release_allocation", "release_device_memory", "release_paging_queue"]

@@ -6,6 +6,7 @@ Touched only on the driver's event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from typing import TYPE_CHECKING
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
     from dxg.guest.adapter import GuestAdapter
 
 log = logging.getLogger(__name__)
+
+# Lock2/Unlock2 copy pieces (4 MiB each) on their way over one link at once: 64 MiB, well
+# inside the 128 MiB a host lets wait for a guest before it drops it.
+COPY_SLOTS = 16
 
 
 class HostLink:
@@ -42,6 +47,9 @@ class HostLink:
         self.device_state_counter = 0
         self.device_state_cookie = secrets.randbits(63) | 1
         self.generation = 0
+        # Pieces of Lock2/Unlock2 copies on their way over this link at once, whoever asked:
+        # what a host answers must stay well inside what it may keep waiting for the guest.
+        self.copy_slots = asyncio.Semaphore(COPY_SLOTS)
         # Work the link does on its own (undoing what the host did for abandoned requests).
         self.tasks = TaskSet(f"link {bus.name}")
         self.logs = LogLimiter(log)  # what the host provokes cannot flood the log

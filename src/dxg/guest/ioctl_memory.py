@@ -10,6 +10,8 @@ fields, never the host's handles. See docs/memory.md.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import ctypes
 import errno
 import fcntl
@@ -25,6 +27,7 @@ from dxg.guest.allocation import (
     GuestAllocation,
     GuestPagingQueue,
     GuestResource,
+    Shadow,
     link_key,
     release_allocation,
     release_paging_queue,
@@ -38,9 +41,13 @@ from dxg.guest.usermem import UserMemory, copy_from_user, copy_to_user, map_bloc
 from dxg.oslib.fds import close_all
 from dxg.protocol import messages as m
 from dxg.protocol.commands import VgpuCommand
+from dxg.protocol.framing import DXG_MAX_VM_BUS_PACKET_SIZE
+from dxg.protocol.headers import encode_vgpu
+from dxg.protocol.table import COMMANDS
 from dxg.uapi import memory as mm
 from dxg.uapi import structs as s
 from dxg.uapi.ntstatus import nt_success
+from dxg.vmbus.channel import ChannelClosed, Packet
 
 if TYPE_CHECKING:
     from dxg.guest.adapter import GuestAdapter
@@ -62,8 +69,14 @@ _OP_ALLOCATION = 8 + 16  # byte offset of the allocation handle inside one opera
 # caller's own flags never carry bit 31.
 DESTROY_UNDO = 1 | (1 << 31)
 _SYSTEM_USE_ONLY = 1 << 31
-# A copy over a link without descriptors goes in pieces of at most this many bytes.
-COPY_CHUNK = 16 << 20
+# A copy over a link without descriptors goes in pieces of at most this many bytes, this many
+# on their way at once (independent reads or writes of disjoint ranges, each answered alone):
+# 16 MiB in flight per copy, what a host queues for it at most (bench/memory.py part B: four
+# pieces of 4 MiB did as well as any larger split on a loopback link).
+COPY_CHUNK = 4 << 20
+COPY_DEPTH = 4
+# The data bytes of a LOCK2_COPY reply that travel in its first packet (after its fixed part).
+_COPY_INLINE = DXG_MAX_VM_BUS_PACKET_SIZE - len(m.Lock2Return(0).pack())
 _U32 = struct.Struct("<I")
 
 
@@ -424,71 +437,192 @@ async def lock2(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemory
 
 async def _lock_copy(proc: GuestProcess, dev: GuestDevice, alloc: GuestAllocation, args: Any,
                      mem: UserMemory) -> int:
-    if alloc.shadow is None:
-        shadow = proc.memory.shadow(alloc.size)
-        try:
-            await _fetch(proc, dev, alloc, shadow.mem, int(args.flags.value))
-        except BaseException:
-            proc.memory.drop_shadow(shadow)
-            raise
-        if alloc.handle == 0 or alloc.shadow is not None:  # destroyed, or another lock won
-            proc.memory.drop_shadow(shadow)
-            if alloc.handle == 0:
-                return -errno.EBADF
-        else:
+    """Lock2 where no descriptor can go: unless the allocation is locked already, its bytes are
+    fetched into its shadow (the one kept since its last Unlock2, or a new one), which is mapped
+    into the caller. One fetch or write-back of an allocation runs at a time."""
+    while alloc.shadow is not None and alloc.shadow.busy is not None:
+        await asyncio.shield(alloc.shadow.busy)
+    if alloc.handle == 0:
+        return -errno.EBADF  # destroyed meanwhile
+    shadow = alloc.shadow
+    if shadow is None or not alloc.lock_count:
+        if shadow is None:
+            shadow = proc.memory.shadow(alloc.size)
+            shadow.owner = alloc
             alloc.shadow = shadow
-    assert alloc.shadow is not None
-    block = alloc.shadow.block
-    map_block(mem, block.id, block.size, 0, _LOCK2_DATA, proc.memory.give(block))
+        else:
+            proc.memory.take(shadow)
+        shadow.busy = asyncio.get_running_loop().create_future()
+        fetched = False
+        try:
+            await _fetch(proc, dev, alloc, shadow, int(args.flags.value))
+            fetched = True
+        finally:
+            _settle(shadow)
+            if not fetched:
+                proc.memory.drop_shadow(shadow)
+        if alloc.shadow is not shadow:
+            return -errno.EBADF  # the allocation went while its bytes came
+        if alloc.offered or alloc.offering:
+            proc.memory.keep(shadow)
+            return -errno.EINVAL  # offered while its bytes came
+    block = shadow.block
+    try:
+        map_block(mem, block.id, block.size, 0, _LOCK2_DATA, proc.memory.give(block))
+    except BaseException:
+        if not alloc.lock_count:
+            proc.memory.keep(shadow)
+        raise
     block.mapped = True
     alloc.lock_count += 1
     return 0
 
 
-async def _fetch(proc: GuestProcess, dev: GuestDevice, alloc: GuestAllocation, into: Any,
+async def _slot(slots: asyncio.Semaphore, holding: bool) -> bool:
+    """One of the link's copy slots. A copy that holds some already takes one only if it is
+    free (it has replies to wait for first): copies never wait on each other in a circle."""
+    if holding and slots.locked():
+        return False
+    await slots.acquire()  # (at once when it is not locked)
+    return True
+
+
+def _settle(shadow: Shadow) -> None:
+    """The shadow's fetch or write-back is over: whoever waits for it goes on."""
+    busy, shadow.busy = shadow.busy, None
+    if busy is not None and not busy.done():
+        busy.set_result(None)
+
+
+def _copy_request(adapter: GuestAdapter, hprocess: int, command: VgpuCommand, body: Any,
+                  into: memoryview | None = None) -> asyncio.Future[Packet]:
+    """Send one LOCK2 or UNLOCK2 piece as vmbus.send does, without waiting for the reply (so
+    that several are on their way); ``into``: where the reply's bulk attachment is read."""
+    channel = adapter.route()
+    if channel is None or channel.closed:
+        raise IoctlError(errno.ENODEV, "the adapter's channel is gone")
+    payload = encode_vgpu(command, hprocess, adapter.host_vgpu_luid, body.pack())
+    try:
+        return channel.request(payload, into=into)
+    except ChannelClosed:
+        raise IoctlError(errno.ENODEV, "the host removed the channel") from None
+    except ValueError as e:  # a message too long for the connection
+        raise IoctlError(errno.E2BIG, str(e)) from None
+
+
+async def _copy_reply(command: VgpuCommand, pending: asyncio.Future[Packet]) -> tuple[Any, int]:
+    """(the parsed reply of a piece, how many of its bytes were read into its ``into``)."""
+    try:
+        packet = await pending
+    except ChannelClosed:
+        raise IoctlError(errno.ENODEV, "the host removed the channel") from None
+    packet.close_fds()
+    return vmbus._parse(COMMANDS[command], packet.payload), packet.placed
+
+
+async def _fetch(proc: GuestProcess, dev: GuestDevice, alloc: GuestAllocation, shadow: Shadow,
                  flags: int) -> None:
+    """The allocation's bytes into its shadow: LOCK2_COPY pieces, COPY_DEPTH of them on their
+    way at once. A reply's bytes beyond its first packet are read from the socket straight into
+    the shadow; the few in that packet are copied there."""
     adapter = dev.adapter
     hprocess = await host_process(proc, adapter.link)
-    done = 0
-    while done < alloc.size:
-        n = min(COPY_CHUNK, alloc.size - done)
-        reply = await vmbus.send(adapter, V.LOCK2, hprocess, m.Lock2(
-            dev.host_handle, alloc.host_handle, flags, m.LOCK2_COPY, done, n))
-        ret = _host_result(reply.status)
-        if ret < 0:
-            raise IoctlError(-ret, "LOCK2 copy failed")
-        if len(reply.data) != n:
-            raise IoctlError(errno.EPROTO, "host sent another number of bytes")
-        into.write(done, reply.data)
-        done += n
+    slots = adapter.link.copy_slots
+    view = shadow.view()
+    size = alloc.size
+    inflight: collections.deque[tuple[asyncio.Future[Packet], int, int]] = collections.deque()
+    sent = 0
+    try:
+        while sent < size or inflight:
+            while sent < size and len(inflight) < COPY_DEPTH:
+                if not await _slot(slots, bool(inflight)):
+                    break
+                n = min(COPY_CHUNK, size - sent)
+                into = view[sent + _COPY_INLINE : sent + n] if n > _COPY_INLINE else None
+                body = m.Lock2(dev.host_handle, alloc.host_handle, flags, m.LOCK2_COPY, sent, n)
+                try:
+                    request = _copy_request(adapter, hprocess, V.LOCK2, body, into)
+                except BaseException:
+                    slots.release()
+                    raise
+                inflight.append((request, sent, n))
+                sent += n
+            pending, at, n = inflight[0]
+            try:
+                reply, placed = await _copy_reply(V.LOCK2, pending)
+            finally:
+                inflight.popleft()
+                slots.release()
+            ret = _host_result(reply.status)
+            if ret < 0:
+                raise IoctlError(-ret, "LOCK2 copy failed")
+            data = reply.data
+            if len(data) + placed != n or (placed and len(data) != _COPY_INLINE):
+                raise IoctlError(errno.EPROTO, "host sent another number of bytes")
+            view[at : at + len(data)] = data
+    finally:
+        for pending, _at, _n in inflight:
+            pending.cancel()  # (their replies, if they come, still land in the shadow)
+            slots.release()
+
+
+async def _write_back(proc: GuestProcess, dev: GuestDevice, alloc: GuestAllocation,
+                      shadow: Shadow) -> int:
+    """The shadow's bytes back to the host: UNLOCK2 pieces written to the socket from the
+    shadow's memory as it is, COPY_DEPTH of them on their way at once."""
+    adapter = dev.adapter
+    hprocess = await host_process(proc, adapter.link)
+    slots = adapter.link.copy_slots
+    view = shadow.view()
+    size = alloc.size
+    inflight: collections.deque[asyncio.Future[Packet]] = collections.deque()
+    sent = 0
+    try:
+        while sent < size or inflight:
+            while sent < size and len(inflight) < COPY_DEPTH:
+                if not await _slot(slots, bool(inflight)):
+                    break
+                n = min(COPY_CHUNK, size - sent)
+                body = m.Unlock2(dev.host_handle, alloc.host_handle, sent, view[sent : sent + n])
+                try:
+                    inflight.append(_copy_request(adapter, hprocess, V.UNLOCK2, body))
+                except BaseException:
+                    slots.release()
+                    raise
+                sent += n
+            try:
+                reply, _placed = await _copy_reply(V.UNLOCK2, inflight[0])
+            finally:
+                inflight.popleft()
+                slots.release()
+            ret = _host_result(reply.status)
+            if ret < 0:
+                return ret
+        return 0
+    finally:
+        for pending in inflight:
+            pending.cancel()
+            slots.release()
 
 
 async def unlock2(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemory) -> int:
-    """Unlock2: one lock fewer; the last one writes a shadow copy back to the host."""
+    """Unlock2: one lock fewer; the last one writes a shadow copy back to the host, and the
+    shadow is kept for the allocation's next Lock2."""
     dev = _device(proc, args.device)
     alloc = _allocation(proc, _h(args.allocation), dev)
     if alloc.lock_count <= 0:
         return -errno.EINVAL
     alloc.lock_count -= 1
     shadow = alloc.shadow
-    if alloc.lock_count or shadow is None:
+    if alloc.lock_count or shadow is None or shadow.kept:
         return 0
-    alloc.shadow = None
+    shadow.busy = asyncio.get_running_loop().create_future()
     try:
-        adapter = dev.adapter
-        hprocess = await host_process(proc, adapter.link)
-        done = 0
-        while done < alloc.size:
-            n = min(COPY_CHUNK, alloc.size - done)
-            reply = await vmbus.send(adapter, V.UNLOCK2, hprocess, m.Unlock2(
-                dev.host_handle, alloc.host_handle, done, shadow.mem.read(done, n)))
-            ret = _host_result(reply.status)
-            if ret < 0:
-                return ret
-            done += n
+        return await _write_back(proc, dev, alloc, shadow)
     finally:
-        proc.memory.drop_shadow(shadow)
-    return 0
+        _settle(shadow)
+        if alloc.shadow is shadow and not alloc.lock_count:
+            proc.memory.keep(shadow)
 
 
 # ---- paging queues -----------------------------------------------------------------------------
@@ -677,6 +811,29 @@ def _resource_or_list(proc: GuestProcess, dev: GuestDevice, args: Any, mem: User
     return None, _host_allocations(proc, dev, handles), count
 
 
+def _for_host(struct_type: type[ctypes.Structure], args: Any, dev: GuestDevice,
+              res: GuestResource | None, hosts: list[int], list_field: str,
+              out_field: str) -> Any:
+    """The struct of a resource-or-list call as the host gets it (host handles, pointers 0 or
+    1 as their arrays follow)."""
+    hargs = struct_type.from_buffer_copy(bytes(args))
+    hargs.device.v = dev.host_handle
+    hargs.resource.v = res.host_handle if res else 0
+    setattr(hargs, list_field, 1 if hosts else 0)
+    setattr(hargs, out_field, 1)
+    return hargs
+
+
+async def _send_for_u32s(proc: GuestProcess, dev: GuestDevice, command: VgpuCommand,
+                         hargs: Any, extra: bytes, count: int) -> tuple[int, bytes]:
+    """(return value, the ``count`` u32s the host answers beside the struct)."""
+    status, _, out = await _send_args(proc, dev.adapter, command, hargs, extra)
+    ret = _host_result(status)
+    if ret >= 0 and len(out) != 4 * count:
+        raise IoctlError(errno.EPROTO, f"host answered {command.name} with {len(out)} bytes")
+    return ret, out
+
+
 async def query_allocation_residency(drv: GuestDriver, proc: GuestProcess, args: Any,
                                      mem: UserMemory) -> int:
     dev = _device(proc, args.device)
@@ -684,21 +841,13 @@ async def query_allocation_residency(drv: GuestDriver, proc: GuestProcess, args:
                                       int(args.allocation_count))
     if n == 0 or not args.residency_status:
         return -errno.EINVAL
-    if res is not None:
-        n = 1  # one status for the resource as a whole, as the real driver writes
-    hargs = s.d3dkmt_queryallocationresidency.from_buffer_copy(bytes(args))
-    hargs.device.v = dev.host_handle
-    hargs.resource.v = res.host_handle if res else 0
-    hargs.allocations = 1 if hosts else 0
-    hargs.residency_status = 1
-    status, _, extra = await _send_args(proc, dev.adapter, V.QUERYALLOCATIONRESIDENCY, hargs,
-                                        _pack_u32s(hosts))
-    ret = _host_result(status)
-    if ret < 0:
-        return ret
-    if len(extra) != 4 * n:
-        raise IoctlError(errno.EPROTO, "host answered another number of residency states")
-    copy_to_user(mem, args.residency_status, extra)
+    # (one status for a resource as a whole, as the real driver writes)
+    hargs = _for_host(s.d3dkmt_queryallocationresidency, args, dev, res, hosts, "allocations",
+                      "residency_status")
+    ret, out = await _send_for_u32s(proc, dev, V.QUERYALLOCATIONRESIDENCY, hargs,
+                                    _pack_u32s(hosts), 1 if res else n)
+    if ret >= 0:
+        copy_to_user(mem, args.residency_status, out)
     return ret
 
 
@@ -709,15 +858,11 @@ async def set_allocation_priority(drv: GuestDriver, proc: GuestProcess, args: An
                                       int(args.allocation_count))
     nprio = 1 if res else n
     priorities = copy_from_user(mem, args.priorities, 4 * nprio, 4 * mm.MAKERESIDENT_ALLOC_MAX)
-    hargs = s.d3dkmt_setallocationpriority.from_buffer_copy(bytes(args))
-    hargs.device.v = dev.host_handle
-    hargs.resource.v = res.host_handle if res else 0
-    hargs.allocation_list = 1 if hosts else 0
-    hargs.priorities = 1
-    status, _, extra = await _send_args(proc, dev.adapter, V.SETALLOCATIONPRIORITY, hargs,
-                                        _pack_u32s(hosts) + priorities)
-    _no_extra(extra, "SETALLOCATIONPRIORITY")
-    return _host_result(status)
+    hargs = _for_host(s.d3dkmt_setallocationpriority, args, dev, res, hosts, "allocation_list",
+                      "priorities")
+    ret, _ = await _send_for_u32s(proc, dev, V.SETALLOCATIONPRIORITY, hargs,
+                                  _pack_u32s(hosts) + priorities, 0)
+    return ret
 
 
 async def get_allocation_priority(drv: GuestDriver, proc: GuestProcess, args: Any,
@@ -725,22 +870,14 @@ async def get_allocation_priority(drv: GuestDriver, proc: GuestProcess, args: An
     dev = _device(proc, args.device)
     res, hosts, n = _resource_or_list(proc, dev, args, mem, "allocation_list",
                                       int(args.allocation_count))
-    nprio = 1 if res else n
     if not args.priorities:
         return -errno.EINVAL
-    hargs = s.d3dkmt_getallocationpriority.from_buffer_copy(bytes(args))
-    hargs.device.v = dev.host_handle
-    hargs.resource.v = res.host_handle if res else 0
-    hargs.allocation_list = 1 if hosts else 0
-    hargs.priorities = 1
-    status, _, extra = await _send_args(proc, dev.adapter, V.GETALLOCATIONPRIORITY, hargs,
-                                        _pack_u32s(hosts))
-    ret = _host_result(status)
-    if ret < 0:
-        return ret
-    if len(extra) != 4 * nprio:
-        raise IoctlError(errno.EPROTO, "host answered another number of priorities")
-    copy_to_user(mem, args.priorities, extra)
+    hargs = _for_host(s.d3dkmt_getallocationpriority, args, dev, res, hosts, "allocation_list",
+                      "priorities")
+    ret, out = await _send_for_u32s(proc, dev, V.GETALLOCATIONPRIORITY, hargs,
+                                    _pack_u32s(hosts), 1 if res else n)
+    if ret >= 0:
+        copy_to_user(mem, args.priorities, out)
     return ret
 
 
@@ -990,4 +1127,4 @@ HANDLERS: MappingProxyType[str, Any] = MappingProxyType({
     "LX_DXUPDATEGPUVIRTUALADDRESS": update_gpu_va,
 })
 
-__all__ = ["COPY_CHUNK", "HANDLERS", "UPDATEVA_MAX_OPS"]
+__all__ = ["COPY_CHUNK", "COPY_DEPTH", "HANDLERS", "UPDATEVA_MAX_OPS"]

@@ -383,6 +383,15 @@ def close_process_adapter(p: Partition, call: Call, body: m.Empty) -> m.NtStatus
     return m.NtStatusReturn(NTSTATUS.STATUS_SUCCESS)
 
 
+def addressed(p: Partition, call: Call, handle: int) -> HostAdapter:
+    """The adapter a call addresses, which ``handle`` (the guest's host handle of it, from an
+    ioctl struct) must name."""
+    adapter = _adapter(call)
+    if handle != open_of(p, adapter).handle:
+        raise CommandFailed(NTSTATUS.STATUS_INVALID_HANDLE, "not this adapter's host handle")
+    return adapter
+
+
 def open_of(p: Partition, adapter: HostAdapter) -> AdapterOpen:
     opened = p.opens.get(adapter.index)
     if opened is None:

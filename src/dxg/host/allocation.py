@@ -344,7 +344,9 @@ def lock2(p: Partition, call: Call, body: m.Lock2) -> m.Lock2Return:
         if (body.offset > a.size or body.length > a.size - body.offset
                 or body.length > p.config.max_message_bytes - 4096):
             raise CommandFailed(INVALID, "range outside the allocation")
-        data = a.block.read(a.offset + body.offset, body.length)
+        # A view of the allocation's memory: the reply goes to the socket from there (no copy;
+        # a block freed meanwhile stays mapped until the view is gone, and reads zero).
+        data = a.view(body.offset, body.length)
         return m.Lock2Return(OK, a.block.id, a.block.size, a.offset, a.size, data)
     raise CommandFailed(INVALID, f"lock mode {body.mode}")
 
@@ -354,7 +356,7 @@ def unlock2(p: Partition, call: Call, body: m.Unlock2) -> m.NtStatusReturn:
     n = len(body.data)
     if body.offset > a.size or n > a.size - body.offset:
         raise CommandFailed(INVALID, "range outside the allocation")
-    if n:
+    if n:  # (body.data: a view of the received message: one copy, into the block)
         a.block.write(a.offset + body.offset, body.data)
     return m.NtStatusReturn(OK)
 

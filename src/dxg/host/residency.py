@@ -301,14 +301,9 @@ def update_allocation_property(p: Partition, call: Call,
 
 
 def _adapter(p: Partition, call: Call, handle: int) -> HostAdapter:
-    from dxg.host.adapter import open_of
+    from dxg.host.adapter import addressed
 
-    adapter = call.adapter
-    if adapter is None:
-        raise CommandFailed(INVALID, "no adapter addressed")
-    if handle != open_of(p, adapter).handle:
-        raise CommandFailed(NTSTATUS.STATUS_INVALID_HANDLE, "not this adapter's host handle")
-    return adapter
+    return addressed(p, call, handle)
 
 
 def flush_heap_transitions(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsReturn:

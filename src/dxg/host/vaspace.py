@@ -437,14 +437,9 @@ def drop_vaspace(p: Partition, process: HostProcess, adapter_index: int) -> None
 
 
 def _adapter_checked(p: Partition, call: Call, handle: int) -> HostAdapter:
-    from dxg.host.adapter import open_of
+    from dxg.host.adapter import addressed
 
-    adapter = call.adapter
-    if adapter is None:
-        raise CommandFailed(INVALID, "no adapter addressed")
-    if handle != open_of(p, adapter).handle:
-        raise CommandFailed(NTSTATUS.STATUS_INVALID_HANDLE, "not this adapter's host handle")
-    return adapter
+    return addressed(p, call, handle)
 
 
 def _map_range(a: Allocation, offset: int, size: int) -> None:

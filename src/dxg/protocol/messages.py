@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from typing import ClassVar, Self
 
 from dxg.protocol.errors import ProtocolError
+from dxg.protocol.framing import Gather
 
 WIN_MAX_PATH = 260
 DXG_VM_PROCESS_NAME_LENGTH = 260
@@ -24,6 +25,29 @@ def _exact(b: bytes, n: int, what: str) -> None:
 def _atleast(b: bytes, n: int, what: str) -> None:
     if len(b) < n:
         raise ProtocolError(f"{what}: body of {len(b)} bytes, need at least {n}")
+
+
+# A data region at least this long (a Lock2 copy, an Unlock2 write-back, an escape's attachment)
+# is packed as a Gather: the head and the region's own buffer, written to the socket as they are.
+GATHER_FROM = 1 << 16
+Data = bytes | bytearray | memoryview
+
+
+def _with_data(head: bytes, *data: Data) -> bytes | Gather:
+    """``head`` then ``data``: joined when short, else a Gather (nothing copied)."""
+    if sum(len(d) for d in data) >= GATHER_FROM:
+        return Gather((head, *data))
+    return b"".join((head, *data))
+
+
+def _whole(body: Data | Gather) -> Data:
+    return bytes(body) if isinstance(body, Gather) else body
+
+
+def _tail(body: Data, at: int) -> Data:
+    """The bytes from ``at`` on: a view when ``body`` is a received message's buffer (a large
+    one: its data is not copied), a copy of small bytes."""
+    return body[at:] if isinstance(body, bytes) else memoryview(body)[at:]
 
 
 def utf16z(text: str, nchars: int) -> bytes:
@@ -369,21 +393,24 @@ class Escape:
     flags: int
     context: int
     priv_drv_data: bytes
-    attachment: bytes = b""
+    attachment: Data = b""
     _S: ClassVar[struct.Struct] = struct.Struct("<IIIIIIQ")
 
-    def pack(self) -> bytes:
-        return self._S.pack(self.adapter, self.device, self.type, self.flags,
-                            len(self.priv_drv_data), self.context,
-                            len(self.attachment)) + self.priv_drv_data + self.attachment
+    def pack(self) -> bytes | Gather:
+        return _with_data(self._S.pack(self.adapter, self.device, self.type, self.flags,
+                                       len(self.priv_drv_data), self.context,
+                                       len(self.attachment)),
+                          self.priv_drv_data, self.attachment)
 
     @classmethod
-    def unpack(cls, body: bytes) -> "Escape":
+    def unpack(cls, body: bytes | Gather) -> "Escape":
+        body = _whole(body)
         _atleast(body, cls._S.size, "Escape")
         adapter, device, etype, flags, size, context, extra = cls._S.unpack_from(body)
         _exact(body, cls._S.size + size + extra, "Escape")
         at = cls._S.size + size
-        return cls(adapter, device, etype, flags, context, body[cls._S.size : at], body[at:])
+        return cls(adapter, device, etype, flags, context, bytes(body[cls._S.size : at]),
+                   _tail(body, at))
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,46 +658,51 @@ class Lock2(_Fixed):
 class Lock2Return:
     """LOCK2's reply: status u32, reserved u32, where the allocation is (a BlockRef: block,
     block size, offset), its size u64, then the bytes asked for with LOCK2_COPY. With LOCK2_FD
-    the block's descriptor travels beside it."""
+    the block's descriptor travels beside it. ``data`` may be any buffer (a view of the
+    allocation's memory: a large one is packed as a Gather, not copied; unpacked from a large
+    message it is a view of that message's buffer)."""
 
     status: int
     block: int = 0
     block_size: int = 0
     offset: int = 0
     size: int = 0
-    data: bytes = b""
+    data: Data = b""
     _S: ClassVar[struct.Struct] = struct.Struct("<IIQQQQ")
 
-    def pack(self) -> bytes:
-        return self._S.pack(self.status, 0, self.block, self.block_size, self.offset,
-                            self.size) + self.data
+    def pack(self) -> bytes | Gather:
+        return _with_data(self._S.pack(self.status, 0, self.block, self.block_size, self.offset,
+                                       self.size), self.data)
 
     @classmethod
-    def unpack(cls, body: bytes) -> "Lock2Return":
+    def unpack(cls, body: bytes | Gather) -> "Lock2Return":
+        body = _whole(body)
         _atleast(body, cls._S.size, "Lock2Return")
         status, _, block, block_size, offset, size = cls._S.unpack_from(body)
-        return cls(status, block, block_size, offset, size, body[cls._S.size :])
+        return cls(status, block, block_size, offset, size, _tail(body, cls._S.size))
 
 
 @dataclass(frozen=True, slots=True)
 class Unlock2:
     """UNLOCK2 (links without descriptors): device u32, allocation u32, offset u64 inside the
-    allocation, then the bytes to write back there (none: nothing to write)."""
+    allocation, then the bytes to write back there (none: nothing to write). ``data`` as in
+    Lock2Return."""
 
     device: int
     allocation: int
     offset: int
-    data: bytes = b""
+    data: Data = b""
     _S: ClassVar[struct.Struct] = struct.Struct("<IIQ")
 
-    def pack(self) -> bytes:
-        return self._S.pack(self.device, self.allocation, self.offset) + self.data
+    def pack(self) -> bytes | Gather:
+        return _with_data(self._S.pack(self.device, self.allocation, self.offset), self.data)
 
     @classmethod
-    def unpack(cls, body: bytes) -> "Unlock2":
+    def unpack(cls, body: bytes | Gather) -> "Unlock2":
+        body = _whole(body)
         _atleast(body, cls._S.size, "Unlock2")
         device, allocation, offset = cls._S.unpack_from(body)
-        return cls(device, allocation, offset, body[cls._S.size :])
+        return cls(device, allocation, offset, _tail(body, cls._S.size))
 
 
 # ---- host -> VM notifications ----------------------------------------------------------------

@@ -25,7 +25,12 @@ from typing import TYPE_CHECKING
 
 from dxg.oslib.fds import close_all
 from dxg.protocol.bus import Offer
-from dxg.protocol.framing import FLAG_COMPLETION_REQUESTED, VM_PKT_COMP, VM_PKT_DATA_INBAND
+from dxg.protocol.framing import (
+    FLAG_COMPLETION_REQUESTED,
+    VM_PKT_COMP,
+    VM_PKT_DATA_INBAND,
+    Gather,
+)
 
 if TYPE_CHECKING:
     from dxg.vmbus.connection import BusConnection
@@ -38,18 +43,22 @@ class ChannelClosed(ConnectionError):
 
 
 class Packet:
-    """One packet as a channel sees it: the whole payload (bulk included) and the descriptors
-    that came with it (owned by whoever takes the packet: close them or keep them)."""
+    """One packet as a channel sees it: the whole payload (bulk included: a bytearray then) and
+    the descriptors that came with it (owned by whoever takes the packet: close them or keep
+    them). ``placed``: a reply whose attachment was read into the memory its request named
+    (``Channel.request(into=...)``) has only its first packet's bytes in ``payload``; the other
+    ``placed`` bytes are there."""
 
-    __slots__ = ("fds", "flags", "packet_type", "payload", "trans_id")
+    __slots__ = ("fds", "flags", "packet_type", "payload", "placed", "trans_id")
 
-    def __init__(self, packet_type: int, flags: int, trans_id: int, payload: bytes,
-                 fds: list[int]) -> None:
+    def __init__(self, packet_type: int, flags: int, trans_id: int,
+                 payload: bytes | bytearray, fds: list[int], placed: int = 0) -> None:
         self.packet_type = packet_type
         self.flags = flags
         self.trans_id = trans_id
         self.payload = payload
         self.fds = fds
+        self.placed = placed
 
     @property
     def wants_completion(self) -> bool:
@@ -76,6 +85,9 @@ class Channel:
         self._ids = itertools.count(1)
         # trans_id -> (the caller's future, what undoes the request if the caller gives up)
         self._pending: dict[int, tuple[asyncio.Future[Packet], LateHandler | None]] = {}
+        # Where the attachments of expected replies go, by the low 32 bits of their trans_id
+        # (what a bulk chunk announces): (trans_id, the memory).
+        self._into: dict[int, tuple[int, memoryview]] = {}
         self._closed = False
         self.close_reason = ""
         self.on_request: RequestHandler | None = None  # responder side
@@ -107,11 +119,17 @@ class Channel:
 
     # ---- requester side ---------------------------------------------------------------------
 
-    def request(self, payload: bytes, fds: Sequence[int] = (),
-                on_late: LateHandler | None = None) -> asyncio.Future[Packet]:
+    def request(self, payload: bytes | Gather, fds: Sequence[int] = (),
+                on_late: LateHandler | None = None, *,
+                into: memoryview | None = None) -> asyncio.Future[Packet]:
         """Send ``payload`` asking for a completion; the future resolves with it. ``fds`` are
         duplicated (the caller keeps its own). Cancel the future to give up: ``on_late`` then
-        receives the completion if it still arrives."""
+        receives the completion if it still arrives.
+
+        ``into``: where the reply's bulk attachment (its bytes after the first packet's) is
+        read, straight from the socket, when the reply announces exactly ``len(into)`` such
+        bytes; the reply's Packet then says so (``placed``). The memory is written until the
+        reply has come or the channel closes, even when the caller gave up."""
         if self._closed:
             raise ChannelClosed(f"channel {self.relid} is {self.close_reason or 'closed'}")
         trans_id = next(self._ids)
@@ -119,20 +137,36 @@ class Channel:
         # A cancelled future stays here until its completion comes (or the channel closes):
         # that is when the request is known to be abandoned, and its undo runs.
         self._pending[trans_id] = (future, on_late)
+        if into is not None and len(into):
+            self._into.setdefault(trans_id & 0xFFFFFFFF, (trans_id, into))
         try:
             self.connection.send(self.relid, VM_PKT_DATA_INBAND, payload, trans_id,
                                  wants_completion=True, fds=fds)
         except ConnectionError as e:
-            del self._pending[trans_id]
+            self._forget(trans_id)
             raise ChannelClosed(f"channel {self.relid}: send failed: {e}") from None
         except BaseException:
             # Refused before it went (too long, descriptors this link cannot carry): nothing
             # will complete it.
-            del self._pending[trans_id]
+            self._forget(trans_id)
             raise
         return future
 
-    def send_async(self, payload: bytes, fds: Sequence[int] = ()) -> None:
+    def _forget(self, trans_id: int) -> None:
+        del self._pending[trans_id]
+        placed = self._into.get(trans_id & 0xFFFFFFFF)
+        if placed is not None and placed[0] == trans_id:
+            del self._into[trans_id & 0xFFFFFFFF]
+
+    def placement(self, owner: int, length: int) -> tuple[int, memoryview] | None:
+        """(trans_id, memory) of the pending request whose reply's attachment goes to memory
+        of ``length`` bytes, by the low 32 bits of its trans_id (``owner``); None: none."""
+        found = self._into.get(owner)
+        if found is None or len(found[1]) != length:
+            return None
+        return found
+
+    def send_async(self, payload: bytes | Gather, fds: Sequence[int] = ()) -> None:
         """Fire-and-forget: no completion is requested, trans_id is 0."""
         if self._closed:
             raise ChannelClosed(f"channel {self.relid} is {self.close_reason or 'closed'}")
@@ -145,8 +179,10 @@ class Channel:
 
     # ---- responder side ---------------------------------------------------------------------
 
-    def complete(self, trans_id: int, payload: bytes, fds: Sequence[int] = ()) -> bool:
-        """Answer request ``trans_id``; False when the channel or connection is gone."""
+    def complete(self, trans_id: int, payload: bytes | Gather, fds: Sequence[int] = ()) -> bool:
+        """Answer request ``trans_id``; False when the channel or connection is gone. A large
+        ``payload`` goes as views of its buffers (keep them unchanged until the peer took
+        them)."""
         if self._closed:
             return False
         try:
@@ -160,6 +196,10 @@ class Channel:
     def deliver(self, packet: Packet) -> None:
         if packet.packet_type == VM_PKT_COMP:
             entry = self._pending.pop(packet.trans_id, None)
+            if entry is not None and self._into:
+                placed = self._into.get(packet.trans_id & 0xFFFFFFFF)
+                if placed is not None and placed[0] == packet.trans_id:
+                    del self._into[packet.trans_id & 0xFFFFFFFF]
             if entry is None:
                 self.connection.logs.log(
                     logging.WARNING, "unknown completion",
@@ -202,6 +242,7 @@ class Channel:
         self.close_reason = reason
         pending = list(self._pending.values())
         self._pending.clear()
+        self._into.clear()
         for future, _late in pending:
             if not future.done():
                 future.set_exception(ChannelClosed(f"channel {self.relid} {reason}"))

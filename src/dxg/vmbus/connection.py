@@ -5,6 +5,11 @@ answered on the spot, so a peer busy with long work still proves it is alive), c
 the channel registered for their relid, with the descriptors the transport brought (matched to
 frames by each frame's count) and their bulk attachment (the chunks just before them, bounded by
 ``max_message``). Unknown relids are dropped. Anything malformed drops the connection.
+
+Large messages are not copied on the way: a message longer than a packet is written as views of
+the sender's buffers (``Transport.writev``); one received is read straight into a buffer of its
+own, allocated once (its length is announced by its first bulk chunk), or, for a reply whose
+requester said where its bytes go (``Channel.request(into=...)``), straight there.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from dxg.oslib.fds import close_all
 from dxg.protocol.bus import BusMessage, Ping, Pong, decode_bus_message, encode_bus_message
@@ -21,12 +26,13 @@ from dxg.protocol.errors import ProtocolError
 from dxg.protocol.framing import (
     CONTROL_RELID,
     DXG_MAX_VM_BUS_PACKET_SIZE,
-    VM_PKT_BULK,
+    VM_PKT_COMP,
     VM_PKT_DATA_INBAND,
     Frame,
-    FrameReader,
-    encode_bulk,
+    Gather,
+    MessageReader,
     encode_frame,
+    encode_message,
     frame_flags,
 )
 from dxg.runtime.logs import LogLimiter
@@ -57,9 +63,11 @@ class BusConnection:
         self.name = name
         self.max_message = max_message
         self._handler = handler
-        self._reader = FrameReader()
+        self._reader = MessageReader(max_message, self._place)
         self._fds: collections.deque[int] = collections.deque()
-        self._bulk = bytearray()
+        # Attachments read into a requester's memory whose packet is not routed yet, in order:
+        # (relid, trans_id, where).
+        self._placed: collections.deque[tuple[int, int, memoryview]] = collections.deque()
         self._channels: dict[int, Channel] = {}
         self._closed = False
         self._receiving = False
@@ -102,25 +110,26 @@ class BusConnection:
     def send_control(self, msg: BusMessage) -> None:
         self.send(CONTROL_RELID, VM_PKT_DATA_INBAND, encode_bus_message(msg))
 
-    def send(self, relid: int, packet_type: int, payload: bytes, trans_id: int = 0, *,
-             wants_completion: bool = False, fds: Sequence[int] = ()) -> None:
+    def send(self, relid: int, packet_type: int, payload: bytes | bytearray | memoryview | Gather,
+             trans_id: int = 0, *, wants_completion: bool = False,
+             fds: Sequence[int] = ()) -> None:
         """One packet. A payload longer than a packet goes as bulk chunks plus the packet with
-        the first part; ``fds`` (duplicated) travel with it. Raises ConnectionError if the
-        connection is gone, ValueError if ``fds`` cannot travel on this transport."""
+        the first part, written as views of ``payload`` (it must not change until the peer took
+        it); ``fds`` (duplicated) travel with it. Raises ConnectionError if the connection is
+        gone, ValueError if ``fds`` cannot travel on this transport."""
         if self._closed:
             raise TransportClosed(f"bus connection {self.name} is closed")
         if fds and not self.transport.can_pass_fds:
             raise ValueError(f"{self.name}: this transport cannot carry file descriptors")
-        big = len(payload) > DXG_MAX_VM_BUS_PACKET_SIZE
-        if big and len(payload) > self.max_message:
-            raise ProtocolError(f"message of {len(payload)} bytes exceeds {self.max_message}")
-        inline = payload[:DXG_MAX_VM_BUS_PACKET_SIZE] if big else payload
-        frame = encode_frame(relid, packet_type, inline, trans_id,
-                             frame_flags(wants_completion, big, len(fds)))
-        if big:
-            frame = b"".join(encode_bulk(relid, memoryview(payload)[DXG_MAX_VM_BUS_PACKET_SIZE:])) \
-                + frame
-        self.transport.write(frame, fds)
+        size = len(payload)
+        big = size > DXG_MAX_VM_BUS_PACKET_SIZE
+        if big and size > self.max_message:
+            raise ProtocolError(f"message of {size} bytes exceeds {self.max_message}")
+        flags = frame_flags(wants_completion, False, len(fds))
+        if not big and not isinstance(payload, Gather):
+            self.transport.write(encode_frame(relid, packet_type, payload, trans_id, flags), fds)
+            return
+        self.transport.writev(encode_message(relid, packet_type, payload, trans_id, flags), fds)
 
     # ---- receiving (Receiver) -----------------------------------------------------------------
 
@@ -133,11 +142,26 @@ class BusConnection:
         if self._receiving:
             self._reader.feed(data)
             return  # an in-process peer answered while we route: the loop below takes it
+        self._receive(self._reader.frames_of, data)
+
+    def recv_buffers(self) -> list[memoryview] | None:
+        """Where the transport should read the next bytes to (a large payload's own place)."""
+        if self._closed or self._receiving:
+            return None
+        return self._reader.buffers()
+
+    def buffers_filled(self, n: int) -> None:
+        if self._closed:
+            return
+        self.last_heard = self.loop.time()
+        self._receive(self._reader.filled, n)
+
+    def _receive(self, parse: Callable[[Any], list[Frame]], arg: Any) -> None:
         self._receiving = True
         try:
             if len(self._fds) > MAX_UNCLAIMED_FDS:
                 raise ProtocolError(f"{len(self._fds)} descriptors arrived that no frame claims")
-            frames = self._reader.frames_of(data)
+            frames = parse(arg)
             while frames:
                 for frame in frames:
                     self._route(frame)
@@ -150,27 +174,31 @@ class BusConnection:
         finally:
             self._receiving = False
 
+    def _place(self, relid: int, owner: int, length: int) -> memoryview | None:
+        """MessageReader's place: the memory a requester named for this reply's attachment."""
+        channel = self._channels.get(relid)
+        found = channel.placement(owner, length) if channel is not None else None
+        if found is None:
+            return None
+        trans_id, where = found
+        self._placed.append((relid, trans_id, where))
+        return where
+
     def _route(self, frame: Frame) -> None:
         count = frame.fd_count
         if count > len(self._fds):
             raise ProtocolError(f"frame claims {count} descriptors, {len(self._fds)} arrived")
         fds = [self._fds.popleft() for _ in range(count)]
-        if frame.packet_type == VM_PKT_BULK:
-            close_all(fds)
-            if fds or frame.relid == CONTROL_RELID:
-                raise ProtocolError("a bulk chunk with descriptors or on the control channel")
-            if len(self._bulk) + len(frame.payload) + DXG_MAX_VM_BUS_PACKET_SIZE > \
-                    self.max_message:
-                raise ProtocolError(f"message longer than {self.max_message} bytes")
-            self._bulk += frame.payload
-            return
         payload = frame.payload
-        if frame.has_bulk:
-            payload += bytes(self._bulk)
-            self._bulk.clear()
-        elif self._bulk:
-            close_all(fds)
-            raise ProtocolError("bulk chunks that no packet claims")
+        placed = frame.placed
+        if placed:
+            relid, trans_id, where = self._placed.popleft()
+            if (relid, trans_id) != (frame.relid, frame.trans_id) or \
+                    frame.packet_type != VM_PKT_COMP:
+                # Not the reply it was read for (a peer that numbers oddly): the bytes are
+                # this packet's, copied out; that request's memory gets its own reply later.
+                payload = bytes(payload) + bytes(where)
+                placed = 0
         self.packets_in += 1
         if frame.relid == CONTROL_RELID:
             close_all(fds)
@@ -191,7 +219,8 @@ class BusConnection:
             self.logs.log(logging.WARNING, "unknown channel",
                           "%s: packet for unknown channel %d dropped", self.name, frame.relid)
             return
-        channel.deliver(Packet(frame.packet_type, frame.flags, frame.trans_id, payload, fds))
+        channel.deliver(Packet(frame.packet_type, frame.flags, frame.trans_id, payload, fds,
+                               placed))
 
     def connection_lost(self, error: BaseException | None) -> None:
         if error is not None and not isinstance(error, (ConnectionError, ProtocolError)):
@@ -217,7 +246,8 @@ class BusConnection:
         self._closed = True
         close_all(self._fds)
         self._fds.clear()
-        self._bulk.clear()
+        self._reader.reset()
+        self._placed.clear()
         channels = list(self._channels.values())
         self._channels.clear()
         for ch in channels:

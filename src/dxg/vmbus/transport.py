@@ -16,10 +16,12 @@ on the loop's thread; ``data_received``/``connection_lost`` are called there too
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import socket
@@ -31,6 +33,8 @@ from typing import Protocol
 
 from dxg.oslib.fds import FdOverflow, close_all, recv_with_fds, send_with_fds
 
+Buffer = bytes | bytearray | memoryview
+
 log = logging.getLogger(__name__)
 
 # A peer that takes no bytes for this long, while we have some for it, is dropped.
@@ -40,6 +44,8 @@ MAX_BUFFER = 256 * 1024 * 1024
 # Descriptors one read may bring (more is a protocol violation: the connection is dropped).
 MAX_FDS_PER_READ = 64
 _RECV_CHUNK = 256 * 1024
+# Buffers one sendmsg takes (the kernel's IOV_MAX).
+_IOV_MAX = 1024
 # TCP keepalive: probe after 30 s of silence, every 10 s, give up after 3 unanswered.
 _KEEPALIVE = ((socket.TCP_KEEPIDLE, 30), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 3))
 _READS_PER_WAKEUP = 16
@@ -59,6 +65,17 @@ class Receiver(Protocol):
 
     def connection_lost(self, error: BaseException | None) -> None:
         """The transport is gone (None: an orderly end of stream)."""
+
+
+class DirectReceiver(Receiver, Protocol):
+    """A receiver that can say where the next bytes go, so that a large payload is read
+    straight into its place (a socket without descriptors only): ``recv_buffers()`` names the
+    buffers for the next read (None: read as usual and call data_received), and
+    ``buffers_filled(n)`` says that ``n`` bytes were read into them, in order."""
+
+    def recv_buffers(self) -> list[memoryview] | None: ...
+
+    def buffers_filled(self, n: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +162,12 @@ class Transport:
         """Queue ``data`` (and ``fds``, duplicated: the caller keeps its own) for the peer."""
         raise NotImplementedError
 
+    def writev(self, buffers: Sequence[Buffer], fds: Sequence[int] = ()) -> None:
+        """write() of the buffers' bytes, in order (the peer sees one stream). A socket sends
+        them as they are (the caller must not change them until they are taken; views of them
+        may wait in the queue); elsewhere they are joined."""
+        self.write(b"".join(buffers), fds)
+
     def close(self, error: BaseException | None = None) -> None:
         raise NotImplementedError
 
@@ -188,7 +211,12 @@ class SocketTransport(Transport):
         # Bytes are read into this buffer and copied out at once, so every transport of one
         # loop may share one (a server with a thousand idle clients holds one, not a thousand).
         self._rbuf = read_buffer if read_buffer is not None else bytearray(_RECV_CHUNK)
-        self._out: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
+        # Bytes the peer has not taken yet, in order: (a buffer, the descriptors that go with
+        # its first byte).
+        self._out: collections.deque[tuple[Buffer, list[int]]] = collections.deque()
+        # The receiver's recv_buffers, when it can take bytes where they go (TCP only: bytes
+        # read straight into a receiver's buffer could not carry descriptors).
+        self._direct: Callable[[], list[memoryview] | None] | None = None
         self._buffered = 0
         self._progress = 0.0  # when the peer last took bytes while some were waiting
         self._stall: asyncio.TimerHandle | None = None
@@ -213,6 +241,8 @@ class SocketTransport(Transport):
             self.loop.call_soon(receiver.connection_lost, TransportClosed("closed"))
             return
         self._receiver = receiver
+        direct = getattr(receiver, "recv_buffers", None)
+        self._direct = direct if direct is not None and not self.can_pass_fds else None
         self.resume_reading()
 
     def pause_reading(self) -> None:
@@ -227,9 +257,15 @@ class SocketTransport(Transport):
 
     def _readable(self) -> None:
         receiver = self._receiver
+        direct = self._direct
         for _ in range(_READS_PER_WAKEUP):
             if self._closed or not self._reading or receiver is None:
                 return
+            buffers = direct() if direct is not None else None
+            if buffers:
+                if not self._read_into(receiver, buffers):  # type: ignore[arg-type]
+                    return
+                continue
             try:
                 if self.can_pass_fds:
                     data, fds = recv_with_fds(self.sock, self._rbuf, self.max_fds)
@@ -251,6 +287,22 @@ class SocketTransport(Transport):
             receiver.data_received(data, fds)
             if len(data) < len(self._rbuf):
                 return
+
+    def _read_into(self, receiver: DirectReceiver, buffers: list[memoryview]) -> bool:
+        """One read straight into the receiver's buffers; True when it filled them (there may
+        be more to read now)."""
+        try:
+            n = self.sock.recvmsg_into(buffers)[0]
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:
+            self.close(e)
+            return False
+        if not n:
+            self.close(None)
+            return False
+        receiver.buffers_filled(n)
+        return n == sum(len(b) for b in buffers)
 
     # ---- writing ------------------------------------------------------------------------------
 
@@ -299,11 +351,80 @@ class SocketTransport(Transport):
             self.loop.add_writer(self._fd, self._writable)
             self._arm_stall()
 
-    def _writable(self) -> None:
-        while self._out and not self._closed:
-            view, fds = self._out[0]
+    def writev(self, buffers: Sequence[Buffer], fds: Sequence[int] = ()) -> None:
+        """The buffers' bytes in order, with sendmsg: nothing is joined or copied here; what
+        the peer does not take at once waits as views of the caller's buffers."""
+        if self._closed:
+            raise TransportClosed(f"{self.peer}: transport is closed")
+        if fds and not self.can_pass_fds:
+            raise ValueError(f"{self.peer}: this transport cannot carry file descriptors")
+        buffers = [b for b in buffers if len(b)]
+        total = sum(len(b) for b in buffers)
+        if not total:
+            return
+        sent = 0
+        if not self._out:
             try:
-                sent = send_with_fds(self.sock, view, fds)
+                sent = self._sendmsg(buffers[:_IOV_MAX], fds)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as e:
+                self.close(e)
+                raise TransportClosed(f"{self.peer}: {e.strerror or e}") from None
+            if sent == total:
+                return
+        pending: list[int] = []
+        if not sent:
+            try:
+                for fd in fds:
+                    pending.append(os.dup(fd))
+            except OSError:
+                close_all(pending)
+                raise
+        left = total - sent
+        if self._buffered + left > self.max_buffer or (
+                self.budget is not None and not self.budget.take(left, self)):
+            close_all(pending)
+            err = ConnectionError(errno.ENOBUFS, f"{self.peer} does not read its replies: "
+                                                 f"{self._buffered + left} bytes would "
+                                                 "wait for it; dropped")
+            self.close(err)
+            raise TransportClosed(str(err))
+        was_idle = not self._out
+        for b in buffers:
+            if sent >= len(b):
+                sent -= len(b)
+                continue
+            self._out.append((memoryview(b)[sent:] if sent else b, pending))
+            sent = 0
+            pending = []
+        self._buffered += left
+        if was_idle:
+            self._progress = time.monotonic()
+            self.loop.add_writer(self._fd, self._writable)
+            self._arm_stall()
+
+    def _sendmsg(self, buffers: Sequence[Buffer], fds: Sequence[int]) -> int:
+        if len(buffers) == 1:
+            return send_with_fds(self.sock, buffers[0], fds)
+        if fds:
+            return self.sock.sendmsg(buffers, [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                array.array("i", fds))])
+        return self.sock.sendmsg(buffers)
+
+    def _writable(self) -> None:
+        out = self._out
+        while out and not self._closed:
+            first, fds = out[0]
+            # Everything queued, up to the next buffer whose descriptors go with its own first
+            # byte (they must start a sendmsg of their own).
+            batch = [first]
+            for view, more in itertools.islice(out, 1, _IOV_MAX):
+                if more:
+                    break
+                batch.append(view)
+            try:
+                sent = self._sendmsg(batch, fds)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -311,16 +432,18 @@ class SocketTransport(Transport):
                 return
             if fds:
                 close_all(fds)
-                self._out[0] = (view, [])
+                out[0] = (first, [])
             self._buffered -= sent
             if self.budget is not None:
                 self.budget.give(sent)
             self._progress = time.monotonic()
-            if sent < len(view):
-                self._out[0] = (view[sent:], [])
-                return
-            self._out.popleft()
-        if not self._out and not self._closed:
+            for view in batch:
+                if sent < len(view):
+                    out[0] = (memoryview(view)[sent:], [])
+                    return
+                sent -= len(view)
+                out.popleft()
+        if not out and not self._closed:
             self.loop.remove_writer(self._fd)
             if self._stall is not None:
                 self._stall.cancel()
