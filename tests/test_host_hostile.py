@@ -543,7 +543,8 @@ def test_partition_memory_budget(sock_path: str) -> None:
     {"send_timeout": 0}, {"send_timeout": 7200}, {"send_timeout": float("nan")},
     {"max_partition_bytes": 0},
     {"backend_workers": 0}, {"backend_workers": 2000},
-    {"max_message_bytes": 1000}, {"max_message_bytes": 1 << 33},
+    {"max_message_bytes": 1000}, {"max_message_bytes": (8 << 20) - 1},
+    {"max_message_bytes": 1 << 33},
     {"max_region_bytes": 0},
     {"max_objects_per_process": 0}, {"max_process_bytes": 0},
 ])
@@ -553,7 +554,7 @@ def test_config_validation_of_the_limits(bad: dict) -> None:
 
 
 def test_config_limits_at_their_bounds_are_accepted() -> None:
-    for good in ({"backend_workers": 1}, {"max_message_bytes": 128 * 1024},
+    for good in ({"backend_workers": 1}, {"max_message_bytes": 8 << 20},
                  {"send_timeout": 0.001}, {"max_region_bytes": 1}, {"adapters": 0}):
         Host(HostConfig(**good)).close()
 

@@ -99,8 +99,9 @@ class HostConfig:
             raise ValueError("need 1 <= max_pending_calls_per_process <= max_pending_calls")
         if self.max_pending_bytes < 1:
             raise ValueError("max_pending_bytes must be positive")
-        if not 1 << 17 <= self.max_message_bytes <= 1 << 32:
-            raise ValueError("max_message_bytes must be 128 KiB..4 GiB")
+        # (a guest copies memory over TCP in pieces of 4 MiB: dxg.guest.ioctl_memory.COPY_CHUNK)
+        if not 8 << 20 <= self.max_message_bytes <= 1 << 32:
+            raise ValueError("max_message_bytes must be 8 MiB..4 GiB")
         if not self.max_message_bytes < self.max_send_buffer <= self.max_total_send_buffer:
             raise ValueError("need max_message_bytes < max_send_buffer <= max_total_send_buffer")
         if self.max_region_bytes < 1:
