@@ -107,5 +107,9 @@ def run_demo(given: str | None) -> int:
         totals = (host.get("census") or {}).get("totals", {})
         print(f"host {host['address']}: " + ", ".join(f"{v} {k}" for k, v in totals.items()),
               flush=True)
+        used = [sum(g.get("used", 0) for g in (a.get("memory") or {}).values())
+                for a in (host.get("census") or {}).get("adapters", [])]
+        print(f"host {host['address']}: device memory in use per adapter: "
+              + ", ".join(f"{u} bytes" for u in used), flush=True)
     print(f"demo OK: the host holds nothing of pids {sorted(pids)}", flush=True)
     return 0

@@ -1,6 +1,7 @@
 """One demo client: a CUDA-style compute app, an image editor or a D3D12-style app. Each opens
 the node, enumerates, opens an adapter by LUID, creates a device and a context, queries adapter
-info, prints what it got, says READY, and holds its objects until its stdin closes.
+info, puts data in device memory (on the host, mapped into this process with no copy) and reads
+it back, prints what it got, says READY, and holds its objects until its stdin closes.
 
 Run as `python -m dxg.cli.demo_app KIND NODE`.
 """
@@ -64,12 +65,43 @@ def _run(kind: str, node_path: str) -> int:
             context = device.create_context()
             say(f"  device 0x{device.handle:08x}, context 0x{context.handle:08x}, "
                 f"execution state {device.execution_state()}")
+            _use_memory(kind, adapter, device, say)
             print("READY", flush=True)
             sys.stdin.read()  # hold the objects until the demo releases us
             context.close()
             device.close()
         say("closed everything; exiting")
     return 0
+
+
+def _use_memory(kind: str, adapter: object, device: object, say: object) -> None:
+    """Device memory as each kind of app uses it; every result is checked."""
+    import numpy as np
+
+    if kind == "cuda":
+        x = device.array(np.arange(1 << 20, dtype=np.float32))  # type: ignore[attr-defined]
+        y = device.empty(1 << 20, np.float32)  # type: ignore[attr-defined]
+        with x.map() as vx, y.map() as vy:  # both views are the host's memory itself
+            np.multiply(vx, 2.0, out=vy)
+        ok = np.array_equal(y.download(), np.arange(1 << 20, dtype=np.float32) * 2)
+        say(f"  uploaded 4 MiB, computed through the mappings, read back: {'ok' if ok else 'BAD'}")
+    elif kind == "image":
+        img = device.empty((1080, 1920, 4), np.uint8)  # type: ignore[attr-defined]
+        with img.map() as v:
+            v[...] = np.arange(1920, dtype=np.uint8)[None, :, None]
+        ok = int(img.download()[500, 300, 0]) == 300 % 256
+        say(f"  a 1920x1080 RGBA image ({img.nbytes >> 20} MiB) in device memory: "
+            f"{'ok' if ok else 'BAD'}")
+    else:
+        queue = device.paging_queue()  # type: ignore[attr-defined]
+        bufs = [device.allocate(n) for n in (1 << 16, 1 << 20, 3 << 20)]  # type: ignore[attr-defined]
+        device.evict(bufs)  # type: ignore[attr-defined]
+        fence = queue.make_resident(bufs)
+        vas = [b.map_gpu(queue) for b in bufs]
+        say(f"  3 buffers resident (paging fence {fence}), GPU VAs "
+            + ", ".join(f"0x{int(va):x}" for va in vas))
+    info = adapter.video_memory_info()  # type: ignore[attr-defined]
+    say(f"  video memory: {info.current_usage >> 10} KiB used of a {info.budget >> 20} MiB budget")
 
 
 if __name__ == "__main__":
