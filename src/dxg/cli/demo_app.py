@@ -90,7 +90,7 @@ def _use_memory(kind: str, adapter: object, device: object, say: object) -> None
         with img.map() as v:
             v[...] = np.arange(1920, dtype=np.uint8)[None, :, None]
         ok = int(img.download()[500, 300, 0]) == 300 % 256
-        say(f"  a 1920x1080 RGBA image ({img.nbytes >> 20} MiB) in device memory: "
+        say(f"  a 1920x1080 RGBA image ({img.nbytes / 2**20:.1f} MiB) in device memory: "
             f"{'ok' if ok else 'BAD'}")
     else:
         queue = device.paging_queue()  # type: ignore[attr-defined]
