@@ -726,6 +726,41 @@ def test_c_program_device_memory(stack, dev: FuseNode, dxg_test: Path) -> None:
     wait_until(lambda: _settled(stack, dev), what="the C program's process torn down")
 
 
+SYNC_IOCTLS = (
+    "LX_DXCREATESYNCHRONIZATIONOBJECT", "LX_DXDESTROYSYNCHRONIZATIONOBJECT",
+    "LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMCPU", "LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU",
+    "LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU", "LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU2",
+    "LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMGPU", "LX_DXSIGNALSYNCHRONIZATIONOBJECT",
+    "LX_DXWAITFORSYNCHRONIZATIONOBJECT",
+)
+
+
+@needs_fuse
+@needs_gcc
+def test_c_program_sync_objects(stack, dev: FuseNode, dxg_test: Path) -> None:
+    """Sync objects from C through the file: a monitored fence (no page: address 0) signalled
+    from the CPU and waited on (a reached value, a value a second thread signals while the first
+    is blocked, an eventfd the node takes with pidfd_getfd, wait-any and wait-all), GPU signals
+    and waits on a context, the legacy calls, a CPU notification, and the error paths."""
+    out = run_c(dxg_test, dev.path, "sync").stdout
+    exercised = set(re.findall(r"^ok +(LX_\w+) ", out, re.M))
+    missing = [name for name in SYNC_IOCTLS if name not in exercised]
+    assert not missing, f"not exercised: {missing}"
+    for line in ("ok   LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU (blocking, a value reached "
+                 "already) -> 0",
+                 "ok   LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU (blocking until a second thread "
+                 "signals) -> 0",
+                 "ok   LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU (the eventfd is written once the "
+                 "fence gets there) -> 0",
+                 "ok   LX_DXCREATESYNCHRONIZATIONOBJECT (through the file the fence page is not "
+                 "mapped: address 0) -> 0",
+                 "ok   LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU (33 objects) -> -EINVAL"):
+        assert line in out, line
+    wait_until(lambda: _settled(stack, dev), what="the C program's process torn down")
+    (part,) = stack.host.census()["partitions"]
+    assert all(p["sync_objects"] == 0 for p in part["processes"])
+
+
 @needs_fuse
 @needs_gcc
 def test_c_program_threads_and_processes_at_once(stack, dev: FuseNode, dxg_test: Path) -> None:
@@ -923,6 +958,61 @@ def test_a_killed_caller_inside_a_blocking_call_does_not_hang(stack, tmp_path: P
         assert node.wait_idle(20)
         assert node.inflight() == 0
     wait_until(lambda: not stack.driver.processes(), what="processes gone")
+
+
+FENCE_WAITER = r"""
+import ctypes, fcntl, os, sys
+from dxg.uapi import ioctls as io, structs as s
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CLOEXEC)
+infos = (s.d3dkmt_adapterinfo * 8)()
+e = s.d3dkmt_enumadapters3()
+e.filter.include_compute_only = 1
+e.adapter_count = 8
+e.adapters = ctypes.addressof(infos)
+fcntl.ioctl(fd, io.LX_DXENUMADAPTERS3, e, True)
+cd = s.d3dkmt_createdevice()
+cd.adapter = infos[0].adapter_handle
+fcntl.ioctl(fd, io.LX_DXCREATEDEVICE, cd, True)
+c = s.d3dkmt_createsynchronizationobject2()
+c.device = cd.device
+c.info.type = 5  # a monitored fence
+fcntl.ioctl(fd, io.LX_DXCREATESYNCHRONIZATIONOBJECT, c, True)
+handles = (ctypes.c_uint32 * 1)(c.sync_object.v)
+values = (ctypes.c_uint64 * 1)(1)
+w = s.d3dkmt_waitforsynchronizationobjectfromcpu()
+w.device = cd.device
+w.object_count = 1
+w.objects = ctypes.addressof(handles)
+w.fence_values = ctypes.addressof(values)
+print("waiting", flush=True)
+fcntl.ioctl(fd, io.LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, w, True)
+print("returned", flush=True)
+"""
+
+
+@needs_fuse
+def test_a_killed_caller_blocked_in_a_cpu_wait_leaves_nothing(stack, dev: FuseNode) -> None:
+    """A program blocked in WaitForSynchronizationObjectFromCpu through the file is SIGKILLed:
+    its wait is withdrawn, its fence and process go on guest and host."""
+    child = subprocess.Popen([sys.executable, "-c", FENCE_WAITER, str(dev.path)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert _readline(child).strip() == "waiting"
+
+        def host_waits() -> int:
+            return sum(p["cpu_waits"] for part in stack.host.census()["partitions"]
+                       for p in part["processes"])
+
+        wait_until(lambda: host_waits() == 1, what="the wait on the host")
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=20) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    wait_until(lambda: not stack.driver.processes(), what="process gone")
+    wait_until(lambda: stack.host_totals()["processes"] == 0, what="host process gone")
+    assert stack.driver.rt.call(lambda: sum(len(x.events) for x in stack.driver.links())) == 0
 
 
 class OutlivingDriver(Wrapped):

@@ -633,7 +633,7 @@ def test_malformed_and_unknown_messages_are_answered(host: Host, guest: RawGuest
 def test_unimplemented_commands(host: Host, guest: RawGuest) -> None:
     NOT_IMPL = struct.pack("<I", NTSTATUS.STATUS_NOT_IMPLEMENTED)
     hp = guest.create_process()
-    assert guest.v(1, VgpuCommand.CREATESYNCOBJECT, hp, b"\0" * 8) == NOT_IMPL
+    assert guest.v(1, VgpuCommand.BLT, hp, b"\0" * 8) == NOT_IMPL
     assert guest.g(GlobalCommand.OPENSYNCOBJECT, hp, b"\0" * 16) == NOT_IMPL
     # Fire-and-forget ones (no completion) are dropped; the next request is answered.
     guest.send_async(guest.glob, encode_vgpu(VgpuCommand.SUBMITCOMMAND, hp,

@@ -458,7 +458,9 @@ def test_message_decoders_never_crash(data):
     for cls in (m.CreateProcess, m.OpenAdapter, m.QueryAdapterInfo, m.CreateContextVirtual,
                 m.GetInternalAdapterInfoReturn, m.StatusAndData, m.CreateDevice,
                 m.GetDeviceStateReturn, m.IsFeatureEnabledReturn, m.Escape, m.JsonReply,
-                m.QueryClockCalibrationReturn, m.SignalGuestEvent, m.SetGuestData):
+                m.QueryClockCalibrationReturn, m.SignalGuestEvent, m.SetGuestData,
+                m.CreateSyncObject, m.SignalSyncObject, m.WaitSyncObjectCpu,
+                m.WaitSyncObjectGpu, m.FenceValue):
         try:
             cls.unpack(data)
         except ProtocolError:
@@ -537,6 +539,23 @@ VALID: dict[type, st.SearchStrategy] = {
     m.Lock2: st.builds(m.Lock2, u32, u32, u32, u32, u64, u64),
     m.Lock2Return: st.builds(m.Lock2Return, u32, u64, u64, u64, u64, blob),
     m.Unlock2: st.builds(m.Unlock2, u32, u32, u64, blob),
+    # synchronization objects
+    m.CreateSyncObject: st.builds(m.CreateSyncObject, u32, u64,
+                                  st.binary(min_size=80, max_size=80)),
+    m.CreateSyncObjectReturn: st.builds(m.CreateSyncObjectReturn, u32, u32, u64, u64, u64, u64),
+    m.DestroySyncObject: st.builds(m.DestroySyncObject, u32),
+    m.SignalSyncObject: st.builds(m.SignalSyncObject, u32, u32,
+                                  st.lists(u32, max_size=8).map(tuple),
+                                  st.lists(u32, max_size=8).map(tuple),
+                                  st.lists(u64, max_size=8).map(tuple), u64, u64),
+    m.WaitSyncObjectCpu: st.integers(0, 8).flatmap(lambda n: st.builds(
+        m.WaitSyncObjectCpu, u32, u32, u64, st.lists(u32, min_size=n, max_size=n).map(tuple),
+        st.lists(u64, min_size=n, max_size=n).map(tuple))),
+    m.WaitSyncObjectGpu: st.tuples(st.integers(0, 8), st.integers(0, 1)).flatmap(
+        lambda nl: st.builds(m.WaitSyncObjectGpu, u32, st.just(nl[1]),
+                             st.lists(u32, min_size=nl[0], max_size=nl[0]).map(tuple),
+                             st.lists(u64, min_size=1 if nl[1] else nl[0],
+                                      max_size=1 if nl[1] else nl[0]).map(tuple))),
 }
 
 SPECS = sorted(COMMANDS.values(), key=lambda s: int(s.command))
@@ -685,6 +704,11 @@ SAMPLE: dict[type, object] = {
     m.DestroyAllocation: m.DestroyAllocation(0x40000FC0, 0, 0, (0x40000FC0,)),
     m.Lock2: m.Lock2(0x40000FC0, 0x40000FC0, 0, 1, 0, 0),
     m.Unlock2: m.Unlock2(0x40000FC0, 0x40000FC0, 0, b"x"),
+    m.CreateSyncObject: m.CreateSyncObject(0x40000FC0, 0, bytes(80)),
+    m.DestroySyncObject: m.DestroySyncObject(0x40000FC0),
+    m.SignalSyncObject: m.SignalSyncObject(0, 0x40000FC0, (0x40000FC0,), (), (1,)),
+    m.WaitSyncObjectCpu: m.WaitSyncObjectCpu(0x40000FC0, 0, 7, (0x40000FC0,), (1,)),
+    m.WaitSyncObjectGpu: m.WaitSyncObjectGpu(0x40000FC0, 0, (0x40000FC0,), (1,)),
 }
 
 

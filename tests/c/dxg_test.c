@@ -14,6 +14,10 @@
  *   memory   device memory only: allocations (standalone, a resource, a standard one), Lock2
  *            (EOPNOTSUPP through a file), budgets and reservations, a paging queue, GPU
  *            virtual addresses, residency, priorities, offers, and their error paths
+ *   sync     synchronization objects: monitored fences signalled and waited on from the CPU
+ *            (blocking on a reached value, on a value a second thread signals, with an
+ *            eventfd, wait-any and wait-all), GPU signals and waits on a context, the legacy
+ *            Signal/Wait on a semaphore and a CPU notification, and their error paths
  *   threads  the full sequence from THREADS pthreads at once on one shared descriptor,
  *            ITERATIONS times each
  *   fork     a forked child using the parent's descriptor gets ENOTTY; it reopens and works
@@ -37,6 +41,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -1495,6 +1500,352 @@ static void memory_session(struct run *r, int fd)
 	}
 }
 
+/* ---- synchronization objects ------------------------------------------------------------- */
+
+struct synctest {
+	struct run *r;
+	int fd;
+	struct d3dkmthandle device;
+	struct d3dkmthandle context;
+};
+
+static int create_sync(int fd, struct d3dkmthandle device, unsigned int type, __u64 arg,
+		       struct d3dkmt_createsynchronizationobject2 *c)
+{
+	memset(c, 0, sizeof(*c));
+	c->device = device;
+	c->info.type = type;
+	switch (type) {
+	case _D3DDDI_MONITORED_FENCE: c->info.monitored_fence.initial_fence_value = arg; break;
+	case _D3DDDI_SEMAPHORE:
+		c->info.semaphore.max_count = 4;
+		c->info.semaphore.initial_count = (__u32)arg;
+		break;
+	case _D3DDDI_CPU_NOTIFICATION: c->info.cpu_notification.event = arg; break;
+	default: c->info.fence.fence_value = arg; break;
+	}
+	return dx(fd, LX_DXCREATESYNCHRONIZATIONOBJECT, c);
+}
+
+static int destroy_sync(int fd, struct d3dkmthandle h)
+{
+	struct d3dkmt_destroysynchronizationobject d = { .sync_object = h };
+
+	return dx(fd, LX_DXDESTROYSYNCHRONIZATIONOBJECT, &d);
+}
+
+static int signal_cpu(int fd, struct d3dkmthandle device, struct d3dkmthandle f, __u64 value)
+{
+	struct d3dkmt_signalsynchronizationobjectfromcpu s;
+
+	memset(&s, 0, sizeof(s));
+	s.device = device;
+	s.object_count = 1;
+	s.objects = (__u64 *)&f;
+	s.fence_values = &value;
+	return dx(fd, LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMCPU, &s);
+}
+
+/* WaitForSynchronizationObjectFromCpu on n fences; async_event 0 blocks. */
+static int wait_cpu(int fd, struct d3dkmthandle device, struct d3dkmthandle *f, __u64 *values,
+		    unsigned int n, int wait_any, int async_event)
+{
+	struct d3dkmt_waitforsynchronizationobjectfromcpu w;
+
+	memset(&w, 0, sizeof(w));
+	w.device = device;
+	w.object_count = n;
+	w.objects = (__u64 *)f;
+	w.fence_values = values;
+	w.async_event = (__u64)async_event;
+	w.flags.wait_any = wait_any ? 1 : 0;
+	return dx(fd, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, &w);
+}
+
+static int readable(int efd, int ms)
+{
+	struct timespec ts = { .tv_sec = 0, .tv_nsec = 1000000 };
+	__u64 count = 0;
+	int i;
+
+	for (i = 0; i <= ms; i++) {
+		if (read(efd, &count, sizeof(count)) == (ssize_t)sizeof(count))
+			return (int)count;
+		nanosleep(&ts, NULL);
+	}
+	return 0;
+}
+
+struct later_signal {
+	int fd;
+	struct d3dkmthandle device;
+	struct d3dkmthandle fence;
+	__u64 value;
+	int ret;
+};
+
+static void *later_signal_main(void *arg)
+{
+	struct later_signal *l = arg;
+	struct timespec ts = { .tv_sec = 0, .tv_nsec = 100 * 1000000 };
+
+	nanosleep(&ts, NULL);
+	l->ret = signal_cpu(l->fd, l->device, l->fence, l->value);
+	return NULL;
+}
+
+/* Monitored fences from the CPU: create, signal, blocking and asynchronous waits. */
+static void sync_cpu(struct synctest *t)
+{
+	struct run *r = t->r;
+	struct d3dkmt_createsynchronizationobject2 c;
+	struct d3dkmthandle f, g, two[2];
+	struct later_signal l;
+	pthread_t th;
+	__u64 values[2], v;
+	int ret, efd;
+
+	ret = create_sync(t->fd, t->device, _D3DDDI_MONITORED_FENCE, 1, &c);
+	EXPECT(r, LX_DXCREATESYNCHRONIZATIONOBJECT, "a monitored fence", ret, 0, "fence 0x%x",
+	       c.sync_object.v);
+	if (ret != 0)
+		return;
+	f = c.sync_object;
+	note(r, c.info.monitored_fence.fence_cpu_virtual_address == NULL,
+	     "LX_DXCREATESYNCHRONIZATIONOBJECT",
+	     "through the file the fence page is not mapped: address 0", 0, "0", NULL);
+	ret = signal_cpu(t->fd, t->device, f, 5);
+	EXPECT(r, LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMCPU, "the fence to 5", ret, 0, NULL);
+	v = 5;
+	ret = wait_cpu(t->fd, t->device, &f, &v, 1, 0, 0);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, "blocking, a value reached already",
+	       ret, 0, NULL);
+
+	/* a value a second thread signals while this one is blocked */
+	l.fd = t->fd;
+	l.device = t->device;
+	l.fence = f;
+	l.value = 7;
+	l.ret = -1;
+	ret = pthread_create(&th, NULL, later_signal_main, &l);
+	if (ret == 0) {
+		v = 7;
+		ret = wait_cpu(t->fd, t->device, &f, &v, 1, 0, 0);
+		pthread_join(th, NULL);
+		EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU,
+		       "blocking until a second thread signals", ret, 0, NULL);
+		EXPECT(r, LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMCPU, "from the second thread", l.ret,
+		       0, NULL);
+	}
+
+	/* asynchronous: an eventfd the node takes with pidfd_getfd */
+	efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	v = 9;
+	ret = wait_cpu(t->fd, t->device, &f, &v, 1, 0, efd);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, "asynchronous, with an eventfd", ret, 0,
+	       NULL);
+	note(r, readable(efd, 50) == 0, "LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU",
+	     "the eventfd stays quiet before the value", 0, "not readable", NULL);
+	ret = signal_cpu(t->fd, t->device, f, 9);
+	note(r, ret == 0 && readable(efd, 5000) == 1, "LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU",
+	     "the eventfd is written once the fence gets there", ret, "readable", NULL);
+	close(efd);
+
+	/* wait-any and wait-all over two fences */
+	ret = create_sync(t->fd, t->device, _D3DDDI_MONITORED_FENCE, 0, &c);
+	EXPECT(r, LX_DXCREATESYNCHRONIZATIONOBJECT, "a second fence", ret, 0, NULL);
+	g = c.sync_object;
+	two[0] = f;
+	two[1] = g;
+	values[0] = 9;
+	values[1] = 1;
+	ret = wait_cpu(t->fd, t->device, two, values, 2, 1, 0);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, "wait-any, one reached", ret, 0, NULL);
+	ret = signal_cpu(t->fd, t->device, g, 1);
+	ret = ret ? ret : wait_cpu(t->fd, t->device, two, values, 2, 0, 0);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, "wait-all, both reached", ret, 0, NULL);
+
+	/* error paths */
+	ret = wait_cpu(t->fd, t->device, two, values, 33, 0, 0);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, "33 objects", ret, -EINVAL, NULL);
+	two[1] = mem_bogus;
+	ret = wait_cpu(t->fd, t->device, two, values, 2, 0, 0);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, "bad handle", ret, -EBADF, NULL);
+	ret = create_sync(t->fd, t->device, 6, 0, &c);
+	EXPECT(r, LX_DXCREATESYNCHRONIZATIONOBJECT, "a periodic fence (no display)", ret, -EPERM,
+	       NULL);
+	ret = create_sync(t->fd, t->device, 9, 0, &c);
+	EXPECT(r, LX_DXCREATESYNCHRONIZATIONOBJECT, "type 9", ret, -EINVAL, NULL);
+
+	ret = destroy_sync(t->fd, g);
+	EXPECT(r, LX_DXDESTROYSYNCHRONIZATIONOBJECT, "the second fence", ret, 0, NULL);
+	ret = destroy_sync(t->fd, g);
+	EXPECT(r, LX_DXDESTROYSYNCHRONIZATIONOBJECT, "it again (stale handle)", ret, -EBADF, NULL);
+	ret = destroy_sync(t->fd, f);
+	EXPECT(r, LX_DXDESTROYSYNCHRONIZATIONOBJECT, "the first fence", ret, 0, NULL);
+}
+
+/* A context's GPU timeline: signals and waits, the legacy calls, a CPU notification. */
+static void sync_gpu(struct synctest *t)
+{
+	struct run *r = t->r;
+	struct d3dkmt_createsynchronizationobject2 c;
+	struct d3dkmt_signalsynchronizationobjectfromgpu sg;
+	struct d3dkmt_signalsynchronizationobjectfromgpu2 sg2;
+	struct d3dkmt_waitforsynchronizationobjectfromgpu wg;
+	struct d3dkmt_signalsynchronizationobject2 ls;
+	struct d3dkmt_waitforsynchronizationobject2 lw;
+	struct d3dkmthandle f, gate, sem, note_obj;
+	__u64 ctxs[1], v, gv;
+	int ret, efd;
+
+	ret = create_sync(t->fd, t->device, _D3DDDI_MONITORED_FENCE, 0, &c);
+	f = c.sync_object;
+	ret = ret ? ret : create_sync(t->fd, t->device, _D3DDDI_MONITORED_FENCE, 0, &c);
+	gate = c.sync_object;
+	EXPECT(r, LX_DXCREATESYNCHRONIZATIONOBJECT, "two fences for the GPU", ret, 0, NULL);
+	if (ret != 0)
+		return;
+
+	/* the context waits for the gate; a signal queued after it waits too */
+	memset(&wg, 0, sizeof(wg));
+	wg.context = t->context;
+	wg.object_count = 1;
+	wg.objects = (__u64 *)&gate;
+	gv = 1;
+	wg.monitored_fence_values = &gv;
+	ret = dx(t->fd, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMGPU, &wg);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMGPU, "the context waits for the gate", ret,
+	       0, NULL);
+	memset(&sg, 0, sizeof(sg));
+	sg.context = t->context;
+	sg.object_count = 1;
+	sg.objects = (__u64 *)&f;
+	v = 3;
+	sg.monitored_fence_values = &v;
+	ret = dx(t->fd, LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU, &sg);
+	EXPECT(r, LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU, "the fence to 3 after it", ret, 0, NULL);
+	ret = signal_cpu(t->fd, t->device, gate, 1);
+	v = 3;
+	ret = ret ? ret : wait_cpu(t->fd, t->device, &f, &v, 1, 0, 0);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, "the GPU signal, once the gate opened",
+	       ret, 0, NULL);
+
+	/* SignalFromGpu2 with a CPU event: the eventfd is written when the context gets there */
+	efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	memset(&sg2, 0, sizeof(sg2));
+	ctxs[0] = t->context.v;
+	sg2.context_count = 1;
+	sg2.contexts = ctxs;
+	sg2.flags.enqueue_cpu_event = 1;
+	sg2.cpu_event_handle = (__u64)efd;
+	ret = dx(t->fd, LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU2, &sg2);
+	note(r, ret == 0 && readable(efd, 5000) == 1, "LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU2",
+	     "a CPU event enqueued on the context", ret, "0 and the eventfd written", NULL);
+	close(efd);
+	sg2.context_count = 65;
+	ret = dx(t->fd, LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU2, &sg2);
+	EXPECT(r, LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU2, "65 contexts", ret, -EINVAL, NULL);
+
+	/* the legacy calls on a semaphore and a CPU notification */
+	ret = create_sync(t->fd, t->device, _D3DDDI_SEMAPHORE, 0, &c);
+	sem = c.sync_object;
+	EXPECT(r, LX_DXCREATESYNCHRONIZATIONOBJECT, "a semaphore", ret, 0, NULL);
+	efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	ret = create_sync(t->fd, t->device, _D3DDDI_CPU_NOTIFICATION, (__u64)efd, &c);
+	note_obj = c.sync_object;
+	EXPECT(r, LX_DXCREATESYNCHRONIZATIONOBJECT, "a CPU notification with an eventfd", ret, 0,
+	       NULL);
+	memset(&ls, 0, sizeof(ls));
+	ls.context = t->context;
+	ls.object_count = 2;
+	ls.object_array[0] = sem;
+	ls.object_array[1] = note_obj;
+	ret = dx(t->fd, LX_DXSIGNALSYNCHRONIZATIONOBJECT, &ls);
+	note(r, ret == 0 && readable(efd, 5000) == 1, "LX_DXSIGNALSYNCHRONIZATIONOBJECT",
+	     "the semaphore and the CPU notification", ret, "0 and the eventfd written", NULL);
+	memset(&lw, 0, sizeof(lw));
+	lw.context = t->context;
+	lw.object_count = 1;
+	lw.object_array[0] = sem;
+	ret = dx(t->fd, LX_DXWAITFORSYNCHRONIZATIONOBJECT, &lw);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECT, "the semaphore (taken)", ret, 0, NULL);
+	v = 4;
+	ret = dx(t->fd, LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU, &sg);
+	ret = ret ? ret : wait_cpu(t->fd, t->device, &f, &v, 1, 0, 0);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, "past the semaphore", ret, 0, NULL);
+	ls.object_count = 33;
+	ret = dx(t->fd, LX_DXSIGNALSYNCHRONIZATIONOBJECT, &ls);
+	EXPECT(r, LX_DXSIGNALSYNCHRONIZATIONOBJECT, "33 objects", ret, -EINVAL, NULL);
+	lw.object_count = 0;
+	ret = dx(t->fd, LX_DXWAITFORSYNCHRONIZATIONOBJECT, &lw);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECT, "no objects", ret, -EINVAL, NULL);
+	close(efd);
+	destroy_sync(t->fd, note_obj);
+	destroy_sync(t->fd, sem);
+	destroy_sync(t->fd, gate);
+	ret = destroy_sync(t->fd, f);
+	EXPECT(r, LX_DXDESTROYSYNCHRONIZATIONOBJECT, "the GPU test's objects", ret, 0, NULL);
+}
+
+/* The sync test on one adapter: a device and a context, their objects, everything gone. */
+static void sync_objects(struct run *r, int fd, struct d3dkmthandle adapter)
+{
+	struct synctest t;
+	struct d3dkmt_createdevice cd;
+	struct d3dkmt_createcontextvirtual cc;
+	struct d3dkmt_destroydevice dd;
+	struct d3dkmt_createsynchronizationobject2 c;
+	int ret;
+
+	memset(&t, 0, sizeof(t));
+	t.r = r;
+	t.fd = fd;
+	memset(&cd, 0, sizeof(cd));
+	cd.adapter = adapter;
+	ret = dx(fd, LX_DXCREATEDEVICE, &cd);
+	EXPECT(r, LX_DXCREATEDEVICE, "for sync objects", ret, 0, NULL);
+	if (ret != 0)
+		return;
+	t.device = cd.device;
+	memset(&cc, 0, sizeof(cc));
+	cc.device = cd.device;
+	ret = dx(fd, LX_DXCREATECONTEXTVIRTUAL, &cc);
+	EXPECT(r, LX_DXCREATECONTEXTVIRTUAL, "for GPU signals and waits", ret, 0, NULL);
+	t.context = cc.context;
+	sync_cpu(&t);
+	if (ret == 0)
+		sync_gpu(&t);
+	ret = create_sync(fd, t.device, _D3DDDI_MONITORED_FENCE, 0, &c);
+	EXPECT(r, LX_DXCREATESYNCHRONIZATIONOBJECT, "a fence left to DestroyDevice", ret, 0, NULL);
+	memset(&dd, 0, sizeof(dd));
+	dd.device = t.device;
+	ret = dx(fd, LX_DXDESTROYDEVICE, &dd);
+	EXPECT(r, LX_DXDESTROYDEVICE, "with a fence still there", ret, 0, NULL);
+	ret = signal_cpu(fd, t.device, c.sync_object, 1);
+	EXPECT_BAD_HANDLE(r, LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMCPU, "on the destroyed device",
+			  ret);
+}
+
+/* Enumerate, run the sync test on the first adapter, close the adapters. */
+static void sync_session(struct run *r, int fd)
+{
+	struct d3dkmt_adapterinfo infos[MAX_ADAPTERS];
+	int n, i;
+
+	memset(infos, 0, sizeof(infos));
+	n = enum_adapters3(r, fd, infos);
+	if (n < 0)
+		return;
+	sync_objects(r, fd, infos[0].adapter_handle);
+	for (i = 0; i < n; i++) {
+		int rc = close_adapter(fd, infos[i].adapter_handle);
+
+		EXPECT(r, LX_DXCLOSEADAPTER, "EnumAdapters3 handle", rc, 0, "handle 0x%x",
+		       infos[i].adapter_handle.v);
+	}
+}
+
 /* One complete client session on `fd`. */
 static void session(struct run *r, int fd, int with_errors)
 {
@@ -1527,6 +1878,18 @@ static int mode_all(struct run *r)
 		return 1;
 	session(r, fd, 1);
 	memory_session(r, fd);
+	sync_session(r, fd);
+	close(fd);
+	return 0;
+}
+
+static int mode_sync(struct run *r)
+{
+	int fd = open_dev(r);
+
+	if (fd < 0)
+		return 1;
+	sync_session(r, fd);
 	close(fd);
 	return 0;
 }
@@ -1812,7 +2175,7 @@ static int mode_bench(struct run *r, int iterations)
 static int usage(void)
 {
 	fprintf(stderr, "usage: dxg_test [-q] [-a ADAPTERS] [-t THREADS] [-n ITERATIONS] PATH "
-		"all|memory|threads|fork|hold|bench|sleep\n");
+		"all|memory|sync|threads|fork|hold|bench|sleep\n");
 	return 2;
 }
 
@@ -1840,6 +2203,8 @@ int main(int argc, char **argv)
 		rc = mode_all(&r);
 	else if (!strcmp(mode, "memory"))
 		rc = mode_memory(&r);
+	else if (!strcmp(mode, "sync"))
+		rc = mode_sync(&r);
 	else if (!strcmp(mode, "threads"))
 		rc = mode_threads(&r, threads, iterations);
 	else if (!strcmp(mode, "fork"))

@@ -12,8 +12,9 @@ any state of its own.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,15 @@ class Backend(Protocol):
     def escape(self, index: int, data: bytes, cancelled: threading.Event) -> tuple[int, bytes]:
         """A driver-private escape on adapter ``index``: (NTSTATUS, private data to return,
         the same length as ``data``)."""
+        ...
+
+    def execute(self, index: int, buffer: memoryview | bytes,
+                resolve: Callable[[int, int, bool], memoryview],
+                cancelled: threading.Event | None = None) -> Any:
+        """Run one command buffer on adapter ``index`` (in one of ``command_formats``).
+        ``resolve(va, nbytes, write)`` gives the submitting process's GPU memory; anything
+        wrong with the buffer or its memory raises the engine's fault (EngineFault for the soft
+        engine) and nothing else. Returns what it did (commands, bytes, time)."""
         ...
 
 

@@ -1,7 +1,8 @@
 """The CPU "soft GPU": an adapter whose engine is NumPy on the host's CPU.
 
-Only the description lives here for now (identity, memory sizes, one compute node and the
-command-buffer formats it will execute); the execution engine comes with the command-buffer work.
+The description lives here (identity, memory sizes, one compute node and the command-buffer
+format it executes), and `SoftBackend.execute` runs command buffers: the format is
+`dxg.backends.softcmd` (docs/commands.md), the execution `dxg.backends.engine`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import threading
 import numpy
 
 from dxg.backends import AdapterDescription
+from dxg.backends.engine import Resolve, RunResult, run
 from dxg.uapi.ntstatus import NTSTATUS
 
 SOFT_ADAPTER_NAME = "pydxg Soft GPU (NumPy)"
 # The version-1 pydxg soft command-buffer format (little-endian ops: copy, fill, elementwise math,
-# GEMM, reductions, 2-D convolution); see docs for its byte layout once the engine lands.
+# GEMM, reductions, softmax, 2-D convolution); byte layout in docs/commands.md.
 SOFT_COMMAND_FORMAT_V1 = "pydxg-soft-v1"
 
 # PCI identity reported for the physical adapter behind each soft vGPU: vendor Microsoft, the
@@ -68,6 +70,14 @@ class SoftBackend:
         # The soft driver defines no private escapes beyond pydxg's own (dxg.uapi.escape, which
         # the host serves itself); anything else is not a request it understands.
         return int(NTSTATUS.STATUS_INVALID_PARAMETER), data
+
+    def execute(self, index: int, buffer: memoryview | bytes, resolve: Resolve,
+                cancelled: threading.Event | None = None) -> RunResult:
+        """Run one pydxg-soft-v1 command buffer on adapter ``index`` (blocking: call it on a
+        worker thread). ``resolve(va, nbytes, write)`` gives a memoryview of exactly that range
+        of the submitting process's GPU VA space or raises `EngineFault` (PAGE_FAULT). Raises
+        `EngineFault` for anything wrong with the buffer or its memory, nothing else."""
+        return run(buffer, resolve, cancelled)
 
 
 __all__ = ["SOFT_ADAPTER_NAME", "SOFT_COMMAND_FORMAT_V1", "SoftBackend",

@@ -4,6 +4,8 @@
   and their asyncio twins (:func:`open_node_async`, AsyncNode, AsyncAdapter, ...);
 * :mod:`dxg.client.memory`: device memory -- Allocation, DeviceArray (``device.allocate``,
   ``device.empty``, ``device.array``), PagingQueue, GPU virtual addresses, video memory budgets;
+* :mod:`dxg.client.sync`: synchronization objects -- Fence (``device.fence``: ``value`` from a
+  shared page, ``signal``, ``wait``, ``eventfd_wait``), :func:`wait_all`, :func:`wait_any`;
 * :mod:`dxg.client.thunks`: ``D3DKMTxxx(conn, args) -> NTSTATUS``, one per ioctl (awaitable on
   an async connection);
 * :mod:`dxg.client.diag`: pydxg's diagnostic escapes (ping, sleep, shared memory, eventfd);
@@ -53,6 +55,7 @@ from dxg.client.memory import (
     Residency,
     VideoMemoryInfo,
 )
+from dxg.client.sync import AsyncFence, Fence, SyncKind, SyncObject, wait_all, wait_any
 
 __all__ = [
     "Adapter",
@@ -63,6 +66,7 @@ __all__ = [
     "AsyncContext",
     "AsyncDevice",
     "AsyncDeviceArray",
+    "AsyncFence",
     "AsyncGpuMapping",
     "AsyncGpuVaRange",
     "AsyncNode",
@@ -75,6 +79,7 @@ __all__ = [
     "DeviceIds",
     "DxgError",
     "FeatureState",
+    "Fence",
     "GpuMapping",
     "GpuVaRange",
     "Node",
@@ -89,7 +94,11 @@ __all__ = [
     "PagingTimeout",
     "ReclaimResult",
     "Residency",
+    "SyncKind",
+    "SyncObject",
     "VideoMemoryInfo",
     "open_node",
     "open_node_async",
+    "wait_all",
+    "wait_any",
 ]

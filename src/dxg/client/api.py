@@ -30,6 +30,7 @@ it may need the node (``await adapter.description()``). Plain attributes (``hand
 Device memory (allocations, device arrays, paging queues, GPU virtual addresses, video memory
 budgets) lives in :mod:`dxg.client.memory`; ``device.allocate``/``empty``/``array``/
 ``paging_queue``... and ``adapter.video_memory_info``/``reserve_gpu_va``... are its entry points.
+Synchronization objects (``device.fence``, ``device.sync_object``) live in :mod:`dxg.client.sync`.
 
 Every object is a context manager (``with`` / ``async with``) whose ``close()`` is idempotent,
 and closing a parent closes its children first (Node > Adapter > Device > Context, Allocation,
@@ -181,6 +182,20 @@ def _enum_processes(luid: int | tuple[int, int]) -> Op[list[int]]:
     raise DxgError(NTSTATUS.STATUS_BUFFER_TOO_SMALL, "EnumProcesses: process count unstable")
 
 
+def _execution() -> Any:
+    """:mod:`dxg.client.execution` (imported when used, as :mod:`dxg.client.memory`)."""
+    from dxg.client import execution
+
+    return execution
+
+
+def _sync() -> Any:
+    """:mod:`dxg.client.sync` (imported when used, as :mod:`dxg.client.memory`)."""
+    from dxg.client import sync
+
+    return sync
+
+
 def _memory() -> Any:
     """:mod:`dxg.client.memory`, which builds on this module (so it is imported when used)."""
     from dxg.client import memory
@@ -204,12 +219,13 @@ def _close_children(children: list[Any]) -> Op[BaseException | None]:
     return None
 
 
-def close_child(obj: Any, thunk: Any, args: Any, what: str) -> Op[None]:
-    """Close ``obj``, a child of a device with no children of its own: untracked from the
-    device, then destroyed with ``thunk(args)`` (nothing to do once the node is gone)."""
+def close_child(obj: Any, thunk: Any, args: Any, what: str, parent: Any = None) -> Op[None]:
+    """Close ``obj``, a child of a device (or of ``parent``) with no children of its own:
+    untracked from its parent, then destroyed with ``thunk(args)`` (nothing to do once the node
+    is gone)."""
     if not obj._mark_closed():
         return
-    obj.device._untrack(obj)
+    (obj.device if parent is None else parent)._untrack(obj)
     if obj.conn.closed:
         return
     try:
@@ -572,6 +588,7 @@ class _DeviceOps(_Object):
         self._allocations: dict[Any, None] = {}
         self._queues: dict[Any, None] = {}
         self._own_queue: Any = None  # the paging queue of make_resident/reclaim/map_gpu
+        self._fences: dict[Any, None] = {}  # sync.Fence, sync.SyncObject
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} handle=0x{self.handle:08x}>"
@@ -605,6 +622,16 @@ class _DeviceOps(_Object):
         return ctx
 
     @op
+    def mark_error(self, reason: int = 0) -> Op[None]:
+        """MarkDeviceAsError: the device is reset; its fences' waiters wake with an error."""
+        return (yield from _execution().mark_error(self, reason))
+
+    @op
+    def check(self) -> Op[None]:
+        """Raise ``execution.DeviceFault`` when the device is not active (its work faulted)."""
+        return (yield from _execution().check_device(self))
+
+    @op
     def execution_state(self) -> Op[int]:
         """GetDeviceState(EXECUTION): a ``d3dkmt_deviceexecution_state`` value (1 = ACTIVE)."""
         args = s.d3dkmt_getdevicestate()
@@ -621,6 +648,27 @@ class _DeviceOps(_Object):
     def escape(self, data: bytes, fds: Sequence[int] = (), flags: int = 0) -> Op[bytes]:
         """D3DKMTEscape (driver-private) on this device: the private data after the call."""
         return (yield from diag.escape_op(self.adapter.handle, self.handle, data, fds, flags))
+
+    # -- synchronization objects (dxg.client.sync) --
+
+    @op
+    def fence(self, initial: int = 0) -> Op[Any]:
+        """CreateSynchronizationObject2: a ``sync.Fence`` (monitored fence) starting at
+        ``initial`` (``value``, ``signal``, ``wait``, ``eventfd_wait``)."""
+        return (yield from _sync().create_fence(self, initial))
+
+    @op
+    def sync_object(self, kind: int, *, initial: int = 0, max_count: int = 1,
+                    eventfd: int = -1) -> Op[Any]:
+        """CreateSynchronizationObject2 of a legacy kind (``sync.SyncKind``): a
+        ``sync.SyncObject``."""
+        return (yield from _sync().create_sync_object(self, kind, initial=initial,
+                                                      max_count=max_count, eventfd=eventfd))
+
+    def _track_fence(self, fence: Any) -> Any:
+        with self._lock:
+            self._fences[fence] = None
+        return fence
 
     # -- memory (dxg.client.memory) --
 
@@ -722,23 +770,27 @@ class _DeviceOps(_Object):
                 self._contexts.remove(child)
             self._allocations.pop(child, None)
             self._queues.pop(child, None)
+            self._fences.pop(child, None)
             if child is self._own_queue:
                 self._own_queue = None
 
     def _close(self) -> Op[None]:
-        """Destroy this device's contexts, its allocations (one DestroyAllocation2), its paging
-        queues, then DestroyDevice."""
+        """Destroy this device's fences, its contexts, its allocations (one DestroyAllocation2),
+        its paging queues, then DestroyDevice."""
         if not self._mark_closed():
             return
         with self._lock:
             contexts, self._contexts = self._contexts, []
             allocations, self._allocations = list(self._allocations), {}
             queues, self._queues = list(self._queues), {}
+            fences, self._fences = list(self._fences), {}
             self._own_queue = None
         self.adapter._untrack(self)
         if self.conn.closed:
             return
-        pending = yield from _close_children(contexts)
+        pending = yield from _close_children(fences)
+        if pending is None:
+            pending = yield from _close_children(contexts)
         if pending is None:
             pending = yield from _memory().close_allocations(allocations)
         if pending is None:
@@ -762,6 +814,7 @@ class _ContextOps(_Object):
         self.handle = handle
         self.node_ordinal = node_ordinal
         self.priv_data = priv_data
+        self._queues: dict[Any, None] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} handle=0x{self.handle:08x} node={self.node_ordinal}>"
@@ -770,7 +823,35 @@ class _ContextOps(_Object):
     def conn(self) -> Any:
         return self.device.conn
 
+    @op
+    def hwqueue(self, flags: int = 0) -> Op[Any]:
+        """CreateHwQueue: an ``execution.HwQueue`` (``submit``, ``wait``, ``progress``)."""
+        return (yield from _execution().hwqueue(self, flags))
+
+    @op
+    def set_priority(self, priority: int, in_process: bool = False) -> Op[None]:
+        """Set[InProcess]ContextSchedulingPriority (-7..7): who runs first on the adapter."""
+        return (yield from _execution().set_priority(self, priority, in_process))
+
+    @op
+    def priority(self, in_process: bool = False) -> Op[int]:
+        """Get[InProcess]ContextSchedulingPriority."""
+        return (yield from _execution().get_priority(self, in_process))
+
+    def _track_queue(self, queue: Any) -> Any:
+        with self._lock:
+            self._queues[queue] = None
+        return queue
+
+    def _untrack(self, child: Any) -> None:
+        with self._lock:
+            self._queues.pop(child, None)
+
     def _close(self) -> Op[None]:
+        with self._lock:
+            queues, self._queues = list(self._queues), {}
+        if not self._closed and not self.conn.closed:
+            yield from _close_children(queues)
         args = s.d3dkmt_destroycontext()
         args.context.v = self.handle
         yield from close_child(self, t.D3DKMTDestroyContext, args, "DestroyContext")

@@ -25,7 +25,8 @@ A call interrupted while it waits (``KeyboardInterrupt`` from a signal handler) 
 its request, raises in the caller and leaves the connection usable: the node answers the request
 with ``-EINTR`` (or had already answered), and that late reply is dropped (its writes are not
 applied, its descriptors are closed). A request interrupted half-way through its send cannot be
-finished, so a large one (which may be cut) drops the connection.
+finished, so a large one (which may be cut) drops the connection. A call given a ``timeout`` ends
+the same way when it runs out (CANCEL, then :class:`TimeoutError` in the caller).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -239,9 +242,11 @@ class NodeConnection:
 
     # ---- requests in flight ---------------------------------------------------------------------
 
-    def _call(self, msg: wire.Message, expect: wire.Kind,
-              fds: Sequence[int] = ()) -> tuple[wire.Message, list[int]]:
-        """Send ``msg`` and wait for its reply: (the reply, the descriptors that came with it)."""
+    def _call(self, msg: wire.Message, expect: wire.Kind, fds: Sequence[int] = (),
+              timeout: float | None = None) -> tuple[wire.Message, list[int]]:
+        """Send ``msg`` and wait for its reply: (the reply, the descriptors that came with it).
+        Past ``timeout`` seconds the request is cancelled (CANCEL) and TimeoutError raised."""
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         with self._mu:
             if self._sock is None:
                 raise NodeUnavailable(f"the connection to the dxg node {self.path} is closed")
@@ -255,7 +260,7 @@ class NodeConnection:
             raise
         try:
             self._send(waiter, data, fds)  # cleans up after itself when it fails
-            return self._wait(waiter)
+            return self._wait(waiter, deadline)
         except NodeError:
             raise
         except BaseException:
@@ -333,11 +338,22 @@ class NodeConnection:
         finally:
             self._send_lock.release()
 
-    def _wait(self, waiter: _Waiter) -> tuple[wire.Message, list[int]]:
-        """Wait for ``waiter``'s reply, reading the stream whenever nobody else does."""
+    def _wait(self, waiter: _Waiter,
+              deadline: float | None = None) -> tuple[wire.Message, list[int]]:
+        """Wait for ``waiter``'s reply, reading the stream whenever nobody else does (until
+        ``deadline``, a time.monotonic() value: then TimeoutError)."""
         with self._mu:
             while not waiter.done and self._reader is not None:
-                waiter.cond.wait()
+                if deadline is None:
+                    waiter.cond.wait()
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._waiters.pop(waiter.seq, None)  # (so it is not the one promoted)
+                    if self._reader is None:
+                        self._promote()
+                    raise TimeoutError("the call did not end in time")
+                waiter.cond.wait(left)
             lead = not waiter.done
             if lead:
                 self._reader = waiter
@@ -345,7 +361,7 @@ class NodeConnection:
             else:
                 self._waiters.pop(waiter.seq, None)
         if lead:
-            self._lead(waiter, sock, router)
+            self._lead(waiter, sock, router, deadline)
         if waiter.failure is not None:
             raise waiter.failure()
         assert waiter.message is not None
@@ -369,14 +385,26 @@ class NodeConnection:
                 w.notify()
                 return
 
-    def _lead(self, waiter: _Waiter, sock: socket.socket | None, router: ReplyRouter) -> None:
+    def _lead(self, waiter: _Waiter, sock: socket.socket | None, router: ReplyRouter,
+              deadline: float | None = None) -> None:
         """As the reader, read and route frames until ``waiter``'s reply has come or the stream
-        is dropped; then retire and take ``waiter`` out of the table. ``sock`` and ``router``
-        are the stream's, as the caller saw them under the mutex."""
+        is dropped (or ``deadline`` passed: TimeoutError); then retire and take ``waiter`` out
+        of the table. ``sock`` and ``router`` are the stream's, as the caller saw them under the
+        mutex."""
         mu = self._mu
         view = memoryview(self._buf)
         try:
             while sock is not None:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    try:  # (what has arrived is read even when the time is up)
+                        ready, _, _ = select.select([sock], [], [], max(0.0, left))
+                    except (OSError, ValueError):
+                        ready = [sock]  # (the read below sees what is wrong)
+                    if not ready:
+                        if left <= 0:
+                            raise TimeoutError("the call did not end in time")
+                        continue
                 try:
                     need = router.header_needed()
                     want = _READ_CHUNK if need <= _READ_CHUNK else min(need, RECV_CHUNK)
@@ -402,6 +430,8 @@ class NodeConnection:
                     sock, router = self._sock, self._router
         except BaseException:
             with mu:
+                if not waiter.done:  # (interrupted: it must not be the waiter promoted)
+                    self._waiters.pop(waiter.seq, None)
                 self._retire(waiter)
             raise
         with mu:  # dropped: the waiter has its failure
@@ -430,19 +460,21 @@ class NodeConnection:
     # ---- ioctl ----------------------------------------------------------------------------------
 
     def ioctl(self, code: int, args: ctypes.Structure | ctypes.Union,
-              fds: Sequence[int] = ()) -> int:
+              fds: Sequence[int] = (), timeout: float | None = None) -> int:
         """``ioctl(fd, code, &args)``: returns 0, a positive NTSTATUS or a negative errno, and
         updates ``args`` and the buffers it points at as the driver left them.
 
         ``fds`` are descriptors of this process the driver may take (their numbers are in the
         struct or a buffer: an eventfd, a shared object); they stay open here. Descriptors the
-        driver hands back are this caller's: their numbers are where the driver stored them."""
+        driver hands back are this caller's: their numbers are where the driver stored them.
+        ``timeout``: seconds after which the call is cancelled (the node answers it -EINTR, and
+        that reply is dropped) and TimeoutError raised."""
         if not isinstance(args, ARGS_TYPES):
             raise TypeError("ioctl arguments are a ctypes struct")
         if os.getpid() != self._pid:  # forked
             return -errno.ENOTTY  # as the kernel answers a child using its parent's file
         request = build_ioctl(code, args, self._mem.read, self.max_payload, fds, self.max_fds)
-        reply, got = self._call(request, wire.Kind.IOCTL_REPLY, request.fd_numbers)
+        reply, got = self._call(request, wire.Kind.IOCTL_REPLY, request.fd_numbers, timeout)
         return apply_ioctl_reply(request, reply, got, args, self._mem.write,
                                  self._router.blocks)
 

@@ -11,6 +11,7 @@ from dxg.protocol import messages as m
 
 if TYPE_CHECKING:
     from dxg.guest.device import GuestDevice
+    from dxg.guest.ioctl_queue import GuestHwQueue
     from dxg.guest.process import GuestProcess
 
 
@@ -21,6 +22,7 @@ class GuestContext:
         self.node_ordinal = node_ordinal
         self.handle = 0
         self.destroyed = False
+        self.hwqueues: list[GuestHwQueue] = []
 
 
 async def create_context(proc: GuestProcess, dev: GuestDevice, node_ordinal: int,
@@ -59,6 +61,17 @@ async def create_context(proc: GuestProcess, dev: GuestDevice, node_ordinal: int
     return ctx, out.priv_drv_data
 
 
+def release_context_queues(proc: GuestProcess, ctx: GuestContext) -> int:
+    """The context's hardware queues go from the guest (the host's go with the context);
+    returns how many."""
+    from dxg.guest.ioctl_queue import release_hwqueue
+
+    queues = list(ctx.hwqueues)
+    for queue in queues:
+        release_hwqueue(proc, queue)
+    return len(queues)
+
+
 async def destroy_context(proc: GuestProcess, ctx: GuestContext) -> int:
     from dxg.guest import vmbus
     from dxg.guest.process import existing_host_process
@@ -68,10 +81,11 @@ async def destroy_context(proc: GuestProcess, ctx: GuestContext) -> int:
         return 0
     ctx.destroyed = True
     proc.handles.free(ctx.handle, HandleType.CONTEXT)
+    queues = release_context_queues(proc, ctx)
     if ctx in dev.contexts:
         dev.contexts.remove(ctx)
         if not proc.closed:
-            proc.release_objects()
+            proc.release_objects(1 + queues)
     adapter = dev.adapter
     if not adapter.active:
         raise IoctlError(errno.ENODEV, "adapter is stopped")

@@ -89,10 +89,16 @@ async def destroy_device(proc: GuestProcess, dev: GuestDevice, flush: bool = Fal
     if dev.state == ObjectState.DESTROYED:
         return 0
     dev.state = ObjectState.DESTROYED
+    from dxg.guest.context import release_context_queues
+
     released = release_device_memory(proc, dev)
+    from dxg.guest.syncobject import release_device_syncobjects
+
+    released += release_device_syncobjects(proc, dev)
     for ctx in dev.contexts:
         ctx.destroyed = True
         proc.handles.free(ctx.handle, HandleType.CONTEXT)
+        released += release_context_queues(proc, ctx)
     if not proc.closed:  # process exit releases the whole share at once
         proc.release_objects(1 + len(dev.contexts) + released)
     dev.contexts.clear()

@@ -23,6 +23,7 @@ from dxg.guest.hostlink import HostLink
 from dxg.guest.ioctl import dispatch
 from dxg.guest.process import GuestProcess, UserShare, process_exit
 from dxg.guest.quota import GuestLimits
+from dxg.guest.syncobject import adapter_stopped
 from dxg.guest.usermem import UserMemory
 from dxg.protocol.bus import (
     DXGK_VMBUS_INTERFACE_VERSION,
@@ -129,6 +130,7 @@ class GuestDriver:
                 if self._by_luid.get(ad.luid) is ad:
                     del self._by_luid[ad.luid]
             await link.tasks.cancel_and_wait(timeout=5)
+            link.events.close()
         self._changed_adapters()
 
     @on_loop
@@ -299,6 +301,7 @@ class GuestDriver:
     def _set_stopped(self, ad: GuestAdapter) -> None:
         ad.state = AdapterState.STOPPED
         ad.link.waiting.discard(ad)
+        adapter_stopped(ad)  # its waiters wake with STATUS_DEVICE_REMOVED
         if self._by_luid.get(ad.luid) is ad:
             del self._by_luid[ad.luid]
         self._changed_adapters()

@@ -11,6 +11,7 @@ import logging
 import secrets
 from typing import TYPE_CHECKING
 
+from dxg.guest.syncobject import HostEvents
 from dxg.protocol import messages as m
 from dxg.protocol.commands import HostToVmCommand
 from dxg.protocol.errors import ProtocolError
@@ -52,6 +53,8 @@ class HostLink:
         self.copy_slots = asyncio.Semaphore(COPY_SLOTS)
         # Work the link does on its own (undoing what the host did for abandoned requests).
         self.tasks = TaskSet(f"link {bus.name}")
+        # Host events (dxg.guest.syncobject): what SIGNALGUESTEVENT and PYDXG_FENCEVALUE name.
+        self.events = HostEvents(f"link {bus.name}", self.tasks)
         self.logs = LogLimiter(log)  # what the host provokes cannot flood the log
 
     @property
@@ -87,8 +90,24 @@ class HostLink:
                 self.device_state_counter += 1
         elif msg.command in (HostToVmCommand.SIGNALGUESTEVENT,
                              HostToVmCommand.SIGNALGUESTEVENTPASSIVE):
-            self.logs.log(logging.DEBUG, "unknown event",
-                          "host %s: SIGNALGUESTEVENT for an unknown event ignored", self.name)
+            try:
+                event = m.SignalGuestEvent.unpack(msg.body)
+            except ProtocolError as e:
+                self.logs.log(logging.WARNING, "bad SIGNALGUESTEVENT",
+                              "host %s: bad SIGNALGUESTEVENT: %s", self.name, e)
+                return
+            if not self.events.signal(event.event, event.status):
+                self.logs.log(logging.DEBUG, "unknown event",
+                              "host %s: SIGNALGUESTEVENT for an unknown event ignored",
+                              self.name)
+        elif msg.command == HostToVmCommand.PYDXG_FENCEVALUE:
+            try:
+                fence = m.FenceValue.unpack(msg.body)
+            except ProtocolError as e:
+                self.logs.log(logging.WARNING, "bad PYDXG_FENCEVALUE",
+                              "host %s: bad PYDXG_FENCEVALUE: %s", self.name, e)
+                return
+            self.events.value(fence.event, fence.value)
         elif msg.command == HostToVmCommand.SENDWNFNOTIFICATION:
             pass
         else:

@@ -34,6 +34,8 @@ from dxg.guest.device import (
 from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleType
 from dxg.guest.ioctl_memory import HANDLERS as MEMORY_HANDLERS
+from dxg.guest.ioctl_queue import HANDLERS as QUEUE_HANDLERS
+from dxg.guest.ioctl_sync import HANDLERS as SYNC_HANDLERS
 from dxg.guest.lookup import (
     PRIVATE_DATA_MAX,
     _adapter,
@@ -425,6 +427,8 @@ HANDLERS: MappingProxyType[str, Handler] = MappingProxyType({
     "LX_DXENUMPROCESSES": enum_processes,
     "LX_ISFEATUREENABLED": is_feature_enabled,
     **MEMORY_HANDLERS,
+    **QUEUE_HANDLERS,
+    **SYNC_HANDLERS,
 })
 # The same table by ioctl number, for dispatch (derived: the names above are the source).
 _BY_NR: MappingProxyType[int, Handler] = MappingProxyType(

@@ -13,6 +13,7 @@ from dxg.guest.allocation import ProcessMemory
 from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleSpace, HandleTable, HandleType
 from dxg.guest.quota import GuestLimits, Quota, charge_object
+from dxg.guest.syncobject import ProcessSync
 
 if TYPE_CHECKING:
     from dxg.guest.adapter import GuestAdapter
@@ -57,6 +58,7 @@ class GuestProcess:
         # host link -> (link generation, the host process handle, or its CREATEPROCESS)
         self.host_processes: dict[HostLink, tuple[int, asyncio.Future[int]]] = {}
         self.memory = ProcessMemory()  # blocks of shared memory, and unmaps the client is due
+        self.sync = ProcessSync()  # sync objects, mirror pages, host events (dxg.guest.syncobject)
         self.closed = False
 
     def __repr__(self) -> str:
@@ -164,6 +166,9 @@ async def close_adapter(proc: GuestProcess, handle: int) -> None:
         pa.adapter.process_adapters.remove(pa)
     for dev in devices:
         await destroy_device_quietly(proc, dev)
+    from dxg.guest.syncobject import release_adapter_syncobjects
+
+    proc.release_objects(release_adapter_syncobjects(proc, pa.adapter))
     await _close_on_host(proc, pa.adapter)
 
 
@@ -210,6 +215,7 @@ async def process_exit(proc: GuestProcess) -> None:
             for dev in list(pa.devices):
                 await destroy_device_quietly(proc, dev)
     finally:
+        proc.sync.close(proc)
         proc.memory.close()
         # DESTROYPROCESS drops whatever the host still holds for the process, whatever failed.
         hosts = list(proc.host_processes.items())

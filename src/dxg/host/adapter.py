@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import struct
 import time
 import uuid
@@ -41,6 +42,7 @@ from dxg.backends import AdapterDescription
 from dxg.host.call import Call, CommandFailed, Handler
 from dxg.host.config import AdapterIdentity
 from dxg.host.memory import Segments
+from dxg.host.scheduler import EngineScheduler
 from dxg.protocol import messages as m
 from dxg.protocol.bus import (
     DXGK_VMBUS_INTERFACE_VERSION,
@@ -153,6 +155,8 @@ class HostAdapter:
         self.removed = False
         # Its memory, shared by every guest: local = dedicated video memory, non-local = shared
         # system memory, as GETSEGMENTSIZE reports them (dxg.host.memory).
+        # Who runs next on its engine: one slot per host core (dxg.host.scheduler).
+        self.engine = EngineScheduler(os.cpu_count() or 1)
         self.segments = Segments(description.dedicated_video_memory,
                                  description.shared_system_memory)
         self._qai: MappingProxyType[int, Callable[[bytearray], int]] = MappingProxyType({
@@ -260,6 +264,7 @@ class HostAdapter:
             "dedicated_video_memory": d.dedicated_video_memory,
             "engine": d.engine,
             "memory": self.segments.census(),
+            "scheduler": self.engine.census(),
         }
 
     # ---- QUERYADAPTERINFO ----------------------------------------------------------------------
@@ -359,10 +364,13 @@ def drop_open(p: Partition, adapter_index: int) -> None:
     opened = p.opens.pop(adapter_index, None)
     if opened is None:
         return
+    from dxg.host.syncobject import drop_adapter_syncobjects
+
     for process in list(p.processes.values()):
         for device in list(process.devices.values()):
             if device.adapter is opened.adapter:
                 drop_device(p, device)
+        drop_adapter_syncobjects(p, process, opened.adapter)
         drop_vaspace(p, process, adapter_index)
         process.memory.drop_adapter(adapter_index)
     p.free(opened.handle, HandleType.ADAPTER)
@@ -378,6 +386,9 @@ def close_process_adapter(p: Partition, call: Call, body: m.Empty) -> m.NtStatus
     for device in list(process.devices.values()):
         if device.adapter is adapter:
             raise CommandFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "devices still open on it")
+    from dxg.host.syncobject import drop_adapter_syncobjects
+
+    drop_adapter_syncobjects(p, process, adapter)  # (its legacy sync objects there)
     drop_vaspace(p, process, adapter.index)
     process.memory.drop_adapter(adapter.index)
     return m.NtStatusReturn(NTSTATUS.STATUS_SUCCESS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -14,8 +15,10 @@ from dxg.uapi.handles import HandleType
 from dxg.uapi.ntstatus import NTSTATUS
 from dxg.uapi.structs import (
     d3dkmt_deviceexecution_state,
+    d3dkmt_devicepagefault_state,
     d3dkmt_devicestate_type,
     d3dkmt_getdevicestate,
+    d3dkmt_markdeviceaserror,
 )
 
 if TYPE_CHECKING:
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 OK = NTSTATUS.STATUS_SUCCESS
 EXECUTION_ACTIVE = int(d3dkmt_deviceexecution_state._D3DKMT_DEVICEEXECUTION_ACTIVE)
 EXECUTION_STATES = frozenset(int(s) for s in d3dkmt_deviceexecution_state)
+_EXECUTION_RESET = int(d3dkmt_deviceexecution_state._D3DKMT_DEVICEEXECUTION_RESET)
 
 _STATE_EXECUTION = int(d3dkmt_devicestate_type._D3DKMT_DEVICESTATE_EXECUTION)
 _STATE_RESET = int(d3dkmt_devicestate_type._D3DKMT_DEVICESTATE_RESET)
@@ -60,6 +64,8 @@ class HostDevice:
     resources: dict[int, Resource] = field(default_factory=dict)
     paging_queues: dict[int, PagingQueue] = field(default_factory=dict)
     flushes: int = 0
+    fault_va: int = 0  # where its work last faulted (GetDeviceState PAGE_FAULT)
+    fault_reason: str = ""
     # Backend work in flight for this device: set each event to cut it short.
     jobs: set[threading.Event] = field(default_factory=set)
 
@@ -86,6 +92,9 @@ def drop_device(p: Partition, device: HostDevice) -> None:
         job.set()
     for context in list(device.contexts.values()):
         drop_context(p, context)
+    from dxg.host.syncobject import drop_device_syncobjects
+
+    drop_device_syncobjects(p, device)  # (its monitored fences; waits on them end)
     drop_device_memory(p, device)
     device.process.devices.pop(device.handle, None)
     p.free(device.handle, HandleType.DEVICE, device.process)
@@ -133,8 +142,11 @@ def get_device_state(p: Partition, call: Call,
         args.execution_state = device.execution_state
         status = OK
     elif state_type in (_STATE_RESET, _STATE_PAGE_FAULT):
-        # No reset has happened and no page fault is recorded: the union reads as zeros.
+        # The union reads as zeros but for the address the device's work last faulted at.
         args = d3dkmt_getdevicestate.from_buffer_copy(body.args[:8] + bytes(len(body.args) - 8))
+        if state_type == _STATE_PAGE_FAULT and device.fault_va:
+            fault = d3dkmt_devicepagefault_state(faulted_virtual_address=device.fault_va)
+            ctypes.memmove(ctypes.addressof(args) + 8, bytes(fault), ctypes.sizeof(fault))
         status = OK
     elif state_type in _STATE_PRESENT_KINDS:
         status = NTSTATUS.STATUS_NOT_SUPPORTED  # compute-only adapters present nothing
@@ -143,11 +155,25 @@ def get_device_state(p: Partition, call: Call,
     return m.GetDeviceStateReturn(bytes(args), status)
 
 
+def mark_device_as_error(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsReturn:
+    """MARKDEVICEASERROR: the device is reset (its fences' waiters wake with an error; its
+    later submissions are refused), as when its own work faults."""
+    from dxg.host.hwqueue import fault_device
+    from dxg.host.memory import expect_extra, ioctl_args, ioctl_reply
+
+    args = ioctl_args(body, d3dkmt_markdeviceaserror)
+    expect_extra(body.extra, 0, "MARKDEVICEASERROR")
+    device = device_of(p, p.process(call), args.device.v, call.adapter)
+    fault_device(p, device, _EXECUTION_RESET, 0, f"marked as in error (reason {args.reason})")
+    return ioctl_reply(args)
+
+
 HANDLERS: MappingProxyType[VgpuCommand, Handler] = MappingProxyType({
     VgpuCommand.CREATEDEVICE: create_device,
     VgpuCommand.DESTROYDEVICE: destroy_device,
     VgpuCommand.FLUSHDEVICE: flush_device,
     VgpuCommand.GETDEVICESTATE: get_device_state,
+    VgpuCommand.MARKDEVICEASERROR: mark_device_as_error,
 })
 
 __all__ = ["EXECUTION_STATES", "HANDLERS", "HostDevice", "device_of", "drop_device"]

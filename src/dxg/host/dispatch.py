@@ -32,9 +32,11 @@ from dxg.host import allocation as allocation_mod
 from dxg.host import context as context_mod
 from dxg.host import device as device_mod
 from dxg.host import escape as escape_mod
+from dxg.host import hwqueue as hwqueue_mod
 from dxg.host import pagingqueue as pagingqueue_mod
 from dxg.host import process as process_mod
 from dxg.host import residency as residency_mod
+from dxg.host import syncobject as syncobject_mod
 from dxg.host import vaspace as vaspace_mod
 from dxg.host.call import Call, CommandFailed, Handler
 from dxg.oslib.fds import close_all
@@ -58,7 +60,7 @@ log = logging.getLogger(__name__)
 _TEARDOWN = frozenset({VgpuCommand.DESTROYDEVICE, VgpuCommand.DESTROYCONTEXT,
                        VgpuCommand.CLOSEADAPTER, VgpuCommand.DESTROYALLOCATION,
                        VgpuCommand.DESTROYPAGINGQUEUE,
-                       VgpuCommand.PYDXG_CLOSEPROCESSADAPTER})
+                       VgpuCommand.PYDXG_CLOSEPROCESSADAPTER, VgpuCommand.DESTROYHWQUEUE})
 
 
 def _merge(*tables: Mapping[Any, Handler]) -> MappingProxyType[Any, Handler]:
@@ -77,7 +79,8 @@ def _merge(*tables: Mapping[Any, Handler]) -> MappingProxyType[Any, Handler]:
 # module adds the VM-level ones (SETIOSPACEREGION, the census).
 OBJECT_HANDLERS = _merge(adapter_mod.HANDLERS, process_mod.HANDLERS, device_mod.HANDLERS,
                          context_mod.HANDLERS, escape_mod.HANDLERS, allocation_mod.HANDLERS,
-                         residency_mod.HANDLERS, vaspace_mod.HANDLERS, pagingqueue_mod.HANDLERS)
+                         residency_mod.HANDLERS, vaspace_mod.HANDLERS, pagingqueue_mod.HANDLERS,
+                         hwqueue_mod.HANDLERS, syncobject_mod.HANDLERS)
 
 
 def _discard(result: Any) -> None:

@@ -232,7 +232,10 @@ class Host:
             return
         adapter.removed = True
         log.info("host %s: adapter %d removed", self.config.name, index)
+        from dxg.host.syncobject import adapter_removed
+
         for partition in list(self._partitions.values()):
+            adapter_removed(partition, adapter)  # waits on its objects end with an error
             if partition.session is not None:
                 partition.session.rescind(adapter.relid)
 

@@ -18,7 +18,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from dxg.host.call import Call, CommandFailed, Handler
-from dxg.host.memory import FENCE_SLOT_BYTES, FenceBlock, expect_extra, ioctl_args, ioctl_reply
+from dxg.host.memory import FenceBlock, expect_extra, ioctl_args, ioctl_reply
+from dxg.host.syncobject import FLAG_NO_SIGNAL, MONITORED_FENCE, SyncObject
 from dxg.protocol import messages as m
 from dxg.protocol.commands import VgpuCommand
 from dxg.uapi.handles import HandleType
@@ -41,25 +42,27 @@ INVALID = NTSTATUS.STATUS_INVALID_PARAMETER
 _PRIORITIES = frozenset(int(v) for v in d3dddi_pagingqueue_priority)
 
 
-@dataclass(eq=False, slots=True)
-class Fence:
-    """A monitored fence whose value is in a shared slot (HandleType.MONITOREDFENCE)."""
+class Fence(SyncObject):
+    """A paging queue's monitored fence (HandleType.MONITOREDFENCE): a SyncObject whose value
+    is in a shared slot (``block`` is None once freed; values never go back), so a CPU wait
+    works on it. Its device is its queue's."""
 
-    handle: int
-    queue: PagingQueue
-    block: FenceBlock | None  # None once freed
-    index: int
-    value: int = 0
+    __slots__ = ("_queue",)
 
-    def signal(self, value: int) -> None:
-        """The fence reaches ``value`` (values never go back)."""
-        if value > self.value and self.block is not None:
-            self.value = value
-            self.block.write(self.index, value)
+    def __init__(self, handle: int, queue: PagingQueue | None, block: FenceBlock | None,
+                 index: int, value: int = 0) -> None:
+        super().__init__(handle, None, MONITORED_FENCE, block=block, index=index, value=value,
+                         flags=FLAG_NO_SIGNAL)  # the paging queue signals it, nobody else
+        self.queue = queue  # type: ignore[assignment]
 
-    def ref(self) -> m.BlockRef:
-        assert self.block is not None
-        return self.block.block.ref(self.index * FENCE_SLOT_BYTES)
+    @property
+    def queue(self) -> PagingQueue:
+        return self._queue  # type: ignore[no-any-return]
+
+    @queue.setter
+    def queue(self, queue: PagingQueue | None) -> None:
+        self._queue = queue
+        self.device = queue.device if queue is not None else None
 
 
 @dataclass(eq=False, slots=True)
@@ -95,6 +98,7 @@ def drop_paging_queue(p: Partition, queue: PagingQueue) -> None:
     if device.paging_queues.pop(queue.handle, None) is None:
         return
     fence = queue.fence
+    fence.fail(NTSTATUS.STATUS_INVALID_HANDLE)  # CPU waits on it end
     if fence.block is not None:
         process.memory.free_fence_slot(fence.block, fence.index)
         fence.block = None

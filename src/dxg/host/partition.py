@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from dxg.host.adapter import AdapterOpen, HostAdapter, drop_open
 from dxg.host.call import Call, CommandFailed, Handler
 from dxg.host.config import HostConfig
-from dxg.host.device import EXECUTION_STATES, HostDevice
+from dxg.host.device import EXECUTION_ACTIVE, EXECUTION_STATES, HostDevice
 from dxg.host.dispatch import OBJECT_HANDLERS, Dispatcher, _merge
 from dxg.host.handles import HandleTable, HandleTableFull
 from dxg.host.process import HostProcess, drop_process
@@ -70,7 +70,9 @@ OBJECT_BYTES: Mapping[HandleType, int] = MappingProxyType({
     HandleType.ALLOCATION: 256,
     HandleType.RESOURCE: 256,
     HandleType.PAGINGQUEUE: 512,
+    HandleType.HWQUEUE: 512,
     HandleType.MONITOREDFENCE: 128,
+    HandleType.SYNCOBJECT: 256,
 })
 
 
@@ -371,6 +373,10 @@ class Partition:
         device.execution_state = int(state)
         if not changed:
             return False
+        if int(state) != EXECUTION_ACTIVE:  # waits on its fences end with an error
+            from dxg.host.syncobject import fail_device
+
+            fail_device(self, device)
         return self.set_guest_data(device.error_code, 1, SETGUESTDATA_DATATYPE_DWORD)
 
     # ---- census --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from dxg.host.call import Call, Handler
 from dxg.host.memory import ProcessMemory
+from dxg.host.syncobject import ProcessSync
 from dxg.protocol import messages as m
 from dxg.protocol.commands import GlobalCommand
 from dxg.uapi.handles import HandleType
@@ -42,6 +43,8 @@ class HostProcess:
     regions: dict[int, Region] = field(default_factory=dict)  # pydxg escape regions
     # Its device memory: blocks, usage per adapter, GPU VA spaces (dxg.host.memory).
     memory: ProcessMemory = field(default_factory=ProcessMemory)
+    # Its synchronization objects, CPU waits and queued GPU signals/waits (dxg.host.syncobject).
+    sync: ProcessSync = field(default_factory=ProcessSync)
     # Backend work in flight for this process: set each event to cut it short.
     jobs: set[threading.Event] = field(default_factory=set)
     running: int = 0  # of those jobs, the ones on a worker thread now
@@ -71,6 +74,7 @@ class HostProcess:
             "running_jobs": self.running,
             "pending_calls": self.pending,
             **self.memory.census(),  # memory (per adapter), blocks, block_bytes
+            **self.sync.census(),  # sync_objects, cpu_waits, gpu_ops
             "allocations": sum(len(d.allocations) for d in devices),
             "resources": sum(len(d.resources) for d in devices),
             "paging_queues": sum(len(d.paging_queues) for d in devices),
@@ -83,11 +87,13 @@ def drop_process(p: Partition, process: HostProcess) -> None:
     requests still waiting to run find it gone (`alive`)."""
     from dxg.host.device import drop_device
     from dxg.host.escape import drop_region
+    from dxg.host.syncobject import drop_process_syncobjects
     from dxg.host.vaspace import drop_vaspace
 
     process.alive = False
     for job in list(process.jobs):
         job.set()
+    drop_process_syncobjects(p, process)
     for device in list(process.devices.values()):
         drop_device(p, device)
     for adapter_index in list(process.memory.vaspaces):

@@ -149,6 +149,33 @@ def _insert(starts: list[int], maps: list[Mapping], mp: Mapping) -> None:
     maps.insert(i, mp)
 
 
+@dataclass(frozen=True, slots=True)
+class VaSnapshot:
+    """An immutable copy of a VA space's accessible mappings: (va, end, the block's mapping,
+    the offset of ``va`` in it, writable), sorted. Safe to use from any thread."""
+
+    starts: tuple[int, ...]
+    entries: tuple[tuple[int, int, Any, int, bool], ...]
+
+    def view(self, va: int, nbytes: int, write: bool) -> memoryview:
+        """``nbytes`` at ``va``, which must lie in one mapping (VaFault otherwise)."""
+        if nbytes <= 0 or va < 0 or va + nbytes > VA_MAX:
+            raise VaFault(va, "outside the VA space" if nbytes > 0 else "an empty range")
+        i = bisect.bisect_right(self.starts, va) - 1
+        if i < 0 or self.entries[i][1] <= va:
+            raise VaFault(va, "not mapped")
+        start, end, mapped, base, writable = self.entries[i]
+        if va + nbytes > end:
+            raise VaFault(end, "not mapped (the range runs past its mapping)")
+        if write and not writable:
+            raise VaFault(va, "read-only")
+        at = base + (va - start)
+        try:
+            return memoryview(mapped)[at : at + nbytes]
+        except ValueError:  # its block was closed meanwhile
+            raise VaFault(va, "the memory went") from None
+
+
 class VaSpace:
     """The GPU VA space of one process on one adapter."""
 
@@ -247,6 +274,21 @@ class VaSpace:
             return None if pieces else memoryview(b"")
         a, offset, length = pieces[0]
         return a.block.view(a.offset + offset, length)
+
+    def snapshot(self) -> VaSnapshot:
+        """The VA space as it is now, for work that runs off the loop (an engine job resolves
+        its operands with it on a worker thread, as a GPU works from the page tables it was
+        given): accessible mappings of resident, committed memory only."""
+        entries = []
+        for r in self.reservations:
+            for mp in r.maps:
+                a = mp.allocation
+                if not mp.accessible or a.discarded or not a.resident or not a.alive:
+                    continue
+                entries.append((mp.va, mp.end, a.block.map, a.offset + mp.offset,
+                                mp.writable))
+        entries.sort(key=lambda e: e[0])
+        return VaSnapshot(tuple(e[0] for e in entries), tuple(entries))
 
     # ---- changes -------------------------------------------------------------------------------
 

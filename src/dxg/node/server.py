@@ -105,10 +105,16 @@ __all__ = ["FD_IOCTLS", "NodeBusy", "NodeDriver", "SocketNode"]
 log = logging.getLogger(__name__)
 
 # The ioctls (by name) that may take descriptors from the caller: a request of any other code
-# that carries descriptors is refused with -EINVAL before it is queued. Today only the escape
-# (pydxg's FD_IN escapes, e.g. EVENTFD_SIGNAL) does; an issue that adds an ioctl taking
-# descriptors (a shared-object import, a sync object from an fd, ...) adds its name here.
-FD_IOCTLS: frozenset[str] = frozenset({"LX_DXESCAPE"})
+# that carries descriptors is refused with -EINVAL before it is queued: the escape (pydxg's
+# FD_IN escapes, e.g. EVENTFD_SIGNAL) and the sync ioctls that take eventfds; an issue that adds
+# an ioctl taking descriptors (a shared-object import, ...) adds its name here.
+FD_IOCTLS: frozenset[str] = frozenset({
+    "LX_DXESCAPE",
+    # eventfds of sync objects (dxg.guest.ioctl_sync): a CPU notification, an asynchronous CPU
+    # wait, a signal with enqueue_cpu_event
+    "LX_DXCREATESYNCHRONIZATIONOBJECT", "LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU",
+    "LX_DXSIGNALSYNCHRONIZATIONOBJECT", "LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU2",
+})
 
 _UCRED = struct.Struct("iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _HANDSHAKE_TIMEOUT = 10.0

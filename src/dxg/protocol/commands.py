@@ -114,6 +114,9 @@ class HostToVmCommand(IntEnum):
     SETGUESTDATA = 2
     SIGNALGUESTEVENTPASSIVE = 3
     SENDWNFNOTIFICATION = 4
+    # pydxg extension (not in the real driver): a monitored fence's new value, for a guest that
+    # keeps its client's copy of the fence page itself (a link without descriptors).
+    PYDXG_FENCEVALUE = 2000
 
 
 # The four fire-and-forget commands once the host enables async messages (patches 11 and 15).

@@ -705,6 +705,188 @@ class Unlock2:
         return cls(device, allocation, offset, _tail(body, cls._S.size))
 
 
+# ---- synchronization objects (pydxg layouts: docs/sync.md) -----------------------------------
+
+SYNCOBJECTINFO_SIZE = 80  # sizeof(struct d3dddi_synchronizationobjectinfo2)
+
+
+def _u64s(body: bytes, at: int, n: int) -> tuple[int, ...]:
+    return struct.unpack_from(f"<{n}Q", body, at) if n else ()
+
+
+def _u32s(body: bytes, at: int, n: int) -> tuple[int, ...]:
+    return struct.unpack_from(f"<{n}I", body, at) if n else ()
+
+
+@dataclass(frozen=True, slots=True)
+class CreateSyncObject:
+    """CREATESYNCOBJECT: device u32 (host handle), reserved u32, mirror_event u64, then the
+    caller's d3dddi_synchronizationobjectinfo2 (80 bytes) with the CPU notification's event
+    replaced by a guest host-event id and the fence addresses zeroed. ``mirror_event`` (0 =
+    none): a guest host-event id to which the host sends every new value of the fence
+    (PYDXG_FENCEVALUE), for a guest that keeps the page its client reads itself (a link that
+    carries no descriptors)."""
+
+    device: int
+    mirror_event: int
+    info: bytes
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIQ")
+
+    def pack(self) -> bytes:
+        _exact(self.info, SYNCOBJECTINFO_SIZE, "CreateSyncObject info")
+        return self._S.pack(self.device, 0, self.mirror_event) + self.info
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "CreateSyncObject":
+        _exact(body, cls._S.size + SYNCOBJECTINFO_SIZE, "CreateSyncObject")
+        device, reserved, mirror = cls._S.unpack_from(body)
+        if reserved:
+            raise ProtocolError("CreateSyncObject: reserved field set")
+        return cls(device, mirror, bytes(body[cls._S.size :]))
+
+
+@dataclass(frozen=True, slots=True)
+class CreateSyncObjectReturn(_Fixed):
+    """CREATESYNCOBJECT's reply: status u32, sync_object u32 (host handle; 0 on failure),
+    fence_gpu_va u64, then where the fence's value is: block u64 (0: the object has no page),
+    block_size u64, offset u64. On a link that carries descriptors the fence block's descriptor
+    travels beside it."""
+
+    status: int
+    sync_object: int = 0
+    gpu_va: int = 0
+    block: int = 0
+    block_size: int = 0
+    offset: int = 0
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIQQQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class DestroySyncObject(_Fixed):
+    """DESTROYSYNCOBJECT (global channel, as in the real driver): sync_object u32 (host)."""
+
+    sync_object: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<I4x")
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSyncObject:
+    """SIGNALSYNCOBJECT: flags u32 (d3dddicb_signalflags), device u32 (host handle; non-zero:
+    a signal from the CPU, SignalSynchronizationObjectFromCpu; 0: on the contexts' GPU
+    timelines), object_count u32, context_count u32, value_count u32 (0: the legacy single
+    ``fence_value`` for every object; else one per object), reserved u32, fence_value u64,
+    cpu_event u64 (enqueue_cpu_event: the guest host-event id to signal when the contexts get
+    there; 0 = none), then values u64[value_count], objects u32[object_count] and contexts
+    u32[context_count] (host handles)."""
+
+    flags: int
+    device: int
+    objects: tuple[int, ...]
+    contexts: tuple[int, ...] = ()
+    values: tuple[int, ...] = ()
+    fence_value: int = 0
+    cpu_event: int = 0
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIIIIIQQ")
+
+    def pack(self) -> bytes:
+        no, nc, nv = len(self.objects), len(self.contexts), len(self.values)
+        return (self._S.pack(self.flags, self.device, no, nc, nv, 0, self.fence_value,
+                             self.cpu_event)
+                + struct.pack(f"<{nv}Q{no}I{nc}I", *self.values, *self.objects,
+                              *self.contexts))
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "SignalSyncObject":
+        _atleast(body, cls._S.size, "SignalSyncObject")
+        flags, device, no, nc, nv, reserved, fence, event = cls._S.unpack_from(body)
+        if reserved:
+            raise ProtocolError("SignalSyncObject: reserved field set")
+        _exact(body, cls._S.size + 8 * nv + 4 * (no + nc), "SignalSyncObject")
+        at = cls._S.size
+        values = _u64s(body, at, nv)
+        at += 8 * nv
+        objects = _u32s(body, at, no)
+        contexts = _u32s(body, at + 4 * no, nc)
+        return cls(flags, device, objects, contexts, values, fence, event)
+
+
+WAIT_ANY = 1  # WaitSyncObjectCpu.flags: d3dddi_waitforsynchronizationobjectfromcpu_flags
+
+
+@dataclass(frozen=True, slots=True)
+class WaitSyncObjectCpu:
+    """WAITFORSYNCOBJECTFROMCPU: device u32, object_count u32, flags u32 (bit 0 wait_any),
+    reserved u32, guest_event u64 (the guest's host-event id, registered before this is sent),
+    then values u64[n] and objects u32[n]. The host acks at once (NTSTATUS) and sends
+    SIGNALGUESTEVENT(guest_event) when the wait is over, its status field saying how. pydxg:
+    object_count 0 withdraws the wait registered with guest_event (its caller gave up)."""
+
+    device: int
+    flags: int
+    guest_event: int
+    objects: tuple[int, ...]
+    values: tuple[int, ...]
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIIIQ")
+
+    def pack(self) -> bytes:
+        n = len(self.objects)
+        if len(self.values) != n:
+            raise ProtocolError("WaitSyncObjectCpu: one value per object")
+        return (self._S.pack(self.device, n, self.flags, 0, self.guest_event)
+                + struct.pack(f"<{n}Q{n}I", *self.values, *self.objects))
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "WaitSyncObjectCpu":
+        _atleast(body, cls._S.size, "WaitSyncObjectCpu")
+        device, n, flags, reserved, event = cls._S.unpack_from(body)
+        if reserved:
+            raise ProtocolError("WaitSyncObjectCpu: reserved field set")
+        _exact(body, cls._S.size + 12 * n, "WaitSyncObjectCpu")
+        values = _u64s(body, cls._S.size, n)
+        return cls(device, flags, event, _u32s(body, cls._S.size + 8 * n, n), values)
+
+
+@dataclass(frozen=True, slots=True)
+class WaitSyncObjectGpu:
+    """WAITFORSYNCOBJECTFROMGPU: context u32, object_count u32, legacy u32 (1: one value, the
+    legacy ``fence_value``, for every object; 0: one u64 per object, monitored fences),
+    reserved u32, then values u64[1 or n] and objects u32[n]."""
+
+    context: int
+    legacy: int
+    objects: tuple[int, ...]
+    values: tuple[int, ...]
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIII")
+
+    def pack(self) -> bytes:
+        n, nv = len(self.objects), len(self.values)
+        if nv != (1 if self.legacy else n):
+            raise ProtocolError("WaitSyncObjectGpu: one value (legacy) or one per object")
+        return (self._S.pack(self.context, n, 1 if self.legacy else 0, 0)
+                + struct.pack(f"<{nv}Q{n}I", *self.values, *self.objects))
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "WaitSyncObjectGpu":
+        _atleast(body, cls._S.size, "WaitSyncObjectGpu")
+        context, n, legacy, reserved = cls._S.unpack_from(body)
+        if reserved or legacy not in (0, 1):
+            raise ProtocolError("WaitSyncObjectGpu: reserved field set")
+        nv = 1 if legacy else n
+        _exact(body, cls._S.size + 8 * nv + 4 * n, "WaitSyncObjectGpu")
+        values = _u64s(body, cls._S.size, nv)
+        return cls(context, legacy, _u32s(body, cls._S.size + 8 * nv, n), values)
+
+
+@dataclass(frozen=True, slots=True)
+class FenceValue(_Fixed):
+    """PYDXG_FENCEVALUE (host -> guest, pydxg extension): ``value`` is the fence's value now;
+    ``event`` is the mirror_event its CREATESYNCOBJECT named."""
+
+    event: int
+    value: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<QQ")
+
+
 # ---- host -> VM notifications ----------------------------------------------------------------
 
 
@@ -713,7 +895,10 @@ class SignalGuestEvent(_Fixed):
     event: int  # a guest host-event id, never a pointer
     process_id: int
     dereference_event: int
-    _S: ClassVar[struct.Struct] = struct.Struct("<QQB7x")
+    # pydxg: how the wait the event stands for ended, in the real struct's padding (a real host
+    # leaves it 0): 0, or the failure NTSTATUS (the object or its device went: docs/sync.md).
+    status: int = 0
+    _S: ClassVar[struct.Struct] = struct.Struct("<QQB3xI")
 
 
 SETGUESTDATA_DATATYPE_DWORD = 0

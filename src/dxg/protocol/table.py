@@ -230,6 +230,44 @@ _SPECS += (
        note="pydxg extension: the process's last handle of the adapter closed"),
 )
 
+# ---- queues and execution
+_SPECS += (
+    _mem(V.CREATEHWQUEUE, fds=True,
+         note="IoctlArgs (extra: private data); the reply's extra is the progress fence's "
+              "BlockRef, its descriptor beside it"),
+    _mem(V.DESTROYHWQUEUE),
+    _mem(V.SUBMITCOMMANDTOHWQUEUE, asynchronous=True,
+         note="IoctlArgs; fire-and-forget: errors surface through the device's state"),
+    _mem(V.SETCONTEXTSCHEDULINGPRIORITY,
+         note="IoctlArgs of d3dkmt_setcontextschedulingpriority; extra: 1 byte, 1 = in-process"),
+    _mem(V.GETCONTEXTSCHEDULINGPRIORITY,
+         note="IoctlArgs of d3dkmt_setcontextschedulingpriority; extra: 1 byte, 1 = in-process"),
+    _mem(V.MARKDEVICEASERROR),
+)
+
+# ---- synchronization objects
+
+
+def _fail_create_sync(status: int, body: bytes) -> bytes:
+    return m.CreateSyncObjectReturn(int(status) & 0xFFFFFFFF).pack()
+
+
+_SPECS += (
+    _v(V.CREATESYNCOBJECT, m.CreateSyncObject, m.CreateSyncObjectReturn, _fail_create_sync,
+       fds=True, note="device, mirror event, the d3dddi_synchronizationobjectinfo2; the reply: "
+                      "handle, GPU VA, the fence's BlockRef (its descriptor beside it)"),
+    _g(G.DESTROYSYNCOBJECT, m.DestroySyncObject, m.NtStatusReturn, fail_status,
+       note="global, as in the real driver"),
+    _v(V.SIGNALSYNCOBJECT, m.SignalSyncObject, m.NtStatusReturn, fail_status,
+       asynchronous=True, note="device (CPU signal) or contexts (GPU), objects, values; pydxg "
+                               "sends the CPU signal with a completion"),
+    _v(V.WAITFORSYNCOBJECTFROMCPU, m.WaitSyncObjectCpu, m.NtStatusReturn, fail_status,
+       note="acked at once; SIGNALGUESTEVENT(guest_event, status) ends the wait; 0 objects: "
+            "withdraw it"),
+    _v(V.WAITFORSYNCOBJECTFROMGPU, m.WaitSyncObjectGpu, m.NtStatusReturn, fail_status,
+       asynchronous=True, note="context, legacy flag, values, objects"),
+)
+
 COMMANDS: MappingProxyType[Command, CommandSpec] = MappingProxyType(
     {spec.command: spec for spec in _SPECS})
 

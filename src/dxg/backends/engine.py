@@ -1,0 +1,416 @@
+"""The soft adapter's execution engine: runs pydxg-soft-v1 command buffers with NumPy.
+
+`run` decodes and checks the whole buffer first (`dxg.backends.softcmd.decode`: nothing runs if
+any command is malformed), then executes the commands in order. For each one it resolves every
+operand through the caller's ``resolve(va, nbytes, write)`` (the host wires that to the process's
+GPU VA space), checks that the destination overlaps no source, and only then reads and writes.
+The work happens on NumPy views of the resolved memory (``out=`` arguments, matmul straight into
+the destination); temporaries are made only where an op needs them (GEMM with beta != 0 or
+through f16, convolution patches, f16 accumulation) and are never larger than the operands'
+real memory. Large copies, ufuncs and BLAS GEMMs run with the GIL released.
+
+Whatever the bytes, `run` returns a `RunResult` or raises `EngineFault`; commands before the
+faulting one (``command_index``) have run. ``cancelled`` is checked before every command (and
+between the kernel rows of a convolution). Floating-point errors never fault: they give inf/NaN
+as a GPU would. The engine keeps no state between calls: it can run on many threads at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from dxg.backends.softcmd import (
+    Binary,
+    BinaryOp,
+    Command,
+    Conv2d,
+    Copy,
+    EngineFault,
+    FaultKind,
+    Fill,
+    Gemm,
+    Marker,
+    Nop,
+    Operand,
+    Reduce,
+    ReduceOp,
+    Softmax,
+    Unary,
+    UnaryOp,
+    decode,
+)
+
+__all__ = ["EngineFault", "FaultKind", "Resolve", "RunResult", "run"]
+
+# resolve(va, nbytes, write) -> a memoryview of exactly those bytes, or raise EngineFault
+Resolve = Callable[[int, int, bool], memoryview]
+NDArray = np.ndarray[Any, Any]
+
+_F16 = np.dtype(np.float16)
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What one buffer did: commands executed, bytes of operand memory resolved (read and
+    written), seconds it took (decode included) and the MARKER values passed, in order."""
+
+    commands: int
+    bytes_touched: int
+    elapsed: float
+    markers: tuple[int, ...] = ()
+
+
+class _Run:
+    """One run's resolver and counters."""
+
+    __slots__ = ("cancelled", "markers", "resolve", "touched")
+
+    def __init__(self, resolve: Resolve, cancelled: threading.Event | None) -> None:
+        self.resolve = resolve
+        self.cancelled = cancelled
+        self.touched = 0
+        self.markers: list[int] = []
+
+    def check_cancelled(self) -> None:
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise EngineFault(FaultKind.CANCELLED, -1, "cancelled")
+
+    def memory(self, va: int, nbytes: int, write: bool) -> memoryview:
+        """Exactly ``nbytes`` at ``va`` (writable when ``write``), or PAGE_FAULT."""
+        page_fault = FaultKind.PAGE_FAULT
+        try:
+            mv = self.resolve(va, nbytes, write)
+        except EngineFault as e:
+            raise e if e.va or e.kind != page_fault else EngineFault(
+                e.kind, e.command_index, e.detail, va) from None
+        except Exception as e:  # e.g. dxg.host.vaspace.VaFault, which carries the address
+            at = getattr(e, "va", None)
+            raise EngineFault(page_fault, -1, f"0x{va:x}+{nbytes}: {e}",
+                              at if isinstance(at, int) else va) from e
+        try:
+            if not isinstance(mv, memoryview):
+                mv = memoryview(mv)
+            if not mv.c_contiguous:
+                raise ValueError("not contiguous")
+            if mv.ndim != 1 or mv.itemsize != 1:
+                mv = mv.cast("B")
+        except (TypeError, ValueError):
+            raise EngineFault(page_fault, -1,
+                              f"0x{va:x}+{nbytes}: resolved to no contiguous bytes", va) from None
+        if mv.nbytes != nbytes:
+            raise EngineFault(page_fault, -1, f"0x{va:x}+{nbytes}: resolved {mv.nbytes} bytes",
+                              va)
+        if write and mv.readonly:
+            raise EngineFault(page_fault, -1, f"0x{va:x}+{nbytes}: read-only", va)
+        self.touched += nbytes
+        return mv
+
+    def array(self, op: Operand, write: bool) -> NDArray:
+        """A NumPy view (no copy) of ``op`` in the resolved memory."""
+        mv = self.memory(op.va, op.nbytes, write)
+        isz = op.itemsize
+        arr = np.ndarray(op.shape, op.dtype.numpy, buffer=mv,
+                         strides=tuple(s * isz for s in op.element_strides))
+        if not write:
+            arr.flags.writeable = False
+        return arr
+
+
+def _same(a: NDArray, b: NDArray) -> bool:
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype)
+
+
+def _disjoint(dst: NDArray, *srcs: NDArray | None, inplace: bool = False) -> None:
+    """BAD_OPERAND when the destination's memory overlaps a source's (by address bounds, so two
+    VAs of the same memory count). ``inplace``: a source that is exactly the destination is
+    fine (elementwise ops)."""
+    for s in srcs:
+        if s is not None and np.may_share_memory(dst, s) and not (inplace and _same(dst, s)):
+            raise EngineFault(FaultKind.BAD_OPERAND, -1,
+                              "the destination overlaps a source" +
+                              (" (only an identical operand may be updated in place)"
+                               if inplace else ""))
+
+
+# ---- ops ---------------------------------------------------------------------------------------
+
+
+def _nop(run: _Run, cmd: Nop) -> None:
+    pass
+
+
+def _marker(run: _Run, cmd: Marker) -> None:
+    run.markers.append(cmd.value)
+
+
+def _copy(run: _Run, cmd: Copy) -> None:
+    if not cmd.nbytes:
+        return
+    dst = np.frombuffer(run.memory(cmd.dst_va, cmd.nbytes, True), np.uint8)
+    src = np.frombuffer(run.memory(cmd.src_va, cmd.nbytes, False), np.uint8)
+    _disjoint(dst, src)
+    np.copyto(dst, src)
+
+
+def _fill(run: _Run, cmd: Fill) -> None:
+    dst = run.array(cmd.dst, True)
+    np.copyto(dst, cmd.scalar)
+
+
+def _sigmoid(d: NDArray, s: NDArray) -> None:
+    # 1 / (1 + exp(-x)): exact for large |x| (exp overflows to inf, giving 0)
+    np.negative(s, out=d)
+    np.exp(d, out=d)
+    np.add(d, 1, out=d)
+    np.reciprocal(d, out=d)
+
+
+_UNARY = MappingProxyType({
+    UnaryOp.NEG: lambda d, s: np.negative(s, out=d),
+    UnaryOp.ABS: lambda d, s: np.absolute(s, out=d),
+    UnaryOp.EXP: lambda d, s: np.exp(s, out=d),
+    UnaryOp.LOG: lambda d, s: np.log(s, out=d),
+    UnaryOp.SQRT: lambda d, s: np.sqrt(s, out=d),
+    UnaryOp.TANH: lambda d, s: np.tanh(s, out=d),
+    UnaryOp.SIGMOID: _sigmoid,
+    UnaryOp.RELU: lambda d, s: np.maximum(s, d.dtype.type(0), out=d),
+    UnaryOp.CAST: lambda d, s: np.copyto(d, s, casting="unsafe"),
+})
+
+
+def _unary(run: _Run, cmd: Unary) -> None:
+    src = run.array(cmd.src, False)
+    dst = run.array(cmd.dst, True)
+    _disjoint(dst, src, inplace=True)
+    _UNARY[cmd.op](dst, src)
+
+
+def _divide(d: NDArray, a: NDArray, b: NDArray) -> None:
+    if d.dtype.kind == "f":
+        np.true_divide(a, b, out=d)
+    elif d.dtype.kind == "u":
+        np.floor_divide(a, b, out=d)  # floor is truncation here; x // 0 is 0
+    else:
+        # truncate toward zero (C, GPUs): floor, plus one where the signs differ and there
+        # is a remainder; computed before d is written (d may be a or b)
+        fix = (np.remainder(a, b) != 0) & ((a < 0) != (b < 0))
+        np.floor_divide(a, b, out=d)
+        np.add(d, fix, out=d, casting="unsafe")
+
+
+_BINARY = MappingProxyType({
+    BinaryOp.ADD: lambda d, a, b: np.add(a, b, out=d),
+    BinaryOp.SUB: lambda d, a, b: np.subtract(a, b, out=d),
+    BinaryOp.MUL: lambda d, a, b: np.multiply(a, b, out=d),
+    BinaryOp.DIV: _divide,
+    BinaryOp.MAX: lambda d, a, b: np.maximum(a, b, out=d),
+    BinaryOp.MIN: lambda d, a, b: np.minimum(a, b, out=d),
+    BinaryOp.POW: lambda d, a, b: np.power(a, b, out=d),
+})
+
+
+def _binary(run: _Run, cmd: Binary) -> None:
+    a = run.array(cmd.a, False)
+    b = run.array(cmd.b, False)
+    dst = run.array(cmd.dst, True)
+    _disjoint(dst, a, b, inplace=True)
+    _BINARY[cmd.op](dst, a, b)
+
+
+def _blasable(x: NDArray) -> bool:
+    """Whether BLAS takes the last two dims of ``x`` as they are (or transposed), as NumPy's
+    matmul decides; otherwise it falls back to a slow loop."""
+    isz = x.itemsize
+    r, c = x.shape[-2:]
+    sr, sc = x.strides[-2:]
+    return ((sc == isz and sr % isz == 0 and sr >= c * isz)
+            or (sr == isz and sc % isz == 0 and sc >= r * isz))
+
+
+def _matrices(x: NDArray, dtype: np.dtype[Any]) -> NDArray:
+    """``x`` (matrices, maybe batched) ready for BLAS in ``dtype``: as it is when it can be, else
+    a contiguous copy (one matrix, broadcast, when the batch shares it)."""
+    if x.dtype == dtype and _blasable(x):
+        return x
+    if x.ndim == 3 and x.strides[0] == 0:
+        return np.broadcast_to(np.ascontiguousarray(x[0], dtype=dtype), x.shape)
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def _gemm(run: _Run, cmd: Gemm) -> None:
+    c3, a3, b3 = cmd.layouts()
+    a = run.array(a3, False)
+    b = run.array(b3, False)
+    c = run.array(c3, True)
+    _disjoint(c, a, b)
+    if cmd.trans_a:
+        a = a.transpose(0, 2, 1)
+    if cmd.trans_b:
+        b = b.transpose(0, 2, 1)
+    if cmd.batch == 1:
+        a, b, c = a[0], b[0], c[0]
+    alpha, beta = cmd.alpha, cmd.beta
+    if alpha == 0:  # BLAS: A and B are not read
+        if beta == 0:
+            c.fill(0)
+        else:
+            np.multiply(c, beta, out=c)
+        return
+    work = _F32 if c.dtype == _F16 else c.dtype
+    a = _matrices(a, work)
+    b = _matrices(b, work)
+    if beta == 0 and work == c.dtype and _blasable(c):
+        np.matmul(a, b, out=c)
+        if alpha != 1:
+            np.multiply(c, alpha, out=c)
+        return
+    t = np.matmul(a, b)
+    if alpha != 1:
+        np.multiply(t, alpha, out=t)
+    if beta != 0:
+        if work == c.dtype:
+            np.multiply(c, beta, out=c)
+            np.add(c, t, out=c)
+            return
+        t += c.astype(work) * beta
+    np.copyto(c, t, casting="unsafe")
+
+
+def _reduce(run: _Run, cmd: Reduce) -> None:
+    src = run.array(cmd.src, False)
+    dst = run.array(cmd.dst, True)
+    _disjoint(dst, src)
+    axis, keep = cmd.axis, cmd.keepdims
+    if cmd.op is ReduceOp.MAX:
+        np.maximum.reduce(src, axis=axis, out=dst, keepdims=keep)
+        return
+    if cmd.op is ReduceOp.MIN:
+        np.minimum.reduce(src, axis=axis, out=dst, keepdims=keep)
+        return
+    mean = cmd.op is ReduceOp.MEAN
+    if dst.dtype.kind == "f" and dst.dtype != _F16:
+        np.add.reduce(src, axis=axis, dtype=dst.dtype, out=dst, keepdims=keep)
+        if mean:
+            np.divide(dst, src.shape[axis], out=dst)
+        return
+    if not mean and dst.dtype.kind != "f":  # integer sums wrap in their own type
+        np.add.reduce(src, axis=axis, dtype=dst.dtype, out=dst, keepdims=keep)
+        return
+    # f16 (accumulated in f32) and integer means (f64, truncated)
+    acc = _F32 if dst.dtype == _F16 else _F64
+    t = np.add.reduce(src, axis=axis, dtype=acc, keepdims=keep)
+    if mean:
+        t = np.divide(t, src.shape[axis], out=np.asarray(t))
+        if dst.dtype.kind != "f":
+            np.trunc(t, out=t)
+    np.copyto(dst, t, casting="unsafe")
+
+
+def _softmax(run: _Run, cmd: Softmax) -> None:
+    src = run.array(cmd.src, False)
+    dst = run.array(cmd.dst, True)
+    _disjoint(dst, src, inplace=True)
+    axis = cmd.axis
+    top = np.maximum.reduce(src, axis=axis, keepdims=True)  # before dst is written
+    np.subtract(src, top, out=dst)
+    np.exp(dst, out=dst)
+    total = np.add.reduce(dst, axis=axis, keepdims=True,
+                          dtype=_F32 if dst.dtype == _F16 else dst.dtype)
+    np.divide(dst, total, out=dst, casting="unsafe")
+
+
+def _span(offset: int, stride: int, size: int, out: int) -> tuple[int, int]:
+    """The outputs [o0, o1) whose input index ``o * stride + offset`` lies in [0, size)."""
+    o0 = max(0, -(offset // stride))  # ceil(-offset / stride)
+    o1 = min(out, (size - 1 - offset) // stride + 1)
+    return o0, o1
+
+
+def _conv2d(run: _Run, cmd: Conv2d) -> None:
+    x = run.array(cmd.src, False)
+    w = run.array(cmd.weight, False)
+    bias = run.array(cmd.bias, False) if cmd.bias is not None else None
+    y = run.array(cmd.dst, True)
+    _disjoint(y, x, w, bias)
+    n, _, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    g = cmd.groups
+    og = o // g
+    oh, ow = y.shape[2:]
+    (sh, sw), (ph, pw), (dh, dw) = cmd.stride, cmd.padding, cmd.dilation
+    work = _F32 if y.dtype == _F16 else y.dtype
+    acc = y if y.dtype == work else np.empty(y.shape, work)
+    if bias is not None:
+        np.copyto(acc, bias.reshape(1, o, 1, 1), casting="unsafe")
+    else:
+        acc.fill(0)
+    # the weights as (KH, KW, groups, O/groups, C/groups): one small matrix per kernel tap
+    taps = np.ascontiguousarray(w.reshape(g, og, cg, kh, kw).transpose(3, 4, 0, 1, 2),
+                                dtype=work)
+    rows = [(i, *_span(i * dh - ph, sh, h, oh)) for i in range(kh)]
+    cols = [(j, *_span(j * dw - pw, sw, wd, ow)) for j in range(kw)]
+    cols = [c for c in cols if c[1] < c[2]]
+    for i, r0, r1 in rows:
+        if r0 >= r1:
+            continue
+        run.check_cancelled()
+        hh = r1 - r0
+        ih = r0 * sh + i * dh - ph
+        for j, c0, c1 in cols:
+            ww = c1 - c0
+            iw = c0 * sw + j * dw - pw
+            patch = x[:, :, ih:ih + (hh - 1) * sh + 1:sh, iw:iw + (ww - 1) * sw + 1:sw]
+            p = np.ascontiguousarray(patch, dtype=work).reshape(n, g, cg, hh * ww)
+            # (g, O/g, C/g) @ (N, g, C/g, P) -> (N, g, O/g, P): BLAS, one GEMM per image/group
+            part = np.matmul(taps[i, j], p)
+            acc[:, :, r0:r1, c0:c1] += part.reshape(n, o, hh, ww)
+    if acc is not y:
+        np.copyto(y, acc, casting="unsafe")
+
+
+_EXECUTE: MappingProxyType[type, Callable[[_Run, Any], None]] = MappingProxyType({
+    Nop: _nop, Marker: _marker, Copy: _copy, Fill: _fill, Unary: _unary, Binary: _binary,
+    Gemm: _gemm, Reduce: _reduce, Softmax: _softmax, Conv2d: _conv2d,
+})
+
+
+def run(buffer: memoryview | bytes, resolve: Resolve,
+        cancelled: threading.Event | None = None) -> RunResult:
+    """Execute a pydxg-soft-v1 command buffer. ``resolve(va, nbytes, write)`` returns a
+    memoryview of exactly that range of GPU memory or raises EngineFault (PAGE_FAULT); any other
+    exception it raises becomes a PAGE_FAULT too (with the exception's ``va`` attribute, when it
+    has one, as the fault's ``va``). Raises EngineFault and nothing else (for any bytes)."""
+    start = time.perf_counter()
+    try:
+        commands: tuple[Command, ...] = decode(buffer)
+    except EngineFault:
+        raise
+    except Exception as e:  # decode checks everything; this is a last line of defence
+        raise EngineFault(FaultKind.BAD_HEADER, -1, f"{type(e).__name__}: {e}") from e
+    state = _Run(resolve, cancelled)
+    with np.errstate(all="ignore"):
+        for i, cmd in enumerate(commands):
+            if cancelled is not None and cancelled.is_set():
+                raise EngineFault(FaultKind.CANCELLED, i, "cancelled before this command")
+            try:
+                _EXECUTE[type(cmd)](state, cmd)
+            except EngineFault as e:
+                raise e.at(i) from None
+            except MemoryError:
+                raise EngineFault(FaultKind.BAD_OPERAND, i,
+                                  "the host has no memory for this command") from None
+            except Exception as e:  # a check missed something: still a fault, never a crash
+                raise EngineFault(FaultKind.BAD_OPERAND, i,
+                                  f"{type(cmd).__name__}: {type(e).__name__}: {e}") from e
+    return RunResult(len(commands), state.touched, time.perf_counter() - start,
+                     tuple(state.markers))

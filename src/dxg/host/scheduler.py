@@ -1,0 +1,63 @@
+"""Who runs next on an adapter's engine.
+
+An adapter executes at most ``slots`` command buffers at once (one per host core by default:
+the soft engine's NumPy work runs on worker threads and releases the GIL). Work that finds every
+slot taken waits; when a slot frees, the waiting job of the highest context scheduling priority
+goes first, then the one that waited longest. Queues of one process and of every guest of the
+host compete here, so a high-priority queue's latency holds while a low-priority one floods the
+adapter. Everything here runs on the host's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from typing import Any
+
+__all__ = ["EngineScheduler"]
+
+
+class EngineScheduler:
+    """Execution slots of one adapter, handed out by priority."""
+
+    def __init__(self, slots: int) -> None:
+        if slots < 1:
+            raise ValueError("an engine needs at least one slot")
+        self.slots = slots
+        self.running = 0
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+        self.executed = 0
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for _, _, f in self._waiting if not f.done())
+
+    async def acquire(self, priority: int) -> None:
+        """A slot for work of ``priority`` (higher first)."""
+        if self.running < self.slots and not self.waiting:
+            self.running += 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (-priority, next(self._seq), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # granted just as it was cancelled: hand it on
+            raise
+
+    def release(self) -> None:
+        """A slot is free: the most urgent waiter gets it."""
+        self.executed += 1
+        while self._waiting:
+            _, _, future = heapq.heappop(self._waiting)
+            if not future.done():
+                future.set_result(None)  # the slot passes on: running stays the same
+                return
+        self.running -= 1
+
+    def census(self) -> dict[str, Any]:
+        return {"slots": self.slots, "running": self.running, "waiting": self.waiting,
+                "executed": self.executed}

@@ -1,0 +1,203 @@
+"""Hardware queues running command buffers on the soft engine, end to end: results against
+NumPy, order within a queue, faults that stay with their device, MarkDeviceAsError, priorities,
+and nothing left behind."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_stack, wait_until
+from dxg.backends.softcmd import CommandBuffer, DType, Operand
+from dxg.client import DxgError, open_node
+from dxg.client.execution import DeviceFault
+
+F32 = DType.of(np.float32)
+
+
+def operand(mapping, shape, dtype=F32) -> Operand:
+    return Operand(int(mapping), dtype, tuple(shape))
+
+
+def submit(dev, queue, cmd: CommandBuffer) -> int:
+    """Put ``cmd`` in an allocation mapped into the GPU VA space and submit it."""
+    raw = cmd.tobytes()
+    buf = dev.allocate(len(raw))
+    buf.upload(raw)
+    return queue.submit(int(buf.map_gpu()), len(raw))
+
+
+@pytest.fixture
+def stack(tmp_path: Path):
+    with make_stack(tmp_path, adapters=1) as s:
+        yield s
+
+
+def test_a_command_buffer_runs_and_its_results_are_in_device_memory(stack):
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        ctx = dev.create_context()
+        q = ctx.hwqueue()
+        a = dev.array(np.arange(256, dtype=np.float32).reshape(16, 16))
+        b = dev.array(np.eye(16, dtype=np.float32) * 2)
+        c = dev.empty((16, 16), np.float32)
+        va, vb, vc = (x.map_gpu() for x in (a, b, c))
+        cmd = CommandBuffer()
+        cmd.gemm(operand(vc, (16, 16)), operand(va, (16, 16)), operand(vb, (16, 16)))
+        cmd.binary("add", operand(vc, (16, 16)), operand(vc, (16, 16)), operand(va, (16, 16)))
+        done = submit(dev, q, cmd)
+        assert q.wait(done) >= done and q.progress >= done
+        expect = np.arange(256, dtype=np.float32).reshape(16, 16) * 3
+        np.testing.assert_allclose(c.download(), expect)
+
+
+def test_work_runs_in_submission_order_within_a_queue(stack):
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        q = dev.create_context().hwqueue()
+        x = dev.array(np.zeros(1024, np.float32))
+        one = dev.array(np.ones(1024, np.float32))
+        vx, v1 = x.map_gpu(), one.map_gpu()
+        for _ in range(20):  # x = x * 2 + 1, twenty times: only in order gives 2**20 - 1
+            cmd = CommandBuffer()
+            cmd.binary("add", operand(vx, (1024,)), operand(vx, (1024,)), operand(vx, (1024,)))
+            cmd.binary("add", operand(vx, (1024,)), operand(vx, (1024,)), operand(v1, (1024,)))
+            last = submit(dev, q, cmd)
+        q.wait(last)
+        assert np.all(x.download() == 2.0 ** 20 - 1)
+
+
+def test_a_fault_stays_with_its_device(stack):
+    with open_node(stack.node_path) as node:
+        ad = node.adapters()[0]
+        bad, good = ad.create_device(), ad.create_device()
+        qb, qg = bad.create_context().hwqueue(), good.create_context().hwqueue()
+        x = bad.array(np.ones(16, np.float32))
+        vx = x.map_gpu()
+        cmd = CommandBuffer()
+        cmd.binary("add", operand(vx, (16,)), operand(vx, (16,)),
+                   Operand(0x7F0000000, F32, (16,)))  # nothing mapped there
+        done = submit(bad, qb, cmd)
+        with pytest.raises(DeviceFault) as e:
+            qb.wait(done, timeout=10)
+        assert e.value.address == 0x7F0000000
+        assert bad.execution_state() != 1
+        with pytest.raises(DxgError):
+            submit(bad, qb, CommandBuffer().nop())  # later work of that device is refused
+        y = good.array(np.ones(16, np.float32))
+        vy = y.map_gpu()
+        cmd = CommandBuffer()
+        cmd.binary("add", operand(vy, (16,)), operand(vy, (16,)), operand(vy, (16,)))
+        qg.wait(submit(good, qg, cmd))  # the other device carries on
+        assert np.all(y.download() == 2)
+
+
+def test_a_bad_opcode_faults_the_device(stack):
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        q = dev.create_context().hwqueue()
+        raw = bytearray(CommandBuffer().nop().tobytes())
+        raw[-8:-6] = (0x7777).to_bytes(2, "little")  # the nop's opcode
+        buf = dev.allocate(len(raw))
+        buf.upload(bytes(raw))
+        done = q.submit(int(buf.map_gpu()), len(raw))
+        with pytest.raises(DeviceFault):
+            q.wait(done, timeout=10)
+
+
+def test_mark_device_as_error(stack):
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        q = dev.create_context().hwqueue()
+        dev.mark_error()
+        assert dev.execution_state() == 2  # RESET
+        with pytest.raises(DeviceFault):
+            dev.check()
+        with pytest.raises(DxgError):
+            q.submit(0x10000, 64)
+
+
+def test_priorities_round_trip(stack):
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        ctx = dev.create_context()
+        ctx.set_priority(5)
+        ctx.set_priority(-2, in_process=True)
+        assert ctx.priority() == 5 and ctx.priority(in_process=True) == -2
+        with pytest.raises(DxgError):
+            ctx.set_priority(9)
+
+
+def test_queues_go_with_their_context_and_process(stack):
+    with open_node(stack.node_path) as node:
+        dev = node.adapters()[0].create_device()
+        ctx = dev.create_context()
+        qs = [ctx.hwqueue() for _ in range(3)]
+        assert all(q.progress == 0 for q in qs)
+        ctx.close()
+        (part,) = stack.host.census()["partitions"]
+        procs = [p for p in part["processes"] if p["devices"]]
+        assert all(not c["hwqueues"] for p in procs for d in p["devices"]
+                   for c in d["contexts"])
+    wait_until(lambda: not stack.host.census()["partitions"][0]["processes"], 10,
+               "the process gone from the host")
+
+
+def test_queues_wait_for_each_other_through_fences(stack):
+    """Queue B's work waits (on the GPU timeline) for a fence queue A signals after its own
+    work: B computes from what A wrote, whatever order they are submitted in."""
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        ctx = dev.create_context()
+        qa, qb = ctx.hwqueue(), dev.create_context().hwqueue()
+        fence = dev.fence()
+        x = dev.array(np.zeros(4096, np.float32))
+        y = dev.array(np.zeros(4096, np.float32))
+        ones = dev.array(np.ones(4096, np.float32))
+        vx, vy, v1 = (a.map_gpu() for a in (x, y, ones))
+        shape = (4096,)
+        qb.wait_for(fence, 1)  # B's next work waits for A: submitted before A's
+        cmd = CommandBuffer().binary("add", operand(vy, shape), operand(vx, shape),
+                                     operand(vx, shape))
+        done_b = submit(dev, qb, cmd)
+        cmd = CommandBuffer().binary("add", operand(vx, shape), operand(vx, shape),
+                                     operand(v1, shape))
+        submit(dev, qa, cmd)
+        qa.signal(fence, 1)
+        qb.wait(done_b)
+        assert np.all(y.download() == 2.0) and fence.value == 1
+
+
+def test_a_cpu_wait_on_a_queue_progress_fence(stack):
+    """The progress fence is a monitored fence: a CPU wait on it (WaitForSynchronizationObject
+    FromCpu) returns once the queue gets there."""
+    import ctypes
+
+    from dxg.client import thunks as t
+    from dxg.uapi import structs as s
+
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        q = dev.create_context().hwqueue()
+        x = dev.array(np.ones(1 << 16, np.float32))
+        vx = x.map_gpu()
+        cmd = CommandBuffer()
+        for _ in range(50):
+            cmd.binary("add", operand(vx, (1 << 16,)), operand(vx, (1 << 16,)),
+                       operand(vx, (1 << 16,)))
+        done = submit(dev, q, cmd)
+        handles = (ctypes.c_uint32 * 1)(q.fence)
+        values = (ctypes.c_uint64 * 1)(done)
+        args = s.d3dkmt_waitforsynchronizationobjectfromcpu()
+        args.device.v = dev.handle
+        args.object_count = 1
+        args.objects = ctypes.addressof(handles)
+        args.fence_values = ctypes.addressof(values)
+        assert t.D3DKMTWaitForSynchronizationObjectFromCpu(node.conn, args) == 0
+        assert q.progress >= done
+        assert x.download()[0] == 2.0 ** 50
+
+
+def test_a_fault_wakes_the_waiters_of_its_device(stack):
+    """A CPU waiter on the faulting device's fence wakes with an error instead of hanging."""
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        q = dev.create_context().hwqueue()
+        fence = dev.fence()
+        cmd = CommandBuffer().copy(0x7F0000000, 0x7F0001000, 64)  # nothing mapped
+        submit(dev, q, cmd)
+        q.signal(fence, 1)
+        with pytest.raises(DxgError):
+            fence.wait(1, timeout=10)
