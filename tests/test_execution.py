@@ -201,3 +201,64 @@ def test_a_fault_wakes_the_waiters_of_its_device(stack):
         q.signal(fence, 1)
         with pytest.raises(DxgError):
             fence.wait(1, timeout=10)
+
+
+def test_submit_command_broadcasts_to_contexts_and_fences_follow(stack):
+    """SubmitCommand (the legacy, queue-less path) runs the buffer on each named context's
+    timeline; a fence signalled on those contexts afterwards says it is done."""
+    from dxg.client import sync
+    from dxg.client import thunks as t
+    from dxg.uapi import structs as s
+
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        c1, c2 = dev.create_context(), dev.create_context()
+        x = dev.array(np.zeros(64, np.float32))
+        one = dev.array(np.ones(64, np.float32))
+        vx, v1 = x.map_gpu(), one.map_gpu()
+        raw = CommandBuffer().binary("add", operand(vx, (64,)), operand(vx, (64,)),
+                                     operand(v1, (64,))).tobytes()
+        buf = dev.allocate(len(raw))
+        buf.upload(raw)
+        args = s.d3dkmt_submitcommand()
+        args.command_buffer = int(buf.map_gpu())
+        args.command_length = len(raw)
+        args.broadcast_context_count = 2
+        args.broadcast_context[0].v = c1.handle
+        args.broadcast_context[1].v = c2.handle
+        assert t.D3DKMTSubmitCommand(node.conn, args) == 0
+        f1, f2 = dev.fence(), dev.fence()
+        sync.signal_from_gpu(c1, [(f1, 1)])
+        sync.signal_from_gpu(c2, [(f2, 1)])
+        f1.wait(1, timeout=10)
+        f2.wait(1, timeout=10)
+        assert np.all(x.download() == 2.0)  # once per context
+        args.broadcast_context_count = 65
+        assert t.D3DKMTSubmitCommand(node.conn, args) != 0
+
+
+def test_the_soft_adapters_escapes(stack):
+    import json
+    import struct
+
+    from dxg.backends.soft import (
+        SOFT_ESCAPE,
+        SOFT_ESCAPE_MAGIC,
+        SOFT_ESCAPE_QUERY_ENGINE,
+        SOFT_ESCAPE_VALIDATE,
+    )
+
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        head = SOFT_ESCAPE.pack(SOFT_ESCAPE_MAGIC, 1, SOFT_ESCAPE_QUERY_ENGINE, 0, 0)
+        out = dev.escape(head + bytes(512))
+        info = json.loads(out[SOFT_ESCAPE.size:].rstrip(b"\0"))
+        assert info["formats"] == ["pydxg-soft-v1"] and "GEMM" in info["ops"]
+        with pytest.raises(DxgError):  # too small a buffer: the size it needs comes back
+            dev.escape(head + bytes(4))
+        good = CommandBuffer().nop().tobytes()
+        check = SOFT_ESCAPE.pack(SOFT_ESCAPE_MAGIC, 1, SOFT_ESCAPE_VALIDATE, 0, 0)
+        dev.escape(check + good)
+        bad = bytearray(good)
+        bad[-8:-6] = (0x7777).to_bytes(2, "little")
+        with pytest.raises(DxgError):
+            dev.escape(check + bytes(bad))
+        assert struct.unpack_from("<I", out, 12)[0] == len(out[SOFT_ESCAPE.size:].rstrip(b"\0"))

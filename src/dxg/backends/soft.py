@@ -7,12 +7,16 @@ format it executes), and `SoftBackend.execute` runs command buffers: the format 
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 import threading
 
 import numpy
 
 from dxg.backends import AdapterDescription
 from dxg.backends.engine import Resolve, RunResult, run
+from dxg.backends.softcmd import EngineFault, FaultKind, Opcode, decode
 from dxg.uapi.ntstatus import NTSTATUS
 
 SOFT_ADAPTER_NAME = "pydxg Soft GPU (NumPy)"
@@ -57,6 +61,14 @@ def soft_adapter_description(
     )
 
 
+# The soft driver's private escapes: a 16-byte head (u32 magic "PDXS", u16 version 1, u16 op,
+# u32 status/fault kind, u32 aux) and the op's data after it (docs/execution.md).
+SOFT_ESCAPE = struct.Struct("<IHHII")
+SOFT_ESCAPE_MAGIC = 0x53584450
+SOFT_ESCAPE_QUERY_ENGINE = 1
+SOFT_ESCAPE_VALIDATE = 2
+
+
 class SoftBackend:
     """The soft adapters' backend: NumPy on the host CPU."""
 
@@ -67,8 +79,36 @@ class SoftBackend:
         return soft_adapter_description(dedicated_memory_mb, shared_memory_mb)
 
     def escape(self, index: int, data: bytes, cancelled: threading.Event) -> tuple[int, bytes]:
-        # The soft driver defines no private escapes beyond pydxg's own (dxg.uapi.escape, which
-        # the host serves itself); anything else is not a request it understands.
+        """The soft driver's private escapes (SOFT_ESCAPE head, docs/execution.md):
+        QUERY_ENGINE fills the rest of the data with the engine's description (UTF-8 JSON,
+        NUL-padded; STATUS_BUFFER_TOO_SMALL with the size needed when it does not fit);
+        VALIDATE checks the command buffer that follows the head without running it (status 0,
+        or STATUS_INVALID_PARAMETER with the fault's kind and command index in the head)."""
+        if len(data) < SOFT_ESCAPE.size:
+            return int(NTSTATUS.STATUS_INVALID_PARAMETER), data
+        magic, version, op, _status, _aux = SOFT_ESCAPE.unpack_from(data)
+        if magic != SOFT_ESCAPE_MAGIC or version != 1:
+            return int(NTSTATUS.STATUS_INVALID_PARAMETER), data
+        body = data[SOFT_ESCAPE.size :]
+        if op == SOFT_ESCAPE_QUERY_ENGINE:
+            desc = soft_adapter_description()
+            text = json.dumps({"engine": desc.engine, "formats": list(desc.command_formats),
+                               "ops": [o.name for o in Opcode],
+                               "threads": os.cpu_count() or 1}).encode()
+            if len(text) > len(body):
+                head = SOFT_ESCAPE.pack(magic, 1, op, 0, len(text))
+                return int(NTSTATUS.STATUS_BUFFER_TOO_SMALL), head + body
+            head = SOFT_ESCAPE.pack(magic, 1, op, 0, len(text))
+            return int(NTSTATUS.STATUS_SUCCESS), head + text + bytes(len(body) - len(text))
+        if op == SOFT_ESCAPE_VALIDATE:
+            try:
+                decode(body)
+            except EngineFault as e:
+                kinds = tuple(FaultKind)
+                head = SOFT_ESCAPE.pack(magic, 1, op, kinds.index(e.kind) + 1,
+                                        e.command_index & 0xFFFFFFFF)
+                return int(NTSTATUS.STATUS_INVALID_PARAMETER), head + body
+            return int(NTSTATUS.STATUS_SUCCESS), data
         return int(NTSTATUS.STATUS_INVALID_PARAMETER), data
 
     def execute(self, index: int, buffer: memoryview | bytes, resolve: Resolve,
@@ -80,5 +120,6 @@ class SoftBackend:
         return run(buffer, resolve, cancelled)
 
 
-__all__ = ["SOFT_ADAPTER_NAME", "SOFT_COMMAND_FORMAT_V1", "SoftBackend",
+__all__ = ["SOFT_ADAPTER_NAME", "SOFT_COMMAND_FORMAT_V1", "SOFT_ESCAPE", "SOFT_ESCAPE_MAGIC",
+           "SOFT_ESCAPE_QUERY_ENGINE", "SOFT_ESCAPE_VALIDATE", "SoftBackend",
            "soft_adapter_description"]

@@ -22,13 +22,13 @@ from dxg.guest.device import DEVICEEXECUTION_RESET, ObjectState
 from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleType
 from dxg.guest.ioctl_memory import _check_block_fd, _send_args
+from dxg.guest.ioctl_sync import _post
 from dxg.guest.lookup import PRIVATE_DATA_MAX, _context, _device, _h, _host_result
 from dxg.guest.process import GuestProcess, host_process
 from dxg.guest.usermem import UserMemory, copy_from_user, map_block
 from dxg.oslib.fds import close_all
 from dxg.protocol import messages as m
 from dxg.protocol.commands import VgpuCommand
-from dxg.protocol.headers import encode_vgpu
 from dxg.uapi import structs as s
 from dxg.uapi.ntstatus import nt_success
 
@@ -236,8 +236,39 @@ async def submit_command_to_hwqueue(drv: GuestDriver, proc: GuestProcess, args: 
     hargs.priv_drv_data = 0
     hargs.priv_drv_data_size = 0
     hargs.written_primaries = 0
-    await _post(proc, dev.adapter, V.SUBMITCOMMANDTOHWQUEUE, m.IoctlArgs(bytes(hargs)))
-    return 0
+    return await _post(proc, dev.adapter, V.SUBMITCOMMANDTOHWQUEUE, m.IoctlArgs(bytes(hargs)))
+
+
+async def submit_command(drv: GuestDriver, proc: GuestProcess, args: Any,
+                         mem: UserMemory) -> int:
+    """SubmitCommand: the command buffer (a GPU VA) runs on each of 1..64 contexts of one
+    device, after what each has queued (no progress fence: signal a fence on the contexts after
+    it to learn it is done). History buffers (presentation) are accepted and not used."""
+    count = int(args.broadcast_context_count)
+    if not 0 < count <= _MAX_BROADCAST or not 0 < args.command_length:
+        return -errno.EINVAL
+    if args.num_primaries or args.num_history_buffers > 1024:
+        return -errno.EINVAL
+    if args.priv_drv_data_size > PRIVATE_DATA_MAX:
+        return -errno.EINVAL
+    contexts = [_context(proc, args.broadcast_context[i]) for i in range(count)]
+    dev = contexts[0].device
+    if any(c.device is not dev or c.destroyed for c in contexts):
+        return -errno.EINVAL  # one device's contexts
+    if dev.state != ObjectState.ACTIVE:
+        return -errno.EBADF
+    if not dev.adapter.active:
+        return -errno.ENODEV
+    if not await _device_active(proc, dev):
+        return -errno.EIO
+    hargs = s.d3dkmt_submitcommand.from_buffer_copy(bytes(args))
+    for i, c in enumerate(contexts):
+        hargs.broadcast_context[i].v = c.host_handle
+    hargs.priv_drv_data = 0
+    hargs.priv_drv_data_size = 0
+    hargs.num_history_buffers = 0
+    hargs.history_buffer_array = 0
+    return await _post(proc, dev.adapter, V.SUBMITCOMMAND, m.IoctlArgs(bytes(hargs)))
 
 
 async def _device_active(proc: GuestProcess, dev: Any) -> bool:
@@ -259,27 +290,6 @@ async def _device_active(proc: GuestProcess, dev: Any) -> bool:
         dev.execution_state = state or DEVICEEXECUTION_ACTIVE
         dev.execution_state_counter = counter
     return bool(dev.execution_state == DEVICEEXECUTION_ACTIVE)
-
-
-async def _post(proc: GuestProcess, adapter: GuestAdapter, command: VgpuCommand,
-                body: Any) -> None:
-    """A fire-and-forget command: no reply is waited for where the host takes them (async
-    messages enabled); elsewhere it is an ordinary request whose failure is the host's word."""
-    hprocess = await host_process(proc, adapter.link)
-    channel = adapter.route()
-    if channel is None or channel.closed:
-        raise IoctlError(errno.ENODEV, "the adapter's channel is gone")
-    if adapter.link.async_msg_enabled:
-        try:
-            channel.send_async(encode_vgpu(command, hprocess, adapter.host_vgpu_luid,
-                                           body.pack()))
-        except Exception as e:  # (a closed channel)
-            raise IoctlError(errno.ENODEV, f"the adapter's channel is gone: {e}") from None
-        return
-    reply = await vmbus.send(adapter, command, hprocess, body)
-    ret = _host_result(reply.status)
-    if ret < 0:
-        raise IoctlError(-ret, f"{command.name} failed")
 
 
 # ---- GPU signals and waits on queues (as on contexts: dxg.guest.ioctl_sync) --------------------
@@ -380,6 +390,7 @@ HANDLERS: MappingProxyType[str, Any] = MappingProxyType({
     "LX_DXCREATEHWQUEUE": create_hwqueue,
     "LX_DXDESTROYHWQUEUE": destroy_hwqueue,
     "LX_DXSUBMITCOMMANDTOHWQUEUE": submit_command_to_hwqueue,
+    "LX_DXSUBMITCOMMAND": submit_command,
     "LX_DXSETCONTEXTSCHEDULINGPRIORITY": set_context_scheduling_priority,
     "LX_DXSETCONTEXTINPROCESSSCHEDULINGPRIORITY": set_context_inprocess_scheduling_priority,
     "LX_DXGETCONTEXTSCHEDULINGPRIORITY": get_context_scheduling_priority,

@@ -40,6 +40,8 @@ class HostContext:
     # first on the engine (the in-process one orders contexts of equal priority).
     priority: int = 0
     inprocess_priority: int = 0
+    executed: int = 0  # command buffers it ran to their end
+    commands: int = 0  # the commands in them
     hwqueues: dict[int, HwQueue] = field(default_factory=dict)
 
     def census(self) -> dict[str, Any]:
@@ -51,6 +53,7 @@ class HostContext:
             "client_hint": self.client_hint,
             "priv_drv_data_size": self.priv_drv_data_size,
             "priority": self.priority,
+            "executed": self.executed,
             "hwqueues": [q.census() for q in self.hwqueues.values()],
         }
 

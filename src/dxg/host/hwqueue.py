@@ -35,6 +35,7 @@ from dxg.uapi.structs import (
     d3dkmt_createhwqueue,
     d3dkmt_destroyhwqueue,
     d3dkmt_deviceexecution_state,
+    d3dkmt_submitcommand,
     d3dkmt_submitcommandtohwqueue,
 )
 
@@ -58,6 +59,7 @@ ERROR_DMAPAGEFAULT = int(
 MAX_QUEUED = 4096
 # The largest command buffer (it is copied out of the process's memory before it runs).
 MAX_COMMAND_BYTES = 16 << 20
+MAX_BROADCAST_CONTEXT = 64  # D3DDDI_MAX_BROADCAST_CONTEXT
 
 
 class ProgressFence(SyncObject):
@@ -123,8 +125,9 @@ def fault_device(p: Partition, device: HostDevice, state: int, va: int = 0,
                  why: str = "") -> None:
     """The device's work faulted: it enters the error state (once), the guest is told, and
     whatever waits on its fences wakes with an error."""
-    if device.execution_state != EXECUTION_ACTIVE:
-        return
+    if (device.execution_state != EXECUTION_ACTIVE
+            or p.handles.get(device.handle, HandleType.DEVICE) is not device):
+        return  # faulted already, or gone
     log.info("partition %d: device 0x%08x faulted (%d) at 0x%x: %s", p.id, device.handle,
              state, va, why)
     device.fault_va = va
@@ -217,45 +220,13 @@ def submit_command_to_hwqueue(p: Partition, call: Call,
 
 
 async def _execute(p: Partition, queue: HwQueue, va: int, length: int, value: int) -> None:
-    """One submission's turn on its queue."""
-    from dxg.backends.engine import EngineFault
-    from dxg.host.vaspace import VaFault, vaspace_of
-
-    device = queue.device
-    process = device.process
+    """One submission's turn on its queue: the buffer runs, then the progress fence moves."""
     try:
-        if (not queue.alive or not process.alive or device.execution_state != EXECUTION_ACTIVE
-                or p.handles.get(device.handle, HandleType.DEVICE) is not device):
-            return  # its queue, process or device went, or the device faulted before
-        adapter = device.adapter
-        space = vaspace_of(process, adapter, create=False)
-        if space is None:
-            fault_device(p, device, ERROR_DMAPAGEFAULT, va, "no GPU VA space")
+        if not queue.alive:
             return
-        snapshot = space.snapshot()
-        try:
-            buffer = bytes(snapshot.view(va, length, False))
-        except VaFault as e:
-            fault_device(p, device, ERROR_DMAPAGEFAULT, e.va, f"command buffer: {e.why}")
+        result = await run_buffer(p, queue.context, va, length)
+        if result is None:
             return
-        backend = p.config.backend
-        index = adapter.index
-        context = queue.context
-        priority = context.priority * 16 + context.inprocess_priority
-
-        def job(cancelled: Any) -> Any:
-            return backend.execute(index, buffer, snapshot.view, cancelled)
-
-        engine = adapter.engine
-        await engine.acquire(priority)
-        try:
-            result = await p.run_blocking(process, job, device=device)
-        except EngineFault as e:
-            state = ERROR_DMAPAGEFAULT if e.kind == "PAGE_FAULT" else ERROR_DMAFAULT
-            fault_device(p, device, state, getattr(e, "va", 0), str(e))
-            return
-        finally:
-            engine.release()
         queue.executed += 1
         queue.commands += int(getattr(result, "commands", 0))
         if queue.alive:
@@ -264,10 +235,87 @@ async def _execute(p: Partition, queue: HwQueue, va: int, length: int, value: in
         queue.queued -= 1
 
 
+async def run_buffer(p: Partition, context: HostContext, va: int, length: int) -> Any:
+    """Run the command buffer at ``va`` for ``context``'s device: its result, or None when it
+    did not run (its process or device went, the device was in error, or it faulted now)."""
+    from dxg.backends.engine import EngineFault
+    from dxg.host.vaspace import VaFault, vaspace_of
+
+    device = context.device
+    process = device.process
+    if (not process.alive or device.execution_state != EXECUTION_ACTIVE
+            or p.handles.get(device.handle, HandleType.DEVICE) is not device):
+        return None  # its process or device went, or the device faulted before
+    adapter = device.adapter
+    space = vaspace_of(process, adapter, create=False)
+    if space is None:
+        fault_device(p, device, ERROR_DMAPAGEFAULT, va, "no GPU VA space")
+        return None
+    snapshot = space.snapshot()
+    try:
+        buffer = bytes(snapshot.view(va, length, False))
+    except VaFault as e:
+        fault_device(p, device, ERROR_DMAPAGEFAULT, e.va, f"command buffer: {e.why}")
+        return None
+    backend = p.config.backend
+    index = adapter.index
+
+    def job(cancelled: Any) -> Any:
+        return backend.execute(index, buffer, snapshot.view, cancelled)
+
+    engine = adapter.engine
+    await engine.acquire(context.priority * 16 + context.inprocess_priority)
+    try:
+        result = await p.run_blocking(process, job, device=device)
+    except EngineFault as e:
+        if e.kind != "CANCELLED":  # (cancelled: its process or device is going)
+            state = ERROR_DMAPAGEFAULT if e.kind == "PAGE_FAULT" else ERROR_DMAFAULT
+            fault_device(p, device, state, e.va, str(e))
+        return None
+    finally:
+        engine.release()
+    context.executed += 1
+    context.commands += int(getattr(result, "commands", 0))
+    return result
+
+
+def submit_command(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsReturn:
+    """SUBMITCOMMAND: the command buffer runs on each of its 1..64 contexts' timelines (a
+    broadcast), after what each has queued; fences signalled on a context after it see it
+    done. Fire-and-forget like a queue submission."""
+    from dxg.host.context import context_of
+
+    args = ioctl_args(body, d3dkmt_submitcommand)
+    expect_extra(body.extra, 0, "SUBMITCOMMAND")
+    count = int(args.broadcast_context_count)
+    length = int(args.command_length)
+    if not 0 < count <= MAX_BROADCAST_CONTEXT:
+        raise CommandFailed(INVALID, f"{count} contexts")
+    if not 0 < length <= MAX_COMMAND_BYTES:
+        raise CommandFailed(INVALID, f"a command buffer of {length} bytes")
+    contexts = [context_of(p, call, int(args.broadcast_context[i].v)) for i in range(count)]
+    if len({id(c) for c in contexts}) != count:
+        raise CommandFailed(INVALID, "a context named twice")
+    for context in contexts:
+        if context.device.execution_state != EXECUTION_ACTIVE:
+            raise CommandFailed(NTSTATUS.STATUS_DEVICE_REMOVED, "a device in an error state")
+    if p.tasks.closed:
+        raise CommandFailed(NTSTATUS.STATUS_DEVICE_REMOVED, "the host is closing")
+    va = int(args.command_buffer)
+    for context in contexts:
+        def turn(context: HostContext = context) -> Any:
+            return run_buffer(p, context, va, length)
+
+        p.tasks.eager(p.lanes.run(gpusync.lane_of(context), turn),
+                      f"partition {p.id} context 0x{context.handle:08x}")
+    return ioctl_reply(args)
+
+
 HANDLERS: MappingProxyType[VgpuCommand, Handler] = MappingProxyType({
     VgpuCommand.CREATEHWQUEUE: create_hwqueue,
     VgpuCommand.DESTROYHWQUEUE: destroy_hwqueue,
     VgpuCommand.SUBMITCOMMANDTOHWQUEUE: submit_command_to_hwqueue,
+    VgpuCommand.SUBMITCOMMAND: submit_command,
 })
 
 __all__ = ["HANDLERS", "HwQueue", "drop_hwqueue", "fault_device", "queue_of"]

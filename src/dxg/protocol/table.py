@@ -238,6 +238,9 @@ _SPECS += (
     _mem(V.DESTROYHWQUEUE),
     _mem(V.SUBMITCOMMANDTOHWQUEUE, asynchronous=True,
          note="IoctlArgs; fire-and-forget: errors surface through the device's state"),
+    _mem(V.SUBMITCOMMAND, asynchronous=True,
+         note="IoctlArgs (broadcast contexts as host handles; no history, private data or "
+              "primaries); fire-and-forget"),
     _mem(V.SETCONTEXTSCHEDULINGPRIORITY,
          note="IoctlArgs of d3dkmt_setcontextschedulingpriority; extra: 1 byte, 1 = in-process"),
     _mem(V.GETCONTEXTSCHEDULINGPRIORITY,
