@@ -262,3 +262,96 @@ def test_the_soft_adapters_escapes(stack):
         with pytest.raises(DxgError):
             dev.escape(check + bytes(bad))
         assert struct.unpack_from("<I", out, 12)[0] == len(out[SOFT_ESCAPE.size:].rstrip(b"\0"))
+
+
+def _gemm_job(dev, n: int, reps: int):
+    a = dev.array(np.ones((n, n), np.float32))
+    c = dev.empty((n, n), np.float32)
+    va, vc = a.map_gpu(), c.map_gpu()
+    cmd = CommandBuffer()
+    for _ in range(reps):
+        cmd.gemm(operand(vc, (n, n)), operand(va, (n, n)), operand(va, (n, n)))
+    return cmd, c
+
+
+def test_queues_run_side_by_side(stack):
+    """Two queues' command buffers run at the same time (each on a worker thread), up to the
+    adapter's execution slots."""
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        jobs = []
+        for _ in range(2):
+            q = dev.create_context().hwqueue()
+            cmd, c = _gemm_job(dev, 512, 40)
+            jobs.append((q, submit(dev, q, cmd), c))
+        for q, done, c in jobs:
+            q.wait(done, timeout=60)
+            assert c.download()[0, 0] == 512.0
+        (adapter,) = stack.host.census()["adapters"]
+        engine = adapter["scheduler"]
+        assert engine["peak"] == min(2, engine["slots"]) and engine["running"] == 0
+
+
+def test_a_fault_in_one_process_leaves_another_running(stack):
+    with open_node(stack.node_path) as one, open_node(stack.node_path) as two:
+        bad = one.adapters()[0].create_device()
+        good = two.adapters()[0].create_device()
+        qb, qg = bad.create_context().hwqueue(), good.create_context().hwqueue()
+        done = submit(bad, qb, CommandBuffer().copy(0x7F0000000, 0x7F0001000, 64))
+        with pytest.raises(DeviceFault):
+            qb.wait(done, timeout=10)
+        cmd, c = _gemm_job(good, 64, 1)
+        qg.wait(submit(good, qg, cmd))
+        assert c.download()[0, 0] == 64.0 and good.execution_state() == 1
+
+
+KILLED = r"""
+import json, sys
+import numpy as np
+from dxg.backends.softcmd import CommandBuffer, DType, Operand
+from dxg.client import open_node
+node = open_node(sys.argv[1])
+dev = node.adapters()[0].create_device()
+q = dev.create_context().hwqueue()
+a = dev.array(np.ones((768, 768), np.float32)); c = dev.empty((768, 768), np.float32)
+va, vc = int(a.map_gpu()), int(c.map_gpu())
+f32 = DType.of(np.float32)
+cmd = CommandBuffer()
+for _ in range(200):
+    cmd.gemm(Operand(vc, f32, (768, 768)), Operand(va, f32, (768, 768)), Operand(va, f32, (768, 768)))
+raw = cmd.tobytes(); buf = dev.allocate(len(raw)); buf.upload(raw)
+vb = int(buf.map_gpu())
+for _ in range(4):
+    q.submit(vb, len(raw))
+print(json.dumps({"submitted": 4}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_process_killed_mid_execution_leaves_nothing_and_the_host_serves_on(stack):
+    import subprocess
+    import sys
+
+    from conftest import read_json_line
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, stack.node_path],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        read_json_line(proc, 60)
+        wait_until(lambda: stack.host.census()["adapters"][0]["scheduler"]["running"] > 0, 30,
+                   "its work running")
+        proc.kill()
+        proc.wait(10)
+        wait_until(lambda: not stack.host.census()["partitions"][0]["processes"], 30,
+                   "the killed process gone from the host")
+        wait_until(lambda: stack.host.census()["adapters"][0]["scheduler"]["running"] == 0, 30,
+                   "its work stopped")
+        assert stack.host.census()["adapters"][0]["memory"]["local"]["used"] == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        q = dev.create_context().hwqueue()
+        cmd, c = _gemm_job(dev, 32, 1)
+        q.wait(submit(dev, q, cmd))  # the host serves on
+        assert c.download()[0, 0] == 32.0

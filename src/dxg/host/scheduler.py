@@ -26,6 +26,7 @@ class EngineScheduler:
             raise ValueError("an engine needs at least one slot")
         self.slots = slots
         self.running = 0
+        self.peak = 0  # the most buffers that ever ran at once
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
         self.executed = 0
@@ -38,6 +39,7 @@ class EngineScheduler:
         """A slot for work of ``priority`` (higher first)."""
         if self.running < self.slots and not self.waiting:
             self.running += 1
+            self.peak = max(self.peak, self.running)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiting, (-priority, next(self._seq), future))
@@ -60,4 +62,4 @@ class EngineScheduler:
 
     def census(self) -> dict[str, Any]:
         return {"slots": self.slots, "running": self.running, "waiting": self.waiting,
-                "executed": self.executed}
+                "executed": self.executed, "peak": self.peak}
