@@ -355,3 +355,30 @@ def test_a_process_killed_mid_execution_leaves_nothing_and_the_host_serves_on(st
         cmd, c = _gemm_job(dev, 32, 1)
         q.wait(submit(dev, q, cmd))  # the host serves on
         assert c.download()[0, 0] == 32.0
+
+
+def test_the_engine_holds_the_memory_it_works_on():
+    """NumPy keeps only the exporter of an array made on a buffer; the engine holds the views
+    it resolved until its run ends, so the memory's owner cannot unmap it under the engine
+    (the host closes a block of a process that died while its work runs)."""
+    import mmap as mmap_mod
+
+    from dxg.backends.engine import run
+
+    m = mmap_mod.mmap(-1, 1 << 18)
+    closes: list[str] = []
+
+    def resolve(va: int, n: int, write: bool) -> memoryview:
+        if closes == [] and va == 0x20000:  # a later operand: the first ones are in use
+            try:
+                m.close()
+                closes.append("closed")
+            except BufferError:
+                closes.append("refused")
+        return memoryview(m)[va - 0x10000 : va - 0x10000 + n]
+
+    cmd = CommandBuffer().binary("add", Operand(0x10000, F32, (16,)), Operand(0x10000, F32, (16,)),
+                                 Operand(0x20000, F32, (16,)))
+    run(cmd.tobytes(), resolve)
+    assert closes == ["refused"]
+    m.close()

@@ -761,6 +761,136 @@ def test_c_program_sync_objects(stack, dev: FuseNode, dxg_test: Path) -> None:
     assert all(p["sync_objects"] == 0 for p in part["processes"])
 
 
+QUEUE_IOCTLS = (
+    "LX_DXCREATEHWQUEUE", "LX_DXDESTROYHWQUEUE", "LX_DXSUBMITCOMMANDTOHWQUEUE",
+    "LX_DXSUBMITCOMMAND", "LX_DXSETCONTEXTSCHEDULINGPRIORITY",
+    "LX_DXSETCONTEXTINPROCESSSCHEDULINGPRIORITY", "LX_DXGETCONTEXTSCHEDULINGPRIORITY",
+    "LX_DXGETCONTEXTINPROCESSSCHEDULINGPRIORITY", "LX_DXSUBMITSIGNALSYNCOBJECTSTOHWQUEUE",
+    "LX_DXSUBMITWAITFORSYNCOBJECTSTOHWQUEUE", "LX_DXMARKDEVICEASERROR", "LX_DXQUERYSTATISTICS",
+    "LX_DXINVALIDATECACHE",
+)
+
+
+def _device_memory(stack, pid: int, va: int, nbytes: int, data: bytes | None = None) -> bytes:
+    """Read (or write) ``nbytes`` at GPU VA ``va`` of the host process of guest pid ``pid``:
+    what Lock2 and a memcpy would do, which a program cannot through the file."""
+    from dxg.host.vaspace import vaspace_of
+
+    def on_loop() -> bytes:
+        for part in stack.host.partitions():
+            for process in part.processes.values():
+                if process.pid != pid:
+                    continue
+                for adapter in part.adapters:
+                    space = vaspace_of(process, adapter, create=False)
+                    if space is None:
+                        continue
+                    try:
+                        view = space.view(va, nbytes, data is not None)
+                    except Exception:  # (not mapped in this adapter's space)
+                        continue
+                    if view is None:
+                        continue
+                    try:
+                        if data is None:
+                            return bytes(view)
+                        view[:] = data
+                        return b""
+                    finally:
+                        view.release()
+        raise LookupError(f"pid {pid} has nothing at 0x{va:x}")
+
+    return stack.host.rt.call(on_loop)
+
+
+def run_with_memory_peer(stack, exe: Path, path: Path, mode: str, *opts: str,
+                         timeout: float = 60) -> str:
+    """Run the C program with -p, answering its "@write VA HEX" / "@read VA N" requests
+    through the host; returns its output (the requests included)."""
+    proc = subprocess.Popen([str(exe), "-a", str(ADAPTERS), "-p", *opts, str(path), mode],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    out: list[str] = []
+    pending = b""
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()  # read unbuffered: select() must see every byte not yet read
+    try:
+        while True:
+            if b"\n" not in pending:
+                left = deadline - time.monotonic()
+                ready, _, _ = select.select([fd], [], [], max(0.0, left))
+                if not ready:
+                    raise AssertionError(f"dxg_test {mode} hung:\n{''.join(out)[-6000:]}")
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    break
+                pending += chunk
+                continue
+            raw, pending = pending.split(b"\n", 1)
+            line = raw.decode() + "\n"
+            out.append(line)
+            words = line.split()
+            if line.startswith("@write "):
+                _device_memory(stack, proc.pid, int(words[1], 16), len(words[2]) // 2,
+                               bytes.fromhex(words[2]))
+                proc.stdin.write(b"ok\n")
+                proc.stdin.flush()
+            elif line.startswith("@read "):
+                data = _device_memory(stack, proc.pid, int(words[1], 16), int(words[2]))
+                proc.stdin.write(data.hex().encode() + b"\n")
+                proc.stdin.flush()
+        if pending:
+            out.append(pending.decode())
+        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(out)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert rc == 0 and f"PASS {mode}" in text and "FAIL" not in text, (
+        f"dxg_test {mode} exited {rc}\n{text[-6000:]}\n{err}")
+    return text
+
+
+@needs_fuse
+@needs_gcc
+def test_c_program_hardware_queues(stack, dev: FuseNode, dxg_test: Path) -> None:
+    """Hardware queues from C through the file: a queue (its progress-fence page is not
+    mapped: address 0), priorities (-7..7, both kinds), command buffers the program builds in
+    pydxg-soft-v1 and puts in device memory through its peer (FILL, then an add on the queue,
+    then a multiply by SubmitCommand; the results read back), completion seen by blocking CPU
+    waits on the progress fence, fences signalled and waited on by the queue, a command buffer
+    at an unmapped VA that faults a second device only, MarkDeviceAsError on a third,
+    QueryStatistics and InvalidateCache, DestroyHwQueue; everything gone afterwards."""
+    out = run_with_memory_peer(stack, dxg_test, dev.path, "queue")
+    exercised = set(re.findall(r"^ok +(LX_\w+) ", out, re.M))
+    missing = [name for name in QUEUE_IOCTLS if name not in exercised]
+    assert not missing, f"not exercised: {missing}"
+    for line in ("ok   LX_DXCREATEHWQUEUE (no fence mapping through the file) -> 0",
+                 "ok   peer (c = 1.5 + 2 everywhere) -> 0: got 3.5",
+                 "ok   peer (c = 3.5 * 2 everywhere) -> 0: got 7",
+                 "ok   LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU (the queue's progress fence at 2)"
+                 " -> 0",
+                 "ok   LX_DXGETDEVICESTATE (still active after the work) -> 0",
+                 "ok   LX_DXSETCONTEXTSCHEDULINGPRIORITY (8 (out of -7..7)) -> -EINVAL",
+                 "ok   LX_DXSETCONTEXTINPROCESSSCHEDULINGPRIORITY (-8 (out of -7..7)) -> -EINVAL",
+                 "ok   LX_DXGETDEVICESTATE (the faulting device's execution state) -> 0",
+                 "ok   LX_DXGETDEVICESTATE (the first device is still active) -> 0",
+                 "ok   LX_DXGETDEVICESTATE (the marked device) -> 0",
+                 "ok   LX_DXSUBMITCOMMANDTOHWQUEUE (on the faulted device) -> -EIO",
+                 "ok   LX_DXQUERYSTATISTICS (the three command buffers counted) -> 0: 3 buffers, 4 "
+                 "commands",
+                 "ok   LX_DXINVALIDATECACHE (past its end) -> -EINVAL",
+                 "ok   LX_DXDESTROYHWQUEUE (again (stale handle)) -> -EBADF"):
+        assert line in out, line
+    assert "faulted_virtual_address 0x7f0000000" in out
+    wait_until(lambda: _settled(stack, dev), what="the C program's process torn down")
+    (part,) = stack.host.census()["partitions"]
+    assert part["totals"]["handles"] == len(part["adapters"])  # only the adapters' handles
+
+
 @needs_fuse
 @needs_gcc
 def test_c_program_threads_and_processes_at_once(stack, dev: FuseNode, dxg_test: Path) -> None:

@@ -7,7 +7,7 @@
  * Every status is checked; each ioctl exercised prints one line ("ok ..." or "FAIL ...") and
  * the program exits non-zero on any unexpected status.
  *
- *   dxg_test [-q] [-a ADAPTERS] [-t THREADS] [-n ITERATIONS] PATH MODE
+ *   dxg_test [-q] [-p] [-a ADAPTERS] [-t THREADS] [-n ITERATIONS] PATH MODE
  *
  * MODE:
  *   all      every implemented ioctl and the error paths, once (device memory included)
@@ -18,6 +18,12 @@
  *            (blocking on a reached value, on a value a second thread signals, with an
  *            eventfd, wait-any and wait-all), GPU signals and waits on a context, the legacy
  *            Signal/Wait on a semaphore and a CPU notification, and their error paths
+ *   queue    hardware queues: CreateHwQueue (no progress-fence page through the file), context
+ *            scheduling priorities (both kinds, -7..7), fences signalled and waited on by the
+ *            queue, a command buffer at an unmapped VA that faults a second device alone (its
+ *            state and faulted VA), MarkDeviceAsError on a third, QueryStatistics (pydxg's
+ *            record), InvalidateCache, DestroyHwQueue; with -p also command buffers the program
+ *            builds (FILL, then an add on the queue, a multiply by SubmitCommand) and checks
  *   threads  the full sequence from THREADS pthreads at once on one shared descriptor,
  *            ITERATIONS times each
  *   fork     a forked child using the parent's descriptor gets ENOTTY; it reopens and works
@@ -30,6 +36,8 @@
  *            outcome of each call
  *
  * -a ADAPTERS checks that EnumAdapters3 (compute-only included) reports exactly that many.
+ * -p (queue) a memory peer answers on stdin: the program prints "@write VA HEX" and "@read VA N"
+ *    and reads "ok" or the bytes as hex (a file cannot map device memory: see hwqueues()).
  * Build: gcc -O2 -Wall -Wextra -Werror -pthread -I DIR_WITH_dxg_uapi.h dxg_test.c
  */
 #define _GNU_SOURCE
@@ -1846,6 +1854,763 @@ static void sync_session(struct run *r, int fd)
 	}
 }
 
+/* ---- hardware queues, execution, statistics ------------------------------------------------ */
+
+/*
+ * Through the file a program cannot map an allocation (Lock2 fails with EOPNOTSUPP) nor read
+ * one back, so on its own it cannot put a command buffer in device memory. With -p a "memory
+ * peer" stands in for Lock2 + memcpy: the program asks on stdout ("@write VA HEX", "@read VA
+ * N") and the peer, which can reach the device memory (the test harness, through the host),
+ * answers on stdin ("ok", or the bytes as hex). The program still builds every command buffer
+ * itself, in the documented pydxg-soft-v1 format (docs/commands.md). Without a peer the queue
+ * test runs everything that needs no bytes in memory: queues, priorities, fences on queues, a
+ * command buffer at an unmapped VA that faults its device, MarkDeviceAsError, statistics.
+ */
+#define Q_VA_SIZE (1ull << 20)
+#define Q_SLOT (64ull << 10)            /* each allocation 64 KiB apart in the reserved range */
+#define Q_N 1024u                       /* f32 elements of each data buffer */
+#define Q_DATA_SIZE (Q_N * 4u)
+#define Q_CMD_SIZE 4096u
+#define Q_UNMAPPED_VA 0x7f0000000ull    /* nothing is ever mapped there */
+#define SOFT_MAGIC 0x43584450u          /* "PDXC" */
+#define SOFT_FILL 4
+#define SOFT_BINARY 6
+#define SOFT_BINARY_ADD 1
+#define SOFT_BINARY_MUL 3
+#define SOFT_F32 2
+#define STATS_MAGIC 0x51584450u         /* "PDXQ": pydxg's statistics record, docs/statistics.md */
+
+/* pydxg's QueryStatistics result (docs/statistics.md), version 1. */
+struct pydxg_stats {
+	__u32 magic;
+	__u16 version;
+	__u16 size;
+	__u32 type;
+	__u32 reserved;
+	__u64 processes, devices, contexts, hwqueues, allocations;
+	__u64 committed_local, committed_nonlocal, local_capacity, nonlocal_capacity;
+	__u64 command_buffers, commands, engine_busy_ns, faults, resets;
+	__u64 reserved2;
+};
+_Static_assert(sizeof(struct pydxg_stats) == 136, "the statistics record is 136 bytes");
+
+struct queuetest {
+	struct run *r;
+	int fd;
+	int peer;                                   /* -p: a memory peer answers on stdin */
+	struct d3dkmthandle adapter, device, context, queue, progress;
+	struct d3dkmthandle paging, paging_fence;
+	struct d3dkmthandle cmd, a, b, c;           /* allocations: a command buffer, three data */
+	__u64 va, cmd_va, a_va, b_va, c_va;
+};
+
+static int peer_write(struct queuetest *t, __u64 va, const void *data, size_t n)
+{
+	const unsigned char *p = data;
+	char line[64];
+	size_t i;
+
+	if (!t->peer)
+		return -1;
+	printf("@write %llx ", (unsigned long long)va);
+	for (i = 0; i < n; i++)
+		printf("%02x", p[i]);
+	printf("\n");
+	fflush(stdout);
+	if (!fgets(line, sizeof(line), stdin))
+		return -1;
+	return strncmp(line, "ok", 2) ? -1 : 0;
+}
+
+static int peer_read(struct queuetest *t, __u64 va, void *data, size_t n)
+{
+	unsigned char *p = data;
+	char *line;
+	size_t i;
+	int ret = 0;
+
+	if (!t->peer)
+		return -1;
+	line = malloc(2 * n + 16);
+	if (!line)
+		return -1;
+	printf("@read %llx %zu\n", (unsigned long long)va, n);
+	fflush(stdout);
+	if (!fgets(line, (int)(2 * n + 16), stdin) || strlen(line) < 2 * n)
+		ret = -1;
+	for (i = 0; ret == 0 && i < n; i++) {
+		unsigned int byte;
+
+		if (sscanf(line + 2 * i, "%2x", &byte) != 1)
+			ret = -1;
+		p[i] = (unsigned char)byte;
+	}
+	free(line);
+	return ret;
+}
+
+/* pydxg-soft-v1 encoders (docs/commands.md): little-endian, no padding. */
+static void put16(unsigned char *p, __u16 v) { memcpy(p, &v, 2); }
+static void put32(unsigned char *p, __u32 v) { memcpy(p, &v, 4); }
+static void put64(unsigned char *p, __u64 v) { memcpy(p, &v, 8); }
+
+static size_t soft_header(unsigned char *p, __u32 count, __u32 total)
+{
+	memset(p, 0, 16);
+	put32(p, SOFT_MAGIC);
+	put16(p + 4, 1);
+	put32(p + 8, count);
+	put32(p + 12, total);
+	return 16;
+}
+
+/* A 1-D contiguous f32 operand of n elements (48 bytes). */
+static void soft_operand(unsigned char *p, __u64 va, __u32 n)
+{
+	memset(p, 0, 48);
+	put64(p, va);
+	p[8] = SOFT_F32;
+	p[9] = 1;
+	put32(p + 16, n);
+}
+
+static size_t soft_fill(unsigned char *p, __u64 va, __u32 n, float value)
+{
+	__u32 bits;
+
+	memset(p, 0, 64);
+	memcpy(&bits, &value, 4);
+	put16(p, SOFT_FILL);
+	put16(p + 2, 64);
+	put64(p + 8, bits);
+	soft_operand(p + 16, va, n);
+	return 64;
+}
+
+static size_t soft_binary(unsigned char *p, __u16 fn, __u64 dst, __u64 a, __u64 b, __u32 n)
+{
+	memset(p, 0, 152);
+	put16(p, SOFT_BINARY);
+	put16(p + 2, 152);
+	put16(p + 4, fn);
+	soft_operand(p + 8, dst, n);
+	soft_operand(p + 56, a, n);
+	soft_operand(p + 104, b, n);
+	return 152;
+}
+
+static int get_state(int fd, struct d3dkmthandle device, unsigned int type,
+		     struct d3dkmt_getdevicestate *gs)
+{
+	memset(gs, 0, sizeof(*gs));
+	gs->device = device;
+	gs->state_type = type;
+	return dx(fd, LX_DXGETDEVICESTATE, gs);
+}
+
+static int create_hwqueue(int fd, struct d3dkmthandle context, struct d3dkmt_createhwqueue *q)
+{
+	memset(q, 0, sizeof(*q));
+	q->context = context;
+	return dx(fd, LX_DXCREATEHWQUEUE, q);
+}
+
+static int destroy_hwqueue(int fd, struct d3dkmthandle queue)
+{
+	struct d3dkmt_destroyhwqueue d = { .queue = queue };
+
+	return dx(fd, LX_DXDESTROYHWQUEUE, &d);
+}
+
+static int submit_hwqueue(int fd, struct d3dkmthandle queue, __u64 va, __u32 length, __u64 id)
+{
+	struct d3dkmt_submitcommandtohwqueue s;
+
+	memset(&s, 0, sizeof(s));
+	s.hwqueue = queue;
+	s.hwqueue_progress_fence_id = id;
+	s.command_buffer = va;
+	s.command_length = length;
+	return dx(fd, LX_DXSUBMITCOMMANDTOHWQUEUE, &s);
+}
+
+static int submit_command(int fd, struct d3dkmthandle context, __u64 va, __u32 length)
+{
+	struct d3dkmt_submitcommand s;
+
+	memset(&s, 0, sizeof(s));
+	s.command_buffer = va;
+	s.command_length = length;
+	s.broadcast_context_count = 1;
+	s.broadcast_context[0] = context;
+	return dx(fd, LX_DXSUBMITCOMMAND, &s);
+}
+
+static int query_stats(int fd, struct winluid luid, unsigned int type, __u64 pid,
+		       struct pydxg_stats *out)
+{
+	struct d3dkmt_querystatistics q;
+	int ret;
+
+	memset(&q, 0, sizeof(q));
+	q.type = type;
+	q.adapter_luid = luid;
+	q.process = pid;
+	ret = dx(fd, LX_DXQUERYSTATISTICS, &q);
+	memcpy(out, &q.result, sizeof(*out));
+	return ret;
+}
+
+static int invalidate(int fd, struct d3dkmthandle device, struct d3dkmthandle alloc,
+		      __u64 offset, __u64 length)
+{
+	struct d3dkmt_invalidatecache c;
+
+	memset(&c, 0, sizeof(c));
+	c.device = device;
+	c.allocation = alloc;
+	c.offset = offset;
+	c.length = length;
+	return dx(fd, LX_DXINVALIDATECACHE, &c);
+}
+
+/* A device and a context on it. */
+static int q_device(struct queuetest *t, const char *what, struct d3dkmthandle *device,
+		    struct d3dkmthandle *context)
+{
+	struct d3dkmt_createdevice cd;
+	struct d3dkmt_createcontextvirtual cv;
+	int ret;
+
+	memset(&cd, 0, sizeof(cd));
+	cd.adapter = t->adapter;
+	ret = dx(t->fd, LX_DXCREATEDEVICE, &cd);
+	EXPECT(t->r, LX_DXCREATEDEVICE, what, ret, 0, "device 0x%x", cd.device.v);
+	if (ret != 0)
+		return ret;
+	*device = cd.device;
+	memset(&cv, 0, sizeof(cv));
+	cv.device = cd.device;
+	ret = dx(t->fd, LX_DXCREATECONTEXTVIRTUAL, &cv);
+	EXPECT(t->r, LX_DXCREATECONTEXTVIRTUAL, what, ret, 0, "context 0x%x", cv.context.v);
+	*context = cv.context;
+	return ret;
+}
+
+/* 1. A hardware queue: two non-zero handles, no fence page through the file. */
+static int q_create(struct queuetest *t)
+{
+	struct run *r = t->r;
+	struct d3dkmt_createhwqueue q;
+	int ret;
+
+	ret = create_hwqueue(t->fd, t->context, &q);
+	EXPECT(r, LX_DXCREATEHWQUEUE, "on the context", ret, 0,
+	       "queue 0x%x progress fence 0x%x fence at %p", q.queue.v, q.queue_progress_fence.v,
+	       (void *)q.queue_progress_fence_cpu_va);
+	note(r, ret == 0 && q.queue.v != 0 && q.queue_progress_fence.v != 0 &&
+		     q.queue.v != q.queue_progress_fence.v, "LX_DXCREATEHWQUEUE",
+	     "queue and progress fence handles", ret, "two distinct non-zero handles", NULL);
+	note(r, q.queue_progress_fence_cpu_va == NULL, "LX_DXCREATEHWQUEUE",
+	     "no fence mapping through the file", 0, "queue_progress_fence_cpu_va 0", NULL);
+	t->queue = q.queue;
+	t->progress = q.queue_progress_fence;
+	ret = create_hwqueue(t->fd, mem_bogus, &q);
+	EXPECT(r, LX_DXCREATEHWQUEUE, "bad context handle", ret, -EBADF, NULL);
+	return t->queue.v ? 0 : -1;
+}
+
+/* 2. Scheduling priorities, global and in-process: set, read back, -7..7 only. */
+static void q_priorities(struct queuetest *t)
+{
+	struct run *r = t->r;
+	struct d3dkmt_setcontextschedulingpriority sp;
+	struct d3dkmt_getcontextschedulingpriority gp;
+	struct d3dkmt_setcontextinprocessschedulingpriority sip;
+	struct d3dkmt_getcontextinprocessschedulingpriority gip;
+	int ret, bad[2] = { 8, -8 }, i;
+
+	sp.context = t->context;
+	sp.priority = 3;
+	ret = dx(t->fd, LX_DXSETCONTEXTSCHEDULINGPRIORITY, &sp);
+	EXPECT(r, LX_DXSETCONTEXTSCHEDULINGPRIORITY, "3", ret, 0, NULL);
+	sip.context = t->context;
+	sip.priority = -2;
+	ret = dx(t->fd, LX_DXSETCONTEXTINPROCESSSCHEDULINGPRIORITY, &sip);
+	EXPECT(r, LX_DXSETCONTEXTINPROCESSSCHEDULINGPRIORITY, "-2", ret, 0, NULL);
+	gp.context = t->context;
+	gp.priority = 99;
+	ret = dx(t->fd, LX_DXGETCONTEXTSCHEDULINGPRIORITY, &gp);
+	EXPECT(r, LX_DXGETCONTEXTSCHEDULINGPRIORITY, "the context", ret, 0, "%d", gp.priority);
+	note(r, ret == 0 && gp.priority == 3, "LX_DXGETCONTEXTSCHEDULINGPRIORITY",
+	     "the priority set", ret, "3", "%d", gp.priority);
+	gip.context = t->context;
+	gip.priority = 99;
+	ret = dx(t->fd, LX_DXGETCONTEXTINPROCESSSCHEDULINGPRIORITY, &gip);
+	EXPECT(r, LX_DXGETCONTEXTINPROCESSSCHEDULINGPRIORITY, "the context", ret, 0, "%d",
+	       gip.priority);
+	note(r, ret == 0 && gip.priority == -2, "LX_DXGETCONTEXTINPROCESSSCHEDULINGPRIORITY",
+	     "the in-process priority set", ret, "-2", "%d", gip.priority);
+	for (i = 0; i < 2; i++) {
+		char what[32];
+
+		snprintf(what, sizeof(what), "%d (out of -7..7)", bad[i]);
+		sp.priority = bad[i];
+		ret = dx(t->fd, LX_DXSETCONTEXTSCHEDULINGPRIORITY, &sp);
+		EXPECT(r, LX_DXSETCONTEXTSCHEDULINGPRIORITY, what, ret, -EINVAL, NULL);
+		sip.priority = bad[i];
+		ret = dx(t->fd, LX_DXSETCONTEXTINPROCESSSCHEDULINGPRIORITY, &sip);
+		EXPECT(r, LX_DXSETCONTEXTINPROCESSSCHEDULINGPRIORITY, what, ret, -EINVAL, NULL);
+	}
+	ret = dx(t->fd, LX_DXGETCONTEXTSCHEDULINGPRIORITY, &gp);
+	note(r, ret == 0 && gp.priority == 3, "LX_DXGETCONTEXTSCHEDULINGPRIORITY",
+	     "unchanged by the refused ones", ret, "3", "%d", gp.priority);
+	sp.context = mem_bogus;
+	sp.priority = 0;
+	ret = dx(t->fd, LX_DXSETCONTEXTSCHEDULINGPRIORITY, &sp);
+	EXPECT(r, LX_DXSETCONTEXTSCHEDULINGPRIORITY, "bad context handle", ret, -EBADF, NULL);
+	gip.context = mem_bogus;
+	ret = dx(t->fd, LX_DXGETCONTEXTINPROCESSSCHEDULINGPRIORITY, &gip);
+	EXPECT(r, LX_DXGETCONTEXTINPROCESSSCHEDULINGPRIORITY, "bad context handle", ret, -EBADF,
+	       NULL);
+}
+
+/* Map one allocation at `va` (writable); waits for the paging fence when the map is queued. */
+static int q_map(struct queuetest *t, struct d3dkmthandle alloc, __u64 va, __u64 size)
+{
+	struct d3dddi_mapgpuvirtualaddress mg;
+	int ret;
+
+	memset(&mg, 0, sizeof(mg));
+	mg.paging_queue = t->paging;
+	mg.base_address = va;
+	mg.allocation = alloc;
+	mg.size_in_pages = size / PYDXG_PAGE;
+	mg.protection.write = 1;
+	ret = dx(t->fd, LX_DXMAPGPUVIRTUALADDRESS, &mg);
+	EXPECT2(t->r, LX_DXMAPGPUVIRTUALADDRESS, "for the queue", ret, 0, NT_STATUS_PENDING,
+		"va 0x%llx", (unsigned long long)mg.virtual_address);
+	if (ret == NT_STATUS_PENDING) {
+		__u64 v = mg.paging_fence_value;
+
+		ret = wait_cpu(t->fd, t->device, &t->paging_fence, &v, 1, 0, 0);
+		EXPECT(t->r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, "the paging fence", ret, 0,
+		       NULL);
+	}
+	return ret == 0 && mg.virtual_address == va ? 0 : -1;
+}
+
+/* 3. Memory: a command buffer and three data buffers, mapped 64 KiB apart in one range. */
+static int q_memory(struct queuetest *t)
+{
+	struct run *r = t->r;
+	struct d3dkmt_createpagingqueue pq;
+	struct d3dddi_allocationinfo2 info;
+	struct pydxg_alloc_desc desc;
+	struct d3dkmt_createallocation ca;
+	struct d3dkmthandle *allocs[4] = { &t->cmd, &t->a, &t->b, &t->c };
+	__u64 sizes[4] = { Q_CMD_SIZE, Q_DATA_SIZE, Q_DATA_SIZE, Q_DATA_SIZE };
+	int ret, i;
+
+	memset(&pq, 0, sizeof(pq));
+	pq.device = t->device;
+	ret = dx(t->fd, LX_DXCREATEPAGINGQUEUE, &pq);
+	EXPECT(r, LX_DXCREATEPAGINGQUEUE, "for the queue's memory", ret, 0, NULL);
+	if (ret != 0)
+		return -1;
+	t->paging = pq.paging_queue;
+	t->paging_fence = pq.sync_object;
+	for (i = 0; i < 4; i++) {
+		ret = create_allocations(t->fd, t->device, (struct d3dkmthandle){ 0 }, 0, &sizes[i],
+					 1, &info, &desc, &ca);
+		EXPECT(r, LX_DXCREATEALLOCATION, i ? "a data buffer" : "a command buffer", ret, 0,
+		       "allocation 0x%x", info.allocation.v);
+		if (ret != 0)
+			return -1;
+		*allocs[i] = info.allocation;
+	}
+	ret = reserve_va(t->fd, t->adapter, 0, Q_VA_SIZE, &t->va);
+	EXPECT2(r, LX_DXRESERVEGPUVIRTUALADDRESS, "for the queue", ret, 0, NT_STATUS_PENDING,
+		"va 0x%llx", (unsigned long long)t->va);
+	if (ret < 0 || t->va == 0)
+		return -1;
+	t->cmd_va = t->va;
+	t->a_va = t->va + Q_SLOT;
+	t->b_va = t->va + 2 * Q_SLOT;
+	t->c_va = t->va + 3 * Q_SLOT;
+	if (q_map(t, t->cmd, t->cmd_va, Q_CMD_SIZE) || q_map(t, t->a, t->a_va, Q_DATA_SIZE) ||
+	    q_map(t, t->b, t->b_va, Q_DATA_SIZE) || q_map(t, t->c, t->c_va, Q_DATA_SIZE))
+		return -1;
+	return 0;
+}
+
+/* Whether all n f32 at `va` are `want` (read through the peer). */
+static int q_values(struct queuetest *t, __u64 va, float want, float *got)
+{
+	static float buf[Q_N];
+	unsigned int i;
+
+	if (peer_read(t, va, buf, sizeof(buf)))
+		return 0;
+	for (i = 0; i < Q_N; i++) {
+		if (buf[i] != want) {
+			*got = buf[i];
+			return 0;
+		}
+	}
+	*got = want;
+	return 1;
+}
+
+/*
+ * 4. Command buffers (with a memory peer): the first FILLs a and b, the second adds them into
+ * c, both on the queue (progress values 1 and 2); a third multiplies c by b, by SubmitCommand
+ * on the context, followed by a GPU signal of a fence on the context.
+ */
+static void q_execute(struct queuetest *t)
+{
+	struct run *r = t->r;
+	unsigned char fill[16 + 2 * 64], add[16 + 152], mul[16 + 152];
+	struct d3dkmt_createsynchronizationobject2 c;
+	struct d3dkmt_signalsynchronizationobjectfromgpu sg;
+	struct d3dkmt_getdevicestate gs;
+	struct d3dkmthandle f;
+	__u64 v;
+	float got = 0;
+	size_t n;
+	int ret, ok;
+
+	n = soft_header(fill, 2, sizeof(fill));
+	n += soft_fill(fill + n, t->a_va, Q_N, 1.5f);
+	soft_fill(fill + n, t->b_va, Q_N, 2.0f);
+	n = soft_header(add, 1, sizeof(add));
+	soft_binary(add + n, SOFT_BINARY_ADD, t->c_va, t->a_va, t->b_va, Q_N);
+	n = soft_header(mul, 1, sizeof(mul));
+	soft_binary(mul + n, SOFT_BINARY_MUL, t->c_va, t->c_va, t->b_va, Q_N);
+	ret = peer_write(t, t->cmd_va, fill, sizeof(fill));
+	ret = ret ? ret : peer_write(t, t->cmd_va + 512, add, sizeof(add));
+	ret = ret ? ret : peer_write(t, t->cmd_va + 1024, mul, sizeof(mul));
+	note(r, ret == 0, "peer", "three command buffers in the allocation", ret, "0", NULL);
+	if (ret)
+		return;
+
+	ret = submit_hwqueue(t->fd, t->queue, t->cmd_va, sizeof(fill), 1);
+	EXPECT(r, LX_DXSUBMITCOMMANDTOHWQUEUE, "FILL a and b (progress 1)", ret, 0, NULL);
+	ret = submit_hwqueue(t->fd, t->queue, t->cmd_va + 512, sizeof(add), 2);
+	EXPECT(r, LX_DXSUBMITCOMMANDTOHWQUEUE, "c = a + b (progress 2)", ret, 0, NULL);
+	v = 2;
+	ret = wait_cpu(t->fd, t->device, &t->progress, &v, 1, 0, 0);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, "the queue's progress fence at 2", ret,
+	       0, NULL);
+	ret = get_state(t->fd, t->device, _D3DKMT_DEVICESTATE_EXECUTION, &gs);
+	note(r, ret == 0 && gs.execution_state == _D3DKMT_DEVICEEXECUTION_ACTIVE,
+	     "LX_DXGETDEVICESTATE", "still active after the work", ret, "ACTIVE", "state %d",
+	     (int)gs.execution_state);
+	ok = q_values(t, t->c_va, 3.5f, &got);
+	note(r, ok, "peer", "c = 1.5 + 2 everywhere", 0, "3.5", "got %g", (double)got);
+
+	ret = create_sync(t->fd, t->device, _D3DDDI_MONITORED_FENCE, 0, &c);
+	EXPECT(r, LX_DXCREATESYNCHRONIZATIONOBJECT, "a fence after SubmitCommand", ret, 0, NULL);
+	f = c.sync_object;
+	ret = submit_command(t->fd, t->context, t->cmd_va + 1024, sizeof(mul));
+	EXPECT(r, LX_DXSUBMITCOMMAND, "c = c * b on the context", ret, 0, NULL);
+	memset(&sg, 0, sizeof(sg));
+	sg.context = t->context;
+	sg.object_count = 1;
+	sg.objects = (__u64 *)&f;
+	v = 1;
+	sg.monitored_fence_values = &v;
+	ret = dx(t->fd, LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU, &sg);
+	EXPECT(r, LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU, "after the buffer", ret, 0, NULL);
+	v = 1;
+	ret = wait_cpu(t->fd, t->device, &f, &v, 1, 0, 0);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, "SubmitCommand's buffer done", ret, 0,
+	       NULL);
+	ok = q_values(t, t->c_va, 7.0f, &got);
+	note(r, ok, "peer", "c = 3.5 * 2 everywhere", 0, "7", "got %g", (double)got);
+	destroy_sync(t->fd, f);
+}
+
+/* 5. Fences on the queue: a signal after its work, a wait that holds its later work. */
+static void q_fences(struct queuetest *t)
+{
+	struct run *r = t->r;
+	struct d3dkmt_createsynchronizationobject2 c;
+	struct d3dkmt_submitsignalsyncobjectstohwqueue ss;
+	struct d3dkmt_submitwaitforsyncobjectstohwqueue sw;
+	struct d3dkmthandle f, gate;
+	__u64 v, gv, queues[1];
+	int ret, efd;
+
+	ret = create_sync(t->fd, t->device, _D3DDDI_MONITORED_FENCE, 0, &c);
+	f = c.sync_object;
+	ret = ret ? ret : create_sync(t->fd, t->device, _D3DDDI_MONITORED_FENCE, 0, &c);
+	gate = c.sync_object;
+	EXPECT(r, LX_DXCREATESYNCHRONIZATIONOBJECT, "two fences for the queue", ret, 0, NULL);
+	if (ret != 0)
+		return;
+
+	queues[0] = t->queue.v;
+	memset(&ss, 0, sizeof(ss));
+	ss.hwqueue_count = 1;
+	ss.hwqueues = queues;
+	ss.object_count = 1;
+	ss.objects = (__u64 *)&f;
+	v = 1;
+	ss.fence_values = &v;
+	ret = dx(t->fd, LX_DXSUBMITSIGNALSYNCOBJECTSTOHWQUEUE, &ss);
+	EXPECT(r, LX_DXSUBMITSIGNALSYNCOBJECTSTOHWQUEUE, "a fence to 1", ret, 0, NULL);
+	v = 1;
+	ret = wait_cpu(t->fd, t->device, &f, &v, 1, 0, 0);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, "the queue's signal", ret, 0, NULL);
+
+	memset(&sw, 0, sizeof(sw));
+	sw.hwqueue = t->queue;
+	sw.object_count = 1;
+	sw.objects = (__u64 *)&gate;
+	gv = 1;
+	sw.fence_values = &gv;
+	ret = dx(t->fd, LX_DXSUBMITWAITFORSYNCOBJECTSTOHWQUEUE, &sw);
+	EXPECT(r, LX_DXSUBMITWAITFORSYNCOBJECTSTOHWQUEUE, "the queue waits for the gate", ret, 0,
+	       NULL);
+	v = 2;
+	ret = dx(t->fd, LX_DXSUBMITSIGNALSYNCOBJECTSTOHWQUEUE, &ss);
+	EXPECT(r, LX_DXSUBMITSIGNALSYNCOBJECTSTOHWQUEUE, "the fence to 2 behind the wait", ret, 0,
+	       NULL);
+	efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	v = 2;
+	ret = wait_cpu(t->fd, t->device, &f, &v, 1, 0, efd);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, "asynchronous, for 2", ret, 0, NULL);
+	note(r, readable(efd, 50) == 0, "LX_DXSUBMITWAITFORSYNCOBJECTSTOHWQUEUE",
+	     "the queue holds the signal while the gate is shut", 0, "not readable", NULL);
+	ret = signal_cpu(t->fd, t->device, gate, 1);
+	note(r, ret == 0 && readable(efd, 5000) == 1, "LX_DXSUBMITWAITFORSYNCOBJECTSTOHWQUEUE",
+	     "the signal comes once the gate opens", ret, "readable", NULL);
+	close(efd);
+	v = t->peer ? 2 : 0;
+	ret = wait_cpu(t->fd, t->device, &t->progress, &v, 1, 0, 0);
+	EXPECT(r, LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, "the progress fence handle", ret, 0,
+	       NULL);
+
+	/* error paths */
+	ss.hwqueue_count = 0;
+	ret = dx(t->fd, LX_DXSUBMITSIGNALSYNCOBJECTSTOHWQUEUE, &ss);
+	EXPECT(r, LX_DXSUBMITSIGNALSYNCOBJECTSTOHWQUEUE, "no queues", ret, -EINVAL, NULL);
+	ss.hwqueue_count = 1;
+	ss.object_count = D3DDDI_MAX_OBJECT_SIGNALED + 1;
+	ret = dx(t->fd, LX_DXSUBMITSIGNALSYNCOBJECTSTOHWQUEUE, &ss);
+	EXPECT(r, LX_DXSUBMITSIGNALSYNCOBJECTSTOHWQUEUE, "33 objects", ret, -EINVAL, NULL);
+	ss.object_count = 1;
+	queues[0] = mem_bogus.v;
+	ret = dx(t->fd, LX_DXSUBMITSIGNALSYNCOBJECTSTOHWQUEUE, &ss);
+	EXPECT(r, LX_DXSUBMITSIGNALSYNCOBJECTSTOHWQUEUE, "bad queue handle", ret, -EBADF, NULL);
+	sw.object_count = 0;
+	ret = dx(t->fd, LX_DXSUBMITWAITFORSYNCOBJECTSTOHWQUEUE, &sw);
+	EXPECT(r, LX_DXSUBMITWAITFORSYNCOBJECTSTOHWQUEUE, "no objects", ret, -EINVAL, NULL);
+	sw.object_count = 1;
+	sw.hwqueue = mem_bogus;
+	ret = dx(t->fd, LX_DXSUBMITWAITFORSYNCOBJECTSTOHWQUEUE, &sw);
+	EXPECT(r, LX_DXSUBMITWAITFORSYNCOBJECTSTOHWQUEUE, "bad queue handle", ret, -EBADF, NULL);
+	ret = submit_hwqueue(t->fd, t->queue, t->cmd_va, 0, 9);
+	EXPECT(r, LX_DXSUBMITCOMMANDTOHWQUEUE, "command_length 0", ret, -EINVAL, NULL);
+	ret = submit_hwqueue(t->fd, mem_bogus, t->cmd_va, 64, 9);
+	EXPECT(r, LX_DXSUBMITCOMMANDTOHWQUEUE, "bad queue handle", ret, -EBADF, NULL);
+	ret = submit_command(t->fd, mem_bogus, t->cmd_va, 64);
+	EXPECT(r, LX_DXSUBMITCOMMAND, "bad context handle", ret, -EBADF, NULL);
+	destroy_sync(t->fd, gate);
+	ret = destroy_sync(t->fd, f);
+	EXPECT(r, LX_DXDESTROYSYNCHRONIZATIONOBJECT, "the queue's fences", ret, 0, NULL);
+}
+
+/*
+ * 6. A command buffer at an unmapped VA on a second device: that device faults (a page fault
+ * at that address), its queue's waits fail and its later work is refused; the first device
+ * stays active. A third device is marked as in error: RESET.
+ */
+static void q_faults(struct queuetest *t)
+{
+	struct run *r = t->r;
+	struct d3dkmthandle dev2, ctx2, dev3, ctx3;
+	struct d3dkmt_createhwqueue q2;
+	struct d3dkmt_getdevicestate gs;
+	struct d3dkmt_markdeviceaserror me;
+	struct d3dkmt_destroydevice dd;
+	__u64 v;
+	int ret, i;
+
+	if (q_device(t, "a second device, to fault", &dev2, &ctx2))
+		return;
+	ret = create_hwqueue(t->fd, ctx2, &q2);
+	EXPECT(r, LX_DXCREATEHWQUEUE, "on the second device", ret, 0, NULL);
+	ret = submit_hwqueue(t->fd, q2.queue, Q_UNMAPPED_VA, 64, 1);
+	EXPECT(r, LX_DXSUBMITCOMMANDTOHWQUEUE, "a command buffer at an unmapped VA", ret, 0,
+	       "fire-and-forget: the fault shows in the device's state");
+	for (i = 0; i < 1000; i++) {
+		struct timespec ts = { .tv_sec = 0, .tv_nsec = 10 * 1000000 };
+
+		ret = get_state(t->fd, dev2, _D3DKMT_DEVICESTATE_EXECUTION, &gs);
+		if (ret != 0 || gs.execution_state != _D3DKMT_DEVICEEXECUTION_ACTIVE)
+			break;
+		nanosleep(&ts, NULL);
+	}
+	note(r, ret == 0 && gs.execution_state == _D3DKMT_DEVICEEXECUTION_ERROR_DMAPAGEFAULT,
+	     "LX_DXGETDEVICESTATE", "the faulting device's execution state", ret,
+	     "ERROR_DMAPAGEFAULT (not ACTIVE)", "state %d", (int)gs.execution_state);
+	ret = get_state(t->fd, dev2, _D3DKMT_DEVICESTATE_PAGE_FAULT, &gs);
+	note(r, ret == 0 && gs.page_fault_state.faulted_virtual_address == Q_UNMAPPED_VA,
+	     "LX_DXGETDEVICESTATE", "PAGE_FAULT: the faulted VA", ret, "the unmapped VA",
+	     "faulted_virtual_address 0x%llx",
+	     (unsigned long long)gs.page_fault_state.faulted_virtual_address);
+	v = 1;
+	ret = wait_cpu(t->fd, dev2, &q2.queue_progress_fence, &v, 1, 0, 0);
+	note(r, ret < 0, "LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU",
+	     "the faulted queue's progress fence fails at once", ret, "an error", NULL);
+	ret = submit_hwqueue(t->fd, q2.queue, Q_UNMAPPED_VA, 64, 2);
+	EXPECT(r, LX_DXSUBMITCOMMANDTOHWQUEUE, "on the faulted device", ret, -EIO, NULL);
+	ret = submit_command(t->fd, ctx2, Q_UNMAPPED_VA, 64);
+	EXPECT(r, LX_DXSUBMITCOMMAND, "on the faulted device", ret, -EIO, NULL);
+	ret = get_state(t->fd, t->device, _D3DKMT_DEVICESTATE_EXECUTION, &gs);
+	note(r, ret == 0 && gs.execution_state == _D3DKMT_DEVICEEXECUTION_ACTIVE,
+	     "LX_DXGETDEVICESTATE", "the first device is still active", ret, "ACTIVE",
+	     "state %d", (int)gs.execution_state);
+
+	if (q_device(t, "a third device, to mark", &dev3, &ctx3) == 0) {
+		memset(&me, 0, sizeof(me));
+		me.device = dev3;
+		ret = dx(t->fd, LX_DXMARKDEVICEASERROR, &me);
+		EXPECT(r, LX_DXMARKDEVICEASERROR, "the third device", ret, 0, NULL);
+		ret = get_state(t->fd, dev3, _D3DKMT_DEVICESTATE_EXECUTION, &gs);
+		note(r, ret == 0 && gs.execution_state == _D3DKMT_DEVICEEXECUTION_RESET,
+		     "LX_DXGETDEVICESTATE", "the marked device", ret, "RESET", "state %d",
+		     (int)gs.execution_state);
+		me.device = mem_bogus;
+		ret = dx(t->fd, LX_DXMARKDEVICEASERROR, &me);
+		EXPECT(r, LX_DXMARKDEVICEASERROR, "bad device handle", ret, -EBADF, NULL);
+		memset(&dd, 0, sizeof(dd));
+		dd.device = dev3;
+		ret = dx(t->fd, LX_DXDESTROYDEVICE, &dd);
+		EXPECT(r, LX_DXDESTROYDEVICE, "the marked device", ret, 0, NULL);
+	}
+	ret = get_state(t->fd, t->device, _D3DKMT_DEVICESTATE_EXECUTION, &gs);
+	note(r, ret == 0 && gs.execution_state == _D3DKMT_DEVICEEXECUTION_ACTIVE,
+	     "LX_DXGETDEVICESTATE", "the first device is active after all that", ret, "ACTIVE",
+	     "state %d", (int)gs.execution_state);
+	ret = destroy_hwqueue(t->fd, q2.queue);
+	EXPECT(r, LX_DXDESTROYHWQUEUE, "the faulted device's queue", ret, 0, NULL);
+	memset(&dd, 0, sizeof(dd));
+	dd.device = dev2;
+	ret = dx(t->fd, LX_DXDESTROYDEVICE, &dd);
+	EXPECT(r, LX_DXDESTROYDEVICE, "the faulted device", ret, 0, NULL);
+}
+
+/* 7. QueryStatistics (pydxg's record) and InvalidateCache. */
+static void q_statistics(struct queuetest *t, struct winluid luid)
+{
+	struct run *r = t->r;
+	struct pydxg_stats st;
+	struct winluid none = { 0, 0 };
+	__u64 pid = (__u64)getpid();
+	int ret;
+
+	ret = query_stats(t->fd, luid, _D3DKMT_QUERYSTATISTICS_PROCESS_ADAPTER, pid, &st);
+	EXPECT(r, LX_DXQUERYSTATISTICS, "this process on the adapter", ret, 0,
+	       "%llu command buffers, %llu commands, %llu ns, %llu faults, %llu resets, "
+	       "%llu bytes committed", (unsigned long long)st.command_buffers,
+	       (unsigned long long)st.commands, (unsigned long long)st.engine_busy_ns,
+	       (unsigned long long)st.faults, (unsigned long long)st.resets,
+	       (unsigned long long)st.committed_local);
+	note(r, ret == 0 && st.magic == STATS_MAGIC && st.version == 1 &&
+		     st.type == _D3DKMT_QUERYSTATISTICS_PROCESS_ADAPTER,
+	     "LX_DXQUERYSTATISTICS", "a pydxg v1 record", ret, "magic PDXQ, version 1", NULL);
+	note(r, ret == 0 && st.faults >= 1 && st.resets >= 1 && st.hwqueues >= 1 &&
+		     st.allocations >= 4 && st.committed_local >= 4 * Q_DATA_SIZE,
+	     "LX_DXQUERYSTATISTICS", "the fault, the reset, the queue and the memory counted",
+	     ret, "faults, resets >= 1", NULL);
+	if (t->peer)
+		note(r, ret == 0 && st.command_buffers == 3 && st.commands == 4 &&
+			     st.engine_busy_ns > 0, "LX_DXQUERYSTATISTICS",
+		     "the three command buffers counted", ret,
+		     "3 buffers, 4 commands, engine time", "%llu buffers, %llu commands",
+		     (unsigned long long)st.command_buffers, (unsigned long long)st.commands);
+	ret = query_stats(t->fd, luid, _D3DKMT_QUERYSTATISTICS_ADAPTER, 0, &st);
+	EXPECT(r, LX_DXQUERYSTATISTICS, "the adapter", ret, 0, "%llu processes, %llu devices",
+	       (unsigned long long)st.processes, (unsigned long long)st.devices);
+	note(r, ret == 0 && st.processes >= 1 && st.local_capacity > 0, "LX_DXQUERYSTATISTICS",
+	     "the adapter's users and capacity", ret, "at least this process", NULL);
+	ret = query_stats(t->fd, luid, _D3DKMT_QUERYSTATISTICS_PROCESS, pid, &st);
+	EXPECT(r, LX_DXQUERYSTATISTICS, "this process everywhere", ret, 0, NULL);
+	ret = query_stats(t->fd, none, _D3DKMT_QUERYSTATISTICS_ADAPTER, 0, &st);
+	EXPECT(r, LX_DXQUERYSTATISTICS, "an unknown LUID", ret, -EINVAL, NULL);
+	ret = query_stats(t->fd, luid, _D3DKMT_QUERYSTATISTICS_PROCESS_ADAPTER, 0, &st);
+	EXPECT(r, LX_DXQUERYSTATISTICS, "PROCESS_ADAPTER without a process", ret, -EINVAL, NULL);
+	ret = query_stats(t->fd, luid, _D3DKMT_QUERYSTATISTICS_PROCESS_ADAPTER, 0x7ffffffe, &st);
+	EXPECT(r, LX_DXQUERYSTATISTICS, "a PID no process has", ret, -EINVAL, NULL);
+	ret = query_stats(t->fd, luid, _D3DKMT_QUERYSTATISTICS_NODE, pid, &st);
+	EXPECT(r, LX_DXQUERYSTATISTICS, "NODE (not supported)", ret, -EPERM, NULL);
+
+	ret = invalidate(t->fd, t->device, t->a, 0, Q_DATA_SIZE);
+	EXPECT(r, LX_DXINVALIDATECACHE, "a data buffer", ret, 0, NULL);
+	ret = invalidate(t->fd, t->device, t->a, Q_DATA_SIZE, 1);
+	EXPECT(r, LX_DXINVALIDATECACHE, "past its end", ret, -EINVAL, NULL);
+	ret = invalidate(t->fd, t->device, mem_bogus, 0, 1);
+	EXPECT(r, LX_DXINVALIDATECACHE, "bad allocation handle", ret, -EBADF, NULL);
+	ret = invalidate(t->fd, mem_bogus, t->a, 0, 1);
+	EXPECT(r, LX_DXINVALIDATECACHE, "bad device handle", ret, -EBADF, NULL);
+}
+
+/* The queue test on one adapter: everything gone again at the end. */
+static void hwqueues(struct run *r, int fd, const struct d3dkmt_adapterinfo *info, int peer)
+{
+	struct queuetest t;
+	struct d3dkmt_destroydevice dd;
+	int ret;
+
+	memset(&t, 0, sizeof(t));
+	t.r = r;
+	t.fd = fd;
+	t.peer = peer;
+	t.adapter = info->adapter_handle;
+	if (q_device(&t, "for hardware queues", &t.device, &t.context))
+		return;
+	if (q_create(&t) == 0) {
+		q_priorities(&t);
+		if (q_memory(&t) == 0 && peer)
+			q_execute(&t);
+		q_fences(&t);
+		q_faults(&t);
+		q_statistics(&t, info->adapter_luid);
+		ret = destroy_hwqueue(fd, t.queue);
+		EXPECT(r, LX_DXDESTROYHWQUEUE, "the queue", ret, 0, NULL);
+		ret = destroy_hwqueue(fd, t.queue);
+		EXPECT(r, LX_DXDESTROYHWQUEUE, "again (stale handle)", ret, -EBADF, NULL);
+		ret = submit_hwqueue(fd, t.queue, t.cmd_va, 64, 3);
+		EXPECT(r, LX_DXSUBMITCOMMANDTOHWQUEUE, "on the destroyed queue", ret, -EBADF, NULL);
+	}
+	memset(&dd, 0, sizeof(dd));
+	dd.device = t.device;
+	ret = dx(fd, LX_DXDESTROYDEVICE, &dd);
+	EXPECT(r, LX_DXDESTROYDEVICE, "with its queue's memory", ret, 0, NULL);
+}
+
+/* Enumerate, run the queue test on the first adapter, close the adapters. */
+static void queue_session(struct run *r, int fd, int peer)
+{
+	struct d3dkmt_adapterinfo infos[MAX_ADAPTERS];
+	int n, i;
+
+	memset(infos, 0, sizeof(infos));
+	n = enum_adapters3(r, fd, infos);
+	if (n < 0)
+		return;
+	hwqueues(r, fd, &infos[0], peer);
+	for (i = 0; i < n; i++) {
+		int rc = close_adapter(fd, infos[i].adapter_handle);
+
+		EXPECT(r, LX_DXCLOSEADAPTER, "EnumAdapters3 handle", rc, 0, "handle 0x%x",
+		       infos[i].adapter_handle.v);
+	}
+}
+
 /* One complete client session on `fd`. */
 static void session(struct run *r, int fd, int with_errors)
 {
@@ -1879,6 +2644,18 @@ static int mode_all(struct run *r)
 	session(r, fd, 1);
 	memory_session(r, fd);
 	sync_session(r, fd);
+	queue_session(r, fd, 0);
+	close(fd);
+	return 0;
+}
+
+static int mode_queue(struct run *r, int peer)
+{
+	int fd = open_dev(r);
+
+	if (fd < 0)
+		return 1;
+	queue_session(r, fd, peer);
 	close(fd);
 	return 0;
 }
@@ -2174,20 +2951,21 @@ static int mode_bench(struct run *r, int iterations)
 
 static int usage(void)
 {
-	fprintf(stderr, "usage: dxg_test [-q] [-a ADAPTERS] [-t THREADS] [-n ITERATIONS] PATH "
-		"all|memory|sync|threads|fork|hold|bench|sleep\n");
+	fprintf(stderr, "usage: dxg_test [-q] [-p] [-a ADAPTERS] [-t THREADS] [-n ITERATIONS] PATH "
+		"all|memory|sync|queue|threads|fork|hold|bench|sleep\n");
 	return 2;
 }
 
 int main(int argc, char **argv)
 {
 	struct run r = { .tag = "", .verbose = 1, .expect_adapters = -1 };
-	int threads = 4, iterations = 3, opt, rc;
+	int threads = 4, iterations = 3, peer = 0, opt, rc;
 	const char *mode;
 
-	while ((opt = getopt(argc, argv, "qa:t:n:")) != -1) {
+	while ((opt = getopt(argc, argv, "qpa:t:n:")) != -1) {
 		switch (opt) {
 		case 'q': r.verbose = 0; break;
+		case 'p': peer = 1; break;
 		case 'a': r.expect_adapters = atoi(optarg); break;
 		case 't': threads = atoi(optarg); break;
 		case 'n': iterations = atoi(optarg); break;
@@ -2205,6 +2983,8 @@ int main(int argc, char **argv)
 		rc = mode_memory(&r);
 	else if (!strcmp(mode, "sync"))
 		rc = mode_sync(&r);
+	else if (!strcmp(mode, "queue"))
+		rc = mode_queue(&r, peer);
 	else if (!strcmp(mode, "threads"))
 		rc = mode_threads(&r, threads, iterations);
 	else if (!strcmp(mode, "fork"))

@@ -72,13 +72,17 @@ class RunResult:
 class _Run:
     """One run's resolver and counters."""
 
-    __slots__ = ("cancelled", "markers", "resolve", "touched")
+    __slots__ = ("cancelled", "held", "markers", "resolve", "touched")
 
     def __init__(self, resolve: Resolve, cancelled: threading.Event | None) -> None:
         self.resolve = resolve
         self.cancelled = cancelled
         self.touched = 0
         self.markers: list[int] = []
+        # Every view resolved, held until the run ends: NumPy keeps only the exporter (not
+        # the view) of an array made on a buffer, so without these the memory's owner could
+        # unmap it (it sees no export) while the engine still works on it.
+        self.held: list[memoryview] = []
 
     def check_cancelled(self) -> None:
         if self.cancelled is not None and self.cancelled.is_set():
@@ -112,6 +116,7 @@ class _Run:
         if write and mv.readonly:
             raise EngineFault(page_fault, -1, f"0x{va:x}+{nbytes}: read-only", va)
         self.touched += nbytes
+        self.held.append(mv)
         return mv
 
     def array(self, op: Operand, write: bool) -> NDArray:

@@ -35,6 +35,7 @@ from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleType
 from dxg.guest.ioctl_memory import HANDLERS as MEMORY_HANDLERS
 from dxg.guest.ioctl_queue import HANDLERS as QUEUE_HANDLERS
+from dxg.guest.ioctl_stats import HANDLERS as STATS_HANDLERS
 from dxg.guest.ioctl_sync import HANDLERS as SYNC_HANDLERS
 from dxg.guest.lookup import (
     PRIVATE_DATA_MAX,
@@ -428,6 +429,7 @@ HANDLERS: MappingProxyType[str, Handler] = MappingProxyType({
     "LX_ISFEATUREENABLED": is_feature_enabled,
     **MEMORY_HANDLERS,
     **QUEUE_HANDLERS,
+    **STATS_HANDLERS,
     **SYNC_HANDLERS,
 })
 # The same table by ioctl number, for dispatch (derived: the names above are the source).

@@ -66,6 +66,7 @@ def drop_context(p: Partition, context: HostContext) -> None:
     from dxg.host.gpusync import context_gone
 
     context_gone(p, context)  # its queued GPU signals and waits will never run
+    p.statistics.context_gone(context)  # what it ran stays counted (QUERYSTATISTICS)
     context.device.contexts.pop(context.handle, None)
     p.free(context.handle, HandleType.CONTEXT, context.device.process)
 

@@ -36,6 +36,7 @@ from dxg.host import hwqueue as hwqueue_mod
 from dxg.host import pagingqueue as pagingqueue_mod
 from dxg.host import process as process_mod
 from dxg.host import residency as residency_mod
+from dxg.host import statistics as statistics_mod
 from dxg.host import syncobject as syncobject_mod
 from dxg.host import vaspace as vaspace_mod
 from dxg.host.call import Call, CommandFailed, Handler
@@ -80,7 +81,8 @@ def _merge(*tables: Mapping[Any, Handler]) -> MappingProxyType[Any, Handler]:
 OBJECT_HANDLERS = _merge(adapter_mod.HANDLERS, process_mod.HANDLERS, device_mod.HANDLERS,
                          context_mod.HANDLERS, escape_mod.HANDLERS, allocation_mod.HANDLERS,
                          residency_mod.HANDLERS, vaspace_mod.HANDLERS, pagingqueue_mod.HANDLERS,
-                         hwqueue_mod.HANDLERS, syncobject_mod.HANDLERS)
+                         hwqueue_mod.HANDLERS, syncobject_mod.HANDLERS,
+                         statistics_mod.HANDLERS)
 
 
 def _discard(result: Any) -> None:

@@ -119,7 +119,7 @@ async def _pydxg(p: Partition, call: Call, process: HostProcess, device: HostDev
                 raise _OpFailed(NTSTATUS.STATUS_INVALID_PARAMETER, "SLEEP needs milliseconds")
             ms = min(_U32.unpack_from(data, OP_FIELDS)[0], MAX_SLEEP_MS)
             cut = await p.run_blocking(process, lambda cancelled: cancelled.wait(ms / 1000),
-                                       device=device)
+                                       device=device, engine_time=False)
             if cut:
                 raise _OpFailed(NTSTATUS.STATUS_CANCELLED, "the caller went away")
         elif op == Op.SHMEM_CREATE:

@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -32,6 +33,7 @@ from dxg.host.device import EXECUTION_ACTIVE, EXECUTION_STATES, HostDevice
 from dxg.host.dispatch import OBJECT_HANDLERS, Dispatcher, _merge
 from dxg.host.handles import HandleTable, HandleTableFull
 from dxg.host.process import HostProcess, drop_process
+from dxg.host.statistics import PartitionStatistics
 from dxg.oslib.eventfd import EventfdWriters
 from dxg.protocol import messages as m
 from dxg.protocol.bus import DXGK_VMBUS_INTERFACE_VERSION, OpenChannel
@@ -136,6 +138,8 @@ class Partition:
         self.pending_calls = 0  # requests running as tasks, and the bytes they hold
         self.pending_bytes = 0
         self.dispatcher = Dispatcher(self, ALL_HANDLERS)
+        # Counts of its processes' work that outlive the objects (QUERYSTATISTICS).
+        self.statistics = PartitionStatistics()
         self.logs = LogLimiter(log)  # what the guest provokes cannot flood the log
 
     def __repr__(self) -> str:
@@ -269,21 +273,37 @@ class Partition:
     async def run_blocking(self, process: HostProcess,
                            job: Callable[[threading.Event], _T],
                            lane: Hashable | None = None,
-                           device: HostDevice | None = None) -> _T:
+                           device: HostDevice | None = None,
+                           engine_time: bool = True) -> _T:
         """Run ``job(cancelled)`` on a host worker thread, after the earlier jobs of ``lane``
         and when the process and the partition have a worker slot free (fair shares of the
         pool); ``cancelled`` is set when the process (or ``device``) goes, or this call is
-        cancelled."""
+        cancelled. The time a job of ``device`` holds its thread counts as the device's engine
+        time (QUERYSTATISTICS), unless ``engine_time`` is False (a wait, not work)."""
         cancelled = threading.Event()
         owners = [process.jobs] if device is None else [process.jobs, device.jobs]
         for jobs in owners:
             jobs.add(cancelled)
         loop = asyncio.get_running_loop()
+        spent = [0]  # ns the job held its thread (written on the thread before `released`)
+        work_fn: Callable[[threading.Event], _T] = job
+        if device is not None and engine_time:
+
+            def timed(ev: threading.Event) -> _T:
+                t0 = time.monotonic_ns()
+                try:
+                    return job(ev)
+                finally:
+                    spent[0] = time.monotonic_ns() - t0
+
+            work_fn = timed
 
         def release(started: bool) -> None:
             if started:
                 process.running -= 1
                 self.running_jobs -= 1
+                if device is not None and spent[0]:
+                    self.statistics.engine_time(device, spent[0])
             self.job_slots.release()
             process.job_slots.release()
 
@@ -308,7 +328,7 @@ class Partition:
                 finally:
                     release(False)
             try:
-                work = self.host.workers.submit(job, cancelled)
+                work = self.host.workers.submit(work_fn, cancelled)
             except BaseException:
                 release(False)
                 raise
@@ -370,9 +390,12 @@ class Partition:
         if device is None:
             raise KeyError(f"device 0x{device_handle:08x} is not live in partition {self.id}")
         changed = device.execution_state != int(state)
+        was_active = device.execution_state == EXECUTION_ACTIVE
         device.execution_state = int(state)
         if not changed:
             return False
+        if was_active:
+            self.statistics.device_state(device, int(state))  # a fault or a reset, counted
         if int(state) != EXECUTION_ACTIVE:  # waits on its fences end with an error
             from dxg.host.syncobject import fail_device
 

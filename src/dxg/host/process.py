@@ -101,6 +101,7 @@ def drop_process(p: Partition, process: HostProcess) -> None:
     process.memory.drop()
     for region in list(process.regions.values()):
         drop_region(p, process, region)
+    p.statistics.process_gone(process)  # its counts stay with its adapters
     p.processes.pop(process.handle, None)
     p.free(process.handle, HandleType.PROCESS)
 

@@ -248,6 +248,16 @@ _SPECS += (
     _mem(V.MARKDEVICEASERROR),
 )
 
+# ---- statistics
+_SPECS += (
+    _mem(V.QUERYSTATISTICS,
+         note="IoctlArgs of d3dkmt_querystatistics (host adapter LUID, host process handle or "
+              "0); the reply's result is pydxg's statistics record (docs/statistics.md)"),
+    _mem(V.INVALIDATECACHE,
+         note="IoctlArgs of d3dkmt_invalidatecache (host handles); checked, then nothing to do "
+              "(the soft adapters' memory is coherent)"),
+)
+
 # ---- synchronization objects
 
 
