@@ -382,3 +382,20 @@ def test_the_engine_holds_the_memory_it_works_on():
     run(cmd.tobytes(), resolve)
     assert closes == ["refused"]
     m.close()
+
+
+def test_dxg_ps_shows_queues_and_work(stack):
+    import json
+    import subprocess
+    import sys
+
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        q = dev.create_context().hwqueue()
+        cmd, _c = _gemm_job(dev, 16, 1)
+        q.wait(submit(dev, q, cmd))
+        q.wait(submit(dev, q, cmd))
+        out = subprocess.run([sys.executable, "-m", "dxg.cli.main", "ps", "--json", "--node",
+                              stack.node_path], capture_output=True, text=True, check=True)
+        procs = json.loads(out.stdout)["snapshot"]["processes"]
+        links = [link for p in procs for link in p["adapters"] if link.get("queues")]
+        assert [(link["queues"], link["executed"]) for link in links] == [(1, 2)]

@@ -332,7 +332,28 @@ def join_memory(data: dict[str, Any]) -> dict[str, Any]:
                    if lk == links.get(link.get("adapter"))] if host_index is not None else []
             known = [n for n in per if n is not None]
             link["memory"] = sum(known) if known else None
+            work = [_process_work(cp, host_index) for lk, cp in theirs
+                    if lk == links.get(link.get("adapter"))] if host_index is not None else []
+            link["queues"] = sum(w[0] for w in work) if work else None
+            link["executed"] = sum(w[1] for w in work) if work else None
     return data
+
+
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _process_work(cp: dict[str, Any], adapter: int) -> tuple[int, int]:
+    """(hardware queues, command buffers run) of a host process on one adapter."""
+    queues = executed = 0
+    for dev in cp.get("devices") or []:
+        if not isinstance(dev, dict) or dev.get("adapter") != adapter:
+            continue
+        for ctx in dev.get("contexts") or []:
+            if isinstance(ctx, dict):
+                queues += len(ctx.get("hwqueues") or [])
+                executed += _int_or_none(ctx.get("executed")) or 0
+    return queues, executed
 
 
 def _adapter_rows(node: Any) -> list[dict[str, Any]]:
@@ -424,6 +445,8 @@ def print_ps(data: dict[str, Any], exclude_pid: int | None = None) -> None:
         for col in ("pid", "name", "devices", "contexts"):
             t.add_column(col)
         t.add_column("memory", justify="right")
+        t.add_column("queues", justify="right")
+        t.add_column("work", justify="right")
         n = 0
         for p in snap["processes"]:
             if p["pid"] == exclude_pid:
@@ -431,7 +454,8 @@ def print_ps(data: dict[str, Any], exclude_pid: int | None = None) -> None:
             for link in p["adapters"]:
                 if link["adapter"] == ad["index"]:
                     t.add_row(str(p["pid"]), p["name"], str(link["devices"]),
-                              str(link["contexts"]), human_bytes(link.get("memory")))
+                              str(link["contexts"]), human_bytes(link.get("memory")),
+                              _or_dash(link.get("queues")), _or_dash(link.get("executed")))
                     n += 1
         if n:
             out.print(t)
