@@ -399,3 +399,57 @@ def test_dxg_ps_shows_queues_and_work(stack):
         procs = json.loads(out.stdout)["snapshot"]["processes"]
         links = [link for p in procs for link in p["adapters"] if link.get("queues")]
         assert [(link["queues"], link["executed"]) for link in links] == [(1, 2)]
+
+
+def test_work_queued_for_a_destroyed_context_never_runs(stack):
+    """SubmitCommand work parked behind a GPU wait that is never satisfied does not run once
+    its context is destroyed (the wait goes with the context)."""
+    from dxg.client import sync
+    from dxg.client import thunks as t
+    from dxg.uapi import structs as s
+
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        ctx = dev.create_context()
+        gate = dev.fence()
+        sync.wait_from_gpu(ctx, [(gate, 1)])  # never signalled
+        x = dev.array(np.zeros(64, np.float32))
+        one = dev.array(np.ones(64, np.float32))
+        vx, v1 = x.map_gpu(), one.map_gpu()
+        raw = CommandBuffer().binary("add", operand(vx, (64,)), operand(vx, (64,)),
+                                     operand(v1, (64,))).tobytes()
+        buf = dev.allocate(len(raw))
+        buf.upload(raw)
+        args = s.d3dkmt_submitcommand()
+        args.command_buffer = int(buf.map_gpu())
+        args.command_length = len(raw)
+        args.broadcast_context_count = 1
+        args.broadcast_context[0].v = ctx.handle
+        assert t.D3DKMTSubmitCommand(node.conn, args) == 0
+        ctx.close()
+        # a later context's signal says the lane of the dead context drained
+        other = dev.create_context()
+        done = dev.fence()
+        sync.signal_from_gpu(other, [(done, 1)])
+        done.wait(1, timeout=10)
+        wait_until(lambda: stack.host.census()["adapters"][0]["scheduler"]["running"] == 0, 10,
+                   "nothing running")
+        assert np.all(x.download() == 0) and dev.execution_state() == 1
+
+
+def test_a_gpu_wait_names_at_most_32_objects(stack):
+    import ctypes
+
+    from dxg.client import thunks as t
+    from dxg.uapi import structs as s
+
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        ctx = dev.create_context()
+        fences = [dev.fence() for _ in range(33)]
+        handles = (ctypes.c_uint32 * 33)(*(f.handle for f in fences))
+        values = (ctypes.c_uint64 * 33)(*([1] * 33))
+        args = s.d3dkmt_waitforsynchronizationobjectfromgpu()
+        args.context.v = ctx.handle
+        args.object_count = 33
+        args.objects = ctypes.addressof(handles)
+        args.monitored_fence_values = ctypes.addressof(values)
+        assert t.D3DKMTWaitForSynchronizationObjectFromGpu(node.conn, args) != 0

@@ -562,12 +562,12 @@ async def wait_sync_object_gpu(drv: GuestDriver, proc: GuestProcess, args: Any,
     (and queues' fences) take one value each, legacy objects the single ``fence_value``."""
     ctx = _live_context(proc, args.context)
     n = int(args.object_count)
-    if not 0 < n <= MAX_GPU_OBJECTS:
+    if not 0 < n <= MAX_OBJECT_WAITED_ON:
         return -errno.EINVAL
-    handles = _u32s(mem, args.objects, n, MAX_GPU_OBJECTS)
+    handles = _u32s(mem, args.objects, n, MAX_OBJECT_WAITED_ON)
     _, _, _, first_monitored = _waitable(proc, handles[0])
     if first_monitored:
-        values = tuple(_u64s(mem, args.monitored_fence_values, n, MAX_GPU_OBJECTS))
+        values = tuple(_u64s(mem, args.monitored_fence_values, n, MAX_OBJECT_WAITED_ON))
         return await _wait_gpu(proc, ctx, handles, values, 0)
     return await _wait_gpu(proc, ctx, handles, None, int(args.fence_value))
 

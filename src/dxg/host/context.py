@@ -42,6 +42,8 @@ class HostContext:
     inprocess_priority: int = 0
     executed: int = 0  # command buffers it ran to their end
     commands: int = 0  # the commands in them
+    queued: int = 0  # SubmitCommand work waiting or running on its timeline
+    alive: bool = True  # False once destroyed: work still queued for it does not run
     hwqueues: dict[int, HwQueue] = field(default_factory=dict)
 
     def census(self) -> dict[str, Any]:
@@ -61,6 +63,7 @@ class HostContext:
 def drop_context(p: Partition, context: HostContext) -> None:
     from dxg.host.hwqueue import drop_hwqueue
 
+    context.alive = False
     for queue in list(context.hwqueues.values()):
         drop_hwqueue(p, queue)
     from dxg.host.gpusync import context_gone

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -130,6 +131,10 @@ def fault_device(p: Partition, device: HostDevice, state: int, va: int = 0,
         return  # faulted already, or gone
     log.info("partition %d: device 0x%08x faulted (%d) at 0x%x: %s", p.id, device.handle,
              state, va, why)
+    for context in device.contexts.values():  # its timelines stop: what waits there goes
+        gpusync.context_gone(p, context)
+        for queue in context.hwqueues.values():
+            gpusync.queue_gone(p, queue)
     device.fault_va = va
     device.fault_reason = why
     p.set_device_execution_state(device.handle, state)
@@ -224,7 +229,7 @@ async def _execute(p: Partition, queue: HwQueue, va: int, length: int, value: in
     try:
         if not queue.alive:
             return
-        result = await run_buffer(p, queue.context, va, length)
+        result = await run_buffer(p, queue.context, va, length, lambda: queue.alive)
         if result is None:
             return
         queue.executed += 1
@@ -235,45 +240,68 @@ async def _execute(p: Partition, queue: HwQueue, va: int, length: int, value: in
         queue.queued -= 1
 
 
-async def run_buffer(p: Partition, context: HostContext, va: int, length: int) -> Any:
+class _Skip(Exception):
+    """The buffer will not run (its context, queue, process or device went meanwhile)."""
+
+
+async def run_buffer(p: Partition, context: HostContext, va: int, length: int,
+                     alive: Callable[[], bool] = lambda: True) -> Any:
     """Run the command buffer at ``va`` for ``context``'s device: its result, or None when it
-    did not run (its process or device went, the device was in error, or it faulted now)."""
+    did not run (its context, process or device went, the device was in error, ``alive()``
+    says no, or it faulted now). The engine slot is taken only once the job has its worker
+    slots, and the buffer and the VA space are read only then (what the job will use)."""
     from dxg.backends.engine import EngineFault
     from dxg.host.vaspace import VaFault, vaspace_of
 
     device = context.device
     process = device.process
-    if (not process.alive or device.execution_state != EXECUTION_ACTIVE
-            or p.handles.get(device.handle, HandleType.DEVICE) is not device):
-        return None  # its process or device went, or the device faulted before
     adapter = device.adapter
-    space = vaspace_of(process, adapter, create=False)
-    if space is None:
-        fault_device(p, device, ERROR_DMAPAGEFAULT, va, "no GPU VA space")
-        return None
-    snapshot = space.snapshot()
-    try:
-        buffer = bytes(snapshot.view(va, length, False))
-    except VaFault as e:
-        fault_device(p, device, ERROR_DMAPAGEFAULT, e.va, f"command buffer: {e.why}")
-        return None
+    engine = adapter.engine
     backend = p.config.backend
     index = adapter.index
+    got: list[Any] = []
+
+    def runnable() -> bool:
+        return (context.alive and alive() and process.alive
+                and device.execution_state == EXECUTION_ACTIVE
+                and p.handles.get(device.handle, HandleType.DEVICE) is device)
+
+    async def admit() -> None:
+        if not runnable():
+            raise _Skip
+        await engine.acquire(context.priority * 16 + context.inprocess_priority)
+        try:
+            if not runnable():
+                raise _Skip
+            space = vaspace_of(process, adapter, create=False)
+            if space is None:
+                fault_device(p, device, ERROR_DMAPAGEFAULT, va, "no GPU VA space")
+                raise _Skip
+            snapshot = space.snapshot()
+            try:
+                got.append(bytes(snapshot.view(va, length, False)))
+            except VaFault as e:
+                fault_device(p, device, ERROR_DMAPAGEFAULT, e.va, f"command buffer: {e.why}")
+                raise _Skip from None
+            got.append(snapshot)
+        except BaseException:
+            engine.release(ran=False)
+            raise
 
     def job(cancelled: Any) -> Any:
+        buffer, snapshot = got
         return backend.execute(index, buffer, snapshot.view, cancelled)
 
-    engine = adapter.engine
-    await engine.acquire(context.priority * 16 + context.inprocess_priority)
     try:
-        result = await p.run_blocking(process, job, device=device)
+        result = await p.run_blocking(process, job, device=device, admit=admit,
+                                      done=engine.release)
+    except _Skip:
+        return None
     except EngineFault as e:
         if e.kind != "CANCELLED":  # (cancelled: its process or device is going)
             state = ERROR_DMAPAGEFAULT if e.kind == "PAGE_FAULT" else ERROR_DMAFAULT
             fault_device(p, device, state, e.va, str(e))
         return None
-    finally:
-        engine.release()
     context.executed += 1
     context.commands += int(getattr(result, "commands", 0))
     return result
@@ -299,12 +327,21 @@ def submit_command(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsRe
     for context in contexts:
         if context.device.execution_state != EXECUTION_ACTIVE:
             raise CommandFailed(NTSTATUS.STATUS_DEVICE_REMOVED, "a device in an error state")
+        if context.queued >= MAX_QUEUED:
+            fault_device(p, context.device, ERROR_OUTOFMEMORY, 0,
+                         f"more than {MAX_QUEUED} submissions on a context")
+            raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, "the context's timeline is full")
     if p.tasks.closed:
         raise CommandFailed(NTSTATUS.STATUS_DEVICE_REMOVED, "the host is closing")
     va = int(args.command_buffer)
     for context in contexts:
-        def turn(context: HostContext = context) -> Any:
-            return run_buffer(p, context, va, length)
+        context.queued += 1
+
+        async def turn(context: HostContext = context) -> Any:
+            try:
+                return await run_buffer(p, context, va, length)
+            finally:
+                context.queued -= 1
 
         p.tasks.eager(p.lanes.run(gpusync.lane_of(context), turn),
                       f"partition {p.id} context 0x{context.handle:08x}")

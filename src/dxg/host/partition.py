@@ -22,7 +22,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -274,12 +274,20 @@ class Partition:
                            job: Callable[[threading.Event], _T],
                            lane: Hashable | None = None,
                            device: HostDevice | None = None,
-                           engine_time: bool = True) -> _T:
+                           engine_time: bool = True,
+                           admit: Callable[[], Awaitable[None]] | None = None,
+                           done: Callable[[], None] | None = None) -> _T:
         """Run ``job(cancelled)`` on a host worker thread, after the earlier jobs of ``lane``
         and when the process and the partition have a worker slot free (fair shares of the
         pool); ``cancelled`` is set when the process (or ``device``) goes, or this call is
         cancelled. The time a job of ``device`` holds its thread counts as the device's engine
-        time (QUERYSTATISTICS), unless ``engine_time`` is False (a wait, not work)."""
+        time (QUERYSTATISTICS), unless ``engine_time`` is False (a wait, not work).
+
+        ``admit()``, when given, is awaited once the worker slots are the job's and before it
+        starts (an adapter's engine slot: dxg.host.scheduler), so nothing is held while the
+        job waits for slots it may never get; if it raises, the job does not run. ``done()``
+        is then called on the loop once the job is over (returned, even after this call was
+        cancelled)."""
         cancelled = threading.Event()
         owners = [process.jobs] if device is None else [process.jobs, device.jobs]
         for jobs in owners:
@@ -298,6 +306,8 @@ class Partition:
 
             work_fn = timed
 
+        admitted = [False]
+
         def release(started: bool) -> None:
             if started:
                 process.running -= 1
@@ -306,6 +316,9 @@ class Partition:
                     self.statistics.engine_time(device, spent[0])
             self.job_slots.release()
             process.job_slots.release()
+            if admitted[0] and done is not None:
+                admitted[0] = False
+                done()
 
         def released(_work: object) -> None:  # on the worker thread, when the job returns
             try:
@@ -322,6 +335,13 @@ class Partition:
             except BaseException:
                 process.job_slots.release()
                 raise
+            if admit is not None:
+                try:
+                    await admit()
+                except BaseException:
+                    release(False)
+                    raise
+                admitted[0] = True
             if cancelled.is_set():
                 try:
                     return job(cancelled)  # already told to stop: it returns at once

@@ -27,13 +27,10 @@ class EngineScheduler:
         self.slots = slots
         self.running = 0
         self.peak = 0  # the most buffers that ever ran at once
+        self.waiting = 0  # waiters not given up yet
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
         self.executed = 0
-
-    @property
-    def waiting(self) -> int:
-        return sum(1 for _, _, f in self._waiting if not f.done())
 
     async def acquire(self, priority: int) -> None:
         """A slot for work of ``priority`` (higher first)."""
@@ -43,19 +40,24 @@ class EngineScheduler:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiting, (-priority, next(self._seq), future))
+        self.waiting += 1
         try:
             await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
-                self.release()  # granted just as it was cancelled: hand it on
+                self.release(ran=False)  # granted just as it was cancelled: hand it on
+            else:
+                self.waiting -= 1
             raise
 
-    def release(self) -> None:
-        """A slot is free: the most urgent waiter gets it."""
-        self.executed += 1
+    def release(self, ran: bool = True) -> None:
+        """A slot is free (``ran``: after work ran in it): the most urgent waiter gets it."""
+        if ran:
+            self.executed += 1
         while self._waiting:
             _, _, future = heapq.heappop(self._waiting)
             if not future.done():
+                self.waiting -= 1
                 future.set_result(None)  # the slot passes on: running stays the same
                 return
         self.running -= 1

@@ -630,8 +630,8 @@ def wait_sync_object_gpu(p: Partition, call: Call,
     process = p.process(call)
     lane, _device = _timeline_of(p, process, body.context, call.adapter)
     n = len(body.objects)
-    if n == 0:
-        raise CommandFailed(INVALID, "no objects")
+    if not 0 < n <= MAX_OBJECT_WAITED_ON:
+        raise CommandFailed(INVALID, f"a GPU wait names 1..{MAX_OBJECT_WAITED_ON} objects")
     objects = [_on_adapter(p, process, h, call.adapter) for h in body.objects]
     for obj in objects:
         if obj.type == CPU_NOTIFICATION or obj.flags & FLAG_NO_WAIT:
