@@ -25,6 +25,7 @@ from dxg.guest import vmbus
 from dxg.guest.allocation import (
     FENCE_PAGE,
     GuestAllocation,
+    GuestBlock,
     GuestPagingQueue,
     GuestResource,
     Shadow,
@@ -684,32 +685,11 @@ def _adopt_queue(proc: GuestProcess, dev: GuestDevice, hprocess: int, out: Any, 
                  got: list[int]) -> GuestPagingQueue:
     if proc.closed or dev.state != ObjectState.ACTIVE:
         raise IoctlError(errno.ENODEV, "the device went while the host made the queue")
-    if len(extra) != m.BlockRef._S.size or not _h(out.paging_queue) or not _h(out.sync_object):
+    if not _h(out.paging_queue) or not _h(out.sync_object):
         raise IoctlError(errno.EPROTO, "host answered CREATEPAGINGQUEUE wrongly")
-    ref = m.BlockRef.unpack(extra)
-    if ref.block_size <= 0 or ref.offset % 8 or ref.offset + 8 > ref.block_size:
-        raise IoctlError(errno.EPROTO, "host placed the fence outside its block")
-    link = dev.adapter.link
-    channel = dev.adapter.route()
-    local = channel is not None and channel.can_pass_fds
-    if local:
-        if len(got) != 1:
-            raise IoctlError(errno.EPROTO, "host sent no fence block")
-        _check_block_fd(got[0], ref.block_size)
-    if not local and got:
-        raise IoctlError(errno.EPROTO, "host sent a descriptor over a link without them")
-    if local:
-        block = proc.memory.use(link_key(link, hprocess, ref.block), ref.block_size,
-                                readonly=True)
-        if block.fd < 0:
-            block.fd = got.pop()
-        queue = GuestPagingQueue(dev, _h(out.paging_queue), _h(out.sync_object), block,
-                                 ref.offset)
-    else:
-        shadow = proc.memory.shadow(FENCE_PAGE, readonly=True)
-        queue = GuestPagingQueue(dev, _h(out.paging_queue), _h(out.sync_object), shadow.block,
-                                 0)
-        queue.shadow = shadow
+    block, offset, shadow = adopt_fence_page(proc, dev, hprocess, extra, got)
+    queue = GuestPagingQueue(dev, _h(out.paging_queue), _h(out.sync_object), block, offset)
+    queue.shadow = shadow
     try:
         queue.handle = proc.handles.alloc(HandleType.PAGINGQUEUE, queue)
         queue.fence_handle = proc.handles.alloc(HandleType.MONITOREDFENCE, queue)
@@ -718,6 +698,32 @@ def _adopt_queue(proc: GuestProcess, dev: GuestDevice, hprocess: int, out: Any, 
         raise
     dev.paging_queues.append(queue)
     return queue
+
+
+def adopt_fence_page(proc: GuestProcess, dev: GuestDevice, hprocess: int, extra: bytes,
+                     got: list[int]) -> tuple[GuestBlock, int, Shadow | None]:
+    """Where a queue's monitored fence the host just made shows its value, as the guest keeps
+    it: (block, offset of the u64 in it, the guest's own page when the link cannot carry the
+    host's block). ``extra`` is the host's BlockRef; ``got`` its descriptor (taken)."""
+    if len(extra) != m.BlockRef._S.size:
+        raise IoctlError(errno.EPROTO, "host did not say where the fence is")
+    ref = m.BlockRef.unpack(extra)
+    if ref.block_size <= 0 or ref.offset % 8 or ref.offset + 8 > ref.block_size:
+        raise IoctlError(errno.EPROTO, "host placed the fence outside its block")
+    channel = dev.adapter.route()
+    if channel is None or not channel.can_pass_fds:
+        if got:
+            raise IoctlError(errno.EPROTO, "host sent a descriptor over a link without them")
+        shadow = proc.memory.shadow(FENCE_PAGE, readonly=True)
+        return shadow.block, 0, shadow
+    if len(got) != 1:
+        raise IoctlError(errno.EPROTO, "host sent no fence block")
+    _check_block_fd(got[0], ref.block_size)
+    block = proc.memory.use(link_key(dev.adapter.link, hprocess, ref.block), ref.block_size,
+                            readonly=True)
+    if block.fd < 0:
+        block.fd = got.pop()
+    return block, ref.offset, None
 
 
 def _drop_queue(proc: GuestProcess, dev: GuestDevice, queue: GuestPagingQueue) -> None:

@@ -17,11 +17,11 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from dxg.guest import vmbus
-from dxg.guest.allocation import FENCE_PAGE, GuestBlock, link_key
+from dxg.guest.allocation import GuestBlock
 from dxg.guest.device import DEVICEEXECUTION_RESET, ObjectState
 from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleType
-from dxg.guest.ioctl_memory import _check_block_fd, _send_args
+from dxg.guest.ioctl_memory import _send_args, adopt_fence_page
 from dxg.guest.ioctl_sync import _post
 from dxg.guest.lookup import PRIVATE_DATA_MAX, _context, _device, _h, _host_result
 from dxg.guest.process import GuestProcess, host_process
@@ -152,29 +152,11 @@ def _adopt(proc: GuestProcess, ctx: GuestContext, hprocess: int, out: Any, extra
     dev = ctx.device
     if proc.closed or dev.state != ObjectState.ACTIVE or ctx.destroyed:
         raise IoctlError(errno.ENODEV, "the context went while the host made the queue")
-    if len(extra) != m.BlockRef._S.size or not _h(out.queue) or not _h(out.queue_progress_fence):
+    if not _h(out.queue) or not _h(out.queue_progress_fence):
         raise IoctlError(errno.EPROTO, "host answered CREATEHWQUEUE wrongly")
-    ref = m.BlockRef.unpack(extra)
-    if ref.block_size <= 0 or ref.offset % 8 or ref.offset + 8 > ref.block_size:
-        raise IoctlError(errno.EPROTO, "host placed the fence outside its block")
-    channel = dev.adapter.route()
-    local = channel is not None and channel.can_pass_fds
-    if local:
-        if len(got) != 1:
-            raise IoctlError(errno.EPROTO, "host sent no fence block")
-        _check_block_fd(got[0], ref.block_size)
-        block = proc.memory.use(link_key(dev.adapter.link, hprocess, ref.block),
-                                ref.block_size, readonly=True)
-        if block.fd < 0:
-            block.fd = got.pop()
-        queue = GuestHwQueue(ctx, _h(out.queue), _h(out.queue_progress_fence), block,
-                             ref.offset)
-    else:
-        if got:
-            raise IoctlError(errno.EPROTO, "host sent a descriptor over a link without them")
-        shadow = proc.memory.shadow(FENCE_PAGE, readonly=True)
-        queue = GuestHwQueue(ctx, _h(out.queue), _h(out.queue_progress_fence), shadow.block, 0)
-        queue.shadow = shadow
+    block, offset, shadow = adopt_fence_page(proc, dev, hprocess, extra, got)
+    queue = GuestHwQueue(ctx, _h(out.queue), _h(out.queue_progress_fence), block, offset)
+    queue.shadow = shadow
     ctx.hwqueues.append(queue)
     try:
         queue.handle = proc.handles.alloc(HandleType.HWQUEUE, queue)

@@ -18,7 +18,6 @@ driver.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from dxg.host import gpusync
 from dxg.host.call import Call, CommandFailed, Handler
 from dxg.host.memory import expect_extra, ioctl_args, ioctl_reply
+from dxg.host.pagingqueue import register_queue
 from dxg.host.syncobject import FLAG_NO_SIGNAL, MONITORED_FENCE, SyncObject
 from dxg.protocol import messages as m
 from dxg.protocol.commands import VgpuCommand
@@ -162,21 +162,7 @@ def create_hwqueue(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsRe
     block, index = memory.fence_slot(p.config, device.adapter.index)
     fence = ProgressFence(device, block, index)
     queue = HwQueue(0, context, fence, int(args.flags.value))
-    try:
-        queue.handle = p.alloc(HandleType.HWQUEUE, queue, process)
-        fence.handle = p.alloc(HandleType.MONITOREDFENCE, fence, process)
-        if call.can_pass_fds:
-            try:
-                call.reply_fds.append(os.dup(block.block.fd))
-            except OSError as e:
-                raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, f"no descriptor: {e}") from None
-    except BaseException:
-        if fence.handle:
-            p.free(fence.handle, HandleType.MONITOREDFENCE, process)
-        if queue.handle:
-            p.free(queue.handle, HandleType.HWQUEUE, process)
-        memory.free_fence_slot(block, index)
-        raise
+    register_queue(p, call, process, queue, HandleType.HWQUEUE, fence)
     context.hwqueues[queue.handle] = queue
     args.queue.v = queue.handle
     args.queue_progress_fence.v = fence.handle

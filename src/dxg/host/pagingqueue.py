@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dxg.host.call import Call, CommandFailed, Handler
 from dxg.host.memory import FenceBlock, expect_extra, ioctl_args, ioctl_reply
@@ -106,6 +106,28 @@ def drop_paging_queue(p: Partition, queue: PagingQueue) -> None:
     p.free(queue.handle, HandleType.PAGINGQUEUE, process)
 
 
+def register_queue(p: Partition, call: Call, process: HostProcess, queue: Any,
+                   qtype: HandleType, fence: Any) -> None:
+    """Give a new queue (``queue.handle``) and its monitored fence (``fence.handle``, its slot
+    in ``fence.block``) their handles, and the fence block's descriptor to the reply on a local
+    link; on any failure none of it stays (the slot is freed too)."""
+    try:
+        queue.handle = p.alloc(qtype, queue, process)
+        fence.handle = p.alloc(HandleType.MONITOREDFENCE, fence, process)
+        if call.can_pass_fds:
+            try:
+                call.reply_fds.append(os.dup(fence.block.block.fd))
+            except OSError as e:
+                raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, f"no descriptor: {e}") from None
+    except BaseException:
+        if fence.handle:
+            p.free(fence.handle, HandleType.MONITOREDFENCE, process)
+        if queue.handle:
+            p.free(queue.handle, qtype, process)
+        process.memory.free_fence_slot(fence.block, fence.index)
+        raise
+
+
 def create_paging_queue(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsReturn:
     from dxg.host.device import device_of
 
@@ -120,21 +142,7 @@ def create_paging_queue(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlA
     fence = Fence(0, None, block, index)  # type: ignore[arg-type]  # the queue comes next
     queue = PagingQueue(0, device, args.priority, fence)
     fence.queue = queue
-    try:
-        queue.handle = p.alloc(HandleType.PAGINGQUEUE, queue, process)
-        fence.handle = p.alloc(HandleType.MONITOREDFENCE, fence, process)
-        if call.can_pass_fds:
-            try:
-                call.reply_fds.append(os.dup(block.block.fd))
-            except OSError as e:
-                raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, f"no descriptor: {e}") from None
-    except BaseException:
-        if fence.handle:
-            p.free(fence.handle, HandleType.MONITOREDFENCE, process)
-        if queue.handle:
-            p.free(queue.handle, HandleType.PAGINGQUEUE, process)
-        memory.free_fence_slot(block, index)
-        raise
+    register_queue(p, call, process, queue, HandleType.PAGINGQUEUE, fence)
     device.paging_queues[queue.handle] = queue
     args.paging_queue.v = queue.handle
     args.sync_object.v = fence.handle
