@@ -96,7 +96,8 @@ def raise_priority(nice: int) -> None:
     """Run the daemon ahead of its clients, as a kernel driver would not compete with the
     processes it serves: with many busy clients on few cores, a daemon at the same priority gets
     a client's share of the CPU and every client waits for it. Done before any thread starts
-    (they inherit it); a user not allowed to raise priority keeps the default, silently."""
+    (they inherit it: NumPy's BLAS starts its threads when it is first imported, so this runs
+    before the host is); a user not allowed to raise priority keeps the default, silently."""
     import contextlib
 
     if nice < 0:
@@ -105,16 +106,16 @@ def raise_priority(nice: int) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if args.adapters < 1:
+        raise ValueError("--adapters must be at least 1")
+    _hold_stop_signals()
+    raise_fd_limit()
+    raise_priority(args.priority)  # before NumPy starts BLAS's threads: they inherit it
     from dxg.guest.driver import GuestDriver
     from dxg.host.config import HostConfig
     from dxg.host.host import Host
     from dxg.runtime.loop import LoopThread
 
-    if args.adapters < 1:
-        raise ValueError("--adapters must be at least 1")
-    _hold_stop_signals()
-    raise_fd_limit()
-    raise_priority(args.priority)
     node_path = _node_path(args)
     # Host, guest and node share one event loop, and the guest reaches the host over an
     # in-process link: a call crosses no thread and no extra socket, and no socket file is left
@@ -145,12 +146,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_host(args: argparse.Namespace) -> int:
+    _hold_stop_signals()
+    raise_fd_limit()
+    raise_priority(args.priority)  # before NumPy starts BLAS's threads: they inherit it
     from dxg.host.config import HostConfig
     from dxg.host.host import Host
 
-    _hold_stop_signals()
-    raise_fd_limit()
-    raise_priority(args.priority)
     cfg = HostConfig(adapters=args.adapters, host_id=args.host_id, offer_order=args.offer_order,
                      dedicated_memory_mb=args.dedicated_memory,
                      shared_memory_mb=args.shared_memory)
