@@ -18,9 +18,9 @@ GEMM of the other process loses a core to them). The header says how many cores 
 kept busy on average during the run (from /proc/stat, less this process and its children): a
 run with much of it is noise, not pydxg. A part that fails prints its error.
 
-Two ways of waiting for a queue appear: ``q.wait`` (the client API: it polls the progress
-fence's shared page, sleeping 20 us doubling to 2 ms between looks) and a CPU wait on the
-progress fence (WaitForSynchronizationObjectFromCpu on ``q.fence``: blocks in the driver until
+Two ways of waiting for a queue appear: ``q.wait`` (the client API: it reads the progress
+fence's shared page, and makes a blocking CPU wait on the fence when the work is not done yet)
+and a raw CPU wait on the progress fence (WaitForSynchronizationObjectFromCpu on ``q.fence``: blocks in the driver until
 the host signals it; the page is read first, so one already reached costs no call).
 
 Measured:
@@ -721,7 +721,7 @@ def report(r: dict[str, Any]) -> None:
             print(f"{'side':<40} {'p50 ms':>8} {'p99 ms':>8} {'GFLOP/s':>8} {'ratio':>6} "
                   f"{'p99 ratio':>9} {'target':>7} {'met':>4}")
             for key, label in (("numpy", "NumPy in-process (baseline)"),
-                               ("poll", "pydxg, q.wait (polls the fence page)"),
+                               ("poll", "pydxg, q.wait (the client API)"),
                                ("fence", "pydxg, CPU wait on the progress fence")):
                 x = v[key]
                 ratio = np50 / x["p50"]

@@ -9,7 +9,7 @@ queue's progress fence read from a page shared with the node (no call).
         cmd = dev.allocate(len(buffer)); cmd.upload(buffer)
         va = cmd.map_gpu()                 # command buffers are addressed by GPU VA
         done = q.submit(va, len(buffer))   # fire-and-forget: the fence value it will reach
-        q.wait(done)                       # polls the progress fence page
+        q.wait(done)                       # the fence page, else a blocking wait on it
 
 Failures of the work itself do not come back from ``submit`` (the real driver's submissions
 have no reply): the device enters an error state, ``dev.execution_state()`` reports it and
@@ -20,21 +20,18 @@ have no reply): the device enters an error state, ``dev.execution_state()`` repo
 from __future__ import annotations
 
 import ctypes
-import time
 from typing import Any
 
 from dxg.client import thunks as t
 from dxg.client.api import _Async, _Object, _Sync, close_child
 from dxg.client.drive import Op, call, op
 from dxg.client.errors import DxgError, check_status
-from dxg.client.memory import _pick, _sleep
+from dxg.client.memory import _pick
 from dxg.uapi import structs as s
 from dxg.uapi.ntstatus import NTSTATUS
 
 __all__ = ["AsyncHwQueue", "DeviceFault", "HwQueue"]
 
-_POLL_FIRST = 20e-6
-_POLL_MAX = 2e-3
 _EXECUTION = int(s.d3dkmt_devicestate_type._D3DKMT_DEVICESTATE_EXECUTION)
 _ACTIVE = int(s.d3dkmt_deviceexecution_state._D3DKMT_DEVICEEXECUTION_ACTIVE)
 
@@ -128,24 +125,33 @@ class _HwQueueOps(_Object):
 
     @op
     def wait(self, value: int | None = None, timeout: float | None = 30.0) -> Op[int]:
-        """Until the progress fence reaches ``value`` (default: everything submitted); raises
-        :class:`DeviceFault` if the device faulted first, TimeoutError past ``timeout``."""
+        """Until the progress fence reaches ``value`` (default: everything submitted): at once
+        when its page shows it, else a blocking CPU wait on the fence (parks only this caller).
+        Raises :class:`DeviceFault` if the device faulted first, TimeoutError past
+        ``timeout``."""
+        from dxg.client.sync import _ioctl
+        from dxg.uapi import ioctls as io
+        from dxg.uapi.ntstatus import nt_success
+
         target = self.submitted if value is None else int(value)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = _POLL_FIRST
-        checked = time.monotonic()
-        while True:
-            current = self.progress
-            if current >= target:
-                return current
-            now = time.monotonic()
-            if now - checked > 0.05:  # now and then: did the device fault meanwhile?
-                checked = now
-                yield from _check_device(self.device)
-            if deadline is not None and now >= deadline:
-                raise TimeoutError(f"{self!r}: progress {current}, waited for {target}")
-            yield _sleep(pause)
-            pause = min(pause * 2, _POLL_MAX)
+        if self.fence_address and self.progress >= target:
+            return self.progress
+        handles = (ctypes.c_uint32 * 1)(self.fence)
+        values = (ctypes.c_uint64 * 1)(target)
+        args = s.d3dkmt_waitforsynchronizationobjectfromcpu()
+        args.device.v = self.device.handle
+        args.object_count = 1
+        args.objects = ctypes.addressof(handles)
+        args.fence_values = ctypes.addressof(values)
+        try:
+            status = yield _ioctl(io.LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU, args,
+                                  timeout=timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{self!r}: waited {timeout} s for {target}") from None
+        if not nt_success(status):
+            yield from _check_device(self.device)  # a fault says so (DeviceFault)
+            check_status(status, "WaitForSynchronizationObjectFromCpu")
+        return self.progress if self.fence_address else target
 
     def _close(self) -> Op[None]:
         args = s.d3dkmt_destroyhwqueue()
