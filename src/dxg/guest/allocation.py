@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleType
@@ -329,8 +329,14 @@ def release_device_memory(proc: GuestProcess, dev: GuestDevice) -> int:
 
 
 def release_paging_queue(proc: GuestProcess, queue: GuestPagingQueue) -> None:
+    release_queue(proc, queue, HandleType.PAGINGQUEUE)
+
+
+def release_queue(proc: GuestProcess, queue: Any, qtype: HandleType) -> None:
+    """A queue (paging or hardware) goes from the guest: its handle, its fence's handle, and
+    its fence page (the host's block, or the guest's own page)."""
     if queue.handle:
-        proc.handles.free(queue.handle, HandleType.PAGINGQUEUE)
+        proc.handles.free(queue.handle, qtype)
         queue.handle = 0
     if queue.fence_handle:
         proc.handles.free(queue.fence_handle, HandleType.MONITOREDFENCE)
@@ -344,4 +350,4 @@ def release_paging_queue(proc: GuestProcess, queue: GuestPagingQueue) -> None:
 
 __all__ = ["FENCE_PAGE", "KEPT_SHADOW_BYTES", "MAX_SHADOW_BYTES", "BlockKey", "GuestAllocation", "GuestBlock",
            "GuestPagingQueue", "GuestResource", "ProcessMemory", "Shadow", "link_key",
-           "release_allocation", "release_device_memory", "release_paging_queue"]
+           "release_allocation", "release_device_memory", "release_paging_queue", "release_queue"]

@@ -742,11 +742,17 @@ def _queue_of_reply(reply: m.IoctlArgsReturn) -> int:
 
 
 def _undo_queue(adapter: GuestAdapter, hprocess: int, host_queue: int) -> None:
-    if not host_queue:
-        return
-    args = s.d3dddi_destroypagingqueue()
-    args.paging_queue.v = host_queue
-    vmbus.spawn_quietly(adapter.link, vmbus.send(adapter, V.DESTROYPAGINGQUEUE, hprocess,
+    if host_queue:
+        args = s.d3dddi_destroypagingqueue()
+        args.paging_queue.v = host_queue
+        spawn_destroy(adapter, hprocess, V.DESTROYPAGINGQUEUE, args)
+
+
+def spawn_destroy(adapter: GuestAdapter, hprocess: int, command: VgpuCommand,
+                  args: ctypes.Structure) -> None:
+    """Destroy on the host what it made for a caller that gave up (an IoctlArgs command sent
+    by the link, nobody waiting for it)."""
+    vmbus.spawn_quietly(adapter.link, vmbus.send(adapter, command, hprocess,
                                                  m.IoctlArgs(bytes(args))))
 
 

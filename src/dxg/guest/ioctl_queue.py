@@ -17,11 +17,11 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from dxg.guest import vmbus
-from dxg.guest.allocation import GuestBlock
+from dxg.guest.allocation import GuestBlock, release_queue
 from dxg.guest.device import DEVICEEXECUTION_RESET, ObjectState
 from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleType
-from dxg.guest.ioctl_memory import _send_args, adopt_fence_page
+from dxg.guest.ioctl_memory import _send_args, adopt_fence_page, spawn_destroy
 from dxg.guest.ioctl_sync import _post
 from dxg.guest.lookup import PRIVATE_DATA_MAX, _context, _device, _h, _host_result
 from dxg.guest.process import GuestProcess, host_process
@@ -70,17 +70,7 @@ class GuestHwQueue:
 
 def release_hwqueue(proc: GuestProcess, queue: GuestHwQueue) -> None:
     """The queue's guest handles and fence block go (the host's with its context)."""
-    if queue.handle:
-        proc.handles.free(queue.handle, HandleType.HWQUEUE)
-        queue.handle = 0
-    if queue.fence_handle:
-        proc.handles.free(queue.fence_handle, HandleType.MONITOREDFENCE)
-        queue.fence_handle = 0
-    if queue.shadow is not None:
-        proc.memory.drop_shadow(queue.shadow)
-        queue.shadow = None
-    else:
-        proc.memory.release(queue.block)
+    release_queue(proc, queue, HandleType.HWQUEUE)
     if queue in queue.context.hwqueues:
         queue.context.hwqueues.remove(queue)
 
@@ -174,12 +164,10 @@ def _queue_of_reply(reply: m.IoctlArgsReturn) -> int:
 
 
 def _undo_queue(adapter: GuestAdapter, hprocess: int, host_queue: int) -> None:
-    if not host_queue:
-        return
-    args = s.d3dkmt_destroyhwqueue()
-    args.queue.v = host_queue
-    vmbus.spawn_quietly(adapter.link, vmbus.send(adapter, V.DESTROYHWQUEUE, hprocess,
-                                                 m.IoctlArgs(bytes(args))))
+    if host_queue:
+        args = s.d3dkmt_destroyhwqueue()
+        args.queue.v = host_queue
+        spawn_destroy(adapter, hprocess, V.DESTROYHWQUEUE, args)
 
 
 async def destroy_hwqueue(drv: GuestDriver, proc: GuestProcess, args: Any,

@@ -25,6 +25,7 @@ import struct
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from dxg.host.adapter import addressed
 from dxg.host.allocation import Allocation, allocation_of, choose_group, resource_of
 from dxg.host.call import Call, CommandFailed, Handler
 from dxg.host.memory import Usage, expect_extra, ioctl_args, ioctl_reply, u32_array
@@ -300,17 +301,11 @@ def update_allocation_property(p: Partition, call: Call,
     return ioctl_reply(args)
 
 
-def _adapter(p: Partition, call: Call, handle: int) -> HostAdapter:
-    from dxg.host.adapter import addressed
-
-    return addressed(p, call, handle)
-
-
 def flush_heap_transitions(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsReturn:
     args = ioctl_args(body, d3dkmt_flushheaptransitions)
     expect_extra(body.extra, 0, "FLUSHHEAPTRANSITIONS")
     p.process(call)
-    _adapter(p, call, args.adapter.v)
+    addressed(p, call, args.adapter.v)
     return ioctl_reply(args)
 
 
@@ -319,7 +314,7 @@ def _budget_call(p: Partition, call: Call, body: m.IoctlArgs,
     args = ioctl_args(body, ctype)
     expect_extra(body.extra, 0, ctype.__name__)
     process = p.process(call)
-    adapter = _adapter(p, call, args.adapter.v)
+    adapter = addressed(p, call, args.adapter.v)
     if args.process != 0 or args.physical_adapter_index != 0:
         raise CommandFailed(INVALID, "process must be 0, physical adapter 0")
     group = args.memory_segment_group

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from dxg.host.adapter import addressed
 from dxg.host.call import Call, CommandFailed, Handler
 from dxg.host.memory import expect_extra, ioctl_args, ioctl_reply, pages_ok
 from dxg.protocol import messages as m
@@ -478,12 +479,6 @@ def drop_vaspace(p: Partition, process: HostProcess, adapter_index: int) -> None
 # ---- the commands ------------------------------------------------------------------------------
 
 
-def _adapter_checked(p: Partition, call: Call, handle: int) -> HostAdapter:
-    from dxg.host.adapter import addressed
-
-    return addressed(p, call, handle)
-
-
 def _map_range(a: Allocation, offset: int, size: int) -> None:
     if size <= 0 or not pages_ok(offset, size) or offset > a.size or size > a.size - offset:
         raise CommandFailed(INVALID, "range outside the allocation")
@@ -493,7 +488,7 @@ def reserve_gpu_va(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsRe
     args = ioctl_args(body, d3dddi_reservegpuvirtualaddress)
     expect_extra(body.extra, 0, "RESERVEGPUVIRTUALADDRESS")
     process = p.process(call)
-    adapter = _adapter_checked(p, call, args.adapter.v)
+    adapter = addressed(p, call, args.adapter.v)
     if args.reservation_type not in _RESERVATION_TYPES:
         raise CommandFailed(INVALID, f"reservation type {args.reservation_type}")
     space = vaspace_of(process, adapter)
@@ -509,7 +504,7 @@ def free_gpu_va(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsRetur
     args = ioctl_args(body, d3dkmt_freegpuvirtualaddress)
     expect_extra(body.extra, 0, "FREEGPUVIRTUALADDRESS")
     process = p.process(call)
-    adapter = _adapter_checked(p, call, args.adapter.v)
+    adapter = addressed(p, call, args.adapter.v)
     space = vaspace_of(process, adapter, create=False)
     if space is None:
         raise CommandFailed(INVALID, "nothing reserved")
