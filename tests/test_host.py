@@ -770,6 +770,7 @@ def test_worker_threads_are_shared_fairly(sock_dir: str) -> None:
             dev_b, dev_c = g.create_device(0, b), g.create_device(0, c)
             sleeps = [g.start_sleep(0, a, d) for d in devs_a]  # four lanes, one process
             # The process gets two workers; its other jobs wait for them.
+            wait_until(lambda: host_process(host, a)["jobs"] == 4)
             wait_until(lambda: host_process(host, a)["running_jobs"] == 2)
             assert host_process(host, a)["jobs"] == 4
             # Another process gets one more: the guest's share of three is taken.
