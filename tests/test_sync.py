@@ -477,6 +477,24 @@ def test_legacy_kinds(sstack, dev):
         os.close(efd)
 
 
+def test_a_cancelled_gpu_wait_gives_back_the_units_it_took(sstack, dev):
+    """A legacy GPU wait on a mutex and a semaphore takes the mutex at once and waits for the
+    semaphore; its context goes: the mutex must come back, or nobody could ever take it."""
+    c1, c2 = dev.create_context(), dev.create_context()
+    marker = dev.fence()
+    mutex = dev.sync_object(SyncKind.MUTEX, initial=1)
+    sem = dev.sync_object(SyncKind.SEMAPHORE, initial=0, max_count=1)
+    assert _legacy_wait(dev, c2, [mutex, sem]) == OK  # mutex taken, the semaphore awaited
+    signal_from_gpu(c2, [(marker, 1)])
+    assert marker.wait(1, timeout=0.1) == TIMEOUT
+    wait_until(lambda: host_sync(sstack)["gpu_ops"] == 2, what="c2's wait and signal queued")
+    c2.close()
+    wait_until(lambda: host_sync(sstack)["gpu_ops"] == 0, what="c2's turns cancelled")
+    assert _legacy_wait(dev, c1, [mutex]) == OK
+    signal_from_gpu(c1, [(marker, 2)])
+    assert marker.wait(2, timeout=5) == OK
+
+
 def _count(efd: int) -> int:
     from dxg.oslib.eventfd import eventfd_count
 

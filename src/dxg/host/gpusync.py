@@ -68,15 +68,23 @@ def signal_after(p: Partition, process: HostProcess, lanes: Sequence[Hashable],
 
 
 def wait_on(p: Partition, process: HostProcess, lane: Hashable,
-            start: Callable[[], list[asyncio.Future[None]]], name: str) -> None:
+            start: Callable[[], list[asyncio.Future[None]]], name: str,
+            give_back: Callable[[list[asyncio.Future[None]]], None] | None = None) -> None:
     """A turn of ``lane`` that starts the waits (``start()``, when the turn comes) and lasts
-    until all of them are over, whatever their outcome."""
+    until all of them are over, whatever their outcome. Cancelled (its context, queue or
+    process went) with some waits over and others not, ``give_back(futures)`` returns what
+    the ones that are over took (a mutex's or semaphore's unit), so nothing is lost."""
 
     async def turn() -> None:
         futures = start()
         if futures:
-            # Cancelling the turn (its context went) cancels the waits with it.
-            await asyncio.gather(*futures, return_exceptions=True)
+            try:
+                # Cancelling the turn cancels the waits with it.
+                await asyncio.gather(*futures, return_exceptions=True)
+            except asyncio.CancelledError:
+                if give_back is not None:
+                    give_back(futures)
+                raise
 
     _queue(p, process, [lane], turn, name)
 

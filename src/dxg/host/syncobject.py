@@ -643,8 +643,15 @@ def wait_sync_object_gpu(p: Partition, call: Call,
     def start() -> list[asyncio.Future[None]]:
         return [obj.wait(value) for obj, value in zip(objects, values, strict=True)]
 
+    def give_back(futures: list[asyncio.Future[None]]) -> None:
+        """The wait will never be over: units it took of a mutex or semaphore go back."""
+        for obj, future in zip(objects, futures, strict=True):
+            if (obj.type in (MUTEX, SEMAPHORE) and future.done() and not future.cancelled()
+                    and future.exception() is None and obj.error is None):
+                obj.signal()
+
     gpusync.wait_on(p, process, lane, start,
-                    f"partition {p.id} GPU wait on 0x{body.context:08x}")
+                    f"partition {p.id} GPU wait on 0x{body.context:08x}", give_back)
     return m.NtStatusReturn(OK)
 
 
