@@ -96,17 +96,18 @@ def test_the_record_is_where_the_document_says() -> None:
     raw = record.pack()
     assert len(raw) == RESULT_BYTES == 776
     assert raw[:4] == b"PDXQ" and struct.unpack_from("<IHHII", raw) == (
-        STATISTICS_MAGIC, 1, 136, QUERY_PROCESS_ADAPTER, 0)
-    for i, name in enumerate(names):  # 16, 24, ... 120, in the documented order
+        STATISTICS_MAGIC, 2, 152, QUERY_PROCESS_ADAPTER, 0)
+    for i, name in enumerate(names):  # 16, 24, ... 136, in the documented order
         assert struct.unpack_from("<Q", raw, 16 + 8 * i)[0] == getattr(record, name)
-    assert names[-2:] == ("faults", "resets") and raw[128:] == bytes(776 - 128)
+    assert names[-4:] == ("faults", "resets", "demoted_bytes", "promoted_bytes")
+    assert raw[144:] == bytes(776 - 144)
     assert StatisticsRecord.unpack(raw) == record
     with pytest.raises(ValueError):
         StatisticsRecord.unpack(b"PDXQ" + raw[4:64])  # short
     with pytest.raises(ValueError):
         StatisticsRecord.unpack(b"XDXQ" + raw[4:])
     with pytest.raises(ValueError):
-        StatisticsRecord.unpack(raw[:4] + b"\2\0" + raw[6:])  # version 2
+        StatisticsRecord.unpack(raw[:4] + b"\1\0" + raw[6:])  # version 1
 
 
 # ---- counts after known work ---------------------------------------------------------------------

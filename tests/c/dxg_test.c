@@ -1880,7 +1880,7 @@ static void sync_session(struct run *r, int fd)
 #define SOFT_F32 2
 #define STATS_MAGIC 0x51584450u         /* "PDXQ": pydxg's statistics record, docs/statistics.md */
 
-/* pydxg's QueryStatistics result (docs/statistics.md), version 1. */
+/* pydxg's QueryStatistics result (docs/statistics.md), version 2. */
 struct pydxg_stats {
 	__u32 magic;
 	__u16 version;
@@ -1890,9 +1890,10 @@ struct pydxg_stats {
 	__u64 processes, devices, contexts, hwqueues, allocations;
 	__u64 committed_local, committed_nonlocal, local_capacity, nonlocal_capacity;
 	__u64 command_buffers, commands, engine_busy_ns, faults, resets;
+	__u64 demoted_bytes, promoted_bytes;
 	__u64 reserved2;
 };
-_Static_assert(sizeof(struct pydxg_stats) == 136, "the statistics record is 136 bytes");
+_Static_assert(sizeof(struct pydxg_stats) == 152, "the statistics record is 152 bytes");
 
 struct queuetest {
 	struct run *r;
@@ -2519,9 +2520,9 @@ static void q_statistics(struct queuetest *t, struct winluid luid)
 	       (unsigned long long)st.commands, (unsigned long long)st.engine_busy_ns,
 	       (unsigned long long)st.faults, (unsigned long long)st.resets,
 	       (unsigned long long)st.committed_local);
-	note(r, ret == 0 && st.magic == STATS_MAGIC && st.version == 1 &&
-		     st.type == _D3DKMT_QUERYSTATISTICS_PROCESS_ADAPTER,
-	     "LX_DXQUERYSTATISTICS", "a pydxg v1 record", ret, "magic PDXQ, version 1", NULL);
+	note(r, ret == 0 && st.magic == STATS_MAGIC && st.version == 2 &&
+		     st.size == sizeof(st) && st.type == _D3DKMT_QUERYSTATISTICS_PROCESS_ADAPTER,
+	     "LX_DXQUERYSTATISTICS", "a pydxg v2 record", ret, "magic PDXQ, version 2", NULL);
 	note(r, ret == 0 && st.faults >= 1 && st.resets >= 1 && st.hwqueues >= 1 &&
 		     st.allocations >= 4 && st.committed_local >= 4 * Q_DATA_SIZE,
 	     "LX_DXQUERYSTATISTICS", "the fault, the reset, the queue and the memory counted",

@@ -4,7 +4,8 @@ An allocation belongs to a device (and, optionally, to a resource of that device
 group of allocations). Its memory is ``size`` bytes (whole pages) at ``offset`` in a block of
 its process (dxg.host.memory), committed in one segment group of the device's adapter: the
 non-local group when its private data asks (ALLOC_NONLOCAL), else the local group when it fits
-there, else the non-local one. Allocations are made resident; EVICT and MAKERESIDENT,
+there (or room can be made there from allocations of lower priority: dxg.host.placement), else
+the non-local one. Allocations are made resident; EVICT and MAKERESIDENT,
 OFFERALLOCATIONS and RECLAIMALLOCATIONS (dxg.host.residency) change that. A discarded
 allocation keeps its place in its block (its pages punched, its bytes uncommitted) so that its
 BlockRef never changes; reclaimed, it reads zero.
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from dxg.host.call import Call, CommandFailed, Handler
 from dxg.host.memory import Arena, Block, Segments, Usage
+from dxg.host.placement import choose_group
 from dxg.protocol import messages as m
 from dxg.protocol.commands import VgpuCommand
 from dxg.protocol.framing import DXG_MAX_VM_BUS_PACKET_SIZE
@@ -34,7 +36,6 @@ from dxg.uapi.memory import (
     ALLOC_VERSION,
     CREATEALLOCATION_MAX,
     GROUP_LOCAL,
-    GROUP_NONLOCAL,
     PAGE_SIZE,
     AllocDesc,
     round_up,
@@ -49,8 +50,7 @@ if TYPE_CHECKING:
     from dxg.host.process import HostProcess
     from dxg.host.vaspace import Mapping
 
-__all__ = ["HANDLERS", "Allocation", "Resource", "allocation_of", "choose_group",
-           "drop_allocation", "drop_device_memory", "drop_resource", "resource_of"]
+__all__ = ["HANDLERS", "Allocation", "Resource", "allocation_of", "drop_allocation", "drop_device_memory", "drop_resource", "resource_of"]
 
 OK = NTSTATUS.STATUS_SUCCESS
 INVALID = NTSTATUS.STATUS_INVALID_PARAMETER
@@ -84,12 +84,16 @@ class Allocation:
     def segments(self) -> Segments:
         return self.usage.segments
 
+    @property
+    def wants_local(self) -> bool:
+        return not self.flags & ALLOC_NONLOCAL
+
     def discard(self) -> None:
         """Its memory goes (pages punched, bytes uncommitted); it lives on, discarded."""
         if self.discarded or not self.alive:
             return
         self.block.punch(self.offset, self.size)
-        self.segments.uncommit(self.usage, self.group, self.size)
+        self.segments.unhold(self)
         self.segments.offered.pop(self, None)
         self.discarded = True
 
@@ -140,18 +144,6 @@ def resource_of(p: Partition, process: HostProcess, handle: int,
 # ---- life and death ----------------------------------------------------------------------------
 
 
-def choose_group(segments: Segments, usage: Usage, size: int, want_nonlocal: bool) -> int | None:
-    """The group ``size`` bytes go to (discarding offered memory if needed), or None."""
-    order = (GROUP_NONLOCAL,) if want_nonlocal else (GROUP_LOCAL, GROUP_NONLOCAL)
-    for group in order:
-        if size <= segments.room(group, usage):
-            return group
-    for group in order:
-        if segments.make_room(group, usage, size):
-            return group
-    return None
-
-
 def _new_allocation(p: Partition, device: HostDevice, resource: Resource | None, size: int,
                     flags: int, priority: int) -> Allocation:
     process = device.process
@@ -161,13 +153,12 @@ def _new_allocation(p: Partition, device: HostDevice, resource: Resource | None,
     try:
         segments = adapter.segments
         a.usage = process.memory.usage(segments, adapter.index)
-        group = choose_group(segments, a.usage, size, bool(flags & ALLOC_NONLOCAL))
+        group = choose_group(segments, a.usage, size, bool(flags & ALLOC_NONLOCAL), priority)
         if group is None:
             raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY,
                                 f"no room for {size} bytes on adapter {adapter.index}")
-        a.group = group
         a.block, a.offset, a.arena = process.memory.place(p.config, adapter.index, size)
-        segments.commit(a.usage, group, size)
+        segments.hold(a, group)
     except BaseException:
         p.free(a.handle, HandleType.ALLOCATION, process)
         raise
@@ -190,7 +181,7 @@ def drop_allocation(p: Partition, a: Allocation) -> None:
     segments = a.segments
     segments.offered.pop(a, None)
     if not a.discarded:
-        segments.uncommit(a.usage, a.group, a.size)
+        segments.unhold(a)
     a.alive = False
     process.memory.release(a.block, a.offset, a.size, a.arena)
     a.device.allocations.pop(a.handle, None)

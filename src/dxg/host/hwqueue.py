@@ -237,6 +237,7 @@ async def run_buffer(p: Partition, context: HostContext, va: int, length: int,
     says no, or it faulted now). The engine slot is taken only once the job has its worker
     slots, and the buffer and the VA space are read only then (what the job will use)."""
     from dxg.backends.engine import EngineFault
+    from dxg.host.placement import promote_device
     from dxg.host.vaspace import VaFault, vaspace_of
 
     device = context.device
@@ -259,6 +260,7 @@ async def run_buffer(p: Partition, context: HostContext, va: int, length: int,
         try:
             if not runnable():
                 raise _Skip
+            promote_device(device)  # its demoted memory comes back first, by priority
             space = vaspace_of(process, adapter, create=False)
             if space is None:
                 fault_device(p, device, ERROR_DMAPAGEFAULT, va, "no GPU VA space")

@@ -32,7 +32,8 @@ census reports: `Segments.info`, the one function for both):
 CHANGEVIDEOMEMORYRESERVATION may set a reservation up to available_for_reservation. When an
 allocation does not fit, offered allocations of that group on the adapter (any process, any
 guest; lowest offer priority first, then the oldest offer) are discarded until it does, or none
-is when even all of them would not make room.
+is when even all of them would not make room. Before that, allocations of lower priority may be
+demoted from the local group to the non-local one (dxg.host.placement).
 
 Allocation memory is accounted by the segments only (not against the partition's object budget,
 which counts the host objects: see dxg.host.partition.OBJECT_BYTES). Everything here runs on the
@@ -251,6 +252,17 @@ class FenceBlock:
 # ---- segments ------------------------------------------------------------------------------------
 
 
+class Placed(Protocol):
+    """What `Segments.hold` needs of an allocation (dxg.host.allocation)."""
+
+    group: int
+    size: int
+    usage: Usage
+
+    @property
+    def wants_local(self) -> bool: ...
+
+
 class Offered(Protocol):
     """What `Segments.make_room` needs of an offered allocation (dxg.host.allocation)."""
 
@@ -266,13 +278,18 @@ class Offered(Protocol):
 class Usage:
     """One process's committed bytes and reservation, per segment group, on one adapter."""
 
-    __slots__ = ("adapter", "committed", "reservation", "segments")
+    __slots__ = ("adapter", "committed", "demoted_bytes", "promoted_bytes", "reservation",
+                 "segments")
 
     def __init__(self, segments: Segments, adapter: int) -> None:
         self.segments = segments
         self.adapter = adapter
         self.committed = [0, 0]
         self.reservation = [0, 0]
+        # Bytes of the process's allocations the memory manager moved out of the local group
+        # to make room for ones of higher priority, and back in (dxg.host.placement).
+        self.demoted_bytes = 0
+        self.promoted_bytes = 0
 
     def unused(self, group: int) -> int:
         return max(0, self.reservation[group] - self.committed[group])
@@ -298,6 +315,11 @@ class Segments:
         self.unused_reserved = [0, 0]
         self.offered: dict[Any, None] = {}  # offered, not yet discarded (oldest first)
         self.offer_seq = 0
+        # Allocations committed in the local group (oldest first), and those committed in the
+        # non-local group that want the local one (demoted, or placed there when it was full):
+        # what dxg.host.placement moves by priority.
+        self.local: dict[Any, None] = {}
+        self.demoted: dict[Any, None] = {}
 
     def join(self, usage: Usage) -> None:
         self.usages[usage] = None
@@ -322,6 +344,21 @@ class Segments:
     def uncommit(self, usage: Usage, group: int, nbytes: int) -> None:
         self._update(usage, group, max(0, usage.committed[group] - nbytes),
                      usage.reservation[group])
+
+    def hold(self, a: Placed, group: int) -> None:
+        """``a``'s bytes are committed in ``group`` (it was committed nowhere)."""
+        self.commit(a.usage, group, a.size)
+        a.group = group
+        if group == GROUP_LOCAL:
+            self.local[a] = None
+        elif a.wants_local:
+            self.demoted[a] = None
+
+    def unhold(self, a: Placed) -> None:
+        """``a``'s bytes are committed nowhere any more (freed or discarded)."""
+        self.uncommit(a.usage, a.group, a.size)
+        self.local.pop(a, None)
+        self.demoted.pop(a, None)
 
     def reserve(self, usage: Usage, group: int, nbytes: int) -> None:
         self._update(usage, group, usage.committed[group], nbytes)
@@ -378,7 +415,8 @@ class ProcessMemory:
     """A process's blocks (arenas, dedicated, fence), its usages per adapter and its GPU VA
     spaces (dxg.host.vaspace), keyed by adapter index."""
 
-    __slots__ = ("arenas", "block_bytes", "block_ids", "blocks", "fences", "usages", "vaspaces")
+    __slots__ = ("arenas", "block_bytes", "block_ids", "blocks", "fences", "paged_gone", "usages",
+                 "vaspaces")
 
     def __init__(self) -> None:
         self.block_ids = 0
@@ -388,6 +426,8 @@ class ProcessMemory:
         self.fences: dict[int, list[FenceBlock]] = {}
         self.usages: dict[int, Usage] = {}
         self.vaspaces: dict[int, Any] = {}  # adapter index -> VaSpace
+        # adapter index -> [demoted, promoted] bytes of usages that went (statistics outlive them)
+        self.paged_gone: dict[int, list[int]] = {}
 
     # blocks
     def _new_block(self, config: HostConfig, size: int, kind: str, adapter: int) -> Block:
@@ -485,8 +525,19 @@ class ProcessMemory:
         usage = self.usages.pop(adapter, None)
         if usage is not None:
             usage.segments.leave(usage)
+            gone = self.paged_gone.setdefault(adapter, [0, 0])
+            gone[0] += usage.demoted_bytes
+            gone[1] += usage.promoted_bytes
         for block in [b for b in self.blocks.values() if b.adapter == adapter]:
             self._close_block(block)  # none should be left; never leak one
+
+    def paged(self, adapter: int) -> tuple[int, int]:
+        """(demoted, promoted) bytes of the process's allocations on ``adapter``, so far."""
+        gone = self.paged_gone.get(adapter, (0, 0))
+        usage = self.usages.get(adapter)
+        if usage is None:
+            return gone[0], gone[1]
+        return gone[0] + usage.demoted_bytes, gone[1] + usage.promoted_bytes
 
     def drop(self) -> None:
         for adapter in {*self.arenas, *self.fences, *self.usages,

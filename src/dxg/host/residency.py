@@ -26,9 +26,10 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from dxg.host.adapter import addressed
-from dxg.host.allocation import Allocation, allocation_of, choose_group, resource_of
+from dxg.host.allocation import Allocation, allocation_of, resource_of
 from dxg.host.call import Call, CommandFailed, Handler
 from dxg.host.memory import Usage, expect_extra, ioctl_args, ioctl_reply, u32_array
+from dxg.host.placement import choose_group, promote, rank
 from dxg.protocol import messages as m
 from dxg.protocol.commands import VgpuCommand
 from dxg.uapi.memory import ALLOC_NONLOCAL, GROUP_LOCAL, GROUP_NONLOCAL, MAKERESIDENT_ALLOC_MAX
@@ -183,13 +184,23 @@ def set_allocation_priority(p: Partition, call: Call, body: m.IoctlArgs) -> m.Io
         (r.priority,) = u32_array(body.extra, 1)
         for a in r.allocations.values():
             a.priority = r.priority
+        _promote_raised(list(r.allocations.values()))
         return ioctl_reply(args)
     count = _count(args.allocation_count)
     expect_extra(body.extra, 8 * count, "SETALLOCATIONPRIORITY")
     allocs = _allocations(p, process, device, u32_array(body.extra, count))
     for a, priority in zip(allocs, u32_array(body.extra, count, 4 * count), strict=True):
         a.priority = priority
+    _promote_raised(allocs)
     return ioctl_reply(args)
+
+
+def _promote_raised(allocs: list[Allocation]) -> None:
+    """Demoted allocations among those whose priority was just set come back to the local group
+    now when their new priority earns it (dxg.host.placement), highest first."""
+    demoted = [a for a in allocs if a.wants_local and a.group != GROUP_LOCAL and not a.discarded]
+    for a in sorted(demoted, key=lambda a: rank(a.priority), reverse=True):
+        promote(a)
 
 
 def get_allocation_priority(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsReturn:
@@ -246,12 +257,11 @@ def offer_allocations(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArg
 
 def _reclaim(a: Allocation) -> int:
     """Recommit a discarded allocation (zero-filled): DISCARDED, or NOT_COMMITTED."""
-    group = choose_group(a.segments, a.usage, a.size, bool(a.flags & ALLOC_NONLOCAL))
+    group = choose_group(a.segments, a.usage, a.size, bool(a.flags & ALLOC_NONLOCAL), a.priority)
     if group is None:
         return RECLAIM_NOT_COMMITTED
     a.block.punch(a.offset, a.size)  # zero, whatever was written there meanwhile
-    a.group = group
-    a.segments.commit(a.usage, group, a.size)
+    a.segments.hold(a, group)
     a.discarded = False
     a.offered = False
     return RECLAIM_DISCARDED

@@ -74,6 +74,8 @@ class Counters:
     engine_busy_ns: int = 0
     faults: int = 0
     resets: int = 0
+    demoted_bytes: int = 0
+    promoted_bytes: int = 0
 
     def add(self, other: Counters) -> None:
         self.command_buffers += other.command_buffers
@@ -81,6 +83,12 @@ class Counters:
         self.engine_busy_ns += other.engine_busy_ns
         self.faults += other.faults
         self.resets += other.resets
+        self.demoted_bytes += other.demoted_bytes
+        self.promoted_bytes += other.promoted_bytes
+
+    def add_paged(self, paged: tuple[int, int]) -> None:
+        self.demoted_bytes += paged[0]
+        self.promoted_bytes += paged[1]
 
     def add_context(self, context: HostContext) -> None:
         self.command_buffers += context.executed
@@ -129,9 +137,12 @@ class PartitionStatistics:
         self._counters(device.process, device.adapter.index).add_context(context)
 
     def process_gone(self, process: HostProcess) -> None:
-        """The process went (its contexts before it): its counts stay with its adapters."""
+        """The process went (its contexts and memory before it): its counts stay with its
+        adapters."""
         for index, counters in self._processes.pop(process.handle, {}).items():
             self._gone.setdefault(index, Counters()).add(counters)
+        for index in process.memory.paged_gone:
+            self._gone.setdefault(index, Counters()).add_paged(process.memory.paged(index))
 
     # ---- views ---------------------------------------------------------------------------------
 
@@ -145,6 +156,10 @@ class PartitionStatistics:
             if adapter_index is None or device.adapter.index == adapter_index:
                 for context in device.contexts.values():
                     total.add_context(context)
+        memory = process.memory
+        for index in {*memory.usages, *memory.paged_gone}:
+            if adapter_index is None or index == adapter_index:
+                total.add_paged(memory.paged(index))
         return total
 
     def of_adapter(self, p: Partition, adapter_index: int) -> Counters:
@@ -188,7 +203,8 @@ def _record(qtype: int, objects: dict[str, int], counters: Counters, processes: 
         qtype, processes=processes, **objects,
         local_capacity=capacity[GROUP_LOCAL], nonlocal_capacity=capacity[GROUP_NONLOCAL],
         command_buffers=counters.command_buffers, commands=counters.commands,
-        engine_busy_ns=counters.engine_busy_ns, faults=counters.faults, resets=counters.resets)
+        engine_busy_ns=counters.engine_busy_ns, faults=counters.faults, resets=counters.resets,
+        demoted_bytes=counters.demoted_bytes, promoted_bytes=counters.promoted_bytes)
 
 
 def adapter_record(p: Partition, adapter: HostAdapter) -> StatisticsRecord:

@@ -35,6 +35,11 @@ __all__ = [
     "GROUP_NONLOCAL",
     "MAKERESIDENT_ALLOC_MAX",
     "PAGE_SIZE",
+    "PRIORITY_HIGH",
+    "PRIORITY_LOW",
+    "PRIORITY_MAXIMUM",
+    "PRIORITY_MINIMUM",
+    "PRIORITY_NORMAL",
     "VA_MAX",
     "VA_MIN",
     "AllocDesc",
@@ -53,6 +58,15 @@ ALLOC_DESC = struct.Struct("<IHHQ")
 # enum d3dkmt_memory_segment_group
 GROUP_LOCAL = 0
 GROUP_NONLOCAL = 1
+
+# D3DDDI_ALLOCATIONPRIORITY_* (d3dukmdt.h): the usual allocation priorities. Any u32 is a priority
+# (higher stays in local memory longer); 0, which CreateAllocation's zeroed info carries, counts
+# as NORMAL.
+PRIORITY_MINIMUM = 0x28000000
+PRIORITY_LOW = 0x50000000
+PRIORITY_NORMAL = 0x78000000
+PRIORITY_HIGH = 0xA0000000
+PRIORITY_MAXIMUM = 0xC8000000
 
 # The real driver's limits (d3dkmthk.h).
 CREATEALLOCATION_MAX = 1024  # D3DKMT_CREATEALLOCATION_MAX

@@ -6,8 +6,8 @@ pydxg answers every type it supports with ONE record, documented in ``docs/stati
 little-endian, at the start of the result (the rest of the 776 bytes is zero)::
 
     @0    u32  magic     0x51584450 (the bytes "PDXQ")
-    @4    u16  version   1
-    @6    u16  size      136: bytes of the record
+    @4    u16  version   2
+    @6    u16  size      152: bytes of the record
     @8    u32  type      the d3dkmt_querystatistics_type it answers
     @12   u32  reserved  0
     @16   u64  processes            live processes using the adapter (1 for a process)
@@ -24,7 +24,10 @@ little-endian, at the start of the result (the rest of the 776 bytes is zero)::
     @104  u64  engine_busy_ns       the engine's time on the work (cumulative, ns)
     @112  u64  faults               devices that entered an error state by a fault (cumulative)
     @120  u64  resets               devices marked as in error, MarkDeviceAsError (cumulative)
-    @128  u64  reserved  0
+    @128  u64  demoted_bytes        bytes moved out of the local group for higher priorities
+                                    (cumulative)
+    @136  u64  promoted_bytes       bytes moved back into the local group (cumulative)
+    @144  u64  reserved  0
 
 Shared by the host (which fills it) and clients (which read it); nothing here does I/O.
 """
@@ -51,7 +54,7 @@ __all__ = [
 ]
 
 STATISTICS_MAGIC = 0x51584450  # b"PDXQ" little-endian
-STATISTICS_VERSION = 1
+STATISTICS_VERSION = 2
 RESULT_OFFSET = 24  # of the result in d3dkmt_querystatistics
 RESULT_BYTES = ctypes.sizeof(s.d3dkmt_querystatistics_result)  # 776
 
@@ -82,8 +85,10 @@ class StatisticsRecord:
     engine_busy_ns: int = 0
     faults: int = 0
     resets: int = 0
+    demoted_bytes: int = 0
+    promoted_bytes: int = 0
     _HEAD: ClassVar[struct.Struct] = struct.Struct("<IHHII")
-    _S: ClassVar[struct.Struct] = struct.Struct("<IHHII14QQ")
+    _S: ClassVar[struct.Struct] = struct.Struct("<IHHII16QQ")
 
     def pack(self) -> bytes:
         """The record, padded with zeros to the result's 776 bytes."""
@@ -99,7 +104,7 @@ class StatisticsRecord:
             raise ValueError(f"a statistics result of {len(result)} bytes")
         magic, version, size, qtype, _r = cls._HEAD.unpack_from(result)
         if magic != STATISTICS_MAGIC or version != STATISTICS_VERSION or size < cls._S.size:
-            raise ValueError("not a pydxg v1 statistics record")
+            raise ValueError(f"not a pydxg v{STATISTICS_VERSION} statistics record")
         counters = cls._S.unpack_from(result)[5:-1]
         return cls(qtype, *counters)
 
