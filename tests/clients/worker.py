@@ -1,0 +1,50 @@
+"""Client: real work on a virtual GPU in rounds, each checked against NumPy: arrays uploaded,
+GEMMs, reductions and elementwise math through dxg.compute (command buffers on a hardware
+queue, fences), some memory kept across rounds, and a second thread blocked in a fence wait the
+whole time. Prints one JSON line per round ({"round": n, "ok": true}); stops after ROUNDS
+rounds (0: until stdin closes or it is killed) and exits 0 when every result was right."""
+
+import contextlib
+import json
+import os
+import select
+import sys
+import threading
+
+import numpy as np
+
+import dxg.compute as dc
+from dxg.client import DxgError
+
+node_path, rounds = sys.argv[1], int(sys.argv[2])
+seed = int(sys.argv[3]) if len(sys.argv) > 3 else os.getpid()
+rng = np.random.default_rng(seed)
+
+with dc.device(0, node=node_path) as dev:
+    fence = dev.dxg.fence()  # never signalled: its waiter is parked in the driver all along
+
+    def park() -> None:
+        with contextlib.suppress(DxgError):  # woken with an error when the device closes
+            fence.wait(1)
+
+    parked = threading.Thread(target=park, daemon=True)
+    parked.start()
+    kept: list[dc.ndarray] = []
+    n = 0
+    while rounds == 0 or n < rounds:
+        n += 1
+        a = rng.standard_normal((48, 64), dtype=np.float32)
+        b = rng.standard_normal((64, 32), dtype=np.float32)
+        x, y = dev.asarray(a), dev.asarray(b)
+        z = dc.exp((x @ y) * 0.05) + 1.0
+        got = z.sum(axis=0).get()
+        want = (np.exp((a @ b) * np.float32(0.05)) + np.float32(1)).sum(axis=0)
+        ok = bool(np.allclose(got, want, rtol=1e-4, atol=1e-3))
+        kept.append(dev.zeros(int(rng.integers(1, 64)) * 4096, np.uint8))
+        if len(kept) > 8:
+            kept.pop(0)
+        print(json.dumps({"round": n, "ok": ok, "pid": os.getpid()}), flush=True)
+        if not ok:
+            sys.exit(2)
+        if rounds == 0 and select.select([sys.stdin], [], [], 0)[0] and not sys.stdin.read(1):
+            break  # stdin closed: stop cleanly
