@@ -13,10 +13,16 @@ context.hwqueue, device.fence); command buffers are dxg.backends.softcmd.Command
 put once in an allocation mapped at a GPU VA and submitted by that VA. Measurements that are
 compared are interleaved in rounds (a window of each in turn, the order swapped every round), so
 the noise of a busy 2-core machine hits both sides of a ratio alike; each window starts after
-0.2 s idle (OpenBLAS's threads spin ~0.1 s after a call: without it, the side measured after a
-GEMM of the other process loses a core to them). The header says how many cores other processes
+0.2 s idle (this process's OpenBLAS threads spin ~0.1 s after a call: without it, the side
+measured right after a NumPy GEMM loses a core to them). The header says how many cores other processes
 kept busy on average during the run (from /proc/stat, less this process and its children): a
 run with much of it is noise, not pydxg. A part that fails prints its error.
+
+The engine model measured (docs/execution.md): the host runs BLAS single-threaded (`dxg up` and
+`dxg host` set it at start-up) and each command buffer runs in one engine slot, one core
+(dxg.host.scheduler); a big GEMM whose queue has nothing waiting behind it (a synchronous user)
+borrows the idle slots and runs in row blocks on all of them at once (dxg.backends.fanout),
+while a queue with a backlog keeps one core and gets its parallelism from other queues.
 
 Two ways of waiting for a queue appear: ``q.wait`` (the client API: it reads the progress
 fence's shared page, and makes a blocking CPU wait on the fence when the work is not done yet)
@@ -27,8 +33,10 @@ Measured:
   E1  GEMM 2048 x 2048 f32 on data already on the device (A, B, C uploaded and mapped once; one
       command-buffer allocation reused): per iteration one submission and its wait, with
       ``q.wait`` and with the CPU fence wait, against np.matmul(A, B, out=C) in this process on
-      preallocated, touched arrays. p50/p99 ms, GFLOP/s at the p50, ratio = NumPy p50 / pydxg
-      p50. Target >= 0.97. Checked: C against NumPy's.
+      preallocated, touched arrays (this process's BLAS on every core). p50/p99 ms, GFLOP/s at
+      the p50, ratio = NumPy p50 / pydxg p50. Target >= 0.97. Checked: C against NumPy's. The
+      host's side is the fan-out: the queue is idle behind the GEMM, so it runs as row blocks
+      on every engine slot (with one core per block: the host's BLAS is single-threaded).
   E2  N small ops (N = 10,000; 1,000 with --quick), each an in-place add of 256 f32 (x += one,
       so x == N afterwards proves every op ran, in order): one submission + one wait per op
       (``q.wait``, and the CPU fence wait), against asynchronous submissions (N submissions of
@@ -45,12 +53,14 @@ Measured:
       round trip. Reported (no target in the issue).
   E4  N GEMMs 1024 x 1024 f32 (N = 32; 8 with --quick) on one hardware queue against N/2 on
       each of two queues (two contexts of one device), all submitted at once, then waited:
-      GEMMs/s, ratio two / one. Target >= 1.7. Beside it the machine's own ceiling: the same
-      N np.matmul on one thread of this process against N/2 on each of two threads (OpenBLAS
-      already runs one GEMM on every core). Then a second `dxg up` with OPENBLAS_NUM_THREADS=1
-      (N = 16; 8 with --quick): one queue against two there, so each GEMM has one core and what
-      two queues add is pydxg's own parallelism (dxg.host.scheduler: one engine slot per host
-      core; the host's worker pool and per-process job slots are larger than two).
+      GEMMs/s, ratio two / one. Target >= 1.7. A queue with GEMMs behind it runs each one in
+      one engine slot (one core: the host's BLAS is single-threaded; only its last GEMM, alone
+      by then, fans out), so one queue uses one core and two queues two (the host's worker
+      pool and per-process job slots are larger than two). Beside it the machine's own
+      ceiling, the same N np.matmul on one thread of this process against N/2 on each of two
+      threads: with this process's BLAS on every core (as a NumPy user has it: one GEMM already
+      takes both, two threads add nothing) and single-threaded (threadpoolctl; as the host's
+      engine runs: what two cores give over one here, the most two queues can give).
   E5  A high-priority queue's latency while another process floods the adapter with 1024 x 1024
       GEMMs on 4 queues of one context, each kept 2 submissions deep: the small op of E2
       submitted and waited (CPU fence wait) at random intervals (0..5 ms apart), p50/p99 ms,
@@ -77,6 +87,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -441,8 +452,7 @@ def fence_wake(node: str, rounds: int, per: int) -> dict[str, Any]:
 # ---- E4: two queues against one ------------------------------------------------------------------
 
 
-def two_queues(node: str, n: int, count: int, rounds: int,
-               with_numpy: bool = True) -> dict[str, Any]:
+def two_queues(node: str, n: int, count: int, rounds: int) -> dict[str, Any]:
     gpu = Gpu(node)
     try:
         rng = np.random.default_rng(2)
@@ -488,9 +498,15 @@ def two_queues(node: str, n: int, count: int, rounds: int,
             for t in ts:
                 t.join()
 
-        fns = {"one": one_queue, "two": two}
-        if with_numpy:
-            fns.update(np_one=np_one, np_two=np_two)
+        def single(fn: Any) -> Any:
+            def run() -> None:
+                with threadpool_limits(1, user_api="blas"):  # process-wide while it runs
+                    fn()
+
+            return run
+
+        fns = {"one": one_queue, "two": two, "np_one": np_one, "np_two": np_two,
+               "np_one_st": single(np_one), "np_two_st": single(np_two)}
         for fn in fns.values():
             fn()
         want = a_h @ b_h
@@ -507,15 +523,6 @@ def two_queues(node: str, n: int, count: int, rounds: int,
         gpu.close()
     return {"n": n, "count": count, "correct": ok, "seconds": times,
             "per_s": {k: count / median(v) for k, v in times.items()}}
-
-
-def two_queues_single_blas(tmp: Path, n: int, count: int, rounds: int) -> dict[str, Any]:
-    one = {k: "1" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    up, node = start_up(tmp, name="up-blas1", env=one)
-    try:
-        return two_queues(node, n, count, rounds, with_numpy=False)
-    finally:
-        stop(up)
 
 
 # ---- E5: priorities under a flood ----------------------------------------------------------------
@@ -681,10 +688,6 @@ def main() -> int:
         if "e4" not in skip:
             results["e4"] = guarded(two_queues, node, 1024, 8 if quick else 32,
                                     2 if quick else 6)
-            # The same with single-threaded BLAS in the host: each GEMM on one core, so what
-            # two queues add is pydxg's own parallelism (two engine slots, two workers).
-            results["e4_st"] = guarded(two_queues_single_blas, tmp, 1024, 8 if quick else 16,
-                                       2 if quick else 4)
         if "e5" not in skip:
             results["e5"] = guarded(priorities, node, 1024, 2 if quick else 6,
                                     2.0 if quick else 4.0, 100 if quick else 300)
@@ -782,29 +785,22 @@ def report(r: dict[str, Any]) -> None:
         else:
             print(f"E4  {v['count']} GEMMs {v['n']} x {v['n']} f32: two hardware queues (two "
                   f"contexts) vs one (median of runs); engine slots: {r['cpus']} (one per host "
-                  "core)")
+                  "core: the host's BLAS is single-threaded)")
             ps = v["per_s"]
             print(f"{'way':<52} {'GEMM/s':>8} {'ratio':>6} {'target':>7} {'met':>4}")
             ratio = ps["two"] / ps["one"]
             print(f"{'pydxg, one queue':<52} {ps['one']:8.1f}")
             print(f"{'pydxg, two queues':<52} {ps['two']:8.1f} {ratio:6.2f} "
                   f"{'>=' + str(QUEUES_TARGET):>7} {_met(ratio >= QUEUES_TARGET):>4}")
-            print(f"{'NumPy in-process, one thread (the ceiling)':<52} {ps['np_one']:8.1f}")
-            print(f"{'NumPy in-process, two threads (the ceiling)':<52} {ps['np_two']:8.1f} "
-                  f"{ps['np_two'] / ps['np_one']:6.2f}")
+            for suffix, blas in (("", "BLAS on every core"), ("_st", "single-threaded BLAS")):
+                one, two = ps.get(f"np_one{suffix}"), ps.get(f"np_two{suffix}")
+                if one is None or two is None:
+                    continue
+                print(f"{'NumPy in-process, one thread, ' + blas:<52} {one:8.1f}")
+                print(f"{'NumPy in-process, two threads, ' + blas:<52} {two:8.1f} "
+                      f"{two / one:6.2f}")
             if not v["correct"]:
                 print("    (DATA WRONG)")
-        st = r.get("e4_st")
-        if st is not None and "error" in st:
-            print(f"    single-threaded BLAS: error: {st['error']}")
-        elif st is not None:
-            ps = st["per_s"]
-            ratio = ps["two"] / ps["one"]
-            print(f"{'host with OPENBLAS_NUM_THREADS=1, one queue':<52} {ps['one']:8.1f}   "
-                  f"({st['count']} GEMMs)")
-            print(f"{'host with OPENBLAS_NUM_THREADS=1, two queues':<52} {ps['two']:8.1f} "
-                  f"{ratio:6.2f} {'>=' + str(QUEUES_TARGET):>7} {_met(ratio >= QUEUES_TARGET):>4}"
-                  + ("" if st["correct"] else "  (DATA WRONG)"))
         print()
     if "e5" in r:
         v = r["e5"]

@@ -808,6 +808,138 @@ def test_cancellation(va: FakeVA) -> None:
     assert e.value.kind == FaultKind.CANCELLED and e.value.command_index == 0
 
 
+# ---- what one run (and one decode) does once ----------------------------------------------------
+
+
+def test_run_resolves_each_range_once(va: FakeVA) -> None:
+    """Many small ops on the same operands: each range resolved once per run, each use still
+    counted in bytes_touched, results as if every op resolved afresh."""
+    x = va.put(np.zeros(256, np.float32))
+    one = va.put(np.ones(256, np.float32))
+    cb = CommandBuffer()
+    for _ in range(50):
+        cb.binary("add", x, x, one)
+    result = va.run(cb)
+    np.testing.assert_array_equal(va.get(x), np.full(256, 50, np.float32))
+    assert sorted(va.calls) == sorted([(x.va, 1024, False), (one.va, 1024, False),
+                                       (x.va, 1024, True)])
+    assert result.bytes_touched == 50 * 3 * 1024
+    va.calls.clear()
+    va.run(cb)  # a new run resolves afresh
+    assert len(va.calls) == 3
+    np.testing.assert_array_equal(va.get(x), np.full(256, 100, np.float32))
+
+
+def test_run_cache_is_per_run(va: FakeVA) -> None:
+    """A range one run resolved is resolved again (and may fault) in the next."""
+    x = va.put(np.arange(8, dtype=np.float32))
+    data = CommandBuffer().unary("neg", x, x).tobytes()
+    assert run(data, va.resolve).commands == 1
+    gone = FakeVA()  # nothing of x's is mapped here any more
+
+    def unmapped(v: int, n: int, w: bool) -> memoryview:
+        raise EngineFault(FaultKind.PAGE_FAULT, -1, "unmapped")
+
+    for resolver in (unmapped, lambda v, n, w: gone.resolve(v, n, w)[:-4]):
+        with pytest.raises(EngineFault) as e:
+            run(data, resolver)
+        assert e.value.kind == FaultKind.PAGE_FAULT and e.value.va == x.va
+
+
+def test_cached_ranges_keep_every_check(va: FakeVA) -> None:
+    """After operands resolved (and ran) fine, a later command in the same run still faults on
+    an unmapped VA, a read-only destination, a destination overlapping a source (also through
+    another VA of the same memory); the commands before it ran, it did not."""
+    x = va.put(np.arange(1, 17, dtype=np.float32))
+    y = va.put(np.zeros(16, np.float32))
+    first = Operand(x.va, np.float32, (8,))
+    shifted = Operand(x.va + 4, np.float32, (8,))
+    alias_x = Operand(x.va - BASE + ALIAS, np.float32, (16,))
+    alias_shifted = Operand(alias_x.va + 4, np.float32, (8,))
+    ro = Operand(RO_BASE, np.float32, (16,))
+    unmapped = Operand(0x10_0000_0000, np.float32, (16,))
+    warm = (CommandBuffer().unary("neg", y, x).unary("neg", y, y).unary("neg", x, x)
+            .unary("neg", first, first).unary("neg", y, ro)
+            .unary("neg", alias_x, x)  # in place, through another VA of the same memory
+            .unary("neg", y, alias_x))
+    tails = [
+        (CommandBuffer().unary("neg", y, unmapped), FaultKind.PAGE_FAULT, unmapped.va),
+        (CommandBuffer().binary("add", y, y, unmapped), FaultKind.PAGE_FAULT, unmapped.va),
+        (CommandBuffer().unary("neg", ro, x), FaultKind.PAGE_FAULT, RO_BASE),  # read it, yes
+        (CommandBuffer().unary("neg", shifted, first), FaultKind.BAD_OPERAND, 0),
+        (CommandBuffer().binary("add", first, first, shifted), FaultKind.BAD_OPERAND, 0),
+        (CommandBuffer().unary("neg", alias_shifted, first), FaultKind.BAD_OPERAND, 0),
+        (CommandBuffer().copy(x.va, alias_x.va + 4, 16), FaultKind.BAD_OPERAND, 0),
+        (CommandBuffer().copy(x.va, alias_x.va, 64), FaultKind.BAD_OPERAND, 0),
+        (CommandBuffer().reduce("sum", Operand(x.va, np.float32, (4,)),
+                                Operand(x.va, np.float32, (4, 4)), 1),
+         FaultKind.BAD_OPERAND, 0),
+    ]
+    for tail, kind, at in tails:
+        x0 = va.get(x)
+        cb = CommandBuffer()
+        for cmd in (*warm.commands, *tail.commands):
+            cb.append(cmd)
+        e = fault(va, cb, kind, len(warm))
+        assert e.va == at
+        # what the warm-up does: x[:8] negated, y = -x
+        want = np.concatenate([-x0[:8], x0[8:]])
+        np.testing.assert_array_equal(va.get(x), want)
+        np.testing.assert_array_equal(va.get(y), -want)
+
+
+def test_decode_once_per_operand_bytes(va: FakeVA) -> None:
+    """One decode makes one Operand of the same 48 bytes, yet checks every command's use of it
+    (a broadcast source may not be a destination; a bad copy still faults after good ones)."""
+    x = va.put(np.zeros(4, np.float32))
+    row = Operand(x.va, np.float32, (4, 4), (0, 1))  # one row, repeated: fine as a source
+    out = va.alloc((4, 4), np.float32)
+    cb = CommandBuffer().unary("neg", out, row).unary("neg", out, row)
+    cmds = decode(cb.tobytes())
+    assert cmds[0].src is cmds[1].src and cmds[0].dst is cmds[1].dst  # type: ignore[union-attr]
+    assert cmds[0].src == row and cmds[0].src.nbytes == row.nbytes == 16  # type: ignore[union-attr]
+    body = Unary(UnaryOp.NEG, row, out).encode()  # the same operand as a destination
+    data = cb.tobytes()
+    data = header(3, len(data) + len(body)) + data[HEADER_BYTES:] + body
+    fault(va, data, FaultKind.BAD_OPERAND, 2)
+    # the same bytes with a reserved bit set, after the good ones
+    bad = bytearray(Unary(UnaryOp.NEG, out, row).encode())
+    bad[8 + 48 + 12] = 1  # the source operand's reserved field
+    data = cb.tobytes()
+    data = header(3, len(data) + len(bad)) + data[HEADER_BYTES:] + bytes(bad)
+    fault(va, data, FaultKind.BAD_OPERAND, 2)
+
+
+def test_many_distinct_operands(va: FakeVA) -> None:
+    """More distinct operands than one decode remembers: all still decode and run."""
+    n = 1500  # 4,500 operands
+    xs = [va.put(np.full(4, i, np.float32)) for i in range(n)]
+    ys = [va.alloc((4,), np.float32) for _ in range(n)]
+    cb = CommandBuffer()
+    for i in range(n):
+        cb.binary("mul", ys[i], xs[i], xs[i])
+    assert va.run(cb).commands == n
+    for i in (0, 1, n // 2, n - 1):
+        np.testing.assert_array_equal(va.get(ys[i]), np.full(4, i * i, np.float32))
+
+
+def test_operand_value_semantics() -> None:
+    """Operand's kept layout is no part of its value: equality, hash, repr, replace, pickle."""
+    import dataclasses
+    import pickle
+
+    a = Operand(0x1000, np.float32, (4, 4), (8, 1))
+    b = Operand(0x1000, DType.F32, [4, 4], [8, 1])
+    assert a == b and hash(a) == hash(b) and a.nbytes == (3 * 8 + 3 + 1) * 4
+    assert repr(a) == "Operand(va=4096, dtype=<DType.F32: 2>, shape=(4, 4), strides=(8, 1))"
+    c = dataclasses.replace(a, shape=(2, 2))
+    assert c.nbytes == (8 + 1 + 1) * 4 and c.size == 4
+    d = pickle.loads(pickle.dumps(a))
+    assert d == a and d.nbytes == a.nbytes and d.element_strides == (8, 1)
+    assert Operand(0, np.float32, (0, 4)).nbytes == 0
+    assert Operand(0, np.float32, (3, 4)).element_strides == (4, 1)
+
+
 def test_fault_pickles() -> None:
     import pickle
 

@@ -453,3 +453,273 @@ def test_a_gpu_wait_names_at_most_32_objects(stack):
         args.objects = ctypes.addressof(handles)
         args.monitored_fence_values = ctypes.addressof(values)
         assert t.D3DKMTWaitForSynchronizationObjectFromGpu(node.conn, args) != 0
+
+
+# ---- fan-out: a lone big op spread over idle engine slots ----------------------------------------
+
+
+class Lender:
+    """A stand-in for the engine scheduler: ``free`` slots to lend, ``wanted`` on demand."""
+
+    def __init__(self, free: int, wanted: bool = False) -> None:
+        import threading
+
+        self.free = free
+        self.out = 0
+        self.lent = 0
+        self.want = wanted
+        self.lock = threading.Lock()
+
+    def try_borrow(self, most: int) -> int:
+        with self.lock:
+            n = max(0, min(most, self.free - self.out))
+            self.out += n
+            self.lent += n
+            return n
+
+    def give_back(self, n: int = 1) -> None:
+        with self.lock:
+            assert 0 < n <= self.out
+            self.out -= n
+
+    def wanted(self) -> bool:
+        return self.want
+
+
+def _engine_gemm(m: int, k: int, n: int, batch: int = 1, trans_a: bool = False,
+                 seed: int = 0):
+    """A GEMM command buffer over memory of its own: (buffer, resolve, a, b, c) with C as a
+    NumPy view of the memory the engine writes."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((batch, k, m) if trans_a else (batch, m, k), dtype=np.float32)
+    b = rng.standard_normal((batch, k, n), dtype=np.float32)
+    mem = bytearray(a.nbytes + b.nbytes + batch * m * n * 4)
+    np.frombuffer(mem, np.float32, a.size, 0)[:] = a.ravel()
+    np.frombuffer(mem, np.float32, b.size, a.nbytes)[:] = b.ravel()
+    c = np.frombuffer(mem, np.float32, batch * m * n, a.nbytes + b.nbytes).reshape(batch, m, n)
+    base = 0x10000
+    cmd = CommandBuffer().gemm(
+        Operand(base + a.nbytes + b.nbytes, F32, (m, n)),
+        Operand(base, F32, a.shape[1:]), Operand(base + a.nbytes, F32, (k, n)),
+        trans_a=trans_a, batch=batch)
+
+    def resolve(va: int, size: int, write: bool) -> memoryview:
+        return memoryview(mem)[va - base:va - base + size]
+
+    want = np.matmul(a.transpose(0, 2, 1) if trans_a else a, b)
+    return cmd.tobytes(), resolve, want, c
+
+
+@pytest.mark.parametrize(("m", "k", "n", "batch", "trans_a"), [
+    (520, 512, 384, 1, False),  # rows in blocks of 64, the last one ragged
+    (384, 640, 512, 1, True),  # A transposed: row blocks are column slices of its memory
+    (48, 512, 512, 12, False),  # too few rows for blocks: the batch is split
+    (200, 256, 256, 5, False),  # a batch of matrices, each split by rows
+])
+def test_the_engine_fans_a_big_gemm_out_and_matches_numpy(m, k, n, batch, trans_a):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dxg.backends.engine import run
+    from dxg.backends.fanout import FanOut
+
+    buffer, resolve, want, c = _engine_gemm(m, k, n, batch, trans_a)
+    lender = Lender(free=3)
+    with ThreadPoolExecutor(3) as pool:
+        fan = FanOut(lender, pool.submit, lambda: True, min_flops=1 << 20)
+        run(buffer, resolve, fanout=fan)
+    assert fan.split == 1 and lender.lent == 3 and lender.out == 0
+    np.testing.assert_allclose(c, want, rtol=1e-4, atol=1e-3)
+
+
+def test_no_fan_out_for_a_small_op_a_queue_with_a_backlog_or_no_idle_slot():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dxg.backends.engine import run
+    from dxg.backends.fanout import FanOut
+
+    buffer, resolve, want, c = _engine_gemm(256, 256, 256)  # 2^25 flops
+    with ThreadPoolExecutor(2) as pool:
+        for lender, lone, floor in ((Lender(2), True, 1 << 26),  # too small
+                                    (Lender(2), False, 1 << 20),  # work behind it
+                                    (Lender(0), True, 1 << 20)):  # no slot idle
+            fan = FanOut(lender, pool.submit, lambda lone=lone: lone, min_flops=floor)
+            c[:] = 0
+            run(buffer, resolve, fanout=fan)
+            assert fan.split == 0 and lender.lent == 0
+            np.testing.assert_allclose(c, want, rtol=1e-4, atol=1e-3)
+
+
+def test_fan_out_spans_cover_the_range_once_in_aligned_blocks():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dxg.backends.fanout import FanOut
+
+    seen: list[tuple[int, int]] = []
+    lender = Lender(free=3)
+    with ThreadPoolExecutor(3) as pool:
+        fan = FanOut(lender, pool.submit, lambda: True, min_flops=100)
+        assert fan.spans(1000, 100, lambda lo, hi: seen.append((lo, hi)), align=8)
+        assert not fan.spans(99, 100, lambda lo, hi: seen.append((-1, -1)))  # too small
+    assert sorted(seen) == [(0, 24), (24, 48), (48, 72), (72, 100)]
+    assert lender.lent == 3 and lender.out == 0 and fan.split == 1
+
+
+def test_fan_out_finishes_alone_when_no_helper_starts_and_returns_every_slot():
+    """Helpers pull pieces: when the pool never runs them (busy), the engine's own thread does
+    every piece and gives their slots back; when a waiter wants a slot, a helper that starts
+    gives its slot back before taking a piece."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from dxg.backends.fanout import FanOut
+
+    done: list[int] = []
+    pieces = [lambda i=i: done.append(i) for i in range(5)]
+    never: list[Future[None]] = []
+
+    def stuck(fn):  # a pool whose threads are all busy: the work never starts
+        never.append(Future())
+        return never[-1]
+
+    lender = Lender(free=4)
+    fan = FanOut(lender, stuck, lambda: True)
+    assert lender.try_borrow(4) == 4
+    fan.map(pieces, 4)
+    assert sorted(done) == list(range(5)) and lender.out == 0 and fan.helped == 0
+    assert all(f.cancelled() for f in never)
+
+    for wanted, lone in ((True, True), (False, False)):  # a job wants the slot; work came
+        done.clear()  # behind the op on its queue: helpers give their slots back at once
+        lender = Lender(free=2, wanted=wanted)
+        with ThreadPoolExecutor(2) as pool:
+            fan = FanOut(lender, pool.submit, lambda lone=lone: lone)
+            assert lender.try_borrow(2) == 2
+            fan.map(pieces, 2)
+        assert sorted(done) == list(range(5)) and lender.out == 0 and fan.helped == 0
+
+
+def test_a_failing_piece_fails_the_op_and_still_returns_the_slots():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dxg.backends.fanout import FanOut
+
+    def bad() -> None:
+        raise ValueError("piece failed")
+
+    lender = Lender(free=2)
+    with ThreadPoolExecutor(2) as pool:
+        fan = FanOut(lender, pool.submit, lambda: True)
+        assert lender.try_borrow(2) == 2
+        with pytest.raises(ValueError, match="piece failed"):
+            fan.map([bad, lambda: None, bad], 2)
+    wait_until(lambda: lender.out == 0, 10, "the slots given back")
+
+
+def test_borrowed_slots_are_counted_never_held_against_jobs_and_waiters_go_by_priority():
+    """Slots are lent only while idle and nobody waits; a job that comes while a slot is lent
+    takes it at once (the borrower is told it is wanted); jobs that wait are served by
+    priority; borrows and returns come from other threads."""
+    import asyncio
+    import threading
+
+    from dxg.host.scheduler import EngineScheduler
+
+    async def scenario() -> list[str]:
+        engine = EngineScheduler(2)
+        await engine.acquire(0)  # a job runs in one slot
+        assert engine.try_borrow(4) == 1  # it borrows the other, idle one
+        c = engine.census()
+        assert (c["running"], c["borrowed"], c["lent"]) == (1, 1, 1) and not engine.wanted()
+        await asyncio.wait_for(engine.acquire(0), 10)  # not delayed by the lent slot
+        assert engine.wanted() and engine.try_borrow(1) == 0
+        order: list[str] = []
+
+        async def job(name: str, priority: int) -> None:
+            await engine.acquire(priority)
+            order.append(name)
+
+        low = asyncio.ensure_future(job("low", -3))
+        high = asyncio.ensure_future(job("high", 5))
+        while engine.waiting < 2:  # both parked: every slot runs a job
+            await asyncio.sleep(0)
+        t = threading.Thread(target=engine.give_back)  # the helper thread's return
+        t.start()
+        t.join()
+        assert engine.census()["borrowed"] == 0 and engine.wanted()  # (they still wait)
+        engine.release()  # a job ends: the most urgent waiter gets its slot
+        await asyncio.wait_for(high, 10)
+        assert order == ["high"]
+        engine.release()
+        await asyncio.wait_for(low, 10)
+        engine.release()
+        engine.release()
+        c = engine.census()
+        assert (c["running"], c["borrowed"], c["waiting"], c["executed"]) == (0, 0, 0, 4)
+        assert c["peak"] == 2 and c["lent"] == 1
+        return order
+
+    assert asyncio.run(scenario()) == ["high", "low"]
+
+
+def _big_gemm(dev, m: int, k: int, n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    a_h = rng.standard_normal((m, k), dtype=np.float32)
+    b_h = rng.standard_normal((k, n), dtype=np.float32)
+    a, b, c = dev.array(a_h), dev.array(b_h), dev.empty((m, n), np.float32)
+    va, vb, vc = (x.map_gpu() for x in (a, b, c))
+    cmd = CommandBuffer().gemm(operand(vc, (m, n)), operand(va, (m, k)), operand(vb, (k, n)))
+    return cmd, c, a_h @ b_h
+
+
+def test_a_lone_big_gemm_is_split_over_idle_engine_slots(stack):
+    """A synchronous user's big GEMM (its queue has nothing behind it) borrows the adapter's
+    idle slots; they are back once it is done, and C is NumPy's."""
+    from dxg.host.scheduler import EngineScheduler
+
+    adapter = stack.host.adapters[0]
+    adapter.engine = EngineScheduler(4)  # as on a 4-core host, whatever this machine has
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        q = dev.create_context().hwqueue()
+        cmd, c, want = _big_gemm(dev, 1000, 512, 640, 1)
+        q.wait(submit(dev, q, cmd), timeout=60)
+        np.testing.assert_allclose(c.download(), want, rtol=1e-4, atol=1e-3)
+    engine = stack.host.census()["adapters"][0]["scheduler"]
+    assert engine["lent"] == 3 and engine["executed"] == 1
+    wait_until(lambda: stack.host.census()["adapters"][0]["scheduler"]["borrowed"] == 0, 10,
+               "the borrowed slots given back")
+
+
+def _hwqueues(census) -> list[dict]:
+    """Every hardware queue in a host census, wherever it is nested."""
+    if isinstance(census, dict):
+        found = list(census.get("hwqueues", []))
+        return found + [q for k, v in census.items() if k != "hwqueues" for q in _hwqueues(v)]
+    if isinstance(census, list):
+        return [q for v in census for q in _hwqueues(v)]
+    return []
+
+
+def test_a_backlogged_queues_gemms_are_not_split(stack):
+    """GEMMs with work queued behind them on their queue run one slot each (the queue's
+    parallelism is its backlog's): held behind a fence until all are queued, none borrows."""
+    from dxg.host.scheduler import EngineScheduler
+
+    stack.host.adapters[0].engine = EngineScheduler(4)
+    with open_node(stack.node_path) as node, node.adapters()[0].create_device() as dev:
+        q = dev.create_context().hwqueue()
+        gate = dev.fence()
+        q.wait_for(gate, 1)  # nothing runs until all are submitted
+        jobs = [_big_gemm(dev, 512, 512, 512, seed) for seed in range(3)]
+        for cmd, _c, _want in jobs:
+            submit(dev, q, cmd)
+        x = dev.array(np.zeros(16, np.float32))
+        vx = x.map_gpu()
+        last = submit(dev, q, CommandBuffer().binary("add", operand(vx, (16,)),  # small, lone
+                                                     operand(vx, (16,)), operand(vx, (16,))))
+        wait_until(lambda: [h["queued"] for h in _hwqueues(stack.host.census())] == [4], 10,
+                   "the four submissions at the host")
+        gate.signal(1)
+        q.wait(last, timeout=60)
+        for _cmd, c, want in jobs:
+            np.testing.assert_allclose(c.download(), want, rtol=1e-4, atol=1e-3)
+    engine = stack.host.census()["adapters"][0]["scheduler"]
+    assert engine["lent"] == 0 and engine["executed"] == 4 and engine["peak"] == 1

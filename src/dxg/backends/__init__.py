@@ -14,7 +14,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from dxg.backends.fanout import FanOut
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +59,14 @@ class Backend(Protocol):
 
     def execute(self, index: int, buffer: memoryview | bytes,
                 resolve: Callable[[int, int, bool], memoryview],
-                cancelled: threading.Event | None = None) -> Any:
+                cancelled: threading.Event | None = None,
+                fanout: FanOut | None = None) -> Any:
         """Run one command buffer on adapter ``index`` (in one of ``command_formats``).
         ``resolve(va, nbytes, write)`` gives the submitting process's GPU memory; anything
         wrong with the buffer or its memory raises the engine's fault (EngineFault for the soft
-        engine) and nothing else. Returns what it did (commands, bytes, time)."""
+        engine) and nothing else. ``fanout`` lends the run idle engine slots for its big ops
+        (dxg.backends.fanout; a backend may ignore it). Returns what it did (commands, bytes,
+        time)."""
         ...
 
 

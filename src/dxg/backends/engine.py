@@ -4,6 +4,8 @@
 any command is malformed), then executes the commands in order. For each one it resolves every
 operand through the caller's ``resolve(va, nbytes, write)`` (the host wires that to the process's
 GPU VA space), checks that the destination overlaps no source, and only then reads and writes.
+A range is resolved on its first use in the run and an operand's view made once (`_Run`: a
+buffer of many small commands on the same tensors pays a lookup, not a resolve, per operand).
 The work happens on NumPy views of the resolved memory (``out=`` arguments, matmul straight into
 the destination); temporaries are made only where an op needs them (GEMM with beta != 0 or
 through f16, convolution patches, f16 accumulation) and are never larger than the operands'
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from dxg.backends.fanout import FanOut
 from dxg.backends.softcmd import (
     Binary,
     BinaryOp,
@@ -70,26 +73,54 @@ class RunResult:
 
 
 class _Run:
-    """One run's resolver and counters."""
+    """One run's resolver, counters and what it has resolved.
 
-    __slots__ = ("cancelled", "held", "markers", "resolve", "touched")
+    Within a run each distinct range ``(va, nbytes, write)`` is resolved once, and each distinct
+    operand (as a destination or as a source) gets one NumPy view, used again by every later
+    command that names it: a buffer of many small commands costs a dictionary lookup per operand
+    rather than a resolve and a new array. That is sound because nothing can change what a range
+    resolves to while the run lasts: no command touches mappings (commands read and write memory
+    contents only), the host resolves through an immutable snapshot of the VA space
+    (`VaSnapshot`) taken for the job, and every view stays held until the run ends anyway (see
+    ``held``). Each use still counts in ``touched``, and every overlap check is made per command.
+    """
 
-    def __init__(self, resolve: Resolve, cancelled: threading.Event | None) -> None:
+    __slots__ = ("addresses", "cancelled", "fanout", "held", "markers", "resolve", "touched",
+                 "views")
+
+    def __init__(self, resolve: Resolve, cancelled: threading.Event | None,
+                 fanout: FanOut | None = None) -> None:
         self.resolve = resolve
         self.cancelled = cancelled
+        self.fanout = fanout  # idle engine slots a big GEMM may borrow (backends.fanout)
         self.touched = 0
         self.markers: list[int] = []
-        # Every view resolved, held until the run ends: NumPy keeps only the exporter (not
-        # the view) of an array made on a buffer, so without these the memory's owner could
-        # unmap it (it sees no export) while the engine still works on it.
-        self.held: list[memoryview] = []
+        # Every view resolved, by range, held until the run ends: NumPy keeps only the exporter
+        # (not the view) of an array made on a buffer, so without these the memory's owner
+        # could unmap it (it sees no export) while the engine still works on it.
+        self.held: dict[tuple[int, int, bool], memoryview] = {}
+        # (va, dtype, shape, strides, write) -> the operand's array
+        self.views: dict[tuple[Any, ...], NDArray] = {}
+        # id(array) -> (array, the host address of its first element); the array is kept in
+        # the entry so that its id stays its own
+        self.addresses: dict[int, tuple[NDArray, int]] = {}
 
     def check_cancelled(self) -> None:
         if self.cancelled is not None and self.cancelled.is_set():
             raise EngineFault(FaultKind.CANCELLED, -1, "cancelled")
 
     def memory(self, va: int, nbytes: int, write: bool) -> memoryview:
-        """Exactly ``nbytes`` at ``va`` (writable when ``write``), or PAGE_FAULT."""
+        """Exactly ``nbytes`` at ``va`` (writable when ``write``), or PAGE_FAULT; resolved on
+        the run's first use of that range."""
+        key = (va, nbytes, write)
+        mv = self.held.get(key)
+        if mv is None:
+            mv = self.held[key] = self._resolve(va, nbytes, write)
+        self.touched += nbytes
+        return mv
+
+    def _resolve(self, va: int, nbytes: int, write: bool) -> memoryview:
+        """``resolve``'s answer, checked: whatever the resolver does, a PAGE_FAULT or bytes."""
         page_fault = FaultKind.PAGE_FAULT
         try:
             mv = self.resolve(va, nbytes, write)
@@ -101,7 +132,7 @@ class _Run:
             raise EngineFault(page_fault, -1, f"0x{va:x}+{nbytes}: {e}",
                               at if isinstance(at, int) else va) from e
         try:
-            if not isinstance(mv, memoryview):
+            if type(mv) is not memoryview:
                 mv = memoryview(mv)
             if not mv.c_contiguous:
                 raise ValueError("not contiguous")
@@ -115,36 +146,52 @@ class _Run:
                               va)
         if write and mv.readonly:
             raise EngineFault(page_fault, -1, f"0x{va:x}+{nbytes}: read-only", va)
-        self.touched += nbytes
-        self.held.append(mv)
         return mv
 
     def array(self, op: Operand, write: bool) -> NDArray:
-        """A NumPy view (no copy) of ``op`` in the resolved memory."""
-        mv = self.memory(op.va, op.nbytes, write)
-        isz = op.itemsize
-        arr = np.ndarray(op.shape, op.dtype.numpy, buffer=mv,
-                         strides=tuple(s * isz for s in op.element_strides))
+        """A NumPy view (no copy) of ``op`` in the resolved memory (read-only unless
+        ``write``); the run's first use of the operand makes it."""
+        va, dtype, shape, strides = op.va, op.dtype, op.shape, op.strides
+        key = (va, dtype, shape, strides, write)
+        arr = self.views.get(key)
+        if arr is not None:
+            self.touched += op.nbytes
+            return arr
+        mv = self.memory(va, op.nbytes, write)
+        if strides is not None:
+            isz = op.itemsize
+            strides = tuple(s * isz for s in strides)
+        # (strides None: NumPy's C-order strides, the operand's own)
+        arr = np.ndarray(shape, dtype.numpy, buffer=mv, strides=strides)
         if not write:
             arr.flags.writeable = False
+        self.views[key] = arr
         return arr
 
+    def address(self, arr: NDArray) -> int:
+        """The host address of ``arr``'s first element (asked of NumPy once per array: it
+        costs about as much as the rest of a small command's checks)."""
+        got = self.addresses.get(id(arr))
+        if got is None:
+            got = self.addresses[id(arr)] = (arr, arr.__array_interface__["data"][0])
+        return got[1]
 
-def _same(a: NDArray, b: NDArray) -> bool:
-    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-            and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype)
+    def same(self, a: NDArray, b: NDArray) -> bool:
+        """Whether ``a`` and ``b`` are one operand: the same memory, dtype, shape and strides."""
+        return (a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
+                and self.address(a) == self.address(b))
 
-
-def _disjoint(dst: NDArray, *srcs: NDArray | None, inplace: bool = False) -> None:
-    """BAD_OPERAND when the destination's memory overlaps a source's (by address bounds, so two
-    VAs of the same memory count). ``inplace``: a source that is exactly the destination is
-    fine (elementwise ops)."""
-    for s in srcs:
-        if s is not None and np.may_share_memory(dst, s) and not (inplace and _same(dst, s)):
-            raise EngineFault(FaultKind.BAD_OPERAND, -1,
-                              "the destination overlaps a source" +
-                              (" (only an identical operand may be updated in place)"
-                               if inplace else ""))
+    def disjoint(self, dst: NDArray, *srcs: NDArray | None, inplace: bool = False) -> None:
+        """BAD_OPERAND when the destination's memory overlaps a source's (by address bounds, so
+        two VAs of the same memory count). ``inplace``: a source that is exactly the destination
+        is fine (elementwise ops)."""
+        for s in srcs:
+            if (s is not None and np.may_share_memory(dst, s)
+                    and not (inplace and self.same(dst, s))):
+                raise EngineFault(FaultKind.BAD_OPERAND, -1,
+                                  "the destination overlaps a source" +
+                                  (" (only an identical operand may be updated in place)"
+                                   if inplace else ""))
 
 
 # ---- ops ---------------------------------------------------------------------------------------
@@ -163,7 +210,7 @@ def _copy(run: _Run, cmd: Copy) -> None:
         return
     dst = np.frombuffer(run.memory(cmd.dst_va, cmd.nbytes, True), np.uint8)
     src = np.frombuffer(run.memory(cmd.src_va, cmd.nbytes, False), np.uint8)
-    _disjoint(dst, src)
+    run.disjoint(dst, src)
     np.copyto(dst, src)
 
 
@@ -196,7 +243,7 @@ _UNARY = MappingProxyType({
 def _unary(run: _Run, cmd: Unary) -> None:
     src = run.array(cmd.src, False)
     dst = run.array(cmd.dst, True)
-    _disjoint(dst, src, inplace=True)
+    run.disjoint(dst, src, inplace=True)
     _UNARY[cmd.op](dst, src)
 
 
@@ -228,7 +275,7 @@ def _binary(run: _Run, cmd: Binary) -> None:
     a = run.array(cmd.a, False)
     b = run.array(cmd.b, False)
     dst = run.array(cmd.dst, True)
-    _disjoint(dst, a, b, inplace=True)
+    run.disjoint(dst, a, b, inplace=True)
     _BINARY[cmd.op](dst, a, b)
 
 
@@ -257,7 +304,7 @@ def _gemm(run: _Run, cmd: Gemm) -> None:
     a = run.array(a3, False)
     b = run.array(b3, False)
     c = run.array(c3, True)
-    _disjoint(c, a, b)
+    run.disjoint(c, a, b)
     if cmd.trans_a:
         a = a.transpose(0, 2, 1)
     if cmd.trans_b:
@@ -275,7 +322,8 @@ def _gemm(run: _Run, cmd: Gemm) -> None:
     a = _matrices(a, work)
     b = _matrices(b, work)
     if beta == 0 and work == c.dtype and _blasable(c):
-        np.matmul(a, b, out=c)
+        if run.fanout is None or not run.fanout.matmul(a, b, c):
+            np.matmul(a, b, out=c)
         if alpha != 1:
             np.multiply(c, alpha, out=c)
         return
@@ -294,7 +342,7 @@ def _gemm(run: _Run, cmd: Gemm) -> None:
 def _reduce(run: _Run, cmd: Reduce) -> None:
     src = run.array(cmd.src, False)
     dst = run.array(cmd.dst, True)
-    _disjoint(dst, src)
+    run.disjoint(dst, src)
     axis, keep = cmd.axis, cmd.keepdims
     if cmd.op is ReduceOp.MAX:
         np.maximum.reduce(src, axis=axis, out=dst, keepdims=keep)
@@ -324,7 +372,7 @@ def _reduce(run: _Run, cmd: Reduce) -> None:
 def _softmax(run: _Run, cmd: Softmax) -> None:
     src = run.array(cmd.src, False)
     dst = run.array(cmd.dst, True)
-    _disjoint(dst, src, inplace=True)
+    run.disjoint(dst, src, inplace=True)
     axis = cmd.axis
     top = np.maximum.reduce(src, axis=axis, keepdims=True)  # before dst is written
     np.subtract(src, top, out=dst)
@@ -346,7 +394,7 @@ def _conv2d(run: _Run, cmd: Conv2d) -> None:
     w = run.array(cmd.weight, False)
     bias = run.array(cmd.bias, False) if cmd.bias is not None else None
     y = run.array(cmd.dst, True)
-    _disjoint(y, x, w, bias)
+    run.disjoint(y, x, w, bias)
     n, _, h, wd = x.shape
     o, cg, kh, kw = w.shape
     g = cmd.groups
@@ -390,11 +438,12 @@ _EXECUTE: MappingProxyType[type, Callable[[_Run, Any], None]] = MappingProxyType
 
 
 def run(buffer: memoryview | bytes, resolve: Resolve,
-        cancelled: threading.Event | None = None) -> RunResult:
+        cancelled: threading.Event | None = None, fanout: FanOut | None = None) -> RunResult:
     """Execute a pydxg-soft-v1 command buffer. ``resolve(va, nbytes, write)`` returns a
     memoryview of exactly that range of GPU memory or raises EngineFault (PAGE_FAULT); any other
     exception it raises becomes a PAGE_FAULT too (with the exception's ``va`` attribute, when it
-    has one, as the fault's ``va``). Raises EngineFault and nothing else (for any bytes)."""
+    has one, as the fault's ``va``). Raises EngineFault and nothing else (for any bytes).
+    ``fanout``, when given, lets a big GEMM spread over idle engine slots (backends.fanout)."""
     start = time.perf_counter()
     try:
         commands: tuple[Command, ...] = decode(buffer)
@@ -402,7 +451,7 @@ def run(buffer: memoryview | bytes, resolve: Resolve,
         raise
     except Exception as e:  # decode checks everything; this is a last line of defence
         raise EngineFault(FaultKind.BAD_HEADER, -1, f"{type(e).__name__}: {e}") from e
-    state = _Run(resolve, cancelled)
+    state = _Run(resolve, cancelled, fanout)
     with np.errstate(all="ignore"):
         for i, cmd in enumerate(commands):
             if cancelled is not None and cancelled.is_set():

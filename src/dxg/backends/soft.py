@@ -16,6 +16,7 @@ import numpy
 
 from dxg.backends import AdapterDescription
 from dxg.backends.engine import Resolve, RunResult, run
+from dxg.backends.fanout import FanOut
 from dxg.backends.softcmd import EngineFault, FaultKind, Opcode, decode
 from dxg.uapi.ntstatus import NTSTATUS
 
@@ -112,12 +113,14 @@ class SoftBackend:
         return int(NTSTATUS.STATUS_INVALID_PARAMETER), data
 
     def execute(self, index: int, buffer: memoryview | bytes, resolve: Resolve,
-                cancelled: threading.Event | None = None) -> RunResult:
+                cancelled: threading.Event | None = None,
+                fanout: FanOut | None = None) -> RunResult:
         """Run one pydxg-soft-v1 command buffer on adapter ``index`` (blocking: call it on a
         worker thread). ``resolve(va, nbytes, write)`` gives a memoryview of exactly that range
         of the submitting process's GPU VA space or raises `EngineFault` (PAGE_FAULT). Raises
-        `EngineFault` for anything wrong with the buffer or its memory, nothing else."""
-        return run(buffer, resolve, cancelled)
+        `EngineFault` for anything wrong with the buffer or its memory, nothing else.
+        ``fanout``: idle engine slots a big op may borrow (dxg.backends.fanout)."""
+        return run(buffer, resolve, cancelled, fanout)
 
 
 __all__ = ["SOFT_ADAPTER_NAME", "SOFT_COMMAND_FORMAT_V1", "SOFT_ESCAPE", "SOFT_ESCAPE_MAGIC",

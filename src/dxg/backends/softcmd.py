@@ -19,7 +19,7 @@ import math
 import operator
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from types import MappingProxyType
 from typing import Any, TypeAlias
@@ -191,6 +191,7 @@ _NUMPY_DTYPES = MappingProxyType({
     DType.I32: np.dtype("<i4"), DType.U8: np.dtype("u1"),
 })
 _ITEMSIZES = MappingProxyType({d: dt.itemsize for d, dt in _NUMPY_DTYPES.items()})
+_DTYPE_CODES = MappingProxyType({int(d): d for d in DType})  # the dtype byte's values
 _BY_NUMPY = MappingProxyType({dt: d for d, dt in _NUMPY_DTYPES.items()})
 FLOAT_DTYPES = frozenset({DType.F16, DType.F32, DType.F64})
 ALL_DTYPES = frozenset(DType)
@@ -270,9 +271,27 @@ def is_dense(shape: Sequence[int], strides: Sequence[int]) -> bool:
 
 def broadcasts_to(src: Sequence[int], dst: Sequence[int]) -> bool:
     """NumPy broadcasting of ``src`` to exactly ``dst``."""
+    if src == dst:
+        return True
     if len(src) > len(dst):
         return False
     return all(s in (1, d) for s, d in zip(reversed(src), reversed(dst), strict=False))
+
+
+def _layout_of(shape: tuple[int, ...], strides: tuple[int, ...] | None,
+               itemsize: int) -> tuple[int, int]:
+    """(size, nbytes) of a layout, for `Operand` to keep: a command's checks and its execution
+    read them many times. Any shape gets an answer (a bad one is refused by `Operand.check`,
+    not here); nbytes is 0 when a dimension is empty."""
+    size = math.prod(shape)
+    if shape and min(shape) <= 0:
+        return size, 0
+    if strides is None:  # C-contiguous: the elements, end to end
+        return size, size * itemsize
+    span = 0
+    for d, s in zip(shape, strides, strict=False):
+        span += (d - 1) * s
+    return size, (span + 1) * itemsize
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +303,8 @@ class Operand:
     dtype: DType
     shape: tuple[int, ...] = ()
     strides: tuple[int, ...] | None = None
+    # (size, nbytes), worked out once: see `_layout_of`
+    _layout: tuple[int, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "va", operator.index(self.va))
@@ -292,6 +313,8 @@ class Operand:
         if self.strides is not None:
             object.__setattr__(self, "strides",
                                tuple(operator.index(s) for s in self.strides))
+        object.__setattr__(self, "_layout",
+                           _layout_of(self.shape, self.strides, _ITEMSIZES[self.dtype]))
 
     @property
     def ndim(self) -> int:
@@ -299,11 +322,11 @@ class Operand:
 
     @property
     def size(self) -> int:
-        return math.prod(self.shape)
+        return self._layout[0]
 
     @property
     def itemsize(self) -> int:
-        return self.dtype.itemsize
+        return _ITEMSIZES[self.dtype]
 
     @property
     def element_strides(self) -> tuple[int, ...]:
@@ -312,10 +335,7 @@ class Operand:
     @property
     def nbytes(self) -> int:
         """The bytes from the first element to the end of the last: what the engine resolves."""
-        if any(d <= 0 for d in self.shape):
-            return 0
-        span = sum((d - 1) * s for d, s in zip(self.shape, self.element_strides, strict=False))
-        return (span + 1) * self.itemsize
+        return self._layout[1]
 
     @property
     def dense(self) -> bool:
@@ -323,29 +343,34 @@ class Operand:
 
     def check(self, what: str, max_stride: int = MAX_DIM) -> None:
         """Raise BAD_OPERAND unless the descriptor itself is sound."""
+        shape, strides = self.shape, self.strides
+        ndim = len(shape)
         bad = FaultKind.BAD_OPERAND
-        if self.ndim > MAX_DIMS:
-            raise _fault(bad, f"{what}: {self.ndim} dimensions (at most {MAX_DIMS})")
-        if any(not 1 <= d <= MAX_DIM for d in self.shape):
-            raise _fault(bad, f"{what}: shape {self.shape} (each dimension 1..{MAX_DIM})")
-        if self.strides is not None:
-            if len(self.strides) != self.ndim:
-                raise _fault(bad, f"{what}: {len(self.strides)} strides for {self.ndim} dims")
-            if any(not 0 <= s <= max_stride for s in self.strides):
-                raise _fault(bad, f"{what}: strides {self.strides} (each 0..{max_stride})")
-        if self.size > MAX_ELEMENTS:
-            raise _fault(bad, f"{what}: {self.size} elements (at most {MAX_ELEMENTS})")
-        n = self.nbytes
+        if ndim > MAX_DIMS:
+            raise _fault(bad, f"{what}: {ndim} dimensions (at most {MAX_DIMS})")
+        for d in shape:
+            if not 1 <= d <= MAX_DIM:
+                raise _fault(bad, f"{what}: shape {shape} (each dimension 1..{MAX_DIM})")
+        if strides is not None:
+            if len(strides) != ndim:
+                raise _fault(bad, f"{what}: {len(strides)} strides for {ndim} dims")
+            for s in strides:
+                if not 0 <= s <= max_stride:
+                    raise _fault(bad, f"{what}: strides {strides} (each 0..{max_stride})")
+        size, n = self._layout
+        if size > MAX_ELEMENTS:
+            raise _fault(bad, f"{what}: {size} elements (at most {MAX_ELEMENTS})")
         if n > MAX_OPERAND_BYTES:
             raise _fault(bad, f"{what}: spans {n} bytes (at most {MAX_OPERAND_BYTES})")
-        if not 0 <= self.va <= U64 or self.va + n > U64 + 1:
-            raise _fault(bad, f"{what}: VA 0x{self.va:x} + {n} bytes is outside 64 bits")
-        if self.va % self.itemsize:
-            raise _fault(bad, f"{what}: VA 0x{self.va:x} not aligned to its "
-                              f"{self.itemsize}-byte elements")
+        va = self.va
+        if not 0 <= va <= U64 or va + n > U64 + 1:
+            raise _fault(bad, f"{what}: VA 0x{va:x} + {n} bytes is outside 64 bits")
+        if va % _ITEMSIZES[self.dtype]:
+            raise _fault(bad, f"{what}: VA 0x{va:x} not aligned to its "
+                              f"{_ITEMSIZES[self.dtype]}-byte elements")
 
     def check_dense(self, what: str) -> None:
-        if not self.dense:
+        if self.strides is not None and not is_dense(self.shape, self.strides):
             raise _fault(FaultKind.BAD_OPERAND,
                          f"{what}: strides {self.strides} overlap themselves (this operand "
                          "must not repeat elements)")
@@ -357,31 +382,79 @@ class Operand:
         return _OPERAND.pack(self.va, self.dtype, self.ndim, flags, 0, *shape, *strides)
 
 
+def _new_operand(va: int, dtype: DType, shape: tuple[int, ...],
+                 strides: tuple[int, ...] | None) -> Operand:
+    """An Operand from fields already of the right types (the decoder's): the public
+    constructor's conversions cost more than the rest of decoding an operand."""
+    op = _NEW(Operand)
+    _SET_VA(op, va)
+    _SET_DTYPE(op, dtype)
+    _SET_SHAPE(op, shape)
+    _SET_STRIDES(op, strides)
+    _SET_LAYOUT(op, _layout_of(shape, strides, _ITEMSIZES[dtype]))
+    return op
+
+
+# Operand's slots, set straight (it is frozen: its own __setattr__ refuses)
+_NEW = object.__new__
+_SET_VA = Operand.va.__set__  # type: ignore[attr-defined]
+_SET_DTYPE = Operand.dtype.__set__  # type: ignore[attr-defined]
+_SET_SHAPE = Operand.shape.__set__  # type: ignore[attr-defined]
+_SET_STRIDES = Operand.strides.__set__  # type: ignore[attr-defined]
+_SET_LAYOUT = Operand._layout.__set__  # type: ignore[attr-defined]
+
+
 _ZERO_OPERAND = bytes(OPERAND_BYTES)
 
 
-def _decode_operand(data: bytes, off: int, what: str) -> Operand:
-    va, code, ndim, flags, reserved, *rest = _OPERAND.unpack_from(data, off)
+# Operands one decode remembers by their bytes (a buffer names the same tensors again and
+# again); past this many it decodes the rest afresh, so the memo stays small.
+_MEMO_OPERANDS = 4096
+
+_Memo: TypeAlias = dict[bytes, Operand]
+
+
+def _decode_operand(data: bytes, off: int, what: str, memo: _Memo) -> Operand:
+    """The operand at ``off``, its encoding checked (what the fields themselves allow; what it
+    describes, `Operand.check` checks). The same 48 bytes decode to the same Operand, so one
+    decode does them once (``memo``)."""
+    raw = data[off:off + OPERAND_BYTES]
+    op = memo.get(raw)
+    if op is None:
+        op = _parse_operand(raw, what)
+        if len(memo) < _MEMO_OPERANDS:
+            memo[raw] = op
+    return op
+
+
+def _parse_operand(raw: bytes, what: str) -> Operand:
+    (va, code, ndim, flags, reserved,
+     s0, s1, s2, s3, t0, t1, t2, t3) = _OPERAND.unpack(raw)
     bad = FaultKind.BAD_OPERAND
-    if code not in _NUMPY_DTYPES:
+    dtype = _DTYPE_CODES.get(code)
+    if dtype is None:
         raise _fault(bad, f"{what}: unknown dtype code {code}")
     if flags & ~OPERAND_STRIDED or reserved:
         raise _fault(bad, f"{what}: unknown flags 0x{flags:x} or reserved field set")
     if ndim > MAX_DIMS:
         raise _fault(bad, f"{what}: {ndim} dimensions (at most {MAX_DIMS})")
-    shape, strides = rest[:4], rest[4:]
-    if any(shape[ndim:]) or any(strides[ndim:]):
+    shape = (s0, s1, s2, s3)
+    strides = (t0, t1, t2, t3)
+    if ndim < MAX_DIMS and (any(shape[ndim:]) or any(strides[ndim:])):
         raise _fault(bad, f"{what}: shape or stride fields past its {ndim} dimensions are set")
-    if not flags & OPERAND_STRIDED and any(strides):
+    if flags:  # OPERAND_STRIDED
+        return _new_operand(va, dtype, shape[:ndim], strides[:ndim])
+    if t0 or t1 or t2 or t3:
         raise _fault(bad, f"{what}: strides set on a contiguous operand")
-    return Operand(va, DType(code), tuple(shape[:ndim]),
-                   tuple(strides[:ndim]) if flags & OPERAND_STRIDED else None)
+    return _new_operand(va, dtype, shape[:ndim], None)
 
 
 def _same_dtype(what: str, *ops: Operand) -> None:
-    if len({o.dtype for o in ops}) > 1:
-        raise _fault(FaultKind.SHAPE_MISMATCH,
-                     f"{what}: dtypes {[o.dtype.name for o in ops]} differ")
+    first = ops[0].dtype
+    for o in ops:
+        if o.dtype != first:
+            raise _fault(FaultKind.SHAPE_MISMATCH,
+                         f"{what}: dtypes {[o.dtype.name for o in ops]} differ")
 
 
 def _dtype_in(what: str, op: Operand, allowed: frozenset[DType]) -> None:
@@ -479,16 +552,19 @@ class Unary:
     src: Operand
 
     def validate(self) -> None:
-        self.dst.check("destination")
-        self.src.check("source")
-        self.dst.check_dense("destination")
-        name = f"UNARY {self.op.name}"
-        if self.op is not UnaryOp.CAST:
-            _same_dtype(name, self.dst, self.src)
-        _dtype_in(name, self.src, UNARY_DTYPES[self.op])
-        if not broadcasts_to(self.src.shape, self.dst.shape):
+        dst, src = self.dst, self.src
+        dst.check("destination")
+        src.check("source")
+        dst.check_dense("destination")
+        if ((self.op is not UnaryOp.CAST and src.dtype != dst.dtype)
+                or src.dtype not in UNARY_DTYPES[self.op]
+                or (src.shape != dst.shape and not broadcasts_to(src.shape, dst.shape))):
+            name = f"UNARY {self.op.name}"  # (the message only: the checks again, in order)
+            if self.op is not UnaryOp.CAST:
+                _same_dtype(name, dst, src)
+            _dtype_in(name, src, UNARY_DTYPES[self.op])
             raise _fault(FaultKind.SHAPE_MISMATCH,
-                         f"{name}: source {self.src.shape} does not broadcast to {self.dst.shape}")
+                         f"{name}: source {src.shape} does not broadcast to {dst.shape}")
 
     def encode(self) -> bytes:
         return (_UNARY.pack(Opcode.UNARY, COMMAND_SIZES[Opcode.UNARY], self.op, 0)
@@ -506,17 +582,22 @@ class Binary:
     b: Operand
 
     def validate(self) -> None:
-        self.dst.check("destination")
-        self.a.check("a")
-        self.b.check("b")
-        self.dst.check_dense("destination")
-        name = f"BINARY {self.op.name}"
-        _same_dtype(name, self.dst, self.a, self.b)
-        _dtype_in(name, self.dst, BINARY_DTYPES[self.op])
-        for what, o in (("a", self.a), ("b", self.b)):
-            if not broadcasts_to(o.shape, self.dst.shape):
-                raise _fault(FaultKind.SHAPE_MISMATCH,
-                             f"{name}: {what} {o.shape} does not broadcast to {self.dst.shape}")
+        dst, a, b = self.dst, self.a, self.b
+        dst.check("destination")
+        a.check("a")
+        b.check("b")
+        dst.check_dense("destination")
+        shape = dst.shape
+        if (not dst.dtype == a.dtype == b.dtype or dst.dtype not in BINARY_DTYPES[self.op]
+                or (a.shape != shape and not broadcasts_to(a.shape, shape))
+                or (b.shape != shape and not broadcasts_to(b.shape, shape))):
+            name = f"BINARY {self.op.name}"  # (the message only: the checks again, in order)
+            _same_dtype(name, dst, a, b)
+            _dtype_in(name, dst, BINARY_DTYPES[self.op])
+            for what, o in (("a", a), ("b", b)):
+                if not broadcasts_to(o.shape, shape):
+                    raise _fault(FaultKind.SHAPE_MISMATCH,
+                                 f"{name}: {what} {o.shape} does not broadcast to {shape}")
 
     def encode(self) -> bytes:
         return (_BINARY.pack(Opcode.BINARY, COMMAND_SIZES[Opcode.BINARY], self.op, 0)
@@ -598,16 +679,17 @@ class Reduce:
         self.src.check("source")
         self.dst.check_dense("destination")
         self.src.check_dense("REDUCE source")
-        name = f"REDUCE {self.op.name}"
-        _same_dtype(name, self.dst, self.src)
+        if self.dst.dtype != self.src.dtype:
+            _same_dtype(f"REDUCE {self.op.name}", self.dst, self.src)
         shape = self.src.shape
         if not 0 <= self.axis < len(shape):
-            raise _fault(FaultKind.SHAPE_MISMATCH, f"{name}: axis {self.axis} of {shape}")
+            raise _fault(FaultKind.SHAPE_MISMATCH,
+                         f"REDUCE {self.op.name}: axis {self.axis} of {shape}")
         fits = (shape[:self.axis] + shape[self.axis + 1:],
                 (*shape[:self.axis], 1, *shape[self.axis + 1:]))
         if self.dst.shape not in fits:
-            raise _fault(FaultKind.SHAPE_MISMATCH,
-                         f"{name}: {shape} along axis {self.axis} into {self.dst.shape}")
+            raise _fault(FaultKind.SHAPE_MISMATCH, f"REDUCE {self.op.name}: {shape} along axis "
+                                                   f"{self.axis} into {self.dst.shape}")
 
     def encode(self) -> bytes:
         return (_REDUCE.pack(Opcode.REDUCE, COMMAND_SIZES[Opcode.REDUCE], self.op, self.axis, 0)
@@ -706,89 +788,105 @@ Command: TypeAlias = Nop | Marker | Copy | Fill | Unary | Binary | Gemm | Reduce
 # ---- decoding ----------------------------------------------------------------------------------
 
 
-def _operands(data: bytes, off: int, names: Iterable[str]) -> list[Operand]:
-    return [_decode_operand(data, off + i * OPERAND_BYTES, n) for i, n in enumerate(names)]
+def _operands(data: bytes, off: int, names: Iterable[str], memo: _Memo) -> list[Operand]:
+    return [_decode_operand(data, off + i * OPERAND_BYTES, n, memo)
+            for i, n in enumerate(names)]
 
 
-def _d_nop(data: bytes, off: int, size: int) -> Command:
+def _operands2(data: bytes, off: int, first: str, second: str,
+               memo: _Memo) -> tuple[Operand, Operand]:
+    """Two operands one after the other (the commonest case, without `_operands`' loop)."""
+    return (_decode_operand(data, off, first, memo),
+            _decode_operand(data, off + OPERAND_BYTES, second, memo))
+
+
+def _d_nop(data: bytes, off: int, size: int, memo: _Memo) -> Command:
     return Nop(size)
 
 
-def _d_marker(data: bytes, off: int, size: int) -> Command:
+def _d_marker(data: bytes, off: int, size: int, memo: _Memo) -> Command:
     _, _, reserved, value = _MARKER.unpack_from(data, off)
     _reserved(reserved)
     return Marker(value)
 
 
-def _d_copy(data: bytes, off: int, size: int) -> Command:
+def _d_copy(data: bytes, off: int, size: int, memo: _Memo) -> Command:
     _, _, reserved, dst, src, n = _COPY.unpack_from(data, off)
     _reserved(reserved)
     return Copy(dst, src, n)
 
 
-def _d_fill(data: bytes, off: int, size: int) -> Command:
+def _d_fill(data: bytes, off: int, size: int, memo: _Memo) -> Command:
     _, _, reserved, value = _FILL.unpack_from(data, off)
     _reserved(reserved)
-    (dst,) = _operands(data, off + _FILL.size, ("FILL destination",))
+    dst = _decode_operand(data, off + _FILL.size, "FILL destination", memo)
     if any(value[dst.itemsize:]):
         raise _fault(FaultKind.BAD_OPERAND, "FILL value bytes past its element are set")
     return Fill(dst, value[:dst.itemsize])
 
 
-def _function(cls: Any, code: int, what: str) -> Any:
-    try:
-        return cls(code)
-    except ValueError:
-        raise _fault(FaultKind.BAD_OPCODE, f"unknown {what} function {code}") from None
+def _function(table: MappingProxyType[int, Any], code: int, what: str) -> Any:
+    found = table.get(code)
+    if found is None:
+        raise _fault(FaultKind.BAD_OPCODE, f"unknown {what} function {code}")
+    return found
 
 
-def _d_unary(data: bytes, off: int, size: int) -> Command:
+# function codes -> the enum members (a lookup, where calling the enum costs a lot more)
+_UNARY_OPS = MappingProxyType({int(o): o for o in UnaryOp})
+_BINARY_OPS = MappingProxyType({int(o): o for o in BinaryOp})
+_REDUCE_OPS = MappingProxyType({int(o): o for o in ReduceOp})
+
+
+def _d_unary(data: bytes, off: int, size: int, memo: _Memo) -> Command:
     _, _, func, reserved = _UNARY.unpack_from(data, off)
     _reserved(reserved)
-    op = _function(UnaryOp, func, "UNARY")
-    dst, src = _operands(data, off + _UNARY.size, ("destination", "source"))
+    op = _function(_UNARY_OPS, func, "UNARY")
+    dst, src = _operands2(data, off + _UNARY.size, "destination", "source", memo)
     return Unary(op, dst, src)
 
 
-def _d_binary(data: bytes, off: int, size: int) -> Command:
+def _d_binary(data: bytes, off: int, size: int, memo: _Memo) -> Command:
     _, _, func, reserved = _BINARY.unpack_from(data, off)
     _reserved(reserved)
-    op = _function(BinaryOp, func, "BINARY")
-    dst, a, b = _operands(data, off + _BINARY.size, ("destination", "a", "b"))
+    op = _function(_BINARY_OPS, func, "BINARY")
+    at = off + _BINARY.size
+    dst, a = _operands2(data, at, "destination", "a", memo)
+    b = _decode_operand(data, at + 2 * OPERAND_BYTES, "b", memo)
     return Binary(op, dst, a, b)
 
 
-def _d_gemm(data: bytes, off: int, size: int) -> Command:
+def _d_gemm(data: bytes, off: int, size: int, memo: _Memo) -> Command:
     _, _, flags, r1, batch, r2, alpha, beta, s_c, s_a, s_b = _GEMM.unpack_from(data, off)
     _reserved(r1, r2, flags & ~(GEMM_TRANS_A | GEMM_TRANS_B))
-    c, a, b = _operands(data, off + _GEMM.size, ("C", "A", "B"))
+    c, a, b = _operands(data, off + _GEMM.size, ("C", "A", "B"), memo)
     return Gemm(c, a, b, alpha, beta, bool(flags & GEMM_TRANS_A), bool(flags & GEMM_TRANS_B),
                 batch, (s_c, s_a, s_b))
 
 
-def _d_reduce(data: bytes, off: int, size: int) -> Command:
+def _d_reduce(data: bytes, off: int, size: int, memo: _Memo) -> Command:
     _, _, func, axis, reserved = _REDUCE.unpack_from(data, off)
     _reserved(reserved)
-    op = _function(ReduceOp, func, "REDUCE")
-    dst, src = _operands(data, off + _REDUCE.size, ("destination", "source"))
+    op = _function(_REDUCE_OPS, func, "REDUCE")
+    dst, src = _operands2(data, off + _REDUCE.size, "destination", "source", memo)
     return Reduce(op, dst, src, axis)
 
 
-def _d_softmax(data: bytes, off: int, size: int) -> Command:
+def _d_softmax(data: bytes, off: int, size: int, memo: _Memo) -> Command:
     _, _, axis, r1, r2 = _SOFTMAX.unpack_from(data, off)
     _reserved(r1, r2)
-    dst, src = _operands(data, off + _SOFTMAX.size, ("destination", "source"))
+    dst, src = _operands2(data, off + _SOFTMAX.size, "destination", "source", memo)
     return Softmax(dst, src, axis)
 
 
-def _d_conv(data: bytes, off: int, size: int) -> Command:
+def _d_conv(data: bytes, off: int, size: int, memo: _Memo) -> Command:
     _, _, flags, groups, sh, sw, ph, pw, dh, dw, reserved = _CONV.unpack_from(data, off)
     _reserved(reserved, flags & ~CONV_HAS_BIAS)
     at = off + _CONV.size
-    dst, src, weight = _operands(data, at, ("destination", "source", "weight"))
+    dst, src, weight = _operands(data, at, ("destination", "source", "weight"), memo)
     at += 3 * OPERAND_BYTES
     if flags & CONV_HAS_BIAS:
-        bias: Operand | None = _decode_operand(data, at, "bias")
+        bias: Operand | None = _decode_operand(data, at, "bias", memo)
     elif data[at:at + OPERAND_BYTES] != _ZERO_OPERAND:
         raise _fault(FaultKind.BAD_OPERAND, "CONV2D bias operand set without the bias flag")
     else:
@@ -839,6 +937,7 @@ def decode(buffer: Any) -> tuple[Command, ...]:
     data = bytes(mv[:total])
     off = HEADER_BYTES
     out: list[Command] = []
+    memo: _Memo = {}
     for i in range(count):
         if off + COMMAND_HEADER_BYTES > total:
             raise EngineFault(FaultKind.BAD_HEADER, i, "command past the buffer's total size")
@@ -854,7 +953,7 @@ def decode(buffer: Any) -> tuple[Command, ...]:
             raise EngineFault(FaultKind.BAD_OPCODE, i,
                               f"{Opcode(opcode).name} is {want} bytes, not {size}")
         try:
-            cmd = decoder(data, off, size)
+            cmd = decoder(data, off, size, memo)
             cmd.validate()
         except EngineFault as e:
             raise e.at(i) from None

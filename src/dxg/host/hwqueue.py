@@ -7,12 +7,13 @@ arrive fire-and-forget (SUBMITCOMMANDTOHWQUEUE needs no reply): each becomes a t
 queue's lane; a turn copies the command buffer out of memory (so the process cannot change it
 under the engine), takes a snapshot of the process's VA space, waits for an engine slot of the
 adapter (by the context's scheduling priority: dxg.host.scheduler) and runs the engine on a
-worker thread. A command buffer that faults (a bad opcode, an unmapped or out-of-range address,
-a shape that overruns its buffer) puts its device in the error state: GetDeviceState reports it
-(with the faulting address), the guest is told (SETGUESTDATA), its fences' waiters wake with an
-error and its later submissions are dropped; every other device carries on. Errors of a
-submission never come back as a reply: they surface through the device's state, as on the real
-driver.
+worker thread (one slot, one core; a big GEMM of a queue with nothing behind it may borrow idle
+slots: dxg.backends.fanout). A command buffer that faults (a bad opcode, an unmapped or
+out-of-range address, a shape that overruns its buffer) puts its device in the error state:
+GetDeviceState reports it (with the faulting address), the guest is told (SETGUESTDATA), its
+fences' waiters wake with an error and its later submissions are dropped; every other device
+carries on. Errors of a submission never come back as a reply: they surface through the
+device's state, as on the real driver.
 """
 
 from __future__ import annotations
@@ -215,7 +216,8 @@ async def _execute(p: Partition, queue: HwQueue, va: int, length: int, value: in
     try:
         if not queue.alive:
             return
-        result = await run_buffer(p, queue.context, va, length, lambda: queue.alive)
+        result = await run_buffer(p, queue.context, va, length, lambda: queue.alive,
+                                  lambda: queue.queued <= 1)
         if result is None:
             return
         queue.executed += 1
@@ -231,12 +233,17 @@ class _Skip(Exception):
 
 
 async def run_buffer(p: Partition, context: HostContext, va: int, length: int,
-                     alive: Callable[[], bool] = lambda: True) -> Any:
+                     alive: Callable[[], bool] = lambda: True,
+                     lone: Callable[[], bool] = lambda: False) -> Any:
     """Run the command buffer at ``va`` for ``context``'s device: its result, or None when it
     did not run (its context, process or device went, the device was in error, ``alive()``
     says no, or it faulted now). The engine slot is taken only once the job has its worker
-    slots, and the buffer and the VA space are read only then (what the job will use)."""
+    slots, and the buffer and the VA space are read only then (what the job will use).
+    ``lone()`` (asked on the worker thread, op by op) says that nothing waits behind the
+    buffer on its queue: then its big ops may borrow idle engine slots (dxg.backends.fanout),
+    while a backlog keeps one slot per buffer and gets its parallelism from other queues."""
     from dxg.backends.engine import EngineFault
+    from dxg.backends.fanout import FanOut
     from dxg.host.placement import promote_device
     from dxg.host.vaspace import VaFault, vaspace_of
 
@@ -278,7 +285,8 @@ async def run_buffer(p: Partition, context: HostContext, va: int, length: int,
 
     def job(cancelled: Any) -> Any:
         buffer, snapshot = got
-        return backend.execute(index, buffer, snapshot.view, cancelled)
+        fanout = FanOut(engine, p.host.workers.submit, lone)
+        return backend.execute(index, buffer, snapshot.view, cancelled, fanout)
 
     try:
         result = await p.run_blocking(process, job, device=device, admit=admit,
@@ -327,7 +335,8 @@ def submit_command(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsRe
 
         async def turn(context: HostContext = context) -> Any:
             try:
-                return await run_buffer(p, context, va, length)
+                return await run_buffer(p, context, va, length,
+                                        lone=lambda: context.queued <= 1)
             finally:
                 context.queued -= 1
 
