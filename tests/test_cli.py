@@ -161,6 +161,13 @@ def test_up_and_demo(tmp_path):
         assert "demo OK: the host holds nothing" in r.stdout
         for name in ("cuda-app", "image-editor", "d3d12-app"):
             assert name in r.stdout
+        # The seed's scenario: the editor renders into a shared resource and signals a shared
+        # fence; the D3D12-style app waits for it on the GPU and reads the image, checked.
+        assert "rendered the blur into shared resource" in r.stdout
+        shared = [line for line in r.stdout.splitlines()
+                  if "opened the editor's shared resource" in line]
+        assert len(shared) == 1 and shared[0].endswith(": ok"), r.stdout
+        assert r.stdout.count(": ok") >= 4 and "BAD" not in r.stdout
     finally:
         up.terminate()
         assert up.wait(timeout=30) == 0

@@ -4,6 +4,7 @@ batching, streams and events, device faults, and memory that goes back when arra
 go."""
 
 import gc
+import os
 import threading
 
 import numpy as np
@@ -765,3 +766,70 @@ def test_an_owned_node_is_closed_with_the_device(stack, monkeypatch):
     check((dev.asarray([1, 2]) * 2).get(), np.array([2, 4], np.int32))
     dev.close()
     assert node.closed
+
+
+# ---- memory and fences another process shares ---------------------------------------------------
+
+
+PRODUCER = r"""
+import json, socket, sys
+import numpy as np
+import dxg.compute as dc
+sock = socket.socket(fileno=int(sys.argv[2]))
+with dc.device(0, node=sys.argv[1]) as dev:
+    res = dev.dxg.shared_resource(64 * 64 * 4)
+    fence = dev.dxg.shared_fence()
+    h_res, h_fence = res.share(read_only=True), fence.share(read_only=True)
+    socket.send_fds(sock, [b"shared"], [h_res.fileno(), h_fence.fileno()])
+    sock.recv(1)  # the consumer's GPU wait is queued: now render
+    x = dev.asarray(np.arange(64 * 64, dtype=np.float32).reshape(64, 64))
+    dst = dev.from_allocation(res.allocations[0], (64, 64), np.float32)
+    dst[...] = dc.sqrt(x) * 2
+    dev.current_stream.signal_fence(fence, 1)
+    print(json.dumps({"sum": float(dst.sum())}), flush=True)
+    sock.recv(1)  # until the consumer is done with it
+"""
+
+
+def test_memory_and_a_fence_shared_by_another_process(stack, tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    ours, theirs = socket.socketpair()
+    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, stack.node_path,
+                                 str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                                stdout=subprocess.PIPE, text=True)
+    theirs.close()
+    try:
+        with dc.device(0, node=stack.node_path) as dev:
+            _, (fd_res, fd_fence), _, _ = socket.recv_fds(ours, 16, 2)
+            res, fence = dev.dxg.open_resource(fd_res), dev.dxg.open_fence(fd_fence)
+            os.close(fd_res)
+            os.close(fd_fence)
+            src = dev.from_allocation(res.allocations[0], (64, 64), np.float32)
+            with pytest.raises(ValueError):
+                dev.from_allocation(res.allocations[0], (65, 64), np.float32)  # too big
+            stream = dev.current_stream
+            stream.wait_fence(fence, 1)  # the GPU waits for the producer's work
+            total = src.sum()  # queued behind that wait
+            ours.send(b"g")
+            want = np.sqrt(np.arange(64 * 64, dtype=np.float32).reshape(64, 64)) * 2
+            check(total.get(), want.sum())
+            fence.wait(1)  # the CPU reads only once the producer's GPU signalled
+            check(src.get(), want)
+            with pytest.raises(dc.DeviceFault):  # read-only: a GPU write faults this device
+                src[0] = 1
+                dev.synchronize()
+            assert json.loads(producer.stdout.readline())["sum"] == pytest.approx(
+                float(want.sum()), rel=1e-5)
+            ours.send(b"d")
+            res.close()
+            fence.close()
+        assert producer.wait(30) == 0
+    finally:
+        ours.close()
+        if producer.poll() is None:
+            producer.kill()
+            producer.wait()

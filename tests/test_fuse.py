@@ -1015,8 +1015,8 @@ class Wrapped:
         self.real = real
         self.rt = real.rt
 
-    def open_process(self, pid: int, uid: int, name: str):
-        return self.real.open_process(pid, uid, name)
+    def open_process(self, pid: int, uid: int, name: str, gids: tuple[int, ...] = ()):
+        return self.real.open_process(pid, uid, name, gids)
 
     async def close_process(self, proc) -> None:
         await self.real.close_process(proc)

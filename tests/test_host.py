@@ -634,7 +634,7 @@ def test_unimplemented_commands(host: Host, guest: RawGuest) -> None:
     NOT_IMPL = struct.pack("<I", NTSTATUS.STATUS_NOT_IMPLEMENTED)
     hp = guest.create_process()
     assert guest.v(1, VgpuCommand.BLT, hp, b"\0" * 8) == NOT_IMPL
-    assert guest.g(GlobalCommand.OPENSYNCOBJECT, hp, b"\0" * 16) == NOT_IMPL
+    assert guest.g(GlobalCommand.SIGNALFENCE, hp, b"\0" * 16) == NOT_IMPL
     # Fire-and-forget ones (no completion) are dropped; the next request is answered.
     guest.send_async(guest.glob, encode_vgpu(VgpuCommand.SUBMITCOMMAND, hp,
                                              guest.vgpu_luids[0], b"\0" * 384, async_msg=True))

@@ -75,7 +75,8 @@ class FakeDriver:
         self.parked: list[asyncio.Future] = []
         self.escapes_open = False
 
-    def open_process(self, pid: int, uid: int, name: str) -> FakeProc:
+    def open_process(self, pid: int, uid: int, name: str,
+                     gids: tuple[int, ...] = ()) -> FakeProc:
         p = FakeProc(pid, uid, name)
         with self.cond:
             self.opened.append(p)

@@ -460,7 +460,8 @@ def test_message_decoders_never_crash(data):
                 m.GetDeviceStateReturn, m.IsFeatureEnabledReturn, m.Escape, m.JsonReply,
                 m.QueryClockCalibrationReturn, m.SignalGuestEvent, m.SetGuestData,
                 m.CreateSyncObject, m.SignalSyncObject, m.WaitSyncObjectCpu,
-                m.WaitSyncObjectGpu, m.FenceValue):
+                m.WaitSyncObjectGpu, m.FenceValue, m.CreateNtSharedObjectReturn,
+                m.OpenResourceReturn, m.OpenSyncObject):
         try:
             cls.unpack(data)
         except ProtocolError:
@@ -500,6 +501,7 @@ VALID: dict[type, st.SearchStrategy] = {
     m.CreateProcess: st.builds(m.CreateProcess, u64, u64, wtext, st.booleans()),
     m.CreateProcessReturn: st.builds(m.CreateProcessReturn, u32),
     m.SetIoSpaceRegion: st.builds(m.SetIoSpaceRegion, u64, u64, u32),
+    m.ProcessQuota: st.builds(m.ProcessQuota, u64, u64, u64),
     m.JsonReply: st.builds(lambda b: m.JsonReply(b"{" + b), blob),
     m.OpenAdapter: st.builds(m.OpenAdapter, u32, u32, u32, u32),
     m.OpenAdapterReturn: st.builds(m.OpenAdapterReturn, u32, u32, u32, u32),
@@ -556,6 +558,17 @@ VALID: dict[type, st.SearchStrategy] = {
                              st.lists(u32, min_size=nl[0], max_size=nl[0]).map(tuple),
                              st.lists(u64, min_size=1 if nl[1] else nl[0],
                                       max_size=1 if nl[1] else nl[0]).map(tuple))),
+    # sharing by descriptor
+    m.CreateNtSharedObject: st.builds(m.CreateNtSharedObject, u32),
+    m.CreateNtSharedObjectReturn: st.builds(m.CreateNtSharedObjectReturn, u32, u32, u32, u32,
+                                            u32, u32, u32),
+    m.DestroyNtSharedObject: st.builds(m.DestroyNtSharedObject, u32),
+    m.OpenResource: st.builds(m.OpenResource, u32, u32, u32, u32),
+    m.OpenResourceReturn: st.builds(
+        m.OpenResourceReturn, u32, u32,
+        st.lists(st.builds(m.AllocationInfo, u32, u32, u32, u64, u64, u64, u64, blob),
+                 max_size=4).map(tuple), blob, blob),
+    m.OpenSyncObject: st.builds(m.OpenSyncObject, u32, u32, u32, u64),
 }
 
 SPECS = sorted(COMMANDS.values(), key=lambda s: int(s.command))
@@ -686,6 +699,11 @@ SAMPLE: dict[type, object] = {
     m.Empty: m.Empty(),
     m.CreateProcess: m.CreateProcess(0xFFFF8880DEAD0000, 777, "fuzz"),
     m.SetIoSpaceRegion: m.SetIoSpaceRegion(1 << 40, 1 << 20),
+    m.ProcessQuota: m.ProcessQuota(1000, 1 << 20, (1 << 64) - 1),
+    m.CreateNtSharedObject: m.CreateNtSharedObject(0x40000FC0),
+    m.DestroyNtSharedObject: m.DestroyNtSharedObject(0x40000FC0),
+    m.OpenResource: m.OpenResource(0x40000FC0, 0x40000FC0, 0, 1),
+    m.OpenSyncObject: m.OpenSyncObject(0x40000FC0, 0x40000FC0, 1, 0),
     m.OpenAdapter: m.OpenAdapter(40, 16, 0, 0),
     m.CloseAdapter: m.CloseAdapter(0x40000FC0),
     m.QueryAdapterInfo: m.QueryAdapterInfo(15, bytes(16)),

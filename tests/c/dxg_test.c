@@ -17,7 +17,9 @@
  *   sync     synchronization objects: monitored fences signalled and waited on from the CPU
  *            (blocking on a reached value, on a value a second thread signals, with an
  *            eventfd, wait-any and wait-all), GPU signals and waits on a context, the legacy
- *            Signal/Wait on a semaphore and a CPU notification, and their error paths
+ *            Signal/Wait on a semaphore and a CPU notification, and their error paths; sharing
+ *            (ShareObjects and CreateSyncFile -EOPNOTSUPP through a file, ShareObjectWithHost,
+ *            descriptors that are not the driver's)
  *   queue    hardware queues: CreateHwQueue (no progress-fence page through the file), context
  *            scheduling priorities (both kinds, -7..7), fences signalled and waited on by the
  *            queue, a command buffer at an unmapped VA that faults a second device alone (its
@@ -1797,6 +1799,124 @@ static void sync_gpu(struct synctest *t)
 }
 
 /* The sync test on one adapter: a device and a context, their objects, everything gone. */
+/*
+ * Sharing through the file (docs/sharing.md): a file cannot put a new descriptor into its
+ * caller, so ShareObjects and CreateSyncFile answer -EOPNOTSUPP (and leave nothing behind);
+ * ShareObjectWithHost answers -EPERM (STATUS_NOT_SUPPORTED: pydxg's host is no Windows host);
+ * a descriptor that is not a share descriptor or a sync file is -EINVAL, one not open -EBADF.
+ */
+static void share_paths(struct synctest *t)
+{
+	struct run *r = t->r;
+	struct d3dkmt_createsynchronizationobject2 c;
+	struct d3dkmt_shareobjects so;
+	struct d3dkmt_shareobjectwithhost swh;
+	struct d3dkmt_createsyncfile csf;
+	struct d3dkmt_waitsyncfile wsf;
+	struct d3dkmt_opensyncobjectfromsyncfile osf;
+	struct d3dkmt_opensyncobjectfromnthandle2 ont;
+	struct d3dkmt_queryresourceinfofromnthandle qri;
+	struct d3dkmt_openresourcefromnthandle ori;
+	struct d3dddi_allocationinfo2 info;
+	struct pydxg_alloc_desc desc;
+	struct d3dkmt_createallocation ca;
+	struct d3dkmt_destroyallocation2 da;
+	__u32 object;
+	__u64 shared = 0, size = 4096;
+	int efd, ret;
+
+	memset(&c, 0, sizeof(c));
+	c.device = t->device;
+	c.info.type = _D3DDDI_MONITORED_FENCE;
+	c.info.flags.shared = 1;
+	c.info.flags.nt_security_sharing = 1;
+	ret = dx(t->fd, LX_DXCREATESYNCHRONIZATIONOBJECT, &c);
+	EXPECT(r, LX_DXCREATESYNCHRONIZATIONOBJECT, "a shared monitored fence", ret, 0, NULL);
+	if (ret != 0)
+		return;
+	object = c.sync_object.v;
+	memset(&so, 0, sizeof(so));
+	so.object_count = 1;
+	so.objects = (void *)&object;
+	so.desired_access = 0x10000000; /* GENERIC_ALL */
+	so.shared_handle = &shared;
+	ret = dx(t->fd, LX_DXSHAREOBJECTS, &so);
+	EXPECT(r, LX_DXSHAREOBJECTS, "through the file (cannot hand a descriptor)", ret,
+	       -EOPNOTSUPP, NULL);
+	memset(&csf, 0, sizeof(csf));
+	csf.device = t->device;
+	csf.monitored_fence = c.sync_object;
+	csf.fence_value = 1;
+	ret = dx(t->fd, LX_DXCREATESYNCFILE, &csf);
+	EXPECT(r, LX_DXCREATESYNCFILE, "through the file (cannot hand a descriptor)", ret,
+	       -EOPNOTSUPP, NULL);
+	memset(&swh, 0, sizeof(swh));
+	swh.device_handle = t->device;
+	swh.object_handle = c.sync_object;
+	ret = dx(t->fd, LX_DXSHAREOBJECTWITHHOST, &swh);
+	EXPECT(r, LX_DXSHAREOBJECTWITHHOST, "no Windows host", ret, -EPERM, NULL);
+
+	efd = eventfd(0, EFD_CLOEXEC);
+	memset(&qri, 0, sizeof(qri));
+	qri.device = t->device;
+	qri.nt_handle = (__u64)efd;
+	ret = dx(t->fd, LX_DXQUERYRESOURCEINFOFROMNTHANDLE, &qri);
+	EXPECT(r, LX_DXQUERYRESOURCEINFOFROMNTHANDLE, "an eventfd", ret, -EINVAL, NULL);
+	memset(&ori, 0, sizeof(ori));
+	ori.device = t->device;
+	ori.nt_handle = (__u64)efd;
+	ret = dx(t->fd, LX_DXOPENRESOURCEFROMNTHANDLE, &ori);
+	EXPECT(r, LX_DXOPENRESOURCEFROMNTHANDLE, "an eventfd", ret, -EINVAL, NULL);
+	memset(&ont, 0, sizeof(ont));
+	ont.device = t->device;
+	ont.nt_handle = (__u64)efd;
+	ret = dx(t->fd, LX_DXOPENSYNCOBJECTFROMNTHANDLE2, &ont);
+	EXPECT(r, LX_DXOPENSYNCOBJECTFROMNTHANDLE2, "an eventfd", ret, -EINVAL, NULL);
+	ont.nt_handle = 1000000; /* not open */
+	ret = dx(t->fd, LX_DXOPENSYNCOBJECTFROMNTHANDLE2, &ont);
+	EXPECT(r, LX_DXOPENSYNCOBJECTFROMNTHANDLE2, "a descriptor not open", ret, -EBADF, NULL);
+	memset(&wsf, 0, sizeof(wsf));
+	wsf.context = t->context;
+	wsf.sync_file_handle = (__u64)efd;
+	ret = dx(t->fd, LX_DXWAITSYNCFILE, &wsf);
+	EXPECT(r, LX_DXWAITSYNCFILE, "an eventfd", ret, -EINVAL, NULL);
+	memset(&osf, 0, sizeof(osf));
+	osf.device = t->device;
+	osf.sync_file_handle = (__u64)efd;
+	ret = dx(t->fd, LX_DXOPENSYNCOBJECTFROMSYNCFILE, &osf);
+	EXPECT(r, LX_DXOPENSYNCOBJECTFROMSYNCFILE, "an eventfd", ret, -EINVAL, NULL);
+	if (efd >= 0)
+		close(efd);
+
+	/* a shared resource: made through the file, not shareable from it */
+	memset(&info, 0, sizeof(info));
+	alloc_desc(&desc, size);
+	info.priv_drv_data = (void *)&desc;
+	info.priv_drv_data_size = sizeof(desc);
+	memset(&ca, 0, sizeof(ca));
+	ca.device = t->device;
+	ca.alloc_count = 1;
+	ca.allocation_info = (void *)&info;
+	ca.flags.create_resource = 1;
+	ca.flags.create_shared = 1;
+	ca.flags.nt_security_sharing = 1;
+	ret = dx(t->fd, LX_DXCREATEALLOCATION, &ca);
+	EXPECT(r, LX_DXCREATEALLOCATION, "a shared resource", ret, 0, NULL);
+	if (ret == 0) {
+		object = ca.resource.v;
+		ret = dx(t->fd, LX_DXSHAREOBJECTS, &so);
+		EXPECT(r, LX_DXSHAREOBJECTS, "a resource, through the file", ret, -EOPNOTSUPP,
+		       NULL);
+		memset(&da, 0, sizeof(da));
+		da.device = t->device;
+		da.resource = ca.resource;
+		ret = dx(t->fd, LX_DXDESTROYALLOCATION2, &da);
+		EXPECT(r, LX_DXDESTROYALLOCATION2, "the shared resource", ret, 0, NULL);
+	}
+	ret = destroy_sync(t->fd, c.sync_object);
+	EXPECT(r, LX_DXDESTROYSYNCHRONIZATIONOBJECT, "the shared fence", ret, 0, NULL);
+}
+
 static void sync_objects(struct run *r, int fd, struct d3dkmthandle adapter)
 {
 	struct synctest t;
@@ -1824,6 +1944,8 @@ static void sync_objects(struct run *r, int fd, struct d3dkmthandle adapter)
 	sync_cpu(&t);
 	if (ret == 0)
 		sync_gpu(&t);
+	if (ret == 0)
+		share_paths(&t);
 	ret = create_sync(fd, t.device, _D3DDDI_MONITORED_FENCE, 0, &c);
 	EXPECT(r, LX_DXCREATESYNCHRONIZATIONOBJECT, "a fence left to DestroyDevice", ret, 0, NULL);
 	memset(&dd, 0, sizeof(dd));

@@ -105,12 +105,38 @@ def raise_priority(nice: int) -> None:
             os.setpriority(os.PRIO_PROCESS, 0, nice)
 
 
+def single_threaded_blas() -> None:
+    """The host's engine gives each command buffer one slot, one core
+    (dxg.host.scheduler): BLAS must then run on the thread that calls it, or one GEMM takes
+    every core and two queues side by side gain nothing. A lone big GEMM gets the idle cores
+    back by fanning out over idle slots (dxg.backends.fanout). Process-wide (BLAS's thread
+    count is), so it is set here, by the daemon, after NumPy has loaded BLAS."""
+    import numpy  # noqa: F401  (loads BLAS, so that its thread pool can be found)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+
+
+def _load_policy(args: argparse.Namespace) -> Any:
+    """The guest's policy from --policy and the quota flags, read before anything starts (a
+    bad file stops the command with one line saying what to fix)."""
+    from dxg.guest.policy import load_policy
+
+    policy = load_policy(args.policy, memory_per_process=args.memory_per_process,
+                         memory_per_uid=args.memory_per_uid)
+    if args.policy or args.memory_per_process is not None or args.memory_per_uid is not None:
+        print(policy.describe(), flush=True)
+    return policy
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     if args.adapters < 1:
         raise ValueError("--adapters must be at least 1")
+    policy = _load_policy(args)
     _hold_stop_signals()
     raise_fd_limit()
     raise_priority(args.priority)  # before NumPy starts BLAS's threads: they inherit it
+    single_threaded_blas()
     from dxg.guest.driver import GuestDriver
     from dxg.host.config import HostConfig
     from dxg.host.host import Host
@@ -123,9 +149,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     rt = LoopThread("dxg-up")
     host = Host(HostConfig(adapters=args.adapters, name="pydxg-embedded-host",
                            dedicated_memory_mb=args.dedicated_memory,
-                           shared_memory_mb=args.shared_memory), loop=rt)
+                           shared_memory_mb=args.shared_memory,
+                           guest_memory=args.guest_memory), loop=rt)
     closers: list[Any] = []
-    drv = GuestDriver(loop=rt)
+    drv = GuestDriver(loop=rt, policy=policy)
     try:
         if args.host_listen:
             print(f"host: also listening on {host.listen(args.host_listen)}", flush=True)
@@ -149,12 +176,13 @@ def cmd_host(args: argparse.Namespace) -> int:
     _hold_stop_signals()
     raise_fd_limit()
     raise_priority(args.priority)  # before NumPy starts BLAS's threads: they inherit it
+    single_threaded_blas()
     from dxg.host.config import HostConfig
     from dxg.host.host import Host
 
     cfg = HostConfig(adapters=args.adapters, host_id=args.host_id, offer_order=args.offer_order,
                      dedicated_memory_mb=args.dedicated_memory,
-                     shared_memory_mb=args.shared_memory)
+                     shared_memory_mb=args.shared_memory, guest_memory=args.guest_memory)
     if args.name:
         cfg.name = args.name
     host = Host(cfg)
@@ -170,11 +198,12 @@ def cmd_host(args: argparse.Namespace) -> int:
 def cmd_guest(args: argparse.Namespace) -> int:
     from dxg.guest.driver import GuestDriver
 
+    policy = _load_policy(args)
     _hold_stop_signals()
     raise_fd_limit()
     raise_priority(args.priority)
     drv = GuestDriver(heartbeat_timeout=args.heartbeat_timeout,
-                      heartbeat_interval=min(1.0, args.heartbeat_timeout / 3))
+                      heartbeat_interval=min(1.0, args.heartbeat_timeout / 3), policy=policy)
     closers: list[Any] = []
     try:
         for addr in args.connect:
@@ -297,6 +326,18 @@ def adapter_memory(entry: dict[str, Any] | None) -> dict[str, dict[str, int | No
     return out
 
 
+def _process_budget(proc: dict[str, Any], host_adapter: int) -> dict[str, int | None] | None:
+    """{"local", "nonlocal", "limit"} of a census process on one host adapter: the budgets
+    QueryVideoMemoryInfo answers it (dxg.host.memory.Segments.info) and the quota that binds
+    it (None: none); None where the census does not say."""
+    for u in proc.get("memory") or []:
+        if isinstance(u, dict) and u.get("adapter") == host_adapter and "local_budget" in u:
+            return {"local": _int_or_none(u.get("local_budget")),
+                    "nonlocal": _int_or_none(u.get("nonlocal_budget")),
+                    "limit": _int_or_none(u.get("limit"))}
+    return None
+
+
 def _process_bytes(proc: dict[str, Any], host_adapter: int | None = None) -> int | None:
     """local + non-local bytes of a census process (on one host adapter, or on all)."""
     usages = proc.get("memory")
@@ -333,11 +374,20 @@ def join_memory(data: dict[str, Any]) -> dict[str, Any]:
                    if lk == links.get(link.get("adapter"))] if host_index is not None else []
             known = [n for n in per if n is not None]
             link["memory"] = sum(known) if known else None
+            budgets = [_process_budget(cp, host_index) for lk, cp in theirs
+                       if lk == links.get(link.get("adapter"))] if host_index is not None else []
+            link["budget"] = next((b for b in budgets if b is not None), None)
             work = [_process_work(cp, host_index) for lk, cp in theirs
                     if lk == links.get(link.get("adapter"))] if host_index is not None else []
             link["queues"] = sum(w[0] for w in work) if work else None
             link["executed"] = sum(w[1] for w in work) if work else None
     return data
+
+
+def _budget_text(budget: dict[str, int | None] | None) -> str:
+    if not budget:
+        return "-"
+    return f"{human_bytes(budget['local'])}/{human_bytes(budget['nonlocal'])}"
 
 
 def _or_dash(value: Any) -> str:
@@ -443,9 +493,10 @@ def print_ps(data: dict[str, Any], exclude_pid: int | None = None) -> None:
     out = console()
     for ad in snap["adapters"]:
         t = Table(title=f"adapter {ad['index']} {ad['luid']} {ad['description']} [{ad['state']}]")
-        for col in ("pid", "name", "devices", "contexts"):
+        for col in ("pid", "uid", "name", "devices", "contexts"):
             t.add_column(col)
         t.add_column("memory", justify="right")
+        t.add_column("budget", justify="right")  # local / non-local, as QueryVideoMemoryInfo
         t.add_column("queues", justify="right")
         t.add_column("work", justify="right")
         n = 0
@@ -454,8 +505,9 @@ def print_ps(data: dict[str, Any], exclude_pid: int | None = None) -> None:
                 continue
             for link in p["adapters"]:
                 if link["adapter"] == ad["index"]:
-                    t.add_row(str(p["pid"]), p["name"], str(link["devices"]),
-                              str(link["contexts"]), human_bytes(link.get("memory")),
+                    t.add_row(str(p["pid"]), _or_dash(p.get("uid")), p["name"],
+                              str(link["devices"]), str(link["contexts"]),
+                              human_bytes(link.get("memory")), _budget_text(link.get("budget")),
                               _or_dash(link.get("queues")), _or_dash(link.get("executed")))
                     n += 1
         if n:

@@ -1,7 +1,10 @@
 """`dxg demo`: three client processes at once against the node, `dxg ps` while they run, and
-proof afterwards that the host holds nothing of theirs."""
+proof afterwards that the host holds nothing of theirs. The image editor and the D3D12-style
+app share a resource and a fence: they get the two ends of a socket pair, over which the editor
+sends the share descriptors (SCM_RIGHTS)."""
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -50,12 +53,18 @@ def run_demo(given: str | None) -> int:
     env = dict(os.environ, DXG_NODE=node_path, PYTHONUNBUFFERED="1")
     procs: list[subprocess.Popen[str]] = []
     readies: list[threading.Event] = []
+    pair = dict(zip(("image", "d3d12"), socket.socketpair(), strict=True))
     try:
         for kind in KINDS:
+            peer = pair.get(kind)
+            fds = (peer.fileno(),) if peer is not None else ()
             p = subprocess.Popen(
                 [sys.executable, "-m", "dxg.cli.demo_app", kind, node_path],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, pass_fds=fds,
+                env=dict(env, DXG_DEMO_PEER=str(fds[0])) if fds else env,
             )
+            if peer is not None:
+                peer.close()  # the child's now
             ev = threading.Event()
             threading.Thread(target=_reader, args=(p, ev, []), daemon=True).start()
             procs.append(p)
@@ -77,6 +86,8 @@ def run_demo(given: str | None) -> int:
         held = host_objects_of(data["census"], pids)
         print(f"host holds objects for {len(held)} of the 3 demo processes", flush=True)
     finally:
+        for sock in pair.values():
+            sock.close()
         for p in procs:
             if p.stdin:
                 p.stdin.close()

@@ -49,6 +49,33 @@ def _add_memory(p: argparse.ArgumentParser) -> None:
                    help="each adapter's non-local segment, MiB (default 4096)")
 
 
+def _size(text: str) -> int:
+    from dxg.runtime.sizes import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_policy(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", metavar="FILE",
+                   help="the guest's policy (TOML: which users see which adapters, memory "
+                        "quotas; see docs/policy.md)")
+    p.add_argument("--memory-per-process", type=_size, metavar="SIZE",
+                   help="device memory one process may commit on each adapter (e.g. 512M; "
+                        "sets the policy's default; root is exempt unless a rule names it)")
+    p.add_argument("--memory-per-uid", type=_size, metavar="SIZE",
+                   help="device memory the processes of one user may commit together on each "
+                        "adapter (sets the policy's default)")
+
+
+def _add_guest_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guest-memory", type=_size, metavar="SIZE",
+                   help="device memory each guest may commit on each adapter (e.g. 2G; "
+                        "default: the segments alone)")
+
+
 def _add_priority(p: argparse.ArgumentParser) -> None:
     p.add_argument("--priority", type=int, default=-10, metavar="NICE",
                    help="scheduling priority of the daemon (nice value; default -10, applied "
@@ -67,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-listen", metavar="ADDR",
                    help="also let other guests connect to the embedded host at ADDR")
     _add_memory(p)
+    _add_guest_memory(p)
+    _add_policy(p)
     _add_priority(p)
     p.set_defaults(func=commands.cmd_up)
 
@@ -79,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default="global-first", help="order of channel offers (for testing)")
     p.add_argument("--name", default=None, help="host name shown to guests")
     _add_memory(p)
+    _add_guest_memory(p)
     _add_priority(p)
     p.set_defaults(func=commands.cmd_host)
 
@@ -90,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="a host silent this long is taken as gone: its adapters are removed "
                         "until it answers again (default 5)")
+    _add_policy(p)
     _add_priority(p)
     _add_serve(p)
     p.set_defaults(func=commands.cmd_guest)

@@ -6,6 +6,9 @@
   ``device.empty``, ``device.array``), PagingQueue, GPU virtual addresses, video memory budgets;
 * :mod:`dxg.client.sync`: synchronization objects -- Fence (``device.fence``: ``value`` from a
   shared page, ``signal``, ``wait``, ``eventfd_wait``), :func:`wait_all`, :func:`wait_any`;
+* :mod:`dxg.client.share`: sharing between processes by descriptor -- Resource
+  (``device.shared_resource``, ``device.open_resource``), ``fence.share()``/``device.open_fence``,
+  SharedHandle, and sync files (``fence.sync_file(value)``: SyncFile);
 * :mod:`dxg.client.thunks`: ``D3DKMTxxx(conn, args) -> NTSTATUS``, one per ioctl (awaitable on
   an async connection);
 * :mod:`dxg.client.diag`: pydxg's diagnostic escapes (ping, sleep, shared memory, eventfd);
@@ -55,6 +58,7 @@ from dxg.client.memory import (
     Residency,
     VideoMemoryInfo,
 )
+from dxg.client.share import AsyncResource, Resource, SharedHandle, SyncFile
 from dxg.client.sync import AsyncFence, Fence, SyncKind, SyncObject, wait_all, wait_any
 
 __all__ = [
@@ -72,6 +76,7 @@ __all__ = [
     "AsyncNode",
     "AsyncNodeConnection",
     "AsyncPagingQueue",
+    "AsyncResource",
     "ClockCalibration",
     "Context",
     "Device",
@@ -94,6 +99,9 @@ __all__ = [
     "PagingTimeout",
     "ReclaimResult",
     "Residency",
+    "Resource",
+    "SharedHandle",
+    "SyncFile",
     "SyncKind",
     "SyncObject",
     "VideoMemoryInfo",

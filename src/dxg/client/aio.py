@@ -353,6 +353,10 @@ class AsyncNodeConnection:
         return apply_ioctl_reply(request, reply, got, args, self._mem.write,
                                  self._router.blocks)
 
+    def mapped_readonly(self, address: int) -> bool:
+        """Whether ``address`` is in memory the node mapped into this process read-only."""
+        return self._router.blocks.readonly_at(address)
+
     async def admin(self, request: dict[str, Any]) -> dict[str, Any]:
         """An introspection request (``{"op": "snapshot"}``, ``{"op": "census"}``)."""
         if self.forked:

@@ -196,6 +196,13 @@ def _sync() -> Any:
     return sync
 
 
+def _share() -> Any:
+    """:mod:`dxg.client.share` (imported when used, as :mod:`dxg.client.memory`)."""
+    from dxg.client import share
+
+    return share
+
+
 def _memory() -> Any:
     """:mod:`dxg.client.memory`, which builds on this module (so it is imported when used)."""
     from dxg.client import memory
@@ -589,6 +596,7 @@ class _DeviceOps(_Object):
         self._queues: dict[Any, None] = {}
         self._own_queue: Any = None  # the paging queue of make_resident/reclaim/map_gpu
         self._fences: dict[Any, None] = {}  # sync.Fence, sync.SyncObject
+        self._resources: dict[Any, None] = {}  # share.Resource (with their allocations)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} handle=0x{self.handle:08x}>"
@@ -669,6 +677,43 @@ class _DeviceOps(_Object):
         with self._lock:
             self._fences[fence] = None
         return fence
+
+    # -- sharing between processes (dxg.client.share) --
+
+    @op
+    def shared_fence(self, initial: int = 0) -> Op[Any]:
+        """A monitored fence shared by descriptor (``shared | nt_security_sharing``): a
+        ``sync.Fence`` whose ``share()`` hands out descriptors other processes open it with."""
+        return (yield from _sync().create_fence(self, initial, shared=True))
+
+    @op
+    def shared_resource(self, sizes: Sequence[int] | int, *, non_local: bool = False,
+                        cached: bool = False) -> Op[Any]:
+        """CreateAllocation of a shared resource (one allocation per size, each in memory of
+        its own): a ``share.Resource`` (``allocations``, ``share()``)."""
+        return (yield from _share().shared_resource(self, sizes, non_local=non_local,
+                                                    cached=cached))
+
+    @op
+    def open_resource(self, handle: Any) -> Op[Any]:
+        """OpenResourceFromNtHandle of a share descriptor (a ``share.SharedHandle`` or a
+        descriptor number): a ``share.Resource`` whose allocations are the shared memory."""
+        return (yield from _share().open_resource(self, handle))
+
+    @op
+    def open_fence(self, handle: Any, read_only: bool = False) -> Op[Any]:
+        """OpenSyncObjectFromNtHandle2 of a share descriptor: a ``sync.Fence`` of this device."""
+        return (yield from _share().open_fence(self, handle, read_only))
+
+    @op
+    def open_sync_file(self, sync_file: Any) -> Op[tuple[Any, int]]:
+        """OpenSyncObjectFromSyncFile: (the sync file's shared fence, read-only, its value)."""
+        return (yield from _share().open_sync_file(self, sync_file))
+
+    def _track_resource(self, resource: Any) -> Any:
+        with self._lock:
+            self._resources[resource] = None
+        return resource
 
     # -- memory (dxg.client.memory) --
 
@@ -771,12 +816,13 @@ class _DeviceOps(_Object):
             self._allocations.pop(child, None)
             self._queues.pop(child, None)
             self._fences.pop(child, None)
+            self._resources.pop(child, None)
             if child is self._own_queue:
                 self._own_queue = None
 
     def _close(self) -> Op[None]:
-        """Destroy this device's fences, its contexts, its allocations (one DestroyAllocation2),
-        its paging queues, then DestroyDevice."""
+        """Destroy this device's fences, its contexts, its resources, its allocations (one
+        DestroyAllocation2), its paging queues, then DestroyDevice."""
         if not self._mark_closed():
             return
         with self._lock:
@@ -784,6 +830,7 @@ class _DeviceOps(_Object):
             allocations, self._allocations = list(self._allocations), {}
             queues, self._queues = list(self._queues), {}
             fences, self._fences = list(self._fences), {}
+            resources, self._resources = list(self._resources), {}
             self._own_queue = None
         self.adapter._untrack(self)
         if self.conn.closed:
@@ -791,6 +838,8 @@ class _DeviceOps(_Object):
         pending = yield from _close_children(fences)
         if pending is None:
             pending = yield from _close_children(contexts)
+        if pending is None:
+            pending = yield from _close_children(resources)
         if pending is None:
             pending = yield from _memory().close_allocations(allocations)
         if pending is None:
@@ -837,6 +886,12 @@ class _ContextOps(_Object):
     def priority(self, in_process: bool = False) -> Op[int]:
         """Get[InProcess]ContextSchedulingPriority."""
         return (yield from _execution().get_priority(self, in_process))
+
+    @op
+    def wait_sync_file(self, sync_file: Any) -> Op[None]:
+        """WaitSyncFile: this context's later GPU work waits until the sync file's (shared)
+        fence reaches its value (a ``share.SyncFile`` or a descriptor number)."""
+        return (yield from _share().wait_sync_file(self, sync_file))
 
     def _track_queue(self, queue: Any) -> Any:
         with self._lock:

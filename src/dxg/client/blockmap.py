@@ -91,6 +91,13 @@ class BlockMaps:
                 return None
             return b.addr + offset
 
+    def readonly_at(self, address: int) -> bool:
+        """Whether ``address`` lies in a block mapped read-only here (memory this process may
+        only read: a fence page, an allocation opened from a read-only share)."""
+        with self._lock:
+            return any(b.readonly and b.addr <= address < b.addr + b.size
+                       for b in self._blocks.values() if b.addr)
+
     def _map(self, b: _Block) -> bool:
         prot = mmap.PROT_READ if b.readonly else mmap.PROT_READ | mmap.PROT_WRITE
         addr = self._mmap(None, b.size, prot, mmap.MAP_SHARED, b.fd, 0)

@@ -478,6 +478,10 @@ class NodeConnection:
         return apply_ioctl_reply(request, reply, got, args, self._mem.write,
                                  self._router.blocks)
 
+    def mapped_readonly(self, address: int) -> bool:
+        """Whether ``address`` is in memory the node mapped into this process read-only."""
+        return self._router.blocks.readonly_at(address)
+
     # ---- admin ----------------------------------------------------------------------------------
 
     def admin(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -166,6 +166,17 @@ def _sleep(seconds: float) -> Step:
     return step
 
 
+def _readonly_at(address: int) -> Step:
+    """Whether the node mapped ``address`` read-only into this process (False for a connection
+    that cannot say)."""
+
+    def step(conn: Any) -> bool:
+        mapped_readonly = getattr(conn, "mapped_readonly", None)
+        return bool(mapped_readonly(address)) if mapped_readonly is not None else False
+
+    return step
+
+
 def _handles(allocs: Iterable[Any], device: Any, what: str) -> tuple[list[Any], Any]:
     """The allocations as a list and their handles as a u32 array; every one must belong to
     ``device`` and be open."""
@@ -207,6 +218,9 @@ class _AllocationOps(_Object):
     ``nbytes`` is what was asked for, ``size`` what the allocation spans (whole pages)."""
 
     _mapping_type: type[_MapBase]
+    # Memory this process may only read (an allocation opened from a read-only share:
+    # dxg.client.share): known once mapped; its views are read-only and writes are refused.
+    read_only = False
 
     def __init__(self, device: Any, handle: int, nbytes: int, size: int, flags: int) -> None:
         super().__init__()
@@ -251,6 +265,9 @@ class _AllocationOps(_Object):
         _check((yield call(t.D3DKMTLock2, args)), "Lock2")
         if not args.data:
             raise DxgError(NTSTATUS.STATUS_UNSUCCESSFUL, "Lock2 returned no address")
+        address = int(args.data)
+        if (yield _readonly_at(address)):
+            self.read_only = True  # (the node mapped it so: writing would fault this process)
         with self._lock:
             if self._closed:  # closed by another thread while Lock2 ran: the memory is gone
                 raise DxgError(NTSTATUS.STATUS_INVALID_HANDLE, f"Lock2: {self!r} was closed")
@@ -306,7 +323,10 @@ class _AllocationOps(_Object):
             raise ValueError(f"a {dims} {dt} view from byte {offset} does not fit in "
                              f"{self.size} bytes")
         raw = (ctypes.c_ubyte * nbytes).from_address(address + offset)
-        return np.frombuffer(raw, dtype=dt, count=math.prod(dims)).reshape(dims)
+        view = np.frombuffer(raw, dtype=dt, count=math.prod(dims)).reshape(dims)
+        if self.read_only:
+            view.flags.writeable = False
+        return view
 
     # -- copies -------------------------------------------------------------------------------
 
@@ -321,6 +341,8 @@ class _AllocationOps(_Object):
         self._check_range(offset, n)
         address = yield from self._acquire()
         try:
+            if self.read_only:
+                raise DxgError(NTSTATUS.STATUS_ACCESS_DENIED, f"{self!r} is read-only")
             if n:
                 ctypes.memmove(address + offset, src.ctypes.data, n)
         finally:

@@ -143,9 +143,12 @@ class _FenceOps(_SyncObjectOps):
     """A monitored fence: a u64 that rises (``signal``), read from a page this process maps
     (``value``, no call), waited on from the CPU (``wait``, ``eventfd_wait``)."""
 
-    def __init__(self, device: Any, handle: int, address: int) -> None:
+    def __init__(self, device: Any, handle: int, address: int, *, shared: bool = False,
+                 read_only: bool = False) -> None:
         super().__init__(device, handle, SyncKind.MONITORED_FENCE)
         self.address = address  # where the value is in this process (0: not mapped)
+        self.shared = shared  # shared by descriptor (``device.shared_fence``, or opened)
+        self.read_only = read_only  # opened without the right to signal it
 
     @property
     def value(self) -> int:
@@ -183,6 +186,25 @@ class _FenceOps(_SyncObjectOps):
         """An eventfd (this process's, non-blocking, close-on-exec) that becomes readable once
         the fence reaches ``value``."""
         return (yield from _eventfd_wait([(self, value)], False))
+
+    # -- sharing (dxg.client.share) --
+
+    @op
+    def share(self, read_only: bool = False) -> Op[Any]:
+        """ShareObjects: a ``share.SharedHandle`` (a descriptor: pass it to another process,
+        which opens the fence with ``device.open_fence``); ``read_only``: the opener cannot
+        signal it. The fence must be made shared (``device.shared_fence``)."""
+        from dxg.client import share
+
+        return (yield from share.share_object(self, read_only))
+
+    @op
+    def sync_file(self, value: int) -> Op[Any]:
+        """CreateSyncFile: a ``share.SyncFile`` (pollable: ``fileno()``) that becomes readable,
+        for good, once the fence reaches ``value``."""
+        from dxg.client import share
+
+        return (yield from share.create_sync_file(self, value))
 
 
 class SyncObject(_Sync, _SyncObjectOps):
@@ -342,16 +364,21 @@ def wait_from_gpu(context: Any, pairs: Iterable[tuple[Any, int]]) -> Any:
 # ---- creation (the hooks of dxg.client.api.Device) -----------------------------------------------
 
 
-def create_fence(device: Any, initial: int = 0) -> Op[Any]:
-    """``device.fence``: a monitored fence starting at ``initial``."""
+def create_fence(device: Any, initial: int = 0, shared: bool = False) -> Op[Any]:
+    """``device.fence``: a monitored fence starting at ``initial``; ``shared``
+    (``device.shared_fence``): shared by descriptor (``fence.share()``)."""
     args = s.d3dkmt_createsynchronizationobject2()
     args.device.v = device.handle
     args.info.type = SyncKind.MONITORED_FENCE
     args.info.monitored_fence.initial_fence_value = int(initial)
+    if shared:
+        args.info.flags.shared = 1
+        args.info.flags.nt_security_sharing = 1
     _check((yield call(t.D3DKMTCreateSynchronizationObject2, args)),
            "CreateSynchronizationObject2")
     fence = _pick(device, Fence, AsyncFence)(
-        device, int(args.sync_object.v), int(args.info.monitored_fence.fence_cpu_virtual_address))
+        device, int(args.sync_object.v), int(args.info.monitored_fence.fence_cpu_virtual_address),
+        shared=shared)
     return device._track_fence(fence)
 
 

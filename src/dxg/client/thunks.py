@@ -126,16 +126,39 @@ class Thunk(Protocol, Generic[_A]):
     def __call__(self, conn: AsyncNodeConnection, args: _A, /) -> Awaitable[int]: ...
 
 
-def _sync_call(conn: NodeConnection, code: int, args: Any, retry: bool) -> int:
-    ret = conn.ioctl(code, args)
+def _fds_of(args: Any, fd_field: str) -> tuple[int, ...]:
+    """The descriptor a struct names (a share descriptor, a sync file): handed to the node with
+    the call, as the kernel takes it by number from the caller's table."""
+    if not fd_field:
+        return ()
+    number = int(getattr(args, fd_field))
+    return (number,) if 0 <= number <= 0x7FFFFFFF else ()
+
+
+def _sync_call(conn: NodeConnection, code: int, args: Any, retry: bool,
+               fd_field: str = "") -> int:
+    fds = _fds_of(args, fd_field)
+    try:
+        ret = conn.ioctl(code, args, fds) if fds else conn.ioctl(code, args)
+    except OSError as e:
+        if not fds or e.errno != errno.EBADF:
+            raise
+        ret = -errno.EBADF  # not a descriptor of this process: as the kernel's fget() fails
     if retry and ret in _REOPEN_ERRNOS and conn.forked:
         conn.reopen()
         ret = conn.ioctl(code, args)
     return ioctl_result_to_ntstatus(ret)
 
 
-async def _async_call(conn: AsyncNodeConnection, code: int, args: Any, retry: bool) -> int:
-    ret = await conn.ioctl(code, args)
+async def _async_call(conn: AsyncNodeConnection, code: int, args: Any, retry: bool,
+                      fd_field: str = "") -> int:
+    fds = _fds_of(args, fd_field)
+    try:
+        ret = await (conn.ioctl(code, args, fds) if fds else conn.ioctl(code, args))
+    except OSError as e:
+        if not fds or e.errno != errno.EBADF:
+            raise
+        ret = -errno.EBADF
     if retry and ret in _REOPEN_ERRNOS and conn.forked:
         await conn.reopen()
         ret = await conn.ioctl(code, args)
@@ -143,16 +166,17 @@ async def _async_call(conn: AsyncNodeConnection, code: int, args: Any, retry: bo
 
 
 def _thunk(name: str, code: int, struct_type: type[ctypes.Structure], retry: bool = False,
-           doc: str = "") -> Any:
-    """The thunk ``name`` for ioctl ``code``; ``retry``: libdxg's reopen-once in a forked child."""
+           doc: str = "", fd_field: str = "") -> Any:
+    """The thunk ``name`` for ioctl ``code``; ``retry``: libdxg's reopen-once in a forked child;
+    ``fd_field``: the struct field that holds a descriptor of the caller's the call takes."""
 
     def thunk(conn: NodeConnection | AsyncNodeConnection,
               args: Any) -> int | Coroutine[Any, Any, int]:
         if not isinstance(args, struct_type):
             raise TypeError(f"expected a {struct_type.__name__}, got {type(args).__name__}")
         if isinstance(conn, AsyncNodeConnection):
-            return _async_call(conn, code, args, retry)
-        return _sync_call(conn, code, args, retry)
+            return _async_call(conn, code, args, retry, fd_field)
+        return _sync_call(conn, code, args, retry, fd_field)
 
     thunk.__name__ = thunk.__qualname__ = name
     thunk.__doc__ = doc or f"``{io.IOCTLS_BY_CODE[code].name}`` with a ``{struct_type.__name__}``."
@@ -396,16 +420,19 @@ D3DKMTOpenSyncObjectFromNtHandle2: Thunk[s.d3dkmt_opensyncobjectfromnthandle2] =
     "D3DKMTOpenSyncObjectFromNtHandle2",
     io.LX_DXOPENSYNCOBJECTFROMNTHANDLE2,
     s.d3dkmt_opensyncobjectfromnthandle2,
+    fd_field="nt_handle",
 )
 D3DKMTQueryResourceInfoFromNtHandle: Thunk[s.d3dkmt_queryresourceinfofromnthandle] = _thunk(
     "D3DKMTQueryResourceInfoFromNtHandle",
     io.LX_DXQUERYRESOURCEINFOFROMNTHANDLE,
     s.d3dkmt_queryresourceinfofromnthandle,
+    fd_field="nt_handle",
 )
 D3DKMTOpenResourceFromNtHandle: Thunk[s.d3dkmt_openresourcefromnthandle] = _thunk(
     "D3DKMTOpenResourceFromNtHandle",
     io.LX_DXOPENRESOURCEFROMNTHANDLE,
     s.d3dkmt_openresourcefromnthandle,
+    fd_field="nt_handle",
 )
 D3DKMTQueryStatistics: Thunk[s.d3dkmt_querystatistics] = _thunk(
     "D3DKMTQueryStatistics", io.LX_DXQUERYSTATISTICS, s.d3dkmt_querystatistics
@@ -417,12 +444,14 @@ D3DKMTCreateSyncFile: Thunk[s.d3dkmt_createsyncfile] = _thunk(
     "D3DKMTCreateSyncFile", io.LX_DXCREATESYNCFILE, s.d3dkmt_createsyncfile
 )
 D3DKMTWaitSyncFile: Thunk[s.d3dkmt_waitsyncfile] = _thunk(
-    "D3DKMTWaitSyncFile", io.LX_DXWAITSYNCFILE, s.d3dkmt_waitsyncfile
+    "D3DKMTWaitSyncFile", io.LX_DXWAITSYNCFILE, s.d3dkmt_waitsyncfile,
+    fd_field="sync_file_handle",
 )
 D3DKMTOpenSyncObjectFromSyncFile: Thunk[s.d3dkmt_opensyncobjectfromsyncfile] = _thunk(
     "D3DKMTOpenSyncObjectFromSyncFile",
     io.LX_DXOPENSYNCOBJECTFROMSYNCFILE,
     s.d3dkmt_opensyncobjectfromsyncfile,
+    fd_field="sync_file_handle",
 )
 D3DKMTEnumProcesses: Thunk[s.d3dkmt_enumprocesses] = _thunk(
     "D3DKMTEnumProcesses", io.LX_DXENUMPROCESSES, s.d3dkmt_enumprocesses

@@ -246,6 +246,35 @@ class Device:
         """``numpy.arange(*args)`` uploaded."""
         return self.asarray(np.arange(*args, dtype=dtype))
 
+    def from_allocation(self, allocation: Any, shape: int | Sequence[int], dtype: Any,
+                        offset: int = 0) -> Any:
+        """An array over memory this Device did not make: a ``dxg.client`` allocation of
+        ``self.dxg`` (typically of a resource another process shared: ``self.dxg.
+        open_resource(fd)``), ``shape`` and ``dtype`` from byte ``offset``. No copy: work on
+        the array reads and writes that memory (an allocation opened read-only cannot be
+        written: uploads fail, GPU writes fault the device). The allocation stays the caller's
+        (closing it ends the array); the array only maps it at a GPU VA, once. Work another
+        process does on it is ordered with fences (``stream.wait_fence``), as on a GPU."""
+        from dxg.compute.array import ndarray
+        from dxg.compute.memory import Block
+
+        self._live()
+        if allocation.device is not self.dxg:
+            raise ValueError("the allocation belongs to another dxg device than this one's "
+                             "(open it with dev.dxg)")
+        dt = _dt.device_dtype(dtype)
+        dims = _dt.shape_of(shape)
+        nbytes = int(np.prod(dims, dtype=np.int64)) * dt.itemsize
+        if offset < 0 or offset % dt.itemsize or offset + nbytes > allocation.size:
+            raise ValueError(f"{nbytes} bytes at offset {offset} do not fit an allocation of "
+                             f"{allocation.size} bytes")
+        with self._lock:  # a mapping of the whole allocation it has already, else a new one
+            whole = [m for m in allocation.gpu_mappings
+                     if m.offset == 0 and m.size >= allocation.size]
+            va = int(whole[0].va if whole else allocation.map_gpu(self.paging_queue).va)
+        block = Block(allocation, va + offset, offset, nbytes, None, "external")
+        return ndarray._new(self, block, dims, dt, owned=False)
+
     # -- synchronization -----------------------------------------------------------------------
 
     def synchronize(self) -> None:

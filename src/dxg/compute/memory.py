@@ -59,7 +59,7 @@ class Block:
         self.offset = offset
         self.size = size
         self.slab = slab
-        self.kind = kind  # "data", "upload", "dedicated", "staging", "empty"
+        self.kind = kind  # "data", "upload", "dedicated", "staging", "empty", "external"
         self.uses: dict[Any, int] = {}  # stream -> progress value of its last use
         self.writer: tuple[Any, int] | None = None  # (stream, value) of the last write
 

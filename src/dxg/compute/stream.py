@@ -208,6 +208,31 @@ class Stream:
             value = self.queue.submitted + (1 if len(self._cb) else 0)
         return Event(self, value)
 
+    def signal_fence(self, fence: Any, value: int) -> None:
+        """Once the work encoded on this stream so far has run, ``fence`` (a ``dxg.client``
+        monitored fence of this device, or one another process shared) reaches ``value``:
+        how another process learns that memory it shares with this one is ready."""
+        with self._lock:
+            self.device._live()
+            self.flush()
+            try:
+                self.queue.signal(fence, value)
+            except DxgError:
+                self.device.check()
+                raise
+
+    def wait_fence(self, fence: Any, value: int) -> None:
+        """This stream's later work waits (on the GPU; the host does not block) until
+        ``fence`` reaches ``value``: work of another process on memory shared with it."""
+        with self._lock:
+            self.device._live()
+            self.flush()
+            try:
+                self.queue.wait_for(fence, value)
+            except DxgError:
+                self.device.check()
+                raise
+
     def wait_event(self, event: Event) -> None:
         """This stream's later work waits (on the GPU) for ``event``; the host does not block."""
         if not isinstance(event, Event):

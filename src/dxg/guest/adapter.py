@@ -35,6 +35,9 @@ class GuestAdapter:
         self.pci_vendor_id = dev.offer.pci_vendor_id
         self.pci_device_id = dev.offer.pci_device_id
         self.interface_version = 0
+        # Its number on its host (ADAPTERADDRESS DeviceNumber), asked for only when the policy
+        # names adapters that way (dxg.guest.policy); None: not known.
+        self.host_index: int | None = None
         self.process_adapters: list[ProcessAdapter] = []
 
     @property

@@ -70,7 +70,7 @@ class GuestBlock:
 
 class GuestAllocation:
     __slots__ = ("block", "device", "flags", "group", "handle", "host_handle", "lock_count",
-                 "offered", "offering", "offset", "resource", "shadow", "size")
+                 "offered", "offering", "offset", "readonly", "resource", "shadow", "size")
 
     def __init__(self, device: GuestDevice, host_handle: int, block: GuestBlock, offset: int,
                  size: int, group: int, flags: int,
@@ -88,16 +88,20 @@ class GuestAllocation:
         self.offered = False
         self.offering = 0  # offers of it on their way to the host
         self.shadow: Shadow | None = None
+        self.readonly = False  # opened from a read-only share (docs/sharing.md)
 
 
 class GuestResource:
-    __slots__ = ("allocations", "device", "handle", "host_handle")
+    __slots__ = ("allocations", "device", "handle", "host_handle", "readonly", "shared")
 
-    def __init__(self, device: GuestDevice, host_handle: int) -> None:
+    def __init__(self, device: GuestDevice, host_handle: int, shared: bool = False,
+                 readonly: bool = False) -> None:
         self.device = device
         self.host_handle = host_handle
         self.handle = 0
         self.allocations: list[GuestAllocation] = []
+        self.shared = shared  # a shared resource (made shared, or opened): ShareObjects takes it
+        self.readonly = readonly  # opened without write access
 
 
 class GuestPagingQueue:
@@ -286,8 +290,13 @@ class ProcessMemory:
         return sum(1 for b in self.blocks.values() if b.fd >= 0)
 
 
-def link_key(link: HostLink, hprocess: int, block: int) -> BlockKey:
-    return (link.index, link.generation, hprocess, block)
+# A block mapped read-only because its allocation was opened so (docs/sharing.md) is another
+# record than the same block mapped writable (it has its own read-only descriptor).
+_READONLY_KEY = 1 << 63
+
+
+def link_key(link: HostLink, hprocess: int, block: int, readonly: bool = False) -> BlockKey:
+    return (link.index, link.generation, hprocess, block | (_READONLY_KEY if readonly else 0))
 
 
 def release_allocation(proc: GuestProcess, alloc: GuestAllocation) -> None:

@@ -10,6 +10,7 @@ as such may be called from any thread.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import time
@@ -21,8 +22,10 @@ from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleSpace
 from dxg.guest.hostlink import HostLink
 from dxg.guest.ioctl import dispatch
+from dxg.guest.policy import Policy
 from dxg.guest.process import GuestProcess, UserShare, process_exit
 from dxg.guest.quota import GuestLimits
+from dxg.guest.share import Shares
 from dxg.guest.syncobject import adapter_stopped
 from dxg.guest.usermem import UserMemory
 from dxg.protocol.bus import (
@@ -33,6 +36,7 @@ from dxg.protocol.bus import (
 from dxg.protocol.guids import DXGK_GLOBAL_GUID, DXGK_VGPU_GUID, guid_to_luid
 from dxg.runtime.loop import Changes, LoopThread, on_loop, owned_loop
 from dxg.uapi.ntstatus import nt_success
+from dxg.uapi.wddm import D3DKMT_ADAPTERADDRESS, KMTQUERYADAPTERINFOTYPE
 from dxg.vmbus.bus import BusDevice, BusError, GuestBus
 from dxg.vmbus.channel import ChannelClosed
 from dxg.vmbus.transport import Transport, connect
@@ -53,7 +57,7 @@ class GuestDriver:
     def __init__(self, name: str = "pydxg-guest", loop: LoopThread | None = None, *,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 5.0,
                  max_adapters_per_host: int = 64, max_adapters: int = 256,
-                 limits: GuestLimits | None = None) -> None:
+                 limits: GuestLimits | None = None, policy: Policy | None = None) -> None:
         if not 1 <= max_adapters_per_host <= max_adapters:
             raise ValueError("need 1 <= max_adapters_per_host <= max_adapters")
         self.name = name
@@ -69,8 +73,12 @@ class GuestDriver:
         self._next_link = 0
         self._processes: dict[int, GuestProcess] = {}
         self.limits = limits if limits is not None else GuestLimits()
+        # Who sees which adapters, and the processes' memory quotas (dxg.guest.policy).
+        self.policy = policy if policy is not None else Policy()
         self._shares: dict[int, UserShare] = {}  # uid -> what that user's processes hold
         self.handle_space = HandleSpace()
+        # Share descriptors and sync files handed out (dxg.guest.share): they outlive processes.
+        self.shares = Shares(self.rt.loop)
         self.started = time.time()
         self._changes = Changes(self.rt)
         self._closed = False
@@ -154,6 +162,7 @@ class GuestDriver:
             await self._unbind(bus)
         for proc in list(self._processes.values()):
             await self.close_process(proc)
+        self.shares.close_all()
 
     # ---- bus driver callbacks (the bus's probe/remove task) ------------------------------------
 
@@ -244,6 +253,8 @@ class GuestDriver:
                     raise IoctlError(0, f"OPENADAPTER status 0x{opened.status:08x}")
                 ad.host_handle = opened.host_adapter_handle
                 info = await vmbus.get_internal_adapter_info(ad)
+                if self.policy.needs_host_index:
+                    ad.host_index = await _host_index(ad)
             except (IoctlError, BusError, ChannelClosed, vmbus.HostStatus) as e:
                 log.error("host %s: adapter %016x failed to start: %s", link.name, ad.luid, e)
                 self._set_stopped(ad)
@@ -347,6 +358,17 @@ class GuestDriver:
         ad = self._by_luid.get(luid)
         return ad if ad is not None and ad.state == AdapterState.ACTIVE else None
 
+    def adapters_for(self, proc: GuestProcess) -> list[GuestAdapter]:
+        """The active adapters ``proc`` may see, in enumeration order (its policy grant)."""
+        grant = proc.grant
+        return [a for a in self.active_adapters() if grant.sees(a)]
+
+    def adapter_for(self, proc: GuestProcess, luid: int) -> GuestAdapter | None:
+        """The active adapter with this LUID if ``proc`` may see it: one it may not is
+        answered exactly as a LUID that names nothing."""
+        ad = self.adapter_by_luid(luid)
+        return ad if ad is not None and proc.grant.sees(ad) else None
+
     def wait_for_adapters(self, count: int, timeout: float) -> bool:
         """Wait (off the loop) until at least ``count`` adapters are active."""
         return self.wait_for(lambda: len(self.active_adapters()) >= count, timeout)
@@ -357,12 +379,17 @@ class GuestDriver:
 
     # ---- processes (the node front ends, on the loop) ------------------------------------------
 
-    def open_process(self, pid: int, uid: int, name: str) -> GuestProcess:
+    def open_process(self, pid: int, uid: int, name: str,
+                     gids: tuple[int, ...] = ()) -> GuestProcess:
+        """A process for a node connection or FUSE open by ``uid`` with groups ``gids`` (its
+        primary group and the supplementary ones): what it may do comes from the policy."""
         share = self._shares.get(uid)
         if share is None:
             share = self._shares[uid] = UserShare(uid, self.limits)
         share.processes += 1
-        proc = GuestProcess(pid, uid, name, self.handle_space, self.limits, share)
+        grant = self.policy.grant_for(uid, gids)
+        proc = GuestProcess(pid, uid, name, self.handle_space, self.limits, share, grant,
+                            tuple(gids), self.policy.has_memory_quotas)
         self._processes[id(proc)] = proc
         return proc
 
@@ -429,7 +456,8 @@ class GuestDriver:
                         for d in pa.devices),
                     "paging_queues": sum(len(d.paging_queues) for d in pa.devices),
                 })
-            procs.append({"pid": p.pid, "uid": p.uid, "name": p.name, "adapters": links,
+            procs.append({"pid": p.pid, "uid": p.uid, "gids": list(p.gids),
+                          "grant": p.grant.census(), "name": p.name, "adapters": links,
                           "handles": len(p.handles), "blocks": len(p.memory.blocks),
                           "block_fds": p.memory.fds, "shadows": p.memory.shadows})
         return {
@@ -450,6 +478,7 @@ class GuestDriver:
                 for i, a in enumerate(adapters)
             ],
             "processes": procs,
+            "shares": self.shares.census(),  # share descriptors and sync files (docs/sharing.md)
         }
 
     async def host_census(self) -> list[dict[str, Any]]:
@@ -465,6 +494,24 @@ class GuestDriver:
                 entry["error"] = "not connected"
             out.append(entry)
         return out
+
+
+async def _host_index(ad: GuestAdapter) -> int | None:
+    """The adapter's number on its host: its ADAPTERADDRESS DeviceNumber (None when the host
+    does not say; policy rules by number then do not match it)."""
+    size = ctypes.sizeof(D3DKMT_ADAPTERADDRESS)
+    try:
+        status, data = await vmbus.query_adapter_info(
+            ad, 0, KMTQUERYADAPTERINFOTYPE.KMTQAITYPE_ADAPTERADDRESS, bytes(size))
+    except (IoctlError, vmbus.HostStatus) as e:
+        log.warning("adapter %016x: no ADAPTERADDRESS (%s): policy rules by index will not "
+                    "match it", ad.luid, e)
+        return None
+    if not nt_success(status) or len(data) < size:
+        log.warning("adapter %016x: no ADAPTERADDRESS (status 0x%08x): policy rules by index "
+                    "will not match it", ad.luid, status)
+        return None
+    return int(D3DKMT_ADAPTERADDRESS.from_buffer_copy(data[:size]).DeviceNumber)
 
 
 __all__ = ["GuestDriver"]

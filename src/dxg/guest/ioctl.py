@@ -35,6 +35,7 @@ from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleType
 from dxg.guest.ioctl_memory import HANDLERS as MEMORY_HANDLERS
 from dxg.guest.ioctl_queue import HANDLERS as QUEUE_HANDLERS
+from dxg.guest.ioctl_share import HANDLERS as SHARE_HANDLERS
 from dxg.guest.ioctl_stats import HANDLERS as STATS_HANDLERS
 from dxg.guest.ioctl_sync import HANDLERS as SYNC_HANDLERS
 from dxg.guest.lookup import (
@@ -125,8 +126,9 @@ def _drop_adapter_ref(proc: GuestProcess, pa: ProcessAdapter) -> None:
 
 async def enum_adapters2(drv: GuestDriver, proc: GuestProcess, args: Any,
                          mem: UserMemory) -> int:
-    """Lists the adapters that are not compute-only, opening each one."""
-    adapters = [a for a in drv.active_adapters() if not a.compute_only]
+    """Lists the adapters that are not compute-only, opening each one (those the caller's
+    policy lets it see: dxg.guest.policy)."""
+    adapters = [a for a in drv.adapters_for(proc) if not a.compute_only]
     if args.num_adapters == 0 or args.adapters == 0:
         args.num_adapters = len(adapters)
         return 0
@@ -143,8 +145,9 @@ async def enum_adapters2(drv: GuestDriver, proc: GuestProcess, args: Any,
 async def enum_adapters3(drv: GuestDriver, proc: GuestProcess, args: Any,
                          mem: UserMemory) -> int:
     """Like EnumAdapters2 with a filter. A too-small array gets -EOVERFLOW and the needed count,
-    and opens nothing (the real driver overflows its buffer and leaks handles here)."""
-    adapters = drv.active_adapters()
+    and opens nothing (the real driver overflows its buffer and leaks handles here). Only the
+    adapters the caller's policy lets it see."""
+    adapters = drv.adapters_for(proc)
     if not args.filter.include_compute_only:
         adapters = [a for a in adapters if not a.compute_only]
     if args.adapter_count == 0 or args.adapters == 0:
@@ -162,9 +165,9 @@ async def enum_adapters3(drv: GuestDriver, proc: GuestProcess, args: Any,
 
 async def open_adapter_from_luid(drv: GuestDriver, proc: GuestProcess, args: Any,
                                  mem: UserMemory) -> int:
-    ad = drv.adapter_by_luid(luid_to_int(args.adapter_luid.a, args.adapter_luid.b))
+    ad = drv.adapter_for(proc, luid_to_int(args.adapter_luid.a, args.adapter_luid.b))
     if ad is None:
-        return -errno.EINVAL
+        return -errno.EINVAL  # no such adapter, or one the caller's policy hides: the same
     args.adapter_handle.v = open_adapter(proc, ad)
     return 0
 
@@ -177,7 +180,7 @@ async def close_adapter_ioctl(drv: GuestDriver, proc: GuestProcess, args: Any,
 
 async def enum_processes(drv: GuestDriver, proc: GuestProcess, args: Any,
                          mem: UserMemory) -> int:
-    adapter = drv.adapter_by_luid(luid_to_int(args.adapter_luid.a, args.adapter_luid.b))
+    adapter = drv.adapter_for(proc, luid_to_int(args.adapter_luid.a, args.adapter_luid.b))
     if adapter is None:
         return -errno.EINVAL
     pids = [pa.process.pid for pa in adapter.process_adapters if not pa.process.closed]
@@ -431,6 +434,7 @@ HANDLERS: MappingProxyType[str, Handler] = MappingProxyType({
     **QUEUE_HANDLERS,
     **STATS_HANDLERS,
     **SYNC_HANDLERS,
+    **SHARE_HANDLERS,
 })
 # The same table by ioctl number, for dispatch (derived: the names above are the source).
 _BY_NR: MappingProxyType[int, Handler] = MappingProxyType(

@@ -152,11 +152,14 @@ async def _send_args(proc: GuestProcess, adapter: GuestAdapter, command: VgpuCom
     return reply.status, after, reply.extra
 
 
-def _check_block_fd(fd: int, size: int) -> None:
+def _check_block_fd(fd: int, size: int, readonly: bool = False) -> None:
     """A descriptor a host sent for a block must be what every mapper can trust: a regular
     file of at least ``size`` bytes, sealed so nobody can shrink it (a mapping past a file's end
-    faults: a host must not be able to crash a client that way)."""
+    faults: a host must not be able to crash a client that way); opened read-only for memory
+    its process may only read (docs/sharing.md)."""
     st = os.fstat(fd)
+    if readonly and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+        raise IoctlError(errno.EPROTO, "host sent a writable descriptor of read-only memory")
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
@@ -187,8 +190,12 @@ async def create_allocation(drv: GuestDriver, proc: GuestProcess, args: Any,
     if flags.existing_sysmem:
         # pydxg cannot give the host a caller's own pages without copying them (docs/memory.md)
         return -errno.EOPNOTSUPP
-    if flags.create_shared:
-        return -errno.EOPNOTSUPP  # sharing by NT handle: not yet
+    shared = bool(flags.create_shared or flags.nt_security_sharing)
+    if shared and (not flags.create_shared or not flags.nt_security_sharing
+                   or not flags.create_resource or _h(args.resource)):
+        # shared by NT handle (descriptor) only, as the real driver, and made whole at once
+        # (docs/sharing.md)
+        return -errno.EINVAL
     if not 0 < count <= mm.CREATEALLOCATION_MAX:
         return -errno.EINVAL
     runtime = copy_from_user(mem, args.private_runtime_data, args.private_runtime_data_size,
@@ -225,6 +232,8 @@ async def create_allocation(drv: GuestDriver, proc: GuestProcess, args: Any,
     resource: GuestResource | None = None
     if _h(args.resource):
         resource = _resource(proc, _h(args.resource), dev)
+        if resource.shared:
+            return -errno.EINVAL  # a shared resource takes no more allocations
     adapter = dev.adapter
     charged = count + (1 if resource is None and flags.create_resource else 0)
     for i in range(charged):
@@ -252,7 +261,8 @@ async def create_allocation(drv: GuestDriver, proc: GuestProcess, args: Any,
             proc.release_objects(charged)
         return ret
     try:
-        allocs, res = _adopt(proc, dev, hprocess, reply, new, resource, flags.create_resource)
+        allocs, res = _adopt(proc, dev, hprocess, reply, new, resource, flags.create_resource,
+                             shared)
     except BaseException:
         if not proc.closed:
             proc.release_objects(charged)
@@ -277,8 +287,8 @@ async def create_allocation(drv: GuestDriver, proc: GuestProcess, args: Any,
 
 def _adopt(proc: GuestProcess, dev: GuestDevice, hprocess: int,
            reply: m.CreateAllocationReturn, sent: list[m.NewAllocation],
-           resource: GuestResource | None,
-           create_resource: int) -> tuple[list[GuestAllocation], GuestResource | None]:
+           resource: GuestResource | None, create_resource: int,
+           shared: bool = False) -> tuple[list[GuestAllocation], GuestResource | None]:
     """The guest's objects for what the host made, after checking the reply."""
     if proc.closed or dev.state != ObjectState.ACTIVE:
         raise IoctlError(errno.ENODEV, "the device went while the host made its memory")
@@ -297,7 +307,7 @@ def _adopt(proc: GuestProcess, dev: GuestDevice, hprocess: int,
     made: list[GuestAllocation] = []
     try:
         if resource is None and create_resource:
-            res = GuestResource(dev, reply.resource)
+            res = GuestResource(dev, reply.resource, shared=shared)
             res.handle = proc.handles.alloc(HandleType.RESOURCE, res)
         for a in reply.allocations:
             block = proc.memory.use(link_key(link, hprocess, a.block), a.block_size)
@@ -415,11 +425,12 @@ async def lock2(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemory
             ret = _host_result(reply.status)
             if ret < 0:
                 return ret
-            if (len(got) != 1 or link_key(adapter.link, hprocess, reply.block) != block.key
+            if (len(got) != 1
+                    or link_key(adapter.link, hprocess, reply.block, alloc.readonly) != block.key
                     or reply.block_size != block.size or reply.offset != alloc.offset
                     or reply.size != alloc.size):
                 raise IoctlError(errno.EPROTO, "host answered LOCK2 for another block")
-            _check_block_fd(got[0], block.size)
+            _check_block_fd(got[0], block.size, alloc.readonly)
             if block.fd < 0 and proc.memory.blocks.get(block.key) is block:
                 block.fd = got.pop()
         finally:
@@ -430,7 +441,8 @@ async def lock2(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemory
         return -errno.EBADF  # destroyed meanwhile
     if alloc.offered or alloc.offering:
         return -errno.EINVAL  # offered while its block's descriptor came
-    map_block(mem, block.id, block.size, alloc.offset, _LOCK2_DATA, proc.memory.give(block))
+    map_block(mem, block.id, block.size, alloc.offset, _LOCK2_DATA, proc.memory.give(block),
+              readonly=alloc.readonly)
     block.mapped = True
     alloc.lock_count += 1
     return 0
@@ -448,7 +460,7 @@ async def _lock_copy(proc: GuestProcess, dev: GuestDevice, alloc: GuestAllocatio
     shadow = alloc.shadow
     if shadow is None or not alloc.lock_count:
         if shadow is None:
-            shadow = proc.memory.shadow(alloc.size)
+            shadow = proc.memory.shadow(alloc.size, readonly=alloc.readonly)
             shadow.owner = alloc
             alloc.shadow = shadow
         else:
@@ -469,7 +481,8 @@ async def _lock_copy(proc: GuestProcess, dev: GuestDevice, alloc: GuestAllocatio
             return -errno.EINVAL  # offered while its bytes came
     block = shadow.block
     try:
-        map_block(mem, block.id, block.size, 0, _LOCK2_DATA, proc.memory.give(block))
+        map_block(mem, block.id, block.size, 0, _LOCK2_DATA, proc.memory.give(block),
+                  readonly=alloc.readonly)
     except BaseException:
         if not alloc.lock_count:
             proc.memory.keep(shadow)
@@ -616,6 +629,9 @@ async def unlock2(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemo
     alloc.lock_count -= 1
     shadow = alloc.shadow
     if alloc.lock_count or shadow is None or shadow.kept:
+        return 0
+    if alloc.readonly:  # nothing it may write goes back (docs/sharing.md)
+        proc.memory.keep(shadow)
         return 0
     shadow.busy = asyncio.get_running_loop().create_future()
     try:

@@ -70,7 +70,7 @@ def process_of_pid(caller: GuestProcess, adapter: GuestAdapter, pid: int) -> Gue
 
 async def query_statistics(drv: GuestDriver, proc: GuestProcess, args: Any,
                            mem: UserMemory) -> int:
-    adapter = drv.adapter_by_luid(luid_to_int(args.adapter_luid.a, args.adapter_luid.b))
+    adapter = drv.adapter_for(proc, luid_to_int(args.adapter_luid.a, args.adapter_luid.b))
     if adapter is None:
         return -errno.EINVAL
     pid = int(args.process)

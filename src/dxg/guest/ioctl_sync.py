@@ -190,9 +190,11 @@ async def create_sync_object(drv: GuestDriver, proc: GuestProcess, args: Any,
     kind = int(info.type)
     if not MUTEX <= kind <= PERIODIC_MONITORED_FENCE:
         return -errno.EINVAL
-    if info.flags.shared:
-        # the real driver requires nt_security_sharing; sharing itself comes with its issue
-        return -errno.EINVAL if not info.flags.nt_security_sharing else -errno.EOPNOTSUPP
+    if (info.flags.shared or info.flags.nt_security_sharing) and not (
+            info.flags.shared and info.flags.nt_security_sharing):
+        # shared by NT handle (a descriptor: docs/sharing.md), as the real driver requires; the
+        # host shares monitored fences (other kinds: STATUS_NOT_SUPPORTED)
+        return -errno.EINVAL
     adapter = dev.adapter
     link = adapter.link
     channel = adapter.route()
@@ -357,6 +359,8 @@ async def signal_sync_object_cpu(drv: GuestDriver, proc: GuestProcess, args: Any
         obj = _syncobject(proc, h)
         if not obj.monitored or obj.adapter is not dev.adapter:
             return -errno.EINVAL
+        if obj.readonly:
+            return -errno.EACCES  # opened from a read-only share (docs/sharing.md)
         hosts.append(obj.host_handle)
     hprocess = await host_process(proc, dev.adapter.link)
     reply = await vmbus.send(dev.adapter, V.SIGNALSYNCOBJECT, hprocess, m.SignalSyncObject(
@@ -450,6 +454,8 @@ async def _signal_gpu(proc: GuestProcess, contexts: list[GuestContext], flags: i
     hosts, objs, monitored = _objects(proc, objects, adapter)
     if not all(isinstance(o, GuestSyncObject) for o in objs):
         return -errno.EINVAL  # a queue's fence: only its queue signals it
+    if any(o.readonly for o in objs):
+        return -errno.EACCES  # opened from a read-only share (docs/sharing.md)
     if values and (len(values) != len(objects)
                    or not all(o.type in _VALUE_KINDS for o in objs)):
         return -errno.EINVAL

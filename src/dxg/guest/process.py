@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING
 from dxg.guest.allocation import ProcessMemory
 from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleSpace, HandleTable, HandleType
+from dxg.guest.policy import ROOT_GRANT, Grant
 from dxg.guest.quota import GuestLimits, Quota, charge_object
 from dxg.guest.syncobject import ProcessSync
+from dxg.uapi.ntstatus import nt_success
 
 if TYPE_CHECKING:
     from dxg.guest.adapter import GuestAdapter
@@ -46,11 +48,18 @@ class UserShare:
 
 class GuestProcess:
     def __init__(self, pid: int, uid: int, name: str, space: HandleSpace,
-                 limits: GuestLimits | None = None, share: UserShare | None = None) -> None:
+                 limits: GuestLimits | None = None, share: UserShare | None = None,
+                 grant: Grant = ROOT_GRANT, gids: tuple[int, ...] = (),
+                 memory_quota: bool = False) -> None:
         limits = limits if limits is not None else GuestLimits()
         self.pid = pid
         self.uid = uid
+        self.gids = gids
         self.name = name
+        # What the policy lets it do (dxg.guest.policy): the adapters it sees, its quotas;
+        # memory_quota: its hosts are told its quotas (the policy has some for someone).
+        self.grant = grant
+        self.memory_quota = memory_quota
         self.share = share if share is not None else UserShare(uid, limits)
         self.handles = HandleTable(space, limits.handles_per_process, self.share.handles)
         self.objects = Quota(limits.objects_per_process, f"host objects of pid {pid}")
@@ -108,21 +117,51 @@ async def host_process(proc: GuestProcess, link: HostLink) -> int:
         except BaseException:
             fail(IoctlError(errno.ENODEV, "the host link closed"))
             raise
+        try:
+            if proc.memory_quota:
+                await _set_quota(proc, link, handle)
+        except Exception as e:
+            fail(e)
+            await _destroy_quietly(link, handle)
+            return
+        except BaseException:
+            fail(IoctlError(errno.ENODEV, "the host link closed"))
+            raise
         if not proc.closed:
             future.set_result(handle)
             return
         # The process went while the host was creating it: it is not ours to keep.
         fail(IoctlError(errno.ESRCH, "process is exiting"))
-        try:
-            await vmbus.destroy_process(link, handle)
-        except (IoctlError, vmbus.HostStatus):
-            pass
+        await _destroy_quietly(link, handle)
 
     try:
         link.tasks.spawn(create(), f"CREATEPROCESS pid {proc.pid}")
     except RuntimeError:
         fail(IoctlError(errno.ENODEV, "the host link is closing"))
     return await asyncio.shield(future)
+
+
+async def _set_quota(proc: GuestProcess, link: HostLink, hprocess: int) -> None:
+    """Tell the host the process's memory quotas (its account: its uid) before it can use
+    memory there; a host that cannot take them gets no process of this guest (-EPROTO)."""
+    from dxg.guest import vmbus
+
+    grant = proc.grant
+    status = await vmbus.set_process_quota(link, hprocess, proc.uid, grant.memory_per_process,
+                                           grant.memory_per_uid)
+    if not nt_success(status):
+        log.error("host %s cannot enforce the memory quotas of pid %d (status 0x%08x)",
+                  link.name, proc.pid, status)
+        raise IoctlError(errno.EPROTO, "the host cannot enforce this process's memory quotas")
+
+
+async def _destroy_quietly(link: HostLink, hprocess: int) -> None:
+    from dxg.guest import vmbus
+
+    try:
+        await vmbus.destroy_process(link, hprocess)
+    except (IoctlError, vmbus.HostStatus):
+        pass
 
 
 def existing_host_process(proc: GuestProcess, link: HostLink) -> int | None:

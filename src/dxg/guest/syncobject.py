@@ -266,7 +266,7 @@ class GuestSyncObject:
     fence block, or a mirror slot) and its CPU notification's event."""
 
     __slots__ = ("block", "device", "event", "flags", "handle", "host_handle", "mirror",
-                 "offset", "pa", "type")
+                 "offset", "pa", "readonly", "type")
 
     def __init__(self, device: GuestDevice, host_handle: int, kind: int, flags: int,
                  device_object: bool) -> None:
@@ -280,6 +280,12 @@ class GuestSyncObject:
         self.offset = 0
         self.mirror: tuple[MirrorPage, int, HostEvent] | None = None  # (links without fds)
         self.event: HostEvent | None = None  # a CPU notification's (persistent) eventfd
+        self.readonly = False  # a shared fence opened without the right to signal it
+
+    @property
+    def shared(self) -> bool:
+        """Shared by descriptor (made ``shared``, or opened from a share: docs/sharing.md)."""
+        return bool(self.flags & 1)  # d3dddi_synchronizationobject_flags.shared
 
     @property
     def adapter(self) -> GuestAdapter:

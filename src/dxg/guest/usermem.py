@@ -31,9 +31,11 @@ class UserMemory(Protocol):
         hand it over)."""
         ...
 
-    def give_fd_to_user(self, fd: int, addr: int, width: int = 8) -> None:
+    def give_fd_to_user(self, fd: int, addr: int, width: int = 8,
+                        in_struct: bool = False) -> None:
         """Hand ``fd`` to the caller (the accessor owns it from now on, whatever happens) and
-        store its number there at user address ``addr``. FrontEndLimit where impossible."""
+        store its number there at user address ``addr`` (with ``in_struct``: at that offset
+        of the ioctl's struct). FrontEndLimit where impossible."""
         ...
 
     def map_block(self, block: int, block_size: int, offset: int, where: int,
@@ -102,10 +104,15 @@ def map_block(mem: UserMemory, block: int, block_size: int, offset: int, where: 
         raise IoctlError(errno.EFAULT, str(e) or "bad user address") from None
 
 
-def give_fd(mem: UserMemory, fd: int, addr: int, width: int = 8) -> None:
-    """Install ``fd`` in the caller, its number stored at ``addr`` (ownership passes on)."""
+def give_fd(mem: UserMemory, fd: int, addr: int, width: int = 8,
+            in_struct: bool = False) -> None:
+    """Install ``fd`` in the caller, its number stored at ``addr`` (a user address, or with
+    ``in_struct`` an offset of the ioctl's struct); ownership passes on."""
     try:
-        mem.give_fd_to_user(fd, addr, width)
+        if in_struct:
+            mem.give_fd_to_user(fd, addr, width, in_struct=True)
+        else:
+            mem.give_fd_to_user(fd, addr, width)
     except FrontEndLimit as e:
         raise IoctlError(errno.EOPNOTSUPP, str(e)) from None
     except UserMemoryFault as e:

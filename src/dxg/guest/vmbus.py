@@ -166,6 +166,15 @@ async def create_process(link: HostLink, cookie: int, pid: int, name: str) -> in
     return int(reply.hprocess)
 
 
+async def set_process_quota(link: HostLink, hprocess: int, account: int,
+                            per_process: int | None, per_account: int | None) -> int:
+    """PYDXG_SETPROCESSQUOTA: the NTSTATUS (limits None: none)."""
+    none = m.NO_LIMIT
+    body = m.ProcessQuota(account, none if per_process is None else per_process,
+                          none if per_account is None else per_account)
+    return int((await send(link, GlobalCommand.PYDXG_SETPROCESSQUOTA, hprocess, body)).status)
+
+
 async def destroy_process(link: HostLink, hprocess: int) -> int:
     return int((await send(link, GlobalCommand.DESTROYPROCESS, hprocess)).status)
 

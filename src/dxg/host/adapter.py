@@ -8,6 +8,8 @@ private data: the payload overwrites its start, the rest comes back as sent):
 
     UMDRIVERPRIVATE (0)               the pydxg UMD blob, see `umd_private_blob`
     GETSEGMENTSIZE (3)                D3DKMT_SEGMENTSIZEINFO: dedicated video / system, shared
+                                      (for a process under a quota, no more than its quota:
+                                      dxg.host.memory.Segments.sizes)
     ADAPTERADDRESS (6, 53 _RENDER)    D3DKMT_ADAPTERADDRESS: bus 1, device = adapter index, fn 0
     DRIVERVERSION (13, 56 _RENDER)    KMT_DRIVERVERSION_WDDM_2_7 (u32)
     ADAPTERTYPE (15, 57 _RENDER)      D3DKMT_ADAPTERTYPE of the HOST adapter: RenderSupported,
@@ -280,6 +282,14 @@ class HostAdapter:
         status = handler(buf)
         return int(status), bytes(buf) if status == NTSTATUS.STATUS_SUCCESS else private_data
 
+    def query_segment_sizes(self, private_data: bytes,
+                            sizes: tuple[int, int]) -> tuple[int, bytes]:
+        """GETSEGMENTSIZE as one process is told it: (local, non-local) ``sizes`` (its quotas
+        may make them smaller than the segments: Segments.sizes); as `query_info` otherwise."""
+        buf = bytearray(private_data)
+        status = self._qai_segment_size(buf, sizes)
+        return int(status), bytes(buf) if status == NTSTATUS.STATUS_SUCCESS else private_data
+
     @staticmethod
     def _put(buf: bytearray, payload: bytes | ctypes.Structure | ctypes.c_uint32) -> int:
         raw = bytes(payload)
@@ -291,12 +301,15 @@ class HostAdapter:
     def _qai_umd_private(self, buf: bytearray) -> int:
         return self._put(buf, self._umd_private)
 
-    def _qai_segment_size(self, buf: bytearray) -> int:
+    def _qai_segment_size(self, buf: bytearray,
+                          sizes: tuple[int, int] | None = None) -> int:
         d = self.description
+        local, shared = sizes if sizes is not None else (d.dedicated_video_memory,
+                                                         d.shared_system_memory)
         return self._put(buf, D3DKMT_SEGMENTSIZEINFO(
-            DedicatedVideoMemorySize=d.dedicated_video_memory,
+            DedicatedVideoMemorySize=local,
             DedicatedSystemMemorySize=d.dedicated_system_memory,
-            SharedSystemMemorySize=d.shared_system_memory,
+            SharedSystemMemorySize=shared,
         ))
 
     def _qai_address(self, buf: bytearray) -> int:
@@ -454,8 +467,13 @@ def get_internal_adapter_info(p: Partition, call: Call,
 
 def query_adapter_info(p: Partition, call: Call, body: m.QueryAdapterInfo) -> m.StatusAndData:
     adapter = _adapter(call)
-    p.optional_process(call)
-    status, data = adapter.query_info(body.query_type, body.private_data)
+    process = p.optional_process(call)
+    if process is not None and body.query_type == Q.KMTQAITYPE_GETSEGMENTSIZE:
+        segments = adapter.segments  # the sizes as this process is told them (its quotas)
+        sizes = segments.sizes(process.memory.view(segments, adapter.index))
+        status, data = adapter.query_segment_sizes(body.private_data, sizes)
+    else:
+        status, data = adapter.query_info(body.query_type, body.private_data)
     return m.StatusAndData(status, data)
 
 

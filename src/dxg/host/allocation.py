@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from dxg.host.call import Call, CommandFailed, Handler
 from dxg.host.memory import Arena, Block, Segments, Usage
 from dxg.host.placement import choose_group
+from dxg.host.quota import left_of
 from dxg.protocol import messages as m
 from dxg.protocol.commands import VgpuCommand
 from dxg.protocol.framing import DXG_MAX_VM_BUS_PACKET_SIZE
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from dxg.host.device import HostDevice
     from dxg.host.partition import Partition
     from dxg.host.process import HostProcess
+    from dxg.host.share import SharedAllocation, SharedResource
     from dxg.host.vaspace import Mapping
 
 __all__ = ["HANDLERS", "Allocation", "Resource", "allocation_of", "drop_allocation", "drop_device_memory", "drop_resource", "resource_of"]
@@ -79,6 +81,10 @@ class Allocation:
     discarded: bool = False
     alive: bool = True
     mappings: set[Mapping] = field(default_factory=set)  # its GPU VA mappings
+    # A view of a shared resource's allocation (dxg.host.share): the memory and its charge are
+    # the SharedAllocation's; ``readonly``: opened without write access.
+    shared: SharedAllocation | None = None
+    readonly: bool = False
 
     @property
     def segments(self) -> Segments:
@@ -115,6 +121,7 @@ class Resource:
     device: HostDevice
     priority: int = 0
     allocations: dict[int, Allocation] = field(default_factory=dict)
+    shared: SharedResource | None = None  # a handle of a shared resource (dxg.host.share)
 
 
 # ---- lookups -----------------------------------------------------------------------------------
@@ -155,8 +162,11 @@ def _new_allocation(p: Partition, device: HostDevice, resource: Resource | None,
         a.usage = process.memory.usage(segments, adapter.index)
         group = choose_group(segments, a.usage, size, bool(flags & ALLOC_NONLOCAL), priority)
         if group is None:
+            left = left_of(a.usage.bounds)
+            why = (f"over a memory quota ({left} bytes left)" if left is not None and size > left
+                   else "no room")
             raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY,
-                                f"no room for {size} bytes on adapter {adapter.index}")
+                                f"{why} for {size} bytes on adapter {adapter.index}")
         a.block, a.offset, a.arena = process.memory.place(p.config, adapter.index, size)
         segments.hold(a, group)
     except BaseException:
@@ -178,12 +188,14 @@ def drop_allocation(p: Partition, a: Allocation) -> None:
         if space is not None:
             space.unmap_allocation(p, a)
         a.mappings.clear()
-    segments = a.segments
-    segments.offered.pop(a, None)
-    if not a.discarded:
-        segments.unhold(a)
+    if a.shared is None:
+        segments = a.segments
+        segments.offered.pop(a, None)
+        if not a.discarded:
+            segments.unhold(a)
     a.alive = False
-    process.memory.release(a.block, a.offset, a.size, a.arena)
+    if a.shared is None:  # (a view's memory is its shared resource's: dxg.host.share)
+        process.memory.release(a.block, a.offset, a.size, a.arena)
     a.device.allocations.pop(a.handle, None)
     if a.resource is not None:
         a.resource.allocations.pop(a.handle, None)
@@ -195,6 +207,10 @@ def drop_resource(p: Partition, r: Resource) -> None:
         drop_allocation(p, a)
     if r.device.resources.pop(r.handle, None) is not None:
         p.free(r.handle, HandleType.RESOURCE, r.device.process)
+    if r.shared is not None:
+        from dxg.host.share import release_resource
+
+        release_resource(p, r)
 
 
 def drop_device_memory(p: Partition, device: HostDevice) -> None:
@@ -242,9 +258,14 @@ def create_allocation(p: Partition, call: Call,
     flags.value = body.flags
     if flags.create_protected or flags.existing_section:
         raise CommandFailed(INVALID, "protected and section-backed allocations are not served")
-    if (flags.existing_sysmem or flags.create_shared or flags.nt_security_sharing
-            or flags.cross_adapter or flags.open_cross_adapter):
-        raise CommandFailed(NTSTATUS.STATUS_NOT_SUPPORTED, "shared or sysmem allocations")
+    if flags.existing_sysmem or flags.cross_adapter or flags.open_cross_adapter:
+        raise CommandFailed(NTSTATUS.STATUS_NOT_SUPPORTED, "sysmem or cross-adapter allocations")
+    shared = bool(flags.create_shared or flags.nt_security_sharing)
+    if shared:
+        if not flags.nt_security_sharing:  # (global-handle sharing: no handler in the real one)
+            raise CommandFailed(NTSTATUS.STATUS_NOT_SUPPORTED, "sharing without NT handles")
+        if not flags.create_shared or not flags.create_resource or body.resource:
+            raise CommandFailed(INVALID, "a shared resource is made whole, by create_resource")
     count = len(body.allocations)
     if not 0 < count <= CREATEALLOCATION_MAX:
         raise CommandFailed(INVALID, f"{count} allocations")
@@ -255,11 +276,17 @@ def create_allocation(p: Partition, call: Call,
         if flags.create_resource:
             raise CommandFailed(INVALID, "create_resource and an existing resource")
         resource = resource_of(p, process, body.resource, device)
+        if resource.shared is not None:
+            raise CommandFailed(INVALID, "a shared resource takes no more allocations")
     sizes = _sizes(body, flags)
     reply_size = _HEAD + count * _PER_ALLOCATION + sum(len(a.priv_drv_data)
                                                         for a in body.allocations)
     if reply_size > DXG_MAX_VM_BUS_PACKET_SIZE:
         raise CommandFailed(INVALID, "private data too large to answer")
+    if shared:
+        from dxg.host.share import create_shared_resource
+
+        return create_shared_resource(p, device, body, sizes)
     made: list[Allocation] = []
     fresh: Resource | None = None
     try:
@@ -321,15 +348,25 @@ def _lockable(p: Partition, call: Call, device_handle: int, handle: int) -> Allo
     return a
 
 
+def _block_fd(a: Allocation) -> int:
+    """A descriptor of the allocation's block for the guest: read-only for a view opened
+    without write access (dxg.host.share)."""
+    if a.readonly:
+        from dxg.host.share import readonly_fd
+
+        return readonly_fd(a.block)
+    try:
+        return os.dup(a.block.fd)
+    except OSError as e:
+        raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, f"no descriptor: {e}") from None
+
+
 def lock2(p: Partition, call: Call, body: m.Lock2) -> m.Lock2Return:
     a = _lockable(p, call, body.device, body.allocation)
     if body.mode == m.LOCK2_FD:
         if not call.can_pass_fds:
             raise CommandFailed(NTSTATUS.STATUS_NOT_SUPPORTED, "no descriptors on this link")
-        try:
-            call.reply_fds.append(os.dup(a.block.fd))
-        except OSError as e:
-            raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, f"no descriptor: {e}") from None
+        call.reply_fds.append(_block_fd(a))
         return m.Lock2Return(OK, a.block.id, a.block.size, a.offset, a.size)
     if body.mode == m.LOCK2_COPY:
         if (body.offset > a.size or body.length > a.size - body.offset
@@ -347,6 +384,8 @@ def unlock2(p: Partition, call: Call, body: m.Unlock2) -> m.NtStatusReturn:
     n = len(body.data)
     if body.offset > a.size or n > a.size - body.offset:
         raise CommandFailed(INVALID, "range outside the allocation")
+    if n and a.readonly:
+        raise CommandFailed(NTSTATUS.STATUS_ACCESS_DENIED, "opened read-only")
     if n:  # (body.data: a view of the received message: one copy, into the block)
         a.block.write(a.offset + body.offset, body.data)
     return m.NtStatusReturn(OK)

@@ -22,6 +22,10 @@ class HostConfig:
     async_msg_enabled: bool = True  # reported in GETINTERNALADAPTERINFO
     dedicated_memory_mb: int = 1024  # per adapter (KMTQAITYPE_GETSEGMENTSIZE)
     shared_memory_mb: int = 4096  # per adapter (KMTQAITYPE_GETSEGMENTSIZE)
+    # Device memory one guest's processes may commit on each adapter, both segment groups
+    # together, in bytes (None: the segments alone bound it). Its processes' budgets and
+    # segment sizes reflect it (dxg.host.quota).
+    guest_memory: int | None = None
     mmio_megabytes: int = 256  # IO-space size in the global channel's offer
     host_caps: int = 0  # vGPU offer host caps (bit 0 map_guest_memory: not supported yet)
     max_handles_per_partition: int = 1 << 20  # live host objects one guest may hold
@@ -79,6 +83,8 @@ class HostConfig:
             raise ValueError(f"offer_order must be one of {OFFER_ORDERS}, not {self.offer_order!r}")
         if self.dedicated_memory_mb < 0 or self.shared_memory_mb < 0 or self.mmio_megabytes < 0:
             raise ValueError("memory sizes must not be negative")
+        if self.guest_memory is not None and self.guest_memory < 0:
+            raise ValueError("guest_memory must not be negative")
         if self.max_handles_per_partition < 1:
             raise ValueError("max_handles_per_partition must be positive")
         if self.max_partition_bytes < 1:

@@ -36,6 +36,7 @@ from dxg.host import hwqueue as hwqueue_mod
 from dxg.host import pagingqueue as pagingqueue_mod
 from dxg.host import process as process_mod
 from dxg.host import residency as residency_mod
+from dxg.host import share as share_mod
 from dxg.host import statistics as statistics_mod
 from dxg.host import syncobject as syncobject_mod
 from dxg.host import vaspace as vaspace_mod
@@ -82,7 +83,7 @@ OBJECT_HANDLERS = _merge(adapter_mod.HANDLERS, process_mod.HANDLERS, device_mod.
                          context_mod.HANDLERS, escape_mod.HANDLERS, allocation_mod.HANDLERS,
                          residency_mod.HANDLERS, vaspace_mod.HANDLERS, pagingqueue_mod.HANDLERS,
                          hwqueue_mod.HANDLERS, syncobject_mod.HANDLERS,
-                         statistics_mod.HANDLERS)
+                         statistics_mod.HANDLERS, share_mod.HANDLERS)
 
 
 def _discard(result: Any) -> None:

@@ -29,6 +29,13 @@ census reports: `Segments.info`, the one function for both):
                               = max(0, capacity(g) - sum over Q != P of
                                        max(committed(Q, g), reservation(Q, g)))
 
+A process under memory quotas (dxg.host.quota: its own, its account's, its guest's) must also
+fit what they leave, left(P), and is told less:
+
+    budget                    = min(capacity(g), committed(P, g) + left(P))
+    available_for_reservation = min(budget, max(0, room(P, g) + committed(P, g)))
+    GETSEGMENTSIZE            = min(capacity(g), the lowest quota that binds P)   (`sizes`)
+
 CHANGEVIDEOMEMORYRESERVATION may set a reservation up to available_for_reservation. When an
 allocation does not fit, offered allocations of that group on the adapter (any process, any
 guest; lowest offer priority first, then the oldest offer) are discarded until it does, or none
@@ -52,6 +59,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from dxg.host.call import CommandFailed
+from dxg.host.quota import Bound, GuestLedgers, Ledger, ProcessQuota, left_of
 from dxg.protocol import messages as m
 from dxg.uapi.memory import GROUP_LOCAL, GROUP_NONLOCAL, PAGE_SIZE
 from dxg.uapi.ntstatus import NTSTATUS
@@ -276,16 +284,21 @@ class Offered(Protocol):
 
 
 class Usage:
-    """One process's committed bytes and reservation, per segment group, on one adapter."""
+    """One process's committed bytes and reservation, per segment group, on one adapter, and
+    the ledgers its commitments count in (dxg.host.quota): its own, its account's, its
+    guest's, with the bounds that apply to it."""
 
-    __slots__ = ("adapter", "committed", "demoted_bytes", "promoted_bytes", "reservation",
-                 "segments")
+    __slots__ = ("adapter", "bounds", "committed", "demoted_bytes", "ledgers", "promoted_bytes",
+                 "reservation", "segments")
 
-    def __init__(self, segments: Segments, adapter: int) -> None:
+    def __init__(self, segments: Segments, adapter: int,
+                 ledgers: tuple[Ledger, ...] = (), bounds: tuple[Bound, ...] = ()) -> None:
         self.segments = segments
         self.adapter = adapter
         self.committed = [0, 0]
         self.reservation = [0, 0]
+        self.ledgers = ledgers
+        self.bounds = bounds
         # Bytes of the process's allocations the memory manager moved out of the local group
         # to make room for ones of higher priority, and back in (dxg.host.placement).
         self.demoted_bytes = 0
@@ -294,13 +307,32 @@ class Usage:
     def unused(self, group: int) -> int:
         return max(0, self.reservation[group] - self.committed[group])
 
-    def census(self) -> dict[str, int]:
+    def left(self) -> int | None:
+        """Bytes the quotas still let the process commit on the adapter (None: no quota)."""
+        return left_of(self.bounds)
+
+    def limit(self) -> int | None:
+        """The lowest quota that binds the process on the adapter (None: none does)."""
+        return min((limit for _, limit in self.bounds), default=None)
+
+    def census(self) -> dict[str, int | None]:
+        segments = self.segments
+        local = segments.info(GROUP_LOCAL, self)
+        nonlocal_ = segments.info(GROUP_NONLOCAL, self)
         return {
             "adapter": self.adapter,
             "local": self.committed[GROUP_LOCAL],
             "nonlocal": self.committed[GROUP_NONLOCAL],
             "local_reservation": self.reservation[GROUP_LOCAL],
             "nonlocal_reservation": self.reservation[GROUP_NONLOCAL],
+            # What QUERYVIDEOMEMORYINFO answers this process (Segments.info), and the quota
+            # that binds it (None: none).
+            "local_budget": local[0],
+            "nonlocal_budget": nonlocal_[0],
+            "local_available": local[3],
+            "nonlocal_available": nonlocal_[3],
+            "limit": self.limit(),
+            "left": self.left(),
         }
 
 
@@ -331,9 +363,13 @@ class Segments:
         self.usages.pop(usage, None)
 
     def _update(self, usage: Usage, group: int, committed: int, reservation: int) -> None:
-        """Set a usage's numbers; keeps the totals."""
+        """Set a usage's numbers; keeps the totals and the quota ledgers (the one place a
+        commitment changes, so every count is what the segments hold)."""
         before = usage.unused(group)
-        self.committed[group] += committed - usage.committed[group]
+        delta = committed - usage.committed[group]
+        self.committed[group] += delta
+        for ledger in usage.ledgers:
+            ledger.used += delta
         usage.committed[group] = committed
         usage.reservation[group] = reservation
         self.unused_reserved[group] += usage.unused(group) - before
@@ -369,10 +405,55 @@ class Segments:
 
     def info(self, group: int, usage: Usage) -> tuple[int, int, int, int]:
         """(budget, current_usage, current_reservation, available_for_reservation) of
-        ``usage``'s process: QUERYVIDEOMEMORYINFO and the census."""
-        available = max(0, self.room(group, usage) + usage.committed[group])
-        return (self.capacity[group], usage.committed[group], usage.reservation[group],
-                available)
+        ``usage``'s process: QUERYVIDEOMEMORYINFO, CHANGEVIDEOMEMORYRESERVATION and the census.
+        The one function behind every figure a process is told about its memory: the budget is
+        the capacity, or less under a quota (what it has in the group plus what its quotas still
+        let it commit); nothing is available beyond the budget."""
+        committed = usage.committed[group]
+        budget = self.capacity[group]
+        left = usage.left()
+        if left is not None:
+            budget = min(budget, committed + left)
+        available = min(budget, max(0, self.room(group, usage) + committed))
+        return budget, committed, usage.reservation[group], available
+
+    def sizes(self, usage: Usage) -> tuple[int, int]:
+        """(local, non-local) segment sizes as ``usage``'s process is told them
+        (GETSEGMENTSIZE): the capacities, or the quota that binds it when that is lower. The
+        most it could ever have; its budget (`info`) is what it may have now."""
+        limit = usage.limit()
+        if limit is None:
+            return self.capacity[GROUP_LOCAL], self.capacity[GROUP_NONLOCAL]
+        return min(self.capacity[GROUP_LOCAL], limit), min(self.capacity[GROUP_NONLOCAL], limit)
+
+    def within_quota(self, usage: Usage, nbytes: int) -> bool:
+        left = usage.left()
+        return left is None or nbytes <= left
+
+    def make_quota_room(self, usage: Usage, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit ``usage``'s quotas, after discarding offered allocations
+        charged to a quota that is short (of the process, its account or its guest; lowest
+        offer priority first, then the oldest). Nothing is discarded when even all of them
+        would not make room."""
+        short = [(ledger, limit) for ledger, limit in usage.bounds
+                 if ledger.used + nbytes > limit]
+        if not short:
+            return True
+        projected = {id(ledger): ledger.used for ledger, _ in short}
+        chosen: list[Offered] = []
+        for victim in sorted(self.offered, key=lambda a: (a.offer_priority, a.offer_seq)):
+            mine = [id(ledger) for ledger in victim.usage.ledgers if id(ledger) in projected]
+            if not any(id(ledger) in mine and projected[id(ledger)] + nbytes > limit
+                       for ledger, limit in short):
+                continue  # discarding it would not help a quota that is short
+            chosen.append(victim)
+            for key in mine:
+                projected[key] -= victim.size
+            if all(projected[id(ledger)] + nbytes <= limit for ledger, limit in short):
+                for a in chosen:
+                    a.discard()
+                return True
+        return False
 
     def make_room(self, group: int, usage: Usage, nbytes: int) -> bool:
         """Whether ``nbytes`` fit in ``group`` for ``usage``'s process, after discarding offered
@@ -415,10 +496,14 @@ class ProcessMemory:
     """A process's blocks (arenas, dedicated, fence), its usages per adapter and its GPU VA
     spaces (dxg.host.vaspace), keyed by adapter index."""
 
-    __slots__ = ("arenas", "block_bytes", "block_ids", "blocks", "fences", "paged_gone", "usages",
-                 "vaspaces")
+    __slots__ = ("arenas", "block_bytes", "block_ids", "blocks", "fences", "ledgers",
+                 "paged_gone", "quota", "usages", "vaspaces")
 
     def __init__(self) -> None:
+        # The quotas its guest asked for it (PYDXG_SETPROCESSQUOTA), and its partition's shared
+        # ledgers (dxg.host.quota); None: no quota binds it (a process made outside a partition).
+        self.quota = ProcessQuota()
+        self.ledgers: GuestLedgers | None = None
         self.block_ids = 0
         self.blocks: dict[int, Block] = {}
         self.block_bytes = 0
@@ -508,12 +593,26 @@ class ProcessMemory:
         fb.close()
 
     # usage
+    def _counted_in(self, adapter: int, hold: bool) -> tuple[tuple[Ledger, ...],
+                                                             tuple[Bound, ...]]:
+        if self.ledgers is None:
+            return (), ()
+        return self.ledgers.ledgers(self.quota, adapter, Ledger(), hold)
+
     def usage(self, segments: Segments, adapter: int) -> Usage:
         usage = self.usages.get(adapter)
         if usage is None:
-            usage = Usage(segments, adapter)
+            usage = Usage(segments, adapter, *self._counted_in(adapter, True))
             segments.join(usage)
             self.usages[adapter] = usage
+        return usage
+
+    def view(self, segments: Segments, adapter: int) -> Usage:
+        """The process's usage of ``adapter``, or (when it has none yet) one that counts
+        nothing and is kept nowhere, under the same quotas: what a query answers."""
+        usage = self.usages.get(adapter)
+        if usage is None:
+            usage = Usage(segments, adapter, *self._counted_in(adapter, False))
         return usage
 
     def drop_adapter(self, adapter: int) -> None:
@@ -525,6 +624,8 @@ class ProcessMemory:
         usage = self.usages.pop(adapter, None)
         if usage is not None:
             usage.segments.leave(usage)
+            if self.ledgers is not None:
+                self.ledgers.release(self.quota, adapter)
             gone = self.paged_gone.setdefault(adapter, [0, 0])
             gone[0] += usage.demoted_bytes
             gone[1] += usage.promoted_bytes

@@ -33,6 +33,8 @@ from dxg.host.device import EXECUTION_ACTIVE, EXECUTION_STATES, HostDevice
 from dxg.host.dispatch import OBJECT_HANDLERS, Dispatcher, _merge
 from dxg.host.handles import HandleTable, HandleTableFull
 from dxg.host.process import HostProcess, drop_process
+from dxg.host.quota import GuestLedgers
+from dxg.host.share import HostShares
 from dxg.host.statistics import PartitionStatistics
 from dxg.oslib.eventfd import EventfdWriters
 from dxg.protocol import messages as m
@@ -75,6 +77,8 @@ OBJECT_BYTES: Mapping[HandleType, int] = MappingProxyType({
     HandleType.HWQUEUE: 512,
     HandleType.MONITOREDFENCE: 128,
     HandleType.SYNCOBJECT: 256,
+    HandleType.SHAREDRESOURCE: 512,  # shared by descriptor (dxg.host.share)
+    HandleType.SHAREDVMOBJECT: 512,
 })
 
 
@@ -124,6 +128,10 @@ class Partition:
         self.handles = HandleTable(capacity=config.max_handles_per_partition)
         self.pinned = 0  # bytes charged for live objects and regions
         self.processes: dict[int, HostProcess] = {}
+        # Objects shared between its processes by descriptor (dxg.host.share).
+        self.shares = HostShares(GuestLedgers(config.guest_memory))
+        # Device memory its processes commit, per adapter and per account (dxg.host.quota).
+        self.ledgers = self.shares.ledgers
         self.opens: dict[int, AdapterOpen] = {}  # adapter index -> this partition's open
         self.io_space: SetIoSpaceRegion | None = None
         self.global_channel: Channel | None = None
@@ -202,6 +210,7 @@ class Partition:
         self.tasks.cancel()
         for process in list(self.processes.values()):
             drop_process(self, process)
+        self.shares.close(self)  # (what only descriptors of the gone guest held)
         for index in list(self.opens):
             drop_open(self, index)
         self.global_channel = None
@@ -450,7 +459,11 @@ class Partition:
                  "memory": o.adapter.segments.census()}
                 for o in self.opens.values()
             ],
+            # What this guest's processes commit per adapter, and the host's quota for it.
+            "guest_memory": self.ledgers.census(self.opens),
             "processes": processes,
+            # Objects shared by descriptor, and the memory of shared resources (dxg.host.share).
+            "shared": self.shares.census(),
             # Device memory of all its processes (host-wide segment use: "adapters").
             "memory": {key: sum(p[key] for p in processes)
                        for key in ("allocations", "resources", "paging_queues", "blocks",

@@ -75,9 +75,12 @@ def _demote_for(segments: Segments, usage: Usage, nbytes: int, priority: int) ->
 
 def choose_group(segments: Segments, usage: Usage, size: int, want_nonlocal: bool,
                  priority: int = 0) -> int | None:
-    """The group ``size`` bytes of an allocation of ``priority`` go to, or None: free local
-    room, then local room made by demoting lower priorities, then free non-local room, then
-    room made by discarding offered memory (local first)."""
+    """The group ``size`` bytes of an allocation of ``priority`` go to, or None: first the
+    process's quotas must have room (made, if need be, by discarding offered memory charged to
+    them: dxg.host.quota); then free local room, local room made by demoting lower priorities,
+    free non-local room, room made by discarding offered memory (local first)."""
+    if not segments.make_quota_room(usage, size):
+        return None
     if want_nonlocal:
         order: tuple[int, ...] = (GROUP_NONLOCAL,)
     else:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from dxg.host.call import Call, Handler
+from dxg.host.call import Call, CommandFailed, Handler
 from dxg.host.memory import ProcessMemory
+from dxg.host.quota import ProcessQuota
 from dxg.host.syncobject import ProcessSync
 from dxg.protocol import messages as m
 from dxg.protocol.commands import GlobalCommand
@@ -65,6 +66,9 @@ class HostProcess:
             "pid": self.pid,
             "name": self.name,
             "cookie": self.cookie,
+            "quota": {"account": self.memory.quota.account,
+                      "per_process": self.memory.quota.per_process,
+                      "per_account": self.memory.quota.per_account},
             "linux_process": self.linux_process,
             "devices": [d.census() for d in self.devices.values()],
             "device_count": len(self.devices),
@@ -109,6 +113,7 @@ def drop_process(p: Partition, process: HostProcess) -> None:
 def create_process(p: Partition, call: Call, body: m.CreateProcess) -> m.CreateProcessReturn:
     process = HostProcess(0, body.process_id, body.process_name, body.process_cookie,
                           body.linux_process, asyncio.Semaphore(p.config.max_jobs_per_process))
+    process.memory.ledgers = p.ledgers  # its commitments count for its guest (dxg.host.quota)
     process.handle = p.alloc(HandleType.PROCESS, process)
     p.processes[process.handle] = process
     log.debug("partition %d: process %d %r -> 0x%08x", p.id, process.pid, process.name,
@@ -123,9 +128,22 @@ def destroy_process(p: Partition, call: Call, body: m.Empty) -> m.NtStatusReturn
     return m.NtStatusReturn(NTSTATUS.STATUS_SUCCESS)
 
 
+def set_process_quota(p: Partition, call: Call, body: m.ProcessQuota) -> m.NtStatusReturn:
+    """PYDXG_SETPROCESSQUOTA: the process's account and memory limits (dxg.host.quota). Only
+    while it holds no memory anywhere, so that every byte it commits is counted under them."""
+    process = p.process(call)
+    if process.memory.usages:
+        raise CommandFailed(NTSTATUS.STATUS_INVALID_PARAMETER,
+                            "quotas are set before the process uses memory")
+    process.memory.quota = ProcessQuota.from_wire(body.account, body.per_process,
+                                                  body.per_account)
+    return m.NtStatusReturn(NTSTATUS.STATUS_SUCCESS)
+
+
 HANDLERS: MappingProxyType[GlobalCommand, Handler] = MappingProxyType({
     GlobalCommand.CREATEPROCESS: create_process,
     GlobalCommand.DESTROYPROCESS: destroy_process,
+    GlobalCommand.PYDXG_SETPROCESSQUOTA: set_process_quota,
 })
 
 __all__ = ["HANDLERS", "HostProcess", "drop_process"]

@@ -151,7 +151,8 @@ def evict(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsReturn:
 def _residency(a: Allocation) -> int:
     if not a.resident or a.discarded:
         return NOT_RESIDENT
-    return RESIDENT_LOCAL if a.group == GROUP_LOCAL else RESIDENT_NONLOCAL
+    group = a.group if a.shared is None else a.shared.group  # (a view: where its memory is)
+    return RESIDENT_LOCAL if group == GROUP_LOCAL else RESIDENT_NONLOCAL
 
 
 def query_allocation_residency(p: Partition, call: Call,
@@ -198,7 +199,8 @@ def set_allocation_priority(p: Partition, call: Call, body: m.IoctlArgs) -> m.Io
 def _promote_raised(allocs: list[Allocation]) -> None:
     """Demoted allocations among those whose priority was just set come back to the local group
     now when their new priority earns it (dxg.host.placement), highest first."""
-    demoted = [a for a in allocs if a.wants_local and a.group != GROUP_LOCAL and not a.discarded]
+    demoted = [a for a in allocs if a.wants_local and a.group != GROUP_LOCAL and not a.discarded
+               and a.shared is None]  # (shared memory moves with its SharedAllocation)
     for a in sorted(demoted, key=lambda a: rank(a.priority), reverse=True):
         promote(a)
 
@@ -243,6 +245,8 @@ def offer_allocations(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArg
     allocs = [a for group in groups for a in group]
     if any(a.offered for a in allocs):
         raise CommandFailed(INVALID, "an allocation is offered already")
+    if any(a.shared is not None for a in allocs):  # (discarding it would take it from all)
+        raise CommandFailed(INVALID, "shared memory is not offered")
     for a in allocs:
         segments = a.segments
         segments.offer_seq += 1
@@ -320,7 +324,7 @@ def flush_heap_transitions(p: Partition, call: Call, body: m.IoctlArgs) -> m.Ioc
 
 
 def _budget_call(p: Partition, call: Call, body: m.IoctlArgs,
-                 ctype: type) -> tuple[object, HostAdapter, Usage | None, int]:
+                 ctype: type) -> tuple[object, HostAdapter, Usage, int]:
     args = ioctl_args(body, ctype)
     expect_extra(body.extra, 0, ctype.__name__)
     process = p.process(call)
@@ -330,15 +334,14 @@ def _budget_call(p: Partition, call: Call, body: m.IoctlArgs,
     group = args.memory_segment_group
     if group not in (GROUP_LOCAL, GROUP_NONLOCAL):
         raise CommandFailed(INVALID, f"segment group {group}")
-    return args, adapter, process.memory.usages.get(adapter.index), group
+    return args, adapter, process.memory.view(adapter.segments, adapter.index), group
 
 
 def query_video_memory_info(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsReturn:
     args, adapter, usage, group = _budget_call(p, call, body, d3dkmt_queryvideomemoryinfo)
     assert isinstance(args, d3dkmt_queryvideomemoryinfo)
-    segments = adapter.segments
     (args.budget, args.current_usage, args.current_reservation,
-     args.available_for_reservation) = segments.info(group, usage or Usage(segments, -1))
+     args.available_for_reservation) = adapter.segments.info(group, usage)
     return ioctl_reply(args)
 
 

@@ -13,7 +13,12 @@ Kinds (``d3dddi_synchronizationobject_type``), as the real driver accepts them:
   counts (``max_count``); signalling a CPU notification sends SIGNALGUESTEVENT to the guest
   event it was created with (the guest writes the client's eventfd).
 - PERIODIC_MONITORED_FENCE (6) ticks with a display's vblank: pydxg's adapters drive no
-  display, so it is refused (STATUS_NOT_SUPPORTED). Sharing (``shared``) is not supported yet.
+  display, so it is refused (STATUS_NOT_SUPPORTED).
+
+A monitored fence made ``shared | nt_security_sharing`` is shared by descriptor
+(dxg.host.share): its value is in a fence page of its own, other processes open it
+(OPENSYNCOBJECT: handles that name the same object, with their own access) and it lives while any
+handle or descriptor names it. Other kinds are not shared (STATUS_NOT_SUPPORTED).
 
 `SyncObject` is the interface the rest of the host uses (queues signal and wait on it):
 ``signal(value)``, ``wait(value) -> Future`` (resolved when reached; failed with
@@ -61,6 +66,7 @@ if TYPE_CHECKING:
     from dxg.host.device import HostDevice
     from dxg.host.partition import Partition
     from dxg.host.process import HostProcess
+    from dxg.host.share import SharedSync
 
 __all__ = [
     "HANDLERS",
@@ -90,6 +96,7 @@ _LEGACY_KINDS = frozenset({MUTEX, SEMAPHORE, FENCE, CPU_NOTIFICATION})
 
 # d3dddi_synchronizationobject_flags
 FLAG_SHARED = 1 << 0
+FLAG_NT_SECURITY_SHARING = 1 << 1
 FLAG_NO_SIGNAL = 1 << 4
 FLAG_NO_WAIT = 1 << 5
 _FLAGS_KNOWN = (1 << 8) - 1
@@ -135,6 +142,7 @@ class SyncObject:
         "max_count",
         "mirror_event",
         "partition",
+        "shared",
         "type",
     )
 
@@ -156,6 +164,7 @@ class SyncObject:
         self.mirror_event = 0  # a guest host-event id told of every new value (no page)
         self.partition = partition  # whom to tell (CPU notifications, mirrors)
         self.error: int | None = None  # set by fail(): waits that are not reached fail
+        self.shared: SharedSync | None = None  # shared by descriptor (dxg.host.share)
         # Value kinds: a heap of (target, seq, future); mutex and semaphore: a FIFO of futures.
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._fifo: deque[asyncio.Future[None]] | None = None
@@ -215,6 +224,8 @@ class SyncObject:
                 if self.mirror_event and self.partition is not None:
                     self.partition.notify(HostToVmCommand.PYDXG_FENCEVALUE,
                                           m.FenceValue(self.mirror_event, new).pack())
+                if self.shared is not None and self.partition is not None:
+                    self.shared.mirrored(new, self.partition)  # (openers' mirror pages)
             heap = self._waiters
             while heap and heap[0][0] <= new:
                 future = heapq.heappop(heap)[2]
@@ -320,6 +331,8 @@ def syncobject_of(p: Partition, process: HostProcess, handle: int,
     obj = p.handles.get(handle, HandleType.SYNCOBJECT)
     if obj is None:
         obj = p.handles.get(handle, HandleType.MONITOREDFENCE)
+    elif not isinstance(obj, SyncObject):  # a shared object this process opened
+        return p.shares.resolve(obj, process, device)
     if not isinstance(obj, SyncObject) or (obj.device is None and obj._process is None) \
             or obj.process is not process:
         raise CommandFailed(NTSTATUS.STATUS_INVALID_HANDLE,
@@ -373,7 +386,11 @@ def _signal_guest(p: Partition, event: int, process: HostProcess, status: int) -
 
 
 def drop_syncobject(p: Partition, obj: SyncObject, status: int = DESTROYED) -> None:
-    """The object goes: its waits end with ``status``, its slot and handle are freed."""
+    """The object goes: its waits end with ``status``, its slot and handle are freed. A
+    shared one only loses its creator's handle while others hold it (dxg.host.share)."""
+    if obj.shared is not None:
+        p.shares.release_creator(p, obj, status)
+        return
     process = obj.process
     if process.sync.objects.get(obj.handle) is not obj:
         return
@@ -387,10 +404,14 @@ def drop_syncobject(p: Partition, obj: SyncObject, status: int = DESTROYED) -> N
 
 def drop_device_syncobjects(p: Partition, device: HostDevice) -> None:
     """DestroyDevice: the device's objects go; waits on them and on its queues' fences end
-    with STATUS_DEVICE_REMOVED."""
-    fail_device(p, device, GONE)
+    with STATUS_DEVICE_REMOVED. A shared fence others still hold lives on (only its creator's
+    handle goes), and so do its waits; the shared fences the device opened go."""
+    for obj in _fences_of(device):
+        if obj.shared is None:
+            obj.fail(GONE)
     for obj in [o for o in device.process.sync.objects.values() if o.device is device]:
         drop_syncobject(p, obj, GONE)
+    p.shares.drop_device(p, device)
 
 
 def drop_adapter_syncobjects(p: Partition, process: HostProcess,
@@ -410,6 +431,7 @@ def drop_process_syncobjects(p: Partition, process: HostProcess) -> None:
         w.withdraw()
     for obj in list(process.sync.objects.values()):
         drop_syncobject(p, obj, GONE)
+    p.shares.drop_process(p, process)
 
 
 def _fences_of(device: HostDevice) -> list[SyncObject]:
@@ -440,6 +462,7 @@ def adapter_removed(p: Partition, adapter: HostAdapter) -> None:
                 fail_device(p, device, GONE)
         for obj in [o for o in process.sync.objects.values() if o.adapter is adapter]:
             drop_syncobject(p, obj, GONE)
+    p.shares.adapter_removed(p, adapter)
 
 
 # ---- CPU waits -----------------------------------------------------------------------------------
@@ -508,8 +531,12 @@ def create_sync_object(p: Partition, call: Call,
         raise CommandFailed(INVALID, f"sync object type {kind}")
     if flags & ~_FLAGS_KNOWN:
         raise CommandFailed(INVALID, "unknown sync object flags")
-    if flags & FLAG_SHARED:
-        raise CommandFailed(NTSTATUS.STATUS_NOT_SUPPORTED, "shared sync objects: not yet")
+    shared = bool(flags & (FLAG_SHARED | FLAG_NT_SECURITY_SHARING))
+    if shared and (flags & FLAG_SHARED == 0 or flags & FLAG_NT_SECURITY_SHARING == 0
+                   or kind != MONITORED_FENCE):
+        # (global-handle sharing has no handler in the real driver; only fences are shared)
+        raise CommandFailed(NTSTATUS.STATUS_NOT_SUPPORTED,
+                            "only monitored fences are shared, by NT handle")
     if body.mirror_event and kind != MONITORED_FENCE:
         raise CommandFailed(INVALID, "only a monitored fence has a value to mirror")
     monitored = kind == MONITORED_FENCE
@@ -530,8 +557,11 @@ def create_sync_object(p: Partition, call: Call,
         if not obj.cpu_event:
             raise CommandFailed(INVALID, "a CPU notification needs the guest's event")
     memory = process.memory
-    if monitored:
+    if shared:  # a fence page of its own: an opener sees no other fence (dxg.host.share)
+        obj.block, obj.index = p.shares.fence_page(adapter.index)
+    elif monitored:
         obj.block, obj.index = memory.fence_slot(p.config, adapter.index)
+    if monitored:
         obj._value = int(info.monitored_fence.initial_fence_value)
         obj.block.write(obj.index, obj._value)
         obj.mirror_event = body.mirror_event
@@ -543,11 +573,17 @@ def create_sync_object(p: Partition, call: Call,
                 call.reply_fds.append(os.dup(obj.block.block.fd))
             except OSError as e:
                 raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, f"no descriptor: {e}") from None
+        if shared:
+            assert obj.block is not None
+            p.shares.add_sync(p, obj, obj.block)
     except BaseException:
         if obj.handle:
             p.free(obj.handle, HandleType.SYNCOBJECT, process)
         if obj.block is not None:
-            memory.free_fence_slot(obj.block, obj.index)
+            if shared:
+                p.shares.close_fence(obj.block)
+            else:
+                memory.free_fence_slot(obj.block, obj.index)
             obj.block = None
         raise
     process.sync.objects[obj.handle] = obj
@@ -563,6 +599,8 @@ def destroy_sync_object(p: Partition, call: Call,
     process = p.process(call)
     obj = process.sync.objects.get(body.sync_object)
     if obj is None:
+        if p.shares.drop_opened(p, process, body.sync_object):  # (a shared one it opened)
+            return m.NtStatusReturn(OK)
         raise CommandFailed(NTSTATUS.STATUS_INVALID_HANDLE,
                             f"sync object 0x{body.sync_object:08x} is not this process's")
     drop_syncobject(p, obj, DESTROYED)
@@ -587,6 +625,8 @@ def signal_sync_object(p: Partition, call: Call, body: m.SignalSyncObject) -> m.
         for obj in objects:
             if not obj.monitored or obj.flags & FLAG_NO_SIGNAL:
                 raise CommandFailed(INVALID, "only monitored fences are signalled from the CPU")
+        if p.shares.opened and p.shares.any_readonly(body.objects):
+            raise CommandFailed(NTSTATUS.STATUS_ACCESS_DENIED, "a fence opened read-only")
         for obj, value in zip(objects, body.values, strict=True):
             obj.signal(value, rewind)
         return m.NtStatusReturn(OK)
@@ -598,6 +638,8 @@ def signal_sync_object(p: Partition, call: Call, body: m.SignalSyncObject) -> m.
     objects = [_on_adapter(p, process, h, adapter) for h in body.objects]
     if not objects and not body.cpu_event:
         raise CommandFailed(INVALID, "nothing to signal")
+    if p.shares.opened and p.shares.any_readonly(body.objects):
+        raise CommandFailed(NTSTATUS.STATUS_ACCESS_DENIED, "a fence opened read-only")
     if body.values and len(body.values) != n:
         raise CommandFailed(INVALID, "one value per object")
     for obj in objects:

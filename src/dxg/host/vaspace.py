@@ -11,7 +11,8 @@ removes its mappings.
 Engines reach memory only through `VaSpace.translate` (every access checked: unmapped, no-access,
 read-only, evicted and discarded memory all raise `VaFault`) or `VaSpace.view` (a writable view
 when the range lies in one allocation). A mapping with the ``zero`` protection bit is treated as
-no-access: the soft adapter has no zero page.
+no-access: the soft adapter has no zero page. An allocation opened read-only from a shared
+resource (dxg.host.share) is always mapped without the write bit, whatever the caller asks.
 
 Each reservation and mapping is charged VA_ENTRY_BYTES of the guest's memory budget and counts
 against HostConfig.max_va_entries.
@@ -524,6 +525,8 @@ def map_gpu_va(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsReturn
     protection = int(args.protection.value)
     if protection & ~_PROT_KNOWN:
         raise CommandFailed(INVALID, "unknown protection bits")
+    if a.readonly:  # opened without write access (dxg.host.share): the GPU only reads it
+        protection &= ~_PROT_WRITE
     if args.offset_in_pages >= 1 << 52 or args.size_in_pages >= 1 << 52:
         raise CommandFailed(INVALID, "range outside the allocation")
     offset, size = args.offset_in_pages * PAGE_SIZE, args.size_in_pages * PAGE_SIZE
@@ -562,6 +565,8 @@ def _check_op(p: Partition, process: HostProcess, device: Any, space: VaSpace,
         if fields.allocation_size != fields.size:
             raise CommandFailed(INVALID, "mapped and allocation sizes differ")
         _map_range(a, fields.allocation_offset, fields.allocation_size)
+        if a.readonly:  # (dxg.host.share: opened without write access)
+            protection &= ~_PROT_WRITE
         new = Mapping(fields.base_address, fields.size, a, fields.allocation_offset, protection)
         return (kind, fields.base_address, fields.size, r, new)
     if kind == _OP_UNMAP:

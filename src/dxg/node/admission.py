@@ -4,12 +4,17 @@
 flight, descriptors held) against one limit per non-root user. Root is exempt from the per-user
 limit, as it is from the kernel's per-user limits: what root holds still counts towards the
 totals the front ends keep. :func:`process_name` reads a process's name for the logs and for
-``driver.open_process``.
+``driver.open_process``; :func:`peer_groups` and :func:`process_groups` the groups a client is in
+(what the guest's policy matches besides its uid).
 """
 
 from __future__ import annotations
 
-__all__ = ["EXEMPT_UID", "UidCounter", "process_name"]
+import errno
+import socket
+import struct
+
+__all__ = ["EXEMPT_UID", "UidCounter", "peer_groups", "process_groups", "process_name"]
 
 EXEMPT_UID = 0  # root: counted, never refused by a per-user limit
 
@@ -79,3 +84,38 @@ def process_name(pid: int) -> str:
             return f.read(64).decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python may not name it
+_MAX_GROUPS = 65536  # NGROUPS_MAX
+
+
+def peer_groups(sock: socket.socket, gid: int) -> tuple[int, ...]:
+    """The groups of the process at the other end of a Unix socket, as they were when it
+    connected (SO_PEERGROUPS): its primary group ``gid`` (from SO_PEERCRED) first. Without
+    SO_PEERGROUPS, just ``gid``."""
+    size = 64 * 4
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as e:
+            if e.errno == errno.ERANGE and size < _MAX_GROUPS * 4:
+                size = _MAX_GROUPS * 4
+                continue
+            return (gid,)
+        extra = struct.unpack(f"<{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+        return (gid, *(g for g in dict.fromkeys(extra) if g != gid))
+
+
+def process_groups(pid: int, gid: int) -> tuple[int, ...]:
+    """The groups of process ``pid`` (``/proc/<pid>/status``): ``gid`` first, then its
+    supplementary groups; just ``gid`` when they cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    extra = [int(g) for g in line.split()[1:]]
+                    return (gid, *(g for g in dict.fromkeys(extra) if g != gid))
+    except (OSError, ValueError):
+        pass
+    return (gid,)

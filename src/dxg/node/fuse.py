@@ -72,7 +72,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from dxg.node import fuse_proto as fp
-from dxg.node.admission import UidCounter, process_name
+from dxg.node.admission import UidCounter, process_groups, process_name
 from dxg.node.server import NodeBusy
 from dxg.node.support import FILE_LIMITS, render_libdxg_table
 from dxg.oslib.procmem import PinnedProcessMemory, Syscalls, UserMemoryFault, task_identity
@@ -133,7 +133,8 @@ class FuseDriver(Protocol):
 
     rt: LoopThread
 
-    def open_process(self, pid: int, uid: int, name: str) -> Any: ...
+    def open_process(self, pid: int, uid: int, name: str,
+                     gids: tuple[int, ...] = ()) -> Any: ...
 
     async def close_process(self, proc: Any) -> None: ...
 
@@ -289,7 +290,8 @@ class _NullMemory:
     def take_fd(self, number: int) -> int:
         raise UserMemoryFault(self.why)
 
-    def give_fd_to_user(self, fd: int, addr: int, width: int = 8) -> None:
+    def give_fd_to_user(self, fd: int, addr: int, width: int = 8,
+                        in_struct: bool = False) -> None:
         os.close(fd)
         raise UserMemoryFault(self.why)
 
@@ -923,7 +925,10 @@ class FuseNode:
             return fp.error_reply(req.unique, errno.EMFILE)
         fp.parse_open(req)
         try:
-            proc = self.driver.open_process(tgid, req.uid, name)
+            # (the caller's groups: its request's gid, then its supplementary groups, read
+            # while it waits in open())
+            proc = self.driver.open_process(tgid, req.uid, name,
+                                            process_groups(tgid, req.gid))
         except Exception:
             log.exception("open_process for pid %d failed", tgid)
             return fp.error_reply(req.unique, errno.EIO)

@@ -1,7 +1,8 @@
 """The Unix-socket front end: the socket twin of ``/dev/dxg``, on the driver's event loop.
 
 Each accepted connection is one process, exactly as each ``open("/dev/dxg")`` is in the kernel:
-the peer's pid/uid/gid come from ``SO_PEERCRED``, its name from ``/proc/<pid>/comm``, and
+the peer's pid/uid/gid come from ``SO_PEERCRED``, its groups from ``SO_PEERGROUPS`` (what the
+guest's policy matches: dxg.guest.policy), its name from ``/proc/<pid>/comm``, and
 ``driver.open_process`` runs once the client has said HELLO. There is no thread per client: the
 connection is a reader callback on the loop, and each request runs as a task of its connection,
 so many calls of one process are in flight at once and a call parked in the driver parks only its
@@ -83,7 +84,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
-from dxg.node.admission import EXEMPT_UID, UidCounter, process_name
+from dxg.node.admission import EXEMPT_UID, UidCounter, peer_groups, process_name
 from dxg.node.usermem import RegionUserMemory
 from dxg.oslib.fds import close_all
 from dxg.runtime.logs import LogLimiter
@@ -106,14 +107,17 @@ log = logging.getLogger(__name__)
 
 # The ioctls (by name) that may take descriptors from the caller: a request of any other code
 # that carries descriptors is refused with -EINVAL before it is queued: the escape (pydxg's
-# FD_IN escapes, e.g. EVENTFD_SIGNAL) and the sync ioctls that take eventfds; an issue that adds
-# an ioctl taking descriptors (a shared-object import, ...) adds its name here.
+# FD_IN escapes, e.g. EVENTFD_SIGNAL), the sync ioctls that take eventfds, and the calls that
+# take a share descriptor or a sync file back.
 FD_IOCTLS: frozenset[str] = frozenset({
     "LX_DXESCAPE",
     # eventfds of sync objects (dxg.guest.ioctl_sync): a CPU notification, an asynchronous CPU
     # wait, a signal with enqueue_cpu_event
     "LX_DXCREATESYNCHRONIZATIONOBJECT", "LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMCPU",
     "LX_DXSIGNALSYNCHRONIZATIONOBJECT", "LX_DXSIGNALSYNCHRONIZATIONOBJECTFROMGPU2",
+    # share descriptors and sync files handed back (dxg.guest.ioctl_share)
+    "LX_DXQUERYRESOURCEINFOFROMNTHANDLE", "LX_DXOPENRESOURCEFROMNTHANDLE",
+    "LX_DXOPENSYNCOBJECTFROMNTHANDLE2", "LX_DXWAITSYNCFILE", "LX_DXOPENSYNCOBJECTFROMSYNCFILE",
 })
 
 _UCRED = struct.Struct("iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
@@ -144,7 +148,8 @@ class NodeDriver(Protocol):
 
     rt: LoopThread
 
-    def open_process(self, pid: int, uid: int, name: str) -> Any: ...
+    def open_process(self, pid: int, uid: int, name: str,
+                     gids: tuple[int, ...] = ()) -> Any: ...
 
     async def close_process(self, proc: Any) -> None: ...
 
@@ -180,6 +185,7 @@ class _Conn:
                  gid: int) -> None:
         self.node = node
         self.pid, self.uid, self.gid = pid, uid, gid
+        self.gids: tuple[int, ...] = (gid,)
         self.name = process_name(pid) or "?"
         self.proc: Any = None
         self.transport = SocketTransport(node.loop, sock, f"pid {pid}",
@@ -480,7 +486,8 @@ class _Conn:
             )
             return
         try:
-            self.proc = self.node.driver.open_process(self.pid, self.uid, self.name)
+            self.proc = self.node.driver.open_process(self.pid, self.uid, self.name,
+                                                      self.gids)
         except Exception as e:
             log.exception("open_process for pid %d failed", self.pid)
             self.error(frame.seq, errno.EIO, f"cannot open a process: {e}", fatal=True)
@@ -956,6 +963,7 @@ class SocketNode:
             sock.close()
             return
         conn = _Conn(self, sock, pid, uid, gid)
+        conn.gids = peer_groups(sock, gid)  # (what the guest's policy matches: its groups)
         self._conns.add(conn)
         self._per_uid.add(uid)
         conn.transport.start(conn)

@@ -39,9 +39,15 @@ FILE_LIMITS: MappingProxyType[str, str] = MappingProxyType({
     "LX_DXCREATEHWQUEUE": "the hardware-queue progress fence page cannot be mapped into the "
                           "caller",
     "LX_DXLOCK2": "Lock2 cannot map allocation memory into the caller",
-    "LX_DXSHAREOBJECTS": "ShareObjects cannot install the new file descriptor in the caller",
-    "LX_DXOPENSYNCOBJECTFROMNTHANDLE2": "the shared fence page cannot be mapped into the caller",
-    "LX_DXCREATESYNCFILE": "CreateSyncFile cannot install the new file descriptor in the caller",
+    "LX_DXSHAREOBJECTS": "-EOPNOTSUPP: ShareObjects cannot install the new share descriptor in "
+                         "the caller (share through the socket node; a descriptor shared there "
+                         "opens through the file)",
+    "LX_DXOPENSYNCOBJECTFROMNTHANDLE2": "the shared fence page cannot be mapped into the caller "
+                                        "(its address is 0)",
+    "LX_DXCREATESYNCFILE": "-EOPNOTSUPP: CreateSyncFile cannot install the new sync file in the "
+                           "caller",
+    "LX_DXOPENSYNCOBJECTFROMSYNCFILE": "the fence page cannot be mapped into the caller (its "
+                                       "address is 0)",
 })
 
 IOCTLS_DOC_HEAD = """# Supported ioctls

@@ -184,18 +184,22 @@ class RegionUserMemory:
             raise OSError(errno.EBADF, f"descriptor {number} was not handed over with the call")
         return os.dup(fd)
 
-    def give_fd_to_user(self, fd: int, addr: int, width: int = 8) -> None:
+    def give_fd_to_user(self, fd: int, addr: int, width: int = 8,
+                        in_struct: bool = False) -> None:
         try:
-            b = self._find(addr, width, "descriptor slot")
-            if not b.writable:
-                raise UserMemoryFault(f"user buffer at 0x{b.addr:x} is not writable")
+            if not in_struct:
+                b = self._find(addr, width, "descriptor slot")
+                if not b.writable:
+                    raise UserMemoryFault(f"user buffer at 0x{b.addr:x} is not writable")
+            elif addr < 0 or width not in (4, 8):
+                raise UserMemoryFault(f"bad descriptor slot +{addr} in the struct")
             if len(self._out) >= MAX_FDS:
                 raise UserMemoryFault(f"more than {MAX_FDS} descriptors in one reply")
         except BaseException:
             os.close(fd)
             raise
         self._out.append(fd)
-        self._fixups.append(FdFixup(FD_IN_USER, addr, width))
+        self._fixups.append(FdFixup(FD_IN_STRUCT if in_struct else FD_IN_USER, addr, width))
 
     def reply_fds(self) -> tuple[list[int], tuple[FdFixup, ...]]:
         """The descriptors for the reply and where the client stores their numbers."""

@@ -176,7 +176,8 @@ class ProcessVmUserMemory:
         """A duplicate (close-on-exec) of the caller's file descriptor ``fd``."""
         return take_fd(self.pid, fd, self._sys)
 
-    def give_fd_to_user(self, fd: int, addr: int, width: int = 8) -> None:
+    def give_fd_to_user(self, fd: int, addr: int, width: int = 8,
+                        in_struct: bool = False) -> None:
         """Install ``fd`` in the caller (ShareObjects, CreateSyncFile): impossible from here.
         The descriptor was handed over to us: it is closed."""
         os.close(fd)

@@ -29,6 +29,9 @@ class GlobalCommand(IntEnum):
     # pydxg extension (not in the real driver): the host's object census for this partition,
     # answered as UTF-8 JSON. Used by `dxg ps` and the demo to show what the host still holds.
     PYDXG_QUERYPARTITION = 2000
+    # pydxg extension: the memory quotas of a host process (its account, e.g. the guest uid,
+    # and the per-process and per-account limits), sent once after CREATEPROCESS (docs/policy.md).
+    PYDXG_SETPROCESSQUOTA = 2100
 
 
 class VgpuCommand(IntEnum):

@@ -117,6 +117,20 @@ class CreateProcessReturn(_Fixed):
     _S: ClassVar[struct.Struct] = struct.Struct("<I")
 
 
+NO_LIMIT = (1 << 64) - 1  # a ProcessQuota limit that bounds nothing
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessQuota(_Fixed):
+    """PYDXG_SETPROCESSQUOTA (pydxg): the process's account (processes of one account on one
+    guest share ``per_account``) and its limits in bytes per adapter; 2**64-1: no limit."""
+
+    account: int
+    per_process: int
+    per_account: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<QQQ")
+
+
 @dataclass(frozen=True, slots=True)
 class SetIoSpaceRegion(_Fixed):
     start: int
@@ -885,6 +899,123 @@ class FenceValue(_Fixed):
     event: int
     value: int
     _S: ClassVar[struct.Struct] = struct.Struct("<QQ")
+
+
+# ---- sharing (pydxg layouts: docs/sharing.md) -------------------------------------------------
+
+SHARED_RESOURCE = 1  # CreateNtSharedObjectReturn.kind
+SHARED_SYNC_OBJECT = 2
+OPEN_READ_ONLY = 1  # OpenResource.flags / OpenSyncObject.flags: no write, no signal
+
+
+@dataclass(frozen=True, slots=True)
+class CreateNtSharedObject(_Fixed):
+    """CREATENTSHAREDOBJECT (global channel, as in the real driver): ``object`` u32, the caller
+    process's host handle of a shared resource or shared sync object (its own or one it
+    opened), reserved u32. Each one takes a reference the shared object keeps until its
+    DESTROYNTSHAREDOBJECT (the guest takes one per share descriptor it hands out)."""
+
+    object: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<I4x")
+
+
+@dataclass(frozen=True, slots=True)
+class CreateNtSharedObjectReturn(_Fixed):
+    """CREATENTSHAREDOBJECT's reply: status u32, the NT handle u32 (the shared object's handle
+    in the partition, what OPENRESOURCE and OPENSYNCOBJECT name), kind u32 (SHARED_RESOURCE,
+    SHARED_SYNC_OBJECT), then what QueryResourceInfoFromNtHandle answers of a resource:
+    allocation count, runtime data size, resource private data size and the allocations'
+    private data size in all (u32 each; 0 for a sync object), reserved u32."""
+
+    status: int
+    handle: int = 0
+    kind: int = 0
+    allocation_count: int = 0
+    runtime_data_size: int = 0
+    priv_drv_data_size: int = 0
+    total_priv_drv_data_size: int = 0
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIIIIII4x")
+
+
+@dataclass(frozen=True, slots=True)
+class DestroyNtSharedObject(_Fixed):
+    """DESTROYNTSHAREDOBJECT (global channel, VM level): the NT handle u32, reserved u32. Drops
+    one CREATENTSHAREDOBJECT reference; the object goes with its last reference and handle."""
+
+    handle: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<I4x")
+
+
+@dataclass(frozen=True, slots=True)
+class OpenResource(_Fixed):
+    """OPENRESOURCE: device u32 (host handle), the NT handle u32, flags u32 (OPEN_READ_ONLY:
+    the resource is opened without write access), allocation_count u32 (what the caller
+    expects: it must be the resource's)."""
+
+    device: int
+    handle: int
+    flags: int
+    allocation_count: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIII")
+
+
+@dataclass(frozen=True, slots=True)
+class OpenResourceReturn:
+    """OPENRESOURCE's reply: status u32, resource u32 (the opener's new host handle),
+    alloc_count u32, runtime data size u32, resource private data size u32, reserved u32, then
+    alloc_count allocations as in CreateAllocationReturn (handle, group, flags, private data
+    size, block, block size, offset, size), their private data, the runtime data, the resource
+    private data."""
+
+    status: int
+    resource: int = 0
+    allocations: tuple[AllocationInfo, ...] = ()
+    runtime_data: bytes = b""
+    priv_drv_data: bytes = b""
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIIII4x")
+    _A: ClassVar[struct.Struct] = struct.Struct("<IIIIQQQQ")
+
+    def pack(self) -> bytes:
+        parts = [self._S.pack(self.status, self.resource, len(self.allocations),
+                              len(self.runtime_data), len(self.priv_drv_data))]
+        parts += [self._A.pack(a.handle, a.group, a.flags, len(a.priv_drv_data), a.block,
+                               a.block_size, a.offset, a.size) for a in self.allocations]
+        parts += [a.priv_drv_data for a in self.allocations]
+        parts += [self.runtime_data, self.priv_drv_data]
+        return b"".join(parts)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> "OpenResourceReturn":
+        _atleast(body, cls._S.size, "OpenResourceReturn")
+        status, resource, count, nrt, npriv = cls._S.unpack_from(body)
+        at = cls._S.size
+        _atleast(body, at + count * cls._A.size, "OpenResourceReturn")
+        heads = [cls._A.unpack_from(body, at + i * cls._A.size) for i in range(count)]
+        at += count * cls._A.size
+        _exact(body, at + sum(h[3] for h in heads) + nrt + npriv, "OpenResourceReturn")
+        out = []
+        for handle, group, flags, size, block, block_size, offset, nbytes in heads:
+            out.append(AllocationInfo(handle, group, flags, block, block_size, offset, nbytes,
+                                      bytes(body[at : at + size])))
+            at += size
+        runtime = bytes(body[at : at + nrt])
+        return cls(status, resource, tuple(out), runtime, bytes(body[at + nrt :]))
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSyncObject(_Fixed):
+    """OPENSYNCOBJECT (global channel, as in the real driver): device u32 (the opener's host
+    handle), the NT handle u32, flags u32 (OPEN_READ_ONLY: the object cannot be signalled
+    through this handle), reserved u32, mirror_event u64 (as in CreateSyncObject: a guest
+    host-event id told every new value, for a guest without the fence block's descriptor;
+    0 = none). Answered with a CreateSyncObjectReturn (the fence block's descriptor beside it
+    on a link that carries descriptors)."""
+
+    device: int
+    handle: int
+    flags: int
+    mirror_event: int = 0
+    _S: ClassVar[struct.Struct] = struct.Struct("<III4xQ")
 
 
 # ---- host -> VM notifications ----------------------------------------------------------------

@@ -166,6 +166,9 @@ _SPECS = (
     _g(G.SETIOSPACEREGION, m.SetIoSpaceRegion, m.NtStatusReturn, fail_status, per_process=False),
     _g(G.PYDXG_QUERYPARTITION, m.Empty, m.JsonReply, fail_status, per_process=False, large=True,
        note="pydxg extension: the host's census of this guest, UTF-8 JSON"),
+    _g(G.PYDXG_SETPROCESSQUOTA, m.ProcessQuota, m.NtStatusReturn, fail_status,
+       note="pydxg extension: account u64, per-process and per-account limits u64 (bytes per "
+            "adapter; 2^64-1 none); before the process commits memory"),
     _v(V.OPENADAPTER, m.OpenAdapter, m.OpenAdapterReturn, _fail_open_adapter, Route.VGPU_ONLY,
        per_process=False),
     _v(V.CLOSEADAPTER, m.CloseAdapter, None, fail_empty, Route.VGPU_ONLY, per_process=False),
@@ -279,6 +282,33 @@ _SPECS += (
             "withdraw it"),
     _v(V.WAITFORSYNCOBJECTFROMGPU, m.WaitSyncObjectGpu, m.NtStatusReturn, fail_status,
        asynchronous=True, note="context, legacy flag, values, objects"),
+)
+
+# ---- sharing by descriptor (docs/sharing.md)
+
+
+def _fail_nt_shared(status: int, body: bytes) -> bytes:
+    return m.CreateNtSharedObjectReturn(int(status) & 0xFFFFFFFF).pack()
+
+
+def _fail_open_resource(status: int, body: bytes) -> bytes:
+    return m.OpenResourceReturn(int(status) & 0xFFFFFFFF).pack()
+
+
+_SPECS += (
+    _g(G.CREATENTSHAREDOBJECT, m.CreateNtSharedObject, m.CreateNtSharedObjectReturn,
+       _fail_nt_shared, note="a shared resource or sync object of the caller (a host handle); "
+                             "the reply: the NT handle, its kind and a resource's sizes; one "
+                             "reference per share descriptor"),
+    _g(G.DESTROYNTSHAREDOBJECT, m.DestroyNtSharedObject, m.NtStatusReturn, fail_status,
+       per_process=False, note="the NT handle: one reference fewer (the last share descriptor "
+                               "of a group closed)"),
+    _v(V.OPENRESOURCE, m.OpenResource, m.OpenResourceReturn, _fail_open_resource,
+       note="device, NT handle, read-only flag, allocation count; the reply: the opener's "
+            "resource and allocations (where their memory is), the private data"),
+    _g(G.OPENSYNCOBJECT, m.OpenSyncObject, m.CreateSyncObjectReturn, _fail_create_sync,
+       fds=True, note="device, NT handle, read-only flag, mirror event; the reply as "
+                      "CREATESYNCOBJECT's (the shared fence's block descriptor beside it)"),
 )
 
 COMMANDS: MappingProxyType[Command, CommandSpec] = MappingProxyType(

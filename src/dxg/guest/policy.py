@@ -1,0 +1,296 @@
+"""The guest's policy: which users see which adapters, and the memory quotas of their processes.
+
+Read once at start from a TOML file (``dxg up|guest --policy FILE``, format in docs/policy.md)
+and from the flags that set its defaults (``--memory-per-process``, ``--memory-per-uid``). A
+process gets its `Grant` when it opens the node (its uid and groups from SO_PEERCRED /
+SO_PEERGROUPS, or from the FUSE request): the first rule that names its uid or one of its groups,
+else the defaults. Root (uid 0) is matched only by a rule that names uid 0 (or "root") itself:
+neither the defaults nor a group rule restrict it, so root sees every adapter and has no memory
+quota unless the policy says so.
+
+A grant is enforced in two places: the guest hides the adapters it does not allow (enumeration,
+OpenAdapterFromLuid, every call that names an adapter by LUID: dxg.guest.ioctl), and the hosts
+count memory against its quotas (PYDXG_SETPROCESSQUOTA: dxg.host.quota), because only a host sees
+every byte committed, discarded and reclaimed as it happens.
+
+Everything here is frozen: the policy is built once and only read.
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dxg.runtime.sizes import format_size, parse_size
+
+if TYPE_CHECKING:
+    from dxg.guest.adapter import GuestAdapter
+
+__all__ = ["ROOT_GRANT", "AdapterRef", "Grant", "Policy", "PolicyError", "load_policy",
+           "parse_policy"]
+
+ROOT_UID = 0
+POLICY_VERSION = 1
+_ADAPTER_HELP = ('an adapter index like 0, "HOST:INDEX" like "1:0", or a LUID like '
+                 '"0x0000000100000002"')
+_TOP_KEYS = frozenset({"version", "defaults", "rules"})
+_GRANT_KEYS = frozenset({"adapters", "memory_per_process", "memory_per_uid"})
+_RULE_KEYS = _GRANT_KEYS | {"name", "uids", "groups"}
+_HOST_INDEX = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*")
+_UNLIMITED = "unlimited"
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the text says where and what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterRef:
+    """One adapter a grant names: by LUID, or by its number on its host (the host's own
+    adapter index, which its ADAPTERADDRESS reports as DeviceNumber) on one host (bind order:
+    ``dxg up``'s host and a guest's first --connect are 0) or on any host."""
+
+    luid: int | None = None
+    host: int | None = None
+    index: int | None = None
+
+    def matches(self, adapter: GuestAdapter) -> bool:
+        if self.luid is not None:
+            return adapter.luid == self.luid
+        if self.host is not None and adapter.link.index != self.host:
+            return False
+        return adapter.host_index is not None and adapter.host_index == self.index
+
+    def __str__(self) -> str:
+        if self.luid is not None:
+            return f"0x{self.luid:016x}"
+        return str(self.index) if self.host is None else f"{self.host}:{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What the processes a rule matches may do: the adapters they see (None: all) and their
+    memory quotas in bytes per adapter (None: no quota)."""
+
+    adapters: tuple[AdapterRef, ...] | None = None
+    memory_per_process: int | None = None
+    memory_per_uid: int | None = None
+    rule: str = "defaults"  # where it came from (logs, the snapshot)
+
+    def sees(self, adapter: GuestAdapter) -> bool:
+        return self.adapters is None or any(ref.matches(adapter) for ref in self.adapters)
+
+    @property
+    def needs_host_index(self) -> bool:
+        return self.adapters is not None and any(r.luid is None for r in self.adapters)
+
+    def census(self) -> dict[str, Any]:
+        return {"rule": self.rule,
+                "adapters": None if self.adapters is None else [str(r) for r in self.adapters],
+                "memory_per_process": self.memory_per_process,
+                "memory_per_uid": self.memory_per_uid}
+
+
+ROOT_GRANT = Grant(rule="root")  # root, when no rule names it: everything, no quota
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    uids: frozenset[int]
+    gids: frozenset[int]
+    grant: Grant
+
+    def matches(self, uid: int, gids: Iterable[int]) -> bool:
+        if uid in self.uids:
+            return True
+        return uid != ROOT_UID and not self.gids.isdisjoint(gids)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The defaults and the rules in order (first match wins)."""
+
+    defaults: Grant = Grant()
+    rules: tuple[Rule, ...] = ()
+    source: str = "(no policy)"
+
+    def grant_for(self, uid: int, gids: Iterable[int] = ()) -> Grant:
+        gids = frozenset(gids)
+        for rule in self.rules:
+            if rule.matches(uid, gids):
+                return rule.grant
+        return ROOT_GRANT if uid == ROOT_UID else self.defaults
+
+    def describe(self) -> str:
+        """One line for the daemon's start-up output."""
+        d = self.defaults
+        adapters = "all" if d.adapters is None else "[" + ", ".join(map(str, d.adapters)) + "]"
+
+        def size(n: int | None) -> str:
+            return "no limit" if n is None else format_size(n)
+
+        rules = f"{len(self.rules)} rule{'' if len(self.rules) == 1 else 's'}"
+        return (f"policy: {self.source}: {rules}; defaults: adapters {adapters}, "
+                f"{size(d.memory_per_process)} per process, {size(d.memory_per_uid)} per uid "
+                "(root: only rules that name it)")
+
+    @property
+    def grants(self) -> tuple[Grant, ...]:
+        return (self.defaults, *(r.grant for r in self.rules))
+
+    @property
+    def needs_host_index(self) -> bool:
+        """Whether a grant names adapters by their number on a host (the guest then asks each
+        adapter's host for it as the adapter starts)."""
+        return any(g.needs_host_index for g in self.grants)
+
+    @property
+    def has_memory_quotas(self) -> bool:
+        return any(g.memory_per_process is not None or g.memory_per_uid is not None
+                   for g in self.grants)
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+
+
+def _fail(where: str, what: str) -> PolicyError:
+    return PolicyError(f"{where}: {what}" if where else what)
+
+
+def _size(value: Any, where: str) -> int | None:
+    if isinstance(value, str) and value.strip().lower() == _UNLIMITED:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise _fail(where, f'{e}, or "{_UNLIMITED}"') from None
+
+
+def _adapter_ref(value: Any, where: str) -> AdapterRef:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 16:
+        return AdapterRef(index=value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower().startswith("0x"):
+            try:
+                luid = int(text, 16)
+            except ValueError:
+                luid = -1
+            if 0 < luid < 1 << 64:
+                return AdapterRef(luid=luid)
+        elif m := _HOST_INDEX.fullmatch(text):
+            return AdapterRef(host=int(m[1]), index=int(m[2]))
+    raise _fail(where, f"{value!r} is not an adapter (use {_ADAPTER_HELP})")
+
+
+def _adapters(value: Any, where: str) -> tuple[AdapterRef, ...] | None:
+    if isinstance(value, str) and value.strip().lower() in ("all", "none"):
+        return None if value.strip().lower() == "all" else ()
+    if not isinstance(value, list):
+        raise _fail(where, f'{value!r} is not "all", "none" or a list of adapters')
+    return tuple(_adapter_ref(v, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+def _ids(value: Any, where: str, kind: str) -> frozenset[int]:
+    """uids or gids from numbers and names (names must exist on this machine)."""
+    if not isinstance(value, list):
+        value = [value]
+    out = set()
+    for i, v in enumerate(value):
+        here = f"{where}[{i}]"
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 32:
+            out.add(v)
+        elif isinstance(v, str) and v.strip():
+            try:
+                out.add(pwd.getpwnam(v).pw_uid if kind == "user" else grp.getgrnam(v).gr_gid)
+            except KeyError:
+                raise _fail(here, f"no {kind} named {v!r} on this machine") from None
+        else:
+            raise _fail(here, f"{v!r} is not a {kind} name or id")
+    return frozenset(out)
+
+
+def _table(value: Any, where: str, known: frozenset[str]) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(where, "must be a table")
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise _fail(where, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return value
+
+
+def _grant(table: Mapping[str, Any], where: str, base: Grant, rule: str) -> Grant:
+    """``base`` with what ``table`` sets."""
+    g = replace(base, rule=rule)
+    if "adapters" in table:
+        g = replace(g, adapters=_adapters(table["adapters"], f"{where}.adapters"))
+    for key in ("memory_per_process", "memory_per_uid"):
+        if key in table:
+            g = replace(g, **{key: _size(table[key], f"{where}.{key}")})
+    return g
+
+
+def parse_policy(text: str, source: str = "policy", *,
+                 memory_per_process: int | None = None,
+                 memory_per_uid: int | None = None) -> Policy:
+    """A policy from TOML text. The keyword arguments (the flags) replace the defaults' values
+    before the rules inherit them. PolicyError says where and what to fix."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PolicyError(f"{source}: not valid TOML: {e}") from None
+    return _build(data, source, memory_per_process, memory_per_uid)
+
+
+def load_policy(path: str | Path | None, *, memory_per_process: int | None = None,
+                memory_per_uid: int | None = None) -> Policy:
+    """The policy in ``path`` (None: only the flags' defaults)."""
+    if path is None:
+        return _build({}, "(flags)", memory_per_process, memory_per_uid)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise PolicyError(f"cannot read the policy file {path}: {reason}") from None
+    return parse_policy(text, str(path), memory_per_process=memory_per_process,
+                        memory_per_uid=memory_per_uid)
+
+
+def _build(data: Mapping[str, Any], source: str, memory_per_process: int | None,
+           memory_per_uid: int | None) -> Policy:
+    def where(part: str) -> str:
+        return f"{source}: {part}"
+
+    _table(data, source, _TOP_KEYS)
+    version = data.get("version", POLICY_VERSION)
+    if version != POLICY_VERSION:
+        raise _fail(where("version"), f"{version!r}: this pydxg reads version {POLICY_VERSION}")
+    defaults = _grant(_table(data.get("defaults", {}), where("[defaults]"), _GRANT_KEYS),
+                      where("[defaults]"), Grant(), "defaults")
+    if memory_per_process is not None:
+        defaults = replace(defaults, memory_per_process=memory_per_process)
+    if memory_per_uid is not None:
+        defaults = replace(defaults, memory_per_uid=memory_per_uid)
+    raw_rules = data.get("rules", [])
+    if not isinstance(raw_rules, list):
+        raise _fail(where("rules"), "must be an array of tables: write each as [[rules]]")
+    rules = []
+    for i, raw in enumerate(raw_rules, 1):
+        here = where(f"[[rules]] #{i}")
+        table = _table(raw, here, _RULE_KEYS)
+        name = table.get("name", f"rule {i}")
+        if not isinstance(name, str):
+            raise _fail(f"{here}.name", "must be a string")
+        uids = _ids(table.get("uids", []), f"{here}.uids", "user")
+        gids = _ids(table.get("groups", []), f"{here}.groups", "group")
+        if not uids and not gids:
+            raise _fail(here, "names nobody: give uids or groups (or both)")
+        rules.append(Rule(name, uids, gids, _grant(table, here, defaults, name)))
+    return Policy(defaults, tuple(rules), source)
