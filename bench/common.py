@@ -34,6 +34,18 @@ def start_up(tmp: Path, adapters: int = 1, *extra: str) -> tuple[subprocess.Pope
     return up, node
 
 
+def cpu_busy() -> tuple[float, float]:
+    """(seconds of CPU the whole machine spent busy, seconds this process and its waited-for
+    children spent) so far: what other processes took between two readings is the difference
+    (the noise a measurement shared the machine with)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return busy, t.user + t.system + t.children_user + t.children_system
+
+
 def stop_up(up: subprocess.Popen[bytes]) -> None:
     """SIGTERM (a clean stop), SIGKILL after 30 s."""
     up.send_signal(signal.SIGTERM)

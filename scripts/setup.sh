@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up everything pydxg needs on a Debian machine: system packages (fuse3, a C compiler),
+# Sets up everything pydxg needs on a Debian machine: system packages (fuse3, a C compiler, tmux),
 # a virtualenv inside the repo (.venv) with the pinned Python dependencies, and the package itself.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
@@ -10,6 +10,8 @@ need_apt=()
 command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 # fuse3: /dev/fuse tooling and fusermount3 (the FUSE node speaks the kernel protocol itself)
 command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
+# tmux: the tests run `dxg top` in a real terminal (80x24) inside it
+command -v tmux >/dev/null 2>&1 || need_apt+=(tmux)
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   for cand in python3.11 python3; do

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def test_ls_and_ps(stack):
     r = dxg("ls", "--json", env=env)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["adapters"]
-    assert len(rows) == 2 and all(row["vendor_id"] == "0x1414" for row in rows)
+    assert len(rows) == 2 and all(row["vendor_id"] == 0x1414 for row in rows)
     assert {"paravirtualized", "compute_only"} <= set(rows[0]["flags"])
     luids = {f"0x{a.luid:016x}" for a in stack.driver.active_adapters()}
     assert {row["luid"] for row in rows} == luids
@@ -232,24 +233,62 @@ def test_host_and_guest_apart_over_tcp_with_two_hosts(tmp_path):
             addrs.append(line.rsplit(" ", 1)[-1])
         assert all(a.startswith("tcp:127.0.0.1:") for a in addrs)
         node = str(tmp_path / "dxg.sock")
-        g, _ = _daemon("guest", "--connect", addrs[0], "--connect", addrs[1], "--node", node)
+        g, first = _daemon("guest", "--connect", addrs[0], "--connect", addrs[1], "--node",
+                           node)
         procs.append(g)
         r = dxg("wait", "--adapters", "4", "--timeout", "60", env={"DXG_NODE": node})
         assert r.returncode == 0, r.stderr
         rows = json.loads(dxg("ls", "--json", env={"DXG_NODE": node}).stdout)["adapters"]
         assert len({row["luid"] for row in rows}) == 4
+        assert [row["host"] for row in rows] == [0, 0, 1, 1]
         holder = client("hold", node, 1, 1)
         held = read_json_line(holder)
         assert len(held["devices"]) == 4 and len(held["contexts"]) == 4
+        _two_hosts_look_right(node, held["pid"], rows)
         holder.stdin.close()
         assert holder.wait(timeout=30) == 0
         ps = json.loads(dxg("ps", "--json", env={"DXG_NODE": node}).stdout)
         assert [h["census"]["totals"]["devices"] for h in ps["census"]["hosts"]] == [0, 0]
     finally:
-        for p in reversed(procs):
+        for p in reversed(procs):  # the guest first: its hosts are not lost while it runs
             p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
         for p in procs:
             assert p.wait(timeout=30) == 0, p.stderr.read()
+    # What the guest printed: its node, its hosts, one line per adapter, nothing else.
+    out = [first, *g.stdout.read().splitlines()]
+    assert out[0].startswith(f"node: {node} (mode 0666")
+    assert out[1:3] == [f"guest: bound host {a}" for a in addrs]
+    assert [ln.split(":")[0] for ln in out[3:]] == [f"adapter {i}" for i in range(4)], out
+    assert [ln.endswith(f"(host {i // 2})") for i, ln in enumerate(out[3:])] == [True] * 4
+    assert g.stderr.read() == ""
+
+
+def _two_hosts_look_right(node: str, pid: int, rows: list[dict]) -> None:
+    """`dxg ls`, `ps` and `top --once` with a guest bound to two hosts: each adapter says
+    which host it is on, and everything fits 80 columns (top: 24 rows)."""
+    env = {"DXG_NODE": node}
+    ls = dxg("ls", env=env).stdout.splitlines()
+    assert ls[0].split() == ["#", "LUID", "host", "local", "non-local", "GPU%", "flags"]
+    for i, row in enumerate(rows):
+        cells = ls[1 + i].split()
+        assert cells[:3] == [str(i), row["luid"], str(row["host"])], ls
+    assert [ln.split(":")[0] for ln in ls[5:7]] == ["host 0", "host 1"]
+    ps = dxg("ps", env=env).stdout.splitlines()
+    headings = [ln for ln in ps if ln.startswith("adapter ")]
+    assert [h.split()[3:5] for h in headings] == [["host", str(r["host"])] for r in rows]
+    assert sum(1 for ln in ps if re.match(rf"\s*{pid}\s", ln)) == 4, ps
+    top = dxg("top", "--once", "--interval", "0.2", env={**env, "COLUMNS": "80",
+                                                           "LINES": "24"}).stdout.splitlines()
+    assert re.findall(r"^\s*\d+ 0x[0-9a-f]{16} h(\d)", "\n".join(top), re.M) == \
+        ["0", "0", "1", "1"], top
+    assert sum(1 for ln in top if re.match(rf"\s*{pid}\s", ln)) == 4, top
+    for lines in (ls, ps, top):
+        assert all(len(line) <= 80 for line in lines), lines
+    assert len(top) <= 24
 
 
 _HOLD_MEMORY = r"""
@@ -301,7 +340,7 @@ def test_ls_and_ps_show_memory(stack):
 
 def test_memory_columns_without_the_census_figures():
     """A host whose census has no memory figures (an older host): "-", and None in JSON."""
-    from dxg.cli.commands import adapter_memory, human_bytes, join_memory, match_adapters
+    from dxg.cli.views import adapter_memory, human_bytes, join_memory, match_adapters
 
     snap = {"adapters": [{"index": 0, "luid": "0x10", "host": 0},
                          {"index": 1, "luid": "0x20", "host": 0}],
@@ -332,3 +371,153 @@ def test_memory_columns_without_the_census_figures():
     # no census at all (the host did not answer)
     gone = join_memory({"snapshot": snap, "census": {"hosts": [{"index": 0, "error": "x"}]}})
     assert gone["snapshot"]["processes"][0]["memory"] is None
+
+
+# ---- the operator's view: one JSON number format, who `dxg ps` lists, measured use ----------
+
+
+_LUID = re.compile(r"^0x[0-9a-f]{16}$")
+
+
+def _json_values(value, key=""):
+    """(key, value) of every scalar in a JSON document."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _json_values(v, k)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _json_values(v, key)
+    else:
+        yield key, value
+
+
+def test_every_json_output_has_one_number_format(stack):
+    """Numbers are JSON numbers; only LUIDs are strings, "0x%016x", in `ls` and `ps` alike."""
+    env = {"DXG_NODE": stack.node_path}
+    holder = client("hold", stack.node_path, 1, 1)
+    try:
+        read_json_line(holder)
+        ls = json.loads(dxg("ls", "--json", env=env).stdout)
+        ps = json.loads(dxg("ps", "--json", env=env).stdout)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    row = ls["adapters"][0]
+    assert isinstance(row["handle"], int) and row["vendor_id"] == 0x1414
+    assert isinstance(row["device_id"], int) and isinstance(row["slots"], int)
+    for doc in (ls, ps):
+        values = list(_json_values(doc))
+        luids = [v for k, v in values if k == "luid" or k.endswith("_luid")]
+        assert luids and all(isinstance(v, str) and _LUID.match(v) for v in luids), luids
+        hexes = [(k, v) for k, v in values if isinstance(v, str) and v.startswith("0x")
+                 and not (k == "luid" or k.endswith("_luid"))]
+        assert hexes == [], hexes
+    assert {a["luid"] for a in ls["adapters"]} == {a["luid"] for a in ps["adapters"]}
+    census = ps["census"]["hosts"][0]["census"]
+    assert {a["guest_luid"] for a in census["adapters"]} == {a["luid"] for a in ls["adapters"]}
+
+
+_IDLE = r"""
+import json, os, sys
+from dxg.client import open_node
+node = open_node(sys.argv[1])
+adapters = node.adapters()          # adapter handles, but no objects on the adapters
+print(json.dumps({"pid": os.getpid()}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_ps_lists_only_processes_holding_objects_and_never_itself(stack):
+    env = {"DXG_NODE": stack.node_path}
+    holder = client("hold", stack.node_path, 1, 0)
+    idle = subprocess.Popen([sys.executable, "-c", _IDLE, stack.node_path], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        held, waiting = read_json_line(holder)["pid"], read_json_line(idle)["pid"]
+        r = dxg("ps", "--json", "--interval", "0", env=env)
+        data = json.loads(r.stdout)
+        pids = {p["pid"] for p in data["snapshot"]["processes"]}
+        assert held in pids and waiting not in pids, pids
+        assert data["interval"] is None  # --interval 0: not measured
+        text = dxg("ps", env=env)
+        assert text.returncode == 0, text.stderr
+        listed = {int(m) for m in re.findall(r"^\s+(\d+)\s", text.stdout, re.M)}
+        assert listed == {held}, text.stdout
+        assert all(len(line) <= 80 for line in text.stdout.splitlines())
+    finally:
+        for p in (holder, idle):
+            p.stdin.close()
+            p.wait(timeout=30)
+    # `dxg ps` never lists itself: with nothing else alive there is nothing to list
+    wait_until(lambda: not json.loads(dxg("ps", "--json", "--interval", "0", env=env).stdout)
+               ["snapshot"]["processes"], 10, "the clients gone")
+
+
+def test_utilization_is_measured_per_adapter_and_process(stack):
+    """A client keeping adapter 1 busy: `ls` and `ps` measure its engine time; it stops, and
+    the figures go back to 0."""
+    env = {"DXG_NODE": stack.node_path}
+    busy = client("busy", stack.node_path, 1)
+    try:
+        pid = read_json_line(busy, 60)["pid"]
+
+        def measured() -> tuple[dict, dict] | None:
+            ls = json.loads(dxg("ls", "--json", "--interval", "0.3", env=env).stdout)
+            ps = json.loads(dxg("ps", "--json", "--interval", "0.3", env=env).stdout)
+            mine = next(p for p in ps["snapshot"]["processes"] if p["pid"] == pid)
+            link = mine["adapters"][0]
+            if ls["adapters"][1]["utilization"] and link["utilization"]:
+                return ls, link
+            return None
+
+        ls, link = wait_until(measured, 60, "utilization measured on adapter 1")
+        assert 0 < ls["adapters"][1]["utilization"] <= 100
+        assert ls["adapters"][0]["utilization"] == 0  # nobody works there
+        assert link["adapter"] == 1 and link["state"] == "running"
+        assert link["queues"] == 1 and link["fences"] >= 1 and link["memory"] > 0
+        assert 0 < ls["interval"] < 5
+        text = dxg("ps", env=env).stdout
+        row = next(ln for ln in text.splitlines() if re.match(rf"\s*{pid}\s", ln))
+        assert re.search(r"\s\d+%\s", row) and row.rstrip().endswith("running")
+    finally:
+        busy.stdin.close()
+        busy.wait(timeout=60)
+    wait_until(lambda: json.loads(dxg("ls", "--json", "--interval", "0.2", env=env).stdout)
+               ["adapters"][1]["utilization"] == 0, 30, "adapter 1 idle again")
+
+
+def test_up_is_quiet_and_says_each_thing_once(tmp_path):
+    """`dxg up`: its node and its adapters, one line each, and nothing on stderr; `-v` after
+    the subcommand adds the log (what happens), and the node path is still said once."""
+    node = str(tmp_path / "dxg.sock")
+    for verbose in ((), ("-v",)):
+        up = subprocess.Popen([sys.executable, "-m", "dxg.cli.main", "up", "--node", node,
+                               "--priority", "0", *verbose],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            r = dxg("wait", "--adapters", "2", "--timeout", "60", env={"DXG_NODE": node})
+            assert r.returncode == 0, r.stderr
+        finally:
+            up.terminate()
+            out, err = up.communicate(timeout=30)
+        assert up.returncode == 0, err
+        lines = out.splitlines()
+        assert lines[0] == f"node: {node} (mode 0666; clients need DXG_NODE set to it)"
+        assert [ln.split(": ")[0] for ln in lines[1:]] == ["adapter 0", "adapter 1"], lines
+        assert all(re.match(r"adapter \d: 0x[0-9a-f]{16}  pydxg Soft GPU \(NumPy\), 1\.0G local"
+                            r" \+ 4\.0G non-local$", ln) for ln in lines[1:]), lines
+        if verbose:
+            assert "adapter" in err and "up:" in err, err  # the log says what happened
+            assert (out + err).count(node) == 1, err
+        else:
+            assert err == ""
+
+
+def test_global_options_work_after_the_subcommand(stack):
+    env = {"DXG_NODE": stack.node_path}
+    for args in (["ls", "-v"], ["-v", "ls"], ["ls", "--json", "-vv"], ["ps", "-v"],
+                 ["top", "--once", "-v", "--interval", "0.1"]):
+        r = dxg(*args, env=env)
+        assert r.returncode == 0, (args, r.stderr)
+    r = dxg("ls", "--interval", "-1", env=env)
+    assert r.returncode == 2 and "is not an interval (seconds, 0 to 3600)" in r.stderr

@@ -13,7 +13,8 @@ import pytest
 import dxg.compute as dc
 from conftest import make_stack
 from dxg.backends.softcmd import CommandBuffer, Operand
-from dxg.client import open_node
+from dxg.client import DxgError, open_node
+from dxg.uapi.ntstatus import NTSTATUS
 
 RNG = np.random.default_rng(1234)
 
@@ -68,8 +69,10 @@ def test_device_by_index_and_by_luid(stack):
             check((x * 3).get(), np.array([3.0, 6.0]))
         with pytest.raises(ValueError):
             dc.device(7, node=node)
-        with pytest.raises(TypeError):
+        with pytest.raises(ValueError):  # a string is a LUID as `dxg ls` prints it
             dc.device("0", node=node)
+        with pytest.raises(TypeError):
+            dc.device(1.5, node=node)
         assert not node.closed  # a node we gave is not closed by the devices
 
 
@@ -819,9 +822,10 @@ def test_memory_and_a_fence_shared_by_another_process(stack, tmp_path):
             check(total.get(), want.sum())
             fence.wait(1)  # the CPU reads only once the producer's GPU signalled
             check(src.get(), want)
-            with pytest.raises(dc.DeviceFault):  # read-only: a GPU write faults this device
+            with pytest.raises(DxgError) as e:  # read-only: refused before the GPU would fault
                 src[0] = 1
-                dev.synchronize()
+            assert e.value.status == NTSTATUS.STATUS_ACCESS_DENIED
+            dev.synchronize()  # (nothing faulted)
             assert json.loads(producer.stdout.readline())["sum"] == pytest.approx(
                 float(want.sum()), rel=1e-5)
             ours.send(b"d")

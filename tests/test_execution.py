@@ -625,16 +625,17 @@ def test_borrowed_slots_are_counted_never_held_against_jobs_and_waiters_go_by_pr
 
     async def scenario() -> list[str]:
         engine = EngineScheduler(2)
-        await engine.acquire(0)  # a job runs in one slot
+        first = await engine.acquire(0)  # a job runs in one slot
         assert engine.try_borrow(4) == 1  # it borrows the other, idle one
         c = engine.census()
         assert (c["running"], c["borrowed"], c["lent"]) == (1, 1, 1) and not engine.wanted()
-        await asyncio.wait_for(engine.acquire(0), 10)  # not delayed by the lent slot
+        second = await asyncio.wait_for(engine.acquire(0), 10)  # not delayed by the lent slot
         assert engine.wanted() and engine.try_borrow(1) == 0
         order: list[str] = []
+        slots = {}
 
         async def job(name: str, priority: int) -> None:
-            await engine.acquire(priority)
+            slots[name] = await engine.acquire(priority)
             order.append(name)
 
         low = asyncio.ensure_future(job("low", -3))
@@ -645,13 +646,13 @@ def test_borrowed_slots_are_counted_never_held_against_jobs_and_waiters_go_by_pr
         t.start()
         t.join()
         assert engine.census()["borrowed"] == 0 and engine.wanted()  # (they still wait)
-        engine.release()  # a job ends: the most urgent waiter gets its slot
+        engine.release(first)  # a job ends: the most urgent waiter gets its slot
         await asyncio.wait_for(high, 10)
         assert order == ["high"]
-        engine.release()
+        engine.release(second)
         await asyncio.wait_for(low, 10)
-        engine.release()
-        engine.release()
+        engine.release(slots["high"])
+        engine.release(slots["low"])
         c = engine.census()
         assert (c["running"], c["borrowed"], c["waiting"], c["executed"]) == (0, 0, 0, 4)
         assert c["peak"] == 2 and c["lent"] == 1

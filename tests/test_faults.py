@@ -13,6 +13,7 @@ import selectors
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,13 @@ CHAOS_SECONDS = float(os.environ.get("PYDXG_CHAOS_SECONDS", "60"))
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
-def open_fds(*procs: subprocess.Popen[str]) -> set[tuple[int, int]]:
-    """The files this process holds open (by identity: device and inode, so a number reused
-    for another file is not mistaken for the old one), less the pipes to ``procs`` (the
-    test's own)."""
+def open_fds(*procs: subprocess.Popen[str]) -> Counter[tuple[int, int]]:
+    """The files this process holds open, counted by identity (device and inode, so a number
+    reused for another file is not mistaken for the old one, and a leaked duplicate of a file
+    open at the start still counts), less the pipes to ``procs`` (the test's own)."""
     mine = {f.fileno() for p in procs for f in (p.stdin, p.stdout, p.stderr)
             if f is not None and not f.closed}
-    out = set()
+    out: Counter[tuple[int, int]] = Counter()
     for name in os.listdir("/proc/self/fd"):
         if int(name) in mine:
             continue
@@ -43,22 +44,32 @@ def open_fds(*procs: subprocess.Popen[str]) -> set[tuple[int, int]]:
             st = os.stat(f"/proc/self/fd/{name}")
         except OSError:  # closed meanwhile (the listing's own descriptor, among others)
             continue
-        out.add((st.st_dev, st.st_ino))
+        out[(st.st_dev, st.st_ino)] += 1
     return out
 
 
-def none_left(before: set[tuple[int, int]], *procs: subprocess.Popen[str]) -> bool:
-    """No file is open now that was not before (what went meanwhile does not matter)."""
-    return open_fds(*procs) <= before
+def none_left(before: Counter[tuple[int, int]], *procs: subprocess.Popen[str]) -> bool:
+    """No descriptor is open now that was not before: no new file, and no more copies of a
+    file than there were (what went meanwhile does not matter)."""
+    return not open_fds(*procs) - before
 
 
-def host_left(host: Host) -> dict[str, int]:
-    """What the host holds for guests' processes: objects, handles, committed bytes."""
+def host_left(host: Host, driver: GuestDriver | None = None) -> dict[str, int]:
+    """What the host holds for guests' processes: objects, handles, committed bytes, shared
+    objects (each partition's "shared" census: objects, references, waits, blocks, bytes);
+    with ``driver``, what its guest keeps of sharing too (share descriptors, sync files)."""
     census = host.census()
     totals = census["totals"]
     used = sum(g["used"] for a in census["adapters"] for g in a["memory"].values())
-    return {"processes": totals["processes"], "devices": totals["devices"],
+    left = {"processes": totals["processes"], "devices": totals["devices"],
             "contexts": totals["contexts"], "handles": totals["handles"], "bytes": used}
+    shared: Counter[str] = Counter()
+    for part in census["partitions"]:
+        shared.update(part["shared"])
+    left.update({f"shared_{k}": v for k, v in shared.items()})
+    if driver is not None:
+        left.update({f"guest_{k}": v for k, v in driver.snapshot()["shares"].items()})
+    return left
 
 
 def worker(node_path: str, rounds: int = 0) -> subprocess.Popen[str]:
@@ -74,7 +85,8 @@ def test_sixty_four_clients_working_while_random_ones_are_killed(tmp_path: Path)
     rnd = random.Random(9)
     with make_stack(tmp_path, adapters=1) as st:
         fds = open_fds()
-        baseline = host_left(st.host)
+        baseline = host_left(st.host, st.driver)
+        assert baseline["guest_share_fds"] == baseline["guest_sync_files"] == 0
         workers: dict[int, subprocess.Popen[str]] = {}
         sel = selectors.DefaultSelector()
 
@@ -143,7 +155,8 @@ def test_sixty_four_clients_working_while_random_ones_are_killed(tmp_path: Path)
             sel.close()
         print(f"{killed} killed, {rounds} rounds in {CHAOS_SECONDS:.0f} s")
         assert killed >= CHAOS_SECONDS / 2 and rounds >= 10 * CHAOS_SECONDS, (killed, rounds)
-        wait_until(lambda: host_left(st.host) == baseline, 30, "the host holds nothing of theirs")
+        wait_until(lambda: host_left(st.host, st.driver) == baseline, 30,
+                   "the host and the guest hold nothing of theirs (shared objects included)")
         wait_until(lambda: st.driver.snapshot()["processes"] == [], 30,
                    "the guest holds nothing of theirs")
         wait_until(lambda: none_left(fds), 30, "no descriptor of theirs left open")

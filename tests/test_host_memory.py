@@ -622,7 +622,9 @@ def test_paging_fence_reaches_its_value_in_the_shared_slot(hg: tuple[Host, RawGu
     assert ref1.block == ref2.block and ref1.offset != ref2.offset and ref1.block_size == 65536
     assert d.host_object(q1.sync_object.v, HandleType.MONITOREDFENCE) is not None
     assert q1.fence_cpu_virtual_address == 0
-    view = mmap.mmap(fds1[0], ref1.block_size)
+    with pytest.raises(PermissionError):  # the block is handed out read-only: only the host
+        mmap.mmap(fds1[0], ref1.block_size)  # writes a fence value (docs/sharing.md)
+    view = mmap.mmap(fds1[0], ref1.block_size, prot=mmap.PROT_READ)
     for fd in fds1 + fds2:
         os.close(fd)
     try:

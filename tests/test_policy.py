@@ -130,7 +130,12 @@ BAD_POLICIES = [
     ("[default]\n", "unknown key 'default' (known: defaults, rules, version)"),
     ("version = 2\n", "version: 2: this pydxg reads version 1"),
     ('[defaults]\nmemory = "1G"\n', "[defaults]: unknown key 'memory' (known: adapters, "
-                                    "memory_per_process, memory_per_uid)"),
+                                    "compute_share, memory_per_process, memory_per_uid)"),
+    ('[defaults]\ncompute_share = 0\n',
+     "[defaults].compute_share: 0 is not a compute share (use a whole number 1..10000"),
+    ('[[rules]]\nuids = [1]\ncompute_share = "3"\n',
+     "[[rules]] #1.compute_share: '3' is not a compute share"),
+    ('[[rules]]\nuids = [1]\ncompute_share = 2.5\n', "2.5 is not a compute share"),
     ('[defaults]\nmemory_per_process = "4X"\n',
      "[defaults].memory_per_process: '4X' is not a size (use bytes, or a number with K, M, G"),
     ('[defaults]\nadapters = ["gpu0"]\n',

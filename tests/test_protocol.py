@@ -563,6 +563,7 @@ VALID: dict[type, st.SearchStrategy] = {
     m.CreateNtSharedObjectReturn: st.builds(m.CreateNtSharedObjectReturn, u32, u32, u32, u32,
                                             u32, u32, u32),
     m.DestroyNtSharedObject: st.builds(m.DestroyNtSharedObject, u32),
+    m.WaitSharedSync: st.builds(m.WaitSharedSync, u32, u32, u64, u64),
     m.OpenResource: st.builds(m.OpenResource, u32, u32, u32, u32),
     m.OpenResourceReturn: st.builds(
         m.OpenResourceReturn, u32, u32,
@@ -702,6 +703,7 @@ SAMPLE: dict[type, object] = {
     m.ProcessQuota: m.ProcessQuota(1000, 1 << 20, (1 << 64) - 1),
     m.CreateNtSharedObject: m.CreateNtSharedObject(0x40000FC0),
     m.DestroyNtSharedObject: m.DestroyNtSharedObject(0x40000FC0),
+    m.WaitSharedSync: m.WaitSharedSync(0x40000FC0, 0, 7, 1),
     m.OpenResource: m.OpenResource(0x40000FC0, 0x40000FC0, 0, 1),
     m.OpenSyncObject: m.OpenSyncObject(0x40000FC0, 0x40000FC0, 1, 0),
     m.OpenAdapter: m.OpenAdapter(40, 16, 0, 0),

@@ -6,6 +6,7 @@ descriptor, in any order; SIGKILL), hostile descriptors, sync files polled and w
 the GPU, and the errors where the real driver says nothing."""
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,6 +84,14 @@ def guest_shares(st: Stack) -> dict:
 def nothing_shared(st: Stack) -> bool:
     c = shared_census(st)
     return (not any(c.values())) and not any(guest_shares(st).values())
+
+
+def settled(st: Stack, descriptors: int) -> None:
+    """Wait until the guest keeps ``descriptors`` share descriptors and the host as many NT
+    references (a closed descriptor's reference goes back once the guest sees it closed)."""
+    wait_until(lambda: guest_shares(st)["share_fds"] == descriptors
+               and shared_census(st)["nt_refs"] == descriptors,
+               what=f"{descriptors} share descriptors on guest and host")
 
 
 def child(code: str, *args: object, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
@@ -325,7 +335,7 @@ def test_a_read_only_block_cannot_be_reopened_for_writing():
     assert shares.blocks == 0
 
 
-# ---- fences across processes ----------------------------------------------------------------------
+# ---- fences across processes ---------------------------------------------------------------------
 
 FENCE_OPENER = r"""
 import json, sys
@@ -397,7 +407,10 @@ def test_a_shared_resource_lives_until_its_last_handle_and_descriptor(unix, orde
         for i, name in enumerate(order):
             holders.pop(name).close()
             if i < 2:
-                assert wait_until(lambda: shared_census(unix)["resources"] == 1)
+                # what was closed is gone on guest and host (a descriptor: once the guest saw
+                # its last copy closed); what is left still holds the resource
+                settled(unix, int("fd" in holders))
+                assert shared_census(unix)["resources"] == 1
                 left = [h for h in holders.values() if isinstance(h, Resource)]
                 if left:  # the memory and its contents are still there for who holds it
                     assert left[0].allocations[0].download(4) == b"kept"
@@ -425,6 +438,7 @@ def test_a_shared_fence_lives_until_its_last_handle_and_descriptor(unix, order):
         for i, name in enumerate(order):
             holders.pop(name).close()
             if i < 2:
+                settled(unix, int("fd" in holders))
                 assert shared_census(unix)["sync_objects"] == 1
                 fences = [h for h in holders.values() if not isinstance(h, SharedHandle)]
                 if fences:  # it still signals and waits for who holds it
@@ -446,11 +460,12 @@ def test_the_charge_follows_who_holds_the_memory(unix):
         handle = res.share()
         other = a2.create_device().open_resource(handle)
         assert a2.video_memory_info().current_usage == u2  # (counted once: the owner's)
-        res.close()  # the owner lets go: its holder pays now
+        res.close()  # the owner lets go: its holder pays now (its quotas have room)
         assert a1.video_memory_info().current_usage == u1
         assert a2.video_memory_info().current_usage == u2 + MIB
-        other.close()  # only the descriptor holds it: the adapter still counts it, as nobody's
+        other.close()  # only the descriptor holds it: its creator pays again, while it lives
         assert a2.video_memory_info().current_usage == u2
+        assert a1.video_memory_info().current_usage == u1 + MIB
         assert unix.host.census()["adapters"][0]["memory"]["local"]["used"] >= MIB
         handle.close()
         wait_until(lambda: nothing_shared(unix), what="the shared resource gone")
@@ -566,7 +581,7 @@ sys.stdin.readline()
         wait_until(lambda: nothing_shared(unix), 10, "nothing shared left")
 
 
-# ---- hostile descriptors and arguments -------------------------------------------------------------
+# ---- hostile descriptors and arguments -----------------------------------------------------------
 
 
 def _open_resource_status(conn, device: int, nt_handle: int) -> int:
@@ -735,8 +750,11 @@ def test_a_sync_file_becomes_readable_when_its_fence_reaches_the_value(stack):
             finally:
                 finish(poller)
             assert select.select([sf], [], [], 10)[0] == [sf]
-            # readable for good: reading it takes nothing away
-            assert os.read(sf.fileno(), 10) == b"" and sf.ready()
+            # it says the value was reached; readable for good: a holder that reads every
+            # byte out takes nothing away (the node fills it again)
+            assert sf.status() == SyncFile.SIGNALED
+            assert set(os.read(sf.fileno(), 1 << 16)) == {1}
+            assert sf.wait(10) and sf.status() == SyncFile.SIGNALED
             reached = fence.sync_file(3)  # a value reached already: readable at once
             assert reached.wait(10)
             for f_ in (sf, reached):
@@ -898,7 +916,7 @@ def test_the_asyncio_flavor(unix):
     wait_until(lambda: nothing_shared(unix), what="nothing shared left")
 
 
-# ---- the host enforces access even for a guest that asks otherwise ---------------------------------
+# ---- the host enforces access even for a guest that asks otherwise -------------------------------
 
 
 def test_the_host_enforces_read_only_views(tmp_path: Path):
@@ -954,7 +972,7 @@ def test_the_host_enforces_read_only_views(tmp_path: Path):
         host.close()
 
 
-# ---- through the FUSE file -------------------------------------------------------------------------
+# ---- through the FUSE file -----------------------------------------------------------------------
 
 
 def _file_ioctl(fd: int, code: int, args: ctypes.Structure) -> int:
@@ -1034,3 +1052,516 @@ def test_through_the_fuse_file(unix, tmp_path: Path):
             os.close(fd)
         sdev.close()
     wait_until(lambda: nothing_shared(unix), what="nothing shared left")
+
+
+# ---- descriptors the daemon must not block on ----------------------------------------------------
+
+
+def _abort_fuse(st_dev: int) -> None:
+    """Abort a FUSE connection: whatever waits on its server gets ENOTCONN (so that a daemon
+    blocked on it comes back and the test can fail instead of hanging)."""
+    try:
+        Path(f"/sys/fs/fuse/connections/{os.minor(st_dev)}/abort").write_text("1")
+    except OSError:
+        pass
+
+
+def test_a_file_on_a_fuse_mount_handed_in_is_refused_at_once(unix, tmp_path: Path, monkeypatch):
+    """The node's own /dev/dxg (a FUSE file served by the daemon's loop) handed in where a share
+    descriptor or sync file is due: -EINVAL at once. Asking the file's filesystem anything
+    (fstat: GETATTR; close: FLUSH) from the loop would wait for the loop itself, for ever."""
+    import dxg.node.fuse as fuse_node
+    from test_fuse import mounted
+
+    # The kernel asks the server for the attributes on every stat (as once the cached ones
+    # expired, after a minute).
+    monkeypatch.setattr(fuse_node, "ATTR_VALID_S", 0.0)
+    with mounted(unix.driver, tmp_path / "dxg") as fnode, open_node(unix.node_path) as node:
+        dev = node.adapters()[0].create_device()
+        ctx = dev.create_context()
+        ffd = os.open(fnode.path, os.O_RDONLY | os.O_CLOEXEC)  # ioctls through the file
+        bait = os.open(fnode.path, os.O_RDONLY | os.O_CLOEXEC)  # the "descriptor" handed in
+        mount_dev = os.fstat(bait).st_dev
+        got: dict[str, int] = {}
+
+        def calls() -> None:
+            got["query"] = _open_resource_status(node.conn, dev.handle, bait)
+            got["fence"] = _open_fence_status(node.conn, dev.handle, bait)
+            got["wait"] = _wait_sync_file_status(node.conn, ctx.handle, bait)
+            # the same through the file (the driver takes the caller's descriptor itself)
+            opened = s.d3dkmt_openadapterfromluid()
+            opened.adapter_luid.a, opened.adapter_luid.b = node.adapters()[0].luid_parts
+            assert _file_ioctl(ffd, t.D3DKMTOpenAdapterFromLuid.code, opened) == 0
+            cd = s.d3dkmt_createdevice()
+            cd.adapter.v = opened.adapter_handle.v
+            assert _file_ioctl(ffd, t.D3DKMTCreateDevice.code, cd) == 0
+            q = s.d3dkmt_queryresourceinfofromnthandle()
+            q.device.v = cd.device.v
+            q.nt_handle = bait
+            got["file"] = _file_ioctl(ffd, t.D3DKMTQueryResourceInfoFromNtHandle.code, q)
+
+        try:
+            worker_ = threading.Thread(target=calls, daemon=True)
+            worker_.start()
+            worker_.join(20)
+            hung = worker_.is_alive()
+            if hung:
+                _abort_fuse(mount_dev)
+                worker_.join(10)
+            assert not hung, "the daemon blocked on a FUSE file handed in"
+            assert got == {"query": INVALID, "fence": INVALID, "wait": INVALID,
+                           "file": -errno.EINVAL}
+            # the loop still serves, through both front ends
+            assert dev.create_context().handle
+            assert os.fstat(bait).st_dev == mount_dev
+        finally:
+            os.close(bait)
+            os.close(ffd)
+        dev.close()
+    wait_until(lambda: nothing_shared(unix), what="nothing shared left")
+
+
+# ---- fence pages: only the host writes them ------------------------------------------------------
+
+
+def _mprotect_errno(address: int) -> int:
+    """The errno of making the page at ``address`` writable (0: it could be made writable)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page = address & ~(mmap.PAGESIZE - 1)
+    if libc.mprotect(page, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE) == 0:
+        libc.mprotect(page, mmap.PAGESIZE, mmap.PROT_READ)
+        return 0
+    return ctypes.get_errno()
+
+
+def test_no_client_can_write_a_fence_page(stack):
+    """A fence's value is read without a call by every holder: a client that could make its
+    mapping writable could forge it (a read-only opener, even the creator of a shared fence
+    whose openers trust it). Every fence page reaches a client as a read-only descriptor."""
+    with open_node(stack.node_path) as n1, open_node(stack.node_path) as n2:
+        d1, d2 = n1.adapters()[0].create_device(), n2.adapters()[0].create_device()
+        plain, shared = d1.fence(), d1.shared_fence(1)
+        with shared.share(read_only=True) as ro_h, shared.share() as rw_h:
+            ro, rw = d2.open_fence(ro_h), d2.open_fence(rw_h)
+        queue = d1.create_context().hwqueue()
+        paging = d1.paging_queue()
+        pages = {"a fence": plain.address, "the creator's shared fence": shared.address,
+                 "a read-only opener's": ro.address, "a writable opener's": rw.address,
+                 "a queue's progress fence": queue.fence_address,
+                 "a paging queue's fence": paging.fence_address}
+        for name, address in pages.items():
+            assert address, name
+            assert _mprotect_errno(address) == errno.EACCES, name
+        # signals still move the value every holder reads
+        rw.signal(7)
+        assert shared.value == ro.value == 7 and shared.wait(7, timeout=10) == OK
+        for f in (ro, rw, shared, plain):
+            f.close()
+    wait_until(lambda: nothing_shared(stack), what="nothing shared left")
+
+
+def test_a_fence_page_mirrored_over_tcp_is_read_only_too(tmp_path: Path):
+    with tcp_stack(tmp_path) as st, open_node(st.node_path) as node:
+        dev = node.adapters()[0].create_device()
+        f = dev.fence(3)
+        assert f.address and f.value == 3
+        assert _mprotect_errno(f.address) == errno.EACCES
+        f.close()
+
+
+def test_fence_blocks_cannot_be_reopened_for_writing():
+    """The block a fence page is in has mode 0444 and is handed out O_RDONLY: a client that is
+    not root cannot reopen it for writing through /proc either."""
+    from dxg.host.config import HostConfig
+    from dxg.host.memory import ProcessMemory
+
+    memory = ProcessMemory()
+    fb, _ = memory.fence_slot(HostConfig(adapters=1), 0)
+    try:
+        assert os.fstat(fb.block.fd).st_mode & 0o777 == 0o444
+        fd = readonly_fd(fb.block)
+        try:
+            with pytest.raises(PermissionError):
+                mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+    finally:
+        memory.drop()
+
+
+# ---- who pays for shared memory ------------------------------------------------------------------
+
+
+def test_sharing_is_no_way_around_a_process_or_user_quota(tmp_path: Path):
+    """Memory only descriptors hold stays its creator's: its process's while it lives, its
+    user's after. Shared, shared again and let go, it is never nobody's."""
+    from dxg.guest.policy import parse_policy
+
+    policy = parse_policy('[[rules]]\nuids = [0]\nmemory_per_process = "2M"\n'
+                          'memory_per_uid = "4M"\n')
+    no_memory = NTSTATUS.STATUS_NO_MEMORY
+    with make_stack(tmp_path, "sq", adapters=1, driver_kw={"policy": policy}) as st:
+        n1 = open_node(st.node_path)
+        ad1 = n1.adapters()[0]
+        d1 = ad1.create_device()
+        res = d1.shared_resource(2 * MIB)
+        handle = res.share()
+        res.close()  # only the descriptor holds it now
+        assert ad1.video_memory_info().current_usage == 2 * MIB
+        for make in (lambda: d1.shared_resource(2 * MIB), lambda: d1.allocate(PAGE_SIZE)):
+            with pytest.raises(DxgError) as e:  # its own quota is full
+                make()
+            assert e.value.status == no_memory
+        with open_node(st.node_path) as n2:  # another process of the user: 2 MiB left
+            d2 = n2.adapters()[0].create_device()
+            kept = d2.allocate(2 * MIB)
+            with pytest.raises(DxgError) as e:
+                d2.allocate(PAGE_SIZE)
+            assert e.value.status == no_memory
+            n1.close()  # the creator exits: the bytes stay its user's
+            wait_until(lambda: st.host_totals()["processes"] == 1, what="the creator gone")
+            assert shared_census(st)["account_bytes"] == 2 * MIB
+            with open_node(st.node_path) as n3:
+                ad3 = n3.adapters()[0]
+                d3 = ad3.create_device()
+                info = ad3.video_memory_info()
+                assert (info.current_usage, info.budget) == (0, 0)  # its user has nothing left
+                with pytest.raises(DxgError) as e:
+                    d3.allocate(PAGE_SIZE)
+                assert e.value.status == no_memory
+                handle.close()
+                wait_until(lambda: nothing_shared(st), what="the shared resource gone")
+                kept.close()
+                d3.allocate(2 * MIB)  # its bytes are back in the user's quota
+
+
+VICTIM = r"""
+import json, os, sys
+from dxg.client import DxgError, open_node
+os.setgroups([])
+os.setgid(41001)
+os.setuid(41001)
+node = open_node(sys.argv[1])
+ad = node.adapters()[0]
+dev = ad.create_device()
+big, small = dev.open_resource(int(sys.argv[2])), dev.open_resource(int(sys.argv[3]))
+print(json.dumps({"opened": True}), flush=True)
+for _ in range(2):
+    sys.stdin.readline()
+    v = ad.video_memory_info()
+    out = {"usage": v.current_usage, "budget": v.budget}
+    try:
+        dev.allocate(4096).close()
+        out["alloc"] = "ok"
+    except DxgError as e:
+        out["alloc"] = int(e.status)
+    print(json.dumps(out), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_share_cannot_push_memory_onto_another_users_quota(public_dir: Path):
+    """Root shares 16 MiB with a user whose quota is 2 MiB, and lets go: the memory stays
+    root's (its process's, then its account's when it exits); the user pays only for what its
+    quotas have room for (here a 1 MiB resource it holds too), and keeps allocating."""
+    from dxg.guest.policy import load_policy
+
+    policy = load_policy(None, memory_per_process=2 * MIB, memory_per_uid=2 * MIB)
+    with make_stack(public_dir, "rh", adapters=1, driver_kw={"policy": policy}) as st:
+        node = open_node(st.node_path)
+        dev = node.adapters()[0].create_device()  # root: no quota
+        big, small = dev.shared_resource(16 * MIB), dev.shared_resource(MIB)
+        with big.share(read_only=True) as hb, small.share(read_only=True) as hs:
+            victim = child(VICTIM, st.node_path, hb.fileno(), hs.fileno(),
+                           pass_fds=(hb.fileno(), hs.fileno()))
+            try:
+                assert read_json_line(victim, 60) == {"opened": True}
+            except BaseException:
+                finish(victim)
+                raise
+        try:
+            big.close()
+            small.close()
+            tell(victim)
+            assert read_json_line(victim, 30) == {"usage": MIB, "budget": 2 * MIB,
+                                                 "alloc": "ok"}
+            node.close()  # the creator exits: the 16 MiB are root's account's now
+            wait_until(lambda: shared_census(st)["account_bytes"] == 16 * MIB,
+                       what="the creator's bytes with its account")
+            tell(victim)
+            assert read_json_line(victim, 30) == {"usage": MIB, "budget": 2 * MIB,
+                                                 "alloc": "ok"}
+        finally:
+            finish(victim)
+        wait_until(lambda: nothing_shared(st), what="nothing shared left")
+        assert st.host.census()["adapters"][0]["memory"]["local"]["used"] == 0
+
+
+# ---- sync files nobody can forge -----------------------------------------------------------------
+
+
+def test_a_holder_cannot_make_a_sync_file_readable_for_the_others(unix):
+    with open_node(unix.node_path) as node:
+        dev = node.adapters()[0].create_device()
+        for fence in (dev.fence(), dev.shared_fence()):
+            sf = fence.sync_file(5)
+            others = os.dup(sf.fileno())  # another holder's copy
+            mine = os.dup(sf.fileno())
+            try:
+                copy = os.dup(mine)
+                try:  # a socket could be shut down for everyone; a pipe cannot
+                    socket.socket(fileno=copy).shutdown(socket.SHUT_RD)
+                except OSError as e:
+                    assert e.errno == errno.ENOTSOCK
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.close(copy)
+                with pytest.raises(OSError):
+                    os.write(mine, b"\x01")  # (the read end)
+                pid = os.fork()
+                if pid == 0:  # nobody but root can reopen the pipe for writing
+                    code = 0
+                    try:
+                        os.setgid(65534)
+                        os.setuid(65534)
+                        try:
+                            os.close(os.open(f"/proc/self/fd/{mine}", os.O_WRONLY | os.O_NONBLOCK))
+                            code = 1
+                        except PermissionError:
+                            pass
+                    finally:
+                        os._exit(code)
+                _, status = os.waitpid(pid, 0)
+                assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+                os.close(mine)
+                assert not select.select([others], [], [], 0.3)[0] and not sf.ready()
+                assert sf.status() == SyncFile.PENDING
+                fence.signal(5)
+                assert select.select([others], [], [], 10)[0]
+                assert sf.status() == SyncFile.SIGNALED
+            finally:
+                os.close(others)
+            sf.close()
+            fence.close()
+    wait_until(lambda: nothing_shared(unix), what="sync files gone")
+
+
+def test_a_sync_file_of_a_shared_fence_outlives_the_process_that_made_it(unix):
+    """Its wait is held by the sync file's own reference: the maker exiting while the fence
+    lives (at 0) makes no copy readable; the fence reaching the value does."""
+    with open_node(unix.node_path) as consumer:
+        cdev = consumer.adapters()[0].create_device()
+        producer = open_node(unix.node_path)
+        pdev = producer.adapters()[0].create_device()
+        f = pdev.shared_fence(0)
+        with f.share() as h:
+            g = cdev.open_fence(h)  # the consumer holds the fence too (it may signal it)
+        sf = f.sync_file(5)
+        fd = sf.detach()  # "passed" to the consumer
+        theirs = SyncFile(fd, 5)
+        producer.close()
+        wait_until(lambda: unix.host_totals()["processes"] == 1, what="the producer gone")
+        assert not theirs.wait(0.5) and theirs.status() == SyncFile.PENDING and g.value == 0
+        assert shared_census(unix)["waits"] == 1  # held by the sync file
+        g.signal(5)
+        assert theirs.wait(10) and theirs.status() == SyncFile.SIGNALED
+        theirs.close()
+        g.close()
+    wait_until(lambda: nothing_shared(unix), what="nothing shared left")
+
+
+def test_a_sync_file_says_whether_its_wait_failed(unix):
+    with open_node(unix.node_path) as node:
+        dev = node.adapters()[0].create_device()
+        f = dev.fence()
+        sf = f.sync_file(100)
+        reached = f.sync_file(0)
+        f.close()  # the wait fails: readable, and it says so
+        assert sf.wait(10) and sf.status() == SyncFile.ERROR
+        assert reached.wait(10) and reached.status() == SyncFile.SIGNALED
+        # the process that made a sync file of a fence that is not shared exits: the fence
+        # goes with it, and so does the wait
+        other = open_node(unix.node_path)
+        of = other.adapters()[0].create_device().fence()
+        osf = of.sync_file(1)
+        fd = osf.detach()
+        other.close()
+        gone = SyncFile(fd, 1)
+        assert gone.wait(10) and gone.status() == SyncFile.ERROR
+        for x in (sf, reached, gone):
+            x.close()
+    wait_until(lambda: nothing_shared(unix), what="sync files gone")
+
+
+# ---- a share descriptor used across a call is pinned --------------------------------------------
+
+
+def test_a_descriptor_closed_during_a_call_keeps_its_object_until_the_call_is_done(
+        unix, tmp_path: Path, monkeypatch):
+    """Through the FUSE file the driver takes its own copy of the caller's descriptor and
+    closes it at once; if the caller's last copy is closed while the call waits for the host,
+    the entry must not give its reference back (the object would go, its NT handle with it)
+    until the call is done."""
+    from dxg.guest import vmbus as guest_vmbus
+    from test_fuse import mounted
+
+    gate = threading.Event()
+    parked = threading.Event()
+    real_send = guest_vmbus.send
+
+    async def held_send(target, command, *args, **kw):
+        if command == GlobalCommand.OPENSYNCOBJECT:
+            parked.set()
+            while not gate.is_set():
+                await asyncio.sleep(0.01)
+        return await real_send(target, command, *args, **kw)
+
+    with mounted(unix.driver, tmp_path / "dxg") as fnode, open_node(unix.node_path) as node:
+        f = node.adapters()[0].create_device().shared_fence(3)
+        fh = f.share()
+        ffd = os.open(fnode.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            opened = s.d3dkmt_openadapterfromluid()
+            opened.adapter_luid.a, opened.adapter_luid.b = node.adapters()[0].luid_parts
+            assert _file_ioctl(ffd, t.D3DKMTOpenAdapterFromLuid.code, opened) == 0
+            cd = s.d3dkmt_createdevice()
+            cd.adapter.v = opened.adapter_handle.v
+            assert _file_ioctl(ffd, t.D3DKMTCreateDevice.code, cd) == 0
+            op = s.d3dkmt_opensyncobjectfromnthandle2()
+            op.nt_handle = fh.fileno()
+            op.device.v = cd.device.v
+            got: dict[str, int] = {}
+            monkeypatch.setattr(guest_vmbus, "send", held_send)
+            call = threading.Thread(target=lambda: got.setdefault(
+                "ret", _file_ioctl(ffd, t.D3DKMTOpenSyncObjectFromNtHandle2.code, op)))
+            call.start()
+            assert parked.wait(10)
+            fh.close()  # the last copy of the descriptor, and the creator's handle: gone
+            f.close()
+            wait_until(lambda: guest_shares(unix)["share_fds"] == 0,
+                       what="the guest saw the descriptor closed")
+            assert shared_census(unix)["sync_objects"] == 1  # (the call still holds it)
+            gate.set()
+            call.join(20)
+            assert got == {"ret": 0} and op.sync_object.v
+            monkeypatch.setattr(guest_vmbus, "send", real_send)
+            assert shared_census(unix)["opened_sync_objects"] == 1
+        finally:
+            gate.set()
+            os.close(ffd)  # (the file's process goes, and the fence it opened)
+    wait_until(lambda: nothing_shared(unix), what="nothing shared left")
+
+
+# ---- what an opener is told about its access -----------------------------------------------------
+
+
+def test_opening_by_descriptor_number_tells_the_access_it_got(unix):
+    import dxg.compute as dc
+
+    with open_node(unix.node_path) as n1, open_node(unix.node_path) as n2:
+        d1 = n1.adapters()[0].create_device()
+        res = d1.shared_resource(PAGE_SIZE)
+        res.allocations[0].upload(b"\0" * 16)
+        f = d1.shared_fence()
+        d2 = n2.adapters()[0].create_device()
+        with res.share(read_only=True) as rh, f.share(read_only=True) as fh, \
+                res.share() as wh:
+            ro = d2.open_resource(rh.fileno())  # a number: the node says what it grants
+            rw = d2.open_resource(wh.fileno())
+            g = d2.open_fence(fh.fileno())
+        assert ro.read_only and all(a.read_only for a in ro.allocations)
+        assert not rw.read_only and not rw.allocations[0].read_only
+        assert g.read_only
+        with ro.share() as again, g.share() as gagain:  # onward: never more than it has
+            assert again.read_only and gagain.read_only
+        with pytest.raises(DxgError) as e:
+            g.signal(1)
+        assert e.value.status == ACCESS_DENIED
+        # dxg.compute over the read-only allocation refuses writes before any work is queued
+        with dc.device(0, node=unix.node_path) as cdev:
+            with ro.share() as onward:
+                cres = cdev.dxg.open_resource(onward.fileno())
+            arr = cdev.from_allocation(cres.allocations[0], (4,), np.float32)
+            for write in (lambda: arr.__setitem__(0, 1),
+                          lambda: arr.__setitem__(slice(None), cdev.asarray(np.ones(4))),
+                          lambda: arr.set(np.ones(4, np.float32))):
+                with pytest.raises(DxgError) as e:
+                    write()
+                assert e.value.status == ACCESS_DENIED
+            assert arr.get().tolist() == [0.0] * 4
+            cdev.synchronize()  # (the device is fine: nothing faulted)
+            cres.close()
+        for x in (ro, rw, g, res, f):
+            x.close()
+    wait_until(lambda: nothing_shared(unix), what="nothing shared left")
+
+
+# ---- priorities of shared memory, its device, the descriptor limit -------------------------------
+
+
+def test_a_shared_allocations_priority_is_one_for_every_holder(tmp_path: Path):
+    from dxg.client import Residency
+    from dxg.uapi.memory import PRIORITY_HIGH, PRIORITY_LOW
+
+    with make_stack(tmp_path, "prio", adapters=1, dedicated_memory_mb=8,
+                    shared_memory_mb=64) as st, open_node(st.node_path) as node:
+        ad = node.adapters()[0]
+        d1, d2 = ad.create_device(), ad.create_device()
+        res = d1.shared_resource(4 * MIB)
+        with res.share() as h:
+            other = d2.open_resource(h)
+        (mine,), (theirs,) = res.allocations, other.allocations
+        theirs.set_priority(PRIORITY_LOW)  # set through one holder's view...
+        assert mine.get_priority() == theirs.get_priority() == PRIORITY_LOW  # ...for all
+        big = d1.allocate(6 * MIB)  # normal priority: the low shared memory makes way
+        assert mine.residency() == Residency.RESIDENT_IN_SHARED_MEMORY
+        assert big.residency() == Residency.RESIDENT_IN_GPU_MEMORY
+        theirs.set_priority(PRIORITY_HIGH)  # raised: it comes back at once
+        assert mine.residency() == Residency.RESIDENT_IN_GPU_MEMORY
+        assert mine.get_priority() == PRIORITY_HIGH
+        for x in (big, other, res):
+            x.close()
+
+
+def test_shared_memory_never_names_a_destroyed_device(unix):
+    """The device placement promotes shared memory for is a live one of the process that
+    pays for it."""
+    with open_node(unix.node_path) as node:
+        ad = node.adapters()[0]
+        d1, d2 = ad.create_device(), ad.create_device()
+        res = d1.shared_resource(PAGE_SIZE)
+        handle = res.share()
+        (part,) = unix.host._partitions.values()
+
+        def devices() -> list:
+            out = []
+            for sr in part.shares.resources.values():
+                out += [sa.device for sa in sr.allocations]
+            return out
+
+        (first,) = devices()  # the creator's device (its host object)
+        d1.close()  # the resource's handle goes with it; the creator still pays (it lives)
+        (device,) = devices()
+        assert device is not None and device is not first  # d2's, the process's live one
+        assert device.process.devices.get(device.handle) is device
+        handle.close()
+        d2.close()
+    wait_until(lambda: nothing_shared(unix), what="nothing shared left")
+
+
+def test_the_files_the_guest_keeps_are_bounded_by_its_descriptor_limit(monkeypatch):
+    import resource
+
+    from dxg.guest import share as guest_share
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 4096))
+    assert guest_share.file_limit() == 256
+    loop = asyncio.new_event_loop()
+    try:
+        shares = guest_share.Shares(loop)
+        assert (shares.max_files, shares.max_per_uid) == (256, 256)
+    finally:
+        loop.close()
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1 << 20, 1 << 20))
+    assert guest_share.file_limit() == guest_share.MAX_FILES

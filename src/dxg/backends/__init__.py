@@ -20,6 +20,14 @@ if TYPE_CHECKING:
     from dxg.backends.fanout import FanOut
 
 
+class Cancelled(Protocol):
+    """What tells a run to stop at its next command boundary: a threading.Event set when its
+    caller goes, or the host's watchdog, which is also set once the run passes its time limit
+    (the TDR: dxg.host.hwqueue)."""
+
+    def is_set(self) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class AdapterDescription:
     """What a backend's adapter is. Immutable; one per host adapter."""
@@ -59,7 +67,7 @@ class Backend(Protocol):
 
     def execute(self, index: int, buffer: memoryview | bytes,
                 resolve: Callable[[int, int, bool], memoryview],
-                cancelled: threading.Event | None = None,
+                cancelled: Cancelled | None = None,
                 fanout: FanOut | None = None) -> Any:
         """Run one command buffer on adapter ``index`` (in one of ``command_formats``).
         ``resolve(va, nbytes, write)`` gives the submitting process's GPU memory; anything

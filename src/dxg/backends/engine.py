@@ -19,7 +19,6 @@ as a GPU would. The engine keeps no state between calls: it can run on many thre
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from dxg.backends import Cancelled
 from dxg.backends.fanout import FanOut
 from dxg.backends.softcmd import (
     Binary,
@@ -88,7 +88,7 @@ class _Run:
     __slots__ = ("addresses", "cancelled", "fanout", "held", "markers", "resolve", "touched",
                  "views")
 
-    def __init__(self, resolve: Resolve, cancelled: threading.Event | None,
+    def __init__(self, resolve: Resolve, cancelled: Cancelled | None,
                  fanout: FanOut | None = None) -> None:
         self.resolve = resolve
         self.cancelled = cancelled
@@ -438,7 +438,7 @@ _EXECUTE: MappingProxyType[type, Callable[[_Run, Any], None]] = MappingProxyType
 
 
 def run(buffer: memoryview | bytes, resolve: Resolve,
-        cancelled: threading.Event | None = None, fanout: FanOut | None = None) -> RunResult:
+        cancelled: Cancelled | None = None, fanout: FanOut | None = None) -> RunResult:
     """Execute a pydxg-soft-v1 command buffer. ``resolve(va, nbytes, write)`` returns a
     memoryview of exactly that range of GPU memory or raises EngineFault (PAGE_FAULT); any other
     exception it raises becomes a PAGE_FAULT too (with the exception's ``va`` attribute, when it

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol
@@ -102,16 +103,21 @@ class FanOut:
 
     ``lender`` lends the slots, ``submit(fn)`` runs ``fn`` on a helper thread (the host's
     worker pool), ``lone()`` says whether the run's queue has nothing waiting behind it (asked
-    at each op: a synchronous user's run fans out, a backlog's does not)."""
+    at each op: a synchronous user's run fans out, a backlog's does not), ``charge(ns)``, when
+    given, is told the time each helper spent on pieces (from the helper's thread)."""
 
-    __slots__ = ("helped", "lender", "lone", "min_flops", "split", "submit")
+    __slots__ = ("charge", "helped", "lender", "lone", "min_flops", "split", "submit")
 
     def __init__(self, lender: Lender, submit: Submit, lone: Callable[[], bool],
-                 min_flops: int = MIN_FLOPS) -> None:
+                 min_flops: int = MIN_FLOPS,
+                 charge: Callable[[int], None] | None = None) -> None:
         self.lender = lender
         self.submit = submit
         self.lone = lone
         self.min_flops = min_flops
+        # charge(ns): engine time a helper spent on pieces (the run's own thread is timed by
+        # its owner): a borrowed slot's time counts for the job's share (dxg.host.scheduler).
+        self.charge = charge
         self.split = 0  # ops fanned out in this run
         self.helped = 0  # pieces helper threads ran
 
@@ -182,12 +188,24 @@ class FanOut:
         """On a helper thread, in a borrowed slot: pieces until none is left, a job wants the
         slot back, or work arrived behind the op on its queue (a burst whose first op started
         before the rest came: the burst runs one slot per op, like any backlog)."""
+        charge = self.charge
         try:
             while (not self.lender.wanted() and self.lone()
                    and (piece := work.take()) is not None):
-                work.run(piece, True)
+                # (timed inside the piece: charged before the op can be seen done)
+                work.run(piece if charge is None else functools.partial(_timed, piece, charge),
+                         True)
         finally:
             self.lender.give_back(1)
+
+
+def _timed(piece: Callable[[], None], charge: Callable[[int], None]) -> None:
+    """``piece()``, then ``charge`` the nanoseconds it took on this thread."""
+    t0 = time.monotonic_ns()
+    try:
+        piece()
+    finally:
+        charge(time.monotonic_ns() - t0)
 
 
 def _bounds(n: int, parts: int, align: int) -> list[tuple[int, int]]:

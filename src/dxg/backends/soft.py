@@ -14,7 +14,7 @@ import threading
 
 import numpy
 
-from dxg.backends import AdapterDescription
+from dxg.backends import AdapterDescription, Cancelled
 from dxg.backends.engine import Resolve, RunResult, run
 from dxg.backends.fanout import FanOut
 from dxg.backends.softcmd import EngineFault, FaultKind, Opcode, decode
@@ -113,7 +113,7 @@ class SoftBackend:
         return int(NTSTATUS.STATUS_INVALID_PARAMETER), data
 
     def execute(self, index: int, buffer: memoryview | bytes, resolve: Resolve,
-                cancelled: threading.Event | None = None,
+                cancelled: Cancelled | None = None,
                 fanout: FanOut | None = None) -> RunResult:
         """Run one pydxg-soft-v1 command buffer on adapter ``index`` (blocking: call it on a
         worker thread). ``resolve(va, nbytes, write)`` gives a memoryview of exactly that range

@@ -42,7 +42,8 @@ def host_objects_of(census: dict[str, Any], pids: set[int]) -> list[dict[str, An
 def run_demo(given: str | None) -> int:
     """``given``: the node the user named, or None for the default, whose directory is
     checked (by the first connection) before the clients are pointed at it."""
-    from dxg.cli.commands import print_ps
+    from dxg.cli.listing import print_ps
+    from dxg.cli.views import Sample, build_view
     from dxg.client import open_node
     from dxg.uapi.nodepath import default_node_path
 
@@ -82,7 +83,8 @@ def run_demo(given: str | None) -> int:
         with open_node(node_path) as node:
             data = {"snapshot": node.admin({"op": "snapshot"}),
                     "census": node.admin({"op": "census"})}
-        print_ps(data, exclude_pid=os.getpid())
+        print_ps(build_view(Sample(data["snapshot"], data["census"], time.monotonic()),
+                            exclude_pid=os.getpid())[0])
         held = host_objects_of(data["census"], pids)
         print(f"host holds objects for {len(held)} of the 3 demo processes", flush=True)
     finally:

@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
 def _run(kind: str, node_path: str) -> int:
     comm, title, pick = KINDS[kind]
     _set_name(comm)
-    from dxg.cli.commands import adapter_flags
+    from dxg.cli.views import flag_names as adapter_flags
     from dxg.client import open_node
 
     me = f"[{comm} pid {os.getpid()}]"

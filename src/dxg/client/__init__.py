@@ -12,7 +12,9 @@
 * :mod:`dxg.client.thunks`: ``D3DKMTxxx(conn, args) -> NTSTATUS``, one per ioctl (awaitable on
   an async connection);
 * :mod:`dxg.client.diag`: pydxg's diagnostic escapes (ping, sleep, shared memory, eventfd);
-* :class:`NodeConnection` / :class:`AsyncNodeConnection`: the raw ``ioctl(code, struct, fds)``.
+* :class:`NodeConnection` / :class:`AsyncNodeConnection`: the raw ``ioctl(code, struct, fds)``;
+* :mod:`dxg.client.luids` and :mod:`dxg.client.visible`: LUIDs as ints or ``0x…`` strings, and
+  ``DXG_VISIBLE_ADAPTERS`` (which adapters this process sees, as ``CUDA_VISIBLE_DEVICES``).
 """
 
 from dxg.client.aio import AsyncNodeConnection
@@ -27,6 +29,7 @@ from dxg.client.api import (
     Context,
     Device,
     DeviceIds,
+    ExecutionState,
     FeatureState,
     Node,
     open_node,
@@ -36,11 +39,14 @@ from dxg.client.connection import NodeConnection
 from dxg.client.errors import (
     DxgError,
     NodeError,
+    NodeForked,
     NodeNotFound,
     NodePermissionDenied,
     NodeProtocolError,
     NodeUnavailable,
+    NoSuchAdapter,
 )
+from dxg.client.luids import parse_luid
 from dxg.client.memory import (
     Allocation,
     AsyncAllocation,
@@ -60,8 +66,10 @@ from dxg.client.memory import (
 )
 from dxg.client.share import AsyncResource, Resource, SharedHandle, SyncFile
 from dxg.client.sync import AsyncFence, Fence, SyncKind, SyncObject, wait_all, wait_any
+from dxg.client.visible import VISIBLE_ENV
 
 __all__ = [
+    "VISIBLE_ENV",
     "Adapter",
     "AdapterType",
     "Allocation",
@@ -83,13 +91,16 @@ __all__ = [
     "DeviceArray",
     "DeviceIds",
     "DxgError",
+    "ExecutionState",
     "FeatureState",
     "Fence",
     "GpuMapping",
     "GpuVaRange",
+    "NoSuchAdapter",
     "Node",
     "NodeConnection",
     "NodeError",
+    "NodeForked",
     "NodeNotFound",
     "NodePermissionDenied",
     "NodeProtocolError",
@@ -107,6 +118,7 @@ __all__ = [
     "VideoMemoryInfo",
     "open_node",
     "open_node_async",
+    "parse_luid",
     "wait_all",
     "wait_any",
 ]

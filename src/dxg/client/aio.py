@@ -34,6 +34,7 @@ from dxg.client.calls import (
     RECV_CHUNK,
     Delivered,
     Failure,
+    NodeTarget,
     ReplyRouter,
     RouterBroken,
     SelfMemory,
@@ -42,10 +43,18 @@ from dxg.client.calls import (
     check_hello_reply,
     connect_error,
     connect_target,
+    hello_error,
     lost,
-    node_target,
+    node_targets,
+    not_found_anywhere,
 )
-from dxg.client.errors import NodeProtocolError, NodeUnavailable
+from dxg.client.errors import (
+    NodeError,
+    NodeForked,
+    NodeNotFound,
+    NodeProtocolError,
+    NodeUnavailable,
+)
 from dxg.oslib.fds import close_all, recv_with_fds, send_with_fds
 from dxg.uapi import wire
 
@@ -73,7 +82,8 @@ class AsyncNodeConnection:
 
     def __init__(self, path: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> None:
         """Not connected yet: use :meth:`open`."""
-        self.path, self._check_dir = node_target(path)
+        self._targets = node_targets(path)  # where to look, in order (dxg.client.calls)
+        self.path, self._check_dir = self._targets[0].path, self._targets[0].check
         self._timeout = timeout
         self._pid = os.getpid()
         self._mem = SelfMemory()
@@ -101,8 +111,24 @@ class AsyncNodeConnection:
     # ---- connecting -----------------------------------------------------------------------------
 
     async def _connect(self) -> None:
-        path = self.path
-        target, dir_fd = connect_target(path, self._check_dir)
+        """Connect to the first place that holds a node (as NodeConnection does)."""
+        targets = self._targets
+        for i, where in enumerate(targets):
+            self.path, self._check_dir = where.path, where.check
+            try:
+                await self._connect_to(where)
+            except NodeNotFound:
+                if i + 1 < len(targets):
+                    continue
+                if len(targets) > 1:
+                    raise not_found_anywhere(targets) from None
+                raise
+            self._targets = (where,)
+            return
+
+    async def _connect_to(self, where: NodeTarget) -> None:
+        path = where.path
+        target, dir_fd = connect_target(path, where.check)
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
@@ -111,7 +137,7 @@ class AsyncNodeConnection:
                 await loop.sock_connect(sock, target)
         except OSError as e:  # TimeoutError included
             sock.close()
-            raise connect_error(path, e) from None
+            raise connect_error(path, e, where.origin) from None
         except BaseException:
             sock.close()
             raise
@@ -130,6 +156,9 @@ class AsyncNodeConnection:
         except TimeoutError:
             self._drop()
             raise NodeUnavailable(f"the dxg node {path} did not answer in time") from None
+        except NodeError as e:
+            self._drop()
+            raise hello_error(path, e, where.origin) from None
         except BaseException:
             self._drop()
             raise
@@ -166,6 +195,11 @@ class AsyncNodeConnection:
     def forked(self) -> bool:
         """True in a child process that inherited this connection from its parent."""
         return os.getpid() != self._pid
+
+    @property
+    def owner_pid(self) -> int:
+        """The process this connection belongs to (the one that opened it)."""
+        return self._pid
 
     @property
     def closed(self) -> bool:
@@ -360,7 +394,7 @@ class AsyncNodeConnection:
     async def admin(self, request: dict[str, Any]) -> dict[str, Any]:
         """An introspection request (``{"op": "snapshot"}``, ``{"op": "census"}``)."""
         if self.forked:
-            raise NodeUnavailable("this connection belongs to the parent process")
+            raise NodeForked(self._pid)
         reply, fds = await self._call(wire.AdminRequest(dict(request)), wire.Kind.ADMIN_REPLY)
         close_all(fds)
         if not isinstance(reply, wire.AdminReply):

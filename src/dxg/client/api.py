@@ -8,7 +8,7 @@
         for ad in node.adapters():
             print(hex(ad.luid), ad.description, ad.adapter_type.compute_only)
         with node.adapters()[0].create_device() as dev, dev.create_context() as ctx:
-            print(dev.execution_state(), ctx.handle)
+            print(dev.execution_state, ctx.handle)
 
 and the same on asyncio, where every call that reaches the node is awaited::
 
@@ -21,11 +21,18 @@ and the same on asyncio, where every call that reaches the node is awaited::
 The two flavors share every line of logic: each operation is one generator of steps
 (:mod:`dxg.client.drive`) that :class:`Node`/:class:`Adapter`/:class:`Device`/:class:`Context`
 run to completion and :class:`AsyncNode`/:class:`AsyncAdapter`/:class:`AsyncDevice`/
-:class:`AsyncContext` turn into coroutines. What is a (cached) property on the sync side --
-``description``, ``adapter_type``, ``ids``, ``compute_only``, ``paravirtualized``, ``software``,
-``vendor_id``, ``device_id`` -- is a zero-argument async method on the async side, since reading
-it may need the node (``await adapter.description()``). Plain attributes (``handle``, ``luid``,
-``luid_parts``, ``closed``) are the same on both.
+:class:`AsyncContext` turn into coroutines. One rule for properties and methods: a value read
+without arguments is a property on the sync side -- ``description``, ``adapter_type``,
+``device_ids`` (``ids``), ``compute_only``, ``paravirtualized``, ``software``, ``vendor_id``,
+``device_id`` (asked once, cached), ``device.execution_state`` (asked each time) -- and a
+zero-argument async method on the async side, since reading it may need the node
+(``await adapter.description()``); anything that takes arguments or acts is a method
+(``adapter.query_device_ids(i)``, ``device.create_context()``). The older call forms
+``adapter.device_ids(i)`` and ``device.execution_state()`` still work. Plain attributes
+(``handle``, ``luid``, ``luid_parts``, ``closed``) are the same on both. LUIDs are taken as ints,
+as the ``0x…`` strings ``dxg ls`` prints, or as (low, high); ``node.adapter(i)`` opens one
+adapter by index (or LUID); ``DXG_VISIBLE_ADAPTERS`` limits what a process enumerates
+(:mod:`dxg.client.visible`).
 
 Device memory (allocations, device arrays, paging queues, GPU virtual addresses, video memory
 budgets) lives in :mod:`dxg.client.memory`; ``device.allocate``/``empty``/``array``/
@@ -42,10 +49,11 @@ are thread-safe; the async ones belong to the loop of their connection.
 from __future__ import annotations
 
 import ctypes
+import enum
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from dxg.client import diag
@@ -53,7 +61,9 @@ from dxg.client import thunks as t
 from dxg.client.aio import AsyncNodeConnection
 from dxg.client.connection import NodeConnection
 from dxg.client.drive import AsyncRunner, Op, SyncRunner, call, op, prop
-from dxg.client.errors import DxgError, NodeError, check_status
+from dxg.client.errors import DxgError, NodeError, NoSuchAdapter, check_status
+from dxg.client.luids import LuidLike, luid_text, parse_luid, pick_adapter
+from dxg.client.visible import Visible, visible_from_env
 from dxg.uapi import structs as s
 from dxg.uapi import wddm
 from dxg.uapi.ntstatus import NTSTATUS
@@ -69,6 +79,7 @@ __all__ = [
     "Context",
     "Device",
     "DeviceIds",
+    "ExecutionState",
     "FeatureState",
     "Node",
     "open_node",
@@ -87,11 +98,14 @@ def luid_to_int(low: int, high: int) -> int:
     return ((high & 0xFFFFFFFF) << 32) | (low & 0xFFFFFFFF)
 
 
-def _luid_parts(luid: int | tuple[int, int]) -> tuple[int, int]:
+def _luid_parts(luid: LuidLike) -> tuple[int, int]:
+    """(low, high) of a LUID given as an int, a ``0x…`` string (as ``dxg ls`` prints it) or
+    (low, high)."""
     if isinstance(luid, tuple):
         low, high = luid
         return low & 0xFFFFFFFF, high & 0xFFFFFFFF
-    return luid & 0xFFFFFFFF, (luid >> 32) & 0xFFFFFFFF
+    number = parse_luid(luid)
+    return number & 0xFFFFFFFF, (number >> 32) & 0xFFFFFFFF
 
 
 # ---- results -------------------------------------------------------------------------------------
@@ -126,7 +140,10 @@ class AdapterType:
 
 @dataclass(frozen=True)
 class DeviceIds:
-    """``D3DKMT_DEVICE_IDS`` of physical adapter ``index`` (KMTQAITYPE_PHYSICALADAPTERDEVICEIDS)."""
+    """``D3DKMT_DEVICE_IDS`` of a physical adapter (KMTQAITYPE_PHYSICALADAPTERDEVICEIDS):
+    ``adapter.device_ids`` (physical adapter 0). Calling it, ``adapter.device_ids(i)``, is the
+    older method form, kept working: the ids of physical adapter ``i``
+    (``adapter.query_device_ids(i)``)."""
 
     vendor_id: int
     device_id: int
@@ -134,6 +151,43 @@ class DeviceIds:
     subsystem_id: int
     revision_id: int
     bus_type: int
+    _query: Any = field(default=None, compare=False, repr=False, hash=False)
+
+    def __call__(self, physical_adapter_index: int = 0) -> DeviceIds:
+        if physical_adapter_index == 0 or self._query is None:
+            if physical_adapter_index != 0:
+                raise TypeError("these ids are not bound to an adapter: use "
+                                "adapter.query_device_ids(i)")
+            return self
+        return self._query(physical_adapter_index)  # type: ignore[no-any-return]
+
+
+class ExecutionState(enum.IntEnum):
+    """A device's execution state (``d3dkmt_deviceexecution_state``): ``device.execution_state``
+    (ACTIVE while its work runs; an error state after a fault, RESET after MarkDeviceAsError).
+    Calling it returns itself, so code written for the older method form,
+    ``device.execution_state()``, keeps working."""
+
+    ACTIVE = 1
+    RESET = 2
+    HUNG = 3
+    STOPPED = 4
+    ERROR_OUTOFMEMORY = 5
+    ERROR_DMAFAULT = 6
+    ERROR_DMAPAGEFAULT = 7
+
+    def __call__(self) -> ExecutionState:
+        return self
+
+    @classmethod
+    def _missing_(cls, value: object) -> ExecutionState | None:
+        """A state this library does not know (a newer host): kept, named by its number."""
+        if not isinstance(value, int):
+            return None
+        member = int.__new__(cls, value)
+        member._name_ = f"STATE_{value}"
+        member._value_ = value
+        return member
 
 
 @dataclass(frozen=True)
@@ -271,10 +325,20 @@ class _Object:
         yield  # pragma: no cover - makes this a generator
 
     def _close_op(self) -> Op[None]:
-        """Close this object (and its children first); closing again does nothing."""
+        """Close this object (and its children first); closing again does nothing. In a
+        forked child it only lets go (the objects are the parent's, and stay so)."""
+        if getattr(self.conn, "forked", False):
+            return self._let_go()
         return self._close()
 
-    close = op(_close_op)
+    def _let_go(self) -> Op[None]:
+        """Marked closed here, with no call: what a forked child does with its parent's
+        objects."""
+        self._mark_closed()
+        return
+        yield  # pragma: no cover - makes this a generator
+
+    close = op(_close_op, forked_ok=True)
 
 
 class _NodeOps(_Object):
@@ -282,13 +346,22 @@ class _NodeOps(_Object):
 
     _adapter_type: type[_AdapterOps]
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, visible: Visible | None = None) -> None:
         super().__init__()
         self.conn = conn
+        # DXG_VISIBLE_ADAPTERS (dxg.client.visible): the adapters this process enumerates and
+        # opens; None: all that the node shows it.
+        self.visible = visible
         self._adapters: list[_AdapterOps] = []
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {str(self.conn.path)!r}>"
+
+    def _let_go(self) -> Op[None]:
+        self._mark_closed()
+        self.conn.close()  # a forked child's copy of the stream only
+        return
+        yield  # pragma: no cover - makes this a generator
 
     def _track(self, adapter: _AdapterOps) -> Any:
         with self._lock:
@@ -302,7 +375,52 @@ class _NodeOps(_Object):
 
     @op
     def adapters(self, include_compute_only: bool = True) -> Op[list[Any]]:
-        """EnumAdapters3: every adapter, each opened (close them, or close the Node)."""
+        """EnumAdapters3: every adapter this process sees, each opened (close them, or close
+        the Node); with ``DXG_VISIBLE_ADAPTERS`` only those it names, in its order."""
+        return (yield from self._visible_adapters(include_compute_only))
+
+    def _visible_adapters(self, include_compute_only: bool) -> Op[list[Any]]:
+        found = yield from self._enumerate(include_compute_only)
+        if self.visible is None:
+            return found
+        keep = [found[i] for i in self.visible.select(found)]
+        pending = yield from _close_children([a for a in found if a not in keep])
+        if pending is not None:
+            raise pending
+        return keep
+
+    @op
+    def adapter(self, which: Any = 0) -> Op[Any]:
+        """One adapter, opened: ``which`` is an index into :meth:`adapters` (0, 1, ...) or a
+        LUID (a ``0x…`` string as ``dxg ls`` prints it, ``(low, high)``, or an int that is not
+        an index). Raises :class:`~dxg.client.errors.NoSuchAdapter`."""
+        found = yield from self._visible_adapters(True)
+        try:
+            index = pick_adapter(found, which)
+        except BaseException:
+            yield from _close_children(found)
+            raise
+        pending = yield from _close_children([a for i, a in enumerate(found) if i != index])
+        if pending is not None:
+            raise pending
+        return found[index]
+
+    def _visible_luid(self, luid: int) -> Op[bool]:
+        """Whether ``DXG_VISIBLE_ADAPTERS`` lets this process open the adapter ``luid``."""
+        visible = self.visible
+        if visible is None:
+            return True
+        if visible.luids_only:
+            return visible.names_luid(luid)
+        found = yield from self._enumerate(True)
+        seen = {found[i].luid for i in visible.select(found)}
+        pending = yield from _close_children(found)
+        if pending is not None:
+            raise pending
+        return luid in seen
+
+    def _enumerate(self, include_compute_only: bool) -> Op[list[Any]]:
+        """EnumAdapters3: every adapter the node shows this process, each opened."""
         args = s.d3dkmt_enumadapters3()
         args.filter.include_compute_only = int(include_compute_only)
         _check((yield call(t.D3DKMTEnumAdapters3, args)), "EnumAdapters3 (count)")
@@ -327,25 +445,36 @@ class _NodeOps(_Object):
         raise DxgError(NTSTATUS.STATUS_BUFFER_TOO_SMALL, "EnumAdapters3: adapter count unstable")
 
     @op
-    def open_adapter(self, luid: int | tuple[int, int]) -> Op[Any]:
-        """OpenAdapterFromLuid; ``luid`` as one 64-bit int or as (low, high)."""
+    def open_adapter(self, luid: LuidLike) -> Op[Any]:
+        """OpenAdapterFromLuid; ``luid`` as one 64-bit int, a ``0x…`` string (as ``dxg ls``
+        prints it) or (low, high). A LUID that names no adapter this process sees raises
+        :class:`~dxg.client.errors.NoSuchAdapter`."""
+        number = luid_to_int(*_luid_parts(luid))
+        missing = f"no such adapter: LUID {luid_text(number)} (`dxg ls` lists the adapters " \
+                  "this user sees)"
+        if not (yield from self._visible_luid(number)):
+            raise NoSuchAdapter(f"{missing}; DXG_VISIBLE_ADAPTERS leaves it out")
         args = s.d3dkmt_openadapterfromluid()
-        args.adapter_luid.a, args.adapter_luid.b = _luid_parts(luid)
-        _check((yield call(t.D3DKMTOpenAdapterFromLuid, args)), "OpenAdapterFromLuid")
-        return self._track(self._adapter_type(self, int(args.adapter_handle.v),
-                                              luid_to_int(*_luid_parts(luid))))
+        args.adapter_luid.a, args.adapter_luid.b = _luid_parts(number)
+        status = yield call(t.D3DKMTOpenAdapterFromLuid, args)
+        if status == NTSTATUS.STATUS_INVALID_PARAMETER:
+            raise NoSuchAdapter(missing, status)
+        _check(status, "OpenAdapterFromLuid")
+        return self._track(self._adapter_type(self, int(args.adapter_handle.v), number))
 
     @op
-    def processes(self, adapter_luid: int | tuple[int, int]) -> Op[list[int]]:
+    def processes(self, adapter_luid: LuidLike) -> Op[list[int]]:
         """EnumProcesses: the pids of the processes that have the adapter open."""
         return (yield from _enum_processes(adapter_luid))
 
     @op
     def admin(self, request: dict[str, Any]) -> Op[dict[str, Any]]:
+        """An introspection request to the guest driver (``{"op": "snapshot"}``, ...)."""
         return (yield lambda conn: conn.admin(request))
 
     @op
     def snapshot(self) -> Op[dict[str, Any]]:
+        """The guest driver's picture of its hosts, adapters and processes (``dxg ps``)."""
         return (yield lambda conn: conn.admin({"op": "snapshot"}))
 
     def _close(self) -> Op[None]:
@@ -451,15 +580,19 @@ class _AdapterOps(_Object):
         q.PhysicalAdapterIndex = physical_adapter_index
         yield from self._query_info(_QAI.KMTQAITYPE_PHYSICALADAPTERDEVICEIDS, q)
         ids = q.DeviceIds
+        query = self.query_device_ids if isinstance(self, SyncRunner) else None
         return DeviceIds(int(ids.VendorID), int(ids.DeviceID), int(ids.SubVendorID),
-                         int(ids.SubSystemID), int(ids.RevisionID), int(ids.BusType))
+                         int(ids.SubSystemID), int(ids.RevisionID), int(ids.BusType), query)
 
-    device_ids = op(_device_ids)
+    query_device_ids = op(_device_ids)
 
     def _ids(self) -> Op[DeviceIds]:
-        """The device ids of physical adapter 0."""
+        """The device ids of physical adapter 0 (asked once)."""
         return (yield from self._cached("ids", self._device_ids(0)))
 
+    # A value read is a property (an async method on the async side), as description and
+    # adapter_type; ``ids`` is its older name.
+    device_ids = prop(_ids)
     ids = prop(_ids)
 
     @prop
@@ -639,18 +772,15 @@ class _DeviceOps(_Object):
         """Raise ``execution.DeviceFault`` when the device is not active (its work faulted)."""
         return (yield from _execution().check_device(self))
 
-    @op
-    def execution_state(self) -> Op[int]:
-        """GetDeviceState(EXECUTION): a ``d3dkmt_deviceexecution_state`` value (1 = ACTIVE)."""
+    @prop
+    def execution_state(self) -> Op[ExecutionState]:
+        """GetDeviceState(EXECUTION), read each time: an :class:`ExecutionState` (1 = ACTIVE).
+        A property (``await device.execution_state()`` on the async side)."""
         args = s.d3dkmt_getdevicestate()
         args.device.v = self.handle
         args.state_type = _DEVICESTATE_EXECUTION
         _check((yield call(t.D3DKMTGetDeviceState, args)), "GetDeviceState")
-        value = int(args.execution_state)
-        try:
-            return s.d3dkmt_deviceexecution_state(value)
-        except ValueError:
-            return value
+        return ExecutionState(int(args.execution_state))
 
     @op
     def escape(self, data: bytes, fds: Sequence[int] = (), flags: int = 0) -> Op[bytes]:
@@ -957,8 +1087,8 @@ class Node(_Sync, _NodeOps):
     __doc__ = _NodeOps.__doc__
     _adapter_type = Adapter
 
-    def __init__(self, conn: NodeConnection) -> None:
-        super().__init__(conn)
+    def __init__(self, conn: NodeConnection, visible: Visible | None = None) -> None:
+        super().__init__(conn, visible)
 
 
 class AsyncContext(_Async, _ContextOps):
@@ -982,15 +1112,20 @@ class AsyncNode(_Async, _NodeOps):
 
     _adapter_type = AsyncAdapter
 
-    def __init__(self, conn: AsyncNodeConnection) -> None:
-        super().__init__(conn)
+    def __init__(self, conn: AsyncNodeConnection, visible: Visible | None = None) -> None:
+        super().__init__(conn, visible)
 
 
 def open_node(path: str | os.PathLike[str] | None = None) -> Node:
-    """Connect to the node (default: ``$DXG_NODE`` or the standard path)."""
-    return Node(NodeConnection(path))
+    """Connect to the node (default: ``$DXG_NODE``, else this user's default path, else the
+    system node ``/run/pydxg/dxg.sock``). ``$DXG_VISIBLE_ADAPTERS``, when set, restricts the
+    adapters it enumerates and opens (:mod:`dxg.client.visible`)."""
+    visible = visible_from_env()  # (a bad value fails before anything connects)
+    return Node(NodeConnection(path), visible)
 
 
 async def open_node_async(path: str | os.PathLike[str] | None = None) -> AsyncNode:
-    """Connect to the node on the running event loop: ``async with await open_node_async():``."""
-    return AsyncNode(await AsyncNodeConnection.open(path))
+    """Connect to the node on the running event loop: ``async with await open_node_async():``
+    (the same path and ``$DXG_VISIBLE_ADAPTERS`` as :func:`open_node`)."""
+    visible = visible_from_env()
+    return AsyncNode(await AsyncNodeConnection.open(path), visible)

@@ -35,6 +35,7 @@ from dxg.uapi.ioctls import IOCTLS_BY_CODE
 from dxg.uapi.nodepath import (
     NODE_ENV,
     UntrustedPath,
+    client_node_paths,
     default_node_path,
     open_trusted_dir,
     proc_fd_path,
@@ -47,6 +48,7 @@ __all__ = [
     "Delivered",
     "Failed",
     "Failure",
+    "NodeTarget",
     "ReplyRouter",
     "RouterBroken",
     "SelfMemory",
@@ -55,8 +57,11 @@ __all__ = [
     "check_hello_reply",
     "connect_error",
     "connect_target",
+    "hello_error",
     "lost",
     "node_target",
+    "node_targets",
+    "not_found_anywhere",
 ]
 
 MAX_ADMIN_REPLY = 256 << 20  # a joined ADMIN_REPLY larger than this is a broken node
@@ -128,6 +133,34 @@ def node_target(path: str | os.PathLike[str] | None) -> tuple[Path, bool]:
     return default_node_path(), not os.environ.get(NODE_ENV)
 
 
+@dataclass(frozen=True, slots=True)
+class NodeTarget:
+    """One place to look for the node: its path, whether its directory must pass the trust
+    check (the implicit default), and where the path came from ("DXG_NODE", "default", or ""
+    for a path the caller gave), so that a failure names what the person set."""
+
+    path: Path
+    check: bool
+    origin: str
+
+
+def node_targets(path: str | os.PathLike[str] | None) -> tuple[NodeTarget, ...]:
+    """Where to look for the node, in order: the given path, else ``$DXG_NODE``, else this
+    user's default path and the system node (``client_node_paths``)."""
+    if path is not None:
+        return (NodeTarget(Path(path), False, ""),)
+    if os.environ.get(NODE_ENV):
+        return (NodeTarget(default_node_path(), False, "DXG_NODE"),)
+    return tuple(NodeTarget(p, True, "default") for p in client_node_paths())
+
+
+def not_found_anywhere(targets: Sequence[NodeTarget]) -> NodeNotFound:
+    """The error when no place held a node: every place looked, and what to do."""
+    where = " nor ".join(str(t.path) for t in targets)
+    return NodeNotFound(f"no dxg node at {where} (start one with `dxg up`, or set DXG_NODE "
+                        "to the node's path)")
+
+
 _UNIX_PATH_MAX = 107
 
 
@@ -157,17 +190,35 @@ def connect_target(path: Path, check: bool) -> tuple[str, int]:
     return proc_fd_path(fd, path.name), fd
 
 
-def connect_error(path: Path, e: OSError) -> NodeError:
-    """What a failed ``connect()`` to the node means to the user."""
+def connect_error(path: Path, e: OSError, origin: str = "") -> NodeError:
+    """What a failed ``connect()`` to the node means to the user: what is at ``path`` when it
+    is clearly not a node (a directory, a regular file, a stale socket...), and what to do."""
+    from dxg.client.nodeprobe import describe_node_path, origin_name
+
+    name = origin_name(path, origin)
     if isinstance(e, FileNotFoundError):
-        return NodeNotFound(f"no dxg node at {path} (is `dxg up` running?)")
-    if isinstance(e, PermissionError):
-        return NodePermissionDenied(f"permission denied connecting to the dxg node {path}")
+        return NodeNotFound(f"no dxg node at {name} (start one with `dxg up`, or set DXG_NODE "
+                            "to the node's path)")
+    if isinstance(e, PermissionError) and not os.path.isdir(path):
+        return NodePermissionDenied(f"permission denied connecting to the dxg node {name} "
+                                    "(ask its owner for access: `dxg up --mode/--group`)")
+    found = describe_node_path(path, origin)
+    if found is not None:
+        return NodeUnavailable(found)
     if isinstance(e, ConnectionRefusedError):
-        return NodeUnavailable(f"the dxg node {path} is not accepting connections")
+        return NodeUnavailable(f"the dxg node {name} is not accepting connections")
     if isinstance(e, TimeoutError):
-        return NodeUnavailable(f"the dxg node {path} did not answer in time")
-    return NodeUnavailable(f"cannot connect to the dxg node {path}: {e.strerror or e}")
+        return NodeUnavailable(f"the dxg node {name} did not answer in time")
+    return NodeUnavailable(f"cannot connect to the dxg node {name}: {e.strerror or e}")
+
+
+def hello_error(path: Path, e: NodeError, origin: str = "") -> NodeError:
+    """A connection that went but did not shake hands as a node: say what is there instead
+    (a host's bus socket...) when that can be told, else ``e``."""
+    from dxg.client.nodeprobe import describe_node_path
+
+    found = describe_node_path(path, origin)
+    return NodeUnavailable(found) if found is not None else e
 
 
 def check_hello_reply(path: Path, reply: wire.Message) -> wire.HelloReply:

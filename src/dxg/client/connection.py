@@ -46,6 +46,7 @@ from dxg.client.calls import (
     RECV_CHUNK,
     Delivered,
     Failure,
+    NodeTarget,
     ReplyRouter,
     RouterBroken,
     SelfMemory,
@@ -54,10 +55,18 @@ from dxg.client.calls import (
     check_hello_reply,
     connect_error,
     connect_target,
+    hello_error,
     lost,
-    node_target,
+    node_targets,
+    not_found_anywhere,
 )
-from dxg.client.errors import NodeError, NodeProtocolError, NodeUnavailable
+from dxg.client.errors import (
+    NodeError,
+    NodeForked,
+    NodeNotFound,
+    NodeProtocolError,
+    NodeUnavailable,
+)
 from dxg.oslib.fds import close_all, recv_with_fds, send_with_fds
 from dxg.uapi import wire
 
@@ -114,7 +123,8 @@ class NodeConnection:
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> None:
-        self.path, self._check_dir = node_target(path)
+        self._targets = node_targets(path)  # where to look, in order (dxg.client.calls)
+        self.path, self._check_dir = self._targets[0].path, self._targets[0].check
         self._timeout = timeout
         self._pid = os.getpid()
         self._mem = SelfMemory()
@@ -141,15 +151,32 @@ class NodeConnection:
     # ---- connecting -----------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        path = self.path
-        target, dir_fd = connect_target(path, self._check_dir)
+        """Connect to the first place that holds a node (the given path, ``$DXG_NODE``, or
+        this user's default path and then the system node); from then on, only to it."""
+        targets = self._targets
+        for i, where in enumerate(targets):
+            self.path, self._check_dir = where.path, where.check
+            try:
+                self._connect_to(where)
+            except NodeNotFound:
+                if i + 1 < len(targets):
+                    continue
+                if len(targets) > 1:
+                    raise not_found_anywhere(targets) from None
+                raise
+            self._targets = (where,)
+            return
+
+    def _connect_to(self, where: NodeTarget) -> None:
+        path = where.path
+        target, dir_fd = connect_target(path, where.check)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(self._timeout)
         try:
             sock.connect(target)
         except OSError as e:
             sock.close()
-            raise connect_error(path, e) from None
+            raise connect_error(path, e, where.origin) from None
         finally:
             if dir_fd >= 0:
                 os.close(dir_fd)
@@ -160,9 +187,9 @@ class NodeConnection:
             message, fds = self._call(wire.Hello(), wire.Kind.HELLO_REPLY)
             close_all(fds)
             reply = check_hello_reply(path, message)
-        except NodeError:
+        except NodeError as e:
             self._drop()
-            raise
+            raise hello_error(path, e, where.origin) from None
         self.version = reply.version
         self.node_name = reply.node_name
         self.max_payload = min(reply.max_payload, wire.MAX_PAYLOAD)
@@ -192,6 +219,11 @@ class NodeConnection:
     def forked(self) -> bool:
         """True in a child process that inherited this connection from its parent."""
         return os.getpid() != self._pid
+
+    @property
+    def owner_pid(self) -> int:
+        """The process this connection belongs to (the one that opened it)."""
+        return self._pid
 
     def _drop(self, failure: Failure | None = None) -> None:
         """Close the stream and fail every request in flight."""
@@ -487,7 +519,7 @@ class NodeConnection:
     def admin(self, request: dict[str, Any]) -> dict[str, Any]:
         """An introspection request (``{"op": "snapshot"}``, ``{"op": "census"}``)."""
         if self.forked:
-            raise NodeUnavailable("this connection belongs to the parent process")
+            raise NodeForked(self._pid)
         reply, fds = self._call(wire.AdminRequest(dict(request)), wire.Kind.ADMIN_REPLY)
         close_all(fds)
         if not isinstance(reply, wire.AdminReply):

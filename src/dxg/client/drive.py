@@ -28,7 +28,8 @@ import inspect
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
-__all__ = ["AsyncRunner", "Op", "Step", "SyncRunner", "arun", "call", "op", "prop", "run"]
+__all__ = ["AsyncRunner", "Op", "Step", "SyncRunner", "arun", "call", "check_owner", "op", "prop",
+           "run"]
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
@@ -105,12 +106,24 @@ class AsyncRunner:
         return arun(self.conn, operation)
 
 
+def check_owner(obj: Any) -> None:
+    """Refuse, with what to do, an object used in a forked child of the process that made it
+    (its connection is the parent's: the node would answer -ENOTTY, as the kernel does)."""
+    conn = obj.conn
+    if getattr(conn, "forked", False):
+        from dxg.client.errors import NodeForked
+
+        raise NodeForked(getattr(conn, "owner_pid", 0))
+
+
 class op(Generic[_P, _T]):
     """A method written once as an operation (a generator of steps): on a sync object it returns
-    the result, on an async object a coroutine of it."""
+    the result, on an async object a coroutine of it. Used in a forked child it raises
+    :class:`~dxg.client.errors.NodeForked`, unless ``forked_ok`` (closing)."""
 
-    def __init__(self, fn: Callable[..., Op[_T]]) -> None:
+    def __init__(self, fn: Callable[..., Op[_T]], *, forked_ok: bool = False) -> None:
         self.fn = fn
+        self.forked_ok = forked_ok
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     @overload
@@ -127,9 +140,12 @@ class op(Generic[_P, _T]):
         if obj is None:
             return self
         fn = self.fn
+        check = not self.forked_ok
 
         @functools.wraps(fn)
         def bound(*args: Any, **kwargs: Any) -> Any:
+            if check:
+                check_owner(obj)
             return obj._run(fn(obj, *args, **kwargs))
 
         return bound
@@ -161,7 +177,9 @@ class prop(Generic[_T]):
 
             @functools.wraps(fn)
             def bound() -> Any:
+                check_owner(obj)
                 return obj._run(fn(obj))
 
             return bound
+        check_owner(obj)
         return obj._run(self.fn(obj))

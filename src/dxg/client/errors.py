@@ -8,7 +8,9 @@ from dxg.uapi.ntstatus import NTSTATUS, errno_to_ntstatus, nt_success, status_na
 
 __all__ = [
     "DxgError",
+    "NoSuchAdapter",
     "NodeError",
+    "NodeForked",
     "NodeNotFound",
     "NodePermissionDenied",
     "NodeProtocolError",
@@ -55,6 +57,25 @@ class NodeUnavailable(NodeError):
     """The node exists but does not answer (stale socket, node shutting down, connection lost)."""
 
     default_status = NTSTATUS.STATUS_DEVICE_NOT_READY
+
+
+class NodeForked(NodeUnavailable):
+    """A forked child used its parent's connection or objects: each process opens its own."""
+
+    def __init__(self, parent_pid: int) -> None:
+        super().__init__(
+            f"process {os.getpid()} is using dxg objects of process {parent_pid} (forked from "
+            "it): open the node again in the child (dxg.client.open_node(), or "
+            "connection.reopen()) and make its own objects there")
+        self.parent_pid = parent_pid
+
+
+class NoSuchAdapter(DxgError, ValueError):
+    """No adapter this process can see has that LUID or index (``.status`` is what the driver
+    answered for an unknown LUID: STATUS_INVALID_PARAMETER)."""
+
+    def __init__(self, message: str, status: int = NTSTATUS.STATUS_INVALID_PARAMETER) -> None:
+        super().__init__(status, message)
 
 
 class NodeProtocolError(NodeError):

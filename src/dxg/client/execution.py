@@ -20,6 +20,7 @@ have no reply): the device enters an error state, ``dev.execution_state()`` repo
 from __future__ import annotations
 
 import ctypes
+from types import MappingProxyType
 from typing import Any
 
 from dxg.client import thunks as t
@@ -34,6 +35,11 @@ __all__ = ["AsyncHwQueue", "DeviceFault", "HwQueue"]
 
 _EXECUTION = int(s.d3dkmt_devicestate_type._D3DKMT_DEVICESTATE_EXECUTION)
 _ACTIVE = int(s.d3dkmt_deviceexecution_state._D3DKMT_DEVICEEXECUTION_ACTIVE)
+# Execution states by value, named as in the header without its prefix (HUNG: the TDR stopped
+# a buffer that ran too long; ERROR_DMAPAGEFAULT: a bad address...): for the fault's message.
+_STATE_NAMES = MappingProxyType({
+    int(v): v.name.removeprefix("_D3DKMT_DEVICEEXECUTION_")
+    for v in s.d3dkmt_deviceexecution_state})
 
 
 class DeviceFault(DxgError):
@@ -182,7 +188,9 @@ def _check_device(device: Any) -> Op[None]:
             address = int(s.d3dkmt_devicepagefault_state.from_buffer_copy(
                 bytes(fault)[8 : 8 + ctypes.sizeof(s.d3dkmt_devicepagefault_state)])
                 .faulted_virtual_address)
-        raise DeviceFault(state, address, f"device 0x{device.handle:08x} is in state {state}"
+        name = _STATE_NAMES.get(state, "unknown")
+        raise DeviceFault(state, address,
+                          f"device 0x{device.handle:08x} is in state {state} ({name})"
                           + (f" (page fault at 0x{address:x})" if address else ""))
 
 

@@ -26,10 +26,11 @@ and on asyncio the same calls awaited (``await dev.open_resource(fd)``); the des
 
 A descriptor is this process's: ``close()`` closes it here (copies other processes hold stay
 valid); the object shared lives while any process holds a handle of it or a copy of a share
-descriptor. ``open_resource``/``open_fence`` take a `SharedHandle` or a descriptor number. An
-allocation of a resource opened from a read-only share maps read-only (its views are not
-writable, ``upload`` raises DxgError(STATUS_ACCESS_DENIED)), and a fence opened so cannot be
-signalled (STATUS_ACCESS_DENIED). Resources are closed with their device (before its
+descriptor. ``open_resource``/``open_fence`` take a `SharedHandle` or a descriptor number (the
+node says which access the descriptor grants: ``read_only`` is right either way). An allocation
+of a resource opened from a read-only share maps read-only (its views are not writable,
+``upload`` raises DxgError(STATUS_ACCESS_DENIED)), and a fence opened so cannot be signalled
+(STATUS_ACCESS_DENIED). Resources are closed with their device (before its
 allocations); closing one destroys its handle in this process only.
 """
 
@@ -49,7 +50,7 @@ from dxg.client.errors import DxgError, NodeError, check_status
 from dxg.client.memory import Allocation, AsyncAllocation, _alloc_flags, _pick
 from dxg.uapi import memory as um
 from dxg.uapi import structs as s
-from dxg.uapi.access import GENERIC_ALL, GENERIC_READ
+from dxg.uapi.access import GENERIC_ALL, GENERIC_READ, OPENED_READ_ONLY
 from dxg.uapi.ntstatus import NTSTATUS
 
 __all__ = [
@@ -127,9 +128,11 @@ class SharedHandle(_Descriptor):
 
 class SyncFile(_Descriptor):
     """A sync file (CreateSyncFile): readable (poll, select, epoll, ``loop.add_reader``), for
-    good, once its fence reached ``value`` (or its wait failed). Pass it to another process
-    like any descriptor; with a shared fence, that process can ``device.open_sync_file`` it or
-    make a context wait for it (``context.wait_sync_file``)."""
+    good, once its fence reached ``value`` (or its wait failed: ``status()`` tells which). Pass
+    it to another process like any descriptor; with a shared fence, that process can
+    ``device.open_sync_file`` it or make a context wait for it (``context.wait_sync_file``)."""
+
+    PENDING, SIGNALED, ERROR = 0, 1, -1  # what ``status()`` answers (as Linux's sync_file_info)
 
     def __init__(self, fd: int, value: int) -> None:
         super().__init__(fd)
@@ -146,6 +149,22 @@ class SyncFile(_Descriptor):
         """Until it is readable (True), or ``timeout`` seconds (False). Blocks this thread: on
         asyncio, use ``loop.add_reader(sf.fileno(), ...)`` instead."""
         return bool(select.select([self.fileno()], [], [], timeout)[0])
+
+    def status(self) -> int:
+        """``SyncFile.PENDING`` (0) while the fence has not reached the value, ``SIGNALED``
+        (1) once it has, ``ERROR`` (-1) when its wait failed (the fence, its device or adapter
+        went; end of file: the node went). Reads one of the bytes the node keeps in it (it
+        keeps them there: others still find them)."""
+        fd = self.fileno()
+        for patience in (0.0, 1.0):  # (then: the moment the node takes to refill it)
+            if not select.select([fd], [], [], patience)[0]:
+                return self.PENDING
+            try:
+                byte = os.read(fd, 1)
+            except BlockingIOError:  # another holder took the last byte: the node refills it
+                continue
+            return self.SIGNALED if byte == b"\x01" else self.ERROR
+        return self.PENDING
 
 
 def _fd_of(handle: Any) -> int:
@@ -321,7 +340,9 @@ def open_resource(device: Any, handle: Any) -> Op[Any]:
         at = int(info.priv_drv_data) - base if info.priv_drv_data else 0
         blob = bytes(total)[at : at + int(info.priv_drv_data_size)]
         made.append((int(info.allocation.v), *_desc_of(blob)))
-    read_only = bool(getattr(handle, "read_only", False))
+    # what the node says the descriptor granted (pydxg: ``reserved``), whatever we were told
+    read_only = bool(int(args.reserved) & OPENED_READ_ONLY) or bool(
+        getattr(handle, "read_only", False))
     return _make(device, int(args.resource.v), made, True, read_only,
                  bytes(runtime)[: args.private_runtime_data_size],
                  bytes(priv)[: args.resource_priv_drv_data_size])
@@ -361,6 +382,7 @@ def open_fence(device: Any, handle: Any, read_only: bool = False) -> Op[Any]:
     args.flags.no_signal = int(ro)
     _check((yield call(t.D3DKMTOpenSyncObjectFromNtHandle2, args)),
            "OpenSyncObjectFromNtHandle2")
+    ro = ro or bool(args.flags.no_signal)  # (pydxg: set when the share grants no signal)
     fence = _pick(device, Fence, AsyncFence)(
         device, int(args.sync_object.v), int(args.monitored_fence.fence_value_cpu_va),
         shared=True, read_only=ro)

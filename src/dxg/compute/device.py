@@ -50,34 +50,29 @@ def device_count(node: Any = None) -> int:
             n.close()
 
 
-def device(which: int | tuple[int, int] = 0, *, node: Any = None) -> Device:
-    """The virtual GPU ``which``: an index into the node's adapters (0, 1, ...) or an adapter
-    LUID (a 64-bit int, or (low, high)). ``node``: the node's path (default: ``$DXG_NODE`` or
-    the default path) or an open ``dxg.client.Node`` to share (then the Device does not close
-    it). Each call makes a new Device with its own dxg device and context; close it (``with``)
-    when done."""
-    from dxg.client.api import luid_to_int
+def device(which: int | str | tuple[int, int] = 0, *, node: Any = None) -> Device:
+    """The virtual GPU ``which``: an index into the node's adapters (0, 1, ...; with
+    ``DXG_VISIBLE_ADAPTERS`` set, into the adapters it names, renumbered from 0 as CUDA does)
+    or an adapter LUID (a ``0x…`` string as ``dxg ls`` prints it, (low, high), or an int that
+    is not an index). ``node``: the node's path (default: ``$DXG_NODE`` or the default path)
+    or an open ``dxg.client.Node`` to share (then the Device does not close it). Each call
+    makes a new Device with its own dxg device and context; close it (``with``) when done.
+    An index or LUID that names no adapter raises ``dxg.client.NoSuchAdapter`` (a
+    ValueError)."""
+    from dxg.client.luids import pick_adapter
 
     n, owned = _open(node)
     try:
         adapters = n.adapters()
-        if isinstance(which, tuple):
-            luid = luid_to_int(*which)
-            index = next((i for i, a in enumerate(adapters) if a.luid == luid), -1)
-        elif isinstance(which, int | np.integer) and not isinstance(which, bool):
-            which = int(which)
-            if 0 <= which < len(adapters):
-                index = which
-            else:
-                index = next((i for i, a in enumerate(adapters) if a.luid == which), -1)
-        else:
-            raise TypeError(f"device(): an index or a LUID, not {type(which).__name__}")
+        try:
+            index = pick_adapter(adapters, which)
+        except BaseException:
+            for a in adapters:
+                a.close()
+            raise
         for i, a in enumerate(adapters):
             if i != index:
                 a.close()
-        if index < 0:
-            raise ValueError(f"no virtual GPU with index or LUID {which!r} "
-                             f"({len(adapters)} on the node)")
         return Device(adapters[index], index, n, owned)
     except BaseException:
         if owned:
@@ -125,6 +120,18 @@ class Device:
     def name(self) -> str:
         """The adapter's description."""
         return str(self.adapter.description)
+
+    @property
+    def device_ids(self) -> Any:
+        """The adapter's PCI-style ids (``dxg.client.DeviceIds``: vendor_id, device_id...)."""
+        return self.adapter.device_ids
+
+    @property
+    def execution_state(self) -> Any:
+        """The dxg device's execution state (``dxg.client.ExecutionState``; ACTIVE unless its
+        work faulted)."""
+        self._live()
+        return self.dxg.execution_state
 
     @property
     def closed(self) -> bool:
@@ -252,7 +259,8 @@ class Device:
         ``self.dxg`` (typically of a resource another process shared: ``self.dxg.
         open_resource(fd)``), ``shape`` and ``dtype`` from byte ``offset``. No copy: work on
         the array reads and writes that memory (an allocation opened read-only cannot be
-        written: uploads fail, GPU writes fault the device). The allocation stays the caller's
+        written: ``set``, assignments, fills and ``out=`` raise DxgError(STATUS_ACCESS_DENIED)
+        before any work is queued). The allocation stays the caller's
         (closing it ends the array); the array only maps it at a GPU VA, once. Work another
         process does on it is ordered with fences (``stream.wait_fence``), as on a GPU."""
         from dxg.compute.array import ndarray
@@ -272,7 +280,8 @@ class Device:
             whole = [m for m in allocation.gpu_mappings
                      if m.offset == 0 and m.size >= allocation.size]
             va = int(whole[0].va if whole else allocation.map_gpu(self.paging_queue).va)
-        block = Block(allocation, va + offset, offset, nbytes, None, "external")
+        kind = "readonly" if getattr(allocation, "read_only", False) else "external"
+        block = Block(allocation, va + offset, offset, nbytes, None, kind)
         return ndarray._new(self, block, dims, dt, owned=False)
 
     # -- synchronization -----------------------------------------------------------------------

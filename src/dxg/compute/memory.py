@@ -59,7 +59,9 @@ class Block:
         self.offset = offset
         self.size = size
         self.slab = slab
-        self.kind = kind  # "data", "upload", "dedicated", "staging", "empty", "external"
+        # "data", "upload", "dedicated", "staging", "empty", "external", "readonly" (external
+        # memory opened read-only: no work may write it)
+        self.kind = kind
         self.uses: dict[Any, int] = {}  # stream -> progress value of its last use
         self.writer: tuple[Any, int] | None = None  # (stream, value) of the last write
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from dxg.backends.softcmd import CommandBuffer
 from dxg.client.errors import DxgError
+from dxg.uapi.ntstatus import NTSTATUS
 
 __all__ = ["Event", "Stream"]
 
@@ -98,6 +99,10 @@ class Stream:
         a write, uses) with work not done yet makes this stream wait for that work first."""
         with self._lock:
             self.device._live()
+            for blk in writes:
+                if blk.kind == "readonly":  # (refused here: the GPU write would fault the device)
+                    raise DxgError(NTSTATUS.STATUS_ACCESS_DENIED,
+                                   "the array's memory was opened read-only (a read-only share)")
             for blk in reads:
                 writer = blk.writer
                 if writer is not None and writer[0] is not self:

@@ -270,9 +270,13 @@ class ProcessMemory:
 
     def give(self, block: GuestBlock) -> int | None:
         """A descriptor for the client when it does not have ``block`` yet (None when it does);
-        the caller passes it on (map_block owns it from there)."""
+        the caller passes it on (map_block owns it from there). A block the client may only
+        read (a fence page, a read-only share) goes as a descriptor opened O_RDONLY, so that no
+        mapping of it can ever be made writable."""
         if block.mapped:
             return None
+        if block.readonly:
+            return os.open(f"/proc/self/fd/{block.fd}", os.O_RDONLY | os.O_CLOEXEC)
         return os.dup(block.fd)
 
     def close(self) -> None:

@@ -34,6 +34,7 @@ from dxg.protocol.bus import (
     PCI_DEVICE_ID_COMPUTE_ACCELERATOR,
 )
 from dxg.protocol.guids import DXGK_GLOBAL_GUID, DXGK_VGPU_GUID, guid_to_luid
+from dxg.runtime.latency import LatencyHistograms
 from dxg.runtime.loop import Changes, LoopThread, on_loop, owned_loop
 from dxg.uapi.ntstatus import nt_success
 from dxg.uapi.wddm import D3DKMT_ADAPTERADDRESS, KMTQUERYADAPTERINFOTYPE
@@ -80,6 +81,9 @@ class GuestDriver:
         # Share descriptors and sync files handed out (dxg.guest.share): they outlive processes.
         self.shares = Shares(self.rt.loop)
         self.started = time.time()
+        # How long each ioctl takes, by ioctl number (dxg.runtime.latency), once something
+        # reads it (observe_ioctls: the metrics endpoint); None: not measured.
+        self.ioctl_latency: LatencyHistograms | None = None
         self._changes = Changes(self.rt)
         self._closed = False
 
@@ -389,7 +393,8 @@ class GuestDriver:
         share.processes += 1
         grant = self.policy.grant_for(uid, gids)
         proc = GuestProcess(pid, uid, name, self.handle_space, self.limits, share, grant,
-                            tuple(gids), self.policy.has_memory_quotas)
+                            tuple(gids),
+                            self.policy.has_memory_quotas or self.policy.has_compute_shares)
         self._processes[id(proc)] = proc
         return proc
 
@@ -417,7 +422,22 @@ class GuestDriver:
             return -25, arg  # ENOTTY
         if proc.closed:
             return -9, arg  # EBADF
-        return await dispatch(self, proc, code, arg, mem)
+        latency = self.ioctl_latency
+        if latency is None:
+            return await dispatch(self, proc, code, arg, mem)
+        t0 = time.perf_counter()
+        ret = -4  # EINTR, if the call is cancelled
+        try:
+            ret, out = await dispatch(self, proc, code, arg, mem)
+            return ret, out
+        finally:
+            latency.observe(code & 0xFF, time.perf_counter() - t0, ret < 0)
+
+    def observe_ioctls(self) -> LatencyHistograms:
+        """Start timing every ioctl (by ioctl number); returns the histograms (any thread)."""
+        if self.ioctl_latency is None:
+            self.ioctl_latency = LatencyHistograms()
+        return self.ioctl_latency
 
     def maps_lost(self, proc: GuestProcess, blocks: list[int]) -> None:
         """A front end could not deliver these blocks' maps to the client: hand their

@@ -63,7 +63,8 @@ from dxg.guest.usermem import (
     give_fd,
     take_fd,
 )
-from dxg.oslib.fds import close_all
+from dxg.oslib.eventfd import eventfd_count
+from dxg.oslib.fds import close_all, close_foreign
 from dxg.oslib.memfd import memfd_from_bytes
 from dxg.protocol import messages as m
 from dxg.protocol.errors import ProtocolError
@@ -381,7 +382,16 @@ async def escape(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemor
                 copy_to_user(mem, args.priv_drv_data, dataclasses.replace(
                     head, status=int(NTSTATUS.STATUS_NOT_SUPPORTED)).pack())
                 return 0
-            fds_in.append(take_fd(mem, head.fd))
+            fd_in = take_fd(mem, head.fd)
+            if eventfd_count(fd_in) is None:
+                # The one op that takes a descriptor signals an eventfd; anything else is
+                # refused here, before the host would have to close it (a file on a FUSE
+                # mount: closing it may block; it is closed off the loop).
+                close_foreign((fd_in,))
+                copy_to_user(mem, args.priv_drv_data, dataclasses.replace(
+                    head, status=int(NTSTATUS.STATUS_INVALID_PARAMETER)).pack())
+                return 0
+            fds_in.append(fd_in)
     try:
         hprocess = await host_process(proc, adapter.link)
         msg = m.Escape(adapter.host_handle, device.host_handle if device else 0, int(args.type),

@@ -734,7 +734,7 @@ def adopt_fence_page(proc: GuestProcess, dev: GuestDevice, hprocess: int, extra:
         return shadow.block, 0, shadow
     if len(got) != 1:
         raise IoctlError(errno.EPROTO, "host sent no fence block")
-    _check_block_fd(got[0], ref.block_size)
+    _check_block_fd(got[0], ref.block_size, readonly=True)  # (only the host writes a fence)
     block = proc.memory.use(link_key(dev.adapter.link, hprocess, ref.block), ref.block_size,
                             readonly=True)
     if block.fd < 0:

@@ -5,12 +5,17 @@ OpenSyncObjectFromSyncFile. See docs/sharing.md.
 
 A descriptor a caller hands in is hostile: a number that is not open in the caller is -EBADF,
 anything that is not one of the driver's share descriptors or sync files (another file, an
-eventfd, a socket of another kind) -EINVAL, and so is a share descriptor of the other kind (a
-sync object's where a resource's is due), as the real driver answers a file with other
-operations. Where the real driver ignores ``desired_access``, pydxg grants it: a share without
-write access opens read-only (no CPU or GPU write, no signal), and a process can share onward
-at most the access it has. Where it returns success and does nothing (WaitSyncFile and
-OpenSyncObjectFromSyncFile of a fence that is not shared) pydxg answers -EINVAL.
+eventfd, a socket) -EINVAL, and so is a share descriptor of the other kind (a sync object's
+where a resource's is due), as the real driver answers a file with other operations. It is
+identified without calling into its filesystem, and closed off the event loop when it is not a
+pipe or socket (a file on a FUSE mount served by this loop would block it: dxg.guest.share).
+An entry used across an await is pinned, so that its host reference outlives the call even when
+its last copy is closed meanwhile. Where the real driver ignores ``desired_access``, pydxg
+grants it: a share without write access opens read-only (no CPU or GPU write, no signal), a
+process can share onward at most the access it has, and an opener is told what it got
+(``reserved`` = OPENED_READ_ONLY, ``flags.no_signal`` on return). Where it returns success and
+does nothing (WaitSyncFile and OpenSyncObjectFromSyncFile of a fence that is not shared) pydxg
+answers -EINVAL.
 """
 
 from __future__ import annotations
@@ -38,15 +43,15 @@ from dxg.guest.ioctl_sync import (
 )
 from dxg.guest.lookup import _device, _h, _host_result
 from dxg.guest.process import GuestProcess, host_process
-from dxg.guest.share import ShareFd, SyncFile, release_nt, undo_nt
+from dxg.guest.share import ShareFd, Shares, SyncFile, release_nt, undo_nt
 from dxg.guest.syncobject import GuestSyncObject, HostEvent, release_syncobject
 from dxg.guest.usermem import UserMemory, copy_from_user, copy_to_user, give_fd, map_block, take_fd
-from dxg.oslib.fds import close_all
+from dxg.oslib.fds import close_all, close_foreign
 from dxg.protocol import messages as m
 from dxg.protocol.commands import GlobalCommand, VgpuCommand
 from dxg.uapi import memory as mm
 from dxg.uapi import structs as s
-from dxg.uapi.access import grants_write
+from dxg.uapi.access import OPENED_READ_ONLY, grants_write
 from dxg.uapi.ntstatus import NTSTATUS, nt_success
 
 if TYPE_CHECKING:
@@ -77,7 +82,7 @@ def _file_of(drv: GuestDriver, mem: UserMemory, number: int) -> ShareFd | SyncFi
     try:
         entry = drv.shares.find(fd)
     finally:
-        close_all((fd,))
+        close_foreign((fd,))  # (not on the loop when it is not a pipe or socket)
     if entry is None:
         raise IoctlError(errno.EINVAL, f"descriptor {number} is no share descriptor or sync file")
     return entry
@@ -196,7 +201,9 @@ async def query_resource_info_from_nt_handle(drv: GuestDriver, proc: GuestProces
     """QueryResourceInfoFromNtHandle: the sizes OpenResourceFromNtHandle needs, answered by the
     guest (kept from the share's CREATENTSHAREDOBJECT)."""
     dev = _device(proc, args.device)
-    info = _share_of(drv, mem, int(args.nt_handle), m.SHARED_RESOURCE, dev).info
+    entry = _share_of(drv, mem, int(args.nt_handle), m.SHARED_RESOURCE, dev)
+    info = entry.info
+    args.reserved = 0 if entry.writable else OPENED_READ_ONLY  # (pydxg: the access it grants)
     args.private_runtime_data_size = info.runtime_data_size
     args.total_priv_drv_data_size = info.total_priv_drv_data_size
     args.resource_priv_drv_data_size = info.priv_drv_data_size
@@ -255,10 +262,20 @@ async def open_resource_from_nt_handle(drv: GuestDriver, proc: GuestProcess, arg
                                        mem: UserMemory) -> int:
     """OpenResourceFromNtHandle: a resource of the caller's device whose allocations are the
     shared one's memory (zero-copy where the host's descriptors reach the caller), read-only
-    when the share grants no write access; the private data are copied to the caller's
-    buffers, which must be at least the sizes QueryResourceInfoFromNtHandle gave."""
+    when the share grants no write access (``reserved`` answers OPENED_READ_ONLY then); the
+    private data are copied to the caller's buffers, which must be at least the sizes
+    QueryResourceInfoFromNtHandle gave."""
     dev = _device(proc, args.device)
     entry = _share_of(drv, mem, int(args.nt_handle), m.SHARED_RESOURCE, dev)
+    drv.shares.pin(entry)
+    try:
+        return await _open_resource(drv, proc, args, mem, dev, entry)
+    finally:
+        drv.shares.unpin(entry)
+
+
+async def _open_resource(drv: GuestDriver, proc: GuestProcess, args: Any, mem: UserMemory,
+                         dev: GuestDevice, entry: ShareFd) -> int:
     info = entry.info
     count = int(args.allocation_count)
     if (count != info.allocation_count or not args.open_alloc_info
@@ -320,6 +337,7 @@ async def open_resource_from_nt_handle(drv: GuestDriver, proc: GuestProcess, arg
     args.resource.v = res.handle
     args.keyed_mutex.v = 0
     args.sync_object.v = 0
+    args.reserved = OPENED_READ_ONLY if readonly else 0
     return 0
 
 
@@ -400,35 +418,43 @@ async def open_sync_object_from_nt_handle2(drv: GuestDriver, proc: GuestProcess,
                                            mem: UserMemory) -> int:
     """OpenSyncObjectFromNtHandle2: the shared fence as a fence of the caller's device;
     ``flags.no_signal``, or a share without write access, opens it read-only (it cannot be
-    signalled through this handle)."""
+    signalled through this handle; pydxg sets ``flags.no_signal`` on return then)."""
     dev = _device(proc, args.device)
     entry = _share_of(drv, mem, int(args.nt_handle), m.SHARED_SYNC_OBJECT, dev)
     readonly = not entry.writable or bool(args.flags.no_signal)
     args.monitored_fence.fence_value_cpu_va = 0
-    obj = await _open_fence(proc, dev, entry.nt, readonly, mem, _NT_FENCE_CPU_VA)
+    drv.shares.pin(entry)
+    try:
+        obj = await _open_fence(proc, dev, entry.nt, readonly, mem, _NT_FENCE_CPU_VA)
+    finally:
+        drv.shares.unpin(entry)
     args.monitored_fence.fence_value_gpu_va = 0
     args.sync_object.v = obj.handle
+    args.flags.no_signal = int(readonly)
     return 0
 
 
 # ---- sync files --------------------------------------------------------------------------------
 
 
-def _sync_file_done(entry: SyncFile, future: Any) -> None:
-    """The sync file's CPU wait ended (reached, failed, or given up with its process)."""
+def _sync_file_done(shares: Shares, entry: SyncFile, future: Any) -> None:
+    """The sync file's CPU wait ended: reached (0), failed (the host's status), or given up
+    (cancelled: its process went, which took the fence that is not shared with it)."""
     if future.cancelled():
-        entry.signalled(int(NTSTATUS.STATUS_DEVICE_REMOVED))  # (its process is gone)
+        shares.signal(entry, int(NTSTATUS.STATUS_DEVICE_REMOVED))
     else:
-        entry.signalled(int(future.result()))
+        shares.signal(entry, int(future.result()))
 
 
 async def create_sync_file(drv: GuestDriver, proc: GuestProcess, args: Any,
                            mem: UserMemory) -> int:
     """CreateSyncFile: a descriptor (``sync_file_handle``) that becomes readable, for good, when
-    the monitored fence reaches ``fence_value`` (or its wait fails). Its CPU wait is registered
-    before the request goes, so no wake-up is lost. A sync file of a shared fence keeps a host
-    reference on it: any process holding the sync file can wait on it from the GPU or open the
-    fence. Through the FUSE file: -EOPNOTSUPP."""
+    the monitored fence reaches ``fence_value`` (or its wait fails); its bytes say which
+    (dxg.guest.share.REACHED). Its CPU wait is registered before the request goes, so no
+    wake-up is lost. A sync file of a shared fence keeps a host reference on it, which holds
+    the wait (PYDXG_WAITSHAREDSYNC: it does not end with the process that made the sync file)
+    and lets any process holding the sync file wait on it from the GPU or open the fence.
+    Through the FUSE file: -EOPNOTSUPP."""
     dev = _device(proc, args.device)
     obj = _syncobject(proc, _h(args.monitored_fence))
     if not obj.monitored or obj.adapter is not dev.adapter:
@@ -436,7 +462,8 @@ async def create_sync_file(drv: GuestDriver, proc: GuestProcess, args: Any,
     adapter = dev.adapter
     link = adapter.link
     value = int(args.fence_value)
-    drv.shares.reserve(proc.uid)
+    shares = drv.shares
+    shares.reserve(proc.uid)
     nt = 0
     try:
         hprocess = await host_process(proc, link)
@@ -444,39 +471,45 @@ async def create_sync_file(drv: GuestDriver, proc: GuestProcess, args: Any,
             reply = await _nt_reference(proc, adapter, obj.host_handle)
             ret = _host_result(reply.status)
             if ret < 0:
-                drv.shares.unreserve(proc.uid)
+                shares.unreserve(proc.uid)
                 return ret
             nt = reply.handle
-        entry, theirs = drv.shares.new_sync_file(adapter, value, nt, proc.uid)
+        entry, theirs = shares.new_sync_file(adapter, value, nt, proc.uid)
     except BaseException:
-        drv.shares.unreserve(proc.uid)
+        shares.unreserve(proc.uid)
         release_nt(link, nt)
         raise
     try:
-        event = link.events.add_wait(proc, adapter)
+        # A shared fence's wait is held by the sync file's own reference, not by this process.
+        event = (link.events.add_file_wait(adapter) if nt
+                 else link.events.add_wait(proc, adapter))
         entry.event = event
-        entry.hprocess = hprocess
+        entry.hprocess = 0 if nt else hprocess
         assert event.future is not None
-        event.future.add_done_callback(functools.partial(_sync_file_done, entry))
-        reply2 = await vmbus.send(adapter, V.WAITFORSYNCOBJECTFROMCPU, hprocess,
-                                  m.WaitSyncObjectCpu(dev.host_handle, 0, event.id,
-                                                      (obj.host_handle,), (value,)))
+        event.future.add_done_callback(functools.partial(_sync_file_done, shares, entry))
+        if nt:
+            reply2 = await vmbus.send(link, G.PYDXG_WAITSHAREDSYNC, 0,
+                                      m.WaitSharedSync(nt, 0, event.id, value))
+        else:
+            reply2 = await vmbus.send(adapter, V.WAITFORSYNCOBJECTFROMCPU, hprocess,
+                                      m.WaitSyncObjectCpu(dev.host_handle, 0, event.id,
+                                                          (obj.host_handle,), (value,)))
         ret = _host_result(reply2.status)
         if ret < 0:
             link.events.remove(event.id)  # (refused: nothing registered there)
             entry.event = None
             close_all((theirs,))
-            drv.shares.close(entry)
+            shares.close(entry)
             return ret
-        drv.shares.watch(entry)
+        shares.watch(entry)
     except BaseException:
         close_all((theirs,))
-        drv.shares.close(entry)  # (withdraws the wait)
+        shares.close(entry)  # (withdraws the wait)
         raise
     try:
         give_fd(mem, theirs, _SYNCFILE_HANDLE, 8, in_struct=True)
     except BaseException:
-        drv.shares.close(entry)
+        shares.close(entry)
         raise
     args.sync_file_handle = 0  # (the caller finds its descriptor's number here)
     return 0
@@ -506,6 +539,15 @@ async def wait_sync_file(drv: GuestDriver, proc: GuestProcess, args: Any,
     entry = _sync_file_of(drv, mem, int(args.sync_file_handle), dev.adapter)
     if entry.status == 0:
         return 0
+    drv.shares.pin(entry)
+    try:
+        return await _wait_sync_file(proc, ctx, entry)
+    finally:
+        drv.shares.unpin(entry)
+
+
+async def _wait_sync_file(proc: GuestProcess, ctx: Any, entry: SyncFile) -> int:
+    dev = ctx.device
     adapter = dev.adapter
     link = adapter.link
     hprocess = await host_process(proc, link)
@@ -537,7 +579,11 @@ async def open_sync_object_from_sync_file(drv: GuestDriver, proc: GuestProcess, 
     dev = _device(proc, args.device)
     entry = _sync_file_of(drv, mem, int(args.sync_file_handle), dev.adapter)
     args.fence_value_cpu_va = 0
-    obj = await _open_fence(proc, dev, entry.nt, True, mem, _SYNCFILE_FENCE_CPU_VA)
+    drv.shares.pin(entry)
+    try:
+        obj = await _open_fence(proc, dev, entry.nt, True, mem, _SYNCFILE_FENCE_CPU_VA)
+    finally:
+        drv.shares.unpin(entry)
     args.syncobj.v = obj.handle
     args.fence_value = entry.value
     args.fence_value_gpu_va = 0

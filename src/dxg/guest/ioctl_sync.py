@@ -36,7 +36,7 @@ from dxg.guest.process import GuestProcess, existing_host_process, host_process
 from dxg.guest.syncobject import GuestSyncObject, HostEvent, release_syncobject
 from dxg.guest.usermem import UserMemory, copy_from_user, map_block, take_fd
 from dxg.oslib.eventfd import eventfd_count
-from dxg.oslib.fds import close_all
+from dxg.oslib.fds import close_all, close_foreign
 from dxg.protocol import messages as m
 from dxg.protocol.commands import GlobalCommand, VgpuCommand
 from dxg.protocol.headers import encode_vgpu
@@ -135,7 +135,7 @@ def _eventfd(mem: UserMemory, number: int) -> int:
         raise IoctlError(errno.EINVAL, f"bad eventfd {number}")
     fd = take_fd(mem, number)
     if eventfd_count(fd) is None:
-        close_all((fd,))
+        close_foreign((fd,))  # (a file: closed off the loop)
         raise IoctlError(errno.EINVAL, f"descriptor {number} is not an eventfd")
     return fd
 
@@ -295,7 +295,7 @@ def _adopt(proc: GuestProcess, dev: GuestDevice, hprocess: int, kind: int, flags
         if (not reply.block or reply.block_size <= 0 or reply.offset % 8
                 or reply.offset + 8 > reply.block_size or len(got) != 1):
             raise IoctlError(errno.EPROTO, "host placed the fence outside its block")
-        _check_block_fd(got[0], reply.block_size)
+        _check_block_fd(got[0], reply.block_size, readonly=True)  # (only the host writes it)
         link = dev.adapter.link
         block = proc.memory.use(link_key(link, hprocess, reply.block), reply.block_size,
                                 readonly=True)

@@ -1,17 +1,22 @@
-"""The guest's policy: which users see which adapters, and the memory quotas of their processes.
+"""The guest's policy: which users see which adapters, the memory quotas of their processes and
+their compute share.
 
 Read once at start from a TOML file (``dxg up|guest --policy FILE``, format in docs/policy.md)
-and from the flags that set its defaults (``--memory-per-process``, ``--memory-per-uid``). A
+and from the flags that set its defaults (``--memory-per-process``, ``--memory-per-uid``,
+``--compute-share``). A
 process gets its `Grant` when it opens the node (its uid and groups from SO_PEERCRED /
 SO_PEERGROUPS, or from the FUSE request): the first rule that names its uid or one of its groups,
 else the defaults. Root (uid 0) is matched only by a rule that names uid 0 (or "root") itself:
 neither the defaults nor a group rule restrict it, so root sees every adapter and has no memory
-quota unless the policy says so.
+quota unless the policy says so (its compute share is the defaults' unless a rule names it:
+a share is a weight, not a restriction).
 
 A grant is enforced in two places: the guest hides the adapters it does not allow (enumeration,
 OpenAdapterFromLuid, every call that names an adapter by LUID: dxg.guest.ioctl), and the hosts
 count memory against its quotas (PYDXG_SETPROCESSQUOTA: dxg.host.quota), because only a host sees
-every byte committed, discarded and reclaimed as it happens.
+every byte committed, discarded and reclaimed as it happens; they also share each adapter's
+engine time by the processes' compute shares (the same message: dxg.host.scheduler), because
+only a host sees the work run.
 
 Everything here is frozen: the policy is built once and only read.
 """
@@ -32,15 +37,19 @@ from dxg.runtime.sizes import format_size, parse_size
 if TYPE_CHECKING:
     from dxg.guest.adapter import GuestAdapter
 
-__all__ = ["ROOT_GRANT", "AdapterRef", "Grant", "Policy", "PolicyError", "load_policy",
-           "parse_policy"]
+__all__ = ["MAX_SHARE", "ROOT_GRANT", "AdapterRef", "Grant", "Policy", "PolicyError", "load_policy",
+           "parse_policy", "parse_share"]
 
 ROOT_UID = 0
 POLICY_VERSION = 1
 _ADAPTER_HELP = ('an adapter index like 0, "HOST:INDEX" like "1:0", or a LUID like '
                  '"0x0000000100000002"')
 _TOP_KEYS = frozenset({"version", "defaults", "rules"})
-_GRANT_KEYS = frozenset({"adapters", "memory_per_process", "memory_per_uid"})
+_GRANT_KEYS = frozenset({"adapters", "memory_per_process", "memory_per_uid", "compute_share"})
+DEFAULT_SHARE = 1
+MAX_SHARE = 10_000  # (as dxg.host.scheduler.MAX_SHARE: the wire carries 1..10000)
+SHARE_HELP = (f"a whole number {DEFAULT_SHARE}..{MAX_SHARE}: the process's weight on each "
+              "adapter's engine, against the other processes' (default 1)")
 _RULE_KEYS = _GRANT_KEYS | {"name", "uids", "groups"}
 _HOST_INDEX = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*")
 _UNLIMITED = "unlimited"
@@ -75,13 +84,15 @@ class AdapterRef:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What the processes a rule matches may do: the adapters they see (None: all) and their
-    memory quotas in bytes per adapter (None: no quota)."""
+    """What the processes a rule matches may do: the adapters they see (None: all), their
+    memory quotas in bytes per adapter (None: no quota) and their compute share (their weight
+    on each adapter's engine)."""
 
     adapters: tuple[AdapterRef, ...] | None = None
     memory_per_process: int | None = None
     memory_per_uid: int | None = None
     rule: str = "defaults"  # where it came from (logs, the snapshot)
+    compute_share: int = DEFAULT_SHARE
 
     def sees(self, adapter: GuestAdapter) -> bool:
         return self.adapters is None or any(ref.matches(adapter) for ref in self.adapters)
@@ -94,7 +105,7 @@ class Grant:
         return {"rule": self.rule,
                 "adapters": None if self.adapters is None else [str(r) for r in self.adapters],
                 "memory_per_process": self.memory_per_process,
-                "memory_per_uid": self.memory_per_uid}
+                "memory_per_uid": self.memory_per_uid, "compute_share": self.compute_share}
 
 
 ROOT_GRANT = Grant(rule="root")  # root, when no rule names it: everything, no quota
@@ -126,7 +137,11 @@ class Policy:
         for rule in self.rules:
             if rule.matches(uid, gids):
                 return rule.grant
-        return ROOT_GRANT if uid == ROOT_UID else self.defaults
+        if uid != ROOT_UID:
+            return self.defaults
+        if self.defaults.compute_share == DEFAULT_SHARE:
+            return ROOT_GRANT
+        return replace(ROOT_GRANT, compute_share=self.defaults.compute_share)
 
     def describe(self) -> str:
         """One line for the daemon's start-up output."""
@@ -138,8 +153,8 @@ class Policy:
 
         rules = f"{len(self.rules)} rule{'' if len(self.rules) == 1 else 's'}"
         return (f"policy: {self.source}: {rules}; defaults: adapters {adapters}, "
-                f"{size(d.memory_per_process)} per process, {size(d.memory_per_uid)} per uid "
-                "(root: only rules that name it)")
+                f"{size(d.memory_per_process)} per process, {size(d.memory_per_uid)} per uid, "
+                f"compute share {d.compute_share} (root: only rules that name it)")
 
     @property
     def grants(self) -> tuple[Grant, ...]:
@@ -156,6 +171,12 @@ class Policy:
         return any(g.memory_per_process is not None or g.memory_per_uid is not None
                    for g in self.grants)
 
+    @property
+    def has_compute_shares(self) -> bool:
+        """Whether some grant weighs other than the default (the hosts are then told every
+        process's share)."""
+        return any(g.compute_share != DEFAULT_SHARE for g in self.grants)
+
 
 # ---- parsing -------------------------------------------------------------------------------------
 
@@ -171,6 +192,24 @@ def _size(value: Any, where: str) -> int | None:
         return parse_size(value)
     except ValueError as e:
         raise _fail(where, f'{e}, or "{_UNLIMITED}"') from None
+
+
+def _share(value: Any, where: str) -> int:
+    if (isinstance(value, int) and not isinstance(value, bool)
+            and DEFAULT_SHARE <= value <= MAX_SHARE):
+        return value
+    raise _fail(where, f"{value!r} is not a compute share (use {SHARE_HELP})")
+
+
+def parse_share(text: str) -> int:
+    """A compute share from a flag's text (ValueError with the fix)."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if not DEFAULT_SHARE <= value <= MAX_SHARE:
+        raise ValueError(f"{text!r} is not a compute share (use {SHARE_HELP})")
+    return value
 
 
 def _adapter_ref(value: Any, where: str) -> AdapterRef:
@@ -234,37 +273,41 @@ def _grant(table: Mapping[str, Any], where: str, base: Grant, rule: str) -> Gran
     for key in ("memory_per_process", "memory_per_uid"):
         if key in table:
             g = replace(g, **{key: _size(table[key], f"{where}.{key}")})
+    if "compute_share" in table:
+        g = replace(g, compute_share=_share(table["compute_share"], f"{where}.compute_share"))
     return g
 
 
 def parse_policy(text: str, source: str = "policy", *,
                  memory_per_process: int | None = None,
-                 memory_per_uid: int | None = None) -> Policy:
+                 memory_per_uid: int | None = None,
+                 compute_share: int | None = None) -> Policy:
     """A policy from TOML text. The keyword arguments (the flags) replace the defaults' values
     before the rules inherit them. PolicyError says where and what to fix."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise PolicyError(f"{source}: not valid TOML: {e}") from None
-    return _build(data, source, memory_per_process, memory_per_uid)
+    return _build(data, source, memory_per_process, memory_per_uid, compute_share)
 
 
 def load_policy(path: str | Path | None, *, memory_per_process: int | None = None,
-                memory_per_uid: int | None = None) -> Policy:
+                memory_per_uid: int | None = None,
+                compute_share: int | None = None) -> Policy:
     """The policy in ``path`` (None: only the flags' defaults)."""
     if path is None:
-        return _build({}, "(flags)", memory_per_process, memory_per_uid)
+        return _build({}, "(flags)", memory_per_process, memory_per_uid, compute_share)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise PolicyError(f"cannot read the policy file {path}: {reason}") from None
     return parse_policy(text, str(path), memory_per_process=memory_per_process,
-                        memory_per_uid=memory_per_uid)
+                        memory_per_uid=memory_per_uid, compute_share=compute_share)
 
 
 def _build(data: Mapping[str, Any], source: str, memory_per_process: int | None,
-           memory_per_uid: int | None) -> Policy:
+           memory_per_uid: int | None, compute_share: int | None = None) -> Policy:
     def where(part: str) -> str:
         return f"{source}: {part}"
 
@@ -278,6 +321,8 @@ def _build(data: Mapping[str, Any], source: str, memory_per_process: int | None,
         defaults = replace(defaults, memory_per_process=memory_per_process)
     if memory_per_uid is not None:
         defaults = replace(defaults, memory_per_uid=memory_per_uid)
+    if compute_share is not None:
+        defaults = replace(defaults, compute_share=_share(compute_share, "--compute-share"))
     raw_rules = data.get("rules", [])
     if not isinstance(raw_rules, list):
         raise _fail(where("rules"), "must be an array of tables: write each as [[rules]]")

@@ -56,8 +56,9 @@ class GuestProcess:
         self.uid = uid
         self.gids = gids
         self.name = name
-        # What the policy lets it do (dxg.guest.policy): the adapters it sees, its quotas;
-        # memory_quota: its hosts are told its quotas (the policy has some for someone).
+        # What the policy lets it do (dxg.guest.policy): the adapters it sees, its quotas and
+        # compute share; memory_quota: its hosts are told them (the policy has quotas or
+        # shares other than the default for someone).
         self.grant = grant
         self.memory_quota = memory_quota
         self.share = share if share is not None else UserShare(uid, limits)
@@ -142,17 +143,19 @@ async def host_process(proc: GuestProcess, link: HostLink) -> int:
 
 
 async def _set_quota(proc: GuestProcess, link: HostLink, hprocess: int) -> None:
-    """Tell the host the process's memory quotas (its account: its uid) before it can use
-    memory there; a host that cannot take them gets no process of this guest (-EPROTO)."""
+    """Tell the host the process's memory quotas (its account: its uid) and compute share
+    before it can use memory or run work there; a host that cannot take them gets no process
+    of this guest (-EPROTO)."""
     from dxg.guest import vmbus
 
     grant = proc.grant
     status = await vmbus.set_process_quota(link, hprocess, proc.uid, grant.memory_per_process,
-                                           grant.memory_per_uid)
+                                           grant.memory_per_uid, grant.compute_share)
     if not nt_success(status):
-        log.error("host %s cannot enforce the memory quotas of pid %d (status 0x%08x)",
-                  link.name, proc.pid, status)
-        raise IoctlError(errno.EPROTO, "the host cannot enforce this process's memory quotas")
+        log.error("host %s cannot enforce the memory quotas and compute share of pid %d "
+                  "(status 0x%08x)", link.name, proc.pid, status)
+        raise IoctlError(errno.EPROTO,
+                         "the host cannot enforce this process's quotas and compute share")
 
 
 async def _destroy_quietly(link: HostLink, hprocess: int) -> None:

@@ -83,10 +83,10 @@ class HostEvent:
     __slots__ = ("adapter", "closing", "fd", "future", "id", "kind", "pending", "persistent",
                  "process", "store", "writing")
 
-    def __init__(self, kind: int, process: GuestProcess, adapter: GuestAdapter) -> None:
+    def __init__(self, kind: int, process: GuestProcess | None, adapter: GuestAdapter) -> None:
         self.kind = kind
         self.id = 0
-        self.process = process
+        self.process = process  # None: a sync file's wait (it outlives the process that made it)
         self.adapter = adapter
         self.future: asyncio.Future[int] | None = None  # WAIT: the status it ends with
         self.fd = -1  # EVENTFD: the client's eventfd (ours to close)
@@ -114,19 +114,33 @@ class HostEvents:
         return event_id in self._events
 
     def _add(self, event: HostEvent) -> HostEvent:
-        sync = event.process.sync
-        if sync.events >= MAX_EVENTS_PER_PROCESS:
-            raise IoctlError(errno.ENOMEM, f"{MAX_EVENTS_PER_PROCESS} host events at once")
+        if event.process is not None:
+            sync = event.process.sync
+            if sync.events >= MAX_EVENTS_PER_PROCESS:
+                raise IoctlError(errno.ENOMEM, f"{MAX_EVENTS_PER_PROCESS} host events at once")
+            sync.events += 1
+            sync.tables.add(self)
         self._next += 1
         event.id = self._next
         self._events[event.id] = event
-        sync.events += 1
-        sync.tables.add(self)
         return event
+
+    @staticmethod
+    def _uncount(event: HostEvent) -> None:
+        if event.process is not None:
+            event.process.sync.events -= 1
 
     def add_wait(self, process: GuestProcess, adapter: GuestAdapter) -> HostEvent:
         """A one-shot event whose future gets the status SIGNALGUESTEVENT brings."""
         event = HostEvent(WAIT, process, adapter)
+        event.future = asyncio.get_running_loop().create_future()
+        return self._add(event)
+
+    def add_file_wait(self, adapter: GuestAdapter) -> HostEvent:
+        """A one-shot wait of no process: a sync file's wait on a shared fence, which lives as
+        long as the sync file (its host reference), not its maker. Bounded by the sync files
+        the guest keeps (dxg.guest.share)."""
+        event = HostEvent(WAIT, None, adapter)
         event.future = asyncio.get_running_loop().create_future()
         return self._add(event)
 
@@ -158,7 +172,7 @@ class HostEvents:
         return True
 
     def _retire(self, event: HostEvent) -> None:
-        event.process.sync.events -= 1
+        self._uncount(event)
         if event.kind == EVENTFD:
             event.closing = True
             if not event.writing:
@@ -181,13 +195,13 @@ class HostEvents:
             return False
         if event.kind == WAIT:
             del self._events[event_id]
-            event.process.sync.events -= 1
+            self._uncount(event)
             if event.future is not None and not event.future.done():
                 event.future.set_result(int(status) & 0xFFFFFFFF)
         elif event.kind == EVENTFD:
             if not event.persistent:
                 del self._events[event_id]
-                event.process.sync.events -= 1
+                self._uncount(event)
                 event.closing = True  # (after its write)
             self._write(event)
         return True

@@ -167,11 +167,12 @@ async def create_process(link: HostLink, cookie: int, pid: int, name: str) -> in
 
 
 async def set_process_quota(link: HostLink, hprocess: int, account: int,
-                            per_process: int | None, per_account: int | None) -> int:
+                            per_process: int | None, per_account: int | None,
+                            compute_share: int = 1) -> int:
     """PYDXG_SETPROCESSQUOTA: the NTSTATUS (limits None: none)."""
     none = m.NO_LIMIT
     body = m.ProcessQuota(account, none if per_process is None else per_process,
-                          none if per_account is None else per_account)
+                          none if per_account is None else per_account, compute_share)
     return int((await send(link, GlobalCommand.PYDXG_SETPROCESSQUOTA, hprocess, body)).status)
 
 

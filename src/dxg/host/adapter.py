@@ -385,6 +385,7 @@ def drop_open(p: Partition, adapter_index: int) -> None:
                 drop_device(p, device)
         drop_adapter_syncobjects(p, process, opened.adapter)
         drop_vaspace(p, process, adapter_index)
+        p.shares.process_leaving(process, adapter_index)
         process.memory.drop_adapter(adapter_index)
     p.free(opened.handle, HandleType.ADAPTER)
 
@@ -403,6 +404,7 @@ def close_process_adapter(p: Partition, call: Call, body: m.Empty) -> m.NtStatus
 
     drop_adapter_syncobjects(p, process, adapter)  # (its legacy sync objects there)
     drop_vaspace(p, process, adapter.index)
+    p.shares.process_leaving(process, adapter.index)  # (shared memory it pays goes elsewhere)
     process.memory.drop_adapter(adapter.index)
     return m.NtStatusReturn(NTSTATUS.STATUS_SUCCESS)
 

@@ -66,6 +66,10 @@ class HostConfig:
     # jobs wait their turn, so one guest (or process) cannot take every worker from the others.
     max_jobs_per_partition: int = 16
     max_jobs_per_process: int = 4
+    # The TDR (timeout detection, as Windows' TdrDelay): a command buffer that has run this many
+    # seconds on the engine (the CPU time of its thread) and is still running is stopped at its
+    # next command boundary and its device enters the HUNG state (dxg.host.hwqueue). 0: off.
+    tdr_seconds: float = 2.0
     # Requests of one guest (and of one process of it) that may wait or run as tasks at once
     # (long commands), and the bytes they hold; past any, a new one fails STATUS_NO_MEMORY.
     max_pending_calls: int = 4096
@@ -101,6 +105,8 @@ class HostConfig:
             raise ValueError("backend_workers must be 1..1024")
         if not 1 <= self.max_jobs_per_process <= self.max_jobs_per_partition:
             raise ValueError("need 1 <= max_jobs_per_process <= max_jobs_per_partition")
+        if not 0 <= self.tdr_seconds <= 3600:  # (also refuses NaN)
+            raise ValueError(f"tdr_seconds must be 0 (off) or up to 3600, not {self.tdr_seconds}")
         if not 1 <= self.max_pending_calls_per_process <= self.max_pending_calls:
             raise ValueError("need 1 <= max_pending_calls_per_process <= max_pending_calls")
         if self.max_pending_bytes < 1:

@@ -97,6 +97,7 @@ def drop_device(p: Partition, device: HostDevice) -> None:
     drop_device_syncobjects(p, device)  # (its monitored fences; waits on them end)
     drop_device_memory(p, device)
     device.process.devices.pop(device.handle, None)
+    p.shares.device_gone(device)  # (shared memory it stood for gets another device)
     p.free(device.handle, HandleType.DEVICE, device.process)
 
 

@@ -115,7 +115,7 @@ class Host:
                             name=f"host {self.config.name}")
         self._listeners.append(listener)
         listener.start()
-        log.info("host %s: listening on %s", self.config.name, listener.address)
+        log.debug("host %s: listening on %s", self.config.name, listener.address)  # printed
         return str(listener.address)
 
     @property

@@ -12,13 +12,20 @@ slots: dxg.backends.fanout). A command buffer that faults (a bad opcode, an unma
 out-of-range address, a shape that overruns its buffer) puts its device in the error state:
 GetDeviceState reports it (with the faulting address), the guest is told (SETGUESTDATA), its
 fences' waiters wake with an error and its later submissions are dropped; every other device
-carries on. Errors of a submission never come back as a reply: they surface through the
-device's state, as on the real driver.
+carries on. A buffer that has run HostConfig.tdr_seconds and is still running is stopped
+between commands the same way, its device HUNG (the TDR: `Watchdog`). Errors of a submission never come
+back as a reply: they surface through the device's state, as on the real driver.
+
+The engine slot goes by the process's compute share, then the context's priority
+(dxg.host.scheduler: `engine_account` is the process's account on an adapter).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -28,6 +35,7 @@ from dxg.host import gpusync
 from dxg.host.call import Call, CommandFailed, Handler
 from dxg.host.memory import expect_extra, ioctl_args, ioctl_reply
 from dxg.host.pagingqueue import register_queue
+from dxg.host.scheduler import EngineAccount, EngineGroup, Slot
 from dxg.host.syncobject import FLAG_NO_SIGNAL, MONITORED_FENCE, SyncObject
 from dxg.protocol import messages as m
 from dxg.protocol.commands import VgpuCommand
@@ -42,6 +50,8 @@ from dxg.uapi.structs import (
 )
 
 if TYPE_CHECKING:
+    from dxg.backends import Cancelled
+    from dxg.host.adapter import HostAdapter
     from dxg.host.context import HostContext
     from dxg.host.device import HostDevice
     from dxg.host.memory import FenceBlock
@@ -56,6 +66,7 @@ ERROR_OUTOFMEMORY = int(d3dkmt_deviceexecution_state._D3DKMT_DEVICEEXECUTION_ERR
 ERROR_DMAFAULT = int(d3dkmt_deviceexecution_state._D3DKMT_DEVICEEXECUTION_ERROR_DMAFAULT)
 ERROR_DMAPAGEFAULT = int(
     d3dkmt_deviceexecution_state._D3DKMT_DEVICEEXECUTION_ERROR_DMAPAGEFAULT)
+EXECUTION_HUNG = int(d3dkmt_deviceexecution_state._D3DKMT_DEVICEEXECUTION_HUNG)  # the TDR
 # Submissions one queue may have waiting (fire-and-forget: past it the device runs out of
 # memory, as a real GPU whose ring overflowed would, instead of the host holding unbounded work).
 MAX_QUEUED = 4096
@@ -232,6 +243,53 @@ class _Skip(Exception):
     """The buffer will not run (its context, queue, process or device went meanwhile)."""
 
 
+class Watchdog:
+    """The TDR of one run: the engine's ``cancelled``, set when the job is told to stop (its
+    process or device goes) and once the run has used its time limit (then ``expired``). The
+    time is the CPU time of the run's thread (what the buffer used of its core; time spent
+    waiting for a core on a busy host does not count), read only when the monotonic clock says
+    the limit could have been reached (a CPU clock is a system call; the monotonic one is not).
+    Made and asked on the run's thread. The engine asks it between commands (and between a
+    convolution's kernel rows): one command is never cut short (its time is bounded by its
+    operands, which lie in memory the process mapped). A buffer whose last command ends past
+    the limit has completed: it is not hung."""
+
+    __slots__ = ("cancelled", "check_at", "cpu0", "expired", "limit")
+
+    def __init__(self, cancelled: threading.Event, seconds: float) -> None:
+        self.cancelled = cancelled
+        self.limit = seconds
+        self.cpu0 = time.thread_time()
+        self.check_at = time.monotonic() + seconds  # (CPU time grows no faster than this)
+        self.expired = False
+
+    def is_set(self) -> bool:
+        if self.cancelled.is_set():
+            return True
+        now = time.monotonic()
+        if now < self.check_at:
+            return False
+        used = time.thread_time() - self.cpu0
+        if used >= self.limit:
+            self.expired = True
+            return True
+        self.check_at = now + (self.limit - used)
+        return False
+
+
+def engine_account(p: Partition, process: HostProcess, adapter: HostAdapter) -> EngineAccount:
+    """The process's account on the adapter's engine (made with its first job there, weighed
+    by its compute share), in its guest's group (dxg.host.scheduler)."""
+    account = process.engine_accounts.get(adapter.index)
+    if account is None:
+        group = p.engine_groups.get(adapter.index)
+        if group is None:
+            group = p.engine_groups[adapter.index] = EngineGroup(f"partition {p.id}")
+        account = process.engine_accounts[adapter.index] = EngineAccount(
+            group, process.compute_share, f"partition {p.id} pid {process.pid}")
+    return account
+
+
 async def run_buffer(p: Partition, context: HostContext, va: int, length: int,
                      alive: Callable[[], bool] = lambda: True,
                      lone: Callable[[], bool] = lambda: False) -> Any:
@@ -241,7 +299,13 @@ async def run_buffer(p: Partition, context: HostContext, va: int, length: int,
     slots, and the buffer and the VA space are read only then (what the job will use).
     ``lone()`` (asked on the worker thread, op by op) says that nothing waits behind the
     buffer on its queue: then its big ops may borrow idle engine slots (dxg.backends.fanout),
-    while a backlog keeps one slot per buffer and gets its parallelism from other queues."""
+    while a backlog keeps one slot per buffer and gets its parallelism from other queues.
+
+    The engine slot comes by the process's compute share and then the context's priority
+    (dxg.host.scheduler); the engine time measured on the threads that ran the buffer (its
+    own and fan-out helpers) is charged to the process's share. A buffer that has run
+    ``HostConfig.tdr_seconds`` and is still running is stopped between commands (`Watchdog`)
+    and its device enters the HUNG state, as a TDR does."""
     from dxg.backends.engine import EngineFault
     from dxg.backends.fanout import FanOut
     from dxg.host.placement import promote_device
@@ -253,7 +317,11 @@ async def run_buffer(p: Partition, context: HostContext, va: int, length: int,
     engine = adapter.engine
     backend = p.config.backend
     index = adapter.index
+    account = engine_account(p, process, adapter)
+    tdr = p.config.tdr_seconds
     got: list[Any] = []
+    held: list[Slot] = []  # the job's engine slot, once it has one
+    watch: list[Watchdog] = []
 
     def runnable() -> bool:
         return (context.alive and alive() and process.alive
@@ -263,7 +331,8 @@ async def run_buffer(p: Partition, context: HostContext, va: int, length: int,
     async def admit() -> None:
         if not runnable():
             raise _Skip
-        await engine.acquire(context.priority * 16 + context.inprocess_priority)
+        held.append(await engine.acquire(context.priority * 16 + context.inprocess_priority,
+                                         account))
         try:
             if not runnable():
                 raise _Skip
@@ -280,23 +349,43 @@ async def run_buffer(p: Partition, context: HostContext, va: int, length: int,
                 raise _Skip from None
             got.append(snapshot)
         except BaseException:
-            engine.release(ran=False)
+            engine.release(held.pop(), ran=False)
             raise
 
-    def job(cancelled: Any) -> Any:
+    def job(cancelled: threading.Event) -> Any:
         buffer, snapshot = got
-        fanout = FanOut(engine, p.host.workers.submit, lone)
-        return backend.execute(index, buffer, snapshot.view, cancelled, fanout)
+        slot = held[0]
+        fanout = FanOut(engine, p.host.workers.submit, lone,
+                        charge=functools.partial(engine.charge, slot, lent=True))
+        stop: Cancelled = cancelled
+        if tdr > 0:
+            stop = Watchdog(cancelled, tdr)
+            watch.append(stop)
+        t0 = time.monotonic_ns()
+        try:
+            return backend.execute(index, buffer, snapshot.view, stop, fanout)
+        finally:
+            engine.charge(slot, time.monotonic_ns() - t0)
+
+    def done() -> None:
+        slot = held.pop()
+        engine.release(slot)
+        # (its own thread's time is counted by run_blocking; the borrowed slots' here)
+        p.statistics.engine_time(device, slot.lent_ns)
 
     try:
-        result = await p.run_blocking(process, job, device=device, admit=admit,
-                                      done=engine.release)
+        result = await p.run_blocking(process, job, device=device, admit=admit, done=done)
     except _Skip:
         return None
     except EngineFault as e:
-        if e.kind != "CANCELLED":  # (cancelled: its process or device is going)
+        if e.kind != "CANCELLED":
             state = ERROR_DMAPAGEFAULT if e.kind == "PAGE_FAULT" else ERROR_DMAFAULT
             fault_device(p, device, state, e.va, str(e))
+        elif watch and watch[0].expired:  # the TDR (else its process or device is going)
+            engine.hung += 1
+            fault_device(p, device, EXECUTION_HUNG, 0,
+                         f"ran {tdr:g} s on the engine and was still running (the TDR): "
+                         f"stopped before command {e.command_index}")
         return None
     context.executed += 1
     context.commands += int(getattr(result, "commands", 0))
@@ -352,4 +441,5 @@ HANDLERS: MappingProxyType[VgpuCommand, Handler] = MappingProxyType({
     VgpuCommand.SUBMITCOMMAND: submit_command,
 })
 
-__all__ = ["HANDLERS", "HwQueue", "drop_hwqueue", "fault_device", "queue_of"]
+__all__ = ["HANDLERS", "HwQueue", "Watchdog", "drop_hwqueue", "engine_account", "fault_device",
+           "queue_of"]

@@ -42,6 +42,10 @@ guest; lowest offer priority first, then the oldest offer) are discarded until i
 is when even all of them would not make room. Before that, allocations of lower priority may be
 demoted from the local group to the non-local one (dxg.host.placement).
 
+Fence blocks (and shared memory: dxg.host.share) are handed to clients only as descriptors opened
+O_RDONLY (`readonly_fd`), their mode 0444: no client can map one writable, so a fence value every
+holder reads without a call is written by the host alone.
+
 Allocation memory is accounted by the segments only (not against the partition's object budget,
 which counts the host objects: see dxg.host.partition.OBJECT_BYTES). Everything here runs on the
 host's event loop.
@@ -71,6 +75,7 @@ __all__ = [
     "FENCE_BLOCK_BYTES",
     "GROUPS",
     "GROUP_NAMES",
+    "READ_ONLY_MODE",
     "Arena",
     "Block",
     "FenceBlock",
@@ -79,6 +84,7 @@ __all__ = [
     "Usage",
     "ioctl_args",
     "ioctl_reply",
+    "readonly_fd",
     "u32_array",
 ]
 
@@ -87,6 +93,9 @@ GROUP_NAMES = ("local", "nonlocal")
 FENCE_BLOCK_BYTES = 64 << 10
 FENCE_SLOT_BYTES = 8
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+# The mode of blocks clients may only read (fence blocks, shared memory): nobody but root can
+# reopen one for writing through /proc from the read-only descriptor it was given.
+READ_ONLY_MODE = 0o444
 _INVALID = NTSTATUS.STATUS_INVALID_PARAMETER
 
 _S = TypeVar("_S", bound=ctypes.Structure)
@@ -186,6 +195,15 @@ class Block:
         if self._own_fd:
             os.close(self.fd)
         self.fd = -1
+
+
+def readonly_fd(block: Block) -> int:
+    """A new descriptor of ``block`` opened O_RDONLY (through /proc: a memfd has no path), so
+    that whoever gets it can map it only read-only (mmap or mprotect for writing: EACCES)."""
+    try:
+        return os.open(f"/proc/self/fd/{block.fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, f"no read-only descriptor: {e}") from None
 
 
 class Arena:
@@ -571,7 +589,14 @@ class ProcessMemory:
             if fb.free:
                 break
         else:
-            fb = FenceBlock(self._new_block(config, FENCE_BLOCK_BYTES, "fence", adapter))
+            block = self._new_block(config, FENCE_BLOCK_BYTES, "fence", adapter)
+            try:
+                os.fchmod(block.fd, READ_ONLY_MODE)  # (only the host writes fence values)
+            except OSError:
+                self._close_block(block)
+                raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, "cannot protect a fence block") \
+                    from None
+            fb = FenceBlock(block)
             fences.append(fb)
         index = fb.free.pop()
         fb.used += 1

@@ -3,7 +3,8 @@
 The fence's value lives in an 8-byte slot of one of the process's fence blocks
 (dxg.host.memory.FenceBlock), so clients read it without a call: CREATEPAGINGQUEUE answers the
 slot's BlockRef in its extra and, on a link that carries descriptors, the fence block's
-descriptor beside it (on every create; the guest keeps one mapping per block id). The host keeps
+descriptor, opened read-only, beside it (on every create; the guest keeps one mapping per
+block id). The host keeps
 its own record of the value (`Fence.value`) and is the only writer of the slot.
 
 Work that pages memory in (MAKERESIDENT of an evicted allocation) is answered STATUS_PENDING with
@@ -12,13 +13,12 @@ the value the queue's fence will reach; the fence reaches it from a task right a
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from dxg.host.call import Call, CommandFailed, Handler
-from dxg.host.memory import FenceBlock, expect_extra, ioctl_args, ioctl_reply
+from dxg.host.memory import FenceBlock, expect_extra, ioctl_args, ioctl_reply, readonly_fd
 from dxg.host.syncobject import FLAG_NO_SIGNAL, MONITORED_FENCE, SyncObject
 from dxg.protocol import messages as m
 from dxg.protocol.commands import VgpuCommand
@@ -114,11 +114,8 @@ def register_queue(p: Partition, call: Call, process: HostProcess, queue: Any,
     try:
         queue.handle = p.alloc(qtype, queue, process)
         fence.handle = p.alloc(HandleType.MONITOREDFENCE, fence, process)
-        if call.can_pass_fds:
-            try:
-                call.reply_fds.append(os.dup(fence.block.block.fd))
-            except OSError as e:
-                raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, f"no descriptor: {e}") from None
+        if call.can_pass_fds:  # read-only: only the host writes a queue's fence
+            call.reply_fds.append(readonly_fd(fence.block.block))
     except BaseException:
         if fence.handle:
             p.free(fence.handle, HandleType.MONITOREDFENCE, process)

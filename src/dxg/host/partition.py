@@ -34,8 +34,9 @@ from dxg.host.dispatch import OBJECT_HANDLERS, Dispatcher, _merge
 from dxg.host.handles import HandleTable, HandleTableFull
 from dxg.host.process import HostProcess, drop_process
 from dxg.host.quota import GuestLedgers
+from dxg.host.scheduler import EngineGroup
 from dxg.host.share import HostShares
-from dxg.host.statistics import PartitionStatistics
+from dxg.host.statistics import JobClock, PartitionStatistics, adapter_work, process_work
 from dxg.oslib.eventfd import EventfdWriters
 from dxg.protocol import messages as m
 from dxg.protocol.bus import DXGK_VMBUS_INTERFACE_VERSION, OpenChannel
@@ -148,6 +149,8 @@ class Partition:
         self.dispatcher = Dispatcher(self, ALL_HANDLERS)
         # Counts of its processes' work that outlive the objects (QUERYSTATISTICS).
         self.statistics = PartitionStatistics()
+        # Its processes' part of each adapter's engine, by adapter index (dxg.host.scheduler).
+        self.engine_groups: dict[int, EngineGroup] = {}
         self.logs = LogLimiter(log)  # what the guest provokes cannot flood the log
 
     def __repr__(self) -> str:
@@ -302,18 +305,19 @@ class Partition:
         for jobs in owners:
             jobs.add(cancelled)
         loop = asyncio.get_running_loop()
-        spent = [0]  # ns the job held its thread (written on the thread before `released`)
         work_fn: Callable[[threading.Event], _T] = job
-        if device is not None and engine_time:
+        timed = device is not None and engine_time
+        clock: list[JobClock] = []  # the job's engine time, once it is handed to its thread
 
-            def timed(ev: threading.Event) -> _T:
-                t0 = time.monotonic_ns()
-                try:
-                    return job(ev)
-                finally:
-                    spent[0] = time.monotonic_ns() - t0
+        def clocked(ev: threading.Event) -> _T:
+            clock[0].start()
+            try:
+                return job(ev)
+            finally:
+                clock[0].stop()
 
-            work_fn = timed
+        if timed:
+            work_fn = clocked
 
         admitted = [False]
 
@@ -321,8 +325,8 @@ class Partition:
             if started:
                 process.running -= 1
                 self.running_jobs -= 1
-                if device is not None and spent[0]:
-                    self.statistics.engine_time(device, spent[0])
+            if clock and device is not None:
+                self.statistics.job_done(device, clock.pop())
             self.job_slots.release()
             process.job_slots.release()
             if admitted[0] and done is not None:
@@ -356,6 +360,8 @@ class Partition:
                     return job(cancelled)  # already told to stop: it returns at once
                 finally:
                     release(False)
+            if timed and device is not None:
+                clock.append(self.statistics.job_started(device))
             try:
                 work = self.host.workers.submit(work_fn, cancelled)
             except BaseException:
@@ -437,10 +443,15 @@ class Partition:
         """JSON-able picture of this guest's objects (any thread may call it)."""
         if not self.rt.in_loop():
             return dict(self.rt.call(self.census))
-        processes = [p.census() for p in self.processes.values()]
+        now_ns = time.monotonic_ns()
+        processes = [{**p.census(), "work": process_work(self, p, now_ns)}
+                     for p in self.processes.values()]
         io = self.io_space
         census: dict[str, Any] = {
             "id": self.id,
+            # The host's monotonic clock when the work figures were read: engine time grown
+            # between two censuses over the time between their now_ns is the utilization.
+            "now_ns": now_ns,
             "peer": self.peer,
             "closed": self.closed,
             "requests": self.dispatcher.requests,
@@ -455,8 +466,10 @@ class Partition:
                 "vgpu": sorted(self.vgpu_channels),
             },
             "adapters": [
-                {"index": o.adapter.index, "handle": o.handle, "opens": o.opens,
-                 "memory": o.adapter.segments.census()}
+                {"index": o.adapter.index, "guest_luid": o.adapter.guest_luid,
+                 "handle": o.handle, "opens": o.opens,
+                 "memory": o.adapter.segments.census(),
+                 "work": adapter_work(self, o.adapter, now_ns)}
                 for o in self.opens.values()
             ],
             # What this guest's processes commit per adapter, and the host's quota for it.

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from dxg.host.call import Call, CommandFailed, Handler
 from dxg.host.memory import ProcessMemory
 from dxg.host.quota import ProcessQuota
+from dxg.host.scheduler import MAX_SHARE, EngineAccount
 from dxg.host.syncobject import ProcessSync
 from dxg.protocol import messages as m
 from dxg.protocol.commands import GlobalCommand
@@ -54,6 +55,10 @@ class HostProcess:
     objects: int = 0  # devices and contexts it holds (HostConfig.max_objects_per_process)
     pinned: int = 0  # bytes of memory it holds (HostConfig.max_process_bytes)
     alive: bool = True  # False once dropped: its requests still queued find it gone
+    # Its weight on every adapter's engine (PYDXG_SETPROCESSQUOTA; dxg.host.scheduler), and
+    # its engine time and waiting jobs per adapter index.
+    compute_share: int = 1
+    engine_accounts: dict[int, EngineAccount] = field(default_factory=dict)
 
     @property
     def context_count(self) -> int:
@@ -69,6 +74,13 @@ class HostProcess:
             "quota": {"account": self.memory.quota.account,
                       "per_process": self.memory.quota.per_process,
                       "per_account": self.memory.quota.per_account},
+            # Its compute share and, per adapter, the engine time its command buffers used
+            # (ns, measured where they ran, fan-out helpers included) and its jobs running
+            # and waiting for a slot (dxg.host.scheduler).
+            "compute": {"share": self.compute_share,
+                        "adapters": [{"adapter": index, **account.census()}
+                                     for index, account in sorted(
+                                         self.engine_accounts.items())]},
             "linux_process": self.linux_process,
             "devices": [d.census() for d in self.devices.values()],
             "device_count": len(self.devices),
@@ -102,6 +114,7 @@ def drop_process(p: Partition, process: HostProcess) -> None:
         drop_device(p, device)
     for adapter_index in list(process.memory.vaspaces):
         drop_vaspace(p, process, adapter_index)
+    p.shares.process_leaving(process)  # (shared memory it was charged goes to its account)
     process.memory.drop()
     for region in list(process.regions.values()):
         drop_region(p, process, region)
@@ -129,14 +142,21 @@ def destroy_process(p: Partition, call: Call, body: m.Empty) -> m.NtStatusReturn
 
 
 def set_process_quota(p: Partition, call: Call, body: m.ProcessQuota) -> m.NtStatusReturn:
-    """PYDXG_SETPROCESSQUOTA: the process's account and memory limits (dxg.host.quota). Only
-    while it holds no memory anywhere, so that every byte it commits is counted under them."""
+    """PYDXG_SETPROCESSQUOTA: the process's account and memory limits (dxg.host.quota), and
+    its compute share (dxg.host.scheduler). Only while it holds no memory anywhere, so that
+    every byte it commits is counted under them."""
     process = p.process(call)
     if process.memory.usages:
         raise CommandFailed(NTSTATUS.STATUS_INVALID_PARAMETER,
                             "quotas are set before the process uses memory")
+    if not 1 <= body.compute_share <= MAX_SHARE:
+        raise CommandFailed(NTSTATUS.STATUS_INVALID_PARAMETER,
+                            f"compute share {body.compute_share} (1..{MAX_SHARE})")
     process.memory.quota = ProcessQuota.from_wire(body.account, body.per_process,
                                                   body.per_account)
+    process.compute_share = body.compute_share
+    for account in process.engine_accounts.values():
+        account.weight = body.compute_share
     return m.NtStatusReturn(NTSTATUS.STATUS_SUCCESS)
 
 

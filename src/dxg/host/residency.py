@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import struct
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dxg.host.adapter import addressed
 from dxg.host.allocation import Allocation, allocation_of, resource_of
@@ -184,23 +184,39 @@ def set_allocation_priority(p: Partition, call: Call, body: m.IoctlArgs) -> m.Io
         r = resource_of(p, process, args.resource.v, device)
         (r.priority,) = u32_array(body.extra, 1)
         for a in r.allocations.values():
-            a.priority = r.priority
+            _set_priority(a, r.priority)
         _promote_raised(list(r.allocations.values()))
         return ioctl_reply(args)
     count = _count(args.allocation_count)
     expect_extra(body.extra, 8 * count, "SETALLOCATIONPRIORITY")
     allocs = _allocations(p, process, device, u32_array(body.extra, count))
     for a, priority in zip(allocs, u32_array(body.extra, count, 4 * count), strict=True):
-        a.priority = priority
+        _set_priority(a, priority)
     _promote_raised(allocs)
     return ioctl_reply(args)
 
 
+def _set_priority(a: Allocation, priority: int) -> None:
+    """A view of shared memory sets its SharedAllocation's priority: that is what placement
+    goes by, and what every holder's GETALLOCATIONPRIORITY reports."""
+    a.priority = priority
+    if a.shared is not None:
+        a.shared.priority = priority
+
+
+def _priority(a: Allocation) -> int:
+    return a.priority if a.shared is None else a.shared.priority
+
+
 def _promote_raised(allocs: list[Allocation]) -> None:
     """Demoted allocations among those whose priority was just set come back to the local group
-    now when their new priority earns it (dxg.host.placement), highest first."""
-    demoted = [a for a in allocs if a.wants_local and a.group != GROUP_LOCAL and not a.discarded
-               and a.shared is None]  # (shared memory moves with its SharedAllocation)
+    now when their new priority earns it (dxg.host.placement), highest first; for a view of
+    shared memory, its SharedAllocation (the memory placement moves)."""
+    placed: dict[Any, None] = {}
+    for a in allocs:
+        placed[a if a.shared is None else a.shared] = None
+    demoted = [a for a in placed if a.wants_local and a.group != GROUP_LOCAL and a.alive
+               and not a.discarded]
     for a in sorted(demoted, key=lambda a: rank(a.priority), reverse=True):
         promote(a)
 
@@ -213,11 +229,13 @@ def get_allocation_priority(p: Partition, call: Call, body: m.IoctlArgs) -> m.Io
     if args.resource.v:
         expect_extra(body.extra, 0, "GETALLOCATIONPRIORITY")
         r = resource_of(p, process, args.resource.v, device)
+        if r.shared is not None and r.shared.allocations:  # (what placement goes by)
+            return ioctl_reply(args, _pack([r.shared.allocations[0].priority]))
         return ioctl_reply(args, _pack([r.priority]))
     count = _count(args.allocation_count)
     expect_extra(body.extra, 4 * count, "GETALLOCATIONPRIORITY")
     allocs = _allocations(p, process, device, u32_array(body.extra, count))
-    return ioctl_reply(args, _pack([a.priority for a in allocs]))
+    return ioctl_reply(args, _pack([_priority(a) for a in allocs]))
 
 
 def _targets(p: Partition, process: HostProcess, device: HostDevice, resources: int,

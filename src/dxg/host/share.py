@@ -16,9 +16,11 @@ the descriptor a read-only opener gets is the block reopened O_RDONLY through /p
 process that is not root cannot reopen it for writing (nor can it map it writable, or make a
 read-only mapping writable). Every allocation handle of the resource, the creator's included, is
 a *view* (`Allocation.shared`): the bytes are committed once, by its `SharedAllocation`, charged
-to the process of one holder (the creator first; when the charged process lets go, the next
-holder; while only descriptors hold it, the partition's orphan usage of the adapter, so the
-adapter's totals never lose it). Shared memory is never offered (OfferAllocations refuses it:
+to one process. The creator pays first. When the charged process lets go, a holder pays whose
+quotas fit the bytes (dxg.host.quota); when none does, or only descriptors hold the memory, it
+stays the creator's: its process's while it lives, its account's (the creator's user, on its
+guest) after that, until the object goes. So sharing is never a way around a quota, nor a way to
+push memory onto another user's. Shared memory is never offered (OfferAllocations refuses it:
 discarding it would take it from every holder).
 
 Access. A handle opened read-only (``OPEN_READ_ONLY``) cannot write: LOCK2 hands a read-only
@@ -31,12 +33,17 @@ A shared fence's value lives in a fence page of its own (its creator's other fen
 shown to openers). Its waits are not ended when its creator's device or handle goes while others
 hold it: it ends with its last holder (waits then fail with STATUS_INVALID_HANDLE), with its
 adapter, or with the creator's device entering the error state (as every fence of that device).
+Its page reaches every client as a read-only descriptor (`readonly_fd`): only signals move the
+value. A CPU wait can be held by an NT reference instead of a process (PYDXG_WAITSHAREDSYNC: a
+sync file's, which outlives the process that made it).
 
 Everything here runs on the host's event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -44,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from dxg.host.allocation import Allocation, Resource, drop_resource
 from dxg.host.call import Call, CommandFailed, Handler
-from dxg.host.memory import Block, FenceBlock, Usage
+from dxg.host.memory import READ_ONLY_MODE, Block, FenceBlock, Usage, readonly_fd
 from dxg.host.placement import choose_group
 from dxg.host.quota import GuestLedgers, Ledger, ProcessQuota
 from dxg.protocol import messages as m
@@ -79,26 +86,14 @@ OK = NTSTATUS.STATUS_SUCCESS
 INVALID = NTSTATUS.STATUS_INVALID_PARAMETER
 INVALID_HANDLE = NTSTATUS.STATUS_INVALID_HANDLE
 DENIED = NTSTATUS.STATUS_ACCESS_DENIED
-# The account memory only descriptors hold is charged to (no uid is negative): it counts in the
-# guest's quota, in no process's or user's.
-ORPHANED = ProcessQuota(account=-1)
 # Block ids of shared memory: above any a process numbers its own blocks with.
 SHARED_BLOCK_IDS = 1 << 62
 FENCE_PAGE_BYTES = PAGE_SIZE
 # References one shared object may hold from CREATENTSHAREDOBJECT (descriptors of it).
 MAX_NT_REFS = 1 << 20
-_BLOCK_MODE = 0o444  # nobody but root may reopen a shared block for writing
+_BLOCK_MODE = READ_ONLY_MODE  # nobody but root may reopen a shared block for writing
 _OPEN_HEAD = 24  # OpenResourceReturn's fixed part
 _PER_ALLOCATION = 48  # and each allocation's
-
-
-def readonly_fd(block: Block) -> int:
-    """A new descriptor of ``block`` opened O_RDONLY (through /proc: a memfd has no path), so
-    that whoever gets it can map it only read-only."""
-    try:
-        return os.open(f"/proc/self/fd/{block.fd}", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, f"no read-only descriptor: {e}") from None
 
 
 # ---- the objects ---------------------------------------------------------------------------------
@@ -116,7 +111,9 @@ class SharedAllocation:
     priv_drv_data: bytes  # as the creator's call left it (what an opener gets)
     usage: Usage = None  # type: ignore[assignment]  # set when held
     group: int = GROUP_LOCAL
-    device: HostDevice | None = None  # the charged holder's device (promotion by its queues)
+    # A live device of the charged process on the adapter (promotion by its queues); None when
+    # an account pays (the creator is gone) or the process has none.
+    device: HostDevice | None = None
     alive: bool = True
     discarded: bool = False  # (never: shared memory is not offered)
 
@@ -139,6 +136,10 @@ class SharedResource:
     resources: dict[Resource, None] = field(default_factory=dict)  # every handle of it
     nt_refs: int = 0
     pinned: int = 0  # bytes charged to the partition for its data
+    # Who pays when no holder does (dxg.host.quota): the creator while it lives, its account
+    # (the same quotas) after.
+    creator: HostProcess | None = None
+    quota: ProcessQuota = field(default_factory=ProcessQuota)
 
     def info(self) -> m.CreateNtSharedObjectReturn:
         return m.CreateNtSharedObjectReturn(
@@ -154,6 +155,7 @@ class SharedSync:
     holders: int = 1  # host handles of it: the creator's and the opened ones
     nt_refs: int = 0
     opened: dict[OpenedSync, None] = field(default_factory=dict)
+    waits: int = 0  # CPU waits its NT references hold (PYDXG_WAITSHAREDSYNC), one per reference
 
     def mirrored(self, value: int, p: Partition) -> None:
         """Tell the openers that keep the page themselves (links without descriptors)."""
@@ -180,15 +182,19 @@ class OpenedSync:
 
 
 class HostShares:
-    """A partition's shared objects, the sync objects its processes opened, and where the
-    memory of shared resources nobody holds a handle of is charged."""
+    """A partition's shared objects, the sync objects its processes opened, the CPU waits NT
+    references hold, and where the memory of shared resources whose creator is gone is
+    charged (its account's)."""
 
     def __init__(self, ledgers: GuestLedgers) -> None:
-        self.ledgers = ledgers  # the partition's quota ledgers: orphaned memory is the guest's
+        self.ledgers = ledgers  # the partition's quota ledgers (its accounts', its own)
         self.resources: dict[int, SharedResource] = {}
         self.syncs: dict[int, SharedSync] = {}
         self.opened: dict[int, OpenedSync] = {}
-        self.orphans: dict[int, Usage] = {}  # adapter index -> memory only descriptors hold
+        # (account, adapter index) -> the usage of shared memory a gone creator left its account
+        self.accounts: dict[tuple[int, int], Usage] = {}
+        # guest event -> (the shared sync object, the wait) of PYDXG_WAITSHAREDSYNC
+        self.waits: dict[int, tuple[SharedSync, asyncio.Future[None]]] = {}
         self.block_ids = SHARED_BLOCK_IDS
         self.blocks = 0
         self.block_bytes = 0
@@ -230,22 +236,25 @@ class HostShares:
             fb.close()
 
     # charges
-    def orphan_usage(self, segments: Segments, adapter: int) -> Usage:
-        """Where memory only descriptors hold is charged: no process's, but still the guest's
-        (it counts in the guest's quota ledger, under an account of its own)."""
-        usage = self.orphans.get(adapter)
+    def account_usage(self, segments: Segments, adapter: int, quota: ProcessQuota) -> Usage:
+        """Where shared memory a gone creator left is charged: no process's, its account's
+        (the creator's user on this guest: its ledger and quota) and the guest's."""
+        key = (quota.account, adapter)
+        usage = self.accounts.get(key)
         if usage is None:
-            counted = self.ledgers.ledgers(ORPHANED, adapter, Ledger(), True)
-            usage = self.orphans[adapter] = Usage(segments, adapter, *counted)
+            counted = self.ledgers.ledgers(ProcessQuota(quota.account, None, quota.per_account),
+                                           adapter, Ledger(), True)
+            usage = self.accounts[key] = Usage(segments, adapter, *counted)
             segments.join(usage)
         return usage
 
-    def _leave_orphans(self, adapter: int) -> None:
-        usage = self.orphans.get(adapter)
-        if usage is not None and not any(usage.committed):
-            usage.segments.leave(usage)
-            self.ledgers.release(ORPHANED, adapter)
-            del self.orphans[adapter]
+    def _leave_accounts(self, adapter: int) -> None:
+        for key in [k for k in self.accounts if k[1] == adapter]:
+            usage = self.accounts[key]
+            if not any(usage.committed):
+                usage.segments.leave(usage)
+                self.ledgers.release(ProcessQuota(key[0]), adapter)
+                del self.accounts[key]
 
     # sync objects
     def resolve(self, obj: Any, process: HostProcess,
@@ -342,39 +351,112 @@ class HostShares:
                 sa.alive = False
                 if sa.usage is not None:
                     sa.segments.unhold(sa)
+            sa.device = None
             self.close_block(sa.block)
-        self._leave_orphans(sr.adapter.index)
+        self._leave_accounts(sr.adapter.index)
 
-    def _rehome(self, sr: SharedResource) -> None:
-        """Charge the resource's memory to a process that holds it (or to the orphan usage
-        when only descriptors do), if the charged process holds it no longer."""
+    def _holders(self, sr: SharedResource,
+                 leaving: Usage | None) -> list[tuple[Usage, HostDevice]]:
+        """(usage, device) of each live process that holds a handle of ``sr``, the creator
+        first; ``leaving`` (a usage about to go) is none of them."""
         index = sr.adapter.index
-        holders = {id(r.device.process.memory.usages.get(index)): r for r in sr.resources}
+        found: dict[Usage, HostDevice] = {}
+        for r in sorted(sr.resources, key=lambda r: r.device.process is not sr.creator):
+            process = r.device.process
+            usage = process.memory.usages.get(index)
+            if process.alive and usage is not None and usage is not leaving:
+                found.setdefault(usage, r.device)
+        return list(found.items())
+
+    def _home(self, sr: SharedResource, segments: Segments,
+              leaving: Usage | None) -> tuple[Usage, HostDevice | None]:
+        """Who pays when no holder does: the creator's process while it lives (holding a
+        handle or not), its account after."""
+        creator = sr.creator
+        index = sr.adapter.index
+        if creator is not None and creator.alive:
+            usage = creator.memory.usages.get(index)
+            if usage is not None and usage is not leaving:
+                return usage, live_device(creator, sr.adapter)
+        return self.account_usage(segments, index, sr.quota), None
+
+    def _rehome(self, sr: SharedResource, leaving: Usage | None = None) -> None:
+        """The charged process holds the resource no longer (or its usage is ``leaving``):
+        its memory is charged to a holder whose quotas fit it (the creator first), else stays
+        the creator's (its process while it lives, its account after). Never onto a quota that
+        has no room for it: a holder is not made to pay for more than its quotas allow."""
+        holders = self._holders(sr, leaving)
+        held = dict(holders)
         for sa in sr.allocations:
             if not sa.alive or sa.usage is None:
                 continue
-            orphan = self.orphans.get(index)
-            if id(sa.usage) in holders and sa.usage is not orphan:
+            current = sa.usage
+            if current in held:
+                sa.device = held[current]  # (a device of the charged process that is alive)
                 continue
-            holder = next(iter(sr.resources), None)
-            segments = sa.segments
-            if holder is not None:
-                usage = holder.device.process.memory.usage(segments, index)
-                device: HostDevice | None = holder.device
-            else:
-                usage = self.orphan_usage(segments, index)
-                device = None
-            if usage is not sa.usage:
+            target = next(((u, d) for u, d in holders if _fits(current, u, sa.size)), None)
+            if target is None:
+                target = self._home(sr, sa.segments, leaving)
+            usage, device = target
+            if usage is not current:
                 group = sa.group
-                segments.unhold(sa)
+                sa.segments.unhold(sa)
                 sa.usage = usage
-                segments.hold(sa, group)
+                sa.segments.hold(sa, group)
             sa.device = device
-        self._leave_orphans(index)
+        self._leave_accounts(sr.adapter.index)
+
+    def process_leaving(self, process: HostProcess, adapter: int | None = None) -> None:
+        """``process``'s usage of ``adapter`` (None: of every adapter) is about to go (it closed
+        the adapter, or it exits): shared memory charged to it is charged elsewhere first."""
+        usages = {u: i for i, u in process.memory.usages.items() if adapter in (None, i)}
+        for sr in list(self.resources.values()):
+            charged = next((sa.usage for sa in sr.allocations
+                            if sa.alive and sa.usage in usages), None)
+            if charged is not None:
+                self._rehome(sr, leaving=charged)
+
+    def device_gone(self, device: HostDevice) -> None:
+        """``device`` went: shared memory whose queues it was brings another live device of the
+        charged process back in (or none)."""
+        for sr in self.resources.values():
+            for sa in sr.allocations:
+                if sa.device is device:
+                    sa.device = live_device(device.process, device.adapter)
+
+    # CPU waits held by NT references (PYDXG_WAITSHAREDSYNC)
+    def add_wait(self, p: Partition, ss: SharedSync, event: int, value: int) -> None:
+        future = ss.obj.wait(value)
+        self.waits[event] = (ss, future)
+        ss.waits += 1
+        future.add_done_callback(functools.partial(self._wait_done, p, event))
+
+    def _wait_done(self, p: Partition, event: int, future: asyncio.Future[None]) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        got = self.waits.get(event)
+        if got is None or got[1] is not future:
+            return  # (withdrawn)
+        del self.waits[event]
+        got[0].waits -= 1
+        status = OK if error is None else (
+            error.status if isinstance(error, CommandFailed) else NTSTATUS.STATUS_INTERNAL_ERROR)
+        p.notify(HostToVmCommand.SIGNALGUESTEVENT,
+                 m.SignalGuestEvent(event, 0, 0, int(status) & 0xFFFFFFFF).pack())
+
+    def withdraw_wait(self, event: int) -> None:
+        got = self.waits.pop(event, None)
+        if got is not None:
+            got[0].waits -= 1
+            if not got[1].done():
+                got[1].cancel()
 
     # the partition goes
     def close(self, p: Partition) -> None:
         """Everything shared goes (after the processes: no handle is left)."""
+        for event in list(self.waits):
+            self.withdraw_wait(event)
         for o in list(self.opened.values()):
             self._drop_opened(p, o, NTSTATUS.STATUS_DEVICE_REMOVED)
         for ss in list(self.syncs.values()):
@@ -385,10 +467,10 @@ class HostShares:
             sr.nt_refs = 0
             sr.resources.clear()
             self._maybe_drop_resource(p, sr)
-        for index in list(self.orphans):
-            usage = self.orphans.pop(index)
+        for (account, index), usage in list(self.accounts.items()):
             usage.segments.leave(usage)
-            self.ledgers.release(ORPHANED, index)
+            self.ledgers.release(ProcessQuota(account), index)
+        self.accounts.clear()
 
     def census(self) -> dict[str, int]:
         return {
@@ -396,9 +478,30 @@ class HostShares:
             "sync_objects": len(self.syncs),
             "opened_sync_objects": len(self.opened),
             "nt_refs": sum(s.nt_refs for s in (*self.resources.values(), *self.syncs.values())),
+            "waits": len(self.waits),
             "blocks": self.blocks,
             "block_bytes": self.block_bytes,
+            # shared memory charged to accounts whose creator is gone (no process pays it)
+            "account_bytes": sum(sum(u.committed) for u in self.accounts.values()),
         }
+
+
+def _fits(src: Usage, dst: Usage, size: int) -> bool:
+    """Whether ``size`` bytes committed under ``src`` may move to ``dst``: every quota of
+    ``dst`` they would newly count in has room for them (a ledger both count in, the guest's
+    or a shared account's, does not change)."""
+    if dst is src:
+        return True
+    have = {id(ledger) for ledger in src.ledgers}
+    return all(ledger.used + size <= limit for ledger, limit in dst.bounds
+               if id(ledger) not in have)
+
+
+def live_device(process: HostProcess, adapter: HostAdapter) -> HostDevice | None:
+    """A device of ``process`` on ``adapter`` (None: none, or the process is going)."""
+    if not process.alive:
+        return None
+    return next((d for d in process.devices.values() if d.adapter is adapter), None)
 
 
 # ---- resources -----------------------------------------------------------------------------------
@@ -436,7 +539,7 @@ def create_shared_resource(p: Partition, device: HostDevice, body: m.CreateAlloc
         raise CommandFailed(INVALID, "the resource's data would not fit an OPENRESOURCE reply")
     p.charge(blobs)
     sr = SharedResource(0, adapter, bytes(body.runtime_data), bytes(body.priv_drv_data),
-                        pinned=blobs)
+                        pinned=blobs, creator=process, quota=process.memory.quota)
     try:
         sr.handle = p.alloc(HandleType.SHAREDRESOURCE, sr)
     except BaseException:
@@ -513,7 +616,7 @@ def open_resource(p: Partition, call: Call, body: m.OpenResource) -> m.OpenResou
     except BaseException:
         drop_resource(p, r)
         raise
-    p.shares._rehome(sr)  # (memory only descriptors held is charged to its opener now)
+    p.shares._rehome(sr)  # (its opener pays, if the charged process let go and it has room)
     return m.OpenResourceReturn(OK, r.handle, tuple(infos), sr.runtime_data, sr.priv_drv_data)
 
 
@@ -594,10 +697,8 @@ def open_sync_object(p: Partition, call: Call,
     o.handle = p.alloc(HandleType.SYNCOBJECT, o, process)
     try:
         if call.can_pass_fds:
-            try:
-                call.reply_fds.append(os.dup(ss.fence.block.fd))
-            except OSError as e:
-                raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, f"no descriptor: {e}") from None
+            # read-only whatever the access: no client writes a fence page (only signals)
+            call.reply_fds.append(readonly_fd(ss.fence.block))
     except BaseException:
         p.free(o.handle, HandleType.SYNCOBJECT, process)
         raise
@@ -611,7 +712,29 @@ def open_sync_object(p: Partition, call: Call,
     return m.CreateSyncObjectReturn(OK, o.handle, 0, ref.block, ref.block_size, ref.offset)
 
 
+def wait_shared_sync(p: Partition, call: Call, body: m.WaitSharedSync) -> m.NtStatusReturn:
+    """PYDXG_WAITSHAREDSYNC: a CPU wait on a shared sync object held by one of its NT
+    references (a sync file's), not by a process: acked at once, SIGNALGUESTEVENT when it
+    reaches the value or goes; or (WAIT_WITHDRAW) that wait withdrawn."""
+    shares = p.shares
+    if body.flags & ~m.WAIT_WITHDRAW or not body.guest_event:
+        raise CommandFailed(INVALID, "unknown flags, or no event")
+    if body.flags & m.WAIT_WITHDRAW:
+        shares.withdraw_wait(body.guest_event)
+        return m.NtStatusReturn(OK)
+    ss = shares.syncs.get(body.handle)
+    if ss is None or ss.nt_refs <= 0:
+        raise CommandFailed(INVALID_HANDLE, f"0x{body.handle:08x} holds no reference")
+    if body.guest_event in shares.waits:
+        raise CommandFailed(INVALID, "that event is waited for already")
+    if ss.waits >= ss.nt_refs:
+        raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, "one wait per reference")
+    shares.add_wait(p, ss, body.guest_event, body.value)
+    return m.NtStatusReturn(OK)
+
+
 HANDLERS: MappingProxyType[Any, Handler] = MappingProxyType({
+    GlobalCommand.PYDXG_WAITSHAREDSYNC: wait_shared_sync,
     GlobalCommand.CREATENTSHAREDOBJECT: create_nt_shared_object,
     GlobalCommand.DESTROYNTSHAREDOBJECT: destroy_nt_shared_object,
     GlobalCommand.OPENSYNCOBJECT: open_sync_object,

@@ -9,7 +9,10 @@ sees its own processes' work, never another guest's):
   broadcast); a context that goes hands its counts to its (process, adapter) here
   (``context_gone``);
 - engine time: the worker-thread time of each job run for a device (``Partition.run_blocking``
-  calls ``engine_time``): command buffers and backend escapes, not pydxg SLEEP escapes;
+  starts a ``JobClock`` when the job is handed to its thread and calls ``job_done`` when it is
+  over): command buffers and backend escapes, not pydxg SLEEP escapes. A job still running counts
+  up to now, so the engine time is exact whenever it is read and a rate between two readings
+  (``dxg ls``/``ps``/``top``: ``process_work``, ``adapter_work``) shows a long job while it runs;
 - faults and resets: every change of a device's execution state away from ACTIVE
   (``Partition.set_device_execution_state``, which ``fault_device`` and MarkDeviceAsError go
   through) calls ``device_state``.
@@ -24,6 +27,7 @@ docs/statistics.md.
 from __future__ import annotations
 
 import ctypes
+import time
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -58,7 +62,8 @@ if TYPE_CHECKING:
     from dxg.host.partition import Partition
     from dxg.host.process import HostProcess
 
-__all__ = ["HANDLERS", "Counters", "PartitionStatistics"]
+__all__ = ["HANDLERS", "Counters", "JobClock", "PartitionStatistics", "adapter_work",
+           "process_work"]
 
 INVALID = NTSTATUS.STATUS_INVALID_PARAMETER
 _EXECUTION_RESET = int(d3dkmt_deviceexecution_state._D3DKMT_DEVICEEXECUTION_RESET)
@@ -76,6 +81,8 @@ class Counters:
     resets: int = 0
     demoted_bytes: int = 0
     promoted_bytes: int = 0
+    cpu_waits: int = 0  # WAITFORSYNCOBJECTFROMCPU registered (fence waits of the CPU)
+    gpu_waits: int = 0  # WAITFORSYNCOBJECTFROMGPU queued (a context's work waits on fences)
 
     def add(self, other: Counters) -> None:
         self.command_buffers += other.command_buffers
@@ -85,6 +92,8 @@ class Counters:
         self.resets += other.resets
         self.demoted_bytes += other.demoted_bytes
         self.promoted_bytes += other.promoted_bytes
+        self.cpu_waits += other.cpu_waits
+        self.gpu_waits += other.gpu_waits
 
     def add_paged(self, paged: tuple[int, int]) -> None:
         self.demoted_bytes += paged[0]
@@ -95,16 +104,47 @@ class Counters:
         self.commands += context.commands
 
 
+class JobClock:
+    """One job's time on its worker thread. The thread writes ``start_ns`` and then ``end_ns``
+    (single stores); the loop reads them, so a running job's time so far can be counted."""
+
+    __slots__ = ("end_ns", "process", "start_ns")
+
+    def __init__(self, process: HostProcess) -> None:
+        self.process = process
+        self.start_ns = 0  # 0: not on its thread yet
+        self.end_ns = 0  # 0: still running
+
+    def start(self) -> None:
+        self.start_ns = time.monotonic_ns()
+
+    def stop(self) -> None:
+        self.end_ns = time.monotonic_ns()
+
+    @property
+    def running(self) -> bool:
+        return bool(self.start_ns) and not self.end_ns
+
+    def elapsed(self, now_ns: int) -> int:
+        """ns on its thread up to ``now_ns`` (all of it once it is over)."""
+        start, end = self.start_ns, self.end_ns
+        if not start:
+            return 0
+        return max(0, (end or now_ns) - start)
+
+
 class PartitionStatistics:
     """The counters of one partition that outlive the objects they count: per live process
-    and adapter, and per adapter for the processes that went."""
+    and adapter, and per adapter for the processes that went; and the clocks of the jobs on
+    the engine now."""
 
-    __slots__ = ("_gone", "_processes")
+    __slots__ = ("_clocks", "_gone", "_processes")
 
     def __init__(self) -> None:
         # host process handle -> adapter index -> its counts not held by a live context
         self._processes: dict[int, dict[int, Counters]] = {}
         self._gone: dict[int, Counters] = {}  # adapter index -> processes that went
+        self._clocks: dict[int, set[JobClock]] = {}  # adapter index -> jobs handed to threads
 
     def _counters(self, process: HostProcess, adapter_index: int) -> Counters:
         """Where an event of ``process`` on the adapter counts (once it is going: the
@@ -120,6 +160,53 @@ class PartitionStatistics:
         """A job of ``device`` held a worker thread for ``ns`` nanoseconds."""
         if ns > 0:
             self._counters(device.process, device.adapter.index).engine_busy_ns += ns
+
+    def job_started(self, device: HostDevice) -> JobClock:
+        """A job of ``device`` is being handed to a worker thread: its clock counts from when
+        the thread starts it (``JobClock.start``) until ``job_done``."""
+        clock = JobClock(device.process)
+        self._clocks.setdefault(device.adapter.index, set()).add(clock)
+        return clock
+
+    def job_done(self, device: HostDevice, clock: JobClock) -> None:
+        """The job is over (or never started): its time counts as engine time."""
+        clocks = self._clocks.get(device.adapter.index)
+        if clocks is not None:
+            clocks.discard(clock)
+            if not clocks:
+                del self._clocks[device.adapter.index]
+        if clock.start_ns:
+            self.engine_time(device, clock.elapsed(time.monotonic_ns()))
+
+    def running(self, adapter_index: int, now_ns: int,
+                process: HostProcess | None = None) -> tuple[int, int]:
+        """(jobs running now, their ns so far) on the adapter: of ``process``, or (None) of
+        the processes that went."""
+        jobs = spent = 0
+        for clock in self._clocks.get(adapter_index, ()):
+            if (clock.process is process) if process is not None else not clock.process.alive:
+                jobs += clock.running
+                spent += 0 if clock.end_ns else clock.elapsed(now_ns)
+        return jobs, spent
+
+    def adapters_of(self, process: HostProcess) -> set[int]:
+        """The adapters on which ``process`` has counts or jobs."""
+        out = set(self._processes.get(process.handle, ()))
+        out.update(i for i, clocks in self._clocks.items()
+                   if any(c.process is process for c in clocks))
+        return out
+
+    def running_jobs(self, adapter_index: int) -> int:
+        """Jobs on the adapter's worker threads now (every process's)."""
+        return sum(c.running for c in self._clocks.get(adapter_index, ()))
+
+    def fence_wait(self, process: HostProcess, adapter_index: int, cpu: bool) -> None:
+        """A wait on fences was taken: from the CPU (``cpu``) or queued on a context."""
+        counters = self._counters(process, adapter_index)
+        if cpu:
+            counters.cpu_waits += 1
+        else:
+            counters.gpu_waits += 1
 
     def device_state(self, device: HostDevice, state: int) -> None:
         """``device`` left the ACTIVE state for ``state``: a reset (MarkDeviceAsError) or a
@@ -146,12 +233,18 @@ class PartitionStatistics:
 
     # ---- views ---------------------------------------------------------------------------------
 
-    def of_process(self, process: HostProcess, adapter_index: int | None = None) -> Counters:
-        """A live process's counts on one adapter (None: on every adapter of this host)."""
+    def of_process(self, process: HostProcess, adapter_index: int | None = None,
+                   now_ns: int | None = None) -> Counters:
+        """A live process's counts on one adapter (None: on every adapter of this host), its
+        running jobs' engine time up to ``now_ns`` (None: now) included."""
+        now = time.monotonic_ns() if now_ns is None else now_ns
         total = Counters()
         for index, counters in self._processes.get(process.handle, {}).items():
             if adapter_index is None or index == adapter_index:
                 total.add(counters)
+        for index in self._clocks:
+            if adapter_index is None or index == adapter_index:
+                total.engine_busy_ns += self.running(index, now, process)[1]
         for device in process.devices.values():
             if adapter_index is None or device.adapter.index == adapter_index:
                 for context in device.contexts.values():
@@ -162,15 +255,76 @@ class PartitionStatistics:
                 total.add_paged(memory.paged(index))
         return total
 
-    def of_adapter(self, p: Partition, adapter_index: int) -> Counters:
-        """An adapter's counts: the processes that went and the live ones."""
+    def of_adapter(self, p: Partition, adapter_index: int, now_ns: int | None = None) -> Counters:
+        """An adapter's counts: the processes that went and the live ones (running jobs up to
+        ``now_ns``, None: now)."""
+        now = time.monotonic_ns() if now_ns is None else now_ns
         total = Counters()
         gone = self._gone.get(adapter_index)
         if gone is not None:
             total.add(gone)
+        total.engine_busy_ns += self.running(adapter_index, now)[1]
         for process in p.processes.values():
-            total.add(self.of_process(process, adapter_index))
+            total.add(self.of_process(process, adapter_index, now))
         return total
+
+
+# ---- the census's work figures (dxg ls / ps / top) ---------------------------------------------
+
+
+def _queued(contexts: list[HostContext]) -> int:
+    """Submissions waiting or running on these contexts and their hardware queues."""
+    return sum(c.queued + sum(q.queued for q in c.hwqueues.values()) for c in contexts)
+
+
+def _event_counts(counters: Counters) -> dict[str, int]:
+    """The cumulative event counts of the census (metrics: dxg.cli.metrics): commands run,
+    faults, resets, and fence waits from the CPU and on contexts."""
+    return {"commands": counters.commands, "faults": counters.faults,
+            "resets": counters.resets, "cpu_waits": counters.cpu_waits,
+            "gpu_waits": counters.gpu_waits}
+
+
+def process_work(p: Partition, process: HostProcess, now_ns: int) -> list[dict[str, int]]:
+    """Per adapter the process works on: cumulative engine time (``engine_busy_ns``, running
+    jobs up to ``now_ns``: a tool divides the growth between two censuses by the time between
+    their ``now_ns``), command buffers run, jobs on the engine now, submissions waiting or
+    running, fences, and devices out of the ACTIVE state."""
+    stats = p.statistics
+    indices = {d.adapter.index for d in process.devices.values()} | stats.adapters_of(process)
+    fences: dict[int, int] = {}
+    for o in process.sync.objects.values():
+        fences[o.adapter.index] = fences.get(o.adapter.index, 0) + 1
+    out = []
+    for index in sorted(indices):
+        devices = [d for d in process.devices.values() if d.adapter.index == index]
+        contexts = [c for d in devices for c in d.contexts.values()]
+        counters = stats.of_process(process, index, now_ns)
+        out.append({
+            "adapter": index,
+            "engine_busy_ns": counters.engine_busy_ns,
+            "command_buffers": counters.command_buffers,
+            "running": stats.running(index, now_ns, process)[0],
+            "queued": _queued(contexts),
+            # its synchronization objects and its queues' progress fences
+            "fences": fences.get(index, 0) + sum(len(c.hwqueues) for c in contexts),
+            "faulted": sum(d.execution_state != EXECUTION_ACTIVE for d in devices),
+            **_event_counts(counters),
+        })
+    return out
+
+
+def adapter_work(p: Partition, adapter: HostAdapter, now_ns: int) -> dict[str, int]:
+    """The adapter as this guest uses it: cumulative engine time of its processes (live and
+    gone), command buffers run, jobs running now, submissions waiting or running; and the
+    engine's slots (jobs it runs at once: utilization is engine time / (time x slots))."""
+    counters = p.statistics.of_adapter(p, adapter.index, now_ns)
+    contexts = [c for process in p.processes.values() for d in process.devices.values()
+                if d.adapter is adapter for c in d.contexts.values()]
+    return {"engine_busy_ns": counters.engine_busy_ns,
+            "command_buffers": counters.command_buffers,
+            "running": p.statistics.running_jobs(adapter.index), "queued": _queued(contexts), "slots": adapter.engine.slots,
+            **_event_counts(counters)}
 
 
 # ---- QUERYSTATISTICS ---------------------------------------------------------------------------

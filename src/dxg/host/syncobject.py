@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-import os
 from collections import deque
 from collections.abc import Hashable
 from types import MappingProxyType
@@ -49,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from dxg.host import gpusync
 from dxg.host.call import Call, CommandFailed, Handler
-from dxg.host.memory import FENCE_SLOT_BYTES, FenceBlock
+from dxg.host.memory import FENCE_SLOT_BYTES, FenceBlock, readonly_fd
 from dxg.protocol import messages as m
 from dxg.protocol.commands import GlobalCommand, HostToVmCommand, VgpuCommand
 from dxg.uapi.handles import HandleType
@@ -569,10 +568,8 @@ def create_sync_object(p: Partition, call: Call,
         obj.handle = p.alloc(HandleType.SYNCOBJECT, obj, process)
         if monitored and call.can_pass_fds:
             assert obj.block is not None
-            try:
-                call.reply_fds.append(os.dup(obj.block.block.fd))
-            except OSError as e:
-                raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, f"no descriptor: {e}") from None
+            # read-only: the creator cannot write the value either (only signals move it)
+            call.reply_fds.append(readonly_fd(obj.block.block))
         if shared:
             assert obj.block is not None
             p.shares.add_sync(p, obj, obj.block)
@@ -694,6 +691,7 @@ def wait_sync_object_gpu(p: Partition, call: Call,
 
     gpusync.wait_on(p, process, lane, start,
                     f"partition {p.id} GPU wait on 0x{body.context:08x}", give_back)
+    p.statistics.fence_wait(process, _device.adapter.index, cpu=False)
     return m.NtStatusReturn(OK)
 
 
@@ -728,6 +726,7 @@ def wait_sync_object_cpu(p: Partition, call: Call,
     waits[w.event] = w
     for future in w.futures:
         future.add_done_callback(w.one_done)
+    p.statistics.fence_wait(process, device.adapter.index, cpu=True)
     return m.NtStatusReturn(OK)
 
 

@@ -86,7 +86,7 @@ from typing import Any, Protocol
 
 from dxg.node.admission import EXEMPT_UID, UidCounter, peer_groups, process_name
 from dxg.node.usermem import RegionUserMemory
-from dxg.oslib.fds import close_all
+from dxg.oslib.fds import close_foreign
 from dxg.runtime.logs import LogLimiter
 from dxg.runtime.loop import LoopThread
 from dxg.runtime.tasks import TaskSet
@@ -270,7 +270,7 @@ class _Conn:
 
     def data_received(self, data: bytes, fds: list[int]) -> None:
         if self.gone or self.broken:
-            close_all(fds)
+            close_foreign(fds)
             return
         try:
             if fds:
@@ -413,7 +413,7 @@ class _Conn:
             self._wake.cancel()
             self._wake = None
         self.node._unwatch_hangup(self)
-        close_all(self.fds)
+        close_foreign(self.fds)
         self.fds.clear()
         self.waiting = None
         queued = list(self.queue)
@@ -440,18 +440,18 @@ class _Conn:
 
     def _handle(self, frame: wire.Frame, fds: list[int], cost: int) -> None:
         if not self.greeted:
-            close_all(fds)
+            close_foreign(fds)
             self._hello(frame)
             return
         if frame.kind == wire.Kind.ADMIN and self.uid not in self.node.admin_uids:
-            close_all(fds)
+            close_foreign(fds)
             # refused before its (up to 4 MiB of) JSON is parsed
             self.error(frame.seq, errno.EACCES, "admin requests need the node owner or root")
             return
         try:
             msg = wire.decode(frame)
         except wire.MalformedMessage as e:
-            close_all(fds)
+            close_foreign(fds)
             self.error(frame.seq, e.errno, str(e))
             return
         if isinstance(msg, wire.IoctlRequest):
@@ -463,7 +463,7 @@ class _Conn:
                 return
             self._admit(_Call(frame.seq, msg, None, cost, 0))
         else:
-            close_all(fds)
+            close_foreign(fds)
             self.error(frame.seq, errno.EPROTO, f"unexpected {type(msg).__name__}")
 
     def _hello(self, frame: wire.Frame) -> None:
@@ -515,16 +515,16 @@ class _Conn:
         elif fds and desc.name not in FD_IOCTLS:
             ret = -errno.EINVAL  # this ioctl takes no descriptors: none is held for it
         if ret:
-            close_all(fds)
+            close_foreign(fds)
             self.send(wire.IoctlReply(ret, req.struct), seq)
             return
         if (seq in self.running or seq in self.queued) and self._busy(seq):
-            close_all(fds)
+            close_foreign(fds)
             return
         node = self.node
         if fds and (self.held_fds + len(fds) > node.max_fds
                     or not node.call_fds.fits(self.uid, len(fds))):
-            close_all(fds)
+            close_foreign(fds)
             node.logs.log(logging.INFO, "descriptors refused",
                           "pid %d (%s): descriptors refused: the calls of this %s hold too many",
                           self.pid, self.name,
@@ -835,7 +835,7 @@ class SocketNode:
             os.close(dir_fd)
             raise
         self._dir_fd = dir_fd
-        log.info("node serving %s (mode %o)", path, self.mode)
+        log.debug("node serving %s (mode %o)", path, self.mode)  # `dxg up` prints it
 
     def _bind(self, dir_fd: int, name: str) -> None:
         self._check_existing(dir_fd, name)
@@ -1135,7 +1135,7 @@ class SocketNode:
             self._listener.close()
         for conn in list(self._conns):
             conn.gone = True
-            close_all(conn.fds)
+            close_foreign(conn.fds)
             conn.fds.clear()
             for call in [*conn.queue, *conn.running.values()]:
                 if call.mem is not None:

@@ -29,7 +29,7 @@ import errno
 import os
 from collections.abc import Iterable, Sequence
 
-from dxg.oslib.fds import close_all
+from dxg.oslib.fds import close_all, close_foreign
 from dxg.oslib.procmem import UserMemoryFault
 from dxg.uapi.wire import (
     FD_IN_STRUCT,
@@ -245,8 +245,8 @@ class RegionUserMemory:
 
     def close(self) -> None:
         """Close every descriptor the accessor still holds (closing again does nothing)."""
-        if self._in:
-            close_all(self._in.values())
+        if self._in:  # the caller's: off the loop unless a pipe or socket (dxg.oslib.fds)
+            close_foreign(self._in.values())
             self._in.clear()
         if self._out:
             close_all(self._out)

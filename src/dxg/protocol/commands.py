@@ -32,6 +32,9 @@ class GlobalCommand(IntEnum):
     # pydxg extension: the memory quotas of a host process (its account, e.g. the guest uid,
     # and the per-process and per-account limits), sent once after CREATEPROCESS (docs/policy.md).
     PYDXG_SETPROCESSQUOTA = 2100
+    # pydxg extension: a CPU wait on a shared sync object held by an NT reference (a sync file's),
+    # not by a process: it outlives the process that made the sync file (docs/sharing.md).
+    PYDXG_WAITSHAREDSYNC = 2101
 
 
 class VgpuCommand(IntEnum):

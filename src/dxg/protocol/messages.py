@@ -123,12 +123,14 @@ NO_LIMIT = (1 << 64) - 1  # a ProcessQuota limit that bounds nothing
 @dataclass(frozen=True, slots=True)
 class ProcessQuota(_Fixed):
     """PYDXG_SETPROCESSQUOTA (pydxg): the process's account (processes of one account on one
-    guest share ``per_account``) and its limits in bytes per adapter; 2**64-1: no limit."""
+    guest share ``per_account``), its memory limits in bytes per adapter (2**64-1: no limit)
+    and its compute share (its weight on each adapter's engine, 1..10000: dxg.host.scheduler)."""
 
     account: int
     per_process: int
     per_account: int
-    _S: ClassVar[struct.Struct] = struct.Struct("<QQQ")
+    compute_share: int = 1
+    _S: ClassVar[struct.Struct] = struct.Struct("<QQQI4x")
 
 
 @dataclass(frozen=True, slots=True)
@@ -944,6 +946,24 @@ class DestroyNtSharedObject(_Fixed):
 
     handle: int
     _S: ClassVar[struct.Struct] = struct.Struct("<I4x")
+
+
+WAIT_WITHDRAW = 1  # WaitSharedSync.flags: withdraw the wait registered with guest_event
+
+
+@dataclass(frozen=True, slots=True)
+class WaitSharedSync(_Fixed):
+    """PYDXG_WAITSHAREDSYNC (global channel, VM level, pydxg): the NT handle u32 of a shared
+    sync object the guest holds a reference on (CREATENTSHAREDOBJECT), flags u32
+    (WAIT_WITHDRAW), guest_event u64, value u64. Acked at once; SIGNALGUESTEVENT(guest_event)
+    when the object reaches ``value`` or goes (its status field non-zero). The wait belongs to
+    no process: it lasts until then or until withdrawn, at most one per reference."""
+
+    handle: int
+    flags: int
+    guest_event: int
+    value: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<IIQQ")
 
 
 @dataclass(frozen=True, slots=True)

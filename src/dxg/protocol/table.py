@@ -168,7 +168,8 @@ _SPECS = (
        note="pydxg extension: the host's census of this guest, UTF-8 JSON"),
     _g(G.PYDXG_SETPROCESSQUOTA, m.ProcessQuota, m.NtStatusReturn, fail_status,
        note="pydxg extension: account u64, per-process and per-account limits u64 (bytes per "
-            "adapter; 2^64-1 none); before the process commits memory"),
+            "adapter; 2^64-1 none), compute share u32 (1..10000) and 4 bytes of padding; "
+            "before the process commits memory"),
     _v(V.OPENADAPTER, m.OpenAdapter, m.OpenAdapterReturn, _fail_open_adapter, Route.VGPU_ONLY,
        per_process=False),
     _v(V.CLOSEADAPTER, m.CloseAdapter, None, fail_empty, Route.VGPU_ONLY, per_process=False),
@@ -309,6 +310,9 @@ _SPECS += (
     _g(G.OPENSYNCOBJECT, m.OpenSyncObject, m.CreateSyncObjectReturn, _fail_create_sync,
        fds=True, note="device, NT handle, read-only flag, mirror event; the reply as "
                       "CREATESYNCOBJECT's (the shared fence's block descriptor beside it)"),
+    _g(G.PYDXG_WAITSHAREDSYNC, m.WaitSharedSync, m.NtStatusReturn, fail_status,
+       per_process=False, note="pydxg extension: NT handle, flags (1 withdraw), guest event, "
+                               "value: a sync file's CPU wait, held by its NT reference"),
 )
 
 COMMANDS: MappingProxyType[Command, CommandSpec] = MappingProxyType(

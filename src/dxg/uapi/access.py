@@ -6,6 +6,10 @@ GPU; a sync object: signal it) or only read. Write access comes with GENERIC_WRI
 MAXIMUM_ALLOWED, the objects' own write bit (SHARED_ALLOCATION_WRITE, 1; the sync objects' modify
 state bits), or a mask of 0, which is what callers of the real driver pass (it meant all access
 there, and still does).
+
+pydxg tells an opener the access it got: QueryResourceInfoFromNtHandle and
+OpenResourceFromNtHandle answer OPENED_READ_ONLY in their ``reserved`` field (0: write access),
+and OpenSyncObjectFromNtHandle2 sets ``flags.no_signal`` when the fence was opened read-only.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ __all__ = [
     "GENERIC_READ",
     "GENERIC_WRITE",
     "MAXIMUM_ALLOWED",
+    "OPENED_READ_ONLY",
     "SHARED_ALLOCATION_ALL_ACCESS",
     "SHARED_ALLOCATION_WRITE",
     "STANDARD_RIGHTS_REQUIRED",
@@ -32,6 +37,9 @@ SYNCHRONIZE = 0x00100000
 STANDARD_RIGHTS_REQUIRED = 0x000F0000
 SHARED_ALLOCATION_WRITE = 0x0001  # d3dkmthk.h
 SHARED_ALLOCATION_ALL_ACCESS = STANDARD_RIGHTS_REQUIRED | SHARED_ALLOCATION_WRITE
+# pydxg: the ``reserved`` field of QueryResourceInfoFromNtHandle / OpenResourceFromNtHandle on
+# return: the share descriptor grants reading only (the real driver leaves it 0).
+OPENED_READ_ONLY = 0x1
 _MODIFY_STATE = 0x0002  # EVENT_MODIFY_STATE / SEMAPHORE_MODIFY_STATE
 _WRITE = GENERIC_WRITE | GENERIC_ALL | MAXIMUM_ALLOWED | SHARED_ALLOCATION_WRITE | _MODIFY_STATE
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 NODE_ENV = "DXG_NODE"
 SOCKET_NAME = "dxg.sock"
+SYSTEM_NODE_PATH = Path("/run/pydxg") / SOCKET_NAME  # root's node, reachable by every user
 
 
 def tmp_fallback_dir(uid: int | None = None) -> Path:
@@ -30,11 +31,22 @@ def default_node_path() -> Path:
         return Path(explicit)
     uid = os.geteuid()
     if uid == 0:
-        return Path("/run/pydxg") / SOCKET_NAME
+        return SYSTEM_NODE_PATH
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return Path(runtime) / "pydxg" / SOCKET_NAME
     return tmp_fallback_dir(uid) / SOCKET_NAME
+
+
+def client_node_paths() -> tuple[Path, ...]:
+    """Where a client looks for the node when it is given no path: ``$DXG_NODE`` alone when
+    set; else this user's default path (:func:`default_node_path`) and then, for a user other
+    than root, the system node ``/run/pydxg/dxg.sock`` that a root daemon serves (so that
+    ``dxg ls`` as any user finds the machine's node)."""
+    first = default_node_path()
+    if os.environ.get(NODE_ENV) or first == SYSTEM_NODE_PATH:
+        return (first,)
+    return (first, SYSTEM_NODE_PATH)
 
 
 def private_node_dir(directory: Path) -> bool:

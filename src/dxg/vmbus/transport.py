@@ -95,8 +95,19 @@ def read_buffer() -> bytearray:
     return bytearray(_RECV_CHUNK)
 
 
+_ADDRESS_FORMS = "use unix:/path, /path, tcp:HOST:PORT or HOST:PORT"
+
+
 def parse_address(text: str) -> Address:
-    """'unix:/path', '/path' or './path' (Unix socket); 'tcp:HOST:PORT' or 'HOST:PORT' (TCP)."""
+    """'unix:/path', '/path' or './path' (Unix socket); 'tcp:HOST:PORT' or 'HOST:PORT' (TCP);
+    'unix:///path' and 'tcp://HOST:PORT' are read the same. Any other 'scheme://' is refused
+    (TransportError naming the scheme), rather than taken for a file name."""
+    scheme, sep, rest = text.partition("://")
+    if sep and "/" not in scheme:
+        if scheme not in ("unix", "tcp"):
+            raise TransportError(f"unknown address scheme {scheme + ':'!r} in {text!r} "
+                                 f"({_ADDRESS_FORMS})")
+        text = f"{scheme}:{rest if scheme == 'tcp' else '/' + rest.lstrip('/')}"
     if text.startswith("unix:"):
         return Address(socket.AF_UNIX, text[5:])
     if text.startswith("tcp:"):
