@@ -148,7 +148,7 @@ _PROBLEM = _namespaces_problem()
 
 @pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
 def test_nobody_finds_roots_node_at_the_system_path():
-    """In a mount namespace of its own (tmpfs over /run and /tmp, so the machine's real
+    """In a mount namespace of its own (tmpfs over /run and nobody's node directory, so the real
     /run/pydxg is untouched): root's `dxg up` serves /run/pydxg/dxg.sock; `dxg ls` run as
     nobody (no DXG_NODE, no XDG_RUNTIME_DIR) first says where it looked, then finds it."""
     r = subprocess.run(["unshare", "--mount", "--fork", sys.executable,

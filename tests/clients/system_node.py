@@ -1,5 +1,6 @@
 """Run (as root) inside a mount namespace of its own (tests/test_cli_messages.py): tmpfs over
-/run and /tmp, so that the machine's /run/pydxg is neither seen nor touched. `dxg ls` as nobody
+/run and over nobody's per-user node directory, so that the machine's /run/pydxg is neither seen
+nor touched (not over all of /tmp: this checkout and its virtualenv may live there). `dxg ls` as nobody
 with no node running, then root's `dxg up` on the default (system) path, then `dxg ls` as
 nobody again; prints {"before": ..., "after": ...} (each {"code", "out", "err"})."""
 
@@ -14,7 +15,8 @@ import sys
 import dxg.client.nodeprobe  # noqa: F401  (nobody may not read this tree: imported as root)
 from dxg.cli.main import main
 
-for where in ("/run", "/tmp"):
+os.makedirs("/tmp/pydxg-65534", exist_ok=True)
+for where in ("/run", "/tmp/pydxg-65534"):
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", where], check=True)
 env = {k: v for k, v in os.environ.items() if k not in ("DXG_NODE", "XDG_RUNTIME_DIR")}
 os.environ.pop("DXG_NODE", None)
