@@ -26,7 +26,8 @@ import time
 import numpy as np
 
 from dxg.backends.softcmd import CommandBuffer, DType, Operand
-from dxg.client import open_node
+from dxg.client import execution as _execution  # noqa: F401  (imported lazily otherwise:
+from dxg.client import open_node  # after the switch this tree may be unreadable, as in /tmp)
 
 node_path, uid, n, queues, depth = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
                                     int(sys.argv[4]), int(sys.argv[5]))
