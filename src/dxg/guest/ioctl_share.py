@@ -40,12 +40,13 @@ from dxg.guest.ioctl_sync import (
     _post,
     _syncobject,
     _undo_create,
+    map_fence_page,
 )
 from dxg.guest.lookup import _device, _h, _host_result
 from dxg.guest.process import GuestProcess, host_process
 from dxg.guest.share import ShareFd, Shares, SyncFile, release_nt, undo_nt
-from dxg.guest.syncobject import GuestSyncObject, HostEvent, release_syncobject
-from dxg.guest.usermem import UserMemory, copy_from_user, copy_to_user, give_fd, map_block, take_fd
+from dxg.guest.syncobject import GuestSyncObject, HostEvent
+from dxg.guest.usermem import UserMemory, copy_from_user, copy_to_user, give_fd, take_fd
 from dxg.oslib.fds import close_all, close_foreign
 from dxg.protocol import messages as m
 from dxg.protocol.commands import GlobalCommand, VgpuCommand
@@ -398,19 +399,7 @@ async def _open_fence(proc: GuestProcess, dev: GuestDevice, nt: int, readonly: b
         close_all(got)
     obj.readonly = readonly
     obj.mirror = mirror
-    block = obj.block if obj.block is not None else mirror[0].shadow.block  # type: ignore[index]
-    offset = obj.offset if obj.block is not None else 8 * mirror[1]  # type: ignore[index]
-    try:
-        map_block(mem, block.id, block.size, offset, cpu_va_at, proc.memory.give(block),
-                  readonly=True)
-        block.mapped = True
-    except IoctlError as e:
-        if e.errno != errno.EOPNOTSUPP:
-            release_syncobject(proc, obj)
-            if not proc.closed:
-                proc.release_objects()
-            _undo_create(link, hprocess, reply)
-            raise
+    map_fence_page(proc, obj, mem, cpu_va_at, lambda: _undo_create(link, hprocess, reply))
     return obj
 
 

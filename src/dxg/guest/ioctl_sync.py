@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import functools
 import struct
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -262,21 +263,8 @@ async def create_sync_object(drv: GuestDriver, proc: GuestProcess, args: Any,
     obj.event = event
     obj.mirror = mirror
     if monitored:
-        block = obj.block if obj.block is not None else mirror[0].shadow.block  # type: ignore[index]
-        offset = obj.offset if obj.block is not None else 8 * mirror[1]  # type: ignore[index]
         args.info.monitored_fence.fence_cpu_virtual_address = 0
-        try:
-            map_block(mem, block.id, block.size, offset, FENCE_CPU_VA, proc.memory.give(block),
-                      readonly=True)
-            block.mapped = True
-        except IoctlError as e:
-            if e.errno != errno.EOPNOTSUPP:
-                release_syncobject(proc, obj)
-                if not proc.closed:
-                    proc.release_objects()
-                _undo_create(link, hprocess, reply)
-                raise
-            # a front end that cannot map (the FUSE file): the address stays 0
+        map_fence_page(proc, obj, mem, FENCE_CPU_VA, lambda: _undo_create(link, hprocess, reply))
         args.info.monitored_fence.fence_gpu_virtual_address = reply.gpu_va
     args.sync_object.v = obj.handle
     return ret
@@ -312,6 +300,26 @@ def _adopt(proc: GuestProcess, dev: GuestDevice, hprocess: int, kind: int, flags
         raise
     proc.sync.objects[obj.handle] = obj
     return obj
+
+
+def map_fence_page(proc: GuestProcess, obj: GuestSyncObject, mem: UserMemory, at: int,
+                   undo: Callable[[], None]) -> None:
+    """Map a monitored fence's value page (its own, or its TCP mirror's) read-only into the
+    caller at ``at``. A front end that cannot map (the FUSE file) leaves the address 0; any other
+    failure releases the object here and on the host (``undo``)."""
+    mirror = obj.mirror
+    block = obj.block if obj.block is not None else mirror[0].shadow.block  # type: ignore[index]
+    offset = obj.offset if obj.block is not None else 8 * mirror[1]  # type: ignore[index]
+    try:
+        map_block(mem, block.id, block.size, offset, at, proc.memory.give(block), readonly=True)
+        block.mapped = True
+    except IoctlError as e:
+        if e.errno != errno.EOPNOTSUPP:
+            release_syncobject(proc, obj)
+            if not proc.closed:
+                proc.release_objects()
+            undo()
+            raise
 
 
 def _undo_create(link: Any, hprocess: int, reply: m.CreateSyncObjectReturn) -> None:
@@ -602,4 +610,4 @@ HANDLERS: MappingProxyType[str, Any] = MappingProxyType({
     "LX_DXWAITFORSYNCHRONIZATIONOBJECTFROMGPU": wait_sync_object_gpu,
 })
 
-__all__ = ["FENCE_CPU_VA", "HANDLERS", "MAX_GPU_OBJECTS"]
+__all__ = ["FENCE_CPU_VA", "HANDLERS", "MAX_GPU_OBJECTS", "map_fence_page"]
