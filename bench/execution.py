@@ -77,7 +77,6 @@ import json
 import os
 import random
 import select
-import signal
 import subprocess
 import sys
 import tempfile
@@ -90,6 +89,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_busy, pct, start_up, stop_up
 
 GEMM_TARGET = 0.97
 BATCH_TARGET = 20.0
@@ -98,57 +98,12 @@ SMALL = 256  # elements of a small op
 MAX_IN_FLIGHT = 1024  # asynchronous submissions outstanding on one queue (it takes 4096)
 
 
-def pct(samples: list[float], q: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
-
-
 def stats(samples: list[float]) -> dict[str, Any]:
     return {"p50": pct(samples, 0.5), "p99": pct(samples, 0.99), "n": len(samples)}
 
 
 def median(xs: list[float]) -> float:
     return pct(xs, 0.5)
-
-
-# ---- the stack -----------------------------------------------------------------------------------
-
-DXG = [sys.executable, "-m", "dxg.cli.main"]
-
-
-def start_up(tmp: Path, adapters: int = 1, name: str = "up",
-             env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    node = str(tmp / f"{name}.sock")
-    up = subprocess.Popen([*DXG, "up", "--node", node, "--adapters", str(adapters)],
-                          env=dict(os.environ, DXG_NODE=node, **(env or {})),
-                          stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"))
-    r = subprocess.run([*DXG, "wait", "--node", node, "--adapters", str(adapters), "--timeout",
-                        "60"])
-    if r.returncode != 0:
-        stop(up)
-        raise RuntimeError(f"dxg up did not come up (see {tmp}/{name}.log)")
-    return up, node
-
-
-def cpu_busy() -> tuple[float, float]:
-    """(seconds of CPU the whole machine spent busy, seconds this process and its waited-for
-    children spent) so far: what other processes took between two readings is the difference."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-    t = os.times()
-    return busy, t.user + t.system + t.children_user + t.children_system
-
-
-def stop(p: subprocess.Popen[Any]) -> None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
 
 
 # ---- the client ----------------------------------------------------------------------------------
@@ -692,7 +647,7 @@ def main() -> int:
             results["e5"] = guarded(priorities, node, 1024, 2 if quick else 6,
                                     2.0 if quick else 4.0, 100 if quick else 300)
     finally:
-        stop(up)
+        stop_up(up)
     results["seconds"] = time.monotonic() - t_start
     busy1, own1 = cpu_busy()
     # Cores other processes kept busy meanwhile, on average (the noise the rounds had to share).

@@ -26,7 +26,6 @@ import argparse
 import ctypes
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -36,33 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def pct(samples: list[float], q: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import pct, start_up, stop_up
 
 # ---- the stack and the clients ---------------------------------------------------------------------
-
-
-def start_up(tmp: Path, adapters: int = 2) -> tuple[subprocess.Popen[bytes], str]:
-    node = str(tmp / "dxg.sock")
-    env = dict(os.environ, DXG_NODE=node)
-    up = subprocess.Popen([sys.executable, "-m", "dxg.cli.main", "up", "--adapters",
-                           str(adapters)], env=env, stdout=subprocess.DEVNULL,
-                          stderr=open(tmp / "up.log", "wb"))
-    subprocess.run([sys.executable, "-m", "dxg.cli.main", "wait", "--node", node, "--adapters",
-                    str(adapters), "--timeout", "60"], check=True)
-    return up, node
-
-
-def stop_up(up: subprocess.Popen[bytes]) -> None:
-    up.send_signal(signal.SIGTERM)
-    try:
-        up.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        up.kill()
-        up.wait()
 
 
 def rss_kib(pid: int) -> int:
@@ -379,7 +355,7 @@ def main() -> int:
     quick = args.quick
     tmp = Path(tempfile.mkdtemp(prefix="pydxg-bench."))
     os.environ.setdefault("DXG_NODE", str(tmp / "dxg.sock"))
-    up, node = start_up(tmp)
+    up, node = start_up(tmp, 2)
     if os.environ.get("BENCH_NICE"):
         os.setpriority(os.PRIO_PROCESS, up.pid, int(os.environ["BENCH_NICE"]))
         for tid in os.listdir(f"/proc/{up.pid}/task"):
