@@ -54,6 +54,9 @@ def as_nobody(argv: list[str]) -> dict:
     return {"code": os.waitstatus_to_exitcode(status), "out": out, "err": err}
 
 
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    main(["ls", "--json", "--interval", "0"])  # as root first (no node yet): the error path's
+    # modules are loaded before the child drops to nobody, who may not read this checkout
 result = {"before": as_nobody(["ls", "--json", "--interval", "0"])}
 up = subprocess.Popen([sys.executable, "-m", "dxg.cli.main", "up", "--adapters", "1"],
                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
