@@ -241,3 +241,24 @@ def test_many_concurrent_copies_stay_within_what_the_host_lets_wait(tmp_path: Pa
             got = sorted(pool.map(lock, range(10)))
         assert s.driver.active_adapters()  # the link held
         assert got == sorted(int(h.view()[-1]) for h in host_allocations(s.host))
+
+
+def test_over_tcp_a_queues_fence_page_shows_what_its_waits_saw_so_memory_is_reused(tmp_path):
+    """Over TCP the guest keeps a queue's progress-fence page itself: a CPU wait that saw the
+    fence reach a value (blocking, or through an eventfd) brings the page up to it. Without
+    that the page stayed 0, dxg.compute's pool never saw its blocks' work done, and a GEMM
+    loop grew device memory without end."""
+    import dxg.compute
+
+    x = np.ones((128, 128), np.float32)
+    with contextlib.ExitStack() as es:
+        stack = es.enter_context(tcp_stack(tmp_path))
+        dev = es.enter_context(dxg.compute.device(0, node=stack.node_path))
+        for i in range(40):
+            got = (dev.asarray(x) @ dev.asarray(x)).get()
+            assert got[0, 0] == 128
+            stream = dev.current_stream
+            assert stream.reached_value() == stream.queue.submitted, i  # the page: no call
+        info = dev.memory_info()
+        assert info["waiting_blocks"] <= 4, info
+        assert info["slab_bytes"] <= 16 * MIB, info

@@ -121,10 +121,16 @@ class GuestPagingQueue:
 
     def reached(self, value: int) -> None:
         """The host says the fence reached ``value`` (mirrored where the client reads it)."""
-        if self.shadow is not None and value:
-            old = int.from_bytes(self.shadow.mem.read(0, 8), "little")
-            if value > old:
-                self.shadow.mem.write(0, value.to_bytes(8, "little"))
+        fence_reached(self.shadow, value)
+
+
+def fence_reached(shadow: Shadow | None, value: int) -> None:
+    """A queue's fence is at ``value`` at least: the guest's own fence page (a link without
+    descriptors, where the host's page cannot be mapped) shows it, never going back."""
+    if shadow is not None and value:
+        old = int.from_bytes(shadow.mem.read(0, 8), "little")
+        if value > old:
+            shadow.mem.write(0, value.to_bytes(8, "little"))
 
 
 class Shadow:

@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from dxg.guest import vmbus
-from dxg.guest.allocation import GuestBlock, release_queue
+from dxg.guest.allocation import GuestBlock, fence_reached, release_queue
 from dxg.guest.device import DEVICEEXECUTION_RESET, ObjectState
 from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleType
@@ -66,6 +66,10 @@ class GuestHwQueue:
     @property
     def device(self) -> Any:
         return self.context.device
+
+    def reached(self, value: int) -> None:
+        """A CPU wait saw the progress fence reach ``value`` (the page over TCP shows it)."""
+        fence_reached(self.shadow, value)
 
 
 def release_hwqueue(proc: GuestProcess, queue: GuestHwQueue) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import functools
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -398,6 +398,8 @@ async def wait_sync_object_cpu(drv: GuestDriver, proc: GuestProcess, args: Any,
     if args.async_event:
         event = link.events.add_eventfd(proc, adapter, _eventfd(mem, int(args.async_event)),
                                         persistent=False)
+        if not wait_any:
+            event.on_signal = functools.partial(_reached_all, objs, values)
         try:
             reply = await vmbus.send(adapter, V.WAITFORSYNCOBJECTFROMCPU, hprocess,
                                      m.WaitSyncObjectCpu(dev.host_handle, wait_any, event.id,
@@ -423,17 +425,25 @@ async def wait_sync_object_cpu(drv: GuestDriver, proc: GuestProcess, args: Any,
         assert event.future is not None
         status = await event.future
         ret = _host_result(status)
-        if ret == 0 and not wait_any:
-            for obj, value in zip(objs, values, strict=True):
-                reached = getattr(obj, "reached", None)  # a queue's fence page over TCP
-                if reached is not None:
-                    reached(value)
+        if not wait_any:
+            _reached_all(objs, values, status)
         return ret
     finally:
         if link.events.remove(event.id) and sent and not proc.closed:
             # given up on (the call was cancelled, even before the ack came): the host forgets
             # the wait (an id it does not know is ignored)
             _withdraw(adapter, hprocess, event.id)
+
+
+def _reached_all(objs: Sequence[Any], values: Sequence[int], status: int) -> None:
+    """A wait-all on ``objs`` ended with ``status``: on success each fence is at least at its
+    value, which a queue's fence page over TCP (the guest's own copy) now shows."""
+    if _host_result(status) != 0:
+        return
+    for obj, value in zip(objs, values, strict=True):
+        reached = getattr(obj, "reached", None)
+        if reached is not None:
+            reached(value)
 
 
 # ---- GPU -----------------------------------------------------------------------------------------

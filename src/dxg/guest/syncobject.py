@@ -80,8 +80,8 @@ WAIT, EVENTFD, MIRROR = 0, 1, 2
 class HostEvent:
     """One registered host event (see the module doc for the kinds)."""
 
-    __slots__ = ("adapter", "closing", "fd", "future", "id", "kind", "pending", "persistent",
-                 "process", "store", "writing")
+    __slots__ = ("adapter", "closing", "fd", "future", "id", "kind", "on_signal", "pending",
+                 "persistent", "process", "store", "writing")
 
     def __init__(self, kind: int, process: GuestProcess | None, adapter: GuestAdapter) -> None:
         self.kind = kind
@@ -95,6 +95,9 @@ class HostEvent:
         self.writing = False  # EVENTFD: a write is on its way
         self.closing = False  # EVENTFD: unregistered; close the descriptor after the write
         self.store: Callable[[int], None] | None = None  # MIRROR
+        # EVENTFD: told the status before the eventfd is written (a wait on a queue's fence
+        # over TCP brings the guest's fence page up to the values waited for)
+        self.on_signal: Callable[[int], None] | None = None
 
 
 class HostEvents:
@@ -203,6 +206,11 @@ class HostEvents:
                 del self._events[event_id]
                 self._uncount(event)
                 event.closing = True  # (after its write)
+            if event.on_signal is not None:
+                try:
+                    event.on_signal(int(status) & 0xFFFFFFFF)
+                except Exception:  # the page is a courtesy: the wake-up must still go
+                    log.exception("host event %d: updating a fence page failed", event_id)
             self._write(event)
         return True
 
