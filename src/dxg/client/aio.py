@@ -26,7 +26,7 @@ import errno
 import os
 import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from dxg.client.calls import (
@@ -54,6 +54,13 @@ from dxg.client.errors import (
     NodeNotFound,
     NodeProtocolError,
     NodeUnavailable,
+)
+from dxg.client.limits import (
+    LimitsRefused,
+    as_refused,
+    check_restrict_reply,
+    limits_from_env,
+    restrict_request,
 )
 from dxg.oslib.fds import close_all, recv_with_fds, send_with_fds
 from dxg.uapi import wire
@@ -111,7 +118,9 @@ class AsyncNodeConnection:
     # ---- connecting -----------------------------------------------------------------------------
 
     async def _connect(self) -> None:
-        """Connect to the first place that holds a node (as NodeConnection does)."""
+        """Connect to the first place that holds a node (as NodeConnection does), restricted
+        by ``$DXG_PROCESS_LIMITS`` when it is set (dxg.client.limits)."""
+        limits = limits_from_env()  # (a bad value fails before anything connects)
         targets = self._targets
         for i, where in enumerate(targets):
             self.path, self._check_dir = where.path, where.check
@@ -124,6 +133,17 @@ class AsyncNodeConnection:
                     raise not_found_anywhere(targets) from None
                 raise
             self._targets = (where,)
+            if limits is not None:
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        await self._restrict(limits)
+                except TimeoutError:
+                    self._drop()
+                    raise NodeUnavailable(f"the dxg node {self.path} did not answer in "
+                                          "time") from None
+                except BaseException:
+                    self._drop()  # never handed out unrestricted
+                    raise
             return
 
     async def _connect_to(self, where: NodeTarget) -> None:
@@ -390,6 +410,27 @@ class AsyncNodeConnection:
     def mapped_readonly(self, address: int) -> bool:
         """Whether ``address`` is in memory the node mapped into this process read-only."""
         return self._router.blocks.readonly_at(address)
+
+    async def restrict(self, adapters: Iterable[Any] | None = None,
+                       memory: int | str | None = None,
+                       compute: float | None = None) -> dict[str, Any]:
+        """As :meth:`NodeConnection.restrict <dxg.client.connection.NodeConnection.restrict>`:
+        lower this connection's limits before it opens an adapter; the new grant, or
+        :class:`~dxg.client.limits.LimitsRefused`."""
+        return await self._restrict(restrict_request(adapters, memory, compute))
+
+    async def _restrict(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.forked:
+            raise NodeForked(self._pid)
+        try:
+            reply, fds = await self._call(wire.AdminRequest(dict(request)),
+                                          wire.Kind.ADMIN_REPLY)
+        except NodeProtocolError as e:
+            raise as_refused(e) from None
+        close_all(fds)
+        if not isinstance(reply, wire.AdminReply):
+            raise LimitsRefused(errno.EPROTO, "the dxg node answered a restrict wrongly")
+        return check_restrict_reply(reply.reply)
 
     async def admin(self, request: dict[str, Any]) -> dict[str, Any]:
         """An introspection request (``{"op": "snapshot"}``, ``{"op": "census"}``)."""

@@ -61,7 +61,11 @@ class BlockMaps:
 
     def receive(self, maps: Sequence[wire.BlockMap], fds: list[int]) -> None:
         """Take in one reply's block maps: ``fds`` are the descriptors of its MAP_WITH_FD
-        entries, in order (this object owns them from here)."""
+        entries, in order (this object owns them from here). A MAP without a descriptor (a
+        block already here: the common Lock2) changes nothing, so such maps alone take no
+        lock."""
+        if not fds and all(m.op == wire.MAP and not m.flags & wire.MAP_WITH_FD for m in maps):
+            return
         fds = list(fds)
         try:
             with self._lock:

@@ -72,6 +72,7 @@ _REPLY_KINDS = frozenset({wire.Kind.IOCTL_REPLY, wire.Kind.ADMIN_REPLY, wire.Kin
 _KIND_ERROR = int(wire.Kind.ERROR)
 _KIND_IOCTL_REPLY = int(wire.Kind.IOCTL_REPLY)
 _KIND_ADMIN_REPLY = int(wire.Kind.ADMIN_REPLY)
+_IOCTL_REPLY = wire.Kind.IOCTL_REPLY
 ARGS_TYPES = (ctypes.Structure, ctypes.Union)  # what an ioctl's arguments may be
 RECV_CHUNK = 256 * 1024  # the most a client reads at once
 _EMPTY_TYPES = (tuple, list)  # descriptor sequences seen empty without walking them
@@ -277,10 +278,14 @@ def apply_ioctl_reply(request: wire.IoctlRequest, reply: wire.Message, fds: list
     block maps were taken in by the reader (:class:`ReplyRouter`); here each MAP's address is
     stored where it says (-EFAULT when the block is not mapped in this process)."""
     if (type(reply) is wire.IoctlReply and not reply.writes and not reply.fixups and not fds
-            and not reply.maps and len(reply.struct) == len(request.struct)):
-        # The common reply, a bare struct: nothing to check or apply but the struct itself.
-        memoryview(args).cast("B")[:] = reply.struct
-        return reply.ret
+            and len(reply.struct) == len(request.struct)):
+        if not reply.maps:
+            # The common reply, a bare struct: nothing to check or apply but the struct itself.
+            memoryview(args).cast("B")[:] = reply.struct
+            return reply.ret
+        if all(m.target == wire.FD_IN_STRUCT for m in reply.maps):
+            # A Lock2's reply: the struct with block addresses in it (the same steps as below).
+            return _apply_struct_maps(request, reply, args, blocks)
     try:
         if not isinstance(reply, wire.IoctlReply):
             raise NodeProtocolError(errno.EPROTO, "the dxg node answered an ioctl wrongly")
@@ -334,6 +339,29 @@ def apply_ioctl_reply(request: wire.IoctlRequest, reply: wire.Message, fds: list
             close_all((fd,))  # its number cannot reach the caller: nobody could close it
             if ret >= 0:
                 ret = -errno.EFAULT
+    return ret
+
+
+def _apply_struct_maps(request: wire.IoctlRequest, reply: wire.IoctlReply,
+                       args: ctypes.Structure | ctypes.Union, blocks: BlockMaps | None) -> int:
+    """:func:`apply_ioctl_reply` of a reply whose only tables are maps into the struct."""
+    size = len(request.struct)
+    for m in reply.maps:
+        if m.op == wire.MAP and m.where + m.width > size:
+            raise NodeProtocolError(errno.EPROTO, f"the dxg node put a descriptor outside the "
+                                    f"buffers sent (0x{m.where:x})")
+    ret = reply.ret
+    body = bytearray(reply.struct)
+    for m in reply.maps:
+        if m.op != wire.MAP:
+            continue
+        addr = None if blocks is None else blocks.address(m.block, m.offset, m.block_size)
+        if addr is None:
+            if ret >= 0:
+                ret = -errno.EFAULT  # the block never reached this process
+            addr = 0
+        body[m.where : m.where + 8] = addr.to_bytes(8, "little")
+    memoryview(args).cast("B")[:] = body
     return ret
 
 
@@ -452,6 +480,9 @@ class ReplyRouter:
                 try:
                     if frame.flags & wire.FLAG_FD_MASK:
                         self._route(frame, start, out)  # (it claims descriptors: broken)
+                    elif (frame.kind == _KIND_IOCTL_REPLY and not frame.flags
+                          and self._pending.get(frame.seq) is _IOCTL_REPLY):
+                        self._deliver_reply(frame, out)
                     else:
                         self._route_frame(frame, [], out)
                 except RouterBroken:
@@ -596,6 +627,22 @@ class ReplyRouter:
                 f"{_kind_name(frame.kind)} to a request that wants {expect.name}")))
         else:
             out.append(Delivered(seq, msg, fds))
+
+    def _deliver_reply(self, frame: wire.Frame, out: list[Delivered | Failed]) -> None:
+        """:meth:`_route_frame` for the common frame: an IOCTL_REPLY that carries no
+        descriptors, to an ioctl in flight. The same steps, without the branches that cannot
+        apply: its block maps (none brings a descriptor, or it does not decode) are taken in,
+        then the reply is delivered."""
+        msg = self._decode(frame)
+        if msg.maps:  # type: ignore[union-attr]
+            self.blocks.receive(msg.maps, [])  # type: ignore[union-attr]
+        seq = frame.seq
+        del self._pending[seq]
+        if self._chunks:
+            self._chunks.pop(seq, None)
+        if self._chunk_bytes:
+            self._chunk_bytes.pop(seq, None)
+        out.append(Delivered(seq, msg, []))
 
     def _decode(self, frame: wire.Frame) -> wire.Message:
         try:

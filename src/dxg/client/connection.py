@@ -38,7 +38,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from dxg.client.calls import (
@@ -66,6 +66,13 @@ from dxg.client.errors import (
     NodeNotFound,
     NodeProtocolError,
     NodeUnavailable,
+)
+from dxg.client.limits import (
+    LimitsRefused,
+    as_refused,
+    check_restrict_reply,
+    limits_from_env,
+    restrict_request,
 )
 from dxg.oslib.fds import close_all, recv_with_fds, send_with_fds
 from dxg.uapi import wire
@@ -147,12 +154,16 @@ class NodeConnection:
         self._reader: _Waiter | None = None
         self._orphans: list[socket.socket] = []  # dropped while a reader was in recv
         self._buf = bytearray(RECV_CHUNK)  # the reader's (one reader at a time)
+        self._view = memoryview(self._buf)
 
     # ---- connecting -----------------------------------------------------------------------------
 
     def _connect(self) -> None:
         """Connect to the first place that holds a node (the given path, ``$DXG_NODE``, or
-        this user's default path and then the system node); from then on, only to it."""
+        this user's default path and then the system node); from then on, only to it. With
+        ``$DXG_PROCESS_LIMITS`` set, the connection is restricted before it is handed out
+        (dxg.client.limits)."""
+        limits = limits_from_env()  # (a bad value fails before anything connects)
         targets = self._targets
         for i, where in enumerate(targets):
             self.path, self._check_dir = where.path, where.check
@@ -165,6 +176,12 @@ class NodeConnection:
                     raise not_found_anywhere(targets) from None
                 raise
             self._targets = (where,)
+            if limits is not None:
+                try:
+                    self._restrict(limits, self._timeout)
+                except BaseException:
+                    self._drop()  # never handed out unrestricted
+                    raise
             return
 
     def _connect_to(self, where: NodeTarget) -> None:
@@ -404,9 +421,10 @@ class NodeConnection:
         read and wake another waiter to take over (mutex held)."""
         if self._reader is waiter:
             self._reader = None
-            orphans, self._orphans = self._orphans, []
-            for orphan in orphans:
-                orphan.close()
+            if self._orphans:
+                orphans, self._orphans = self._orphans, []
+                for orphan in orphans:
+                    orphan.close()
             if self._waiters:
                 self._promote()
 
@@ -424,7 +442,7 @@ class NodeConnection:
         of the table. ``sock`` and ``router`` are the stream's, as the caller saw them under the
         mutex."""
         mu = self._mu
-        view = memoryview(self._buf)
+        view = self._view
         try:
             while sock is not None:
                 if deadline is not None:
@@ -515,6 +533,32 @@ class NodeConnection:
         return self._router.blocks.readonly_at(address)
 
     # ---- admin ----------------------------------------------------------------------------------
+
+    def restrict(self, adapters: Iterable[Any] | None = None, memory: int | str | None = None,
+                 compute: float | None = None) -> dict[str, Any]:
+        """Lower this connection's limits below its user's grant (docs/policy.md, "A process
+        can limit itself"): ``adapters``, the only LUIDs it may see (ints or ``0x…``);
+        ``memory``, the most it may commit per adapter (bytes or "256M"); ``compute``, a
+        fraction 0 < f <= 1 of its compute share. Only lowers; only before an adapter is
+        opened on this connection. Returns the new grant (as ``dxg ps --json`` shows it);
+        raises :class:`~dxg.client.limits.LimitsRefused` when the node refuses (``.errno``
+        EBUSY: too late; EINVAL: malformed), ValueError/TypeError for bad arguments."""
+        return self._restrict(restrict_request(adapters, memory, compute))
+
+    def _restrict(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        if self.forked:
+            raise NodeForked(self._pid)
+        try:
+            reply, fds = self._call(wire.AdminRequest(dict(request)), wire.Kind.ADMIN_REPLY,
+                                    timeout=timeout)
+        except TimeoutError:
+            raise NodeUnavailable(f"the dxg node {self.path} did not answer in time") from None
+        except NodeProtocolError as e:
+            raise as_refused(e) from None
+        close_all(fds)
+        if not isinstance(reply, wire.AdminReply):
+            raise LimitsRefused(errno.EPROTO, "the dxg node answered a restrict wrongly")
+        return check_restrict_reply(reply.reply)
 
     def admin(self, request: dict[str, Any]) -> dict[str, Any]:
         """An introspection request (``{"op": "snapshot"}``, ``{"op": "census"}``)."""

@@ -176,7 +176,11 @@ def _thunk(name: str, code: int, struct_type: type[ctypes.Structure], retry: boo
             raise TypeError(f"expected a {struct_type.__name__}, got {type(args).__name__}")
         if isinstance(conn, AsyncNodeConnection):
             return _async_call(conn, code, args, retry, fd_field)
+        if plain:  # (no descriptor to hand over, no reopen: _sync_call's first step alone)
+            return ioctl_result_to_ntstatus(conn.ioctl(code, args))
         return _sync_call(conn, code, args, retry, fd_field)
+
+    plain = not retry and not fd_field
 
     thunk.__name__ = thunk.__qualname__ = name
     thunk.__doc__ = doc or f"``{io.IOCTLS_BY_CODE[code].name}`` with a ``{struct_type.__name__}``."

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
 import os
 import time
@@ -22,7 +23,7 @@ from dxg.guest.errors import IoctlError
 from dxg.guest.handles import HandleSpace
 from dxg.guest.hostlink import HostLink
 from dxg.guest.ioctl import dispatch
-from dxg.guest.policy import Policy
+from dxg.guest.policy import Policy, RestrictError, restrict_grant
 from dxg.guest.process import GuestProcess, UserShare, process_exit
 from dxg.guest.quota import GuestLimits
 from dxg.guest.share import Shares
@@ -397,6 +398,28 @@ class GuestDriver:
                             self.policy.has_memory_quotas or self.policy.has_compute_shares)
         self._processes[id(proc)] = proc
         return proc
+
+    def restrict(self, proc: GuestProcess, request: dict[str, Any]) -> dict[str, Any]:
+        """Lower ``proc``'s own grant as it asks (dxg.guest.policy.restrict_grant): before it
+        holds an adapter handle or a host knows it, so that every host is told the lowered
+        quotas and share before the process can use memory or run work there (on the loop).
+        Returns the new grant's census; IoctlError EINVAL (malformed), EBUSY (too late),
+        ESRCH (closing)."""
+        try:
+            grant = restrict_grant(proc.grant, request)
+        except RestrictError as e:
+            raise IoctlError(errno.EINVAL, f"restrict: {e}") from None
+        if proc.closed:
+            raise IoctlError(errno.ESRCH, "process is exiting")
+        if proc.adapters or proc.host_processes:
+            raise IoctlError(errno.EBUSY,
+                             "restrict: limits can only be set before the process opens an "
+                             "adapter (this connection has used one): restrict right after "
+                             "connecting")
+        proc.grant = grant
+        proc.memory_quota = True  # its hosts are told the lowered quotas and share
+        log.debug("pid %d (%s) restricted itself: %s", proc.pid, proc.name, grant.census())
+        return grant.census()
 
     async def close_process(self, proc: GuestProcess) -> None:
         if self._processes.pop(id(proc), None) is None:

@@ -449,18 +449,21 @@ HANDLERS: MappingProxyType[str, Handler] = MappingProxyType({
 # The same table by ioctl number, for dispatch (derived: the names above are the source).
 _BY_NR: MappingProxyType[int, Handler] = MappingProxyType(
     {uapi.IOCTLS_BY_NAME[name].nr: handler for name, handler in HANDLERS.items()})
+# What dispatch needs, by the whole 32-bit code of each ioctl the ABI handles: its description
+# and its handler (None: no handler yet). Any other code is -ENOTTY.
+_BY_CODE: MappingProxyType[int, tuple[uapi.IoctlDef, Handler | None]] = MappingProxyType(
+    {desc.code: (desc, _BY_NR.get(nr)) for nr, desc in uapi.IOCTLS.items() if desc.handled})
 
 
 async def dispatch(drv: GuestDriver, proc: GuestProcess, code: int, arg: bytes,
                    mem: UserMemory) -> tuple[int, bytes]:
     """Run one ioctl. Returns (0 / positive NTSTATUS / negative errno, struct bytes out)."""
-    nr = code & 0xFF
-    desc = uapi.IOCTLS.get(nr)
-    if desc is None or desc.code != (code & 0xFFFFFFFF) or not desc.handled:
+    entry = _BY_CODE.get(code & 0xFFFFFFFF)
+    if entry is None:
         return -errno.ENOTTY, arg
+    desc, handler = entry
     if len(arg) != desc.size:
         return -errno.EFAULT, arg
-    handler = _BY_NR.get(nr)
     if handler is None:
         return -errno.ENOSYS, arg
     args = desc.struct.from_buffer_copy(arg)

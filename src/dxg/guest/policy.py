@@ -18,6 +18,10 @@ every byte committed, discarded and reclaimed as it happens; they also share eac
 engine time by the processes' compute shares (the same message: dxg.host.scheduler), because
 only a host sees the work run.
 
+A process may lower its own grant, never raise it, before it uses any adapter
+(`restrict_grant`: the socket node's "restrict" request, GuestDriver.restrict), so that a task
+runs within a slice of what its user is granted.
+
 Everything here is frozen: the policy is built once and only read.
 """
 
@@ -37,8 +41,9 @@ from dxg.runtime.sizes import format_size, parse_size
 if TYPE_CHECKING:
     from dxg.guest.adapter import GuestAdapter
 
-__all__ = ["MAX_SHARE", "ROOT_GRANT", "AdapterRef", "Grant", "Policy", "PolicyError", "load_policy",
-           "parse_policy", "parse_share"]
+__all__ = ["MAX_SHARE", "RESTRICT_KEYS", "ROOT_GRANT", "AdapterRef", "Grant", "Policy",
+           "PolicyError", "RestrictError", "load_policy", "parse_policy", "parse_share",
+           "restrict_grant"]
 
 ROOT_UID = 0
 POLICY_VERSION = 1
@@ -93,8 +98,14 @@ class Grant:
     memory_per_uid: int | None = None
     rule: str = "defaults"  # where it came from (logs, the snapshot)
     compute_share: int = DEFAULT_SHARE
+    # What the process itself asked for (`restrict`): only these guest LUIDs among those the
+    # rule lets it see (None: no such restriction), and whether it restricted itself at all.
+    only_luids: frozenset[int] | None = None
+    restricted: bool = False
 
     def sees(self, adapter: GuestAdapter) -> bool:
+        if self.only_luids is not None and adapter.luid not in self.only_luids:
+            return False
         return self.adapters is None or any(ref.matches(adapter) for ref in self.adapters)
 
     @property
@@ -105,7 +116,10 @@ class Grant:
         return {"rule": self.rule,
                 "adapters": None if self.adapters is None else [str(r) for r in self.adapters],
                 "memory_per_process": self.memory_per_process,
-                "memory_per_uid": self.memory_per_uid, "compute_share": self.compute_share}
+                "memory_per_uid": self.memory_per_uid, "compute_share": self.compute_share,
+                "only_luids": (None if self.only_luids is None
+                               else [f"0x{luid:016x}" for luid in sorted(self.only_luids)]),
+                "restricted": self.restricted}
 
 
 ROOT_GRANT = Grant(rule="root")  # root, when no rule names it: everything, no quota
@@ -176,6 +190,82 @@ class Policy:
         """Whether some grant weighs other than the default (the hosts are then told every
         process's share)."""
         return any(g.compute_share != DEFAULT_SHARE for g in self.grants)
+
+
+# ---- a process restricting itself ----------------------------------------------------------------
+
+RESTRICT_KEYS = frozenset({"adapters", "memory", "compute"})
+MAX_RESTRICT_LUIDS = 64
+_LUID_MAX = (1 << 64) - 1
+_MEMORY_MAX = 1 << 62  # (as dxg.runtime.sizes: more than any machine has)
+
+
+class RestrictError(ValueError):
+    """A restriction request that cannot be used; the text says which key and why."""
+
+
+def _shown(value: Any) -> str:
+    """A hostile value, short enough for a one-line error."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _restrict_luids(value: Any) -> frozenset[int]:
+    if not isinstance(value, list | tuple):
+        raise RestrictError(f"adapters: {_shown(value)} is not a list of adapter LUIDs")
+    if len(value) > MAX_RESTRICT_LUIDS:
+        raise RestrictError(f"adapters: {len(value)} LUIDs; at most {MAX_RESTRICT_LUIDS}")
+    for v in value:
+        if not _is_int(v) or not 0 <= v <= _LUID_MAX:
+            raise RestrictError(f"adapters: {_shown(v)} is not a LUID (an integer 0..2**64-1)")
+    return frozenset(value)
+
+
+def _restrict_memory(value: Any) -> int:
+    if not _is_int(value) or not 0 <= value <= _MEMORY_MAX:
+        raise RestrictError(f"memory: {_shown(value)} is not a size in bytes "
+                            f"(an integer 0..2**62)")
+    return value
+
+
+def _restrict_fraction(value: Any) -> float:
+    ok = (_is_int(value) or isinstance(value, float)) and 0 < value <= 1
+    if not ok:  # (NaN compares false: refused here too; inf is above 1)
+        raise RestrictError(f"compute: {_shown(value)} is not a fraction 0 < f <= 1")
+    return float(value)
+
+
+def restrict_grant(grant: Grant, request: Mapping[str, Any]) -> Grant:
+    """``grant`` lowered by what a process asks for itself (``request``: "adapters", a list of
+    guest LUIDs; "memory", bytes per adapter; "compute", a fraction of its share; and "op"
+    if given must be "restrict"). Only ever lower: adapters intersect, memory and share take
+    the minimum, so calls compose. RestrictError (one line) for anything malformed."""
+    if not isinstance(request, Mapping):
+        raise RestrictError("a restriction is a JSON object")
+    for key in request:
+        if key == "op":
+            if request[key] != "restrict":
+                raise RestrictError(f"op: {_shown(request[key])} is not 'restrict'")
+        elif key not in RESTRICT_KEYS:
+            raise RestrictError(f"unknown key {_shown(key)} (known: "
+                                f"{', '.join(sorted(RESTRICT_KEYS))})")
+    g = grant
+    if "adapters" in request:
+        luids = _restrict_luids(request["adapters"])
+        g = replace(g, only_luids=luids if g.only_luids is None else g.only_luids & luids)
+    if "memory" in request:
+        memory = _restrict_memory(request["memory"])
+        current = g.memory_per_process
+        g = replace(g, memory_per_process=memory if current is None else min(current, memory))
+    if "compute" in request:
+        f = _restrict_fraction(request["compute"])
+        share = g.compute_share
+        g = replace(g, compute_share=min(share, max(DEFAULT_SHARE, round(share * f))))
+    return replace(g, restricted=True)
 
 
 # ---- parsing -------------------------------------------------------------------------------------

@@ -57,8 +57,9 @@ class GuestProcess:
         self.gids = gids
         self.name = name
         # What the policy lets it do (dxg.guest.policy): the adapters it sees, its quotas and
-        # compute share; memory_quota: its hosts are told them (the policy has quotas or
-        # shares other than the default for someone).
+        # compute share, possibly lowered by the process itself before it used any adapter
+        # (GuestDriver.restrict); memory_quota: its hosts are told them (the policy has quotas
+        # or shares other than the default for someone, or the process restricted itself).
         self.grant = grant
         self.memory_quota = memory_quota
         self.share = share if share is not None else UserShare(uid, limits)

@@ -269,6 +269,15 @@ class _Conn:
     # ---- receiving (Receiver) -----------------------------------------------------------------
 
     def data_received(self, data: bytes, fds: list[int]) -> None:
+        if (not fds and self.greeted and not self._pumping and self.waiting is None
+                and not self.queue and not self.fds and not self.gone and not self.broken
+                and self.transport.buffered <= self.node.pause_buffer):
+            # The common read: exactly one whole request and nothing else pending. It is taken
+            # as _pump would take it (the same checks, through _handle), minus the buffering.
+            frame = self.decoder.take_whole(data)
+            if frame is not None:
+                self._take_one(frame)
+                return
         if self.gone or self.broken:
             close_foreign(fds)
             return
@@ -313,6 +322,10 @@ class _Conn:
             return
         finally:
             self._pumping = False
+        self._pumped()
+
+    def _pumped(self) -> None:
+        """After a pass: pause or resume reading, and watch a partial frame."""
         if self.gone:
             return
         if self.waiting is not None or self.transport.buffered > self.node.pause_buffer:
@@ -321,6 +334,30 @@ class _Conn:
             self._resume()
         if self._stall is not None or self.decoder.buffered:
             self._watch_partial()  # (nothing to do otherwise)
+
+    def _take_one(self, frame: wire.Frame) -> None:
+        """One pass of :meth:`_pump` over a single frame read whole, with nothing queued,
+        waiting or buffered before it and no descriptors (see data_received)."""
+        self._pumping = True
+        self._repump = False
+        try:
+            cost = wire.HEADER_SIZE + len(frame.payload) if frame.kind in _CALL_KINDS else 0
+            if cost and not self._room(cost, False):
+                self.waiting = frame
+            elif frame.flags & _FD_MASK:
+                raise wire.WireError(errno.EPROTO, "a frame claims descriptors that did not "
+                                                   "arrive")
+            else:
+                self._handle(frame, [], cost)
+        except wire.WireError as e:
+            self._broken(e)
+            return
+        finally:
+            self._pumping = False
+        if self._repump:
+            self._pump()  # (it runs the rest of the pass)
+        else:
+            self._pumped()
 
     def _start_queued(self) -> None:
         while self.queue and len(self.running) < self.node.max_calls and not self.gone:
@@ -443,10 +480,14 @@ class _Conn:
             close_foreign(fds)
             self._hello(frame)
             return
-        if frame.kind == wire.Kind.ADMIN and self.uid not in self.node.admin_uids:
+        # Any uid may send one kind of ADMIN, "restrict" (lower its own process's limits);
+        # every other op needs an admin uid. A non-admin's is refused before its JSON is parsed unless it
+        # is small (a restrict request of 64 LUIDs is about 1.5 KiB).
+        admin = frame.kind == wire.Kind.ADMIN and self.uid in self.node.admin_uids
+        if frame.kind == wire.Kind.ADMIN and not admin and len(frame.payload) > 4096:
             close_foreign(fds)
-            # refused before its (up to 4 MiB of) JSON is parsed
-            self.error(frame.seq, errno.EACCES, "admin requests need the node owner or root")
+            self.error(frame.seq, errno.EACCES, "admin requests need the node owner or root "
+                       "(other users may send only a short \"restrict\")")
             return
         try:
             msg = wire.decode(frame)
@@ -459,6 +500,11 @@ class _Conn:
         elif isinstance(msg, wire.Cancel):
             self._cancel(frame.seq)
         elif isinstance(msg, wire.AdminRequest):
+            if not admin and msg.request.get("op") != "restrict":
+                close_foreign(fds)
+                self.error(frame.seq, errno.EACCES, "admin requests need the node owner or root "
+                           "(other users may send only \"restrict\")")
+                return
             if self._busy(frame.seq):
                 return
             self._admit(_Call(frame.seq, msg, None, cost, 0))
@@ -655,13 +701,27 @@ class _Conn:
         self.send(wire.IoctlReply(ret, struct, maps=unmaps), seq)
 
     async def _admin(self, seq: int, msg: wire.AdminRequest) -> None:
+        restrict = msg.request.get("op") == "restrict"
         try:
-            reply = await self.node.driver.admin(msg.request)
+            if restrict:
+                # on the caller's own process (the driver refuses with an errno: EINVAL,
+                # EBUSY...); a driver that cannot restrict says so
+                lower = getattr(self.node.driver, "restrict", None)
+                if lower is None:
+                    self.error(seq, errno.EOPNOTSUPP, "this node cannot restrict processes")
+                    return
+                reply = lower(self.proc, msg.request)
+            else:
+                reply = await self.node.driver.admin(msg.request)
         except asyncio.CancelledError:
             if not self.gone:
                 self.error(seq, errno.EINTR, "admin request cancelled")
             raise
         except Exception as e:
+            err = getattr(e, "errno", None)
+            if restrict and isinstance(err, int) and 0 < err < 4096:
+                self.error(seq, err, str(e))  # refused: the caller's fault, nothing to log
+                return
             log.exception("driver admin request failed")
             self.error(seq, errno.EIO, f"admin request failed: {type(e).__name__}")
             return

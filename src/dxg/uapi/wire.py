@@ -375,6 +375,8 @@ class IoctlReply:
 
     @property
     def fd_count(self) -> int:
+        if not self.maps:  # (the common reply: no generator to run)
+            return len(self.fixups)
         return len(self.fixups) + sum(1 for m in self.maps if m.flags & MAP_WITH_FD)
 
 
@@ -651,8 +653,33 @@ def encode(msg: Message, seq: int) -> bytes:
             raise ValueError("struct too large")
         return _IOCTL_FRAME.pack(MAGIC, _KIND_IOCTL, 0, seq & 0xFFFFFFFF, _IOCTL.size + n,
                                  msg.code, n, 0, 0) + msg.struct
+    if type(msg) is IoctlReply and not msg.writes and not msg.fixups:
+        return _encode_map_reply(msg, seq)  # a Lock2's reply: the struct and its block maps
     kind, payload, nfds = _encode_payload(msg)
     return frame_bytes(kind, seq, payload, nfds)
+
+
+def _encode_map_reply(msg: IoctlReply, seq: int) -> bytes:
+    """:func:`encode` of an IOCTL_REPLY whose only tables are block maps, in one pack for the
+    heads: the same checks and the same bytes as :func:`_encode_payload` + :func:`frame_bytes`
+    (its payload is at most 16 + MAX_STRUCT + 40 * MAX_MAPS bytes, far below MAX_PAYLOAD)."""
+    n = len(msg.struct)
+    if n > MAX_STRUCT:
+        raise ValueError("struct too large")
+    maps = msg.maps
+    _check_maps(maps, n)
+    nfds = 0
+    entries = []
+    for b in maps:
+        if b.flags & MAP_WITH_FD:
+            nfds += 1
+        entries.append(_MAP_ENTRY.pack(b.op, b.target, b.flags, b.width, 0, b.block,
+                                       b.block_size, b.offset, b.where))
+    if nfds > MAX_FDS:
+        raise ValueError(f"{nfds} descriptors exceed MAX_FDS ({MAX_FDS})")
+    return b"".join((_REPLY_FRAME.pack(MAGIC, _KIND_IOCTL_REPLY, nfds, seq & 0xFFFFFFFF,
+                                       _REPLY.size + n + _MAP_ENTRY.size * len(maps),
+                                       msg.ret, n, 0, 0, len(maps)), msg.struct, *entries))
 
 
 def admin_reply_frames(reply: dict[str, Any], seq: int,
@@ -778,7 +805,7 @@ def _decode_ioctl_reply(p: bytes) -> IoctlReply:
         if data_at != n:
             raise _bad("IOCTL_REPLY payload has trailing bytes")
         return IoctlReply(ret, body)
-    writes = []
+    writes: list[Write] = []
     at = data_at
     for i in range(count):
         addr, length, reserved = _WRITE.unpack_from(p, table + i * _WRITE.size)
@@ -790,7 +817,7 @@ def _decode_ioctl_reply(p: bytes) -> IoctlReply:
         at += length
     if at != n:
         raise _bad("IOCTL_REPLY payload has trailing bytes")
-    fixups = []
+    fixups: list[FdFixup] = []
     for i in range(nfds):
         target, width, r0, r1, where = _FIXUP.unpack_from(p, fixups_at + i * _FIXUP.size)
         if target not in (FD_IN_STRUCT, FD_IN_USER) or width not in (4, 8) or r0 or r1:
@@ -801,16 +828,17 @@ def _decode_ioctl_reply(p: bytes) -> IoctlReply:
             raise _bad(f"descriptor {i}: bad user address")
         fixups.append(FdFixup(target, where, width))
     maps = []
+    map_fds = 0
     for i in range(nmaps):
         op, target, flags, width, r0, block, size, offset, where = _MAP_ENTRY.unpack_from(
             p, maps_at + i * _MAP_ENTRY.size)
         if r0 or not _map_ok(op, target, flags, width, block, size, offset, where, struct_len):
             raise _bad(f"block map {i}: bad entry")
+        map_fds += flags & MAP_WITH_FD
         maps.append(BlockMap(op, block, size, offset, where, target, flags, width))
-    msg = IoctlReply(ret, body, tuple(writes), tuple(fixups), tuple(maps))
-    if msg.fd_count > MAX_FDS:
-        raise _bad(f"{msg.fd_count} descriptors exceed the limit of {MAX_FDS}", errno.E2BIG)
-    return msg
+    if nfds + map_fds > MAX_FDS:  # (the reply's fd_count)
+        raise _bad(f"{nfds + map_fds} descriptors exceed the limit of {MAX_FDS}", errno.E2BIG)
+    return IoctlReply(ret, body, tuple(writes), tuple(fixups), tuple(maps))
 
 
 def _decode_json(p: bytes) -> dict[str, Any]:
@@ -858,6 +886,19 @@ def decode(frame: Frame) -> Message:
     descriptors a frame carries are the transport's business: their count (the frame's fd bits)
     must agree with the payload's table."""
     flags = frame.flags
+    if not flags:  # the common frames first (no descriptors, nothing flagged): same checks
+        kind_nr = frame.kind
+        if kind_nr == _KIND_IOCTL_REPLY:
+            reply = _decode_ioctl_reply(frame.payload)
+            if reply.fixups or (reply.maps and reply.fd_count):
+                raise _bad(f"frame carries 0 descriptors, its payload names {reply.fd_count}")
+            return reply
+        if kind_nr == _KIND_IOCTL:
+            request = _decode_ioctl(frame.payload)
+            if request.fd_numbers:
+                raise _bad(f"frame carries 0 descriptors, its payload names "
+                           f"{len(request.fd_numbers)}")
+            return request
     if flags & ~_KNOWN_FLAGS:
         raise _bad(f"frame flags 0x{flags:x} are reserved")
     kind = _KINDS.get(frame.kind)
