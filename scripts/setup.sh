@@ -33,10 +33,13 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $PY"
   "$PY" -m venv .venv
 fi
-stamp=.venv/.pydxg-installed
+# PYDXG_EXTRAS: the optional dependency sets to install (pyproject.toml); the tests also need
+# Ray (scripts/test.sh asks for dev,ray).
+extras=${PYDXG_EXTRAS:-dev}
+stamp=".venv/.pydxg-installed-${extras//,/-}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "setup: installing Python dependencies into .venv"
+  echo "setup: installing Python dependencies into .venv ($extras)"
   .venv/bin/python -m pip install -q --upgrade pip </dev/null
-  .venv/bin/python -m pip install -q -e '.[dev]' </dev/null
+  .venv/bin/python -m pip install -q -e ".[$extras]" </dev/null
   touch "$stamp"
 fi
