@@ -13,6 +13,8 @@ NodeConnection, with the soft adapter's 16-byte descriptor (dxg.uapi.memory.Allo
 allocation's private data. Measurements that are compared are interleaved in rounds (a window of
 each in turn, the order swapped every round), so the noise of a busy machine hits both sides of
 a ratio alike. A part that fails (a feature the checkout does not have yet) prints its error.
+Parts A and B are the measurements of `dxg bench`'s M2 (dxg.bench.transfer: the client and the
+measurements), shown here with their diagnostics and targets; the stacks are dxg.bench.stack's.
 
 Measured:
   A  Lock2 + write + read + Unlock2 of 16 MiB and 256 MiB (write the whole allocation from a
@@ -44,12 +46,8 @@ Measured:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -57,11 +55,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from dxg.bench import transfer
+from dxg.bench.stack import split, up
+from dxg.bench.transfer import Mem, timed
 
 KIB = 1 << 10
 MIB = 1 << 20
-PAGE = 4096
 ZERO_COPY_TARGET = 0.95
 TCP_TARGET = 0.8
 RSS_BACK = 0.10  # RSS kept after the free, as a share of the live growth, that still counts as back
@@ -74,75 +73,6 @@ def pct(samples: list[float], q: float) -> float:
 
 def stats(samples: list[float]) -> dict[str, Any]:
     return {"p50": pct(samples, 0.5), "p99": pct(samples, 0.99), "n": len(samples)}
-
-
-def round_page(n: int) -> int:
-    return -(-n // PAGE) * PAGE
-
-
-# ---- the stack -------------------------------------------------------------------------------------
-
-DXG = [sys.executable, "-m", "dxg.cli.main"]
-
-
-def wait_node(node: str, adapters: int, procs: list[subprocess.Popen[bytes]]) -> None:
-    r = subprocess.run([*DXG, "wait", "--node", node, "--adapters", str(adapters), "--timeout",
-                        "60"])
-    if r.returncode != 0:
-        dead = [p.args for p in procs if p.poll() is not None]
-        raise RuntimeError(f"node {node} did not come up (exited: {dead})")
-
-
-def start_up(tmp: Path, adapters: int = 1) -> tuple[list[subprocess.Popen[bytes]], str]:
-    """`dxg up`: host, guest and node in one process (a local link: Lock2 maps shared memory)."""
-    node = str(tmp / "up.sock")
-    up = subprocess.Popen([*DXG, "up", "--node", node, "--adapters", str(adapters)],
-                          env=dict(os.environ, DXG_NODE=node), stdout=subprocess.DEVNULL,
-                          stderr=open(tmp / "up.log", "wb"))
-    wait_node(node, adapters, [up])
-    return [up], node
-
-
-def start_split(tmp: Path, kind: str, adapters: int = 1) -> tuple[list[subprocess.Popen[bytes]],
-                                                                  str]:
-    """`dxg host --listen ADDR` and `dxg guest --connect ADDR --node NODE`, two processes;
-    ``kind`` "tcp" (loopback, port chosen by the host) or "unix". Returns ([host, guest], node)."""
-    listen = "tcp:127.0.0.1:0" if kind == "tcp" else f"unix:{tmp / 'host.sock'}"
-    out = tmp / f"host-{kind}.out"
-    host = subprocess.Popen([*DXG, "host", "--listen", listen, "--adapters", str(adapters)],
-                            stdout=open(out, "wb"), stderr=open(tmp / f"host-{kind}.log", "wb"))
-    procs = [host]
-    try:
-        addr = ""
-        deadline = time.monotonic() + 60
-        while not addr:
-            for line in out.read_text().splitlines():
-                if "listening on " in line:
-                    addr = line.split("listening on ", 1)[1].strip()
-            if host.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"dxg host did not start (see {tmp}/host-{kind}.log)")
-            time.sleep(0.05)
-        node = str(tmp / f"guest-{kind}.sock")
-        guest = subprocess.Popen([*DXG, "guest", "--connect", addr, "--node", node],
-                                 stdout=subprocess.DEVNULL,
-                                 stderr=open(tmp / f"guest-{kind}.log", "wb"))
-        procs.append(guest)
-        wait_node(node, adapters, procs)
-    except BaseException:
-        stop(procs)
-        raise
-    return procs, node
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in reversed(procs):  # the guest before its host
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def proc_mem(pid: int) -> dict[str, int]:
@@ -158,285 +88,21 @@ def proc_mem(pid: int) -> dict[str, int]:
     return out
 
 
-# ---- the client --------------------------------------------------------------------------------------
-
-
-class DxgError(RuntimeError):
-    pass
-
-
-class Mem:
-    """A device on the first adapter of a node and its allocations, through the raw thunks on
-    one NodeConnection. The argument structs are made once and reused, so a call costs what
-    the driver costs, not what building ctypes structs costs."""
-
-    def __init__(self, node: str) -> None:
-        from dxg import uapi
-        from dxg.client import thunks
-        from dxg.client.connection import NodeConnection
-        from dxg.uapi import structs as s
-        from dxg.uapi.memory import AllocDesc
-
-        self.t = thunks
-        self.s = s
-        self.AllocDesc = AllocDesc
-        self.conn = NodeConnection(node)
-        enum = uapi.d3dkmt_enumadapters3()
-        enum.filter.include_compute_only = 1
-        infos = (uapi.d3dkmt_adapterinfo * 8)()
-        enum.adapter_count = 8
-        enum.adapters = ctypes.addressof(infos)
-        ret = self.conn.ioctl(uapi.LX_DXENUMADAPTERS3, enum)
-        if ret != 0 or enum.adapter_count < 1:
-            raise DxgError(f"EnumAdapters3: {ret}, {enum.adapter_count} adapters")
-        self.adapter = int(infos[0].adapter_handle.v)
-        cd = s.d3dkmt_createdevice()
-        cd.adapter.v = self.adapter
-        self._check(thunks.D3DKMTCreateDevice(self.conn, cd), "CreateDevice")
-        self.device = int(cd.device.v)
-        # CreateAllocation of one allocation; the descriptor is set per size.
-        self._priv = ctypes.create_string_buffer(16)
-        self._info = (s.d3dddi_allocationinfo2 * 1)()
-        self._info[0].priv_drv_data = ctypes.addressof(self._priv)
-        self._info[0].priv_drv_data_size = 16
-        self._ca = s.d3dkmt_createallocation()
-        self._ca.device.v = self.device
-        self._ca.alloc_count = 1
-        self._ca.allocation_info = ctypes.addressof(self._info)
-        self._size = -1
-        self._one = (ctypes.c_uint32 * 1)()
-        self._da = s.d3dkmt_destroyallocation2()
-        self._da.device.v = self.device
-        self._da.allocations = ctypes.addressof(self._one)
-        self._da.alloc_count = 1
-        self._lk = s.d3dkmt_lock2()
-        self._lk.device.v = self.device
-        self._ul = s.d3dkmt_unlock2()
-        self._ul.device.v = self.device
-        self._views: dict[int, type[ctypes.Array[ctypes.c_ubyte]]] = {}
-
-    @staticmethod
-    def _check(status: int, what: str) -> None:
-        if status != 0:
-            raise DxgError(f"{what}: NTSTATUS 0x{status & 0xFFFFFFFF:08x}")
-
-    def create(self, size: int) -> int:
-        if size != self._size:
-            ctypes.memmove(self._priv, self.AllocDesc(size).pack(), 16)
-            self._size = size
-        self._info[0].allocation.v = 0
-        self._check(self.t.D3DKMTCreateAllocation(self.conn, self._ca), "CreateAllocation")
-        return int(self._info[0].allocation.v)
-
-    def destroy(self, handle: int) -> None:
-        self._one[0] = handle
-        self._check(self.t.D3DKMTDestroyAllocation2(self.conn, self._da), "DestroyAllocation2")
-
-    def lock(self, handle: int) -> int:
-        self._lk.allocation.v = handle
-        self._lk.data = 0
-        self._check(self.t.D3DKMTLock2(self.conn, self._lk), "Lock2")
-        if not self._lk.data:
-            raise DxgError("Lock2 returned no address")
-        return int(self._lk.data)
-
-    def unlock(self, handle: int) -> None:
-        self._ul.allocation.v = handle
-        self._check(self.t.D3DKMTUnlock2(self.conn, self._ul), "Unlock2")
-
-    def forwarded(self) -> None:
-        """QueryAdapterInfo DRIVER_DESCRIPTION: a call the guest forwards to the host (the floor
-        of any call that reaches the host)."""
-        from dxg.uapi import wddm
-
-        if not hasattr(self, "_qai"):
-            self._desc = wddm.D3DKMT_DRIVER_DESCRIPTION()
-            self._qai = self.s.d3dkmt_queryadapterinfo()
-            self._qai.adapter.v = self.adapter
-            self._qai.type = wddm.KMTQUERYADAPTERINFOTYPE.KMTQAITYPE_DRIVER_DESCRIPTION
-            self._qai.private_data = ctypes.addressof(self._desc)
-            self._qai.private_data_size = ctypes.sizeof(self._desc)
-        self._check(self.t.D3DKMTQueryAdapterInfo(self.conn, self._qai), "QueryAdapterInfo")
-
-    def view(self, addr: int, n: int) -> np.ndarray:
-        """The ``n`` bytes at ``addr`` (what Lock2 returned) as a uint8 ndarray, no copy."""
-        kind = self._views.get(n)
-        if kind is None:
-            kind = self._views[n] = ctypes.c_ubyte * n
-        return np.frombuffer(kind.from_address(addr), dtype=np.uint8)
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def timed(fn: Any, n: int) -> list[float]:
-    """``n`` calls of ``fn``: each one's time in microseconds."""
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        fn()
-        out.append((time.perf_counter_ns() - t0) / 1000)
-    return out
-
-
-def interleave(fns: dict[str, Any], rounds: int, per: int) -> dict[str, list[float]]:
-    """``rounds`` rounds of ``per`` calls of each function in turn (the order reversed every other
-    round); all the samples of each."""
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            samples[name] += timed(fns[name], per)
-    return samples
-
-
-# ---- A: zero copy ----------------------------------------------------------------------------------
+# ---- A and B: the measurements of dxg bench's M2, with their diagnostics ------------------------
 
 
 def zero_copy(node: str, size: int, rounds: int, per: int) -> dict[str, Any]:
-    mem = Mem(node)
-    h = mem.create(size)
-    try:
-        src = np.arange(size, dtype=np.uint32).astype(np.uint8)  # a pattern, touched
-        dst = np.zeros(size, dtype=np.uint8)
-        buf = np.zeros(size, dtype=np.uint8)  # the in-process buffer, touched
-
-        def pydxg() -> None:
-            view = mem.view(mem.lock(h), size)
-            np.copyto(view, src)
-            np.copyto(dst, view)
-            mem.unlock(h)
-
-        def local() -> None:
-            np.copyto(buf, src)
-            np.copyto(dst, buf)
-
-        def lock_only() -> None:
-            mem.lock(h)
-            mem.unlock(h)
-
-        pydxg()  # warm up: maps the block, touches its pages
-        local()
-        ok = bool(np.array_equal(dst, src))
-        # Where a gap comes from: the two calls alone, and the copies on the mapping alone (held
-        # locked meanwhile: the other locks nest, which on a local link costs the same).
-        mapped = mem.view(mem.lock(h), size)
-
-        def copy_mapped() -> None:
-            np.copyto(mapped, src)
-            np.copyto(dst, mapped)
-
-        samples = interleave({"pydxg": pydxg, "local": local, "calls": lock_only,
-                              "mapped": copy_mapped}, rounds, per)
-        mem.unlock(h)
-        # The bytes stayed in the allocation: a fresh lock sees them.
-        addr = mem.lock(h)
-        kept = bool(np.array_equal(mem.view(addr, size)[::PAGE], src[::PAGE]))
-        mem.unlock(h)
-    finally:
-        mem.destroy(h)
-        mem.close()
-    return {"size": size, "correct": ok and kept, "address": hex(addr),
-            "pydxg": stats(samples["pydxg"]), "local": stats(samples["local"]),
-            "lock_unlock": stats(samples["calls"]), "copy_on_mapping": stats(samples["mapped"])}
-
-
-# ---- B: the TCP copy path ----------------------------------------------------------------------------
-
-
-class TcpEcho:
-    """A forked process on a loopback TCP connection: for an 8-byte request (n) it sends n bytes
-    back; then it receives n bytes (recv_into) and answers one byte. What Lock2 (fetch) and
-    Unlock2 (write back) of an n-byte allocation move, on a bare socket."""
-
-    def __init__(self, size: int) -> None:
-        lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen(1)
-        self.pid = os.fork()
-        if self.pid == 0:
-            try:
-                conn, _ = lsock.accept()
-                lsock.close()
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                buf = bytearray(size)
-                mv = memoryview(buf)
-                while True:
-                    req = conn.recv(8)
-                    if len(req) < 8:
-                        break
-                    (n,) = struct.unpack("<Q", req)
-                    conn.sendall(mv[:n])
-                    got = 0
-                    while got < n:
-                        k = conn.recv_into(mv[got:n])
-                        if not k:
-                            os._exit(0)
-                        got += k
-                    conn.sendall(b"k")
-            finally:
-                os._exit(0)
-        self.sock = socket.create_connection(lsock.getsockname())
-        lsock.close()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = np.zeros(size, dtype=np.uint8)
-        self.mv = memoryview(self.buf)
-        self.ack = bytearray(1)
-
-    def move(self, n: int) -> None:
-        self.sock.sendall(struct.pack("<Q", n))
-        got = 0
-        while got < n:
-            k = self.sock.recv_into(self.mv[got:n])
-            if not k:
-                raise ConnectionError("echo went away")
-            got += k
-        self.buf[:n:PAGE] += 1  # the same touch as the pydxg side
-        self.sock.sendall(self.mv[:n])
-        if self.sock.recv_into(self.ack) != 1:
-            raise ConnectionError("echo went away")
-
-    def close(self) -> None:
-        self.sock.close()
-        os.waitpid(self.pid, 0)
+    r = transfer.zero_copy(node, size, rounds, per)
+    s = r.pop("samples")
+    return {**r, "pydxg": stats(s["pydxg"]), "local": stats(s["local"]),
+            "lock_unlock": stats(s["calls"]), "copy_on_mapping": stats(s["mapped"])}
 
 
 def tcp_copy(node: str, size: int, rounds: int, per: int) -> dict[str, Any]:
-    mem = Mem(node)
-    h = mem.create(size)
-    n = round_page(size)
-    echo = TcpEcho(n)
-    try:
-        def pydxg() -> None:
-            view = mem.view(mem.lock(h), n)
-            view[::PAGE] += 1
-            mem.unlock(h)
-
-        def raw() -> None:
-            echo.move(n)
-
-        # Correctness: a pattern written under one lock comes back under the next.
-        view = mem.view(mem.lock(h), n)
-        view[:] = np.arange(n, dtype=np.uint32).astype(np.uint8)
-        mem.unlock(h)
-        want = np.arange(n, dtype=np.uint32).astype(np.uint8)
-        view = mem.view(mem.lock(h), n)
-        ok = bool(np.array_equal(view, want))
-        mem.unlock(h)
-        raw()
-
-        def floor() -> None:  # two calls to the host and back: what Lock2 + Unlock2 cost at least
-            mem.forwarded()
-            mem.forwarded()
-
-        floor()
-        samples = interleave({"pydxg": pydxg, "raw": raw, "floor": floor}, rounds, per)
-    finally:
-        echo.close()
-        mem.destroy(h)
-        mem.close()
-    return {"size": size, "moved": n, "correct": ok, "pydxg": stats(samples["pydxg"]),
-            "raw": stats(samples["raw"]), "two_forwarded_calls": stats(samples["floor"])}
+    r = transfer.tcp_copy(node, size, rounds, per)
+    s = r.pop("samples")
+    return {**r, "pydxg": stats(s["pydxg"]), "raw": stats(s["raw"]),
+            "two_forwarded_calls": stats(s["floor"])}
 
 
 # ---- C: allocate / free, and what a live allocation costs -----------------------------------------
@@ -477,8 +143,7 @@ def alloc_calls(node: str, rounds: int, per: int) -> dict[str, Any]:
 HOLDER = """
 import json, sys, time
 from array import array
-sys.path[:0] = [{here!r}]
-from memory import Mem
+from dxg.bench.transfer import Mem
 mem = Mem({node!r})
 for _ in range(20):  # warm up: the arena, the block's mapping in the guest and here
     h = mem.create(4096); mem.lock(h); mem.unlock(h); mem.destroy(h)
@@ -517,8 +182,7 @@ def settle(pids: dict[str, int], seconds: float = 3.0) -> dict[str, dict[str, in
 
 
 def live(node: str, host_pid: int, guest_pid: int, count: int) -> dict[str, Any]:
-    here = str(Path(__file__).resolve().parent)
-    p = subprocess.Popen([sys.executable, "-c", HOLDER.format(here=here, node=node)],
+    p = subprocess.Popen([sys.executable, "-c", HOLDER.format(node=node)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdin is not None and p.stdout is not None
 
@@ -589,32 +253,23 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="pydxg-bench-mem."))
     results: dict[str, Any] = {"quick": quick, "logs": str(tmp)}
     if "a" not in skip:
-        procs, node = start_up(tmp)
-        try:
-            results["a"] = [guarded(zero_copy, node, 16 * MIB, 6 if quick else 20,
+        with up(tmp) as stack:
+            results["a"] = [guarded(zero_copy, stack.node, 16 * MIB, 6 if quick else 20,
                                     4 if quick else 10),
-                            guarded(zero_copy, node, 256 * MIB, 3 if quick else 10,
+                            guarded(zero_copy, stack.node, 256 * MIB, 3 if quick else 10,
                                     2 if quick else 3)]
-        finally:
-            stop(procs)
     if "b" not in skip:
-        procs, node = start_split(tmp, "tcp")
-        try:
-            results["b"] = [guarded(tcp_copy, node, 128 * KIB + 1, 6 if quick else 20,
+        with split(tmp, "tcp") as stack:
+            results["b"] = [guarded(tcp_copy, stack.node, 128 * KIB + 1, 6 if quick else 20,
                                     10 if quick else 50),
-                            guarded(tcp_copy, node, 64 * MIB, 3 if quick else 8,
+                            guarded(tcp_copy, stack.node, 64 * MIB, 3 if quick else 8,
                                     2 if quick else 3)]
-        finally:
-            stop(procs)
     if "c" not in skip:
-        procs, node = start_split(tmp, "unix")
-        try:
-            results["c_calls"] = guarded(alloc_calls, node, 4 if quick else 10,
+        with split(tmp, "unix") as stack:
+            results["c_calls"] = guarded(alloc_calls, stack.node, 4 if quick else 10,
                                          100 if quick else 300)
-            results["c_live"] = guarded(live, node, procs[0].pid, procs[1].pid,
+            results["c_live"] = guarded(live, stack.node, stack.daemon_pid, stack.guest_pid,
                                         2000 if quick else 10000)
-        finally:
-            stop(procs)
     report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

@@ -375,3 +375,9 @@ def cmd_ioctls(args: argparse.Namespace) -> int:
 
     sys.stdout.write(support.render_ioctls_doc() if args.markdown else support.render_plain())
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dxg.bench.runner import run_bench
+
+    return run_bench(args)

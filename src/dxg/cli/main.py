@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dxg.cli import commands, preflight
+from dxg.cli import commands, preflight, raycmd
 
 
 class CliError(Exception):
@@ -231,12 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the spec to FILE (e.g. /etc/cdi/pydxg.json) instead of stdout")
     p.set_defaults(func=commands.cmd_cdi)
 
+    raycmd.add_parser(sub)
+
     p = sub.add_parser("uapi-header", help="print the C header generated from dxg.uapi")
     p.set_defaults(func=commands.cmd_uapi_header)
 
     p = sub.add_parser("ioctls", help="the ioctl table: code, name, status in pydxg")
     p.add_argument("--markdown", action="store_true")
     p.set_defaults(func=commands.cmd_ioctls)
+
+    p = sub.add_parser("bench", help="what paravirtualization costs, beside native and Ray "
+                       "(docs/performance.md)")
+    from dxg.bench.runner import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=commands.cmd_bench)
     _add_global_options_after(sub)  # keep last: every subcommand above gets them
     return ap
 

@@ -1,0 +1,1 @@
+"""``dxg bench``: what paravirtualization costs, measured beside native and beside Ray."""
