@@ -89,7 +89,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_busy, pct, start_up, stop_up
+from common import cpu_busy, pct, start_up, stop_up, timed
 
 GEMM_TARGET = 0.97
 BATCH_TARGET = 20.0
@@ -196,16 +196,6 @@ def add_buffer(vx: int, v1: int, count: int = 1) -> Any:
     for _ in range(count):
         cb.binary("add", x, x, one)
     return cb
-
-
-def timed(fn: Any, n: int) -> list[float]:
-    """``n`` calls of ``fn``: each one's time in microseconds."""
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        fn()
-        out.append((time.perf_counter_ns() - t0) / 1000)
-    return out
 
 
 # Idle before each window of an interleave: OpenBLAS's threads spin for about 0.1 s after a call

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import pct, start_up, stop_up
+from common import pct, start_up, stop_up, timed
 
 # ---- the stack and the clients ---------------------------------------------------------------------
 
@@ -112,15 +112,6 @@ def sleep_call(calls: Calls, adapter: int, ms: int) -> None:
         diag.sleep(dev, ms)
     finally:
         dev.close()
-
-
-def timed(fn: Any, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        fn()
-        out.append((time.perf_counter_ns() - t0) / 1000)
-    return out
 
 
 class Echo:

@@ -10,17 +10,29 @@ a figure it could not produce carries ``error`` instead of numbers.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Context", "Figure", "Stats", "pct", "stats"]
+__all__ = ["Context", "Figure", "Stats", "pct", "stats", "timed"]
 
 
 def pct(samples: list[float], q: float) -> float:
     """The ``q`` quantile of ``samples`` (nearest rank; NaN when there are none)."""
     s = sorted(samples)
     return s[min(len(s) - 1, int(q * len(s)))] if s else math.nan
+
+
+def timed(fn: Callable[[], object], n: int) -> list[float]:
+    """``n`` calls of ``fn``: each one's time in microseconds."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        fn()
+        out.append((time.perf_counter_ns() - t0) / 1000)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from dxg.bench.model import Context, Stats, stats
+from dxg.bench.model import Context, Stats, stats, timed
 
 __all__ = ["run"]
 
@@ -160,15 +160,6 @@ def _tail(log: Path) -> str:
 # ---- the child, inside the namespaces ------------------------------------------------------------
 
 
-def _timed(fn: Callable[[], object], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        fn()
-        out.append((time.perf_counter_ns() - t0) / 1000)
-    return out
-
-
 def _pair(peer: Callable[[], object], base: Callable[[], object], rounds: int, per: int,
           div: float, settle: float = 0.0) -> dict[str, dict[str, float]]:
     """Interleaved windows of Ray and its baseline (the order swapped every round); with
@@ -180,7 +171,7 @@ def _pair(peer: Callable[[], object], base: Callable[[], object], rounds: int, p
         for name in ("peer", "base") if r % 2 == 0 else ("base", "peer"):
             if settle and prev is not None and prev != name:
                 time.sleep(settle)
-            samples[name] += _timed(fns[name], per)
+            samples[name] += timed(fns[name], per)
             prev = name
     return {k: stats([x / div for x in v]).json() for k, v in samples.items()}
 
@@ -290,8 +281,8 @@ def _call(engine: Any, echo: _Echo, quick: bool) -> dict[str, dict[str, Any]]:
     def call() -> None:
         ray.get(engine.noop.remote())
 
-    _timed(call, 20)
-    _timed(echo.rtt, 20)
+    timed(call, 20)
+    timed(echo.rtt, 20)
     return {RTT_NAME: _pair(call, echo.rtt, 3 if quick else 10, 100 if quick else 300, 1.0)}
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dxg.bench.model import Context, Figure, stats
+from dxg.bench.model import Context, Figure, stats, timed
 from dxg.bench.stack import split, up
 
 __all__ = ["Mem", "TcpEcho", "interleave", "run", "tcp_copy", "timed", "zero_copy",
@@ -177,16 +177,6 @@ class Mem:
 
     def close(self) -> None:
         self.conn.close()
-
-
-def timed(fn: Callable[[], object], n: int) -> list[float]:
-    """``n`` calls of ``fn``: each one's time in microseconds."""
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        fn()
-        out.append((time.perf_counter_ns() - t0) / 1000)
-    return out
 
 
 def interleave(fns: dict[str, Callable[[], object]], rounds: int, per: int,
