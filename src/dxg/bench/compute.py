@@ -13,7 +13,7 @@ Against `dxg up` (a local link), one ``dxg.compute`` device, data already on it:
   ones against NumPy.
 
 The baseline is NumPy as a NumPy user has it: this process's BLAS on every core. The host runs
-BLAS single-threaded, one engine slot per core, and a lone big GEMM fans out over the idle slots
+BLAS single-threaded, one engine slot per core, and a big GEMM fans out over the idle slots
 (docs/execution.md), so both sides use every core. Windows interleave, the order swapped every
 round; a pydxg window starts after SETTLE idle, as this process's BLAS threads spin a while
 after a NumPy GEMM and would take a core from the host's engine.
@@ -293,7 +293,7 @@ def _figures(ctx: Context, dev: Any) -> list[Figure]:
     for n, rounds, per in GEMM_QUICK if quick else GEMM_FULL:
         ctx.log(f"M3 {gemm_name(n)}")
         f = _figure(gemm_name(n), lambda n=n, r=rounds, p=per: gemm(dev, n, r, p), np_name,
-                    "data on the device; the host's BLAS is single-threaded, a lone GEMM fans "
+                    "data on the device; the host's BLAS is single-threaded, a big GEMM fans "
                     "out over the idle engine slots (one per core)")
         if f.pydxg is not None and f.baseline is not None:
             flops = 2 * n ** 3 / 1e6  # GFLOP/s from a time in ms

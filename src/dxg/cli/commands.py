@@ -142,8 +142,8 @@ def raise_priority(nice: int) -> None:
 def single_threaded_blas() -> None:
     """The host's engine gives each command buffer one slot, one core
     (dxg.host.scheduler): BLAS must then run on the thread that calls it, or one GEMM takes
-    every core and two queues side by side gain nothing. A lone big GEMM gets the idle cores
-    back by fanning out over idle slots (dxg.backends.fanout). Process-wide (BLAS's thread
+    every core and two queues side by side gain nothing. A big GEMM gets the idle cores back by
+    fanning out over idle slots (dxg.backends.fanout). Process-wide (BLAS's thread
     count is), so it is set here, by the daemon, after NumPy has loaded BLAS."""
     import numpy  # noqa: F401  (loads BLAS, so that its thread pool can be found)
     from threadpoolctl import threadpool_limits

@@ -7,8 +7,8 @@ arrive fire-and-forget (SUBMITCOMMANDTOHWQUEUE needs no reply): each becomes a t
 queue's lane; a turn copies the command buffer out of memory (so the process cannot change it
 under the engine), takes a snapshot of the process's VA space, waits for an engine slot of the
 adapter (by the context's scheduling priority: dxg.host.scheduler) and runs the engine on a
-worker thread (one slot, one core; a big GEMM of a queue with nothing behind it may borrow idle
-slots: dxg.backends.fanout). A command buffer that faults (a bad opcode, an unmapped or
+worker thread (one slot, one core; a big GEMM may borrow slots nobody is using:
+dxg.backends.fanout). A command buffer that faults (a bad opcode, an unmapped or
 out-of-range address, a shape that overruns its buffer) puts its device in the error state:
 GetDeviceState reports it (with the faulting address), the guest is told (SETGUESTDATA), its
 fences' waiters wake with an error and its later submissions are dropped; every other device
@@ -227,8 +227,7 @@ async def _execute(p: Partition, queue: HwQueue, va: int, length: int, value: in
     try:
         if not queue.alive:
             return
-        result = await run_buffer(p, queue.context, va, length, lambda: queue.alive,
-                                  lambda: queue.queued <= 1)
+        result = await run_buffer(p, queue.context, va, length, lambda: queue.alive)
         if result is None:
             return
         queue.executed += 1
@@ -291,15 +290,14 @@ def engine_account(p: Partition, process: HostProcess, adapter: HostAdapter) -> 
 
 
 async def run_buffer(p: Partition, context: HostContext, va: int, length: int,
-                     alive: Callable[[], bool] = lambda: True,
-                     lone: Callable[[], bool] = lambda: False) -> Any:
+                     alive: Callable[[], bool] = lambda: True) -> Any:
     """Run the command buffer at ``va`` for ``context``'s device: its result, or None when it
     did not run (its context, process or device went, the device was in error, ``alive()``
     says no, or it faulted now). The engine slot is taken only once the job has its worker
-    slots, and the buffer and the VA space are read only then (what the job will use).
-    ``lone()`` (asked on the worker thread, op by op) says that nothing waits behind the
-    buffer on its queue: then its big ops may borrow idle engine slots (dxg.backends.fanout),
-    while a backlog keeps one slot per buffer and gets its parallelism from other queues.
+    slots, and the buffer and the VA space are read only then (what the job will use). Its
+    big ops may borrow engine slots nobody is using (dxg.backends.fanout), whatever waits
+    behind it on its queue (a queue runs in order: its backlog could not use them); none is
+    lent while another job waits for a slot, and a lent one goes back once a job wants it.
 
     The engine slot comes by the process's compute share and then the context's priority
     (dxg.host.scheduler); the engine time measured on the threads that ran the buffer (its
@@ -355,7 +353,7 @@ async def run_buffer(p: Partition, context: HostContext, va: int, length: int,
     def job(cancelled: threading.Event) -> Any:
         buffer, snapshot = got
         slot = held[0]
-        fanout = FanOut(engine, p.host.workers.submit, lone,
+        fanout = FanOut(engine, p.host.workers.submit,
                         charge=functools.partial(engine.charge, slot, lent=True))
         stop: Cancelled = cancelled
         if tdr > 0:
@@ -424,8 +422,7 @@ def submit_command(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsRe
 
         async def turn(context: HostContext = context) -> Any:
             try:
-                return await run_buffer(p, context, va, length,
-                                        lone=lambda: context.queued <= 1)
+                return await run_buffer(p, context, va, length)
             finally:
                 context.queued -= 1
 
