@@ -53,14 +53,16 @@ Measured:
       round trip. Reported (no target in the issue).
   E4  N GEMMs 1024 x 1024 f32 (N = 32; 8 with --quick) on one hardware queue against N/2 on
       each of two queues (two contexts of one device), all submitted at once, then waited:
-      GEMMs/s, ratio two / one. Target >= 1.7. A queue with GEMMs behind it runs each one in
-      one engine slot (one core: the host's BLAS is single-threaded; only its last GEMM, alone
-      by then, fans out), so one queue uses one core and two queues two (the host's worker
-      pool and per-process job slots are larger than two). Beside it the machine's own
-      ceiling, the same N np.matmul on one thread of this process against N/2 on each of two
-      threads: with this process's BLAS on every core (as a NumPy user has it: one GEMM already
-      takes both, two threads add nothing) and single-threaded (threadpoolctl; as the host's
-      engine runs: what two cores give over one here, the most two queues can give).
+      GEMMs/s, each way against the machine's best in-process NumPy rate (the best of the four
+      NumPy lines below). Target >= 0.8 for both: the cores are used whether a user has one
+      queue or two. The host's BLAS is single-threaded, one engine slot per core; a GEMM fans
+      out over the idle slots while its queue is the adapter's only one with work (also with
+      GEMMs behind it), so one queue uses every core, and two busy queues one slot each (the
+      ratio two / one, printed too, is about 1 since this change; it was the target, >= 1.7,
+      while one queue ran on one core). Beside it the machine's own ceiling, the same N
+      np.matmul on one thread of this process against N/2 on each of two threads: with this
+      process's BLAS on every core (as a NumPy user has it: one GEMM already takes both, two
+      threads add nothing) and single-threaded (threadpoolctl; as the host's engine runs).
   E5  A high-priority queue's latency while another process floods the adapter with 1024 x 1024
       GEMMs on 4 queues of one context, each kept 2 submissions deep: the small op of E2
       submitted and waited (CPU fence wait) at random intervals (0..5 ms apart), p50/p99 ms,
@@ -93,7 +95,7 @@ from common import cpu_busy, pct, start_up, stop_up, timed
 
 GEMM_TARGET = 0.97
 BATCH_TARGET = 20.0
-QUEUES_TARGET = 1.7
+CORES_TARGET = 0.8  # E4: each way against NumPy's best in-process rate
 SMALL = 256  # elements of a small op
 MAX_IN_FLIGHT = 1024  # asynchronous submissions outstanding on one queue (it takes 4096)
 
@@ -732,11 +734,14 @@ def report(r: dict[str, Any]) -> None:
                   f"contexts) vs one (median of runs); engine slots: {r['cpus']} (one per host "
                   "core: the host's BLAS is single-threaded)")
             ps = v["per_s"]
-            print(f"{'way':<52} {'GEMM/s':>8} {'ratio':>6} {'target':>7} {'met':>4}")
-            ratio = ps["two"] / ps["one"]
-            print(f"{'pydxg, one queue':<52} {ps['one']:8.1f}")
-            print(f"{'pydxg, two queues':<52} {ps['two']:8.1f} {ratio:6.2f} "
-                  f"{'>=' + str(QUEUES_TARGET):>7} {_met(ratio >= QUEUES_TARGET):>4}")
+            best = max(ps.get(k, 0.0) for k in ("np_one", "np_two", "np_one_st", "np_two_st"))
+            print(f"{'way':<52} {'GEMM/s':>8} {'ratio':>6} {'target':>7} {'met':>4}   (ratio: "
+                  "to NumPy's best line below)")
+            for key, name in (("one", "pydxg, one queue"), ("two", "pydxg, two queues")):
+                ratio = ps[key] / best
+                print(f"{name:<52} {ps[key]:8.1f} {ratio:6.2f} {'>=' + str(CORES_TARGET):>7} "
+                      f"{_met(ratio >= CORES_TARGET):>4}")
+            print(f"{'pydxg, two queues / one queue':<52} {'':8} {ps['two'] / ps['one']:6.2f}")
             for suffix, blas in (("", "BLAS on every core"), ("_st", "single-threaded BLAS")):
                 one, two = ps.get(f"np_one{suffix}"), ps.get(f"np_two{suffix}")
                 if one is None or two is None:

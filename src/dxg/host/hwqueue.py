@@ -206,15 +206,14 @@ def submit_command_to_hwqueue(p: Partition, call: Call,
     if queue.queued >= MAX_QUEUED:
         fault_device(p, device, ERROR_OUTOFMEMORY, 0, f"more than {MAX_QUEUED} submissions")
         raise CommandFailed(NTSTATUS.STATUS_NO_MEMORY, "the queue is full")
-    queue.queued += 1
+    if p.tasks.closed:
+        raise CommandFailed(NTSTATUS.STATUS_DEVICE_REMOVED, "the host is closing")
+    _queued(queue, call.adapter.engine, 1)
     va, value = int(args.command_buffer), int(args.hwqueue_progress_fence_id)
 
     def turn() -> Any:
         return _execute(p, queue, va, length, value)
 
-    if p.tasks.closed:
-        queue.queued -= 1
-        raise CommandFailed(NTSTATUS.STATUS_DEVICE_REMOVED, "the host is closing")
     # Started on the spot: it takes its place in the queue's lane before the next command is
     # dispatched (a signal submitted right after waits for it: dxg.host.gpusync).
     p.tasks.eager(p.lanes.run(gpusync.lane_of_queue(queue), turn),
@@ -235,7 +234,16 @@ async def _execute(p: Partition, queue: HwQueue, va: int, length: int, value: in
         if queue.alive:
             queue.fence.signal(value)
     finally:
-        queue.queued -= 1
+        _queued(queue, queue.device.adapter.engine, -1)
+
+
+def _queued(timeline: Any, engine: Any, n: int) -> None:
+    """``timeline`` (a queue or a context) has ``n`` more submissions; the adapter's engine
+    counts the timelines that have any (dxg.backends.fanout lends slots to a lone one)."""
+    before = timeline.queued
+    timeline.queued = before + n
+    if (before > 0) != (timeline.queued > 0):
+        engine.timelines += 1 if timeline.queued > 0 else -1
 
 
 class _Skip(Exception):
@@ -295,9 +303,10 @@ async def run_buffer(p: Partition, context: HostContext, va: int, length: int,
     did not run (its context, process or device went, the device was in error, ``alive()``
     says no, or it faulted now). The engine slot is taken only once the job has its worker
     slots, and the buffer and the VA space are read only then (what the job will use). Its
-    big ops may borrow engine slots nobody is using (dxg.backends.fanout), whatever waits
-    behind it on its queue (a queue runs in order: its backlog could not use them); none is
-    lent while another job waits for a slot, and a lent one goes back once a job wants it.
+    big ops may borrow engine slots nobody is using (dxg.backends.fanout) while its timeline is
+    the only one of the adapter with work, whatever waits behind it on its own (a queue runs
+    in order: its backlog could not use them); none is lent while another job waits for a
+    slot, and a lent one goes back once a job wants it.
 
     The engine slot comes by the process's compute share and then the context's priority
     (dxg.host.scheduler); the engine time measured on the threads that ran the buffer (its
@@ -353,7 +362,7 @@ async def run_buffer(p: Partition, context: HostContext, va: int, length: int,
     def job(cancelled: threading.Event) -> Any:
         buffer, snapshot = got
         slot = held[0]
-        fanout = FanOut(engine, p.host.workers.submit,
+        fanout = FanOut(engine, p.host.workers.submit, lambda: engine.timelines <= 1,
                         charge=functools.partial(engine.charge, slot, lent=True))
         stop: Cancelled = cancelled
         if tdr > 0:
@@ -418,13 +427,13 @@ def submit_command(p: Partition, call: Call, body: m.IoctlArgs) -> m.IoctlArgsRe
         raise CommandFailed(NTSTATUS.STATUS_DEVICE_REMOVED, "the host is closing")
     va = int(args.command_buffer)
     for context in contexts:
-        context.queued += 1
+        _queued(context, context.device.adapter.engine, 1)
 
         async def turn(context: HostContext = context) -> Any:
             try:
                 return await run_buffer(p, context, va, length)
             finally:
-                context.queued -= 1
+                _queued(context, context.device.adapter.engine, -1)
 
         p.tasks.eager(p.lanes.run(gpusync.lane_of(context), turn),
                       f"partition {p.id} context 0x{context.handle:08x}")

@@ -159,6 +159,11 @@ class EngineScheduler:
         self.executed = 0
         self.lent = 0  # slots ever lent (one per borrow of one slot)
         self.hung = 0  # command buffers stopped by the TDR (dxg.host.hwqueue)
+        # timelines (hardware queues, contexts) with submissions waiting or running: a GEMM
+        # borrows idle slots only while its own is the only one (dxg.backends.fanout), since
+        # two busy timelines already keep the slots busy and lending would only make a core run
+        # two threads (updated on the host's loop; read, a plain int, from workers)
+        self.timelines = 0
         self.vclock = 0.0  # the virtual time of the last group served
         self._ready: dict[EngineGroup, None] = {}  # groups with jobs waiting
         # Whose jobs come without an account (tools, tests): one process of one guest.
@@ -325,4 +330,4 @@ class EngineScheduler:
         with self._lock:
             return {"slots": self.slots, "running": self.running, "borrowed": self.borrowed,
                     "waiting": self.waiting, "executed": self.executed, "lent": self.lent,
-                    "peak": self.peak, "hung": self.hung}
+                    "peak": self.peak, "hung": self.hung, "timelines": self.timelines}
