@@ -1,6 +1,7 @@
 """Fan-out of big GEMMs over idle engine slots (dxg.backends.fanout) as the host does it: a
 buffer borrows whatever slots nobody uses, also with work queued behind it on its own queue (an
-MLP's GEMMs back to back), never while other queues' jobs hold or wait for the slots; a job that
+MLP's GEMMs back to back), never while other queues' jobs hold or wait for the slots or another
+queue has work; a job that
 comes while a slot is lent takes it back; wide matrices are cut by columns and match NumPy."""
 
 from __future__ import annotations
@@ -105,6 +106,32 @@ def test_no_fan_out_while_other_queues_hold_or_wait_for_the_slots(tmp_path: Path
         finally:
             s.host.rt.call(engine.release, slot)
     assert census["executed"] == 3 and census["lent"] == 0, census
+
+
+def test_no_fan_out_while_another_queue_has_work_waiting(tmp_path: Path) -> None:
+    """The first test again, with a second queue whose submission waits (behind a GPU wait)
+    the whole time: two timelines have work, so the first queue's GEMMs keep one slot each
+    (lending would only make a core run two threads once the other queue runs)."""
+    with make_stack(tmp_path, "fw", adapters=1) as s:
+        engine = s.host.adapters[0].engine = EngineScheduler(2)
+        with open_node(s.node_path) as node, node.adapters()[0].create_device() as dev:
+            queue, other = (dev.create_context().hwqueue() for _ in range(2))
+            gate, later = dev.fence(), dev.fence()
+            g = _Gemms(dev, 3)
+            _stalled(dev, later, other)
+            waiting = _submit(dev, other, g.command(2))
+            _stalled(dev, gate, queue)
+            done = [_submit(dev, queue, g.command(i)) for i in range(2)]
+            wait_until(lambda: engine.timelines == 2, 10, "both queues' submissions counted")
+            gate.signal(1)
+            queue.wait(done[-1], timeout=60)
+            lent = engine.census()["lent"]
+            later.signal(1)
+            other.wait(waiting, timeout=60)
+            g.check()
+        census = engine.census()
+    assert lent == 0, census
+    assert census["executed"] == 3 and census["timelines"] == 0, census
 
 
 def test_a_job_that_comes_while_a_slot_is_lent_takes_it_back_before_the_next_piece() -> None:
