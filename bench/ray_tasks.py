@@ -49,7 +49,9 @@ def reexec_in_namespace(argv: list[str]) -> int:
               "with only lo; skipped", file=sys.stderr)
         return 2
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.call(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
+    # a PID namespace too: whatever Ray started ends with the run
+    return subprocess.call(["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child",
+                            "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
                             sys.executable, __file__, *argv], env=env)
 
 

@@ -3,7 +3,8 @@
 The resource and share arithmetic and the CLI's errors are tested directly. The rest runs a real
 Ray cluster (tests/clients/ray_cluster.py): two hosts, two Ray nodes each started by `dxg ray
 start` with its own guest, all on this machine inside a network namespace that has only `lo`
-(root and `unshare -n`), with Ray's own temporary directory and home."""
+and a PID namespace of its own, so that nothing it started outlives it (root, `unshare`), with
+Ray's own temporary directory and home."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ from dxg.ray.resources import (
 from dxg.uapi.ntstatus import NTSTATUS
 
 CLUSTER = Path(__file__).parent / "clients" / "ray_cluster.py"
+# a network namespace with only lo, and a PID namespace whose end (its first process exiting,
+# or killed at the timeout) ends everything the cluster started
+UNSHARE = ("unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child")
 GIB = 1 << 30
 A = NodeAdapter(0x0000000100000002, 2 * GIB)
 B = NodeAdapter(0x00000001000000FF, GIB)
@@ -147,7 +151,7 @@ def _cluster_problem() -> str | None:
         return "needs root to make a network namespace with only lo (unshare -n)"
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         return "needs unshare and ip (util-linux, iproute2)"
-    probe = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"],
+    probe = subprocess.run([*UNSHARE, "ip", "link", "set", "lo", "up"],
                            capture_output=True, text=True)
     if probe.returncode != 0:
         return f"cannot make a network namespace here: {probe.stderr.strip()}"
@@ -162,7 +166,7 @@ def run_cluster(scenario: str, tmp: Path) -> dict:
     env = dict(os.environ, HOME=str(tmp), RAY_AUTH_MODE="disabled",
                RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=os.pathsep.join(sys.path))
     env.pop("RAY_ADDRESS", None)
-    r = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
+    r = subprocess.run([*UNSHARE, "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
                         sys.executable, str(CLUSTER), scenario, str(tmp)],
                        capture_output=True, text=True, env=env, timeout=280)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
