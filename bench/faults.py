@@ -36,42 +36,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import pct, start_up, stop_up
 
+from dxg.bench import cleanup
+
 POLL_S = 0.002
 
 CLIENT = r"""
-import os, sys, threading
-import numpy as np
-from dxg.backends.softcmd import CommandBuffer, DType, Operand
-from dxg.client import DxgError, open_node
+import sys
+from dxg.bench.cleanup import hold_objects
+from dxg.client import open_node
 
 node = open_node(sys.argv[1])
-dev = node.adapters()[0].create_device()
-queues = [dev.create_context().hwqueue() for _ in range(2)]
-big = dev.allocate(32 << 20)
-small = [dev.allocate(64 << 10) for _ in range(64)]
-n = 256
-a = dev.array(np.ones((n, n), np.float32))
-c = dev.empty((n, n), np.float32)
-va, vc = a.map_gpu(), c.map_gpu()
-f32 = DType.of(np.float32)
-raw = CommandBuffer().gemm(Operand(int(vc), f32, (n, n)), Operand(int(va), f32, (n, n)),
-                           Operand(int(va), f32, (n, n))).tobytes()
-buf = dev.allocate(len(raw))
-buf.upload(raw)
-vbuf = buf.map_gpu()
-fences = [dev.fence() for _ in range(4)]
-
-def park():
-    try:
-        fences[0].wait(1, timeout=None)
-    except DxgError:
-        pass
-
-threading.Thread(target=park, daemon=True).start()
-efd = fences[1].eventfd_wait(1)
-for q in queues:
-    for _ in range(8):
-        q.submit(int(vbuf), len(raw))
+held = hold_objects(node, 32 << 20, 64, 256)
 print("ready", flush=True)
 sys.stdin.readline()
 node.close()
@@ -81,9 +56,7 @@ print("closed", flush=True)
 
 def held_by(node: Any, pid: int) -> bool:
     """Whether the host still holds any object of ``pid``."""
-    census = node.admin({"op": "census"})
-    return any(p.get("pid") == pid for host in census.get("hosts", [])
-               for p in (host.get("census") or {}).get("processes", []))
+    return cleanup.held_by(node.admin({"op": "census"}), pid) > 0
 
 
 def one(node: Any, node_path: str, kill: bool) -> float:

@@ -30,24 +30,26 @@ from typing import Any
 from dxg.bench.model import Context, Figure, stats
 from dxg.bench.stack import Stack, Workers, split, up
 
-__all__ = ["held_by", "holder", "run"]
+__all__ = ["held_by", "hold_objects", "holder", "run"]
 
 POLL_S = 0.002
 DEADLINE_S = 30.0
 
 
-def holder(conn: Connection, node_path: str) -> None:
-    """A worker: makes its objects, says "ready" and waits to be killed."""
+def hold_objects(node: Any, big: int, smalls: int, n: int) -> list[Any]:
+    """What a real client holds, made on ``node`` (also bench/faults.py's client): a device, two
+    contexts with a hardware queue each, one allocation of ``big`` bytes and ``smalls`` of 64
+    KiB, GPU VA mappings, four monitored fences, a thread blocked in a CPU wait on one and an
+    eventfd wait on another, and an ``n`` x ``n`` GEMM queued 8 times on each queue. Returns
+    what must stay referenced."""
     import numpy as np
 
     from dxg.backends.softcmd import CommandBuffer, DType, Operand
-    from dxg.client import DxgError, open_node
+    from dxg.client import DxgError
 
-    node = open_node(node_path)
     dev = node.adapters()[0].create_device()
     queues = [dev.create_context().hwqueue() for _ in range(2)]
-    held: list[Any] = [dev.allocate(4 << 20)] + [dev.allocate(64 << 10) for _ in range(16)]
-    n = 64
+    held: list[Any] = [dev.allocate(big)] + [dev.allocate(64 << 10) for _ in range(smalls)]
     a = dev.array(np.ones((n, n), np.float32))
     c = dev.empty((n, n), np.float32)
     va, vc = a.map_gpu(), c.map_gpu()
@@ -70,9 +72,18 @@ def holder(conn: Connection, node_path: str) -> None:
     for q in queues:
         for _ in range(8):
             q.submit(int(vbuf), len(raw))
-    held += [a, c, buf, efd]
+    return [*held, dev, queues, a, c, buf, fences, efd]
+
+
+def holder(conn: Connection, node_path: str) -> None:
+    """A worker: makes its objects, says "ready" and waits to be killed."""
+    from dxg.client import open_node
+
+    node = open_node(node_path)
+    held = hold_objects(node, 4 << 20, 16, 64)
     conn.send("ready")
     conn.recv()  # until it is killed
+    del held
 
 
 def held_by(census: dict[str, Any], pid: int) -> int:

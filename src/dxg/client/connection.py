@@ -68,7 +68,6 @@ from dxg.client.errors import (
     NodeUnavailable,
 )
 from dxg.client.limits import (
-    LimitsRefused,
     as_refused,
     check_restrict_reply,
     limits_from_env,
@@ -555,10 +554,7 @@ class NodeConnection:
             raise NodeUnavailable(f"the dxg node {self.path} did not answer in time") from None
         except NodeProtocolError as e:
             raise as_refused(e) from None
-        close_all(fds)
-        if not isinstance(reply, wire.AdminReply):
-            raise LimitsRefused(errno.EPROTO, "the dxg node answered a restrict wrongly")
-        return check_restrict_reply(reply.reply)
+        return check_restrict_reply(reply, fds)
 
     def admin(self, request: dict[str, Any]) -> dict[str, Any]:
         """An introspection request (``{"op": "snapshot"}``, ``{"op": "census"}``)."""

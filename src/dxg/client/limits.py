@@ -25,7 +25,7 @@ from __future__ import annotations
 import errno
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from dxg.client.errors import NodeProtocolError
@@ -75,9 +75,17 @@ def restrict_request(adapters: Iterable[Any] | None = None, memory: int | str | 
     return request
 
 
-def check_restrict_reply(reply: Mapping[str, Any]) -> dict[str, Any]:
-    """The new grant the node answered; LimitsRefused when it answered something else (a node
-    whose driver does not know "restrict" answers {"error": ...})."""
+def check_restrict_reply(msg: Any, fds: Sequence[int] = ()) -> dict[str, Any]:
+    """The new grant in the node's answer ``msg`` to a restrict (its descriptors, none
+    expected, are closed); LimitsRefused when it answered something else (a node whose driver
+    does not know "restrict" answers {"error": ...})."""
+    from dxg.oslib.fds import close_all
+    from dxg.uapi import wire
+
+    close_all(fds)
+    if not isinstance(msg, wire.AdminReply):
+        raise LimitsRefused(errno.EPROTO, "the dxg node answered a restrict wrongly")
+    reply = msg.reply
     if "error" in reply or "compute_share" not in reply:
         text = reply.get("error", "no grant in the reply")
         raise LimitsRefused(errno.EOPNOTSUPP, f"the dxg node cannot restrict processes: {text}")
