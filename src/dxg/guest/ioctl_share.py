@@ -361,21 +361,14 @@ async def _open_fence(proc: GuestProcess, dev: GuestDevice, nt: int, readonly: b
 
     def forget() -> None:
         if mirror is not None:
-            link.events.remove(mirror[2].id)
-            proc.sync.free_mirror(proc, link, mirror[0], mirror[1])
+            proc.sync.drop_mirror(proc, link, mirror)
         if not proc.closed:
             proc.release_objects()
 
     try:
         hprocess = await host_process(proc, link)
         if not local:  # the guest keeps the page the caller reads (the host tells its values)
-            page, slot = proc.sync.mirror_slot(proc, link)
-            try:
-                mevent = link.events.add_mirror(proc, adapter, functools.partial(page.store, slot))
-            except BaseException:
-                proc.sync.free_mirror(proc, link, page, slot)
-                raise
-            mirror = (page, slot, mevent)
+            mirror = proc.sync.new_mirror(proc, link, adapter)
         reply, got = await vmbus.send(
             link, G.OPENSYNCOBJECT, hprocess,
             m.OpenSyncObject(dev.host_handle, nt, m.OPEN_READ_ONLY if readonly else 0,

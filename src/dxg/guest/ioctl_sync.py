@@ -212,8 +212,7 @@ async def create_sync_object(drv: GuestDriver, proc: GuestProcess, args: Any,
         if event is not None:
             link.events.remove(event.id)
         if mirror is not None:
-            link.events.remove(mirror[2].id)
-            proc.sync.free_mirror(proc, link, mirror[0], mirror[1])
+            proc.sync.drop_mirror(proc, link, mirror)
         if not proc.closed:
             proc.release_objects()
 
@@ -227,15 +226,8 @@ async def create_sync_object(drv: GuestDriver, proc: GuestProcess, args: Any,
             hinfo.monitored_fence.fence_cpu_virtual_address = 0
             hinfo.monitored_fence.fence_gpu_virtual_address = 0
             if not local:  # the guest keeps the page the client reads
-                page, slot = proc.sync.mirror_slot(proc, link)
-                page.store(slot, int(info.monitored_fence.initial_fence_value))
-                try:
-                    mevent = link.events.add_mirror(proc, adapter,
-                                                    functools.partial(page.store, slot))
-                except BaseException:
-                    proc.sync.free_mirror(proc, link, page, slot)
-                    raise
-                mirror = (page, slot, mevent)
+                mirror = proc.sync.new_mirror(proc, link, adapter,
+                                              int(info.monitored_fence.initial_fence_value))
 
         def undo(reply: m.CreateSyncObjectReturn) -> None:
             _undo_create(link, hprocess, reply)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -352,6 +353,25 @@ class ProcessSync:
             pages.append(page)
         return page, page.free.pop()
 
+    def new_mirror(self, proc: GuestProcess, link: HostLink, adapter: GuestAdapter,
+                   initial: int = 0) -> tuple[MirrorPage, int, HostEvent]:
+        """A fence's mirror over a link without descriptors: a slot of a mirror page showing
+        ``initial``, and the host event that stores the fence's new values in it."""
+        page, slot = self.mirror_slot(proc, link)
+        page.store(slot, initial)
+        try:
+            event = link.events.add_mirror(proc, adapter, functools.partial(page.store, slot))
+        except BaseException:
+            self.free_mirror(proc, link, page, slot)
+            raise
+        return page, slot, event
+
+    def drop_mirror(self, proc: GuestProcess, link: HostLink,
+                    mirror: tuple[MirrorPage, int, HostEvent]) -> None:
+        page, slot, event = mirror
+        link.events.remove(event.id)
+        self.free_mirror(proc, link, page, slot)
+
     def free_mirror(self, proc: GuestProcess, link: HostLink, page: MirrorPage,
                     slot: int) -> None:
         page.store(slot, 0)
@@ -388,9 +408,7 @@ def release_syncobject(proc: GuestProcess, obj: GuestSyncObject) -> None:
         link.events.remove(obj.event.id)
         obj.event = None
     if obj.mirror is not None:
-        page, slot, event = obj.mirror
-        link.events.remove(event.id)
-        proc.sync.free_mirror(proc, link, page, slot)
+        proc.sync.drop_mirror(proc, link, obj.mirror)
         obj.mirror = None
     if obj.block is not None:
         proc.memory.release(obj.block)
