@@ -6,7 +6,6 @@ comes while a slot is lent takes it back; wide matrices are cut by columns and m
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from dxg.backends.fanout import MIN_FLOPS, FanOut
 from dxg.backends.softcmd import CommandBuffer, DType, Operand
 from dxg.client import open_node
 from dxg.host.scheduler import EngineScheduler, Slot
+from test_execution import Lender
 
 N = 512  # a 512^3 GEMM: 2^28 flops, past MIN_FLOPS
 assert 2 * N ** 3 >= MIN_FLOPS
@@ -160,31 +160,6 @@ def test_a_job_that_comes_while_a_slot_is_lent_takes_it_back_before_the_next_pie
     assert census["borrowed"] == 0 and census["running"] == 2
 
 
-class _Lender:
-    """Idle slots to lend, counted (a stand-in for the engine scheduler)."""
-
-    def __init__(self, free: int) -> None:
-        self.free = free
-        self.out = 0
-        self.lent = 0
-        self.lock = threading.Lock()
-
-    def try_borrow(self, most: int) -> int:
-        with self.lock:
-            n = max(0, min(most, self.free - self.out))
-            self.out += n
-            self.lent += n
-            return n
-
-    def give_back(self, n: int = 1) -> None:
-        with self.lock:
-            assert 0 < n <= self.out
-            self.out -= n
-
-    def wanted(self) -> bool:
-        return False
-
-
 @pytest.mark.parametrize(("m", "k", "n", "batch", "trans_b"), [
     (256, 1024, 4160, 1, False),  # an MLP layer: wider than tall, cut by columns (one ragged)
     (200, 512, 1024, 1, True),  # B transposed: column blocks are row slices of its memory
@@ -212,7 +187,7 @@ def test_a_wide_gemm_is_cut_by_columns_and_matches_numpy(m, k, n, batch, trans_b
     def resolve(va: int, size: int, write: bool) -> memoryview:
         return memoryview(mem)[va - base:va - base + size]
 
-    lender = _Lender(free=3)
+    lender = Lender(free=3)
     with ThreadPoolExecutor(3) as pool:
         fan = FanOut(lender, pool.submit, min_flops=1 << 20)
         run(cmd.tobytes(), resolve, fanout=fan)
