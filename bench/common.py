@@ -5,7 +5,7 @@ code lives in the package (dxg.bench.stack, dxg.bench.model), where `dxg bench` 
 
 from __future__ import annotations
 
-from dxg.bench.model import pct, timed
+from dxg.bench.model import interleave, pct, timed
 from dxg.bench.stack import DXG, cpu_busy, start_up, stop_up
 
-__all__ = ["DXG", "cpu_busy", "pct", "start_up", "stop_up", "timed"]
+__all__ = ["DXG", "cpu_busy", "interleave", "pct", "start_up", "stop_up", "timed"]

@@ -91,6 +91,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
 from common import cpu_busy, pct, start_up, stop_up, timed
 
 GEMM_TARGET = 0.97
@@ -209,13 +210,7 @@ SETTLE = 0.2
 def interleave(fns: dict[str, Any], rounds: int, per: int) -> dict[str, list[float]]:
     """``rounds`` rounds of ``per`` calls of each function in turn (the order reversed every other
     round), each window after SETTLE seconds idle; all the samples of each."""
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            time.sleep(SETTLE)
-            samples[name] += timed(fns[name], per)
-    return samples
+    return common.interleave(fns, rounds, per, lambda prev, name: SETTLE)
 
 
 # ---- E1: one big GEMM ----------------------------------------------------------------------------

@@ -29,13 +29,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dxg.bench.model import pct
+
 ROOT = Path(__file__).resolve().parent.parent
 KMTQAITYPE_ADAPTERTYPE = 15
 
 
-def pct(samples: list[float], q: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def timed(fn: Callable[[], int], n: int) -> list[float]:

@@ -56,8 +56,9 @@ from pathlib import Path
 from typing import Any
 
 from dxg.bench import transfer
+from dxg.bench.model import pct, timed
 from dxg.bench.stack import split, up
-from dxg.bench.transfer import Mem, timed
+from dxg.bench.transfer import Mem
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -66,9 +67,6 @@ TCP_TARGET = 0.8
 RSS_BACK = 0.10  # RSS kept after the free, as a share of the live growth, that still counts as back
 
 
-def pct(samples: list[float], q: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
 def stats(samples: list[float]) -> dict[str, Any]:

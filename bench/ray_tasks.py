@@ -30,13 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from dxg.bench.model import pct
+
 DXG = (sys.executable, "-m", "dxg.cli.main")
 N = 256
 
 
-def pct(samples: list[float], q: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
 def only_loopback() -> bool:

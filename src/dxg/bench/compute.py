@@ -32,9 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from dxg.bench.model import Context, Figure, stats
+from dxg.bench.model import Context, Figure, interleave, stats, timed
 from dxg.bench.stack import up
-from dxg.bench.transfer import interleave, timed
 
 __all__ = ["BLUR_NAME", "GEMM_PEER", "MLP_BATCH", "MLP_NAME", "MLP_WIDTHS", "gemm_name",
            "mlp_numpy", "mlp_params", "run"]

@@ -22,16 +22,15 @@ import fcntl
 import os
 import selectors
 import socket
-import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from multiprocessing.connection import Connection
 from typing import Any
 
-from dxg.bench.model import Context, Figure, stats
+from dxg.bench.model import Context, Figure, interleave, stats
 from dxg.bench.stack import Spec, Workers, fuse_unavailable, stacks
 
-__all__ = ["Calls", "EchoClient", "interleave", "run", "start_echo", "timed"]
+__all__ = ["Calls", "EchoClient", "run", "start_echo"]
 
 MSG = 64
 UNIX_RAW = "raw Unix round trip (64 B)"
@@ -182,31 +181,6 @@ def file_ioctl(fd: int) -> Callable[[int, Any], int]:
     return call
 
 
-def timed(fn: Callable[[], Any], n: int) -> list[float]:
-    """``n`` calls of ``fn``: each one's time in microseconds."""
-    out = []
-    clock = time.perf_counter_ns
-    for _ in range(n):
-        t0 = clock()
-        fn()
-        out.append((clock() - t0) / 1000)
-    return out
-
-
-def interleave(fns: dict[str, Callable[[], Any]], rounds: int, per: int,
-               warm: int = 200) -> dict[str, list[float]]:
-    """``warm`` calls of each (not kept), then ``rounds`` rounds of ``per`` calls of each in
-    turn, the order reversed every other round: all the samples of each."""
-    for fn in fns.values():
-        timed(fn, warm)
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            samples[name] += timed(fns[name], per)
-    return samples
-
-
 # ---- M1 --------------------------------------------------------------------------------------
 
 
@@ -254,7 +228,7 @@ def run(ctx: Context) -> list[Figure]:
             c = es.enter_context(NodeConnection(sp.node))
             fns[f"{link} fwd"] = Calls(c.ioctl).forwarded
         ctx.log(f"M1: {len(fns)} ways, {rounds} rounds of {per} calls each")
-        samples = interleave(fns, rounds, per)
+        samples = interleave(fns, rounds, per, warm=200)
     return _figures(samples, errors)
 
 

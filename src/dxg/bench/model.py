@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Context", "Figure", "Stats", "pct", "stats", "timed"]
+__all__ = ["Context", "Figure", "Stats", "interleave", "pct", "stats", "timed"]
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -33,6 +33,27 @@ def timed(fn: Callable[[], object], n: int) -> list[float]:
         fn()
         out.append((time.perf_counter_ns() - t0) / 1000)
     return out
+
+
+def interleave(fns: dict[str, Callable[[], object]], rounds: int, per: int,
+               settle: Callable[[str | None, str], float] | None = None,
+               warm: int = 0) -> dict[str, list[float]]:
+    """``warm`` calls of each first (not kept), then ``rounds`` rounds of ``per`` calls of each
+    function in turn (the order reversed every other round): all the samples (us) of each.
+    ``settle(previous, name)``: seconds to idle before a window of ``name`` that follows one of
+    ``previous`` (None for the first)."""
+    for fn in fns.values():
+        timed(fn, warm)
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    prev: str | None = None
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            if settle is not None and (s := settle(prev, name)) > 0:
+                time.sleep(s)
+            samples[name] += timed(fns[name], per)
+            prev = name
+    return samples
 
 
 @dataclass(frozen=True, slots=True)

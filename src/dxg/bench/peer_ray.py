@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from dxg.bench.model import Context, Stats, stats, timed
+from dxg.bench.model import Context, Stats, interleave, stats, timed
 
 __all__ = ["run"]
 
@@ -164,15 +164,8 @@ def _pair(peer: Callable[[], object], base: Callable[[], object], rounds: int, p
           div: float, settle: float = 0.0) -> dict[str, dict[str, float]]:
     """Interleaved windows of Ray and its baseline (the order swapped every round); with
     ``settle``, idle that long whenever the side changes."""
-    fns = {"peer": peer, "base": base}
-    samples: dict[str, list[float]] = {"peer": [], "base": []}
-    prev = None
-    for r in range(rounds):
-        for name in ("peer", "base") if r % 2 == 0 else ("base", "peer"):
-            if settle and prev is not None and prev != name:
-                time.sleep(settle)
-            samples[name] += timed(fns[name], per)
-            prev = name
+    samples = interleave({"peer": peer, "base": base}, rounds, per,
+                         lambda prev, name: settle if prev not in (None, name) else 0.0)
     return {k: stats([x / div for x in v]).json() for k, v in samples.items()}
 
 

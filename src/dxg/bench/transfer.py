@@ -21,16 +21,15 @@ import os
 import signal
 import socket
 import struct
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from dxg.bench.model import Context, Figure, stats, timed
+from dxg.bench.model import Context, Figure, interleave, stats
 from dxg.bench.stack import split, up
 
-__all__ = ["Mem", "TcpEcho", "interleave", "run", "tcp_copy", "timed", "zero_copy",
+__all__ = ["Mem", "TcpEcho", "run", "tcp_copy", "zero_copy",
            "zero_copy_name"]
 
 KIB = 1 << 10
@@ -177,24 +176,6 @@ class Mem:
 
     def close(self) -> None:
         self.conn.close()
-
-
-def interleave(fns: dict[str, Callable[[], object]], rounds: int, per: int,
-               settle: Callable[[str | None, str], float] | None = None
-               ) -> dict[str, list[float]]:
-    """``rounds`` rounds of ``per`` calls of each function in turn (the order reversed every other
-    round); all the samples (us) of each. ``settle(previous, name)``: seconds to idle before a
-    window of ``name`` that follows one of ``previous`` (None for the first)."""
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    prev: str | None = None
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            if settle is not None and (s := settle(prev, name)) > 0:
-                time.sleep(s)
-            samples[name] += timed(fns[name], per)
-            prev = name
-    return samples
 
 
 # ---- zero copy ----------------------------------------------------------------------------------
