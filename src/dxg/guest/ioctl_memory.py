@@ -236,12 +236,7 @@ async def create_allocation(drv: GuestDriver, proc: GuestProcess, args: Any,
             return -errno.EINVAL  # a shared resource takes no more allocations
     adapter = dev.adapter
     charged = count + (1 if resource is None and flags.create_resource else 0)
-    for i in range(charged):
-        try:
-            proc.charge_object()
-        except BaseException:
-            proc.release_objects(i)
-            raise
+    proc.charge_object(charged)
     try:
         hprocess = await host_process(proc, adapter.link)
 

@@ -286,12 +286,7 @@ async def _open_resource(drv: GuestDriver, proc: GuestProcess, args: Any, mem: U
         return -errno.EINVAL
     readonly = not entry.writable
     adapter = dev.adapter
-    for i in range(count + 1):
-        try:
-            proc.charge_object()
-        except BaseException:
-            proc.release_objects(i)
-            raise
+    proc.charge_object(count + 1)
     try:
         hprocess = await host_process(proc, adapter.link)
         reply = await vmbus.send(

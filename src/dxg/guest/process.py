@@ -75,9 +75,15 @@ class GuestProcess:
     def __repr__(self) -> str:
         return f"<GuestProcess pid={self.pid} {self.name!r}>"
 
-    def charge_object(self) -> None:
-        """One more object on a host for this process (-ENOMEM past its or its user's share)."""
-        charge_object(self.objects, self.share.objects)
+    def charge_object(self, n: int = 1) -> None:
+        """``n`` more objects on a host for this process (-ENOMEM past its or its user's
+        share; then none of them is charged)."""
+        for i in range(n):
+            try:
+                charge_object(self.objects, self.share.objects)
+            except BaseException:
+                self.release_objects(i)
+                raise
 
     def release_objects(self, n: int = 1) -> None:
         self.objects.release(n)
