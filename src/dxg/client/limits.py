@@ -30,7 +30,9 @@ from typing import Any
 
 from dxg.client.errors import NodeProtocolError
 from dxg.client.luids import parse_luid
+from dxg.oslib.fds import close_all
 from dxg.runtime.sizes import parse_size
+from dxg.uapi import wire
 
 __all__ = ["LIMITS_ENV", "LimitsRefused", "as_refused", "check_restrict_reply",
            "limits_from_env", "parse_limits", "restrict_request"]
@@ -79,9 +81,6 @@ def check_restrict_reply(msg: Any, fds: Sequence[int] = ()) -> dict[str, Any]:
     """The new grant in the node's answer ``msg`` to a restrict (its descriptors, none
     expected, are closed); LimitsRefused when it answered something else (a node whose driver
     does not know "restrict" answers {"error": ...})."""
-    from dxg.oslib.fds import close_all
-    from dxg.uapi import wire
-
     close_all(fds)
     if not isinstance(msg, wire.AdminReply):
         raise LimitsRefused(errno.EPROTO, "the dxg node answered a restrict wrongly")
